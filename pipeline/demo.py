@@ -1,0 +1,101 @@
+"""Demo assets made by the project, so nothing is downloaded: a procedural labelled image set and a small VAE.
+
+Images: coloured shapes (circle, square, triangle, cross, ring, diamond) on varied backgrounds (flat, gradient,
+stripes, checker), one folder per shape, generated deterministically from (seed, index).
+
+VAE: a small diffusers AutoencoderKL saved in the layout of a Stable Diffusion checkpoint (`DIR/vae/`,
+`DIR/model_index.json`), so it is loaded by exactly the code path a real SD checkpoint goes through.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond")
+BACKGROUNDS = ("flat", "gradient", "stripes", "checker")
+
+
+def render_shape_image(index: int, size: int = 64, seed: int = 0) -> tuple[Image.Image, str]:
+    """Image `index` of the demo set and its label; the same (index, size, seed) always gives the same pixels."""
+    rng = np.random.default_rng([seed, index])
+    shape = SHAPES[index % len(SHAPES)]
+    img = _background(rng, size)
+    draw = ImageDraw.Draw(img)
+    colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+    r = size * rng.uniform(0.18, 0.32)
+    cx, cy = size * rng.uniform(0.35, 0.65, 2)
+    box = (cx - r, cy - r, cx + r, cy + r)
+    if shape == "circle":
+        draw.ellipse(box, fill=colour)
+    elif shape == "square":
+        draw.rectangle(box, fill=colour)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
+    elif shape == "cross":
+        w = r / 3
+        draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=colour)
+        draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=colour)
+    elif shape == "ring":
+        draw.ellipse(box, outline=colour, width=max(2, int(r / 3)))
+    else:  # diamond
+        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=colour)
+    return img, shape
+
+
+def _background(rng: np.random.Generator, size: int) -> Image.Image:
+    kind = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+    a, b = rng.integers(0, 256, (2, 3)).astype(np.float32)
+    if kind == "flat":
+        arr = np.broadcast_to(a, (size, size, 3))
+    elif kind == "gradient":
+        t = np.linspace(0, 1, size, dtype=np.float32)[:, None, None]
+        arr = np.broadcast_to(a * (1 - t) + b * t, (size, size, 3))
+    else:
+        period = int(rng.integers(4, 12))
+        yy, xx = np.mgrid[0:size, 0:size]
+        mask = (yy // period) % 2 if kind == "stripes" else ((yy // period) + (xx // period)) % 2
+        arr = np.where(mask[..., None] == 1, a, b)
+    return Image.fromarray(np.ascontiguousarray(arr).astype(np.uint8), "RGB")
+
+
+def write_demo_images(folder: str | Path, count: int, size: int = 64, seed: int = 0) -> int:
+    """Writes `folder/SHAPE/NNNNNN.png`; files already there are kept (the set is deterministic). Returns count."""
+    folder = Path(folder)
+    for shape in SHAPES:
+        (folder / shape).mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        path = folder / SHAPES[i % len(SHAPES)] / f"{i:06d}.png"
+        if not path.exists():
+            img, _ = render_shape_image(i, size, seed)
+            tmp = path.with_name(f".{path.name}.tmp")
+            img.save(tmp, format="PNG")
+            tmp.replace(path)
+    return count
+
+
+def tiny_vae_config(block_out_channels=(8, 16), latent_channels: int = 4, norm_num_groups: int = 4) -> dict:
+    """An AutoencoderKL config small enough for tests and the CPU demo (downscale 2**(len(blocks) - 1))."""
+    n = len(block_out_channels)
+    return dict(in_channels=3, out_channels=3, latent_channels=latent_channels,
+                block_out_channels=list(block_out_channels), layers_per_block=1, norm_num_groups=norm_num_groups,
+                down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
+                sample_size=64)
+
+
+def write_sd_style_vae(folder: str | Path, seed: int = 0, **config) -> Path:
+    """Saves a randomly initialised AutoencoderKL as `folder/vae/` of a Stable Diffusion-layout checkpoint."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**tiny_vae_config(**config))
+    vae.save_pretrained(folder / "vae", safe_serialization=True)
+    (folder / "model_index.json").write_text(json.dumps(
+        {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+         "vae": ["diffusers", "AutoencoderKL"]}, indent=2) + "\n")
+    return folder

@@ -1,0 +1,295 @@
+"""Image sources: a folder tree, webdataset/img2dataset tars, or parquet files with an image-bytes column.
+
+Planning (`plan_items`) runs once in the driver and lists every input sample as an `Item` in a fixed order
+(sorted files, tar members in tar order, parquet rows in order), so the split into output shards is
+deterministic. Reading (`read_items`) runs in the workers and fetches only the bytes a shard needs: a file, a
+byte range of a tar (offsets found while planning), or one row group's image column of a parquet file.
+
+Everything taken from inputs (file names, tar keys, parquet keys and labels) is untrusted: output keys are
+sanitised to `[A-Za-z0-9_-]` (no dots, no path separators), made unique while planning, and labels are only
+ever stored as JSON strings, never used as paths.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tarfile
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from webdataset.tariterators import base_plus_ext
+
+from .config import ConfigError
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif")
+LABEL_MAX_CHARS = 200
+KEY_MAX_CHARS = 80
+AUTO_IMAGE_COLUMNS = ("image", "jpg", "png", "webp", "img", "image_bytes", "bytes")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One input sample as planned: where its bytes are and what it will be called."""
+    source: str                  # human-readable origin: "cats/1.jpg", "shard.tar::000123", "a.parquet#17"
+    key: str                     # output key, safe and unique within the run
+    label: str | None            # known at planning for folders and parquet, read from .cls/.json for tars
+    locator: tuple               # ("file", path) | ("tar", path, ((ext, offset, size), ...)) | ("parquet", path, row_group, row, column)
+    reject: str | None = None    # a reason known at planning time (e.g. an unsupported file type)
+
+
+@dataclass
+class Loaded:
+    item: Item
+    data: bytes | None
+    label: str | None
+    reject: tuple[str, str] | None = None  # (reason, detail)
+
+
+# ----------------------------------------------------------------------------------------------- planning
+
+def detect_format(path: Path) -> str:
+    """A folder holding images is a folder tree; otherwise its .tar files or .parquet files decide."""
+    if path.is_dir():
+        suffixes = set()
+        for p in path.rglob("*"):
+            suffix = p.suffix.lower().lstrip(".")
+            if suffix in IMAGE_EXTENSIONS:
+                return "folder"
+            suffixes.add(suffix)
+        return "webdataset" if "tar" in suffixes else "parquet" if "parquet" in suffixes else "folder"
+    if path.suffix.lower() == ".tar":
+        return "webdataset"
+    if path.suffix.lower() == ".parquet":
+        return "parquet"
+    raise ConfigError(f"cannot tell the input format of {path}: pass --input-format folder|webdataset|parquet")
+
+
+def plan_items(path: str | Path, fmt: str = "auto", image_column: str | None = None,
+               key_column: str | None = None, label_column: str | None = None) -> tuple[str, list[Item]]:
+    """Lists every sample under `path` in a deterministic order. Returns (format, items)."""
+    root = Path(path)
+    if not root.exists():
+        raise ConfigError(f"input not found: {root}")
+    fmt = detect_format(root) if fmt == "auto" else fmt
+    keys = _KeyMaker()
+    if fmt == "folder":
+        if not root.is_dir():
+            raise ConfigError(f"input format 'folder' needs a directory, got {root}")
+        return fmt, list(_plan_folder(root, keys))
+    files = _data_files(root, ".tar" if fmt == "webdataset" else ".parquet")
+    if fmt == "webdataset":
+        return fmt, [it for f in files for it in _plan_tar(f, root, keys)]
+    if fmt == "parquet":
+        return fmt, [it for f in files for it in _plan_parquet(f, root, keys, image_column, key_column,
+                                                               label_column)]
+    raise ConfigError(f"unknown input format {fmt!r}")
+
+
+def _data_files(root: Path, suffix: str) -> list[Path]:
+    if root.is_file():
+        files = [root]
+    else:
+        files = sorted(p for p in root.rglob(f"*{suffix}") if p.is_file() and not _hidden(p.relative_to(root)))
+    for f in files:
+        if f.name.endswith((".tar.gz", ".tgz")) or (suffix == ".tar" and not tarfile.is_tarfile(f)):
+            raise ConfigError(f"{f} is not an uncompressed tar file (compressed tars are not supported)")
+    if not files:
+        raise ConfigError(f"no {suffix} files under {root}")
+    return files
+
+
+def _hidden(rel: Path) -> bool:
+    return any(part.startswith(".") for part in rel.parts)
+
+
+def _plan_folder(root: Path, keys: "_KeyMaker") -> Iterator[Item]:
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            path = Path(dirpath) / name
+            rel = path.relative_to(root)
+            label = rel.parts[0] if len(rel.parts) > 1 else None
+            ext = path.suffix.lower().lstrip(".")
+            reject = None if ext in IMAGE_EXTENSIONS else "unsupported_extension"
+            yield Item(source=rel.as_posix(), key=keys.make(rel.with_suffix("").as_posix(), rel.as_posix()),
+                       label=label, locator=("file", str(path)), reject=reject)
+
+
+def _plan_tar(path: Path, root: Path, keys: "_KeyMaker") -> Iterator[Item]:
+    """Groups tar members into webdataset samples (`KEY.EXT`, split on the first dot of the basename)."""
+    rel = path.name if root.is_file() else path.relative_to(root).as_posix()
+    samples: dict[str, dict[str, tuple[int, int]]] = {}
+    with tarfile.open(path, "r:") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            base, ext = base_plus_ext(member.name)
+            if base is None:
+                continue
+            samples.setdefault(base, {})[ext.lower()] = (member.offset_data, member.size)
+    for base, members in samples.items():
+        image_ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
+        wanted = [e for e in (image_ext, "cls", "json") if e in members]
+        source = f"{rel}::{base}"
+        yield Item(source=source, key=keys.make(base, source), label=None,
+                   locator=("tar", str(path), tuple((e, *members[e]) for e in wanted)),
+                   reject=None if image_ext else "no_image_member")
+
+
+def _plan_parquet(path: Path, root: Path, keys: "_KeyMaker", image_column: str | None,
+                  key_column: str | None, label_column: str | None) -> Iterator[Item]:
+    rel = path.name if root.is_file() else path.relative_to(root).as_posix()
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ConfigError(f"cannot read parquet file {path}: {e}") from None
+    schema = pf.schema_arrow
+    column = image_column or _auto_image_column(schema, path)
+    for name, what in ((column, "image_column"), (key_column, "key_column")):
+        if name is not None and name not in schema.names:
+            raise ConfigError(f"{what} {name!r} not in {path} (columns: {', '.join(schema.names)})")
+    if not _is_image_column(schema.field(column).type):
+        raise ConfigError(f"column {column!r} of {path} holds {schema.field(column).type}, "
+                          "not image bytes (binary or struct<bytes, path>)")
+    if label_column is not None and label_column not in schema.names:
+        raise ConfigError(f"label_column {label_column!r} not in {path} (columns: {', '.join(schema.names)})")
+    label_column = label_column or ("label" if "label" in schema.names else None)
+    side = [c for c in (key_column, label_column) if c]
+    stem = _sanitize(Path(rel).with_suffix("").as_posix())
+    row_index = 0
+    for rg in range(pf.num_row_groups):
+        table = pf.read_row_group(rg, columns=side) if side else None
+        for row in range(pf.metadata.row_group(rg).num_rows):
+            source = f"{rel}#{row_index}"
+            hint = str(table.column(key_column)[row].as_py()) if key_column else f"{stem}_{row_index:09d}"
+            label = table.column(label_column)[row].as_py() if label_column else None
+            yield Item(source=source, key=keys.make(hint, source), label=_clean_label(label),
+                       locator=("parquet", str(path), rg, row, column))
+            row_index += 1
+
+
+def _auto_image_column(schema: pa.Schema, path: Path) -> str:
+    for name in AUTO_IMAGE_COLUMNS:
+        if name in schema.names and _is_image_column(schema.field(name).type):
+            return name
+    for field in schema:
+        if _is_image_column(field.type):
+            return field.name
+    raise ConfigError(f"no image-bytes column in {path}: set image_column (columns: {', '.join(schema.names)})")
+
+
+def _is_image_column(t: pa.DataType) -> bool:
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        return True
+    return pa.types.is_struct(t) and "bytes" in [t.field(i).name for i in range(t.num_fields)]
+
+
+class _KeyMaker:
+    """Safe, unique, deterministic keys: the sanitised name, plus a short hash of the source on a clash."""
+
+    def __init__(self):
+        self.used: set[str] = set()
+
+    def make(self, hint: str, source: str) -> str:
+        key = _sanitize(hint)
+        if key in self.used:
+            key = f"{key[:KEY_MAX_CHARS - 9]}-{hashlib.sha256(source.encode()).hexdigest()[:8]}"
+        while key in self.used:  # astronomically rare: a hash clash on top of a name clash
+            key = f"{key}-{hashlib.sha256(key.encode()).hexdigest()[:4]}"
+        self.used.add(key)
+        return key
+
+
+def _sanitize(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_")[:KEY_MAX_CHARS] or "item"
+
+
+def _clean_label(label) -> str | None:
+    if label is None:
+        return None
+    text = str(label).strip()
+    return text[:LABEL_MAX_CHARS] if text else None
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+def read_items(items: list[Item], max_file_bytes: int) -> Iterator[Loaded]:
+    """Yields the raw bytes (or a rejection) of each item, in order, reading each parquet row group once."""
+    row_groups: dict[tuple[str, int, str], pa.Array] = {}
+    for item in items:
+        if item.reject:
+            yield Loaded(item, None, item.label, (item.reject, f"{item.source}: {item.reject.replace('_', ' ')}"))
+            continue
+        try:
+            kind = item.locator[0]
+            if kind == "file":
+                yield _read_file(item, max_file_bytes)
+            elif kind == "tar":
+                yield _read_tar_sample(item, max_file_bytes)
+            else:
+                _, path, rg, row, column = item.locator
+                if (path, rg, column) not in row_groups:
+                    row_groups.clear()  # keep one row group in memory at a time
+                    table = pq.ParquetFile(path).read_row_group(rg, columns=[column])
+                    row_groups[(path, rg, column)] = table.column(column).combine_chunks()
+                yield _parquet_value(item, row_groups[(path, rg, column)][row].as_py(), max_file_bytes)
+        except OSError as e:
+            yield Loaded(item, None, item.label, ("read_error", f"{type(e).__name__}: {e}"))
+
+
+def _too_big(item: Item, size: int, limit: int) -> Loaded | None:
+    if size > limit:
+        return Loaded(item, None, item.label, ("file_too_large", f"{size} bytes > max_file_bytes={limit}"))
+    return None
+
+
+def _read_file(item: Item, limit: int) -> Loaded:
+    path = item.locator[1]
+    return _too_big(item, os.path.getsize(path), limit) or Loaded(item, Path(path).read_bytes(), item.label)
+
+
+def _read_tar_sample(item: Item, limit: int) -> Loaded:
+    _, path, members = item.locator
+    parts: dict[str, bytes] = {}
+    with open(path, "rb") as f:
+        for ext, offset, size in members:
+            if (big := _too_big(item, size, limit)) is not None:
+                return big
+            f.seek(offset)
+            parts[ext] = f.read(size)
+    label = None
+    if "cls" in parts:
+        label = parts["cls"].decode("utf-8", "replace")
+    elif "json" in parts:
+        try:
+            meta = json.loads(parts["json"])
+            label = meta.get("label") if isinstance(meta, dict) else None
+        except ValueError:
+            pass  # a broken sidecar costs the label, not the image
+    image_ext = members[0][0]
+    return Loaded(item, parts[image_ext], _clean_label(label))
+
+
+def _parquet_value(item: Item, value, limit: int) -> Loaded:
+    if isinstance(value, dict):
+        value = value.get("bytes")
+    if value is None:
+        return Loaded(item, None, item.label, ("missing_bytes", "image cell holds no bytes"))
+    return _too_big(item, len(value), limit) or Loaded(item, bytes(value), item.label)
+
+
+def count_by_label(labels) -> dict[str, int]:
+    counts: dict[str, int] = defaultdict(int)
+    for label in labels:
+        if label is not None:
+            counts[label] += 1
+    return dict(sorted(counts.items()))

@@ -1,0 +1,170 @@
+"""The pretrained VAE (diffusers' AutoencoderKL): loading from a local directory, encoding, decoding.
+
+All latents in ebd are *scaled*: z = (x - shift_factor) * scaling_factor, the units Stable Diffusion's UNet and
+diffusers' training scripts use (std ~1 instead of ~5.5 for raw SD 1.x latents). Decoding undoes exactly that.
+
+Weights come only from local disk, in safetensors, through `from_pretrained`: either a Stable Diffusion
+checkpoint folder (the VAE under `vae/`) or a VAE-only folder. A hub id is refused with a one-line error.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub, even by accident
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class VaeSpec:
+    """Where a VAE lives and what its config says, known without loading its weights."""
+    path: str
+    subfolder: str | None
+    config: dict
+
+    @property
+    def directory(self) -> Path:
+        return Path(self.path) / self.subfolder if self.subfolder else Path(self.path)
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.config.get("scaling_factor", 0.18215))
+
+    @property
+    def shift_factor(self) -> float | None:
+        shift = self.config.get("shift_factor")
+        return None if shift is None else float(shift)
+
+    @property
+    def downscale_factor(self) -> int:
+        return 2 ** (len(self.config["block_out_channels"]) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.config.get("latent_channels", 4))
+
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        side = resolution // self.downscale_factor
+        return (self.latent_channels, side, side)
+
+    def weights_sha256(self) -> str:
+        """sha256 over the safetensors files of the VAE folder, in name order: the VAE's identity."""
+        digest = hashlib.sha256()
+        for f in sorted(self.directory.glob("*.safetensors")):
+            digest.update(f.name.encode())
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+        return digest.hexdigest()
+
+    def identity(self) -> dict:
+        return {"path": str(Path(self.path).resolve()), "subfolder": self.subfolder,
+                "weights_sha256": self.weights_sha256(), "scaling_factor": self.scaling_factor,
+                "shift_factor": self.shift_factor, "downscale_factor": self.downscale_factor,
+                "latent_channels": self.latent_channels}
+
+
+def resolve_vae(path: str | Path, subfolder: str | None = "auto") -> VaeSpec:
+    """Finds the VAE folder (`PATH/vae` for a Stable Diffusion checkpoint, else `PATH`) and reads its config."""
+    root = Path(path)
+    if not root.exists():
+        hint = (" (looks like a hub id: ebd never downloads weights; fetch it once with "
+                f"`huggingface-cli download {path} --local-dir DIR` and pass DIR)") if _looks_like_hub_id(str(path)) else ""
+        raise ConfigError(f"VAE not found at {path}{hint}")
+    if subfolder == "auto":
+        subfolder = "vae" if (root / "vae" / "config.json").is_file() else None
+    folder = root / subfolder if subfolder else root
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"no config.json in {folder}: expected a diffusers AutoencoderKL folder "
+                          "or a Stable Diffusion checkpoint folder with vae/")
+    try:
+        config = json.loads(config_file.read_text())
+    except ValueError:
+        raise ConfigError(f"{config_file} is not valid JSON") from None
+    if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+        raise ConfigError(f"{folder} holds a {config['_class_name']}, not an AutoencoderKL")
+    if not any(folder.glob("*.safetensors")):
+        raise ConfigError(f"no .safetensors weights in {folder} (ebd loads safetensors only, never pickle)")
+    return VaeSpec(path=str(root), subfolder=subfolder, config=config)
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    return not os.path.isabs(text) and text.count("/") == 1 and not text.startswith(".")
+
+
+def pick_device(want_gpu: bool) -> torch.device:
+    """CUDA when asked for and present, else CPU: a GPU actor on a machine without CUDA still works."""
+    return torch.device("cuda") if want_gpu and torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def load_vae(spec: VaeSpec, device: torch.device, dtype: torch.dtype):
+    from diffusers import AutoencoderKL  # heavy import, only where a VAE is really loaded
+
+    vae = AutoencoderKL.from_pretrained(spec.path, subfolder=spec.subfolder, torch_dtype=dtype,
+                                        local_files_only=True, use_safetensors=True,
+                                        low_cpu_mem_usage=False)  # no `accelerate` needed
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def cached_vae(spec: VaeSpec, device: torch.device, dtype_name: str):
+    """One load per worker process: Ray reuses worker processes across tasks, and this cache lives in them."""
+    return _cached_vae(spec.path, spec.subfolder, device.type, dtype_name)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_vae(path: str, subfolder: str | None, device_type: str, dtype_name: str):
+    device = torch.device(device_type)
+    return load_vae(VaeSpec(path, subfolder, {}), device, resolve_dtype(dtype_name, device))
+
+
+def vae_loads_in_this_process() -> int:
+    return _cached_vae.cache_info().misses
+
+
+def image_seed(run_seed: int, key: str) -> int:
+    """The seed of one image's noise, from (run seed, key) only: independent of batching and sharding."""
+    return int.from_bytes(hashlib.sha256(f"{run_seed}:{key}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+@torch.inference_mode()
+def encode(vae, pixels: torch.Tensor, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """pixels (B, 3, H, W) in [-1, 1] -> (sampled latent, posterior mean, posterior log-variance), all scaled.
+
+    The sample is `latent_dist.sample(generator)` with one CPU generator per image, so image i's latent depends
+    only on its own seed (and is the same on CPU and GPU up to float precision).
+    """
+    param = next(vae.parameters())
+    dist = vae.encode(pixels.to(param.device, param.dtype)).latent_dist
+    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    sample = dist.sample(generator=generators)
+    scale = vae.config.scaling_factor
+    shift = vae.config.get("shift_factor") or 0.0
+    logvar = dist.logvar + 2.0 * math.log(scale)  # Var[(x - shift) * s] = s^2 Var[x]
+    return (sample - shift) * scale, (dist.mean - shift) * scale, logvar
+
+
+@torch.inference_mode()
+def decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents (B, C, h, w) -> images (B, 3, H, W) in [-1, 1]: `vae.decode(z / scaling_factor + shift)`."""
+    param = next(vae.parameters())
+    shift = vae.config.get("shift_factor") or 0.0
+    z = latents.to(param.device, param.dtype) / vae.config.scaling_factor + shift
+    return vae.decode(z).sample.clamp(-1, 1)
