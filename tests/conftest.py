@@ -1,0 +1,115 @@
+"""Shared fixtures: one real local Ray cluster (2 CPUs) per test session, tiny VAEs saved to disk, image makers."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "token")  # clients send the token `ray start` generates (~/.ray/auth_token)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class LocalCluster:
+    address: str          # GCS address, for ray.init(address=...) and --address
+    dashboard_url: str    # job submission endpoint, for `ray job submit --address`
+    env: dict             # environment for CLI subprocesses (token auth, the venv's python first on PATH)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One real Ray cluster for the session, started as users start one (`ray start --head`, 2 CPUs, bound to
+    127.0.0.1): tests in this process connect with ray.init, job tests submit to its dashboard."""
+    import ray
+
+    gcs_port, dashboard_port = free_port(), free_port()
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    head = subprocess.Popen(
+        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--num-cpus=2",
+         f"--port={gcs_port}", "--node-ip-address=127.0.0.1", "--include-dashboard=true",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    cluster = LocalCluster(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}", env)
+    try:
+        _wait_for_http(cluster.dashboard_url + "/api/version", head)
+        ray.init(address=cluster.address, log_to_driver=False)
+        yield cluster
+    finally:
+        ray.shutdown()
+        os.killpg(head.pid, signal.SIGINT)  # `ray start --block` stops its own processes on SIGINT
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+
+
+def _wait_for_http(url: str, process: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"ray start exited with code {process.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except urllib.error.HTTPError:  # 401 without a token: the server is up
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def sd_checkpoint(tmp_path_factory) -> Path:
+    """A tiny random AutoencoderKL saved as `vae/` of a Stable Diffusion-layout folder (downscale factor 2)."""
+    from pipeline.demo import write_sd_style_vae
+
+    return write_sd_style_vae(tmp_path_factory.mktemp("sd") / "tiny-sd", seed=0, block_out_channels=(8, 16))
+
+
+@pytest.fixture(scope="session")
+def vae_only_dir(sd_checkpoint) -> Path:
+    """The same VAE as a VAE-only folder (config.json + safetensors at the top)."""
+    return sd_checkpoint / "vae"
+
+
+def rgb_image(seed: int, size=(24, 20)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB")
+
+
+def encode_image(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims width x height pixels in a few bytes: a decompression bomb as far as a header goes."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")

@@ -1,0 +1,89 @@
+"""The job entry points as a user runs them: real subprocesses, exit codes, one-line errors, files on disk."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, encode_image, rgb_image
+
+
+def run_job(*args, timeout=300, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env=env)
+
+
+@pytest.fixture(scope="module")
+def small_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imgs")
+    for label in ("a", "b"):
+        (root / label).mkdir()
+        for i in range(3):
+            (root / label / f"{i}.png").write_bytes(encode_image(rgb_image(i + (10 if label == "b" else 0)), "PNG"))
+    return root
+
+
+def test_precompute_cli_end_to_end_on_an_existing_cluster(ray_cluster, small_folder, sd_checkpoint, tmp_path):
+    out = tmp_path / "latents"
+    result = run_job("jobs.precompute", "--config", "configs/precompute.yaml", "--input", str(small_folder),
+                     "--vae", str(sd_checkpoint), "--output", str(out), "--address", ray_cluster.address,
+                     "--set", "resolution=16", "--set", "min_side=8", "--set", "shard_size=4")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["totals"] == {"seen": 6, "encoded": 6, "rejected": 0, "shards": 2}
+    assert manifest["labels"] == {"a": 3, "b": 3}
+    assert "6/6 images (100%)" in result.stderr and "images/s" in result.stderr
+
+
+def test_precompute_through_ray_job_submit(ray_cluster, small_folder, sd_checkpoint, tmp_path):
+    """As on a real cluster: the repo travels as the job's working dir; data lives on (shared) absolute paths."""
+    out = tmp_path / "latents"
+    result = subprocess.run(
+        ["ray", "job", "submit", "--address", ray_cluster.dashboard_url, "--working-dir", str(REPO), "--",
+         "python", "-m", "jobs.precompute", "--config", "configs/precompute.yaml", "--input", str(small_folder),
+         "--vae", str(sd_checkpoint), "--output", str(out), "--set", "resolution=16", "--set", "min_side=8"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=ray_cluster.env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "succeeded" in result.stdout + result.stderr
+    assert json.loads((out / "manifest.json").read_text())["totals"]["encoded"] == 6
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--set", "resolutoin=64"], "unknown config key 'resolutoin'"),
+    (["--set", "resolution=abc"], "config key 'resolution' must be int"),
+    (["--set", "dtype=float8"], "config key 'dtype' must be one of"),
+    (["--set", "shard_size=0"], "shard_size must be >= 1"),
+    (["--set", "resolution=15"], "not a multiple of the VAE's downscale factor 2"),
+    (["--set", "noequals"], "--set expects key=value"),
+    (["--input-format", "parquet"], "no .parquet files under"),
+])
+def test_config_errors_are_one_line_exit_2_and_write_nothing(small_folder, sd_checkpoint, tmp_path, extra, message):
+    out = tmp_path / "out"
+    result = run_job("jobs.precompute", "--config", "configs/precompute.yaml", "--input", str(small_folder),
+                     "--vae", str(sd_checkpoint), "--output", str(out), *extra)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
+    assert message in result.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("vae, message", [
+    ("stabilityai/sd-vae-ft-mse", "looks like a hub id: ebd never downloads weights"),
+    ("/nonexistent/vae", "VAE not found at /nonexistent/vae"),
+])
+def test_a_vae_that_is_not_on_disk_is_a_clear_error(small_folder, tmp_path, vae, message):
+    result = run_job("jobs.precompute", "--input", str(small_folder), "--vae", vae, "--output", str(tmp_path / "o"))
+    assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_missing_required_and_bad_yaml(small_folder, sd_checkpoint, tmp_path):
+    result = run_job("jobs.precompute", "--input", str(small_folder), "--vae", str(sd_checkpoint))
+    assert result.returncode == 2 and "missing output" in result.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("resolution: [1, 2\n")
+    result = run_job("jobs.precompute", "--config", str(bad), "--input", str(small_folder),
+                     "--vae", str(sd_checkpoint), "--output", str(tmp_path / "o"))
+    assert result.returncode == 2 and "is not valid YAML" in result.stderr

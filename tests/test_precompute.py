@@ -1,0 +1,229 @@
+"""The precompute job on a real local Ray cluster, real files and a tiny VAE loaded with from_pretrained."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline.config import ConfigError, EbdError, from_dict
+from pipeline.images import decode_image, to_model_input
+from pipeline.precompute import PrecomputeConfig, run_precompute
+from pipeline.shards import file_sha256, iter_latents, read_manifest, shard_paths
+from pipeline.vae import image_seed, load_vae, resolve_vae
+from tests.conftest import encode_image, png_header_only, rgb_image
+
+RES = 16  # the tiny VAE downsamples by 2: latents are 4 x 8 x 8
+KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def precompute(input, vae, out, **overrides) -> dict:
+    cfg = from_dict(PrecomputeConfig, dict(input=str(input), vae=str(vae), output=str(out), resolution=RES,
+                                           shard_size=4, batch_size=3, min_side=8, progress_interval_s=0.0)
+                    | overrides)
+    return run_precompute(cfg)
+
+
+def tar_digests(folder: Path) -> dict[str, str]:
+    return {Path(p).name: file_sha256(p) for p in shard_paths(folder)}
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    """Two labelled classes of good images in several formats, plus one of every kind of bad input."""
+    root = tmp_path_factory.mktemp("folder")
+    for label, fmt, ext in (("cats", "PNG", "png"), ("cats", "JPEG", "jpg"), ("dogs", "WEBP", "webp"),
+                            ("dogs", "BMP", "bmp"), ("dogs", "GIF", "gif")):
+        (root / label).mkdir(exist_ok=True)
+        for i in range(2):
+            (root / label / f"img.{i}.{ext}").write_bytes(encode_image(rgb_image(hash((label, ext, i)) % 1000), fmt))
+    (root / "unlabelled.png").write_bytes(encode_image(rgb_image(7), "PNG"))
+    bad = root / "bad"
+    bad.mkdir()
+    (bad / "empty.jpg").write_bytes(b"")
+    (bad / "text.jpg").write_bytes(b"not an image at all")
+    (bad / "truncated.jpg").write_bytes(encode_image(rgb_image(8, (64, 64)), "JPEG")[:300])
+    (bad / "bomb.png").write_bytes(png_header_only(100_000, 100_000))
+    (bad / "tiny.png").write_bytes(encode_image(rgb_image(9, (4, 4)), "PNG"))
+    (bad / "notes.txt").write_text("a stray file")
+    (root / ".hidden.png").write_bytes(encode_image(rgb_image(10), "PNG"))  # hidden files are not inputs
+    return root
+
+
+GOOD_IN_FOLDER = 11
+BAD_REASONS = {"empty_file", "not_an_image", "corrupt_image", "too_many_pixels", "too_small",
+               "unsupported_extension"}
+
+
+@pytest.fixture(scope="module")
+def folder_run(ray_cluster, image_folder, sd_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out") / "latents"
+    return out, precompute(image_folder, sd_checkpoint, out, store_moments=True)
+
+
+def test_folder_tree_encodes_every_good_image_and_records_every_bad_one(folder_run):
+    out, manifest = folder_run
+    assert manifest["totals"] == {"seen": GOOD_IN_FOLDER + len(BAD_REASONS), "encoded": GOOD_IN_FOLDER,
+                                  "rejected": len(BAD_REASONS), "shards": 5}
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert {r["reason"] for r in rejects} == BAD_REASONS
+    assert all(r["source"].startswith("bad/") for r in rejects)
+    assert manifest["rejects_by_reason"] == {reason: 1 for reason in BAD_REASONS}
+    assert manifest["labels"] == {"cats": 4, "dogs": 6}
+
+    samples = list(iter_latents(shard_paths(out)))
+    assert len(samples) == GOOD_IN_FOLDER == sum(s["count"] for s in manifest["shards"])
+    keys = [s["key"] for s in samples]
+    assert len(set(keys)) == len(keys) and all(KEY_RE.match(k) for k in keys)
+    assert all(s["latent"].shape == (4, RES // 2, RES // 2) for s in samples)
+    assert all(s["moments"].shape == (2, 4, RES // 2, RES // 2) for s in samples)
+    by_source = {s["meta"]["source"]: s["meta"] for s in samples}
+    assert by_source["cats/img.0.png"]["label"] == "cats" and "label" not in by_source["unlabelled.png"]
+    assert by_source["cats/img.0.png"]["original_size"] == [24, 20]
+
+
+def test_manifest_describes_vae_latents_and_shards(folder_run, sd_checkpoint):
+    out, _ = folder_run
+    manifest = read_manifest(out)
+    assert manifest["scaling_factor"] == pytest.approx(0.18215)
+    assert manifest["vae"]["subfolder"] == "vae" and len(manifest["vae"]["weights_sha256"]) == 64
+    assert manifest["latent"]["shape"] == [4, 8, 8] and manifest["latent"]["dtype"] == "float16"
+    for shard in manifest["shards"]:
+        assert file_sha256(out / shard["file"]) == shard["sha256"]
+
+
+def test_latents_equal_a_direct_vae_encode_with_the_same_seed(folder_run, image_folder, sd_checkpoint):
+    out, manifest = folder_run
+    vae = load_vae(resolve_vae(sd_checkpoint), torch.device("cpu"), torch.float32)
+    for sample in list(iter_latents(shard_paths(out)))[:4]:
+        pixels, _ = decode_image((image_folder / sample["meta"]["source"]).read_bytes(), RES, 10**8, 8)
+        x = torch.from_numpy(to_model_input(pixels))[None]
+        dist = vae.encode(x).latent_dist
+        seed = image_seed(manifest["seed"], sample["key"])
+        assert sample["meta"]["seed"] == seed
+        expected = dist.sample(generator=torch.Generator().manual_seed(seed)) * vae.config.scaling_factor
+        np.testing.assert_allclose(sample["latent"], expected[0].numpy(), rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(sample["moments"][0], (dist.mean * vae.config.scaling_factor)[0].numpy(),
+                                   rtol=2e-3, atol=2e-3)
+
+
+def test_each_worker_process_loads_the_vae_once(folder_run):
+    out, manifest = folder_run
+    stats = [json.loads(p.read_text()) for p in sorted((out / "stats").glob("*.json"))]
+    assert len(stats) == manifest["totals"]["shards"] > 2  # more shards than the cluster's 2 CPUs
+    assert {s["worker"]["vae_loads_in_process"] for s in stats} == {1}
+
+
+def test_shards_read_back_with_webdataset_and_ray_data(folder_run):
+    import ray
+    import webdataset as wds
+
+    out, manifest = folder_run
+    via_wds = list(wds.WebDataset(shard_paths(out), shardshuffle=False).decode())
+    assert len(via_wds) == GOOD_IN_FOLDER and via_wds[0]["latent.npy"].dtype == np.float16
+
+    ds = ray.data.read_webdataset(str(out), file_extensions=["tar"])
+    rows = ds.take_all()
+    assert len(rows) == GOOD_IN_FOLDER
+    assert {"__key__", "latent.npy", "json"} <= set(rows[0])
+    assert np.asarray(rows[0]["latent.npy"]).shape == (4, 8, 8)
+
+
+def test_rerun_after_losing_a_shard_redoes_only_that_shard_byte_identically(folder_run, image_folder,
+                                                                            sd_checkpoint):
+    out, _ = folder_run
+    before = tar_digests(out)
+    kept_marker = out / "stats" / "latents-000000.json"
+    kept_mtime = kept_marker.stat().st_mtime_ns
+    (out / "latents-000002.tar").unlink()
+    manifest = precompute(image_folder, sd_checkpoint, out, store_moments=True)
+    assert tar_digests(out) == before
+    assert kept_marker.stat().st_mtime_ns == kept_mtime  # complete shards were skipped, not rewritten
+    assert manifest["totals"]["encoded"] == GOOD_IN_FOLDER
+
+
+def test_full_rerun_into_an_empty_folder_is_byte_identical(folder_run, image_folder, sd_checkpoint, tmp_path):
+    out, _ = folder_run
+    precompute(image_folder, sd_checkpoint, tmp_path / "again", store_moments=True)
+    assert tar_digests(tmp_path / "again") == tar_digests(out)
+
+
+def test_resuming_with_a_different_config_is_refused(folder_run, image_folder, sd_checkpoint):
+    out, _ = folder_run
+    before = tar_digests(out)
+    for change in ({"seed": 1}, {"batch_size": 2}):
+        with pytest.raises(EbdError, match="different config"):
+            precompute(image_folder, sd_checkpoint, out, store_moments=True, **change)
+    assert tar_digests(out) == before
+
+
+def test_webdataset_tars_with_hostile_keys_labels_from_cls_and_json(ray_cluster, vae_only_dir, tmp_path):
+    shards = tmp_path / "in"
+    shards.mkdir()
+
+    def add(tar, name, data: bytes):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    with tarfile.open(shards / "00000.tar", "w") as tar:
+        add(tar, "000001.jpg", encode_image(rgb_image(1), "JPEG"))
+        add(tar, "000001.cls", b"7")
+        add(tar, "000001.txt", b"a caption")
+        add(tar, "000002.png", encode_image(rgb_image(2), "PNG"))
+        add(tar, "000002.json", json.dumps({"label": "dog", "url": "http://x"}).encode())
+        add(tar, "../../escape.webp", encode_image(rgb_image(3), "WEBP"))
+        add(tar, "only_text.txt", b"no image in this sample")
+    with tarfile.open(shards / "00001.tar", "w") as tar:
+        add(tar, "000001.jpg", encode_image(rgb_image(4), "JPEG"))  # same key as in the first tar
+        add(tar, "000003.jpg", encode_image(rgb_image(5, (64, 64)), "JPEG")[:300])
+
+    out = tmp_path / "out"
+    manifest = precompute(shards, vae_only_dir, out)
+    assert manifest["input"]["format"] == "webdataset" and manifest["vae"]["subfolder"] is None
+    assert manifest["totals"] == {"seen": 6, "encoded": 4, "rejected": 2, "shards": 2}
+    assert manifest["rejects_by_reason"] == {"corrupt_image": 1, "no_image_member": 1}
+    samples = {s["meta"]["source"]: s for s in iter_latents(shard_paths(out))}
+    assert samples["00000.tar::000001"]["meta"]["label"] == "7"
+    assert samples["00000.tar::000002"]["meta"]["label"] == "dog"
+    keys = [s["key"] for s in samples.values()]
+    assert len(set(keys)) == 4 and all(KEY_RE.match(k) for k in keys)
+    with tarfile.open(out / "latents-000000.tar") as tar:
+        assert all("/" not in n and ".." not in n.split(".")[0] for n in tar.getnames())
+    assert sorted(p.name for p in out.iterdir()) == ["latents-000000.tar", "latents-000001.tar",
+                                                     "manifest.json", "rejects.jsonl", "run.json", "stats"]
+
+
+def test_parquet_with_binary_and_huggingface_struct_columns(ray_cluster, sd_checkpoint, tmp_path):
+    images = [encode_image(rgb_image(i), "PNG") for i in range(5)]
+    data = tmp_path / "in"
+    data.mkdir()
+    pq.write_table(pa.table({"id": ["a/1", "a.2", "a_3"], "jpg": images[:3], "label": ["x", "y", None]}),
+                   data / "part-0.parquet")
+    struct = pa.array([{"bytes": images[3], "path": "p.png"}, {"bytes": None, "path": "q.png"},
+                       {"bytes": images[4], "path": "r.png"}],
+                      type=pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    pq.write_table(pa.table({"id": ["b1", "b2", "b3"], "jpg": struct}), data / "part-1.parquet", row_group_size=2)
+
+    out = tmp_path / "out"
+    manifest = precompute(data, sd_checkpoint, out, key_column="id", image_column="jpg", shard_size=10)
+    assert manifest["input"]["format"] == "parquet"
+    assert manifest["totals"] == {"seen": 6, "encoded": 5, "rejected": 1, "shards": 1}
+    assert manifest["rejects_by_reason"] == {"missing_bytes": 1}
+    assert manifest["labels"] == {"x": 1, "y": 1}
+    keys = sorted(s["key"] for s in iter_latents(shard_paths(out)))
+    assert keys == ["a_1", "a_2", "a_3", "b1", "b3"]
+
+
+def test_resolution_must_divide_by_the_vae_downscale_factor(sd_checkpoint, image_folder, tmp_path):
+    with pytest.raises(ConfigError, match="multiple of the VAE's downscale factor 2"):
+        precompute(image_folder, sd_checkpoint, tmp_path / "out", resolution=15)
+    assert not (tmp_path / "out").exists()
