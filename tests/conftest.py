@@ -65,6 +65,18 @@ def ray_cluster():
             head.wait(60)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+        _forget_cluster(gcs_port)
+
+
+def _forget_cluster(gcs_port: int) -> None:
+    """Removes Ray's pointer to the cluster just stopped (as `ray stop` does), or a later plain ray.init()
+    would try to join the dead cluster."""
+    pointer = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
+    try:
+        if pointer.read_text().strip().endswith(f":{gcs_port}"):
+            pointer.unlink()
+    except OSError:
+        pass
 
 
 def _wait_for_http(url: str, process: subprocess.Popen, timeout: float = 120.0) -> None:

@@ -1,0 +1,83 @@
+"""Benchmark: the Ray precompute job against a bare in-process loop over the same images, VAE and cores.
+
+    .venv/bin/python bench/precompute.py [--images 480] [--resolution 128] [--vae DIR]
+
+Both sides run the same per-shard function (`encode_shard`): the bare loop calls it shard after shard in this
+process with every core as a torch thread; the Ray job runs it as tasks of one CPU each on a local cluster of the
+same cores. Prints and writes bench/out/precompute.json: images/s of each and their ratio (Ray / bare).
+Absolute times drift on shared machines; the ratio, measured in one run, is the figure to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=480)
+    p.add_argument("--resolution", type=int, default=128)
+    p.add_argument("--shard-size", type=int, default=60)
+    p.add_argument("--batch-size", type=int, default=20)
+    p.add_argument("--vae", help="VAE folder (default: a random VAE with SD 1.x's block layout at 1/4 width)")
+    p.add_argument("--cpus", type=int, default=os.cpu_count())
+    p.add_argument("--output", default=str(REPO / "bench" / "out" / "precompute.json"))
+    args = p.parse_args()
+
+    import ray
+    import torch
+
+    from pipeline.config import from_dict
+    from pipeline.demo import write_demo_images, write_sd_style_vae
+    from pipeline.precompute import PrecomputeConfig, ShardJob, encode_shard, prepare, run_precompute
+
+    work = Path(tempfile.mkdtemp(prefix="ebd-bench-"))
+    try:
+        write_demo_images(work / "images", args.images, size=args.resolution)
+        vae_dir = args.vae or write_sd_style_vae(work / "vae", block_out_channels=(32, 64, 128, 128),
+                                                 norm_num_groups=32)
+        base = dict(input=str(work / "images"), vae=str(vae_dir), resolution=args.resolution,
+                    shard_size=args.shard_size, batch_size=args.batch_size, min_side=16, progress_interval_s=1e9)
+
+        # Bare loop: the same per-shard function, in this process, every core to torch.
+        cfg = from_dict(PrecomputeConfig, base | {"output": str(work / "bare")})
+        spec, _, items = prepare(cfg)
+        chunks = [tuple(items[i:i + cfg.shard_size]) for i in range(0, len(items), cfg.shard_size)]
+        torch.set_num_threads(args.cpus)
+        encode_shard(ShardJob(0, chunks[0][:2], str(work / "warm"), spec, cfg.resolution, cfg.batch_size,
+                              cfg.dtype, cfg.seed, False, cfg.max_pixels, cfg.min_side, cfg.max_file_bytes,
+                              False, args.cpus))  # load the VAE once, as a Ray worker would
+        start = time.perf_counter()
+        for i, chunk in enumerate(chunks):
+            encode_shard(ShardJob(i, chunk, cfg.output, spec, cfg.resolution, cfg.batch_size, cfg.dtype, cfg.seed,
+                                  False, cfg.max_pixels, cfg.min_side, cfg.max_file_bytes, False, args.cpus))
+        bare_s = time.perf_counter() - start
+
+        # Ray: one-CPU tasks on a local cluster of the same cores (start-up excluded, VAE loads included).
+        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+        start = time.perf_counter()
+        run_precompute(from_dict(PrecomputeConfig, base | {"output": str(work / "ray")}))
+        ray_s = time.perf_counter() - start
+        ray.shutdown()
+
+        result = {"benchmark": "precompute", "images": args.images, "resolution": args.resolution,
+                  "vae": "custom" if args.vae else "random, SD 1.x block layout at 1/4 width",
+                  "cpus": args.cpus, "bare_images_per_s": round(args.images / bare_s, 2),
+                  "ray_images_per_s": round(args.images / ray_s, 2), "ray_over_bare": round(bare_s / ray_s, 3)}
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
