@@ -1,0 +1,116 @@
+"""The energy-based model over scaled VAE latents: U(z) = E_theta(z) + ||z||^2 / (2 sigma0^2).
+
+Energy convention: low energy = data-like; p(z) ~ exp(-U(z)). (The original project's "score" is minus this
+energy.) E_theta is a small convolutional network (SiLU, optional spectral norm, no batch norm, so a sample's
+energy never depends on its batch) over C x h x w latents of any size; the Gaussian base term keeps Langevin
+chains bounded where the network has not learned anything yet.
+
+Like a diffusers model, it carries its config: `save_pretrained(dir)` writes `config.json` (architecture, latent
+shape, scaling factor, sampler settings, VAE identity, latents manifest hash) and `model.safetensors`;
+`EnergyModel.from_pretrained(dir)` needs neither Ray nor pickle.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
+
+from .config import EbdError, from_dict, require
+from .langevin import SamplerSettings
+
+MODEL_FORMAT = "ebd.ebm/1"
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+
+
+@dataclass
+class EnergyModelConfig:
+    latent_shape: list[int] = field(default_factory=lambda: [4, 64, 64])  # C, h, w of the scaled latents
+    channels: list[int] = field(default_factory=lambda: [64, 128, 256])  # one residual stage per entry
+    spectral_norm: bool = False
+    sigma0: float = 1.0              # std of the Gaussian base density, in scaled-latent units
+
+    def validate(self) -> None:
+        require(len(self.latent_shape) == 3 and min(self.latent_shape) >= 1, "latent_shape must be [C, h, w]")
+        require(len(self.channels) >= 1 and min(self.channels) >= 1, "channels must be a non-empty list of ints")
+        require(self.sigma0 > 0, "sigma0 must be > 0")
+
+
+class _ResBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, wrap):
+        super().__init__()
+        self.conv1 = wrap(nn.Conv2d(c_in, c_out, 3, padding=1))
+        self.conv2 = wrap(nn.Conv2d(c_out, c_out, 3, padding=1))
+        self.skip = wrap(nn.Conv2d(c_in, c_out, 1)) if c_in != c_out else nn.Identity()
+        self.act = nn.SiLU()
+
+    def forward(self, x):
+        return self.skip(x) + self.conv2(self.act(self.conv1(self.act(x))))
+
+
+class EnergyModel(nn.Module):
+    def __init__(self, config: EnergyModelConfig, metadata: dict | None = None):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.metadata = metadata or {}   # sampler, latents (scaling factor, VAE identity, manifest), training
+        wrap = _spectral_norm if config.spectral_norm else (lambda m: m)
+        c_latent, h, _ = config.latent_shape
+        self.stem = wrap(nn.Conv2d(c_latent, config.channels[0], 3, padding=1))
+        blocks, c_prev, side = [], config.channels[0], h
+        for c in config.channels:
+            blocks.append(_ResBlock(c_prev, c, wrap))
+            if side >= 8:  # downsample while there is room: large latents get cheap deep features
+                blocks.append(nn.AvgPool2d(2))
+                side //= 2
+            c_prev = c
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Sequential(nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), wrap(nn.Linear(c_prev, 1)))
+
+    def network_energy(self, z: torch.Tensor) -> torch.Tensor:
+        """E_theta(z), shape (B,)."""
+        return self.head(self.blocks(self.stem(z))).squeeze(1)
+
+    def base_energy(self, z: torch.Tensor) -> torch.Tensor:
+        return z.flatten(1).pow(2).sum(1) / (2 * self.config.sigma0 ** 2)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """U(z) = E_theta(z) + ||z||^2 / (2 sigma0^2), shape (B,)."""
+        return self.network_energy(z) + self.base_energy(z)
+
+    # ---------------------------------------------------------------------------------------- persistence
+
+    @property
+    def sampler(self) -> SamplerSettings:
+        return from_dict(SamplerSettings, self.metadata.get("sampler", {}))
+
+    def save_pretrained(self, folder: str | Path, state_dict: dict | None = None) -> Path:
+        """Writes config.json and model.safetensors (this model's weights, or `state_dict`, e.g. EMA weights)."""
+        from .shards import atomic_write, atomic_write_json
+
+        folder = Path(folder)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in (state_dict or self.state_dict()).items()}
+        atomic_write(folder / WEIGHTS_FILE, lambda f: f.write(save(tensors)))
+        atomic_write_json(folder / CONFIG_FILE, {"_class_name": "EnergyModel", "format": MODEL_FORMAT,
+                                                 "model": asdict(self.config), **self.metadata})
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, device: torch.device | str = "cpu") -> "EnergyModel":
+        folder = Path(folder)
+        config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+        if not (config_path.is_file() and weights_path.is_file()):
+            raise EbdError(f"{folder} is not an ebd model folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+        data = json.loads(config_path.read_text())
+        if data.get("format") != MODEL_FORMAT:
+            raise EbdError(f"{config_path} has format {data.get('format')!r}, expected {MODEL_FORMAT!r}")
+        metadata = {k: v for k, v in data.items() if k not in ("_class_name", "format", "model")}
+        model = cls(from_dict(EnergyModelConfig, data["model"]), metadata)
+        model.load_state_dict(load_file(weights_path))
+        return model.to(device).eval()
+
