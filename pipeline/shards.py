@@ -106,7 +106,9 @@ def shard_paths(folder: str | Path) -> list[str]:
 
 def iter_latents(paths: list[str]) -> Iterator[dict]:
     """Yields {"key", "latent" (float32 C x h x w), "moments" or None, "meta"} from latent shards, in order."""
-    dataset = wds.WebDataset(paths, shardshuffle=False, empty_check=False).decode()
+    # No node or worker splitting here: callers pass exactly the shards they own (training splits by rank).
+    dataset = wds.WebDataset(paths, shardshuffle=False, empty_check=False, nodesplitter=None,
+                             workersplitter=None).decode()
     for sample in dataset:
         moments = sample.get("moments.npy")
         yield {"key": sample["__key__"], "latent": sample["latent.npy"].astype(np.float32),
@@ -114,6 +116,35 @@ def iter_latents(paths: list[str]) -> Iterator[dict]:
 
 
 # --------------------------------------------------------------------------------------------- manifest
+
+def write_latent_dataset(folder: str | Path, latents: np.ndarray, shard_size: int = 1000,
+                         labels: list[str | None] | None = None, scaling_factor: float = 1.0,
+                         vae: dict | None = None, resolution: int | None = None) -> dict:
+    """Writes already-scaled latents (N x C x h x w) as a latents folder with the precompute job's layout and
+    manifest: for latents made elsewhere, and for synthetic distributions in tests."""
+    folder = Path(folder)
+    shards, label_counts = [], {}
+    for index, start in enumerate(range(0, len(latents), shard_size)):
+        samples = []
+        for i in range(start, min(start + shard_size, len(latents))):
+            meta = {"source": f"array#{i}"}
+            if labels is not None and labels[i] is not None:
+                meta["label"] = labels[i]
+                label_counts[labels[i]] = label_counts.get(labels[i], 0) + 1
+            samples.append(latent_sample(f"{i:09d}", latents[i], meta))
+        path = folder / SHARD_NAME.format(index)
+        write_tar(path, samples)
+        shards.append({"file": path.name, "count": len(samples), "seen": len(samples), "rejected": 0,
+                       "bytes": path.stat().st_size, "sha256": file_sha256(path)})
+    manifest = {"format": LATENTS_FORMAT, "vae": vae or {"path": None, "weights_sha256": None},
+                "scaling_factor": scaling_factor, "shift_factor": None, "resolution": resolution,
+                "latent": {"shape": list(latents.shape[1:]), "dtype": "float16", "scaled": True, "moments": False},
+                "shards": shards, "labels": dict(sorted(label_counts.items())),
+                "totals": {"seen": len(latents), "encoded": len(latents), "rejected": 0, "shards": len(shards)}}
+    atomic_write_json(folder / MANIFEST, manifest)
+    atomic_write_lines(folder / REJECTS, [])
+    return manifest
+
 
 def read_manifest(folder: str | Path) -> dict:
     """Reads and checks OUT/manifest.json; a folder without one was never completed."""

@@ -1,0 +1,37 @@
+"""Train the EBM on latent shards with Ray Train (contrastive divergence, Langevin negatives).
+
+    python -m jobs.train --config configs/train.yaml --latents LATENTS_DIR --output DIR [--run-name NAME]
+                         [--storage-path PATH] [--max-steps N] [--set key=value ...]
+    ray job submit --working-dir . -- python -m jobs.train --config configs/train.yaml ...
+
+Re-running the same command with the same --run-name resumes from the last checkpoint. The trained model (EMA
+weights, config with sampler settings) lands in DIR/model/.
+"""
+
+import argparse
+
+from pipeline.config import load_config, run_cli
+from pipeline.train import TrainConfig, run_training
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.splitlines()[0])
+    p.add_argument("--config", help="YAML config (see configs/train.yaml)")
+    p.add_argument("--latents", help="output folder of the precompute job")
+    p.add_argument("--output", help="folder for the model export and worker records")
+    p.add_argument("--run-name", help="Ray Train run name; the same name resumes")
+    p.add_argument("--storage-path", help="checkpoint storage (shared on a multi-node cluster); default OUTPUT/checkpoints")
+    p.add_argument("--max-steps", type=int, help="number of optimisation steps (overrides the config)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    args = p.parse_args()
+    cfg = load_config(TrainConfig, args.config, args.set, latents=args.latents, output=args.output,
+                      run_name=args.run_name, storage_path=args.storage_path, max_steps=args.max_steps)
+    metrics = run_training(cfg, address=args.address)
+    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
+    print(f"[train] finished: {shown}; model in {cfg.output}/model")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

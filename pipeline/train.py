@@ -1,0 +1,499 @@
+"""EBM training on latent shards with Ray Train (TorchTrainer): contrastive divergence with Langevin negatives.
+
+Per step, on each worker:
+    z+ ~ its disjoint share of the shards (a fresh sample from stored moments when present) + small data noise
+    z- = Langevin(U, z0, K steps) with z0 from the replay buffer (prob 1 - reinit_prob) or N(0, init_std^2 I)
+    loss = mean U(z+) - mean U(z-) + alpha * mean(E(z+)^2 + E(z-)^2)
+Gradients are averaged across workers (DDP), clipped, and applied by Adam (beta1 = 0); EMA weights are kept.
+
+Safety nets: a non-finite loss or energies beyond `energy_bound` roll every worker back to the last good
+checkpoint with a lower learning rate, at most `max_rollbacks` times. Checkpoints (weights, EMA, optimizer, replay
+buffer, step) go through `ray.train.report` every `checkpoint_every` steps as safetensors + JSON; re-running with
+the same run name and storage path resumes from the last one. The export `OUTPUT/model/` holds the EMA weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from . import shards as sh
+from .config import EbdError, from_dict, require
+from .ebm import EnergyModel, EnergyModelConfig
+from .langevin import SamplerSettings, initial_noise, langevin
+from .progress import Progress
+
+WORKERS_DIR = "workers"   # OUTPUT/workers/rank-N.json: each worker's share of the data
+
+
+@dataclass
+class TrainConfig:
+    latents: str | None = None
+    output: str | None = None
+    run_name: str = "ebd-train"
+    storage_path: str | None = None          # Ray Train checkpoints; default OUTPUT/checkpoints (shared storage!)
+    # scale
+    num_workers: int = 1
+    use_gpu: bool = False                    # nccl on GPUs, gloo on CPUs
+    cpus_per_worker: float = 1.0
+    max_failures: int = 0                    # Ray Train restarts after a worker dies
+    # optimisation
+    max_steps: int = 2000
+    batch_size: int = 64                     # per worker
+    lr: float = 1e-4
+    beta1: float = 0.0
+    beta2: float = 0.999
+    param_grad_clip: float = 1.0             # max global norm of the parameter gradient
+    ema_decay: float = 0.999                 # with warm-up: min(decay, (1 + step) / (10 + step))
+    # L2 penalty on the network energies E(z+), E(z-). The base term makes energies O(latent dims), and E must
+    # offset it by as much to carve modes, so alpha is small: 0.1 (IGEBM's scale) pins the chains to the origin.
+    alpha: float = 0.001
+    data_noise: float = 0.01                 # std of the noise added to positives
+    # model
+    channels: list[int] = field(default_factory=lambda: [64, 128, 256])
+    spectral_norm: bool = False
+    sigma0: float = 1.0
+    # sampler (saved with the model; generation uses exactly these)
+    langevin_steps: int = 40
+    langevin_step_size: float = 0.1
+    langevin_noise_scale: float = 0.1        # short-run: mostly gradient flow; tau = 1 needs far steeper energies
+    langevin_grad_clip: float | None = None
+    langevin_init_std: float = 1.0
+    # Replay buffer per worker; 0 (default): pure short-run chains from noise, exactly what generation runs.
+    # A buffer trains long-run chains, which generation from noise with the same K does not reproduce.
+    buffer_size: int = 0
+    reinit_prob: float = 0.05
+    # data
+    use_moments: bool = True                 # draw z+ from stored posterior moments when the shards have them
+    shuffle_buffer: int = 4096               # streaming shuffle when a worker's share does not fit in memory
+    cache_bytes: int = 2 * 1024**3           # keep a worker's share in memory below this size
+    # bookkeeping
+    log_every: int = 20
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    energy_bound_per_dim: float = 5.0        # |E| beyond this x latent dims counts as divergence
+    max_rollbacks: int = 3
+    rollback_lr_factor: float = 0.5
+    seed: int = 0
+    fault_nan_at_step: int | None = None     # testing: poison the loss once at this step to exercise rollback
+
+    def validate(self) -> None:
+        for name in ("latents", "output"):
+            require(getattr(self, name) is not None, f"missing {name}: pass --{name} or set it in the config")
+        require(self.num_workers >= 1 and self.batch_size >= 1 and self.max_steps >= 0,
+                "num_workers and batch_size must be >= 1, max_steps >= 0")
+        require(self.lr > 0 and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "lr must be > 0, betas in [0, 1)")
+        require(0 <= self.ema_decay < 1 and self.alpha >= 0 and self.data_noise >= 0,
+                "ema_decay must be in [0, 1), alpha and data_noise >= 0")
+        require(self.buffer_size >= 0 and 0 <= self.reinit_prob <= 1, "buffer_size >= 0, reinit_prob in [0, 1]")
+        require(self.log_every >= 1 and self.checkpoint_every >= 1 and self.keep_checkpoints >= 1,
+                "log_every, checkpoint_every and keep_checkpoints must be >= 1")
+        require(self.energy_bound_per_dim > 0 and self.max_rollbacks >= 0 and 0 < self.rollback_lr_factor < 1,
+                "energy_bound_per_dim > 0, max_rollbacks >= 0, rollback_lr_factor in (0, 1)")
+        require(self.run_name.replace("-", "").replace("_", "").isalnum(), "run_name may hold only [A-Za-z0-9_-]")
+        self.sampler().validate()
+
+    def sampler(self) -> SamplerSettings:
+        return SamplerSettings(self.langevin_steps, self.langevin_step_size, self.langevin_noise_scale,
+                               self.langevin_grad_clip, self.langevin_init_std)
+
+
+# ------------------------------------------------------------------------------------------------- data
+
+def split_shards(paths: list[str], rank: int, world: int) -> list[str]:
+    """Worker `rank`'s disjoint share: every world-th shard. Together the shares cover every shard once."""
+    return paths[rank::world]
+
+
+class LatentBatches:
+    """Endless batches of positives from one worker's shards; each epoch visits every one of its shards."""
+
+    def __init__(self, paths: list[str], batch_size: int, seed: int, use_moments: bool, data_noise: float,
+                 in_memory: bool, shuffle_buffer: int):
+        self.paths, self.batch_size, self.use_moments, self.data_noise = paths, batch_size, use_moments, data_noise
+        self.rng = np.random.default_rng(seed)
+        self.torch_gen = torch.Generator().manual_seed(seed)
+        self.shuffle_buffer = shuffle_buffer
+        self.cache = self._load_all() if in_memory else None
+        self.epoch = 0
+
+    def _load_all(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        samples = list(sh.iter_latents(self.paths))
+        latents = torch.from_numpy(np.stack([s["latent"] for s in samples]))
+        has_moments = self.use_moments and all(s["moments"] is not None for s in samples)
+        moments = torch.from_numpy(np.stack([s["moments"] for s in samples])) if has_moments else None
+        return latents, moments
+
+    def _records(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        while True:
+            if self.cache is not None:
+                latents, moments = self.cache
+                for i in self.rng.permutation(len(latents)):
+                    yield latents[i], None if moments is None else moments[i]
+            else:
+                buffer: list = []
+                for path in self.rng.permutation(self.paths):
+                    for s in sh.iter_latents([str(path)]):
+                        m = s["moments"] if self.use_moments else None
+                        buffer.append((torch.from_numpy(s["latent"]), None if m is None else torch.from_numpy(m)))
+                        if len(buffer) >= self.shuffle_buffer:
+                            yield buffer.pop(int(self.rng.integers(len(buffer))))
+                for i in self.rng.permutation(len(buffer)):
+                    yield buffer[i]
+            self.epoch += 1
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        records = self._records()
+        while True:
+            batch = [next(records) for _ in range(self.batch_size)]
+            if all(m is not None for _, m in batch):  # a fresh posterior sample: mean + std * eps
+                moments = torch.stack([m for _, m in batch])
+                eps = torch.randn(moments[:, 0].shape, generator=self.torch_gen)
+                z = moments[:, 0] + torch.exp(0.5 * moments[:, 1]) * eps
+            else:
+                z = torch.stack([lat for lat, _ in batch])
+            yield z + self.data_noise * torch.randn(z.shape, generator=self.torch_gen)
+
+
+class ReplayBuffer:
+    """Past negatives; chains restart from them (prob 1 - reinit_prob) or from fresh noise (Du & Mordatch 2019)."""
+
+    def __init__(self, size: int, reinit_prob: float, latent_shape: tuple[int, ...], init_std: float):
+        self.size, self.reinit_prob, self.init_std = size, reinit_prob, init_std
+        self.data = torch.empty((0, *latent_shape))
+
+    def initial(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        z = initial_noise((n, *self.data.shape[1:]), self.init_std, gen)
+        if self.size and len(self.data):
+            reuse = torch.rand(n, generator=gen) >= self.reinit_prob
+            picks = torch.randint(len(self.data), (n,), generator=gen)
+            z[reuse] = self.data[picks[reuse]]
+        return z
+
+    def push(self, z: torch.Tensor) -> None:
+        if self.size:
+            self.data = torch.cat([z.detach().cpu(), self.data])[: self.size]
+
+
+# --------------------------------------------------------------------------------------------- training
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = from_dict(TrainConfig, loop_config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    device = ray.train.torch.get_device()
+    latent_shape = tuple(loop_config["latent_shape"])
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every worker
+    model = EnergyModel(EnergyModelConfig(list(latent_shape), cfg.channels, cfg.spectral_norm, cfg.sigma0),
+                        loop_config["metadata"]).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    buffer = ReplayBuffer(cfg.buffer_size, cfg.reinit_prob, latent_shape, cfg.langevin_init_std)
+    state = {"step": 0, "lr": cfg.lr, "rollbacks": 0, "fault_injected": False}
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            _load_state(Path(folder), model, optimizer, ema, buffer, state, device)
+        if rank == 0:
+            print(f"[train] resumed from checkpoint at step {state['step']}", flush=True)
+    ddp_model = ray.train.torch.prepare_model(model) if world > 1 else model  # DDP averages gradients
+
+    my_shards = split_shards(loop_config["shards"], rank, world)
+    counts = loop_config["shard_counts"]
+    my_count = sum(counts[p] for p in my_shards)
+    record = {"rank": rank, "world": world, "shards": my_shards, "samples": my_count}
+    record_path = Path(cfg.output) / WORKERS_DIR / f"rank-{rank}.json"
+    sh.atomic_write_json(record_path, record)
+    in_memory = my_count * math.prod(latent_shape) * 4 * 3 <= cfg.cache_bytes
+    data = LatentBatches(my_shards, cfg.batch_size, cfg.seed * 1000 + rank + state["step"], cfg.use_moments,
+                         cfg.data_noise, in_memory, cfg.shuffle_buffer)
+    batches = iter(data)
+    settings = cfg.sampler()
+    energy_bound = cfg.energy_bound_per_dim * math.prod(latent_shape)
+    gen = torch.Generator().manual_seed(cfg.seed * 7919 + rank * 104729 + state["step"])
+    last_good = _snapshot(model, optimizer, ema, state)
+    metrics = _Metrics(world, device)
+    log = Progress("train", total=cfg.max_steps, unit="steps", interval_s=0) if rank == 0 else None
+    gauges = _PrometheusGauges() if rank == 0 else None
+
+    while state["step"] < cfg.max_steps:
+        tick = time.perf_counter()
+        pos = next(batches).to(device)
+        chain_grad_norms = []
+        neg = langevin(model, buffer.initial(cfg.batch_size, gen).to(device), settings.steps, settings.step_size,
+                       settings.noise_scale, settings.grad_clip,
+                       callback=lambda info: chain_grad_norms.append(info["grad_norm"].mean().item()), generator=gen)
+        buffer.push(neg)
+
+        both = torch.cat([pos, neg])
+        u = ddp_model(both)
+        e = u - model.base_energy(both)  # the network's part: the L2 penalty leaves the fixed base term alone
+        u_pos, u_neg = u[: len(pos)], u[len(pos):]
+        e_pos, e_neg = e[: len(pos)], e[len(pos):]
+        loss = u_pos.mean() - u_neg.mean() + cfg.alpha * (e_pos.pow(2).mean() + e_neg.pow(2).mean())
+        if cfg.fault_nan_at_step == state["step"] and not state["fault_injected"]:
+            state["fault_injected"] = True
+            loss = loss * float("nan")
+
+        if _diverged(loss, e, energy_bound, world, device):
+            state["rollbacks"] += 1
+            if state["rollbacks"] > cfg.max_rollbacks:
+                raise EbdError(f"training diverged {state['rollbacks']} times (non-finite loss or |E| > "
+                               f"{energy_bound:g}); last good step {last_good['state']['step']}: lower lr or "
+                               "raise alpha and re-run with a new --run-name")
+            lr = state["lr"] * cfg.rollback_lr_factor
+            _restore(last_good, model, optimizer, ema, state)
+            state["lr"] = lr
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            if log:
+                log.log(f"divergence at step {state['step']}: rolled back to step {last_good['state']['step']}, "
+                        f"lr -> {lr:g} (rollback {state['rollbacks']}/{cfg.max_rollbacks})")
+            continue
+
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.param_grad_clip)
+        optimizer.step()
+        _update_ema(ema, model, min(cfg.ema_decay, (1 + state["step"]) / (10 + state["step"])))
+        state["step"] += 1
+        metrics.add(u_pos.mean(), u_neg.mean(), loss, float(np.mean(chain_grad_norms)),
+                    len(pos), time.perf_counter() - tick)
+
+        step = state["step"]
+        save = step % cfg.checkpoint_every == 0 or step == cfg.max_steps
+        if step % cfg.log_every == 0 or save:
+            values = metrics.reduce() | {"step": step, "lr": state["lr"], "rollbacks": state["rollbacks"],
+                                         "epoch": data.epoch}
+            if log:
+                log.done = step
+                log.log(log.line(" ".join(f"{k}={v:.4g}" for k, v in values.items()
+                                          if k in ("energy_pos", "energy_neg", "energy_gap", "loss",
+                                                   "chain_grad_norm", "samples_per_s"))))
+                gauges.set(values)
+            if save:
+                with tempfile.TemporaryDirectory() as folder:
+                    if rank == 0:
+                        _save_state(Path(folder), model, optimizer, ema, buffer, state, cfg)
+                    ray.train.report(values, checkpoint=ray.train.Checkpoint.from_directory(folder)
+                                     if rank == 0 else None, checkpoint_dir_name=f"step-{step:08d}")
+                last_good = _snapshot(model, optimizer, ema, state)
+            else:
+                ray.train.report(values)
+
+    # Every worker records a digest of its final weights: equal digests show the gradients were synchronised.
+    sh.atomic_write_json(record_path, record | {"step": state["step"], "weights_sha256": _weights_digest(model)})
+    if rank == 0:
+        export = EnergyModel(model.config, dict(model.metadata))
+        export.metadata["training"] = {"steps": state["step"], "rollbacks": state["rollbacks"],
+                                       "final_lr": state["lr"], "num_workers": world, "run_name": cfg.run_name}
+        export.save_pretrained(Path(cfg.output) / "model", state_dict=ema)
+
+
+class _Metrics:
+    """Sums over the steps since the last log, averaged over steps and workers on reduce()."""
+
+    def __init__(self, world: int, device):
+        self.world, self.device = world, device
+        self.reset()
+
+    def reset(self):
+        self.sums = np.zeros(5)
+        self.samples, self.seconds, self.steps = 0, 0.0, 0
+
+    def add(self, u_pos, u_neg, loss, chain_grad_norm, samples, seconds):
+        u_pos, u_neg, loss = float(u_pos.detach()), float(u_neg.detach()), float(loss.detach())
+        self.sums += [u_pos, u_neg, u_pos - u_neg, loss, chain_grad_norm]
+        self.samples += samples
+        self.seconds += seconds
+        self.steps += 1
+
+    def reduce(self) -> dict:
+        values = torch.tensor([*self.sums, self.samples, self.seconds, self.steps], dtype=torch.float64)
+        if self.world > 1:
+            import torch.distributed as dist
+            values = values.to(self.device)
+            dist.all_reduce(values)
+            values = values.cpu()
+        sums, samples, seconds, steps = values[:5], values[5], values[6], values[7]
+        self.reset()
+        names = ("energy_pos", "energy_neg", "energy_gap", "loss", "chain_grad_norm")
+        out = {n: float(v / steps) for n, v in zip(names, sums)}
+        # samples/s of the whole job: all workers' samples over one worker's (mean) wall time
+        out["samples_per_s"] = float(samples / (seconds / self.world)) if seconds else 0.0
+        return out
+
+
+class _PrometheusGauges:
+    """Training metrics through Ray's metrics export (scraped as ray_ebd_train_*), set by rank 0 only."""
+
+    NAMES = ("energy_pos", "energy_neg", "energy_gap", "loss", "chain_grad_norm", "samples_per_s", "step", "lr",
+             "rollbacks")
+
+    def __init__(self):
+        try:
+            from ray.util.metrics import Gauge
+            self.gauges = {n: Gauge(f"ebd_train_{n}", description=f"EBM training: {n.replace('_', ' ')}")
+                           for n in self.NAMES}
+        except Exception:  # metrics export is optional (ray without [default])  # noqa: BLE001
+            self.gauges = {}
+
+    def set(self, values: dict) -> None:
+        for name, gauge in self.gauges.items():
+            if name in values and math.isfinite(values[name]):
+                gauge.set(float(values[name]))
+
+
+def _weights_digest(model) -> str:
+    import hashlib
+    digest = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        digest.update(name.encode() + value.detach().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _diverged(loss, energies, bound: float, world: int, device) -> bool:
+    """True on every worker if any worker saw a non-finite loss or an energy beyond the bound."""
+    bad = torch.tensor([0.0 if torch.isfinite(loss) and energies.abs().max() <= bound else 1.0], device=device)
+    if world > 1:
+        import torch.distributed as dist
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return bool(bad.item())
+
+
+def _update_ema(ema: dict, model, decay: float) -> None:
+    with torch.no_grad():
+        for name, value in model.state_dict().items():
+            if value.dtype.is_floating_point:
+                ema[name].mul_(decay).add_(value.detach(), alpha=1 - decay)
+            else:
+                ema[name].copy_(value)
+
+
+def _snapshot(model, optimizer, ema, state) -> dict:
+    return {"model": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(optimizer.state_dict()),
+            "ema": copy.deepcopy(ema), "state": dict(state)}
+
+
+def _restore(snapshot, model, optimizer, ema, state) -> None:
+    model.load_state_dict(snapshot["model"])
+    optimizer.load_state_dict(copy.deepcopy(snapshot["optimizer"]))
+    for k, v in snapshot["ema"].items():
+        ema[k].copy_(v)
+    history = {k: state[k] for k in ("rollbacks", "fault_injected")}  # run history survives the rollback
+    state.update(snapshot["state"])
+    state.update(history)
+
+
+# ---------------------------------------------------------------------------- checkpoints (no pickle)
+
+def _save_state(folder: Path, model, optimizer, ema, buffer: ReplayBuffer, state: dict, cfg: TrainConfig) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors |= {f"ema.{k}": v for k, v in ema.items()}
+    opt = optimizer.state_dict()
+    for index, values in opt["state"].items():
+        tensors |= {f"optimizer.{index}.{name}": torch.as_tensor(t) for name, t in values.items()}
+    tensors["buffer"] = buffer.data.to(torch.float16)
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(folder / "state.safetensors"))
+    (folder / "state.json").write_text(json.dumps({
+        "state": state, "config": asdict(cfg),
+        "optimizer_param_groups": [{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]}
+                                   for g in opt["param_groups"]]}, indent=2))
+
+
+def _load_state(folder: Path, model, optimizer, ema, buffer: ReplayBuffer, state: dict, device) -> None:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(folder / "state.safetensors"))
+    meta = json.loads((folder / "state.json").read_text())
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    for k, v in tensors.items():
+        if k.startswith("ema."):
+            ema[k[4:]].copy_(v)
+    opt_state: dict[int, dict] = {}
+    for k, v in tensors.items():
+        if k.startswith("optimizer."):
+            _, index, name = k.split(".", 2)
+            opt_state.setdefault(int(index), {})[name] = v.to(device)
+    optimizer.load_state_dict({"state": opt_state, "param_groups": meta["optimizer_param_groups"]})
+    buffer.data = tensors["buffer"].float()
+    state.update(meta["state"])
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
+    """Runs (or resumes) training under Ray Train; returns the final reported metrics."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    manifest = sh.read_manifest(cfg.latents)
+    paths = sh.shard_paths(cfg.latents)
+    counts = {str(Path(cfg.latents) / s["file"]): s["count"] for s in manifest["shards"]}
+    missing = sorted(set(counts) - set(paths))
+    if missing:
+        raise EbdError(f"{len(missing)} shard(s) listed in the manifest are missing, e.g. {missing[0]}")
+    paths = [p for p in paths if counts.get(p, 0) > 0]
+    require(len(paths) >= cfg.num_workers, f"{len(paths)} non-empty shards cannot feed {cfg.num_workers} workers: "
+            "use fewer workers or re-run precompute with a smaller shard_size")
+    output = Path(cfg.output).resolve()
+    storage = Path(cfg.storage_path).resolve() if cfg.storage_path else output / "checkpoints"
+    manifest_sha = sh.file_sha256(Path(cfg.latents) / sh.MANIFEST)
+    metadata = {"sampler": cfg.sampler().to_dict(),
+                "latents": {"shape": manifest["latent"]["shape"], "scaling_factor": manifest["scaling_factor"],
+                            "shift_factor": manifest["shift_factor"], "vae": manifest["vae"],
+                            "manifest_sha256": manifest_sha, "resolution": manifest["resolution"]}}
+    cfg_dict = asdict(cfg) | {"output": str(output)}
+
+    if not ray.is_initialized():
+        ray.init(address=address)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg_dict, "shards": [str(Path(p).resolve()) for p in paths],
+                           "shard_counts": {str(Path(p).resolve()): counts[p] for p in paths},
+                           "latent_shape": manifest["latent"]["shape"], "metadata": metadata},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=RunConfig(name=cfg.run_name, storage_path=str(storage),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             # progress lines are printed once, not echoed again by Ray Train's print patch
+                             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as e:  # Ray wraps worker errors; show the cause in one line
+        raise EbdError(f"training failed: {_root_cause(e)}") from None
+    return dict(result.metrics or {})
+
+
+def _root_cause(error: BaseException) -> str:
+    seen = error
+    while True:
+        nxt = getattr(seen, "cause", None) or seen.__cause__
+        if nxt is None or nxt is seen:
+            break
+        seen = nxt
+    lines = [line for line in str(seen).strip().splitlines() if line.strip()]
+    text = lines[-1] if lines else type(seen).__name__
+    return text if isinstance(seen, EbdError) or "Error" in text else f"{type(seen).__name__}: {text}"
+
