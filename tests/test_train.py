@@ -1,0 +1,163 @@
+"""EBM training through Ray Train on a real local cluster, on latent shards written to disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import EbdError, from_dict
+from pipeline.ebm import EnergyModel
+from pipeline.langevin import sample
+from pipeline.shards import file_sha256, write_latent_dataset
+from pipeline.train import TrainConfig, run_training, split_shards
+from tests.conftest import REPO
+
+SHAPE = (4, 4, 4)
+WEIGHT_A, CENTER, STD = 0.7, 0.75, 0.3          # modes at +0.75 and -0.75 in every dimension
+MODE_DISTANCE = 2 * CENTER * np.sqrt(np.prod(SHAPE))  # = 12
+FAST = dict(channels=[16, 32], batch_size=64, lr=1e-3, log_every=50, checkpoint_every=100, max_steps=200)
+TINY = dict(channels=[8], batch_size=16, langevin_steps=5, log_every=5, checkpoint_every=5)
+
+
+def mixture(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    in_a = rng.random(n) < WEIGHT_A
+    return (rng.normal(0, STD, (n, *SHAPE)) + np.where(in_a, CENTER, -CENTER)[:, None, None, None]).astype(np.float32)
+
+
+def mode_check(z: torch.Tensor) -> tuple[bool, dict]:
+    """Weights within 0.15 of the truth and per-mode mean error under a quarter of the distance between modes."""
+    in_a = z.flatten(1).mean(1) > 0
+    weight = in_a.float().mean().item()
+    err_a = (z[in_a].mean(0) - CENTER).norm().item() if in_a.any() else float("inf")
+    err_b = (z[~in_a].mean(0) + CENTER).norm().item() if (~in_a).any() else float("inf")
+    stats = {"weight_a": weight, "err_a": err_a, "err_b": err_b}
+    return abs(weight - WEIGHT_A) <= 0.15 and max(err_a, err_b) < MODE_DISTANCE / 4, stats
+
+
+@pytest.fixture(scope="module")
+def mixture_latents(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("mixture")
+    write_latent_dataset(folder, mixture(2048, seed=0), shard_size=256)
+    return folder
+
+
+def train(latents, out, **overrides) -> dict:
+    cfg = from_dict(TrainConfig, dict(latents=str(latents), output=str(out)) | overrides)
+    return run_training(cfg)
+
+
+def test_learns_both_modes_of_a_gaussian_mixture_and_an_untrained_model_does_not(ray_cluster, mixture_latents,
+                                                                                  tmp_path):
+    metrics = train(mixture_latents, tmp_path, **FAST)
+    assert metrics["step"] == 200 and metrics["rollbacks"] == 0
+
+    model = EnergyModel.from_pretrained(tmp_path / "model")  # plain safetensors + JSON: no Ray, no pickle
+    cfg = from_dict(TrainConfig, dict(latents="x", output="y") | FAST)
+    assert model.sampler == cfg.sampler()  # generation gets exactly the training sampler
+    assert model.metadata["latents"]["manifest_sha256"] == file_sha256(mixture_latents / "manifest.json")
+    assert model.metadata["training"]["steps"] == 200
+
+    generator = torch.Generator().manual_seed(123)
+    ok, stats = mode_check(sample(model, 1000, SHAPE, model.sampler, generator))
+    assert ok, stats
+
+    torch.manual_seed(0)
+    untrained = EnergyModel(model.config, model.metadata).eval()
+    ok, stats = mode_check(sample(untrained, 1000, SHAPE, model.sampler, torch.Generator().manual_seed(123)))
+    assert not ok, stats
+
+
+def test_two_workers_split_the_data_disjointly_and_keep_identical_weights(ray_cluster, mixture_latents, tmp_path):
+    metrics = train(mixture_latents, tmp_path, num_workers=2, max_steps=6, **TINY)
+    assert metrics["step"] == 6
+    records = [json.loads((tmp_path / "workers" / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    shards_0, shards_1 = set(records[0]["shards"]), set(records[1]["shards"])
+    assert not shards_0 & shards_1
+    assert {Path(p).name for p in shards_0 | shards_1} == {p.name for p in mixture_latents.glob("*.tar")}
+    assert records[0]["samples"] + records[1]["samples"] == 2048
+    assert records[0]["step"] == records[1]["step"] == 6
+    assert records[0]["weights_sha256"] == records[1]["weights_sha256"]  # gradients were averaged, not local
+
+
+def test_split_shards_is_disjoint_and_complete():
+    paths = [f"s{i}" for i in range(7)]
+    for world in (1, 2, 3, 7):
+        shares = [split_shards(paths, r, world) for r in range(world)]
+        assert sorted(p for share in shares for p in share) == sorted(paths)
+        assert sum(len(s) for s in shares) == len(paths)
+
+
+def test_an_injected_nan_rolls_back_to_the_last_checkpoint_with_a_lower_lr(ray_cluster, mixture_latents, tmp_path):
+    metrics = train(mixture_latents, tmp_path, max_steps=12, fault_nan_at_step=7, lr=1e-3, **TINY)
+    assert metrics["step"] == 12 and metrics["rollbacks"] == 1
+    assert metrics["lr"] == pytest.approx(5e-4)
+    assert EnergyModel.from_pretrained(tmp_path / "model").metadata["training"]["rollbacks"] == 1
+
+
+def test_divergence_beyond_the_rollback_budget_stops_with_a_clear_message(ray_cluster, mixture_latents, tmp_path):
+    with pytest.raises(EbdError, match="training diverged 1 times"):
+        train(mixture_latents, tmp_path, max_steps=12, fault_nan_at_step=3, max_rollbacks=0, **TINY)
+
+
+def test_killing_the_job_and_rerunning_the_command_resumes_from_the_checkpoint(ray_cluster, mixture_latents,
+                                                                               tmp_path):
+    tiny = TINY | {"log_every": 10, "checkpoint_every": 10}
+    command = [sys.executable, "-m", "jobs.train", "--config", "configs/train.yaml", "--latents",
+               str(mixture_latents), "--output", str(tmp_path), "--run-name", "resume-me", "--max-steps", "120",
+               "--address", ray_cluster.address] + [f"--set={k}={json.dumps(v)}" for k, v in tiny.items()]
+    snapshot = tmp_path / "checkpoints" / "resume-me" / "checkpoint_manager_snapshot.json"
+    first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not (snapshot.is_file() and _registered_steps(snapshot)):  # a checkpoint Ray Train has recorded
+        assert first.poll() is None, "training ended before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert not (tmp_path / "model").exists()  # it really died mid-run
+    saved = max(_registered_steps(snapshot))
+
+    second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    resumed = [line for line in (second.stdout + second.stderr).splitlines() if "resumed from checkpoint" in line]
+    assert resumed and int(resumed[0].rsplit(" ", 1)[1]) >= saved >= 10
+    assert EnergyModel.from_pretrained(tmp_path / "model").metadata["training"]["steps"] == 120
+
+
+def _registered_steps(snapshot: Path) -> list[int]:
+    try:
+        return [r["metrics"]["step"] for r in json.loads(snapshot.read_text())["checkpoint_results"]]
+    except (ValueError, KeyError):  # caught mid-write: not registered yet
+        return []
+
+
+def test_train_through_ray_job_submit(ray_cluster, mixture_latents, tmp_path):
+    result = subprocess.run(
+        ["ray", "job", "submit", "--address", ray_cluster.dashboard_url, "--working-dir", str(REPO), "--",
+         "python", "-m", "jobs.train", "--config", "configs/train.yaml", "--latents", str(mixture_latents),
+         "--output", str(tmp_path), "--max-steps", "5"] + [f"--set={k}={json.dumps(v)}" for k, v in TINY.items()],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=ray_cluster.env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert EnergyModel.from_pretrained(tmp_path / "model").metadata["training"]["steps"] == 5
+
+
+def test_train_config_errors_are_one_line(tmp_path, mixture_latents):
+    result = subprocess.run([sys.executable, "-m", "jobs.train", "--latents", str(mixture_latents), "--output",
+                             str(tmp_path / "o"), "--set", "langevin_stpes=3"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "unknown config key 'langevin_stpes'" in result.stderr
+    result = subprocess.run([sys.executable, "-m", "jobs.train", "--latents", str(tmp_path), "--output",
+                             str(tmp_path / "o")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "not a finished latents folder" in result.stderr
