@@ -31,12 +31,15 @@ demo: install
 	$(BIN)/python -m jobs.demo_assets --output $(DEMO_DIR)
 	$(BIN)/python -m jobs.precompute --config configs/precompute-demo.yaml \
 		--input $(DEMO_DIR)/images --vae $(DEMO_DIR)/sd-tiny --output $(DEMO_DIR)/latents
+	$(BIN)/python -m jobs.train --config configs/train-demo.yaml \
+		--latents $(DEMO_DIR)/latents --output $(DEMO_DIR)/ebm --run-name demo
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python bench/precompute.py
+	$(BIN)/python bench/train.py
 
 clean:
 	rm -rf build .pytest_cache
