@@ -11,14 +11,13 @@ Absolute times drift on shared machines; the ratio, measured in one run, is the 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from common import REPO, write_result
 
 
 def main() -> None:
@@ -37,7 +36,8 @@ def main() -> None:
 
     from pipeline.config import from_dict
     from pipeline.demo import write_demo_images, write_sd_style_vae
-    from pipeline.precompute import PrecomputeConfig, ShardJob, encode_shard, prepare, run_precompute
+    from pipeline.precompute import (PrecomputeConfig, encode_shard, prepare, run_precompute, shard_job,
+                                     split_into_shards)
 
     work = Path(tempfile.mkdtemp(prefix="ebd-bench-"))
     try:
@@ -50,15 +50,13 @@ def main() -> None:
         # Bare loop: the same per-shard function, in this process, every core to torch.
         cfg = from_dict(PrecomputeConfig, base | {"output": str(work / "bare")})
         spec, _, items = prepare(cfg)
-        chunks = [tuple(items[i:i + cfg.shard_size]) for i in range(0, len(items), cfg.shard_size)]
+        chunks = split_into_shards(items, cfg.shard_size)
         torch.set_num_threads(args.cpus)
-        encode_shard(ShardJob(0, chunks[0][:2], str(work / "warm"), spec, cfg.resolution, cfg.batch_size,
-                              cfg.dtype, cfg.seed, False, cfg.max_pixels, cfg.min_side, cfg.max_file_bytes,
-                              False, args.cpus))  # load the VAE once, as a Ray worker would
+        warm = from_dict(PrecomputeConfig, base | {"output": str(work / "warm")})
+        encode_shard(shard_job(warm, spec, 0, chunks[0][:2], False, args.cpus))  # load the VAE once, as Ray workers do
         start = time.perf_counter()
         for i, chunk in enumerate(chunks):
-            encode_shard(ShardJob(i, chunk, cfg.output, spec, cfg.resolution, cfg.batch_size, cfg.dtype, cfg.seed,
-                                  False, cfg.max_pixels, cfg.min_side, cfg.max_file_bytes, False, args.cpus))
+            encode_shard(shard_job(cfg, spec, i, chunk, False, args.cpus))
         bare_s = time.perf_counter() - start
 
         # Ray: one-CPU tasks on a local cluster of the same cores (start-up excluded, VAE loads included).
@@ -72,9 +70,7 @@ def main() -> None:
                   "vae": "custom" if args.vae else "random, SD 1.x block layout at 1/4 width",
                   "cpus": args.cpus, "bare_images_per_s": round(args.images / bare_s, 2),
                   "ray_images_per_s": round(args.images / ray_s, 2), "ray_over_bare": round(bare_s / ray_s, 3)}
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
-        print(json.dumps(result, indent=2))
+        write_result(args.output, result)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

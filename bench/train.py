@@ -10,14 +10,13 @@ of two workers over one. Writes bench/out/train.json. Ratios measured in one run
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+from common import REPO, write_result
 
 
 def main() -> None:
@@ -58,9 +57,7 @@ def main() -> None:
                   "two_workers_over_one": round(runs["2x1cpu"]["samples_per_s"] / runs["1x1cpu"]["samples_per_s"], 3),
                   "two_workers_over_one_worker_two_threads":
                       round(runs["2x1cpu"]["samples_per_s"] / runs["1x2cpu"]["samples_per_s"], 3)}
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
-        print(json.dumps(result, indent=2))
+        write_result(args.output, result)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -8,22 +8,17 @@ Re-running the same command with the same --run-name resumes from the last check
 weights, config with sampler settings) lands in DIR/model/.
 """
 
-import argparse
-
-from pipeline.config import load_config, run_cli
+from pipeline.config import job_parser, load_config, run_cli
 from pipeline.train import TrainConfig, run_training
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.splitlines()[0])
-    p.add_argument("--config", help="YAML config (see configs/train.yaml)")
+    p = job_parser("jobs.train", __doc__)
     p.add_argument("--latents", help="output folder of the precompute job")
     p.add_argument("--output", help="folder for the model export and worker records")
     p.add_argument("--run-name", help="Ray Train run name; the same name resumes")
     p.add_argument("--storage-path", help="checkpoint storage (shared on a multi-node cluster); default OUTPUT/checkpoints")
     p.add_argument("--max-steps", type=int, help="number of optimisation steps (overrides the config)")
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     args = p.parse_args()
     cfg = load_config(TrainConfig, args.config, args.set, latents=args.latents, output=args.output,
                       run_name=args.run_name, storage_path=args.storage_path, max_steps=args.max_steps)

@@ -148,6 +148,17 @@ def _describe(hint: Any) -> str:
     return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
 
 
+def job_parser(module: str, doc: str):
+    """An argparse parser with the flags every job shares: --config, --address, --set KEY=VALUE."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.strip().splitlines()[0])
+    parser.add_argument("--config", help=f"YAML config (see configs/{module.rsplit('.', 1)[-1]}.yaml)")
+    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    return parser
+
+
 def run_cli(main) -> None:
     """Runs a job's `main()`, turning EbdError into one line on stderr and exit code 2 (no traceback wall)."""
     try:

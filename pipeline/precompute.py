@@ -105,6 +105,17 @@ def prepare(cfg: PrecomputeConfig) -> tuple[VaeSpec, str, list[Item]]:
     return spec, fmt, items
 
 
+def split_into_shards(items: list[Item], shard_size: int) -> list[tuple[Item, ...]]:
+    return [tuple(items[i:i + shard_size]) for i in range(0, len(items), shard_size)]
+
+
+def shard_job(cfg: PrecomputeConfig, spec: VaeSpec, index: int, items: tuple[Item, ...], use_gpu: bool,
+              num_threads: int) -> ShardJob:
+    return ShardJob(index, items, str(cfg.output), spec, cfg.resolution, cfg.batch_size, cfg.dtype, cfg.seed,
+                    cfg.store_moments, cfg.max_pixels, cfg.min_side, cfg.max_file_bytes, use_gpu,
+                    max(1, num_threads))
+
+
 def run_precompute(cfg: PrecomputeConfig, address: str | None = None) -> dict:
     """Runs (or resumes) the whole job and returns the manifest."""
     import ray
@@ -112,7 +123,7 @@ def run_precompute(cfg: PrecomputeConfig, address: str | None = None) -> dict:
     spec, fmt, items = prepare(cfg)
     out = Path(cfg.output)
     vae_identity = spec.identity()
-    chunks = [tuple(items[i:i + cfg.shard_size]) for i in range(0, len(items), cfg.shard_size)]
+    chunks = split_into_shards(items, cfg.shard_size)
     _claim_output(out, cfg, vae_identity, items)
 
     done = {i: s for i in range(len(chunks)) if (s := _completed_shard(out, i)) is not None}
@@ -132,9 +143,8 @@ def run_precompute(cfg: PrecomputeConfig, address: str | None = None) -> dict:
                                            max_retries=cfg.max_retries, retry_exceptions=False)
         slots = max(1, int(ray.cluster_resources().get("CPU", 1) // cfg.num_cpus_per_task))
         limit = cfg.max_in_flight or 2 * slots
-        jobs = [ShardJob(i, chunks[i], str(out), spec, cfg.resolution, cfg.batch_size, cfg.dtype, cfg.seed,
-                         cfg.store_moments, cfg.max_pixels, cfg.min_side, cfg.max_file_bytes, gpus > 0,
-                         max(1, int(cfg.num_cpus_per_task))) for i in todo]
+        jobs = [shard_job(cfg, spec, i, chunks[i], use_gpu=gpus > 0, num_threads=int(cfg.num_cpus_per_task))
+                for i in todo]
         in_flight: dict = {}
         while jobs or in_flight:
             while jobs and len(in_flight) < limit:

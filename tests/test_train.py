@@ -161,3 +161,15 @@ def test_train_config_errors_are_one_line(tmp_path, mixture_latents):
     result = subprocess.run([sys.executable, "-m", "jobs.train", "--latents", str(tmp_path), "--output",
                              str(tmp_path / "o")], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "not a finished latents folder" in result.stderr
+
+
+def test_replay_buffer_is_filled_and_saved_in_the_checkpoint(ray_cluster, mixture_latents, tmp_path):
+    from safetensors.torch import load_file
+
+    train(mixture_latents, tmp_path, max_steps=10, buffer_size=100, reinit_prob=0.05, **TINY)
+    latest = max((tmp_path / "checkpoints" / "ebd-train").glob("step-*"))
+    state = json.loads((latest / "state.json").read_text())
+    buffer = load_file(str(latest / "state.safetensors"))["buffer"]
+    assert state["state"]["step"] == 10
+    assert tuple(buffer.shape) == (100, *SHAPE)  # 10 steps x 16 chains, capped at the buffer size
+    assert torch.isfinite(buffer.float()).all()
