@@ -18,6 +18,7 @@ import torch
 from .config import require
 
 Energy = Callable[[torch.Tensor], torch.Tensor]
+Generators = torch.Generator | list[torch.Generator] | None  # one for the batch, or one per chain
 
 
 @dataclass
@@ -49,7 +50,7 @@ def energy_grad(energy: Energy, z: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 def langevin(energy: Energy, z0: torch.Tensor, steps: int, step_size: float, noise_scale: float = 1.0,
              grad_clip: float | None = None, callback: Callable[[dict], None] | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: Generators = None) -> torch.Tensor:
     """Unadjusted Langevin dynamics (Welling & Teh 2011; short-run form of Nijkamp et al. 2019).
 
     z <- z - (eta / 2) * grad U(z) + sqrt(eta) * tau * eps,  eps ~ N(0, I), for `steps` steps from z0.
@@ -68,19 +69,22 @@ def langevin(energy: Energy, z0: torch.Tensor, steps: int, step_size: float, noi
     return z.detach()
 
 
-def _randn(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Noise drawn on the generator's device (CPU generators keep chains reproducible on any device)."""
+def _randn(like: torch.Tensor, generator: Generators) -> torch.Tensor:
+    """Noise shaped like `like`, drawn on the generator's device (CPU generators keep chains reproducible on any
+    device). A list holds one generator per chain: chain i's noise then depends on nothing but its own seed."""
+    if isinstance(generator, list):
+        return torch.stack([_randn(like[i], g) for i, g in enumerate(generator)])
     device = generator.device if generator is not None else like.device
     return torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
 
 
-def initial_noise(shape: tuple[int, ...], init_std: float, generator: torch.Generator | None = None,
+def initial_noise(shape: tuple[int, ...], init_std: float, generator: Generators = None,
                   device: torch.device | str = "cpu") -> torch.Tensor:
     return _randn(torch.empty(shape, device=device), generator) * init_std
 
 
 def sample(energy: Energy, num: int, latent_shape: tuple[int, ...], settings: SamplerSettings,
-           generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+           generator: Generators = None, device: torch.device | str = "cpu",
            callback: Callable[[dict], None] | None = None) -> torch.Tensor:
     """`num` latents from fresh noise chains under `settings`: what generation runs."""
     z0 = initial_noise((num, *latent_shape), settings.init_std, generator, device)
