@@ -1,0 +1,96 @@
+"""Generated-image shards: parquet and/or webdataset tars, written atomically with a done marker last.
+
+    OUT/images-000000.parquet   columns key, image (PNG bytes), width, height, seed, energy, model
+    OUT/images-000000.tar       KEY.png, KEY.json (seed, energy, model, width, height)
+    OUT/stats/images-000000.json   done marker: counts, files, sha256, chosen batch sizes, stage seconds
+
+Shard j holds images [j * images_per_shard, ...) in order, so a shard is defined by its index alone.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from .shards import STATS_DIR, atomic_write, atomic_write_json, file_sha256, write_tar
+
+PARQUET_NAME, TAR_NAME = "images-{:06d}.parquet", "images-{:06d}.tar"
+FORMATS = {"parquet": (PARQUET_NAME,), "webdataset": (TAR_NAME,), "both": (PARQUET_NAME, TAR_NAME)}
+SCHEMA = pa.schema([("key", pa.string()), ("image", pa.binary()), ("width", pa.int32()), ("height", pa.int32()),
+                    ("seed", pa.int64()), ("energy", pa.float32()), ("model", pa.string())])
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """H x W x 3 uint8 -> PNG; fixed settings, so the same pixels always give the same bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buf, format="PNG", optimize=False, compress_level=6)
+    return buf.getvalue()
+
+
+def stats_path(out: Path, shard: int) -> Path:
+    return out / STATS_DIR / f"images-{shard:06d}.json"
+
+
+def shard_files(out: Path, shard: int, fmt: str) -> list[Path]:
+    return [out / name.format(shard) for name in FORMATS[fmt]]
+
+
+def write_image_shard(out: Path, shard: int, fmt: str, keys: list[str], images: np.ndarray, seeds: list[int],
+                      energies: np.ndarray, model_id: str, extra_stats: dict) -> dict:
+    """Encodes PNGs, writes the shard's files atomically, then its done marker. Returns the marker's content."""
+    tick = time.perf_counter()
+    pngs = [png_bytes(img) for img in images]
+    height, width = images.shape[1:3]
+    files = {}
+    if fmt in ("parquet", "both"):
+        table = pa.table({"key": keys, "image": pngs, "width": [width] * len(keys), "height": [height] * len(keys),
+                          "seed": seeds, "energy": energies.astype(np.float32), "model": [model_id] * len(keys)},
+                         schema=SCHEMA)
+        path = out / PARQUET_NAME.format(shard)
+
+        def write_parquet(f):
+            pq.write_table(table, f, compression="zstd", row_group_size=len(keys) or 1)
+        atomic_write(path, write_parquet)
+        files[path.name] = file_sha256(path)
+    if fmt in ("webdataset", "both"):
+        samples = [{"__key__": k, "png": png,
+                    "json": json.dumps({"seed": s, "energy": float(e), "model": model_id, "width": width,
+                                        "height": height}, sort_keys=True).encode()}
+                   for k, png, s, e in zip(keys, pngs, seeds, energies)]
+        path = out / TAR_NAME.format(shard)
+        write_tar(path, samples)
+        files[path.name] = file_sha256(path)
+    stats = {"shard": shard, "count": len(keys), "files": files,
+             "bytes": sum((out / name).stat().st_size for name in files), **extra_stats,
+             "write_batch_seconds": [time.perf_counter() - tick]}
+    atomic_write_json(stats_path(out, shard), stats)
+    return stats
+
+
+def completed_shard(out: Path, shard: int, fmt: str) -> dict | None:
+    """The done marker of a shard whose files are all present, else None (the shard must be (re)generated)."""
+    marker = stats_path(out, shard)
+    if not marker.is_file() or not all(p.is_file() for p in shard_files(out, shard, fmt)):
+        return None
+    try:
+        return json.loads(marker.read_text())
+    except ValueError:
+        return None
+
+
+def preview_grid(images: list[np.ndarray], columns: int = 8) -> Image.Image:
+    """A grid of up to 64 images (H x W x 3 uint8), row-major, on black."""
+    images = images[:64]
+    h, w = images[0].shape[:2]
+    rows = (len(images) + columns - 1) // columns
+    grid = Image.new("RGB", (columns * w, rows * h))
+    for i, img in enumerate(images):
+        grid.paste(Image.fromarray(img, "RGB"), ((i % columns) * w, (i // columns) * h))
+    return grid
