@@ -1,0 +1,36 @@
+"""Generate images in bulk: CPU Langevin actors -> decoder actors (GPUs when present) -> parquet/tar shards.
+
+    python -m jobs.generate --config configs/generate.yaml --model EBM_DIR --vae SD_OR_VAE_DIR --num-images N
+                            --output DIR [--format parquet|webdataset|both] [--seed S] [--batch-size B]
+                            [--metrics-port P] [--metrics-host H] [--pushgateway URL] [--address ADDR]
+
+Re-running the same command resumes: complete shards are skipped and the run ends with exactly N images.
+"""
+
+from pipeline.config import job_parser, load_config, run_cli
+from pipeline.generate import GenerateConfig, run_generation
+
+
+def main() -> int:
+    p = job_parser("jobs.generate", __doc__)
+    p.add_argument("--model", help="trained EBM folder (config.json + model.safetensors)")
+    p.add_argument("--vae", help="local Stable Diffusion checkpoint folder (with vae/) or AutoencoderKL folder")
+    p.add_argument("--num-images", type=int)
+    p.add_argument("--output", help="output folder for shards, manifest, preview and summary")
+    p.add_argument("--format", choices=["parquet", "webdataset", "both"])
+    p.add_argument("--seed", type=int)
+    p.add_argument("--batch-size", type=int, help="batch size of both stages (default: probed from memory)")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0: any free port)")
+    p.add_argument("--metrics-host", help="bind address of the metrics endpoint (default 127.0.0.1)")
+    p.add_argument("--pushgateway", help="Prometheus pushgateway URL for the final values")
+    args = p.parse_args()
+    cfg = load_config(GenerateConfig, args.config, args.set, model=args.model, vae=args.vae,
+                      num_images=args.num_images, output=args.output, format=args.format, seed=args.seed,
+                      batch_size=args.batch_size, metrics_port=args.metrics_port, metrics_host=args.metrics_host,
+                      pushgateway=args.pushgateway)
+    run_generation(cfg, address=args.address)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,446 @@
+"""Bulk generation: a streaming Ray Data DAG of CPU Langevin actors -> decoder actors -> shard writers.
+
+    shards to make --> LangevinStage (CPU actor pool)  latents + energies of one shard, in chunks
+                   --> DecodeStage   (GPU actors when the cluster has GPUs, else CPU)  uint8 images
+                   --> write_shard   (tasks)  PNG -> parquet and/or tar, atomically, then a done marker
+
+One row is one output shard (images [j * S, (j + 1) * S)). Ray Data's streaming executor runs the stages
+concurrently with backpressure, so no stage holds more than a few shards. Image i's key and noise seed derive
+from (run seed, i) and every chain uses its own generator, so any shard regenerated alone is byte-identical.
+Each stage's batch size is probed once per run against its memory budget and recorded in OUT/run.json; a resumed
+run reuses it. Re-running the same command skips complete shards and ends with exactly N images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from . import sinks
+from .config import EbdError, require
+from .progress import Progress
+from .shards import atomic_write, atomic_write_json, file_sha256
+
+RUN_FILE = "run.json"
+
+
+@dataclass
+class GenerateConfig:
+    model: str | None = None                     # folder of a trained EBM (config.json + model.safetensors)
+    vae: str | None = None                       # local SD checkpoint folder or AutoencoderKL folder
+    output: str | None = None
+    num_images: int = 1000
+    seed: int = 0
+    format: Literal["parquet", "webdataset", "both"] = "both"
+    images_per_shard: int = 256
+    # Sampler: null keeps the settings the model was trained with (a short-run EBM is only valid under them).
+    langevin_steps: int | None = None
+    langevin_step_size: float | None = None
+    langevin_noise_scale: float | None = None
+    # Pipeline shape. Defaults fit a 2-CPU machine without deadlock: 1 + 0.5 + 0.25 CPUs.
+    langevin_actors: int = 1
+    langevin_cpus: float = 1.0
+    decoder_actors: int = 1
+    decoder_cpus: float = 0.5
+    decoder_gpus: float | Literal["auto"] = "auto"  # auto: 1 per decoder actor when the cluster has GPUs
+    writer_cpus: float = 0.25
+    # Batch sizes: null probes each stage's memory once per run; --batch-size sets both.
+    batch_size: int | None = None
+    langevin_batch_size: int | None = None
+    decode_batch_size: int | None = None
+    ram_budget_gb: float = 2.0                   # per CPU actor
+    gpu_memory_fraction: float = 0.8             # of free GPU memory, per decoder actor
+    max_batch_size: int = 512
+    vae_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    # Metrics
+    metrics_port: int | None = None              # serve ebd_* metrics on this port (0: any free port)
+    metrics_host: str = "127.0.0.1"
+    pushgateway: str | None = None               # push final values here when the job ends
+    metrics_linger_s: float = 0.0                # keep the endpoint up this long after the end (one scrape)
+    progress_interval_s: float = 10.0
+    simulate_oom_above: int | None = None        # testing: the decoder raises out-of-memory above this batch
+
+    def validate(self) -> None:
+        for name in ("model", "vae", "output"):
+            require(getattr(self, name) is not None, f"missing {name}: pass --{name} or set it in the config")
+        require(self.num_images >= 1 and self.images_per_shard >= 1, "num_images and images_per_shard must be >= 1")
+        require(self.langevin_actors >= 1 and self.decoder_actors >= 1, "actor counts must be >= 1")
+        require(self.langevin_cpus > 0 and self.decoder_cpus > 0 and self.writer_cpus > 0, "CPU shares must be > 0")
+        require(self.decoder_gpus == "auto" or self.decoder_gpus >= 0, "decoder_gpus must be >= 0 or auto")
+        for name in ("batch_size", "langevin_batch_size", "decode_batch_size", "simulate_oom_above"):
+            require(getattr(self, name) is None or getattr(self, name) >= 1, f"{name} must be >= 1 or null")
+        require(self.ram_budget_gb > 0 and 0 < self.gpu_memory_fraction <= 1 and self.max_batch_size >= 1,
+                "ram_budget_gb > 0, gpu_memory_fraction in (0, 1], max_batch_size >= 1")
+        require(self.metrics_port is None or 0 <= self.metrics_port < 65536, "metrics_port must be a port number")
+
+
+def image_key(run_seed: int, index: int) -> str:
+    return f"s{run_seed}_{index:09d}".replace("-", "m")
+
+
+def image_seed(run_seed: int, index: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"ebd-generate:{run_seed}:{index}".encode()).digest()[:8], "little") >> 1
+
+
+# ------------------------------------------------------------------------------------------------ stages
+
+def _threads(cpus: float) -> int:
+    return max(1, int(cpus))
+
+
+class LangevinStage:
+    """CPU actor: runs the model's sampler for one shard's images, one generator per chain."""
+
+    def __init__(self, model_dir: str, sampler: dict, seed: int, images_per_shard: int, num_images: int,
+                 batch_size: int, threads: int):
+        import torch
+
+        from .ebm import EnergyModel
+        from .langevin import SamplerSettings
+        from .metrics import StageMetrics
+
+        torch.set_num_threads(threads)
+        self.model = EnergyModel.from_pretrained(model_dir)
+        self.sampler = SamplerSettings(**sampler)
+        self.seed, self.per_shard, self.num_images, self.batch_size = seed, images_per_shard, num_images, batch_size
+        self.metrics = StageMetrics("langevin")
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        from .batching import run_in_chunks
+        from .langevin import sample
+
+        rows = {"shard": [], "latents": [], "info": []}
+        for shard in batch["shard"]:
+            start = int(shard) * self.per_shard
+            count = min(self.per_shard, self.num_images - start)
+            seeds = [image_seed(self.seed, i) for i in range(start, start + count)]
+            seconds: list[float] = []
+            self.metrics.busy(1)
+
+            def work(a: int, b: int):
+                tick = time.perf_counter()
+                generators = [torch.Generator().manual_seed(s) for s in seeds[a:b]]
+                z = sample(self.model, b - a, tuple(self.model.config.latent_shape), self.sampler, generators)
+                with torch.no_grad():
+                    energy = self.model(z)
+                seconds.append(time.perf_counter() - tick)
+                self.metrics.batch(b - a, seconds[-1])
+                return z, energy
+
+            chunks, sizes = run_in_chunks(count, self.batch_size, work)
+            self.metrics.busy(0)
+            z = torch.cat([c[0] for c in chunks]).float().numpy()
+            rows["shard"].append(int(shard))
+            rows["latents"].append(z.tobytes())
+            rows["info"].append(json.dumps({
+                "count": count, "latent_shape": list(z.shape[1:]), "seeds": seeds,
+                "energy": torch.cat([c[1] for c in chunks]).tolist(), "langevin_batch_seconds": seconds,
+                "langevin_chunks": sizes, "langevin_batch_size": self.batch_size,
+                "langevin_steps": count * self.sampler.steps}))
+        return {"shard": np.array(rows["shard"]), "latents": np.array(rows["latents"], dtype=object),
+                "info": np.array(rows["info"], dtype=object)}
+
+
+class DecodeStage:
+    """Decoder actor: `vae.decode(z / scaling_factor)` on CUDA when the actor got a GPU and CUDA exists, else CPU."""
+
+    def __init__(self, vae_path: str, vae_subfolder: str | None, dtype: str, use_gpu: bool, batch_size: int,
+                 threads: int, simulate_oom_above: int | None):
+        import ray
+        import torch
+
+        from .metrics import StageMetrics
+        from .vae import load_vae, pick_device, resolve_dtype, resolve_vae
+
+        torch.set_num_threads(threads)
+        self.device = pick_device(use_gpu)
+        self.vae = load_vae(resolve_vae(vae_path, vae_subfolder or None), self.device,
+                            resolve_dtype(dtype, self.device))
+        self.batch_size, self.simulate_oom_above = batch_size, simulate_oom_above
+        self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+        self.metrics = StageMetrics("decode")
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        from .batching import SimulatedOutOfMemory, run_in_chunks
+        from .vae import decode
+
+        infos, images = [], []
+        for latents, info_text in zip(batch["latents"], batch["info"]):
+            info = json.loads(info_text)
+            z = torch.from_numpy(np.frombuffer(latents, dtype=np.float32).copy()).reshape(info["count"],
+                                                                                         *info["latent_shape"])
+            seconds: list[float] = []
+            shrinks: list[int] = []
+
+            def work(a: int, b: int):
+                if self.simulate_oom_above is not None and b - a > self.simulate_oom_above:
+                    raise SimulatedOutOfMemory(b - a, self.simulate_oom_above)
+                tick = time.perf_counter()
+                x = decode(self.vae, z[a:b])
+                pixels = ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+                out = pixels.permute(0, 2, 3, 1).cpu().numpy()
+                seconds.append(time.perf_counter() - tick)
+                self.metrics.batch(b - a, seconds[-1])
+                return out
+
+            self.metrics.busy(1)
+            chunks, sizes = run_in_chunks(info["count"], self.batch_size, work, on_oom=shrinks.append)
+            self.metrics.busy(0)
+            pixels = np.concatenate(chunks)
+            info |= {"image_shape": list(pixels.shape[1:]), "decode_batch_seconds": seconds, "decode_chunks": sizes,
+                     "decode_batch_size": self.batch_size, "decode_oom_shrinks": shrinks,
+                     "decode_device": self.device.type, "decode_gpu_ids": self.gpu_ids}
+            infos.append(json.dumps(info))
+            images.append(pixels.tobytes())
+        return {"shard": batch["shard"], "images": np.array(images, dtype=object),
+                "info": np.array(infos, dtype=object)}
+
+
+def write_shard(batch: dict, output: str, fmt: str, seed: int, images_per_shard: int, model_id: str) -> dict:
+    """Writer task: PNG-encodes one shard's images and writes its files, then its done marker."""
+    stats = []
+    for shard, images, info_text in zip(batch["shard"], batch["images"], batch["info"]):
+        info = json.loads(info_text)
+        pixels = np.frombuffer(images, dtype=np.uint8).reshape(info["count"], *info["image_shape"])
+        start = int(shard) * images_per_shard
+        keys = [image_key(seed, i) for i in range(start, start + info["count"])]
+        extra = {k: v for k, v in info.items() if k not in ("seeds", "energy", "latent_shape", "image_shape")}
+        result = sinks.write_image_shard(Path(output), int(shard), fmt, keys, pixels, info["seeds"],
+                                         np.asarray(info["energy"]), model_id, extra)
+        stats.append(json.dumps(result))
+    return {"stats": np.array(stats, dtype=object)}
+
+
+# ------------------------------------------------------------------------------------------ batch probes
+
+def probe_langevin_batch(model_dir: str, sampler: dict, budget_bytes: int, max_batch: int, threads: int) -> dict:
+    """Ray task (the Langevin actors' resources): the largest chain batch that fits the RAM budget."""
+    import torch
+
+    from .batching import probe_batch_size
+    from .ebm import EnergyModel
+    from .langevin import SamplerSettings, sample
+
+    torch.set_num_threads(threads)
+    model = EnergyModel.from_pretrained(model_dir)
+    probe = SamplerSettings(**(sampler | {"steps": 2}))  # memory per step does not grow with the step count
+    return probe_batch_size(lambda n: sample(model, n, tuple(model.config.latent_shape), probe),
+                            torch.device("cpu"), budget_bytes, max_batch=max_batch)
+
+
+def probe_decode_batch(vae_path: str, vae_subfolder: str | None, dtype: str, use_gpu: bool, latent_shape: list,
+                       budget_bytes: int, gpu_fraction: float, max_batch: int, threads: int,
+                       simulate_oom_above: int | None) -> dict:
+    """Ray task (a decoder actor's resources): the largest decode batch that fits free GPU memory or RAM."""
+    import torch
+
+    from .batching import SimulatedOutOfMemory, probe_batch_size
+    from .vae import decode, load_vae, pick_device, resolve_dtype, resolve_vae
+
+    torch.set_num_threads(threads)
+    device = pick_device(use_gpu)
+    vae = load_vae(resolve_vae(vae_path, vae_subfolder or None), device, resolve_dtype(dtype, device))
+
+    def work(n: int):
+        if simulate_oom_above is not None and n > simulate_oom_above:
+            raise SimulatedOutOfMemory(n, simulate_oom_above)
+        decode(vae, torch.randn(n, *latent_shape))
+
+    return probe_batch_size(work, device, budget_bytes, gpu_fraction, max_batch=max_batch)
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+def run_generation(cfg: GenerateConfig, address: str | None = None) -> dict:
+    """Runs (or resumes) generation; returns the summary."""
+    import ray
+
+    from .ebm import EnergyModel
+    from .metrics import DriverMetrics
+    from .vae import resolve_vae
+
+    model = EnergyModel.from_pretrained(cfg.model)
+    spec = resolve_vae(cfg.vae)
+    latent_shape = list(model.config.latent_shape)
+    require(spec.latent_channels == latent_shape[0], f"the VAE has {spec.latent_channels} latent channels, the model "
+            f"was trained on {latent_shape[0]}")
+    trained_on = (model.metadata.get("latents", {}).get("vae") or {}).get("weights_sha256")
+    vae_identity = spec.identity()
+    if trained_on and trained_on != vae_identity["weights_sha256"]:
+        raise EbdError(f"the model was trained on latents of another VAE (weights sha256 {trained_on[:12]}...), "
+                       f"not {cfg.vae}: decoding would give garbage")
+    sampler = model.sampler.to_dict() | {k: v for k, v in (("steps", cfg.langevin_steps),
+                                                           ("step_size", cfg.langevin_step_size),
+                                                           ("noise_scale", cfg.langevin_noise_scale)) if v is not None}
+    model_id = f"{Path(cfg.model).resolve().name}-{file_sha256(Path(cfg.model) / 'model.safetensors')[:12]}"
+    out = Path(cfg.output)
+    num_shards = math.ceil(cfg.num_images / cfg.images_per_shard)
+
+    if not ray.is_initialized():
+        ray.init(address=address)
+    gpus = cfg.decoder_gpus
+    if gpus == "auto":
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    run = _claim_output(out, cfg, sampler, model_id, vae_identity)
+    batch_sizes = run.get("batch_sizes") or _choose_batch_sizes(cfg, sampler, spec, latent_shape, gpus)
+    if "batch_sizes" not in run:
+        atomic_write_json(out / RUN_FILE, run | {"batch_sizes": batch_sizes})
+
+    done = {j: s for j in range(num_shards) if (s := sinks.completed_shard(out, j, cfg.format)) is not None}
+    pending = [j for j in range(num_shards) if j not in done]
+    metrics = DriverMetrics()
+    port = metrics.serve(cfg.metrics_port, cfg.metrics_host) if cfg.metrics_port is not None else None
+    log = Progress("generate", total=cfg.num_images, unit="images", interval_s=cfg.progress_interval_s)
+    log.done = sum(s["count"] for s in done.values())
+    log.log(f"{cfg.num_images} images in {num_shards} shards -> {out}; {len(done)} complete, {len(pending)} to make; "
+            f"batch sizes langevin={batch_sizes['langevin']} decode={batch_sizes['decode']}; "
+            f"decoder GPUs per actor {gpus:g}"
+            + (f"; metrics on http://{cfg.metrics_host}:{port}/metrics" if port is not None else ""))
+    start = time.monotonic()
+    try:
+        if pending:
+            dataset = _build_dag(cfg, pending, sampler, spec, gpus, batch_sizes, model_id)
+            metrics.set_in_flight(len(pending))
+            for batch in dataset.iter_batches(batch_size=1, batch_format="numpy"):
+                for text in batch["stats"]:
+                    stats = json.loads(text)
+                    done[stats["shard"]] = stats
+                    metrics.record_shard(stats)
+                    metrics.set_in_flight(len(pending) - sum(1 for j in pending if j in done))
+                    log.update(stats["count"], extra=f"shards {len(done)}/{num_shards}",
+                               force=len(done) == num_shards)
+        seconds = time.monotonic() - start
+        summary = _finish(out, cfg, done, num_shards, sampler, model_id, vae_identity, batch_sizes, gpus, seconds,
+                          made=sum(done[j]["count"] for j in pending))
+        log.log(f"done: {summary['images']} images in {len(done)} shards; {summary['images_per_second']:.2f} images/s "
+                f"this run; preview {out / 'preview.png'}")
+        if cfg.pushgateway:
+            metrics.push(cfg.pushgateway)
+        if port is not None and cfg.metrics_linger_s > 0:
+            time.sleep(cfg.metrics_linger_s)  # lets a scraper read the final values before the endpoint closes
+        return summary
+    finally:
+        metrics.shutdown()
+
+
+def _build_dag(cfg: GenerateConfig, pending: list[int], sampler: dict, spec, gpus: float, batch_sizes: dict,
+               model_id: str):
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # the job prints its own progress lines
+    items = ray.data.from_items([{"shard": j} for j in pending], override_num_blocks=len(pending))
+    latents = items.map_batches(
+        LangevinStage, batch_size=1, compute=ActorPoolStrategy(size=cfg.langevin_actors), num_cpus=cfg.langevin_cpus,
+        fn_constructor_kwargs=dict(model_dir=str(Path(cfg.model).resolve()), sampler=sampler, seed=cfg.seed,
+                                   images_per_shard=cfg.images_per_shard, num_images=cfg.num_images,
+                                   batch_size=batch_sizes["langevin"], threads=_threads(cfg.langevin_cpus)))
+    images = latents.map_batches(
+        DecodeStage, batch_size=1, compute=ActorPoolStrategy(size=cfg.decoder_actors), num_cpus=cfg.decoder_cpus,
+        num_gpus=gpus,
+        fn_constructor_kwargs=dict(vae_path=str(Path(spec.path).resolve()), vae_subfolder=spec.subfolder,
+                                   dtype=cfg.vae_dtype, use_gpu=gpus > 0, batch_size=batch_sizes["decode"],
+                                   threads=_threads(cfg.decoder_cpus), simulate_oom_above=cfg.simulate_oom_above))
+    return images.map_batches(
+        write_shard, batch_size=1, num_cpus=cfg.writer_cpus,
+        fn_kwargs=dict(output=str(Path(cfg.output).resolve()), fmt=cfg.format, seed=cfg.seed,
+                       images_per_shard=cfg.images_per_shard, model_id=model_id))
+
+
+def _choose_batch_sizes(cfg: GenerateConfig, sampler: dict, spec, latent_shape: list, gpus: float) -> dict:
+    """Configured sizes, or one probe per stage run with that stage's own resources."""
+    import ray
+
+    langevin = cfg.langevin_batch_size or cfg.batch_size
+    decode = cfg.decode_batch_size or cfg.batch_size
+    budget = int(cfg.ram_budget_gb * 1024**3)
+    probes = {}
+    if langevin is None:
+        probes["langevin"] = ray.remote(probe_langevin_batch).options(num_cpus=cfg.langevin_cpus).remote(
+            str(Path(cfg.model).resolve()), sampler, budget, cfg.max_batch_size, _threads(cfg.langevin_cpus))
+    if decode is None:
+        probes["decode"] = ray.remote(probe_decode_batch).options(num_cpus=cfg.decoder_cpus, num_gpus=gpus).remote(
+            str(Path(spec.path).resolve()), spec.subfolder, cfg.vae_dtype, gpus > 0, latent_shape, budget,
+            cfg.gpu_memory_fraction, cfg.max_batch_size, _threads(cfg.decoder_cpus), cfg.simulate_oom_above)
+    found = {name: ray.get(ref) for name, ref in probes.items()}
+    return {"langevin": langevin or found["langevin"]["batch_size"], "decode": decode or found["decode"]["batch_size"],
+            "probes": found}
+
+
+# Config keys that change the images: a resumed run must agree with the folder on all of them.
+_CONTENT_KEYS = ("num_images", "seed", "format", "images_per_shard", "vae_dtype")
+
+
+def _claim_output(out: Path, cfg: GenerateConfig, sampler: dict, model_id: str, vae_identity: dict) -> dict:
+    run = {"config": {k: getattr(cfg, k) for k in _CONTENT_KEYS}, "sampler": sampler, "model": model_id,
+           "vae_weights_sha256": vae_identity["weights_sha256"]}
+    path = out / RUN_FILE
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        mismatch = sorted(k for k in run if previous.get(k) != run[k])
+        if mismatch:
+            raise EbdError(f"{out} holds a run started with a different {', '.join(mismatch)}: use a new --output")
+        return previous
+    if out.exists() and any(out.iterdir()):
+        raise EbdError(f"{out} is not empty and was not written by this job: choose a new --output")
+    atomic_write_json(path, run)
+    return run
+
+
+def _finish(out: Path, cfg: GenerateConfig, done: dict, num_shards: int, sampler: dict, model_id: str,
+            vae_identity: dict, batch_sizes: dict, gpus: float, seconds: float, made: int) -> dict:
+    shards = [done[j] for j in range(num_shards)]
+    images = sum(s["count"] for s in shards)
+    if images != cfg.num_images:
+        raise EbdError(f"expected {cfg.num_images} images, found {images}: re-run the same command to complete")
+    preview = _preview(out, cfg, shards)
+    atomic_write(out / "preview.png", lambda f: preview.save(f, format="PNG"))
+    busy = {stage: round(sum(sum(s.get(f"{stage}_batch_seconds", [])) for s in shards), 3)
+            for stage in ("langevin", "decode", "write")}
+    summary = {"images": images, "images_this_run": made, "seconds": round(seconds, 3),
+               "images_per_second": made / seconds if seconds > 0 else 0.0, "stage_busy_seconds": busy,
+               "batch_sizes": {k: v for k, v in batch_sizes.items() if k != "probes"},
+               "batch_probes": batch_sizes.get("probes", {}), "decoder_gpus_per_actor": gpus,
+               "oom_shrinks": sum(len(s.get("decode_oom_shrinks", [])) for s in shards)}
+    atomic_write_json(out / "summary.json", summary)
+    manifest = {"format": "ebd.images/1", "images": images, "num_shards": num_shards, "output_format": cfg.format,
+                "seed": cfg.seed, "model": {"id": model_id, "path": str(Path(cfg.model).resolve())},
+                "vae": vae_identity, "sampler": sampler, "images_per_shard": cfg.images_per_shard,
+                "shards": [{"shard": s["shard"], "count": s["count"], "files": s["files"]} for s in shards]}
+    atomic_write_json(out / "manifest.json", manifest)  # last: its presence means the run is complete
+    return summary
+
+
+def _preview(out: Path, cfg: GenerateConfig, shards: list[dict]):
+    """A grid of the first 64 images, read back from the written shards."""
+    import io
+
+    import pyarrow.parquet as pq
+    import webdataset as wds
+    from PIL import Image
+
+    images: list[np.ndarray] = []
+    for s in shards:
+        if len(images) >= 64:
+            break
+        if cfg.format in ("parquet", "both"):
+            column = pq.read_table(out / sinks.PARQUET_NAME.format(s["shard"]), columns=["image"]).column("image")
+            pngs = [v.as_py() for v in column]
+        else:
+            pngs = [x["png"] for x in wds.WebDataset(str(out / sinks.TAR_NAME.format(s["shard"])),
+                                                    shardshuffle=False, nodesplitter=None, workersplitter=None)]
+        images += [np.asarray(Image.open(io.BytesIO(p)).convert("RGB")) for p in pngs[: 64 - len(images)]]
+    return sinks.preview_grid(images)
+
