@@ -43,13 +43,14 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One real Ray cluster for the session, started as users start one (`ray start --head`, 2 CPUs, bound to
-    127.0.0.1): tests in this process connect with ray.init, job tests submit to its dashboard."""
+    127.0.0.1): tests in this process connect with ray.init, job tests submit to its dashboard. It advertises one
+    GPU, so GPU requests are really scheduled; with no CUDA here, the code that gets one falls back to the CPU."""
     import ray
 
     gcs_port, dashboard_port = free_port(), free_port()
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     head = subprocess.Popen(
-        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--num-cpus=2",
+        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--num-cpus=2", "--num-gpus=1",
          f"--port={gcs_port}", "--node-ip-address=127.0.0.1", "--include-dashboard=true",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

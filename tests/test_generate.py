@@ -1,0 +1,188 @@
+"""The generation DAG on a real local Ray cluster: counts, keys, formats, resumption, OOM, metrics, GPU placement."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from pipeline.config import EbdError, from_dict
+from pipeline.ebm import EnergyModel, EnergyModelConfig
+from pipeline.generate import GenerateConfig, run_generation
+from pipeline.langevin import SamplerSettings
+from pipeline.shards import file_sha256
+from pipeline.vae import resolve_vae
+from tests.conftest import REPO, free_port
+
+SIDE = 16  # the tiny VAE: 4 x 8 x 8 latents -> 16 x 16 images
+
+
+@pytest.fixture(scope="module")
+def ebm_dir(sd_checkpoint, tmp_path_factory) -> Path:
+    """A small EBM over the tiny VAE's latents, carrying that VAE's identity, as the train job exports it."""
+    torch.manual_seed(0)
+    metadata = {"sampler": SamplerSettings(steps=5).to_dict(),
+                "latents": {"vae": resolve_vae(sd_checkpoint).identity(), "shape": [4, 8, 8]}}
+    return EnergyModel(EnergyModelConfig([4, 8, 8], [8]), metadata).save_pretrained(
+        tmp_path_factory.mktemp("ebm") / "model")
+
+
+def generate(model, vae, out, **overrides) -> dict:
+    cfg = from_dict(GenerateConfig, dict(model=str(model), vae=str(vae), output=str(out), num_images=50,
+                                         images_per_shard=16, progress_interval_s=0.0) | overrides)
+    return run_generation(cfg)
+
+
+def parquet_rows(out: Path) -> list[dict]:
+    return [row for p in sorted(out.glob("images-*.parquet")) for row in pq.read_table(p).to_pylist()]
+
+
+@pytest.fixture(scope="module")
+def both_formats(ray_cluster, ebm_dir, sd_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gen") / "out"
+    return out, generate(ebm_dir, sd_checkpoint, out, format="both")
+
+
+def test_exactly_n_images_with_unique_keys_in_parquet_and_tar(both_formats):
+    out, summary = both_formats
+    assert summary["images"] == 50
+    rows = parquet_rows(out)
+    assert len(rows) == 50 and len({r["key"] for r in rows}) == 50
+    assert set(rows[0]) == {"key", "image", "width", "height", "seed", "energy", "model"}
+    assert all(r["width"] == r["height"] == SIDE for r in rows)
+    assert all(Image.open(io.BytesIO(r["image"])).size == (SIDE, SIDE) for r in rows[:5])
+    samples = list(wds.WebDataset(sorted(str(p) for p in out.glob("images-*.tar")), shardshuffle=False))
+    assert len(samples) == 50 and [s["__key__"] for s in samples] == [r["key"] for r in rows]
+    assert json.loads(samples[0]["json"])["seed"] == rows[0]["seed"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["images"] == 50 and manifest["num_shards"] == 4
+    assert manifest["sampler"]["steps"] == 5  # the model's own sampler settings
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]+", r["key"]) for r in rows)
+
+
+def test_preview_is_a_png_grid_of_the_first_images(both_formats):
+    out, _ = both_formats
+    preview = Image.open(out / "preview.png")
+    assert preview.format == "PNG" and preview.size == (8 * SIDE, 7 * SIDE)  # 50 images: 8 columns, 7 rows
+    first = Image.open(io.BytesIO(parquet_rows(out)[0]["image"])).convert("RGB")
+    assert preview.crop((0, 0, SIDE, SIDE)).tobytes() == first.tobytes()
+
+
+def test_summary_reports_throughput_stage_time_and_batch_sizes(both_formats):
+    _, summary = both_formats
+    assert summary["images_per_second"] > 0
+    assert summary["stage_busy_seconds"]["langevin"] > 0 and summary["stage_busy_seconds"]["decode"] > 0
+    assert summary["batch_sizes"]["langevin"] >= 1 and summary["batch_sizes"]["decode"] >= 1
+    assert summary["batch_probes"]["decode"]["bytes_per_sample"] >= 0
+
+
+def test_a_shard_regenerated_alone_is_byte_identical(both_formats, ebm_dir, sd_checkpoint):
+    out, _ = both_formats
+    before = {p.name: file_sha256(p) for p in out.glob("images-*")}
+    (out / "images-000001.parquet").unlink()
+    (out / "images-000001.tar").unlink()
+    summary = generate(ebm_dir, sd_checkpoint, out, format="both")
+    assert summary["images_this_run"] == 16 and summary["images"] == 50
+    assert {p.name: file_sha256(p) for p in out.glob("images-*")} == before
+
+
+def test_a_decoder_out_of_memory_halves_its_batch_and_loses_nothing(ray_cluster, ebm_dir, sd_checkpoint, tmp_path):
+    summary = generate(ebm_dir, sd_checkpoint, tmp_path, format="parquet", decode_batch_size=16,
+                       langevin_batch_size=16, simulate_oom_above=5)
+    assert summary["oom_shrinks"] >= 1
+    rows = parquet_rows(tmp_path)
+    assert len(rows) == 50 and len({r["key"] for r in rows}) == 50
+    markers = [json.loads(p.read_text()) for p in sorted((tmp_path / "stats").glob("*.json"))]
+    assert all(max(m["decode_chunks"]) <= 5 for m in markers)
+    assert sum(sum(m["decode_chunks"]) for m in markers) == 50
+
+
+def test_decoders_are_placed_on_the_advertised_gpu_and_fall_back_to_cpu(both_formats):
+    out, summary = both_formats
+    assert summary["decoder_gpus_per_actor"] == 1.0  # the cluster advertises a GPU: the pool asked for it
+    markers = [json.loads(p.read_text()) for p in (out / "stats").glob("*.json")]
+    assert all(m["decode_gpu_ids"] == ["0"] for m in markers)  # Ray assigned it
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert all(m["decode_device"] == expected for m in markers)
+    assert summary["batch_probes"]["decode"]["device"] == expected
+
+
+def test_webdataset_only_and_changed_config_refused(ray_cluster, ebm_dir, sd_checkpoint, tmp_path):
+    generate(ebm_dir, sd_checkpoint, tmp_path, format="webdataset", num_images=10, batch_size=4)
+    assert sorted(p.name for p in tmp_path.glob("images-*")) == ["images-000000.tar"]
+    with pytest.raises(EbdError, match="different config"):
+        generate(ebm_dir, sd_checkpoint, tmp_path, format="webdataset", num_images=12, batch_size=4)
+
+
+def test_a_model_trained_on_another_vae_is_refused(ebm_dir, tmp_path):
+    from pipeline.demo import write_sd_style_vae
+
+    other = write_sd_style_vae(tmp_path / "other", seed=1, block_out_channels=(8, 16))
+    with pytest.raises(EbdError, match="trained on latents of another VAE"):
+        generate(ebm_dir, other, tmp_path / "out")
+
+
+def _generate_command(ray_cluster, ebm_dir, sd_checkpoint, out, *extra) -> list[str]:
+    return [sys.executable, "-m", "jobs.generate", "--config", "configs/generate.yaml", "--model", str(ebm_dir),
+            "--vae", str(sd_checkpoint), "--output", str(out), "--address", ray_cluster.address,
+            "--set", "images_per_shard=8", "--set", "batch_size=8", "--set", "langevin_steps=150", *extra]
+
+
+def test_sigkill_mid_run_then_rerun_gives_exactly_n(ray_cluster, ebm_dir, sd_checkpoint, tmp_path):
+    command = _generate_command(ray_cluster, ebm_dir, sd_checkpoint, tmp_path, "--num-images", "64")
+    first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not list((tmp_path / "stats").glob("images-*.json")):
+        assert first.poll() is None, "the run ended before its first shard"
+        assert time.monotonic() < deadline, "no shard within 240 s"
+        time.sleep(0.1)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert not (tmp_path / "manifest.json").exists()  # killed mid-run
+
+    second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    rows = parquet_rows(tmp_path)
+    assert len(rows) == 64 and len({r["key"] for r in rows}) == 64
+    assert json.loads((tmp_path / "summary.json").read_text())["images_this_run"] < 64  # finished shards kept
+
+
+def test_metrics_endpoint_counts_up_to_n_during_a_run(ray_cluster, ebm_dir, sd_checkpoint, tmp_path):
+    port = free_port()
+    command = _generate_command(ray_cluster, ebm_dir, sd_checkpoint, tmp_path, "--num-images", "40",
+                                "--metrics-port", str(port), "--set", "metrics_linger_s=5")
+    job = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen: list[float] = []
+    deadline = time.monotonic() + 300
+    while job.poll() is None and time.monotonic() < deadline:
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+        except OSError:
+            time.sleep(0.2)
+            continue
+        match = re.search(r"^ebd_images_generated_total ([0-9.e+]+)$", text, re.M)
+        if match:
+            seen.append(float(match.group(1)))
+            if seen[-1] == 40:
+                assert "ebd_langevin_steps_total" in text and 'ebd_batch_seconds_count{stage="decode"}' in text
+                assert 'ebd_batch_size{stage="langevin"} 8.0' in text
+                break
+        time.sleep(0.2)
+    job.wait(timeout=120)
+    assert job.returncode == 0, job.stderr.read()[-3000:]
+    assert seen and seen[-1] == 40, seen
+    assert seen == sorted(seen) and min(seen) < 40  # watched it rise, not only the end state
