@@ -33,6 +33,8 @@ demo: install
 		--input $(DEMO_DIR)/images --vae $(DEMO_DIR)/sd-tiny --output $(DEMO_DIR)/latents
 	$(BIN)/python -m jobs.train --config configs/train-demo.yaml \
 		--latents $(DEMO_DIR)/latents --output $(DEMO_DIR)/ebm --run-name demo
+	$(BIN)/python -m jobs.generate --config configs/generate.yaml --model $(DEMO_DIR)/ebm/model \
+		--vae $(DEMO_DIR)/sd-tiny --num-images 1000 --output $(DEMO_DIR)/generated
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -40,6 +42,7 @@ test: install
 bench: install
 	$(BIN)/python bench/precompute.py
 	$(BIN)/python bench/train.py
+	$(BIN)/python bench/generate.py
 
 clean:
 	rm -rf build .pytest_cache
