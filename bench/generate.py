@@ -6,8 +6,8 @@
   bare loop runs them one after another in this process with every core as a torch thread.
 - Sweep: Langevin sample-steps/s and decode images/s in this process for batch sizes 4..256, with the size the
   memory probe picks marked.
-- FLOP/s: the Langevin stage's achieved GFLOP/s (FLOPs of one energy forward + input-gradient pass, counted by
-  torch's FlopCounterMode) against a float32 matrix-multiply peak measured in the same run.
+- FLOP/s: the Langevin stage's achieved GFLOP/s (2 x the energy forward's FLOPs per step, counted by torch's
+  FlopCounterMode: forward + input-gradient backward) against a float32 matrix-multiply peak from the same run.
 Writes bench/out/generate.json. Ratios measured in one run are the figures to compare.
 """
 
@@ -43,7 +43,7 @@ def main() -> None:
     from pipeline.demo import write_sd_style_vae
     from pipeline.ebm import EnergyModel, EnergyModelConfig
     from pipeline.generate import GenerateConfig, image_key, image_seed, run_generation
-    from pipeline.langevin import SamplerSettings, energy_grad, sample
+    from pipeline.langevin import SamplerSettings, sample
     from pipeline.vae import decode, load_vae, resolve_vae
 
     torch.set_num_threads(args.cpus)
@@ -106,18 +106,22 @@ def main() -> None:
 
         # Achieved Langevin GFLOP/s against a matmul peak, both in this run.
         z = torch.randn(64, *shape)
-        with FlopCounterMode(display=False) as counter:
-            energy_grad(model, z)
-        flops_per_sample_step = counter.get_total_flops() / 64
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(z)
+        # A Langevin step is one forward and one input-gradient backward, which costs about one forward more
+        # (FlopCounterMode cannot wrap autograd.grad, so the backward is not counted directly).
+        flops_per_sample_step = 2 * counter.get_total_flops() / 64
         tick = time.perf_counter()
         sample(model, 64, shape, SamplerSettings(steps=20))
         achieved = flops_per_sample_step * 64 * 20 / (time.perf_counter() - tick)
         a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
         a @ b
-        tick = time.perf_counter()
-        for _ in range(5):
+        best_s = float("inf")
+        for _ in range(10):  # the fastest of ten: the peak is the machine's best, not its average under load
+            tick = time.perf_counter()
             a @ b
-        peak = 5 * 2 * 2048**3 / (time.perf_counter() - tick)
+            best_s = min(best_s, time.perf_counter() - tick)
+        peak = 2 * 2048**3 / best_s
 
         write_result(args.output, {
             "benchmark": "generate", "images": args.images, "latent_shape": list(shape),

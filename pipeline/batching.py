@@ -1,7 +1,7 @@
 """Batch sizes scaled to memory, and out-of-memory recovery that loses no item.
 
 `probe_batch_size` runs a stage's work on growing probe batches, measures peak memory per sample (CUDA's peak
-allocator statistics on a GPU, the process's peak RSS on a CPU) and returns the largest power of two that fits the
+allocator statistics on a GPU, the process's peak RSS on a CPU, its high-water mark reset before each probe) and returns the largest power of two that fits the
 budget: free GPU memory x a fraction, or a RAM budget. A run sizes each stage once, before any shard, and records
 the sizes: shards are then chunked the same way on every run, which keeps regenerated shards byte-identical.
 
@@ -70,6 +70,7 @@ def probe_batch_size(work: Callable[[int], None], device: torch.device, budget_b
         budget = int(free * gpu_memory_fraction)
     else:
         budget = int(budget_bytes or 2 * 1024**3)
+    work(1)  # warm-up: one-time allocations (kernel caches, thread pools) are not a per-sample cost
     size, per_sample, best = start, 0.0, 0
     while size <= max_batch:
         try:
@@ -79,7 +80,7 @@ def probe_batch_size(work: Callable[[int], None], device: torch.device, budget_b
                 raise
             _free_memory()
             break
-        per_sample = max(per_sample, peak / size)
+        per_sample = peak / size  # the largest probe so far: fixed costs weigh least there
         if peak > budget:
             break
         best = size
@@ -101,13 +102,35 @@ def _peak_during(fn: Callable[[], None], device: torch.device) -> float:
         fn()
         torch.cuda.synchronize(device)
         return float(torch.cuda.max_memory_allocated(device) - before)
-    # On a CPU: the process's high-water RSS after fn against its current RSS before. A high-water mark left by
-    # earlier work (loading the model) can only make this larger: the estimate errs on the safe side.
-    import psutil
-
-    before = psutil.Process().memory_info().rss
+    # On a CPU: reset the kernel's high-water RSS mark to the current RSS (Linux: write 5 to clear_refs), run, and
+    # read the new mark. Where that is not allowed, compare the old mark with the current RSS instead: a mark left
+    # by earlier work (loading the model) then inflates the estimate, which errs on the safe side.
+    before = _proc_status_bytes("VmRSS:")
+    reset = _reset_peak_rss()
     fn()
-    return float(max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before))
+    peak = _proc_status_bytes("VmHWM:") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return float(max(0, peak - before))
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _proc_status_bytes(field: str) -> int:
+    """VmRSS / VmHWM of this process (Linux); elsewhere the high-water mark from getrusage (a smaller estimate)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _free_memory() -> None:
