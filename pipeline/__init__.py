@@ -1,4 +1,19 @@
 """ebd: bulk image generation with energy-based models over Stable Diffusion VAE latents, on Ray.
 
-One module per concept: config, sources, images, vae, shards, precompute, progress, demo.
+One module per concept:
+    config      job configs: dataclasses, YAML, --set overrides, one-line errors
+    sources     input images: folder tree, webdataset tars, parquet; planning and reading
+    images      decoding and preprocessing, rejections
+    vae         the pretrained AutoencoderKL: local loading, scaled encode/decode
+    shards      latent shards (webdataset), atomic files, manifest
+    precompute  images -> latent shards as Ray tasks
+    ebm         the energy model U(z) = E_theta(z) + ||z||^2 / (2 sigma0^2), save/load
+    langevin    samplers as pure functions
+    train       contrastive-divergence training under Ray Train
+    batching    batch sizes probed against memory; out-of-memory recovery
+    generate    the generation DAG on Ray Data
+    sinks       generated-image shards: parquet, tar, preview
+    metrics     Prometheus metrics (driver endpoint, actor export)
+    progress    progress lines
+    demo        procedural demo images and a small VAE
 """

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import resource
+import time
 from typing import Callable, TypeVar
 
 import torch
@@ -60,8 +61,10 @@ def run_in_chunks(items: int, batch_size: int, work: Callable[[int, int], T],
 
 
 def probe_batch_size(work: Callable[[int], None], device: torch.device, budget_bytes: int | None = None,
-                     gpu_memory_fraction: float = 0.8, start: int = 2, max_batch: int = 1024) -> dict:
-    """Largest power-of-two batch whose measured peak memory fits the budget. `work(n)` runs one batch of n.
+                     gpu_memory_fraction: float = 0.8, start: int = 2, max_batch: int = 1024,
+                     min_gain: float | None = 0.05) -> dict:
+    """Largest power-of-two batch whose measured peak memory fits the budget, grown only while each doubling
+    still cuts the time per sample by `min_gain` (None: memory alone decides). `work(n)` runs one batch of n.
 
     Returns {"batch_size", "bytes_per_sample", "budget_bytes", "device"}.
     """
@@ -71,10 +74,12 @@ def probe_batch_size(work: Callable[[int], None], device: torch.device, budget_b
     else:
         budget = int(budget_bytes or 2 * 1024**3)
     work(1)  # warm-up: one-time allocations (kernel caches, thread pools) are not a per-sample cost
-    size, per_sample, best = start, 0.0, 0
+    size, per_sample, best, best_time = start, 0.0, 0, float("inf")
     while size <= max_batch:
         try:
+            tick = time.perf_counter()
             peak = _peak_during(lambda n=size: work(n), device)
+            time_per_sample = (time.perf_counter() - tick) / size
         except BaseException as e:  # noqa: BLE001
             if not is_out_of_memory(e):
                 raise
@@ -83,7 +88,9 @@ def probe_batch_size(work: Callable[[int], None], device: torch.device, budget_b
         per_sample = peak / size  # the largest probe so far: fixed costs weigh least there
         if peak > budget:
             break
-        best = size
+        if min_gain is not None and best and time_per_sample > best_time * (1 - min_gain):
+            break  # a bigger batch no longer pays (CPUs saturate long before memory runs out)
+        best, best_time = size, time_per_sample
         if per_sample * size * 2 > budget:  # the next doubling would not fit
             break
         size *= 2

@@ -85,7 +85,8 @@ def image_key(run_seed: int, index: int) -> str:
     return f"s{run_seed}_{index:09d}".replace("-", "m")
 
 
-def image_seed(run_seed: int, index: int) -> int:
+def chain_seed(run_seed: int, index: int) -> int:
+    """The seed of image i's Langevin chain (initial noise and every step's noise)."""
     return int.from_bytes(hashlib.sha256(f"ebd-generate:{run_seed}:{index}".encode()).digest()[:8], "little") >> 1
 
 
@@ -122,7 +123,7 @@ class LangevinStage:
         for shard in batch["shard"]:
             start = int(shard) * self.per_shard
             count = min(self.per_shard, self.num_images - start)
-            seeds = [image_seed(self.seed, i) for i in range(start, start + count)]
+            seeds = [chain_seed(self.seed, i) for i in range(start, start + count)]
             seconds: list[float] = []
             self.metrics.busy(1)
 
@@ -296,6 +297,10 @@ def run_generation(cfg: GenerateConfig, address: str | None = None) -> dict:
     batch_sizes = run.get("batch_sizes") or _choose_batch_sizes(cfg, sampler, spec, latent_shape, gpus)
     if "batch_sizes" not in run:
         atomic_write_json(out / RUN_FILE, run | {"batch_sizes": batch_sizes})
+    asked = cfg.batch_size or cfg.langevin_batch_size or cfg.decode_batch_size
+    if "batch_sizes" in run and asked and asked not in (batch_sizes["langevin"], batch_sizes["decode"]):
+        print(f"[generate] resuming with this folder's batch sizes {batch_sizes['langevin']}/"
+              f"{batch_sizes['decode']}, not {asked}: shards stay byte-identical that way", flush=True)
 
     done = {j: s for j in range(num_shards) if (s := sinks.completed_shard(out, j, cfg.format)) is not None}
     pending = [j for j in range(num_shards) if j not in done]

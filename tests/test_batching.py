@@ -17,10 +17,19 @@ def allocate(n: int) -> None:
 
 @pytest.mark.parametrize("budget_mib, low, high", [(64, 16, 64), (256, 64, 256)])
 def test_probe_picks_the_largest_batch_that_fits_the_ram_budget(budget_mib, low, high):
-    found = probe_batch_size(allocate, torch.device("cpu"), budget_mib * MIB, max_batch=4096)
+    found = probe_batch_size(allocate, torch.device("cpu"), budget_mib * MIB, max_batch=4096, min_gain=None)
     assert low <= found["batch_size"] <= high
     assert found["batch_size"] * found["bytes_per_sample"] <= budget_mib * MIB
     assert 0.5 * MIB < found["bytes_per_sample"] < 2 * MIB
+
+
+def test_probe_stops_growing_when_a_doubling_no_longer_pays():
+    import time
+
+    def work(n):  # 20 ms fixed cost + 1 ms per sample: per-sample time improves less than 5% past 256
+        time.sleep(0.02 + 0.001 * n)
+    found = probe_batch_size(work, torch.device("cpu"), 1 << 40, max_batch=4096)
+    assert 64 <= found["batch_size"] <= 512
 
 
 def test_probe_stops_at_the_first_out_of_memory():
