@@ -186,3 +186,35 @@ def test_metrics_endpoint_counts_up_to_n_during_a_run(ray_cluster, ebm_dir, sd_c
     assert job.returncode == 0, job.stderr.read()[-3000:]
     assert seen and seen[-1] == 40, seen
     assert seen == sorted(seen) and min(seen) < 40  # watched it rise, not only the end state
+
+
+@pytest.fixture(scope="module")
+def pushgateway():
+    """A real Prometheus pushgateway (Debian's package; .ci/run installs it) on a free loopback port."""
+    import shutil
+
+    exe = shutil.which("prometheus-pushgateway")
+    if exe is None:
+        pytest.skip("prometheus-pushgateway is not installed (apt-get install prometheus-pushgateway; .ci/run does)")
+    url = f"http://127.0.0.1:{free_port()}"
+    server = subprocess.Popen([exe, f"--web.listen-address={url[7:]}"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(url + "/-/ready", timeout=1)
+            break
+        except OSError:
+            assert server.poll() is None and time.monotonic() < deadline, "pushgateway did not start"
+            time.sleep(0.1)
+    yield url
+    server.terminate()
+    server.wait(10)
+
+
+def test_final_values_are_pushed_to_a_pushgateway(ray_cluster, ebm_dir, sd_checkpoint, tmp_path, pushgateway):
+    generate(ebm_dir, sd_checkpoint, tmp_path, format="parquet", num_images=20, batch_size=8,
+             pushgateway=pushgateway)
+    text = urllib.request.urlopen(pushgateway + "/metrics", timeout=5).read().decode()
+    assert re.search(r'^ebd_images_generated_total\{[^}]*job="ebd_generate"[^}]*\} 20$', text, re.M), text[-2000:]
+    assert re.search(r'^ebd_shards_written_total\{[^}]*\} 2$', text, re.M)
