@@ -78,7 +78,8 @@ def test_learns_both_modes_of_a_gaussian_mixture_and_an_untrained_model_does_not
 
 
 def test_two_workers_split_the_data_disjointly_and_keep_identical_weights(ray_cluster, mixture_latents, tmp_path):
-    metrics = train(mixture_latents, tmp_path, num_workers=2, max_steps=6, **TINY)
+    # cache_bytes=0 streams each worker's shards through a shuffle buffer instead of holding them in memory
+    metrics = train(mixture_latents, tmp_path, num_workers=2, max_steps=6, cache_bytes=0, shuffle_buffer=64, **TINY)
     assert metrics["step"] == 6
     records = [json.loads((tmp_path / "workers" / f"rank-{r}.json").read_text()) for r in (0, 1)]
     shards_0, shards_1 = set(records[0]["shards"]), set(records[1]["shards"])
