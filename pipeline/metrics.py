@@ -12,6 +12,7 @@ Two paths, because many actors on many nodes cannot each open an HTTP port:
 from __future__ import annotations
 
 import collections
+import functools
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, push_to_gateway, start_http_server
@@ -71,6 +72,35 @@ class DriverMetrics:
 
     def push(self, url: str, job: str = "ebd_generate") -> None:
         push_to_gateway(url, job=job, registry=self.registry)
+
+
+# Names the Ray metrics agent exports for the ray.util.metrics below (with its `ray_` prefix), for dashboards
+# and their test; histograms also export _bucket, _count and _sum series.
+RAY_EXPORTED = ("ray_ebd_stage_batch_seconds", "ray_ebd_stage_batch_size", "ray_ebd_stage_batches_in_flight",
+                "ray_ebd_stage_items_total", "ray_ebd_precompute_images_total", "ray_ebd_precompute_rejects_total",
+                *(f"ray_ebd_train_{n}" for n in ("energy_pos", "energy_neg", "energy_gap", "loss", "chain_grad_norm",
+                                                 "samples_per_s", "step", "lr", "rollbacks")))
+
+
+@functools.lru_cache(maxsize=1)
+def _precompute_counters():
+    try:
+        from ray.util.metrics import Counter as RayCounter
+        return (RayCounter("ebd_precompute_images", "Images encoded into latent shards"),
+                RayCounter("ebd_precompute_rejects", "Inputs rejected, by reason", tag_keys=("reason",)))
+    except Exception:  # noqa: BLE001 - metrics are best-effort
+        return None
+
+
+def record_precompute_shard(encoded: int, rejects: list[dict]) -> None:
+    """Counts one precompute shard's images and rejects (by reason) through Ray's metrics export."""
+    counters = _precompute_counters()
+    if counters is None:
+        return
+    images, rejected = counters
+    images.inc(encoded)
+    for r in rejects:
+        rejected.inc(1, tags={"reason": r["reason"]})
 
 
 class StageMetrics:

@@ -22,6 +22,7 @@ import numpy as np
 from . import shards as sh
 from .config import ConfigError, EbdError, require, to_dict
 from .images import Rejected, decode_image, to_model_input
+from .metrics import record_precompute_shard
 from .progress import Progress
 from .sources import Item, count_by_label, plan_items, read_items
 from .vae import VaeSpec, resolve_vae
@@ -225,6 +226,7 @@ def encode_shard(job: ShardJob) -> dict:
              "worker": {"pid": os.getpid(), "device": device.type,
                         "vae_loads_in_process": vae_lib.vae_loads_in_this_process()}}
     sh.atomic_write_json(_stats_path(out, job.index), stats)  # the done marker: written after the tar
+    record_precompute_shard(len(samples), rejects)
     return stats
 
 
