@@ -10,7 +10,7 @@ TORCH_PIP_ARGS ?=
 VENV_FLAGS ?=
 DEMO_DIR ?= build/demo
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench clean cluster-up cluster-down
 
 install: $(VENV)/.installed
 
@@ -43,6 +43,13 @@ bench: install
 	$(BIN)/python bench/precompute.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/generate.py
+
+# A two-node Ray cluster on this machine (head + worker on 127.0.0.1, metrics export ports 8080/8081).
+cluster-up: install
+	cluster/local.sh start
+
+cluster-down:
+	cluster/local.sh stop
 
 clean:
 	rm -rf build .pytest_cache

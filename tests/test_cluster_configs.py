@@ -1,0 +1,59 @@
+"""The cluster and monitoring configs: they parse, and dashboards and alerts use only metrics the jobs export."""
+
+import json
+import re
+
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from pipeline.metrics import RAY_EXPORTED, DriverMetrics
+from tests.conftest import REPO
+
+CLUSTER = REPO / "cluster"
+
+
+def exported_series() -> set[str]:
+    """Every series name the jobs export: the driver's registry as exposed, and Ray's for the actors' metrics."""
+    metrics = DriverMetrics()
+    metrics.record_shard({"count": 1, "langevin_batch_seconds": [0.1], "langevin_batch_size": 1})
+    metrics.set_in_flight(1)
+    from prometheus_client import generate_latest
+    names = {s.name for family in text_string_to_metric_families(generate_latest(metrics.registry).decode())
+             for s in family.samples}
+    return names | set(RAY_EXPORTED) | {f"{n}_{suffix}" for n in RAY_EXPORTED for suffix in ("bucket", "count", "sum")}
+
+
+def metric_names(expr: str) -> set[str]:
+    return set(re.findall(r"\b((?:ray_)?ebd_[a-z_]+)\b", expr))
+
+
+def test_grafana_dashboard_references_only_exported_metrics():
+    dashboard = json.loads((CLUSTER / "grafana" / "ebd-dashboard.json").read_text())
+    used = {name for panel in dashboard["panels"] for target in panel["targets"] for name in metric_names(target["expr"])}
+    assert used, "the dashboard queries no ebd metric"
+    assert used <= exported_series(), sorted(used - exported_series())
+    titles = " ".join(p["title"].lower() for p in dashboard["panels"])
+    for topic in ("images per second", "langevin vs decode", "batch size", "in flight", "rejected"):
+        assert topic in titles
+
+
+def test_prometheus_config_and_alert_rules_use_exported_metrics():
+    config = yaml.safe_load((CLUSTER / "prometheus" / "prometheus.yml").read_text())
+    jobs = {c["job_name"]: c for c in config["scrape_configs"]}
+    assert jobs["ray"]["file_sd_configs"][0]["files"] == ["/tmp/ray/prom_metrics_service_discovery.json"]
+    assert jobs["ebd-generate"]["static_configs"][0]["targets"]
+    rules = yaml.safe_load((CLUSTER / "prometheus" / "rules.yml").read_text())
+    exprs = [r["expr"] for group in rules["groups"] for r in group["rules"]]
+    assert any("ebd_images_generated_total" in e for e in exprs)
+    assert set().union(*map(metric_names, exprs)) <= exported_series()
+
+
+def test_cluster_manifests_parse_and_have_cpu_and_gpu_worker_groups():
+    ray_up = yaml.safe_load((CLUSTER / "ray-cluster.yaml").read_text())
+    assert {"cpu_langevin", "gpu_decoder"} <= set(ray_up["available_node_types"])
+    for name in ("raycluster.yaml", "rayjob.yaml"):
+        doc = yaml.safe_load((CLUSTER / "kuberay" / name).read_text())
+        spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+        groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+        gpu_limits = groups["gpu-decoder"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+        assert "cpu-langevin" in groups and gpu_limits["nvidia.com/gpu"] == "1"
