@@ -456,7 +456,9 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
     require(len(paths) >= cfg.num_workers, f"{len(paths)} non-empty shards cannot feed {cfg.num_workers} workers: "
             "use fewer workers or re-run precompute with a smaller shard_size")
     output = Path(cfg.output).resolve()
-    storage = Path(cfg.storage_path).resolve() if cfg.storage_path else output / "checkpoints"
+    # A URI (s3://, gs://, ...) goes to Ray Train's pyarrow filesystems as it is; a local path is made absolute.
+    storage = (cfg.storage_path if "://" in cfg.storage_path else Path(cfg.storage_path).resolve()) \
+        if cfg.storage_path else output / "checkpoints"
     manifest_sha = sh.file_sha256(Path(cfg.latents) / sh.MANIFEST)
     metadata = {"sampler": cfg.sampler().to_dict(),
                 "latents": {"shape": manifest["latent"]["shape"], "scaling_factor": manifest["scaling_factor"],

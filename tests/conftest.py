@@ -109,6 +109,23 @@ def vae_only_dir(sd_checkpoint) -> Path:
     return sd_checkpoint / "vae"
 
 
+def debian_binary(binary: str, package: str) -> str:
+    """The path of `binary`, installing Debian's `package` first when it is missing and we may (root with apt);
+    skips the test otherwise."""
+    import shutil
+
+    path = shutil.which(binary)
+    if path is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=600)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", package], env=env,
+                       capture_output=True, timeout=900)
+        path = shutil.which(binary)
+    if path is None:
+        pytest.skip(f"{binary} is not installed and cannot be installed here (apt-get install {package})")
+    return path
+
+
 def rgb_image(seed: int, size=(24, 20)) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB")

@@ -25,7 +25,7 @@ from pipeline.generate import GenerateConfig, run_generation
 from pipeline.langevin import SamplerSettings
 from pipeline.shards import file_sha256
 from pipeline.vae import resolve_vae
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, debian_binary, free_port
 
 SIDE = 16  # the tiny VAE: 4 x 8 x 8 latents -> 16 x 16 images
 
@@ -190,12 +190,8 @@ def test_metrics_endpoint_counts_up_to_n_during_a_run(ray_cluster, ebm_dir, sd_c
 
 @pytest.fixture(scope="module")
 def pushgateway():
-    """A real Prometheus pushgateway (Debian's package; .ci/run installs it) on a free loopback port."""
-    import shutil
-
-    exe = shutil.which("prometheus-pushgateway")
-    if exe is None:
-        pytest.skip("prometheus-pushgateway is not installed (apt-get install prometheus-pushgateway; .ci/run does)")
+    """A real Prometheus pushgateway (Debian's package, installed when missing) on a free loopback port."""
+    exe = debian_binary("prometheus-pushgateway", "prometheus-pushgateway")
     url = f"http://127.0.0.1:{free_port()}"
     server = subprocess.Popen([exe, f"--web.listen-address={url[7:]}"], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)

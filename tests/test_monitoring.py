@@ -1,6 +1,6 @@
 """Integration: a local two-node Ray cluster, the three jobs through `ray job submit`, a real Prometheus scraping.
 
-Needs Debian's `prometheus` (CI's .ci/run installs it; elsewhere the test skips). Everything binds to 127.0.0.1;
+Needs Debian's `prometheus`: installed by the set-up when missing and allowed (root), else the test skips. Everything binds to 127.0.0.1;
 Prometheus rewrites the node addresses Ray's service-discovery file lists to 127.0.0.1 as well.
 """
 
@@ -21,11 +21,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.demo import write_demo_images
-from tests.conftest import REPO, _wait_for_http, free_port
-
-pytestmark = pytest.mark.skipif(shutil.which("prometheus") is None,
-                                reason="prometheus is not installed (apt-get install prometheus; .ci/run does)")
-
+from tests.conftest import REPO, _wait_for_http, debian_binary, free_port
 
 def _ray_start(args: list[str], env: dict) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--disable-usage-stats",
@@ -79,7 +75,7 @@ def prometheus(two_nodes, tmp_path_factory):
             {"job_name": "ray", "file_sd_configs": [{"files": [str(two_nodes["discovery"])], "refresh_interval": "1s"}],
              "relabel_configs": to_loopback},
             {"job_name": "ebd-generate", "static_configs": [{"targets": [f"127.0.0.1:{generate_port}"]}]}]}))
-    server = subprocess.Popen(["prometheus", f"--config.file={folder / 'prometheus.yml'}",
+    server = subprocess.Popen([debian_binary("prometheus", "prometheus"), f"--config.file={folder / 'prometheus.yml'}",
                                f"--storage.tsdb.path={folder / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
