@@ -26,7 +26,7 @@ import numpy as np
 from . import sinks
 from .config import EbdError, require
 from .progress import Progress
-from .shards import atomic_write, atomic_write_json, file_sha256
+from .shards import atomic_write, atomic_write_json, claim_run_folder, file_sha256
 
 RUN_FILE = "run.json"
 
@@ -316,13 +316,15 @@ def run_generation(cfg: GenerateConfig, address: str | None = None) -> dict:
     try:
         if pending:
             dataset = _build_dag(cfg, pending, sampler, spec, gpus, batch_sizes, model_id)
-            metrics.set_in_flight(len(pending))
+            in_flight = len(pending)
+            metrics.set_in_flight(in_flight)
             for batch in dataset.iter_batches(batch_size=1, batch_format="numpy"):
                 for text in batch["stats"]:
                     stats = json.loads(text)
                     done[stats["shard"]] = stats
                     metrics.record_shard(stats)
-                    metrics.set_in_flight(len(pending) - sum(1 for j in pending if j in done))
+                    in_flight -= 1
+                    metrics.set_in_flight(in_flight)
                     log.update(stats["count"], extra=f"shards {len(done)}/{num_shards}",
                                force=len(done) == num_shards)
         seconds = time.monotonic() - start
@@ -391,17 +393,7 @@ _CONTENT_KEYS = ("num_images", "seed", "format", "images_per_shard", "vae_dtype"
 def _claim_output(out: Path, cfg: GenerateConfig, sampler: dict, model_id: str, vae_identity: dict) -> dict:
     run = {"config": {k: getattr(cfg, k) for k in _CONTENT_KEYS}, "sampler": sampler, "model": model_id,
            "vae_weights_sha256": vae_identity["weights_sha256"]}
-    path = out / RUN_FILE
-    if path.is_file():
-        previous = json.loads(path.read_text())
-        mismatch = sorted(k for k in run if previous.get(k) != run[k])
-        if mismatch:
-            raise EbdError(f"{out} holds a run started with a different {', '.join(mismatch)}: use a new --output")
-        return previous
-    if out.exists() and any(out.iterdir()):
-        raise EbdError(f"{out} is not empty and was not written by this job: choose a new --output")
-    atomic_write_json(path, run)
-    return run
+    return claim_run_folder(out, run, RUN_FILE)
 
 
 def _finish(out: Path, cfg: GenerateConfig, done: dict, num_shards: int, sampler: dict, model_id: str,

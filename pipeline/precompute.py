@@ -253,17 +253,7 @@ def _claim_output(out: Path, cfg: PrecomputeConfig, vae_identity: dict, items: l
     listing = hashlib.sha256("\n".join(f"{it.source}\t{it.key}" for it in items).encode()).hexdigest()
     run = {"config": {k: getattr(cfg, k) for k in _CONTENT_KEYS}, "vae_weights_sha256": vae_identity["weights_sha256"],
            "inputs": len(items), "inputs_sha256": listing}
-    path = out / RUN_FILE
-    if path.is_file():
-        previous = json.loads(path.read_text())
-        if previous != run:
-            changed = sorted(k for k in set(previous) | set(run) if previous.get(k) != run.get(k))
-            raise EbdError(f"{out} holds a run started with a different {', '.join(changed)}: "
-                           "use a new --output (or delete the folder) instead of mixing runs")
-        return
-    if out.exists() and any(out.iterdir()):
-        raise EbdError(f"{out} is not empty and was not written by this job: choose a new --output")
-    sh.atomic_write_json(path, run)
+    sh.claim_run_folder(out, run, RUN_FILE)
 
 
 def _write_manifest(out: Path, cfg: PrecomputeConfig, fmt: str, spec: VaeSpec, vae_identity: dict,

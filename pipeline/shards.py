@@ -115,6 +115,27 @@ def iter_latents(paths: list[str]) -> Iterator[dict]:
                "moments": None if moments is None else moments.astype(np.float32), "meta": sample["json"]}
 
 
+def claim_run_folder(out: str | Path, run: dict, run_file: str = "run.json") -> dict:
+    """Records in OUT/run.json what a job fills the folder with, or checks a resumed run against it.
+
+    Returns the recorded dict (which may hold more than `run`, e.g. batch sizes a job added). Raises EbdError when
+    any key of `run` differs, or when the folder is non-empty and was not started by such a job: runs never mix.
+    """
+    out = Path(out)
+    path = out / run_file
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        changed = sorted(k for k in run if previous.get(k) != run[k])
+        if changed:
+            raise EbdError(f"{out} holds a run started with a different {', '.join(changed)}: "
+                           "use a new --output (or delete the folder) instead of mixing runs")
+        return previous
+    if out.exists() and any(out.iterdir()):
+        raise EbdError(f"{out} is not empty and was not written by this job: choose a new --output")
+    atomic_write_json(path, run)
+    return run
+
+
 # --------------------------------------------------------------------------------------------- manifest
 
 def write_latent_dataset(folder: str | Path, latents: np.ndarray, shard_size: int = 1000,
