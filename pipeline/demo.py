@@ -1,14 +1,18 @@
 """Demo assets made by the project, so nothing is downloaded: a procedural labelled image set and a small VAE.
 
 Images: coloured shapes (circle, square, triangle, cross, ring, diamond) on varied backgrounds (flat, gradient,
-stripes, checker), one folder per shape, generated deterministically from (seed, index).
+stripes, checker), generated deterministically from (seed, index), ~2000 images/s on one core. They are written as
+webdataset tars (`shapes-000000.tar`: KEY.png + KEY.cls with the shape's name), the img2dataset layout precompute
+reads. Patterns are at least 8 px wide, so a VAE with Stable Diffusion's 8x down-sampling can represent them.
 
-VAE: a small diffusers AutoencoderKL saved in the layout of a Stable Diffusion checkpoint (`DIR/vae/`,
-`DIR/model_index.json`), so it is loaded by exactly the code path a real SD checkpoint goes through.
+VAE: a diffusers AutoencoderKL saved in the layout of a Stable Diffusion checkpoint (`DIR/vae/`,
+`DIR/model_index.json`), so it is loaded by exactly the code path a real SD checkpoint goes through. Tests use a
+random one (`write_sd_style_vae`); the demo ships one fitted to these images (`jobs/fit_vae.py`, `models/demo/`).
 """
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -55,26 +59,33 @@ def _background(rng: np.random.Generator, size: int) -> Image.Image:
         t = np.linspace(0, 1, size, dtype=np.float32)[:, None, None]
         arr = np.broadcast_to(a * (1 - t) + b * t, (size, size, 3))
     else:
-        period = int(rng.integers(4, 12))
+        period = int(rng.integers(8, 17))
         yy, xx = np.mgrid[0:size, 0:size]
         mask = (yy // period) % 2 if kind == "stripes" else ((yy // period) + (xx // period)) % 2
         arr = np.where(mask[..., None] == 1, a, b)
     return Image.fromarray(np.ascontiguousarray(arr).astype(np.uint8), "RGB")
 
 
-def write_demo_images(folder: str | Path, count: int, size: int = 64, seed: int = 0) -> int:
-    """Writes `folder/SHAPE/NNNNNN.png`; files already there are kept (the set is deterministic). Returns count."""
+def write_demo_images(folder: str | Path, count: int, size: int = 64, seed: int = 0,
+                      images_per_shard: int = 1000) -> list[Path]:
+    """Writes images [0, count) as `folder/shapes-NNNNNN.tar` (KEY.png, KEY.cls), atomically. A shard already
+    there is kept: the set is deterministic, so a re-run only fills in what is missing. Returns the shard paths."""
+    from .shards import write_tar
+
     folder = Path(folder)
-    for shape in SHAPES:
-        (folder / shape).mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-        path = folder / SHAPES[i % len(SHAPES)] / f"{i:06d}.png"
+    paths = []
+    for shard, start in enumerate(range(0, count, images_per_shard)):
+        path = folder / f"shapes-{shard:06d}.tar"
         if not path.exists():
-            img, _ = render_shape_image(i, size, seed)
-            tmp = path.with_name(f".{path.name}.tmp")
-            img.save(tmp, format="PNG")
-            tmp.replace(path)
-    return count
+            samples = []
+            for i in range(start, min(start + images_per_shard, count)):
+                img, label = render_shape_image(i, size, seed)
+                buf = io.BytesIO()
+                img.save(buf, format="PNG", compress_level=6)
+                samples.append({"__key__": f"{label}_{i:06d}", "png": buf.getvalue(), "cls": label.encode()})
+            write_tar(path, samples)
+        paths.append(path)
+    return paths
 
 
 def tiny_vae_config(block_out_channels=(8, 16), latent_channels: int = 4, norm_num_groups: int = 4) -> dict:

@@ -40,6 +40,7 @@ class GenerateConfig:
     seed: int = 0
     format: Literal["parquet", "webdataset", "both"] = "both"
     images_per_shard: int = 256
+    save_latents: bool = True                    # store each image's latent (float16 .npy) for evaluation/reuse
     # Sampler: null keeps the settings the model was trained with (a short-run EBM is only valid under them).
     langevin_steps: int | None = None
     langevin_step_size: float | None = None
@@ -204,21 +205,25 @@ class DecodeStage:
                      "decode_device": self.device.type, "decode_gpu_ids": self.gpu_ids}
             infos.append(json.dumps(info))
             images.append(pixels.tobytes())
+        # The latents ride along to the writer, which stores them beside the images when save_latents is on.
         return {"shard": batch["shard"], "images": np.array(images, dtype=object),
-                "info": np.array(infos, dtype=object)}
+                "latents": batch["latents"], "info": np.array(infos, dtype=object)}
 
 
-def write_shard(batch: dict, output: str, fmt: str, seed: int, images_per_shard: int, model_id: str) -> dict:
+def write_shard(batch: dict, output: str, fmt: str, seed: int, images_per_shard: int, model_id: str,
+                save_latents: bool) -> dict:
     """Writer task: PNG-encodes one shard's images and writes its files, then its done marker."""
     stats = []
-    for shard, images, info_text in zip(batch["shard"], batch["images"], batch["info"]):
+    for shard, images, latents, info_text in zip(batch["shard"], batch["images"], batch["latents"], batch["info"]):
         info = json.loads(info_text)
         pixels = np.frombuffer(images, dtype=np.uint8).reshape(info["count"], *info["image_shape"])
+        z = np.frombuffer(latents, dtype=np.float32).reshape(info["count"], *info["latent_shape"]) \
+            if save_latents else None
         start = int(shard) * images_per_shard
         keys = [image_key(seed, i) for i in range(start, start + info["count"])]
         extra = {k: v for k, v in info.items() if k not in ("seeds", "energy", "latent_shape", "image_shape")}
         result = sinks.write_image_shard(Path(output), int(shard), fmt, keys, pixels, info["seeds"],
-                                         np.asarray(info["energy"]), model_id, extra)
+                                         np.asarray(info["energy"]), model_id, extra, latents=z)
         stats.append(json.dumps(result))
     return {"stats": np.array(stats, dtype=object)}
 
@@ -329,7 +334,7 @@ def run_generation(cfg: GenerateConfig, address: str | None = None) -> dict:
                                force=len(done) == num_shards)
         seconds = time.monotonic() - start
         summary = _finish(out, cfg, done, num_shards, sampler, model_id, vae_identity, batch_sizes, gpus, seconds,
-                          made=sum(done[j]["count"] for j in pending))
+                          made=sum(done[j]["count"] for j in pending), latent_shape=latent_shape)
         log.log(f"done: {summary['images']} images in {len(done)} shards; {summary['images_per_second']:.2f} images/s "
                 f"this run; preview {out / 'preview.png'}")
         if cfg.pushgateway:
@@ -363,7 +368,7 @@ def _build_dag(cfg: GenerateConfig, pending: list[int], sampler: dict, spec, gpu
     return images.map_batches(
         write_shard, batch_size=1, num_cpus=cfg.writer_cpus,
         fn_kwargs=dict(output=str(Path(cfg.output).resolve()), fmt=cfg.format, seed=cfg.seed,
-                       images_per_shard=cfg.images_per_shard, model_id=model_id))
+                       images_per_shard=cfg.images_per_shard, model_id=model_id, save_latents=cfg.save_latents))
 
 
 def _choose_batch_sizes(cfg: GenerateConfig, sampler: dict, spec, latent_shape: list, gpus: float) -> dict:
@@ -387,7 +392,7 @@ def _choose_batch_sizes(cfg: GenerateConfig, sampler: dict, spec, latent_shape: 
 
 
 # Config keys that change the images: a resumed run must agree with the folder on all of them.
-_CONTENT_KEYS = ("num_images", "seed", "format", "images_per_shard", "vae_dtype")
+_CONTENT_KEYS = ("num_images", "seed", "format", "images_per_shard", "vae_dtype", "save_latents")
 
 
 def _claim_output(out: Path, cfg: GenerateConfig, sampler: dict, model_id: str, vae_identity: dict) -> dict:
@@ -397,7 +402,8 @@ def _claim_output(out: Path, cfg: GenerateConfig, sampler: dict, model_id: str, 
 
 
 def _finish(out: Path, cfg: GenerateConfig, done: dict, num_shards: int, sampler: dict, model_id: str,
-            vae_identity: dict, batch_sizes: dict, gpus: float, seconds: float, made: int) -> dict:
+            vae_identity: dict, batch_sizes: dict, gpus: float, seconds: float, made: int,
+            latent_shape: list[int]) -> dict:
     shards = [done[j] for j in range(num_shards)]
     images = sum(s["count"] for s in shards)
     if images != cfg.num_images:
@@ -414,6 +420,7 @@ def _finish(out: Path, cfg: GenerateConfig, done: dict, num_shards: int, sampler
     atomic_write_json(out / "summary.json", summary)
     manifest = {"format": "ebd.images/1", "images": images, "num_shards": num_shards, "output_format": cfg.format,
                 "seed": cfg.seed, "model": {"id": model_id, "path": str(Path(cfg.model).resolve())},
+                "latents": {"saved": cfg.save_latents, "shape": latent_shape, "dtype": "float16", "scaled": True},
                 "vae": vae_identity, "sampler": sampler, "images_per_shard": cfg.images_per_shard,
                 "shards": [{"shard": s["shard"], "count": s["count"], "files": s["files"]} for s in shards]}
     atomic_write_json(out / "manifest.json", manifest)  # last: its presence means the run is complete

@@ -1,7 +1,10 @@
 """Generated-image shards: parquet and/or webdataset tars, written atomically with a done marker last.
 
-    OUT/images-000000.parquet   columns key, image (PNG bytes), width, height, seed, energy, model
-    OUT/images-000000.tar       KEY.png, KEY.json (seed, energy, model, width, height)
+    OUT/images-000000.parquet   columns key, image (PNG bytes), width, height, seed, energy, model[, latent]
+    OUT/images-000000.tar       KEY.png, KEY.json (seed, energy, model, width, height)[, KEY.latent.npy]
+
+`latent` / KEY.latent.npy (when the run saves latents) is the image's scaled latent as float16 .npy bytes, the
+encoding of the precompute job's latent shards: evaluation compares generated and real latents directly.
     OUT/stats/images-000000.json   done marker: counts, files, sha256, chosen batch sizes, stage seconds
 
 Shard j holds images [j * images_per_shard, ...) in order, so a shard is defined by its index alone.
@@ -19,12 +22,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from .shards import STATS_DIR, atomic_write, atomic_write_json, file_sha256, write_tar
+from .shards import STATS_DIR, atomic_write, atomic_write_json, file_sha256, npy_bytes, write_tar
 
 PARQUET_NAME, TAR_NAME = "images-{:06d}.parquet", "images-{:06d}.tar"
 FORMATS = {"parquet": (PARQUET_NAME,), "webdataset": (TAR_NAME,), "both": (PARQUET_NAME, TAR_NAME)}
 SCHEMA = pa.schema([("key", pa.string()), ("image", pa.binary()), ("width", pa.int32()), ("height", pa.int32()),
                     ("seed", pa.int64()), ("energy", pa.float32()), ("model", pa.string())])
+LATENT_FIELD = pa.field("latent", pa.binary())
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
@@ -43,16 +47,21 @@ def shard_files(out: Path, shard: int, fmt: str) -> list[Path]:
 
 
 def write_image_shard(out: Path, shard: int, fmt: str, keys: list[str], images: np.ndarray, seeds: list[int],
-                      energies: np.ndarray, model_id: str, extra_stats: dict) -> dict:
+                      energies: np.ndarray, model_id: str, extra_stats: dict,
+                      latents: np.ndarray | None = None) -> dict:
     """Encodes PNGs, writes the shard's files atomically, then its done marker. Returns the marker's content."""
     tick = time.perf_counter()
     pngs = [png_bytes(img) for img in images]
     height, width = images.shape[1:3]
+    npys = None if latents is None else [npy_bytes(z.astype(np.float16)) for z in latents]
     files = {}
     if fmt in ("parquet", "both"):
-        table = pa.table({"key": keys, "image": pngs, "width": [width] * len(keys), "height": [height] * len(keys),
-                          "seed": seeds, "energy": energies.astype(np.float32), "model": [model_id] * len(keys)},
-                         schema=SCHEMA)
+        columns = {"key": keys, "image": pngs, "width": [width] * len(keys), "height": [height] * len(keys),
+                   "seed": seeds, "energy": energies.astype(np.float32), "model": [model_id] * len(keys)}
+        schema = SCHEMA
+        if npys is not None:
+            columns["latent"], schema = npys, SCHEMA.append(LATENT_FIELD)
+        table = pa.table(columns, schema=schema)
         path = out / PARQUET_NAME.format(shard)
 
         def write_parquet(f):
@@ -64,6 +73,9 @@ def write_image_shard(out: Path, shard: int, fmt: str, keys: list[str], images: 
                     "json": json.dumps({"seed": s, "energy": float(e), "model": model_id, "width": width,
                                         "height": height}, sort_keys=True).encode()}
                    for k, png, s, e in zip(keys, pngs, seeds, energies)]
+        if npys is not None:
+            for sample, npy in zip(samples, npys):
+                sample["latent.npy"] = npy
         path = out / TAR_NAME.format(shard)
         write_tar(path, samples)
         files[path.name] = file_sha256(path)

@@ -73,6 +73,7 @@ class TrainConfig:
     buffer_size: int = 0
     reinit_prob: float = 0.05
     # data
+    holdout_shards: int = 0                  # the last N shards are never trained on (evaluation's reference)
     use_moments: bool = True                 # draw z+ from stored posterior moments when the shards have them
     shuffle_buffer: int = 4096               # streaming shuffle when a worker's share does not fit in memory
     cache_bytes: int = 2 * 1024**3           # keep a worker's share in memory below this size
@@ -95,6 +96,7 @@ class TrainConfig:
         require(0 <= self.ema_decay < 1 and self.alpha >= 0 and self.data_noise >= 0,
                 "ema_decay must be in [0, 1), alpha and data_noise >= 0")
         require(self.buffer_size >= 0 and 0 <= self.reinit_prob <= 1, "buffer_size >= 0, reinit_prob in [0, 1]")
+        require(self.holdout_shards >= 0, "holdout_shards must be >= 0")
         require(self.log_every >= 1 and self.checkpoint_every >= 1 and self.keep_checkpoints >= 1,
                 "log_every, checkpoint_every and keep_checkpoints must be >= 1")
         require(self.energy_bound_per_dim > 0 and self.max_rollbacks >= 0 and 0 < self.rollback_lr_factor < 1,
@@ -453,6 +455,12 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
     if missing:
         raise EbdError(f"{len(missing)} shard(s) listed in the manifest are missing, e.g. {missing[0]}")
     paths = [p for p in paths if counts.get(p, 0) > 0]
+    require(len(paths) > cfg.holdout_shards, f"holdout_shards={cfg.holdout_shards} leaves no shard to train on "
+            f"({len(paths)} non-empty shards)")
+    sha = {str(Path(cfg.latents) / s["file"]): s["sha256"] for s in manifest["shards"]}
+    held_out = [{"file": Path(p).name, "sha256": sha[p], "count": counts[p]}
+                for p in paths[len(paths) - cfg.holdout_shards:]] if cfg.holdout_shards else []
+    paths = paths[: len(paths) - cfg.holdout_shards]
     require(len(paths) >= cfg.num_workers, f"{len(paths)} non-empty shards cannot feed {cfg.num_workers} workers: "
             "use fewer workers or re-run precompute with a smaller shard_size")
     output = Path(cfg.output).resolve()
@@ -463,7 +471,11 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
     metadata = {"sampler": cfg.sampler().to_dict(),
                 "latents": {"shape": manifest["latent"]["shape"], "scaling_factor": manifest["scaling_factor"],
                             "shift_factor": manifest["shift_factor"], "vae": manifest["vae"],
-                            "manifest_sha256": manifest_sha, "resolution": manifest["resolution"]}}
+                            "manifest_sha256": manifest_sha, "resolution": manifest["resolution"],
+                            # what evaluation may use as never-seen reference data, by file and content
+                            "trained_on": [{"file": Path(p).name, "sha256": sha[p], "count": counts[p]}
+                                           for p in paths],
+                            "held_out": held_out}}
     cfg_dict = asdict(cfg) | {"output": str(output)}
 
     if not ray.is_initialized():

@@ -13,6 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -61,12 +62,15 @@ def test_exactly_n_images_with_unique_keys_in_parquet_and_tar(both_formats):
     assert summary["images"] == 50
     rows = parquet_rows(out)
     assert len(rows) == 50 and len({r["key"] for r in rows}) == 50
-    assert set(rows[0]) == {"key", "image", "width", "height", "seed", "energy", "model"}
+    assert set(rows[0]) == {"key", "image", "width", "height", "seed", "energy", "model", "latent"}
+    latent = np.load(io.BytesIO(rows[0]["latent"]), allow_pickle=False)
+    assert latent.shape == (4, 8, 8) and latent.dtype == np.float16 and np.isfinite(latent).all()
     assert all(r["width"] == r["height"] == SIDE for r in rows)
     assert all(Image.open(io.BytesIO(r["image"])).size == (SIDE, SIDE) for r in rows[:5])
     samples = list(wds.WebDataset(sorted(str(p) for p in out.glob("images-*.tar")), shardshuffle=False))
     assert len(samples) == 50 and [s["__key__"] for s in samples] == [r["key"] for r in rows]
     assert json.loads(samples[0]["json"])["seed"] == rows[0]["seed"]
+    assert samples[0]["latent.npy"] == rows[0]["latent"]  # the same latent bytes in both formats
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["images"] == 50 and manifest["num_shards"] == 4
     assert manifest["sampler"]["steps"] == 5  # the model's own sampler settings

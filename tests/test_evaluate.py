@@ -1,0 +1,106 @@
+"""The evaluation job end to end: latents with held-out shards -> train -> generate (latents saved) -> evaluate."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import EbdError, from_dict
+from pipeline.evaluate import EvaluateConfig, moment_matched_gaussian, run_evaluation
+from pipeline.generate import GenerateConfig, run_generation
+from pipeline.shards import write_latent_dataset
+from pipeline.train import TrainConfig, run_training
+from pipeline.vae import resolve_vae
+from tests.conftest import REPO
+
+SHAPE = (4, 4, 4)  # decoded by the tiny test VAE (2x up-sampling) to 8 x 8 images
+
+
+def mixture(n: int, seed: int) -> np.ndarray:
+    """Two well-separated modes (weights 0.7 / 0.3): a Gaussian with the same mean and covariance puts most of its
+    samples between them, where there is no data."""
+    rng = np.random.default_rng(seed)
+    sign = np.where(rng.random(n) < 0.7, 1.0, -1.0)[:, None, None, None]
+    return (rng.normal(0, 0.3, (n, *SHAPE)) + 0.75 * sign).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(ray_cluster, sd_checkpoint, tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate")
+    latents = root / "latents"
+    write_latent_dataset(latents, mixture(2048, seed=0), shard_size=256,
+                         vae=resolve_vae(sd_checkpoint).identity(), scaling_factor=0.18215)
+    run_training(from_dict(TrainConfig, dict(latents=str(latents), output=str(root / "ebm"), holdout_shards=2,
+                                             channels=[16, 32], batch_size=64, lr=1e-3, max_steps=200,
+                                             log_every=50, checkpoint_every=100)))
+    run_generation(from_dict(GenerateConfig, dict(model=str(root / "ebm" / "model"), vae=str(sd_checkpoint),
+                                                  output=str(root / "gen"), num_images=300, images_per_shard=100,
+                                                  format="parquet", progress_interval_s=0.0)))
+    return root
+
+
+def test_report_scores_the_model_against_held_out_shards_with_baselines(pipeline_run):
+    root = pipeline_run
+    report = run_evaluation(from_dict(EvaluateConfig, dict(generated=str(root / "gen"),
+                                                           reference=str(root / "latents"),
+                                                           output=str(root / "report"), num_samples=256,
+                                                           image_side=8)))
+    assert report["held_out_shards"] == ["latents-000006.tar", "latents-000007.tar"]  # the last two, never trained
+    assert report["train_shards"] == 6 and report["samples"] == 256
+    for space in ("latents", "images"):
+        m = report["spaces"][space]["metrics"]
+        assert set(m) == {"generated", "train", "gaussian", "untrained"}
+        # The floor: real training data scored against held-out real data looks like one distribution.
+        assert m["train"]["coverage"] > 0.8 and 0.7 < m["train"]["density"] < 1.3, (space, m["train"])
+    m = report["spaces"]["latents"]["metrics"]
+    # The trained EBM puts its samples on the two modes; the moment-matched Gaussian fills the gap between them.
+    assert m["generated"]["density"] > m["gaussian"]["density"] + 0.1, m
+    assert m["generated"]["mmd"] < m["gaussian"]["mmd"], m
+    assert m["untrained"]["coverage"] < m["generated"]["coverage"], m
+    assert report["passed"] == all(report["checks"].values()) and len(report["checks"]) == 4
+    saved = json.loads((root / "report" / "report.json").read_text())
+    assert saved["spaces"] == report["spaces"]
+    text = (root / "report" / "report.md").read_text()
+    assert "moment-matched Gaussian" in text and "samples-vs-real.png" in text
+    from PIL import Image
+    grid = Image.open(root / "report" / "samples-vs-real.png")
+    assert grid.width > 2 * 8 * 8 and grid.height == 8 * 8  # two 8 x 8 grids of 8 px images side by side
+
+
+def test_moment_matched_gaussian_has_the_data_mean_and_covariance():
+    data = torch.randn(4000, 3) @ torch.tensor([[2.0, 0, 0], [0.5, 1.0, 0], [0, 0, 0.1]]) + torch.tensor([1., -2, 3])
+    samples = moment_matched_gaussian(data, 20000, torch.Generator().manual_seed(0))
+    assert torch.allclose(samples.mean(0), data.mean(0), atol=0.06)
+    assert torch.allclose(torch.cov(samples.T), torch.cov(data.T), atol=0.08)
+
+
+def test_check_flag_fails_the_job_in_one_line_when_a_threshold_is_missed(pipeline_run, tmp_path):
+    root = pipeline_run
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs.evaluate", "--generated", str(root / "gen"), "--reference",
+         str(root / "latents"), "--output", str(tmp_path / "r"), "--num-samples", "100", "--check",
+         "--set", "min_density=50"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == "error: quality check failed: density >= 50.0"
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["passed"] is False
+
+
+def test_refuses_runs_without_latents_and_references_of_another_vae(pipeline_run, sd_checkpoint, tmp_path):
+    root = pipeline_run
+    run_generation(from_dict(GenerateConfig, dict(model=str(root / "ebm" / "model"), vae=str(sd_checkpoint),
+                                                  output=str(tmp_path / "gen"), num_images=20, save_latents=False,
+                                                  format="webdataset", progress_interval_s=0.0)))
+    with pytest.raises(EbdError, match="without its latents"):
+        run_evaluation(from_dict(EvaluateConfig, dict(generated=str(tmp_path / "gen"),
+                                                      reference=str(root / "latents"), output=str(tmp_path / "r"))))
+    other = tmp_path / "other-latents"
+    write_latent_dataset(other, mixture(64, seed=1), vae={"weights_sha256": "0" * 64})
+    with pytest.raises(EbdError, match="another VAE"):
+        run_evaluation(from_dict(EvaluateConfig, dict(generated=str(root / "gen"), reference=str(other),
+                                                      output=str(tmp_path / "r"))))
