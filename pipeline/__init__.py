@@ -5,15 +5,18 @@ One module per concept:
     sources     input images: folder tree, webdataset tars, parquet; planning and reading
     images      decoding and preprocessing, rejections
     vae         the pretrained AutoencoderKL: local loading, scaled encode/decode
+    vae_fit     fitting a small AutoencoderKL to an image set (the demo's VAE)
     shards      latent shards (webdataset), atomic files, manifest
     precompute  images -> latent shards as Ray tasks
-    ebm         the energy model U(z) = E_theta(z) + ||z||^2 / (2 sigma0^2), save/load
+    ebm         the energy model U(z) = E_theta(z) + ||z||^2 / (2 sigma0^2), chain starts, save/load
     langevin    samplers as pure functions
     train       contrastive-divergence training under Ray Train
     batching    batch sizes probed against memory; out-of-memory recovery
     generate    the generation DAG on Ray Data
     sinks       generated-image shards: parquet, tar, preview
     metrics     Prometheus metrics (driver endpoint, actor export)
+    quality     sample-quality metrics without an Inception network (k-NN manifold metrics, MMD)
+    evaluate    generated vs held-out real latents and images, with baselines; report.json / report.md
     progress    progress lines
-    demo        procedural demo images and a small VAE
+    demo        procedural demo images and a small random VAE for tests
 """

@@ -9,7 +9,9 @@ Sets (n samples each, n = min(num_samples, what is available)):
 Baselines, each scored against held-out in the same run (REFERENCE section 3):
     train      real latents the model trained on: the floor, what a perfect model would score
     gaussian   N(mean, cov) of the training latents, sampled exactly without forming cov (mean + X_c^T w)
-    untrained  the same sampler on the same architecture with fresh random weights
+    untrained  the same sampler (and chain starts) on the same architecture with fresh random weights
+    starts     the chains' starting points alone, before any Langevin step: what the energy adds is the distance
+               from this row to the generated one
 Spaces: `latents` (scaled latents average-pooled to C x pool x pool) and `images` (decoded images, the real and
 baseline ones through the same VAE, average-pooled to image_side px). Metrics come from pipeline/quality.py.
 
@@ -36,7 +38,7 @@ from .config import EbdError, require
 from .shards import atomic_write, atomic_write_json
 
 REPORT_FORMAT = "ebd.report/1"
-BASELINES = ("train", "gaussian", "untrained")
+BASELINES = ("train", "gaussian", "untrained", "starts")
 METRICS = ("precision", "recall", "density", "coverage", "mmd")
 
 
@@ -154,14 +156,25 @@ def moment_matched_gaussian(data: torch.Tensor, n: int, generator: torch.Generat
     return (mean + weights @ (flat - mean) / (len(flat) - 1) ** 0.5).float().reshape(n, *data.shape[1:])
 
 
+def chain_starts(model_dir: str | Path, sampler: dict, n: int, seed: int) -> torch.Tensor:
+    """Where the run's chains start (the model's fitted Gaussian or N(0, init_std^2 I)), with no step taken."""
+    from .ebm import EnergyModel
+
+    model = EnergyModel.from_pretrained(model_dir)
+    generators = [torch.Generator().manual_seed(seed * 100_003 + i) for i in range(n)]
+    return model.initial_latents(n, sampler["init_std"], generators)
+
+
 def untrained_samples(model_dir: str | Path, sampler: dict, n: int, seed: int) -> torch.Tensor:
-    """The run's sampler on the model's architecture with fresh random weights (seeded)."""
+    """The run's sampler on the model's architecture with fresh random weights (seeded); chains start where the
+    trained model's start (its fitted Gaussian, if it has one), so only the learned energy differs."""
     from .ebm import EnergyModel
     from .langevin import SamplerSettings, sample
 
     trained = EnergyModel.from_pretrained(model_dir)
     torch.manual_seed(seed)
     model = EnergyModel(trained.config, trained.metadata).eval()
+    model.load_state_dict({k: v for k, v in trained.state_dict().items() if k.startswith("init_")}, strict=False)
     generators = [torch.Generator().manual_seed(seed * 100_003 + i) for i in range(n)]
     out = [sample(model, min(256, n - a), tuple(model.config.latent_shape), SamplerSettings(**sampler),
                   generators[a:a + 256]) for a in range(0, n, 256)]
@@ -209,7 +222,8 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
             "train": refs["train"][subset(len(refs["train"]), n)],
             "gaussian": moment_matched_gaussian(refs["train"][subset(len(refs["train"]), cfg.max_train_latents)],
                                                 n, generator),
-            "untrained": untrained_samples(model_dir, manifest["sampler"], n, cfg.seed)}
+            "untrained": untrained_samples(model_dir, manifest["sampler"], n, cfg.seed),
+            "starts": chain_starts(model_dir, manifest["sampler"], n, cfg.seed)}
 
     vae = cached_vae(spec, pick_device(True), "auto")
     images = {"held_out": decode_images(vae, held_out), "generated": gen_images[gen_index]}
@@ -274,7 +288,8 @@ def side_by_side(generated: torch.Tensor, real: torch.Tensor):
 
 def render_markdown(report: dict) -> str:
     rows = {"generated": "generated (this run)", "train": "training real (floor)",
-            "gaussian": "moment-matched Gaussian", "untrained": "untrained EBM, same sampler"}
+            "gaussian": "moment-matched Gaussian", "untrained": "untrained EBM, same sampler",
+            "starts": "chain starts, no Langevin step"}
     lines = [f"# Sample quality: {report['model']['id']}", "",
              f"{report['samples']} samples per set, each compared with {report['samples']} held-out real latents "
              f"({len(report['held_out_shards'])} shard(s) the model never trained on). Sampler: "
@@ -293,7 +308,9 @@ def render_markdown(report: dict) -> str:
               "Generated samples (left) beside decoded held-out real latents (right):", "",
               "![generated vs real](samples-vs-real.png)", "", "Notes:", ""]
     lines += [f"- {note}" for note in report["notes"]]
-    lines += ["- Precision and recall read low in high dimensions even for a perfect model; density and coverage "
+    lines += ["- 'chain starts' are the sampler's starting points before any step: the gap between that row and "
+              "the generated one is what the learned energy contributes.",
+              "- Precision and recall read low in high dimensions even for a perfect model; density and coverage "
               "are calibrated (about 1 for two sets from one distribution). The floor row shows what real data "
               "scores here.", ""]
     return "\n".join(lines)

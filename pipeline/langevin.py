@@ -86,7 +86,10 @@ def initial_noise(shape: tuple[int, ...], init_std: float, generator: Generators
 def sample(energy: Energy, num: int, latent_shape: tuple[int, ...], settings: SamplerSettings,
            generator: Generators = None, device: torch.device | str = "cpu",
            callback: Callable[[dict], None] | None = None) -> torch.Tensor:
-    """`num` latents from fresh noise chains under `settings`: what generation runs."""
-    z0 = initial_noise((num, *latent_shape), settings.init_std, generator, device)
+    """`num` latents from fresh chains under `settings`: what generation runs. Chains start where the energy
+    model says (`energy.initial_latents`, e.g. a Gaussian fitted to the data), else from N(0, init_std^2 I)."""
+    start = getattr(energy, "initial_latents", None)
+    z0 = start(num, settings.init_std, generator, device) if start is not None else \
+        initial_noise((num, *latent_shape), settings.init_std, generator, device)
     return langevin(energy, z0, settings.steps, settings.step_size, settings.noise_scale, settings.grad_clip,
                     callback, generator)

@@ -29,7 +29,7 @@ import torch
 from . import shards as sh
 from .config import EbdError, from_dict, require
 from .ebm import EnergyModel, EnergyModelConfig
-from .langevin import SamplerSettings, initial_noise, langevin
+from .langevin import SamplerSettings, langevin
 from .progress import Progress
 
 WORKERS_DIR = "workers"   # OUTPUT/workers/rank-N.json: each worker's share of the data
@@ -62,6 +62,8 @@ class TrainConfig:
     channels: list[int] = field(default_factory=lambda: [64, 128, 256])
     spectral_norm: bool = False
     sigma0: float = 1.0
+    init_rank: int | None = None             # chains start from a rank-r Gaussian fit of the data (EnergyModelConfig)
+    init_fit_samples: int = 10_000           # training latents the driver reads to fit it
     # sampler (saved with the model; generation uses exactly these)
     langevin_steps: int = 40
     langevin_step_size: float = 0.1
@@ -97,6 +99,8 @@ class TrainConfig:
                 "ema_decay must be in [0, 1), alpha and data_noise >= 0")
         require(self.buffer_size >= 0 and 0 <= self.reinit_prob <= 1, "buffer_size >= 0, reinit_prob in [0, 1]")
         require(self.holdout_shards >= 0, "holdout_shards must be >= 0")
+        require(self.init_rank is None or (self.init_rank >= 1 and self.init_fit_samples >= 2),
+                "init_rank must be null or >= 1, init_fit_samples >= 2")
         require(self.log_every >= 1 and self.checkpoint_every >= 1 and self.keep_checkpoints >= 1,
                 "log_every, checkpoint_every and keep_checkpoints must be >= 1")
         require(self.energy_bound_per_dim > 0 and self.max_rollbacks >= 0 and 0 < self.rollback_lr_factor < 1,
@@ -169,12 +173,12 @@ class LatentBatches:
 class ReplayBuffer:
     """Past negatives; chains restart from them (prob 1 - reinit_prob) or from fresh noise (Du & Mordatch 2019)."""
 
-    def __init__(self, size: int, reinit_prob: float, latent_shape: tuple[int, ...], init_std: float):
-        self.size, self.reinit_prob, self.init_std = size, reinit_prob, init_std
+    def __init__(self, size: int, reinit_prob: float, latent_shape: tuple[int, ...], fresh):
+        self.size, self.reinit_prob, self.fresh = size, reinit_prob, fresh  # fresh(n, gen): new chain starts
         self.data = torch.empty((0, *latent_shape))
 
     def initial(self, n: int, gen: torch.Generator) -> torch.Tensor:
-        z = initial_noise((n, *self.data.shape[1:]), self.init_std, gen)
+        z = self.fresh(n, gen)
         if self.size and len(self.data):
             reuse = torch.rand(n, generator=gen) >= self.reinit_prob
             picks = torch.randint(len(self.data), (n,), generator=gen)
@@ -201,11 +205,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
     latent_shape = tuple(loop_config["latent_shape"])
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every worker
-    model = EnergyModel(EnergyModelConfig(list(latent_shape), cfg.channels, cfg.spectral_norm, cfg.sigma0),
-                        loop_config["metadata"]).to(device)
+    model = EnergyModel(EnergyModelConfig(list(latent_shape), cfg.channels, cfg.spectral_norm, cfg.sigma0,
+                                          cfg.init_rank), loop_config["metadata"])
+    if cfg.init_rank:  # the chain-start Gaussian the driver fitted to the training latents
+        from safetensors.torch import load_file
+        model.load_state_dict(load_file(loop_config["initializer"]), strict=False)
+    model = model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    buffer = ReplayBuffer(cfg.buffer_size, cfg.reinit_prob, latent_shape, cfg.langevin_init_std)
+    buffer = ReplayBuffer(cfg.buffer_size, cfg.reinit_prob, latent_shape,
+                          lambda n, g: model.initial_latents(n, cfg.langevin_init_std, g))
     state = {"step": 0, "lr": cfg.lr, "rollbacks": 0, "fault_injected": False}
 
     checkpoint = ray.train.get_checkpoint()
@@ -477,6 +486,7 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
                                            for p in paths],
                             "held_out": held_out}}
     cfg_dict = asdict(cfg) | {"output": str(output)}
+    initializer = _fit_initializer(cfg, paths, manifest["latent"]["shape"], output) if cfg.init_rank else None
 
     if not ray.is_initialized():
         ray.init(address=address)
@@ -484,7 +494,8 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
         train_loop_per_worker,
         train_loop_config={"cfg": cfg_dict, "shards": [str(Path(p).resolve()) for p in paths],
                            "shard_counts": {str(Path(p).resolve()): counts[p] for p in paths},
-                           "latent_shape": manifest["latent"]["shape"], "metadata": metadata},
+                           "latent_shape": manifest["latent"]["shape"], "metadata": metadata,
+                           "initializer": initializer},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(name=cfg.run_name, storage_path=str(storage),
@@ -498,6 +509,25 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
     except Exception as e:  # Ray wraps worker errors; show the cause in one line
         raise EbdError(f"training failed: {_root_cause(e)}") from None
     return dict(result.metrics or {})
+
+
+def _fit_initializer(cfg: TrainConfig, paths: list[str], latent_shape: list[int], output: Path) -> str:
+    """Fits the chain-start Gaussian to the first `init_fit_samples` training latents (never held-out ones) and
+    saves it as OUTPUT/initializer.safetensors for the workers (a resumed run refits the same one)."""
+    from safetensors.torch import save
+
+    latents = []
+    for record in sh.iter_latents(paths):
+        latents.append(torch.from_numpy(record["latent"]))
+        if len(latents) >= cfg.init_fit_samples:
+            break
+    model = EnergyModel(EnergyModelConfig(list(latent_shape), cfg.channels, cfg.spectral_norm, cfg.sigma0,
+                                          cfg.init_rank))
+    model.fit_initializer(torch.stack(latents))
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items() if k.startswith("init_")}
+    path = output / "initializer.safetensors"
+    sh.atomic_write(path, lambda f: f.write(save(tensors)))
+    return str(path)
 
 
 def _root_cause(error: BaseException) -> str:

@@ -55,7 +55,7 @@ def test_report_scores_the_model_against_held_out_shards_with_baselines(pipeline
     assert report["train_shards"] == 6 and report["samples"] == 256
     for space in ("latents", "images"):
         m = report["spaces"][space]["metrics"]
-        assert set(m) == {"generated", "train", "gaussian", "untrained"}
+        assert set(m) == {"generated", "train", "gaussian", "untrained", "starts"}
         # The floor: real training data scored against held-out real data looks like one distribution.
         assert m["train"]["coverage"] > 0.8 and 0.7 < m["train"]["density"] < 1.3, (space, m["train"])
     m = report["spaces"]["latents"]["metrics"]
@@ -63,6 +63,7 @@ def test_report_scores_the_model_against_held_out_shards_with_baselines(pipeline
     assert m["generated"]["density"] > m["gaussian"]["density"] + 0.1, m
     assert m["generated"]["mmd"] < m["gaussian"]["mmd"], m
     assert m["untrained"]["coverage"] < m["generated"]["coverage"], m
+    assert m["starts"]["density"] < m["generated"]["density"], m  # the Langevin steps are what moves the samples
     assert report["passed"] == all(report["checks"].values()) and len(report["checks"]) == 4
     saved = json.loads((root / "report" / "report.json").read_text())
     assert saved["spaces"] == report["spaces"]

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from pipeline.config import EbdError, from_dict
-from pipeline.ebm import EnergyModel
+from pipeline.ebm import EnergyModel, EnergyModelConfig
 from pipeline.langevin import sample
 from pipeline.shards import file_sha256, write_latent_dataset
 from pipeline.train import TrainConfig, run_training, split_shards
@@ -174,3 +174,24 @@ def test_replay_buffer_is_filled_and_saved_in_the_checkpoint(ray_cluster, mixtur
     assert state["state"]["step"] == 10
     assert tuple(buffer.shape) == (100, *SHAPE)  # 10 steps x 16 chains, capped at the buffer size
     assert torch.isfinite(buffer.float()).all()
+
+
+def test_the_chain_start_gaussian_matches_the_training_latents_and_travels_with_the_model(tmp_path):
+    mixing = torch.tensor([[2.0, 0, 0, 0, 0, 0, 0, 0], [0.5, 1.0, 0, 0, 0, 0, 0, 0]]).repeat(4, 1)[:8] + torch.eye(8)
+    data = (torch.randn(8000, 8, generator=torch.Generator().manual_seed(0)) @ mixing + 3.0).reshape(-1, 2, 2, 2)
+    full = EnergyModel(EnergyModelConfig([2, 2, 2], [4], init_rank=8))
+    full.fit_initializer(data)
+    loaded = EnergyModel.from_pretrained(full.save_pretrained(tmp_path / "m"))  # the fit is saved with the weights
+    z = loaded.initial_latents(20000, 1.0, torch.Generator().manual_seed(1)).flatten(1)
+    flat = data.flatten(1)
+    assert torch.allclose(z.mean(0), flat.mean(0), atol=0.1)
+    assert torch.allclose(torch.cov(z.T), torch.cov(flat.T), atol=0.15)
+
+    low = EnergyModel(EnergyModelConfig([2, 2, 2], [4], init_rank=2))  # top 2 directions + isotropic rest
+    low.fit_initializer(data)
+    z = low.initial_latents(20000, 1.0, torch.Generator().manual_seed(1)).flatten(1)
+    assert abs(torch.cov(z.T).trace() - torch.cov(flat.T).trace()) < 0.05 * torch.cov(flat.T).trace()
+
+    # One generator per chain: chain i's start depends on its own generator only, as generation needs.
+    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    assert torch.equal(loaded.initial_latents(2, 1.0, gens([5, 6]))[1], loaded.initial_latents(1, 1.0, gens([6]))[0])

@@ -1,0 +1,91 @@
+"""Collects the benchmarks' JSON (bench/out/) into bench/results.json and the markdown table bench/results.md.
+
+    .venv/bin/python bench/report.py        (make bench runs the three benchmarks, then this)
+
+Every figure is a ratio measured within one run (Ray vs a bare loop on the same cores, achieved vs peak FLOP/s,
+the memory probe's batch vs the best of a sweep): absolute times drift on shared machines, ratios much less.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+from common import REPO
+
+OUT = REPO / "bench" / "out"
+
+
+def rows(results: dict) -> list[dict]:
+    """One row per headline figure: what was compared, the two measurements and their ratio."""
+    out = []
+    if (p := results.get("precompute")) is not None:
+        out.append({"benchmark": "precompute", "figure": "Ray job / bare loop (images/s)",
+                    "measured": f"{p['ray_images_per_s']} vs {p['bare_images_per_s']}", "ratio": p["ray_over_bare"],
+                    "setup": f"{p['images']} images at {p['resolution']} px, {p['cpus']} CPUs"})
+    if (t := results.get("train")) is not None:
+        runs = t["runs"]
+        out.append({"benchmark": "train", "figure": "2 workers x 1 CPU / 1 worker x 1 CPU (samples/s)",
+                    "measured": f"{runs['2x1cpu']['samples_per_s']} vs {runs['1x1cpu']['samples_per_s']}",
+                    "ratio": t["two_workers_over_one"],
+                    "setup": f"latents {'x'.join(map(str, t['latent_shape']))}, K={t['langevin_steps']}"})
+        out.append({"benchmark": "train", "figure": "2 workers x 1 CPU / 1 worker x 2 threads (samples/s)",
+                    "measured": f"{runs['2x1cpu']['samples_per_s']} vs {runs['1x2cpu']['samples_per_s']}",
+                    "ratio": t["two_workers_over_one_worker_two_threads"], "setup": "same"})
+    if (g := results.get("generate")) is not None:
+        best = max((r for r in g["sweep"] if "langevin_sample_steps_per_s" in r),
+                   key=lambda r: r["langevin_sample_steps_per_s"])
+        out += [
+            {"benchmark": "generate", "figure": "Ray DAG / bare loop (images/s)",
+             "measured": f"{g['ray_images_per_s']} vs {g['bare_images_per_s']}", "ratio": g["ray_over_bare"],
+             "setup": f"{g['images']} images of {g['image_side']} px, K={g['langevin_steps']}, start-up included"},
+            {"benchmark": "generate", "figure": "Langevin achieved / fp32 GEMM peak (GFLOP/s)",
+             "measured": f"{g['langevin_gflops_achieved']} vs {g['matmul_gflops_peak']}",
+             "ratio": g["langevin_fraction_of_peak"], "setup": "direct-convolution FLOP count"},
+            {"benchmark": "generate", "figure": "probed batch / best swept batch (Langevin sample-steps/s)",
+             "measured": f"batch {g['auto_langevin_batch']} vs {best['batch_size']}",
+             "ratio": g.get("auto_over_best_langevin_throughput"), "setup": "2 GiB RAM budget"},
+        ]
+    return out
+
+
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = ["# Benchmark results", "",
+             f"{m['cpu']} ({m['cores']} cores), torch {m['torch']}, {m['date']}. Produced by `make bench` "
+             "(bench/report.py); the raw JSON is in bench/results.json.", "",
+             "| benchmark | figure | measured | ratio | setup |", "|---|---|---|---|---|"]
+    lines += [f"| {r['benchmark']} | {r['figure']} | {r['measured']} | **{r['ratio']}** | {r['setup']} |"
+              for r in report["rows"]]
+    if (g := report["results"].get("generate")) is not None:
+        lines += ["", "Generation batch sweep (this process, no Ray):", "",
+                  "| batch | Langevin sample-steps/s | decode images/s |", "|---|---|---|"]
+        lines += [f"| {r['batch_size']}{' (probed)' if r.get('auto') else ''} | {r['langevin_sample_steps_per_s']} | "
+                  f"{r['decode_images_per_s']} |" for r in g["sweep"] if "langevin_sample_steps_per_s" in r]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    import torch
+
+    results = {name: json.loads((OUT / f"{name}.json").read_text())
+               for name in ("precompute", "train", "generate") if (OUT / f"{name}.json").is_file()}
+    if not results:
+        raise SystemExit("no benchmark results in bench/out/: run `make bench`")
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else \
+        platform.processor()
+    report = {"machine": {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+                          "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                          "date": time.strftime("%Y-%m-%d")},
+              "rows": rows(results), "results": results}
+    (REPO / "bench" / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    (REPO / "bench" / "results.md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
