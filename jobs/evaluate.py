@@ -26,13 +26,16 @@ def main() -> int:
                       output=args.output, train_latents=args.train_latents, model=args.model,
                       num_samples=args.num_samples)
     report = run_evaluation(cfg)
-    m = report["spaces"][report["check_space"]]["metrics"]
-    print(f"[evaluate] {report['check_space']}: density {m['generated']['density']:.3f} coverage "
-          f"{m['generated']['coverage']:.3f} (Gaussian {m['gaussian']['density']:.3f} / "
-          f"{m['gaussian']['coverage']:.3f}, floor {m['train']['density']:.3f} / {m['train']['coverage']:.3f}); "
-          f"{'passed' if report['passed'] else 'FAILED'}; report in {cfg.output}/report.md")
+    for space, checks in report["checks"].items():
+        m = report["spaces"][space]["metrics"]
+        print(f"[evaluate] {space}: density {m['generated']['density']:.3f} coverage {m['generated']['coverage']:.3f}"
+              f" (Gaussian {m['gaussian']['density']:.3f} / {m['gaussian']['coverage']:.3f}, floor "
+              f"{m['train']['density']:.3f} / {m['train']['coverage']:.3f}); "
+              f"{sum(checks.values())}/{len(checks)} checks pass")
+    print(f"[evaluate] verdict on {report['check_space']}: {'passed' if report['passed'] else 'FAILED'}; "
+          f"report in {cfg.output}/report.md")
     if args.check and not report["passed"]:
-        failed = [name for name, ok in report["checks"].items() if not ok]
+        failed = [name for name, ok in report["checks"][report["check_space"]].items() if not ok]
         print(f"error: quality check failed: {'; '.join(failed)}", file=sys.stderr)
         return 1
     return 0

@@ -243,6 +243,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     log = Progress("train", total=cfg.max_steps, unit="steps", interval_s=0) if rank == 0 else None
     gauges = _PrometheusGauges() if rank == 0 else None
 
+    started = time.monotonic()
     while state["step"] < cfg.max_steps:
         tick = time.perf_counter()
         pos = next(batches).to(device)
@@ -313,7 +314,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if rank == 0:
         export = EnergyModel(model.config, dict(model.metadata))
         export.metadata["training"] = {"steps": state["step"], "rollbacks": state["rollbacks"],
-                                       "final_lr": state["lr"], "num_workers": world, "run_name": cfg.run_name}
+                                       "final_lr": state["lr"], "num_workers": world, "run_name": cfg.run_name,
+                                       "loop_seconds_this_run": round(time.monotonic() - started, 1)}
         export.save_pretrained(Path(cfg.output) / "model", state_dict=ema)
 
 
