@@ -12,8 +12,6 @@ random one (`write_sd_style_vae`); the demo ships one fitted to these images (`j
 
 from __future__ import annotations
 
-import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +69,7 @@ def write_demo_images(folder: str | Path, count: int, size: int = 64, seed: int 
     """Writes images [0, count) as `folder/shapes-NNNNNN.tar` (KEY.png, KEY.cls), atomically. A shard already
     there is kept: the set is deterministic, so a re-run only fills in what is missing. Returns the shard paths."""
     from .shards import write_tar
+    from .sinks import png_bytes
 
     folder = Path(folder)
     paths = []
@@ -80,33 +79,21 @@ def write_demo_images(folder: str | Path, count: int, size: int = 64, seed: int 
             samples = []
             for i in range(start, min(start + images_per_shard, count)):
                 img, label = render_shape_image(i, size, seed)
-                buf = io.BytesIO()
-                img.save(buf, format="PNG", compress_level=6)
-                samples.append({"__key__": f"{label}_{i:06d}", "png": buf.getvalue(), "cls": label.encode()})
+                samples.append({"__key__": f"{label}_{i:06d}", "png": png_bytes(np.asarray(img)),
+                                "cls": label.encode()})
             write_tar(path, samples)
         paths.append(path)
     return paths
 
 
-def tiny_vae_config(block_out_channels=(8, 16), latent_channels: int = 4, norm_num_groups: int = 4) -> dict:
-    """An AutoencoderKL config small enough for tests and the CPU demo (downscale 2**(len(blocks) - 1))."""
-    n = len(block_out_channels)
-    return dict(in_channels=3, out_channels=3, latent_channels=latent_channels,
-                block_out_channels=list(block_out_channels), layers_per_block=1, norm_num_groups=norm_num_groups,
-                down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
-                sample_size=64)
-
-
 def write_sd_style_vae(folder: str | Path, seed: int = 0, **config) -> Path:
-    """Saves a randomly initialised AutoencoderKL as `folder/vae/` of a Stable Diffusion-layout checkpoint."""
+    """Saves a randomly initialised AutoencoderKL (`vae.autoencoder_config(**config)`) as `folder/vae/` of a Stable
+    Diffusion-layout checkpoint."""
     import torch
     from diffusers import AutoencoderKL
 
-    folder = Path(folder)
+    from .vae import autoencoder_config, save_sd_checkpoint
+
     torch.manual_seed(seed)
-    vae = AutoencoderKL(**tiny_vae_config(**config))
-    vae.save_pretrained(folder / "vae", safe_serialization=True)
-    (folder / "model_index.json").write_text(json.dumps(
-        {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
-         "vae": ["diffusers", "AutoencoderKL"]}, indent=2) + "\n")
-    return folder
+    save_sd_checkpoint(AutoencoderKL(**autoencoder_config(**config)), folder)
+    return Path(folder)

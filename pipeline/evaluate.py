@@ -158,22 +158,18 @@ def moment_matched_gaussian(data: torch.Tensor, n: int, generator: torch.Generat
     return (mean + weights @ (flat - mean) / (len(flat) - 1) ** 0.5).float().reshape(n, *data.shape[1:])
 
 
-def chain_starts(model_dir: str | Path, sampler: dict, n: int, seed: int) -> torch.Tensor:
+def chain_starts(trained, sampler: dict, n: int, seed: int) -> torch.Tensor:
     """Where the run's chains start (the model's fitted Gaussian or N(0, init_std^2 I)), with no step taken."""
-    from .ebm import EnergyModel
-
-    model = EnergyModel.from_pretrained(model_dir)
     generators = [torch.Generator().manual_seed(seed * 100_003 + i) for i in range(n)]
-    return model.initial_latents(n, sampler["init_std"], generators)
+    return trained.initial_latents(n, sampler["init_std"], generators)
 
 
-def untrained_samples(model_dir: str | Path, sampler: dict, n: int, seed: int) -> torch.Tensor:
+def untrained_samples(trained, sampler: dict, n: int, seed: int) -> torch.Tensor:
     """The run's sampler on the model's architecture with fresh random weights (seeded); chains start where the
     trained model's start (its fitted Gaussian, if it has one), so only the learned energy differs."""
     from .ebm import EnergyModel
     from .langevin import SamplerSettings, sample
 
-    trained = EnergyModel.from_pretrained(model_dir)
     torch.manual_seed(seed)
     model = EnergyModel(trained.config, trained.metadata).eval()
     model.load_state_dict({k: v for k, v in trained.state_dict().items() if k.startswith("init_")}, strict=False)
@@ -185,11 +181,9 @@ def untrained_samples(model_dir: str | Path, sampler: dict, n: int, seed: int) -
 
 def decode_images(vae, latents: torch.Tensor, batch: int = 256) -> torch.Tensor:
     """Scaled latents -> uint8 images (N, 3, H, W), the way the generation job's decoder makes them."""
-    from .vae import decode
+    from .vae import decode, to_uint8
 
-    out = [((decode(vae, latents[a:a + batch]).float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu()
-           for a in range(0, len(latents), batch)]
-    return torch.cat(out)
+    return torch.cat([to_uint8(decode(vae, latents[a:a + batch])).cpu() for a in range(0, len(latents), batch)])
 
 
 # --------------------------------------------------------------------------------------------- the report
@@ -206,10 +200,10 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
     model_dir = Path(cfg.model or manifest["model"]["path"])
     if not (model_dir / "config.json").is_file():
         raise EbdError(f"the generation run's model is not at {model_dir}: pass --model DIR")
-    model_metadata = EnergyModel.from_pretrained(model_dir).metadata
+    trained = EnergyModel.from_pretrained(model_dir)
     vae_info = manifest["vae"]
     spec = resolve_vae(vae_info["path"], vae_info.get("subfolder"))
-    refs = reference_sets(cfg, model_metadata, vae_info.get("weights_sha256"))
+    refs = reference_sets(cfg, trained.metadata, vae_info.get("weights_sha256"))
 
     n = min(cfg.num_samples, len(gen_latents), len(refs["held_out"]), len(refs["train"]))
     require(n >= 10, f"only {n} samples to compare: generate more images or hold out more shards")
@@ -224,8 +218,8 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
             "train": refs["train"][subset(len(refs["train"]), n)],
             "gaussian": moment_matched_gaussian(refs["train"][subset(len(refs["train"]), cfg.max_train_latents)],
                                                 n, generator),
-            "untrained": untrained_samples(model_dir, manifest["sampler"], n, cfg.seed),
-            "starts": chain_starts(model_dir, manifest["sampler"], n, cfg.seed)}
+            "untrained": untrained_samples(trained, manifest["sampler"], n, cfg.seed),
+            "starts": chain_starts(trained, manifest["sampler"], n, cfg.seed)}
 
     vae = cached_vae(spec, pick_device(True), "auto")
     images = {"held_out": decode_images(vae, held_out), "generated": gen_images[gen_index]}

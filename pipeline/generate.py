@@ -175,7 +175,7 @@ class DecodeStage:
         import torch
 
         from .batching import SimulatedOutOfMemory, run_in_chunks
-        from .vae import decode
+        from .vae import decode, to_uint8
 
         infos, images = [], []
         for latents, info_text in zip(batch["latents"], batch["info"]):
@@ -189,9 +189,7 @@ class DecodeStage:
                 if self.simulate_oom_above is not None and b - a > self.simulate_oom_above:
                     raise SimulatedOutOfMemory(b - a, self.simulate_oom_above)
                 tick = time.perf_counter()
-                x = decode(self.vae, z[a:b])
-                pixels = ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-                out = pixels.permute(0, 2, 3, 1).cpu().numpy()
+                out = to_uint8(decode(self.vae, z[a:b])).permute(0, 2, 3, 1).cpu().numpy()
                 seconds.append(time.perf_counter() - tick)
                 self.metrics.batch(b - a, seconds[-1])
                 return out

@@ -2,10 +2,10 @@
 
     OUT/images-000000.parquet   columns key, image (PNG bytes), width, height, seed, energy, model[, latent]
     OUT/images-000000.tar       KEY.png, KEY.json (seed, energy, model, width, height)[, KEY.latent.npy]
+    OUT/stats/images-000000.json   done marker: counts, files, sha256, chosen batch sizes, stage seconds
 
 `latent` / KEY.latent.npy (when the run saves latents) is the image's scaled latent as float16 .npy bytes, the
 encoding of the precompute job's latent shards: evaluation compares generated and real latents directly.
-    OUT/stats/images-000000.json   done marker: counts, files, sha256, chosen batch sizes, stage seconds
 
 Shard j holds images [j * images_per_shard, ...) in order, so a shard is defined by its index alone.
 """

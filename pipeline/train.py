@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from . import shards as sh
+from .checkpoints import load_optimizer_tensors, optimizer_tensors
 from .config import EbdError, from_dict, require
 from .ebm import EnergyModel, EnergyModelConfig
 from .langevin import SamplerSettings, langevin
@@ -421,15 +422,13 @@ def _save_state(folder: Path, model, optimizer, ema, buffer: ReplayBuffer, state
 
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors |= {f"ema.{k}": v for k, v in ema.items()}
-    opt = optimizer.state_dict()
-    for index, values in opt["state"].items():
-        tensors |= {f"optimizer.{index}.{name}": torch.as_tensor(t) for name, t in values.items()}
+    tensors |= optimizer_tensors(optimizer)
     tensors["buffer"] = buffer.data.to(torch.float16)
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(folder / "state.safetensors"))
     (folder / "state.json").write_text(json.dumps({
         "state": state, "config": asdict(cfg),
         "optimizer_param_groups": [{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]}
-                                   for g in opt["param_groups"]]}, indent=2))
+                                   for g in optimizer.state_dict()["param_groups"]]}, indent=2))
 
 
 def _load_state(folder: Path, model, optimizer, ema, buffer: ReplayBuffer, state: dict, device) -> None:
@@ -441,12 +440,7 @@ def _load_state(folder: Path, model, optimizer, ema, buffer: ReplayBuffer, state
     for k, v in tensors.items():
         if k.startswith("ema."):
             ema[k[4:]].copy_(v)
-    opt_state: dict[int, dict] = {}
-    for k, v in tensors.items():
-        if k.startswith("optimizer."):
-            _, index, name = k.split(".", 2)
-            opt_state.setdefault(int(index), {})[name] = v.to(device)
-    optimizer.load_state_dict({"state": opt_state, "param_groups": meta["optimizer_param_groups"]})
+    load_optimizer_tensors(optimizer, tensors, meta["optimizer_param_groups"], device)
     buffer.data = tensors["buffer"].float()
     state.update(meta["state"])
 

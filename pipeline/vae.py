@@ -161,6 +161,11 @@ def encode(vae, pixels: torch.Tensor, seeds: list[int]) -> tuple[torch.Tensor, t
     return (sample - shift) * scale, (dist.mean - shift) * scale, logvar
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Decoded images in [-1, 1] -> uint8 pixels (same layout), rounded: the pixels every job writes or scores."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 @torch.inference_mode()
 def decode(vae, latents: torch.Tensor) -> torch.Tensor:
     """Scaled latents (B, C, h, w) -> images (B, 3, H, W) in [-1, 1]: `vae.decode(z / scaling_factor + shift)`."""
@@ -168,3 +173,37 @@ def decode(vae, latents: torch.Tensor) -> torch.Tensor:
     shift = vae.config.get("shift_factor") or 0.0
     z = latents.to(param.device, param.dtype) / vae.config.scaling_factor + shift
     return vae.decode(z).sample.clamp(-1, 1)
+
+
+# ----------------------------------------------------------------------- making VAEs (demo, fit_vae, tests)
+
+def autoencoder_config(block_out_channels, latent_channels: int = 4, norm_num_groups: int = 4,
+                       layers_per_block: int = 1, sample_size: int = 64) -> dict:
+    """AutoencoderKL keyword arguments for a small VAE: one encoder and decoder block per entry of
+    `block_out_channels`, so the down-sampling factor is 2 ** (len(block_out_channels) - 1)."""
+    n = len(block_out_channels)
+    return dict(in_channels=3, out_channels=3, latent_channels=latent_channels,
+                block_out_channels=list(block_out_channels), layers_per_block=layers_per_block,
+                norm_num_groups=norm_num_groups, down_block_types=["DownEncoderBlock2D"] * n,
+                up_block_types=["UpDecoderBlock2D"] * n, sample_size=sample_size)
+
+
+def save_sd_checkpoint(vae, folder: str | Path) -> Path:
+    """Saves `vae` as FOLDER/vae/ (safetensors) of a Stable Diffusion-layout checkpoint plus FOLDER/model_index.json,
+    the layout `resolve_vae` reads. The folder is staged and renamed, so a reader never sees half of it."""
+    import shutil
+
+    import diffusers
+
+    from .shards import atomic_write_json
+
+    folder = Path(folder)
+    export, staging = folder / "vae", folder / ".vae.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    vae.save_pretrained(staging, safe_serialization=True)
+    shutil.rmtree(export, ignore_errors=True)
+    staging.replace(export)
+    atomic_write_json(folder / "model_index.json", {"_class_name": "StableDiffusionPipeline",
+                                                    "_diffusers_version": diffusers.__version__,
+                                                    "vae": ["diffusers", "AutoencoderKL"]})
+    return export

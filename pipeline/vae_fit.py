@@ -30,11 +30,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoints import load_optimizer_tensors, optimizer_tensors
 from .config import EbdError, require
 from .images import Rejected, decode_image
 from .progress import Progress
 from .shards import atomic_write, atomic_write_json, file_sha256
 from .sources import plan_items, read_items
+from .vae import autoencoder_config, save_sd_checkpoint, to_uint8
 
 CHECKPOINT_DIR = "checkpoint"
 RECORD_FILE = "fit_vae.json"
@@ -82,11 +84,8 @@ class FitVaeConfig:
                 "eval_images, log_every and checkpoint_every must be >= 1")
 
     def vae_config(self) -> dict:
-        n = len(self.block_out_channels)
-        return dict(in_channels=3, out_channels=3, latent_channels=self.latent_channels,
-                    block_out_channels=list(self.block_out_channels), layers_per_block=self.layers_per_block,
-                    norm_num_groups=self.norm_num_groups, down_block_types=["DownEncoderBlock2D"] * n,
-                    up_block_types=["UpDecoderBlock2D"] * n, sample_size=self.resolution)
+        return autoencoder_config(self.block_out_channels, self.latent_channels, self.norm_num_groups,
+                                  self.layers_per_block, self.resolution)
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -186,7 +185,7 @@ def fit_vae(cfg: FitVaeConfig) -> dict:
     scaling_factor = _latent_scaling_factor(vae, train, cfg.seed)
     vae.register_to_config(scaling_factor=scaling_factor)
     psnr, reconstructions = _evaluate(vae, held_out)
-    export = write_sd_checkpoint(vae, out)
+    export = save_sd_checkpoint(vae, out)
     grid = _reconstruction_grid(held_out[:16], reconstructions[:16])
     atomic_write(out / "reconstructions.png", lambda f: grid.save(f, format="PNG"))
     record = {"format": "ebd.fit_vae/1", "config": asdict(cfg), "steps": state["step"],
@@ -224,7 +223,7 @@ def _evaluate(vae, held_out: torch.Tensor) -> tuple[float, torch.Tensor]:
     """PSNR in dB (peak 255) of posterior-mean reconstructions of the held-out images, and those images."""
     out = torch.cat([vae.decode(vae.encode(to_unit_range(held_out[i:i + 256])).latent_dist.mode()).sample
                      for i in range(0, len(held_out), 256)])
-    out = ((out.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    out = to_uint8(out)
     mse = (out.float() - held_out.float()).pow(2).mean().item()
     return 10 * math.log10(255 ** 2 / max(mse, 1e-12)), out
 
@@ -239,31 +238,12 @@ def _reconstruction_grid(originals: torch.Tensor, reconstructions: torch.Tensor)
     return preview_grid(rows, columns=8)
 
 
-def write_sd_checkpoint(vae, out: Path) -> Path:
-    """Saves `vae` as OUT/vae/ of a Stable Diffusion-layout checkpoint (safetensors) and OUT/model_index.json."""
-    import diffusers
-
-    export = out / "vae"
-    staging = out / ".vae.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    vae.save_pretrained(staging, safe_serialization=True)
-    shutil.rmtree(export, ignore_errors=True)
-    staging.replace(export)
-    atomic_write_json(out / "model_index.json", {"_class_name": "StableDiffusionPipeline",
-                                                 "_diffusers_version": diffusers.__version__,
-                                                 "vae": ["diffusers", "AutoencoderKL"]})
-    return export
-
-
 # ------------------------------------------------------------------------------- checkpoints (no pickle)
 
 def _save_checkpoint(folder: Path, vae, optimizer, state: dict) -> None:
     from safetensors.torch import save
 
-    tensors = {f"model.{k}": v for k, v in vae.state_dict().items()}
-    opt = optimizer.state_dict()
-    for index, values in opt["state"].items():
-        tensors |= {f"optimizer.{index}.{name}": torch.as_tensor(t) for name, t in values.items()}
+    tensors = {f"model.{k}": v for k, v in vae.state_dict().items()} | optimizer_tensors(optimizer)
     data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
     atomic_write(folder / "state.safetensors", lambda f: f.write(data))
     atomic_write_json(folder / "state.json", state)  # last: its presence marks a complete checkpoint
@@ -277,13 +257,7 @@ def _load_checkpoint(folder: Path, vae, optimizer, state: dict, data_digest: str
         raise EbdError(f"{folder} holds a checkpoint of a run with other inputs or settings: use a new --output")
     tensors = load_file(str(folder / "state.safetensors"))
     vae.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    opt_state: dict[int, dict] = {}
-    for k, v in tensors.items():
-        if k.startswith("optimizer."):
-            _, index, name = k.split(".", 2)
-            opt_state.setdefault(int(index), {})[name] = v
-    groups = optimizer.state_dict()["param_groups"]
-    optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+    load_optimizer_tensors(optimizer, tensors, optimizer.state_dict()["param_groups"])
     state.update(saved)
 
 
