@@ -64,6 +64,7 @@ class TrainConfig:
     spectral_norm: bool = False
     sigma0: float = 1.0
     init_rank: int | None = None             # chains start from a rank-r Gaussian fit of the data (EnergyModelConfig)
+    init_components: int = 1                 # ... or a mixture of that many, one per k-means cluster
     init_fit_samples: int = 10_000           # training latents the driver reads to fit it
     # sampler (saved with the model; generation uses exactly these)
     langevin_steps: int = 40
@@ -100,8 +101,10 @@ class TrainConfig:
                 "ema_decay must be in [0, 1), alpha and data_noise >= 0")
         require(self.buffer_size >= 0 and 0 <= self.reinit_prob <= 1, "buffer_size >= 0, reinit_prob in [0, 1]")
         require(self.holdout_shards >= 0, "holdout_shards must be >= 0")
-        require(self.init_rank is None or (self.init_rank >= 1 and self.init_fit_samples >= 2),
-                "init_rank must be null or >= 1, init_fit_samples >= 2")
+        require(self.init_rank is None or (self.init_rank >= 1 and self.init_fit_samples >= 2 * self.init_components),
+                "init_rank must be null or >= 1, init_fit_samples >= 2 x init_components")
+        require(self.init_components >= 1 and (self.init_rank or self.init_components == 1),
+                "init_components must be >= 1, and > 1 only with init_rank")
         require(self.log_every >= 1 and self.checkpoint_every >= 1 and self.keep_checkpoints >= 1,
                 "log_every, checkpoint_every and keep_checkpoints must be >= 1")
         require(self.energy_bound_per_dim > 0 and self.max_rollbacks >= 0 and 0 < self.rollback_lr_factor < 1,
@@ -207,7 +210,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every worker
     model = EnergyModel(EnergyModelConfig(list(latent_shape), cfg.channels, cfg.spectral_norm, cfg.sigma0,
-                                          cfg.init_rank), loop_config["metadata"])
+                                          cfg.init_rank, cfg.init_components), loop_config["metadata"])
     if cfg.init_rank:  # the chain-start Gaussian the driver fitted to the training latents
         from safetensors.torch import load_file
         model.load_state_dict(load_file(loop_config["initializer"]), strict=False)
@@ -508,7 +511,7 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
 
 
 def _fit_initializer(cfg: TrainConfig, paths: list[str], latent_shape: list[int], output: Path) -> str:
-    """Fits the chain-start Gaussian to the first `init_fit_samples` training latents (never held-out ones) and
+    """Fits the chain-start Gaussian (mixture) to the first `init_fit_samples` training latents (never held-out ones) and
     saves it as OUTPUT/initializer.safetensors for the workers (a resumed run refits the same one)."""
     from safetensors.torch import save
 
@@ -518,8 +521,8 @@ def _fit_initializer(cfg: TrainConfig, paths: list[str], latent_shape: list[int]
         if len(latents) >= cfg.init_fit_samples:
             break
     model = EnergyModel(EnergyModelConfig(list(latent_shape), cfg.channels, cfg.spectral_norm, cfg.sigma0,
-                                          cfg.init_rank))
-    model.fit_initializer(torch.stack(latents))
+                                          cfg.init_rank, cfg.init_components))
+    model.fit_initializer(torch.stack(latents), seed=cfg.seed)
     tensors = {k: v.contiguous() for k, v in model.state_dict().items() if k.startswith("init_")}
     path = output / "initializer.safetensors"
     sh.atomic_write(path, lambda f: f.write(save(tensors)))

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save as safetensors_save
 
 from pipeline.config import EbdError, from_dict
 from pipeline.ebm import EnergyModel, EnergyModelConfig
@@ -165,7 +166,6 @@ def test_train_config_errors_are_one_line(tmp_path, mixture_latents):
 
 
 def test_replay_buffer_is_filled_and_saved_in_the_checkpoint(ray_cluster, mixture_latents, tmp_path):
-    from safetensors.torch import load_file
 
     train(mixture_latents, tmp_path, max_steps=10, buffer_size=100, reinit_prob=0.05, **TINY)
     latest = max((tmp_path / "checkpoints" / "ebd-train").glob("step-*"))
@@ -195,3 +195,38 @@ def test_the_chain_start_gaussian_matches_the_training_latents_and_travels_with_
     # One generator per chain: chain i's start depends on its own generator only, as generation needs.
     gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
     assert torch.equal(loaded.initial_latents(2, 1.0, gens([5, 6]))[1], loaded.initial_latents(1, 1.0, gens([6]))[0])
+
+
+def test_a_mixture_of_chain_start_gaussians_finds_the_clusters_and_keeps_their_shares(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[-6.0] * 8, [0.0] * 4 + [6.0] * 4, [6.0] * 8])
+    shares = torch.tensor([0.5, 0.3, 0.2])
+    which = torch.multinomial(shares, 6000, replacement=True, generator=gen)
+    spread = torch.tensor([0.3, 0.6, 1.0])[which, None]  # each cluster has its own width
+    data = (centres[which] + spread * torch.randn(6000, 8, generator=gen)).reshape(-1, 2, 2, 2)
+    model = EnergyModel(EnergyModelConfig([2, 2, 2], [4], init_rank=2, init_components=3))
+    model.fit_initializer(data, seed=0)
+    loaded = EnergyModel.from_pretrained(model.save_pretrained(tmp_path / "m"))
+
+    z = loaded.initial_latents(20000, 1.0, torch.Generator().manual_seed(1)).flatten(1)
+    nearest = torch.cdist(z, centres).argmin(1)
+    assert torch.allclose(torch.bincount(nearest, minlength=3) / len(z), shares, atol=0.02)
+    for j, width in enumerate((0.3, 0.6, 1.0)):  # no start falls between clusters; each has its cluster's width
+        members = z[nearest == j]
+        assert (members - centres[j]).norm(dim=1).max() < 8 * width
+        assert abs(members.std(0).mean() - width) < 0.1 * width
+    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    assert torch.equal(loaded.initial_latents(2, 1.0, gens([5, 6]))[1], loaded.initial_latents(1, 1.0, gens([6]))[0])
+
+
+def test_models_saved_with_a_single_chain_start_gaussian_still_load(tmp_path):
+    data = torch.randn(500, 2, 2, 2, generator=torch.Generator().manual_seed(0)) + 2.0
+    model = EnergyModel(EnergyModelConfig([2, 2, 2], [4], init_rank=4))
+    model.fit_initializer(data)
+    folder = model.save_pretrained(tmp_path / "m")
+    old = {k: v.squeeze(0) if k.startswith("init_") else v
+           for k, v in load_file(str(folder / "model.safetensors")).items() if k != "init_weight"}
+    (folder / "model.safetensors").write_bytes(safetensors_save(old))  # the layout written before mixtures
+    loaded = EnergyModel.from_pretrained(folder)
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    assert torch.equal(loaded.initial_latents(8, 1.0, g()), model.initial_latents(8, 1.0, g()))
