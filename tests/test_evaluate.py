@@ -63,12 +63,15 @@ def test_report_scores_the_model_against_held_out_shards_with_baselines(pipeline
     assert m["generated"]["mmd"] < m["gaussian"]["mmd"], m
     assert m["untrained"]["coverage"] < m["generated"]["coverage"], m
     assert m["starts"]["density"] < m["generated"]["density"], m  # the Langevin steps are what moves the samples
+    gain = report["spaces"]["latents"]["energy_gain"]
+    assert gain["density"] == pytest.approx(m["generated"]["density"] - m["starts"]["density"], abs=1e-3)
     assert set(report["checks"]) == {"latents", "images"} and all(len(c) == 4 for c in report["checks"].values())
     assert report["passed"] == all(report["checks"]["latents"].values())
     saved = json.loads((root / "report" / "report.json").read_text())
     assert saved["spaces"] == report["spaces"]
     text = (root / "report" / "report.md").read_text()
     assert "moment-matched Gaussian" in text and "samples-vs-real.png" in text
+    assert f"density {gain['density']:+.3f}" in text  # the energy's share, spelled out
     from PIL import Image
     grid = Image.open(root / "report" / "samples-vs-real.png")
     assert grid.width > 2 * 8 * 8 and grid.height == 8 * 8  # two 8 x 8 grids of 8 px images side by side
