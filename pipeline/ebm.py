@@ -129,7 +129,7 @@ class EnergyModel(nn.Module):
         k, rank = self.config.init_components, self.config.init_rank
         flat = latents.flatten(1).double()
         require(len(flat) >= 2 * k, f"fitting {k} chain-start component(s) needs at least {2 * k} latents")
-        labels = _kmeans(flat, k, seed) if k > 1 else torch.zeros(len(flat), dtype=torch.long)
+        labels = _kmeans(flat, k, seed)
         for j in range(k):
             members = flat[labels == j]
             if len(members) < 2:  # an empty or single-point cluster never starts a chain
@@ -175,7 +175,6 @@ class EnergyModel(nn.Module):
             tensors["init_weight"] = torch.ones(1)
         model.load_state_dict(tensors)
         return model.to(device).eval()
-
 
 
 def _low_rank_gaussian(flat: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

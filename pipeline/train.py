@@ -116,6 +116,10 @@ class TrainConfig:
         return SamplerSettings(self.langevin_steps, self.langevin_step_size, self.langevin_noise_scale,
                                self.langevin_grad_clip, self.langevin_init_std)
 
+    def model_config(self, latent_shape) -> EnergyModelConfig:
+        return EnergyModelConfig(list(latent_shape), self.channels, self.spectral_norm, self.sigma0, self.init_rank,
+                                 self.init_components)
+
 
 # ------------------------------------------------------------------------------------------------- data
 
@@ -209,9 +213,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     latent_shape = tuple(loop_config["latent_shape"])
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every worker
-    model = EnergyModel(EnergyModelConfig(list(latent_shape), cfg.channels, cfg.spectral_norm, cfg.sigma0,
-                                          cfg.init_rank, cfg.init_components), loop_config["metadata"])
-    if cfg.init_rank:  # the chain-start Gaussian the driver fitted to the training latents
+    model = EnergyModel(cfg.model_config(latent_shape), loop_config["metadata"])
+    if cfg.init_rank:  # the chain-start Gaussian (mixture) the driver fitted to the training latents
         from safetensors.torch import load_file
         model.load_state_dict(load_file(loop_config["initializer"]), strict=False)
     model = model.to(device)
@@ -511,8 +514,8 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
 
 
 def _fit_initializer(cfg: TrainConfig, paths: list[str], latent_shape: list[int], output: Path) -> str:
-    """Fits the chain-start Gaussian (mixture) to the first `init_fit_samples` training latents (never held-out ones) and
-    saves it as OUTPUT/initializer.safetensors for the workers (a resumed run refits the same one)."""
+    """Fits the chain-start Gaussian (mixture) to the first `init_fit_samples` training latents (never held-out
+    ones) and saves it as OUTPUT/initializer.safetensors for the workers (a resumed run refits the same one)."""
     from safetensors.torch import save
 
     latents = []
@@ -520,8 +523,7 @@ def _fit_initializer(cfg: TrainConfig, paths: list[str], latent_shape: list[int]
         latents.append(torch.from_numpy(record["latent"]))
         if len(latents) >= cfg.init_fit_samples:
             break
-    model = EnergyModel(EnergyModelConfig(list(latent_shape), cfg.channels, cfg.spectral_norm, cfg.sigma0,
-                                          cfg.init_rank, cfg.init_components))
+    model = EnergyModel(cfg.model_config(latent_shape))
     model.fit_initializer(torch.stack(latents), seed=cfg.seed)
     tensors = {k: v.contiguous() for k, v in model.state_dict().items() if k.startswith("init_")}
     path = output / "initializer.safetensors"

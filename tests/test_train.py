@@ -166,7 +166,6 @@ def test_train_config_errors_are_one_line(tmp_path, mixture_latents):
 
 
 def test_replay_buffer_is_filled_and_saved_in_the_checkpoint(ray_cluster, mixture_latents, tmp_path):
-
     train(mixture_latents, tmp_path, max_steps=10, buffer_size=100, reinit_prob=0.05, **TINY)
     latest = max((tmp_path / "checkpoints" / "ebd-train").glob("step-*"))
     state = json.loads((latest / "state.json").read_text())
