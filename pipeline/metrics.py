@@ -98,7 +98,8 @@ def record_precompute_shard(encoded: int, rejects: list[dict]) -> None:
     if counters is None:
         return
     images, rejected = counters
-    images.inc(encoded)
+    if encoded:  # Ray's Counter refuses 0, and a shard of nothing but bad inputs encodes none
+        images.inc(encoded)
     for r in rejects:
         rejected.inc(1, tags={"reason": r["reason"]})
 

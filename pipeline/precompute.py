@@ -1,6 +1,8 @@
 """Latent precompute: images -> VAE encoder -> sampled, scaled latents -> webdataset shards, as Ray tasks.
 
-The driver plans every input item (deterministic order), cuts the list into shards of `shard_size` items and
+The driver plans every input item, puts them in a seeded random order (`shuffle`, on by default: sources list
+folder trees sorted by label, so without it the last shards, which training holds out, would hold only the last
+labels), cuts the list into shards of `shard_size` items and
 runs one Ray task per missing shard. Each task reads its own inputs, rejects bad ones (recorded, never fatal),
 encodes in batches with the VAE it loaded once per worker process, and writes its tar then its done marker
 atomically. The manifest is written last, once every shard is done. Re-running the same command skips complete
@@ -43,6 +45,8 @@ class PrecomputeConfig:
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: fp32 on CPU, fp16 on GPU
     seed: int = 0                                # run seed; image i's noise seed derives from (seed, key)
     store_moments: bool = False                  # also store posterior mean and log-variance (scaled units)
+    shuffle: bool = True                         # shards hold a seeded random sample of the inputs, so any
+                                                 # shard (the held-out ones) is representative of the whole set
     num_cpus_per_task: float = 1.0
     num_gpus_per_task: float | Literal["auto"] = "auto"  # auto: 1 if the cluster has GPUs, else 0
     max_retries: int = 3                         # retries of a task whose worker died
@@ -72,7 +76,7 @@ class PrecomputeConfig:
 # batch_size is one: a batch's composition changes the VAE's float rounding on CPU (oneDNN), so a shard is
 # byte-identical only when re-encoded with the same batching (and on the same kind of processor).
 _CONTENT_KEYS = ("input_format", "vae_subfolder", "resolution", "shard_size", "batch_size", "dtype", "seed",
-                 "store_moments",
+                 "store_moments", "shuffle",
                  "max_pixels", "min_side", "max_file_bytes", "image_column", "key_column", "label_column")
 
 
@@ -106,6 +110,14 @@ def prepare(cfg: PrecomputeConfig) -> tuple[VaeSpec, str, list[Item]]:
     return spec, fmt, items
 
 
+def shard_order(items: list[Item], seed: int) -> list[Item]:
+    """The inputs in a seeded random order that depends only on (seed, source, key): listing order, and so a
+    folder tree sorted by label, has no say in which shard an input lands in."""
+    def rank(item: Item) -> str:
+        return hashlib.sha256(f"{seed}\t{item.source}\t{item.key}".encode()).hexdigest()
+    return sorted(items, key=rank)
+
+
 def split_into_shards(items: list[Item], shard_size: int) -> list[tuple[Item, ...]]:
     return [tuple(items[i:i + shard_size]) for i in range(0, len(items), shard_size)]
 
@@ -122,6 +134,8 @@ def run_precompute(cfg: PrecomputeConfig, address: str | None = None) -> dict:
     import ray
 
     spec, fmt, items = prepare(cfg)
+    if cfg.shuffle:
+        items = shard_order(items, cfg.seed)
     out = Path(cfg.output)
     vae_identity = spec.identity()
     chunks = split_into_shards(items, cfg.shard_size)
@@ -276,6 +290,8 @@ def _write_manifest(out: Path, cfg: PrecomputeConfig, fmt: str, spec: VaeSpec, v
                    "moments": cfg.store_moments, "moments_layout": "2 x C x h x w: mean, logvar (scaled units)"},
         "resolution": cfg.resolution,
         "seed": cfg.seed,
+        # "shuffled": every shard is a seeded random sample of the inputs (train's holdout_shards relies on it)
+        "order": "shuffled" if cfg.shuffle else "input",
         "input": {"path": str(cfg.input), "format": fmt},
         "config": {k: v for k, v in to_dict(cfg).items() if k not in ("input", "output", "vae")},
         "shards": [{"file": s["file"], "count": s["count"], "seen": s["seen"], "rejected": s["rejected"],

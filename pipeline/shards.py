@@ -140,9 +140,10 @@ def claim_run_folder(out: str | Path, run: dict, run_file: str = "run.json") -> 
 
 def write_latent_dataset(folder: str | Path, latents: np.ndarray, shard_size: int = 1000,
                          labels: list[str | None] | None = None, scaling_factor: float = 1.0,
-                         vae: dict | None = None, resolution: int | None = None) -> dict:
+                         vae: dict | None = None, resolution: int | None = None, shuffled: bool = False) -> dict:
     """Writes already-scaled latents (N x C x h x w) as a latents folder with the precompute job's layout and
-    manifest: for latents made elsewhere, and for synthetic distributions in tests."""
+    manifest: for latents made elsewhere, and for synthetic distributions in tests. `shuffled`: the rows are in a
+    random order (e.g. i.i.d. draws), so any shard is a fair held-out sample (manifest `order`)."""
     folder = Path(folder)
     shards, label_counts = [], {}
     for index, start in enumerate(range(0, len(latents), shard_size)):
@@ -159,6 +160,7 @@ def write_latent_dataset(folder: str | Path, latents: np.ndarray, shard_size: in
                        "bytes": path.stat().st_size, "sha256": file_sha256(path)})
     manifest = {"format": LATENTS_FORMAT, "vae": vae or {"path": None, "weights_sha256": None},
                 "scaling_factor": scaling_factor, "shift_factor": None, "resolution": resolution,
+                "order": "shuffled" if shuffled else "input",
                 "latent": {"shape": list(latents.shape[1:]), "dtype": "float16", "scaled": True, "moments": False},
                 "shards": shards, "labels": dict(sorted(label_counts.items())),
                 "totals": {"seen": len(latents), "encoded": len(latents), "rejected": 0, "shards": len(shards)}}

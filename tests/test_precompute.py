@@ -227,3 +227,35 @@ def test_resolution_must_divide_by_the_vae_downscale_factor(sd_checkpoint, image
     with pytest.raises(ConfigError, match="multiple of the VAE's downscale factor 2"):
         precompute(image_folder, sd_checkpoint, tmp_path / "out", resolution=15)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_sorted_by_label_gives_held_out_shards_with_the_whole_sets_label_histogram(ray_cluster,
+                                                                                            sd_checkpoint, tmp_path):
+    """Folder trees are listed label by label; without the seeded shard order the last shard (training's held-out
+    set) would hold only the last labels."""
+    labels = ("ant", "bee", "cat", "dog")
+    for index, label in enumerate(labels):
+        (tmp_path / "in" / label).mkdir(parents=True)
+        for i in range(40):
+            (tmp_path / "in" / label / f"{i:03d}.png").write_bytes(encode_image(rgb_image(100 * index + i), "PNG"))
+    manifest = precompute(tmp_path / "in", sd_checkpoint, tmp_path / "out", shard_size=40)
+    assert manifest["order"] == "shuffled" and manifest["totals"]["encoded"] == 160
+    last = [r["meta"]["label"] for r in iter_latents(shard_paths(tmp_path / "out")[-1:])]
+    share = {label: last.count(label) / len(last) for label in labels}
+    assert 0.5 * sum(abs(share[label] - 0.25) for label in labels) < 0.25, share  # input order: 0.75
+    assert min(share.values()) > 0, share
+    keys = [r["key"] for r in iter_latents(shard_paths(tmp_path / "out"))]
+    assert sorted(keys) != keys and len(set(keys)) == 160  # every input once, not in listing order
+
+    in_order = precompute(tmp_path / "in", sd_checkpoint, tmp_path / "ordered", shard_size=40, shuffle=False)
+    assert in_order["order"] == "input"
+    assert {r["meta"]["label"] for r in iter_latents(shard_paths(tmp_path / "ordered")[-1:])} == {"dog"}
+
+
+def test_shard_order_depends_on_the_inputs_not_on_how_they_were_listed():
+    from pipeline.precompute import shard_order
+    from pipeline.sources import Item
+
+    items = [Item(f"img{i}.png", f"k{i}", None, ("file", f"img{i}.png")) for i in range(50)]
+    assert shard_order(items, seed=0) == shard_order(items[::-1], seed=0)
+    assert shard_order(items, seed=0) != shard_order(items, seed=1)
