@@ -398,9 +398,12 @@ def _diverged(loss, energies, bound: float, world: int, device) -> bool:
 
 
 def _update_ema(ema: dict, model, decay: float) -> None:
+    """Averages the parameters; buffers (the fitted chain-start mixture, counters) are copied, so the export holds
+    them exactly as fitted rather than rounded by the averaging."""
+    parameters = {name for name, _ in model.named_parameters()}
     with torch.no_grad():
         for name, value in model.state_dict().items():
-            if value.dtype.is_floating_point:
+            if name in parameters and value.dtype.is_floating_point:
                 ema[name].mul_(decay).add_(value.detach(), alpha=1 - decay)
             else:
                 ema[name].copy_(value)
@@ -468,6 +471,9 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
     paths = [p for p in paths if counts.get(p, 0) > 0]
     require(len(paths) > cfg.holdout_shards, f"holdout_shards={cfg.holdout_shards} leaves no shard to train on "
             f"({len(paths)} non-empty shards)")
+    require(not cfg.holdout_shards or manifest.get("order") == "shuffled",
+            f"{cfg.latents} was written in input order (older precompute, or shuffle: false), so its last shards "
+            "are not a random sample of the data: re-run precompute into a new folder, or set holdout_shards: 0")
     sha = {str(Path(cfg.latents) / s["file"]): s["sha256"] for s in manifest["shards"]}
     held_out = [{"file": Path(p).name, "sha256": sha[p], "count": counts[p]}
                 for p in paths[len(paths) - cfg.holdout_shards:]] if cfg.holdout_shards else []
