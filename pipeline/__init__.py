@@ -16,8 +16,10 @@ One module per concept:
     generate    the generation DAG on Ray Data
     sinks       generated-image shards: parquet, tar, preview
     metrics     Prometheus metrics (driver endpoint, actor export)
-    quality     sample-quality metrics without an Inception network (k-NN manifold metrics, MMD)
-    evaluate    generated vs held-out real latents and images, with baselines; report.json / report.md
+    features    feature spaces that see shape: the evaluator CNN (decoder's domain), FID Inception from a file
+    evaluator_fit  fitting the evaluator on decoded training latents (classifier, or contrastive without labels)
+    quality     sample-quality metrics: FD, KID, k-NN manifold metrics, MMD, label metrics, memorisation
+    evaluate    generated vs held-out real, in feature and pooled spaces, with baselines; report.json / report.md
     progress    progress lines
     demo        procedural demo images and a small random VAE for tests
 """

@@ -148,13 +148,17 @@ def _describe(hint: Any) -> str:
     return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
 
 
-def job_parser(module: str, doc: str):
-    """An argparse parser with the flags every job shares: --config, --address, --set KEY=VALUE."""
+def job_parser(module: str, doc: str, address: bool = True):
+    """An argparse parser with the flags every job shares: --config, --set KEY=VALUE and, for jobs that run on a
+    Ray cluster, --address."""
     import argparse
 
     parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.strip().splitlines()[0])
-    parser.add_argument("--config", help=f"YAML config (see configs/{module.rsplit('.', 1)[-1]}.yaml)")
-    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+    name = module.rsplit(".", 1)[-1].replace("_", "-")
+    examples = sorted(p.name for p in (Path(__file__).resolve().parent.parent / "configs").glob(f"{name}*.yaml"))
+    parser.add_argument("--config", help="YAML config" + (f" (e.g. configs/{examples[0]})" if examples else ""))
+    if address:
+        parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     return parser
 

@@ -1,6 +1,10 @@
-"""Sample-quality metrics that need no Inception network: k-NN manifold metrics and kernel MMD.
+"""Sample-quality metrics on two sets of vectors (N x D tensors: features of an image network from
+pipeline/features.py, or flattened, pooled latents and down-sampled images).
 
-All functions take two sets of vectors (N x D tensors: flattened, pooled latents or down-sampled images).
+- Frechet distance (FID's formula when the features are Inception's): ||mu_r - mu_g||^2 + tr(S_r + S_g -
+  2 (S_r S_g)^(1/2)), the trace term from the eigenvalues of S_r^(1/2) S_g S_r^(1/2) (symmetric, so stable).
+- KID (Binkowski et al. 2018): unbiased MMD^2 under the cubic polynomial kernel (x.y / D + 1)^3, mean and std
+  over random subsets.
 
 - precision / recall, k = 3 (Kynkaanniemi et al. 2019): the share of generated samples inside the real samples'
   k-NN balls, and the reverse. They read low in high dimensions even for a perfect model.
@@ -52,6 +56,74 @@ def mmd_rbf(x: torch.Tensor, y: torch.Tensor, bandwidth: float | None = None) ->
     kxx, kyy, kxy = kernel[:n, :n], kernel[n:, n:], kernel[:n, n:]
     return ((kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1)) + (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
             - 2 * kxy.mean()).item()
+
+
+def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """Frechet distance between Gaussians fitted to the two sets (float64 throughout)."""
+    a, b = real.flatten(1).double(), fake.flatten(1).double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T).reshape(a.shape[1], a.shape[1]), torch.cov(b.T).reshape(b.shape[1], b.shape[1])
+    vals, vecs = torch.linalg.eigh(cov_a)
+    root_a = (vecs * vals.clamp(min=0).sqrt()) @ vecs.T
+    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
+    return float((mu_a - mu_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * cross)
+
+
+def kernel_inception_distance(real: torch.Tensor, fake: torch.Tensor, subsets: int = 50, subset_size: int = 1000,
+                              seed: int = 0) -> dict[str, float]:
+    """KID: unbiased MMD^2 under k(x, y) = (x.y / D + 1)^3 over `subsets` random subsets of both sets (at most half
+    of each set, so the subsets differ and their spread says how much the estimate moves)."""
+    a, b = real.flatten(1).double(), fake.flatten(1).double()
+    size = max(2, min(subset_size, len(a) // 2, len(b) // 2))
+    generator = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(subsets):
+        x = a[torch.randperm(len(a), generator=generator)[:size]]
+        y = b[torch.randperm(len(b), generator=generator)[:size]]
+        kxx, kyy, kxy = [(u @ v.T / a.shape[1] + 1) ** 3 for u, v in ((x, x), (y, y), (x, y))]
+        off = size * (size - 1)
+        values.append(((kxx.sum() - kxx.diagonal().sum()) / off + (kyy.sum() - kyy.diagonal().sum()) / off
+                       - 2 * kxy.mean()).item())
+    values = torch.tensor(values, dtype=torch.float64)
+    return {"kid": values.mean().item(), "kid_std": values.std().item() if len(values) > 1 else 0.0}
+
+
+def recognisable_share(probabilities: torch.Tensor, confidence: float = 0.9) -> float:
+    """The share of samples a classifier assigns to one class with probability >= confidence."""
+    return (probabilities.max(dim=1).values >= confidence).double().mean().item()
+
+
+def class_histogram(probabilities: torch.Tensor) -> torch.Tensor:
+    """The share of samples predicted as each class (argmax)."""
+    counts = torch.bincount(probabilities.argmax(dim=1), minlength=probabilities.shape[1]).double()
+    return counts / counts.sum()
+
+
+def total_variation(p: torch.Tensor, q: torch.Tensor) -> float:
+    """Total-variation distance between two histograms: 0 identical, 1 disjoint; dropped modes show here."""
+    return 0.5 * (p.double() - q.double()).abs().sum().item()
+
+
+def nearest_distances(queries: torch.Tensor, pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each query, the distance to its nearest neighbour in `pool` and that neighbour's index."""
+    d = _distances(queries.flatten(1), pool.flatten(1))
+    values, index = d.min(dim=1)
+    return values, index
+
+
+def copy_share(generated_to_train: torch.Tensor, held_out_to_train: torch.Tensor, quantile: float = 0.05) -> float:
+    """Memorisation ("authenticity", Alaa et al. 2022): the share of generated samples closer to their nearest
+    training sample than all but `quantile` of held-out real images are. Held-out real data scores about
+    `quantile` by construction; a model that copies its training set scores near 1."""
+    threshold = torch.quantile(held_out_to_train.double(), quantile)
+    return (generated_to_train.double() < threshold).double().mean().item()
+
+
+def feature_metrics(real: torch.Tensor, fake: torch.Tensor, kid_subset_size: int = 1000) -> dict[str, float]:
+    """The feature-space table's distribution metrics: FD, KID (mean, std), precision/recall, density/coverage."""
+    real, fake = real.flatten(1), fake.flatten(1)
+    return ({"fd": frechet_distance(real, fake)} | kernel_inception_distance(real, fake, subset_size=kid_subset_size)
+            | precision_recall(real, fake) | density_coverage(real, fake))
 
 
 def all_metrics(real: torch.Tensor, fake: torch.Tensor) -> dict[str, float]:
