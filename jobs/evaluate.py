@@ -1,9 +1,10 @@
 """Score a generation run against held-out real latents, with baselines (see pipeline/evaluate.py).
 
-    python -m jobs.evaluate --generated GEN_DIR --reference LATENTS_DIR --output DIR [--check]
+    python -m jobs.evaluate --generated GEN_DIR --reference LATENTS_DIR --evaluator EVALUATOR_DIR --output DIR [--check]
 
-Writes DIR/report.json, DIR/report.md and DIR/samples-vs-real.png. With --check, exits 1 when the model fails
-the report's checks (density and coverage thresholds, beating the moment-matched Gaussian).
+Writes DIR/report.json, DIR/report.md and its pictures. The verdict is in the evaluator's feature space (fitted to
+this VAE by jobs.fit_evaluator), or FID Inception's with --inception-weights FILE. With --check, exits 1 when the
+model fails it.
 """
 
 import sys
@@ -13,25 +14,30 @@ from pipeline.evaluate import EvaluateConfig, run_evaluation
 
 
 def main() -> int:
-    p = job_parser("jobs.evaluate", __doc__)
+    p = job_parser("jobs.evaluate", __doc__, address=False)
     p.add_argument("--generated", help="output folder of jobs.generate")
     p.add_argument("--reference", help="latents folder (jobs.precompute output) holding the held-out shards")
-    p.add_argument("--output", help="folder for report.json, report.md and samples-vs-real.png")
+    p.add_argument("--output", help="folder for report.json, report.md and the pictures")
+    p.add_argument("--evaluator", help="evaluator folder (jobs.fit_evaluator) fitted for the run's VAE")
+    p.add_argument("--inception-weights", help="local FID Inception weights file (pt_inception-2015-12-05)")
     p.add_argument("--train-latents", help="training latents, when they are not in --reference")
-    p.add_argument("--model", help="the EBM folder, when it moved since generation")
+    p.add_argument("--model", help="the model folder, when it moved since generation")
     p.add_argument("--num-samples", type=int, help="samples per set (default 1000)")
-    p.add_argument("--check", action="store_true", help="exit 1 unless every check passes")
+    p.add_argument("--check", action="store_true", help="exit 1 unless every check of the verdict passes")
     args = p.parse_args()
     cfg = load_config(EvaluateConfig, args.config, args.set, generated=args.generated, reference=args.reference,
-                      output=args.output, train_latents=args.train_latents, model=args.model,
-                      num_samples=args.num_samples)
+                      output=args.output, evaluator=args.evaluator, inception_weights=args.inception_weights,
+                      train_latents=args.train_latents, model=args.model, num_samples=args.num_samples)
     report = run_evaluation(cfg)
+    for name, space in report["features"].items():
+        gen, ref = space["metrics"]["generated"], space["reference"]
+        text = f"[evaluate] features ({name}): FD {gen['fd']:.3g} (Gaussian {space['metrics']['gaussian']['fd']:.3g})"
+        if "recognisable" in gen:
+            text += (f", recognisable {gen['recognisable']:.3f} (held-out real {ref['recognisable']:.3f}, evaluator "
+                     f"accuracy {ref.get('accuracy', float('nan')):.3f}), class TV {gen['class_tv']:.3f}")
+        print(text + f", copy share {gen['copy_share']:.3f}")
     for space, checks in report["checks"].items():
-        m = report["spaces"][space]["metrics"]
-        print(f"[evaluate] {space}: density {m['generated']['density']:.3f} coverage {m['generated']['coverage']:.3f}"
-              f" (Gaussian {m['gaussian']['density']:.3f} / {m['gaussian']['coverage']:.3f}, floor "
-              f"{m['train']['density']:.3f} / {m['train']['coverage']:.3f}); "
-              f"{sum(checks.values())}/{len(checks)} checks pass")
+        print(f"[evaluate] {space}: {sum(checks.values())}/{len(checks)} checks pass")
     print(f"[evaluate] verdict on {report['check_space']}: {'passed' if report['passed'] else 'FAILED'}; "
           f"report in {cfg.output}/report.md")
     if args.check and not report["passed"]:

@@ -1,25 +1,38 @@
-"""Sample quality of a generation run, measured against real latents the EBM never trained on.
+"""Sample quality of a generation run, measured where a person would look: in the features of an image network that
+reads the decoder's images, against held-out real latents decoded by the same decoder.
 
-    python -m jobs.evaluate --generated GEN_DIR --reference LATENTS_DIR --output DIR [--check]
+    python -m jobs.evaluate --generated GEN_DIR --reference LATENTS_DIR --evaluator EVALUATOR_DIR --output DIR [--check]
 
 Sets (n samples each, n = min(num_samples, what is available)):
-    generated  the run's own latents (saved beside its images) and its decoded images, read from its shards
-    held-out   real latents from the reference shards the model never trained on: the shards its training run
-               held out (model metadata `latents.held_out`), or every shard of LATENTS_DIR when it held none out
-Baselines, each scored against held-out in the same run (REFERENCE section 3):
-    train      real latents the model trained on: the floor, what a perfect model would score
+    reference  real latents the model never trained on (the shards its training run held out, model metadata
+               `latents.held_out`, or every shard of LATENTS_DIR when it held none out), decoded by the VAE: the VAE's
+               blur is then on both sides of every comparison
+    generated  the run's own decoded images (and, for the pooled-latent tables, its saved latents)
+Rows scored against the reference in the same run (REFERENCE sections 3 and 8):
+    raw        the same held-out images as they were before the VAE: what the VAE itself loses
+    train      training latents, decoded: the floor, what a perfect model scores; also the copier (they are in the
+               memorisation pool, so their copy share is 1)
+    blurred    training images blurred to 1/4 of their side and back: a degraded real set the metric must fail
     gaussian   N(mean, cov) of the training latents, sampled exactly without forming cov (mean + X_c^T w)
     untrained  the same sampler (and chain starts) on the same architecture with fresh random weights
-    starts     the chains' starting points alone, before any Langevin step: what the energy adds is the distance
-               from this row to the generated one
-Spaces: `latents` (scaled latents average-pooled to C x pool x pool) and `images` (decoded images, the real and
-baseline ones through the same VAE, average-pooled to image_side px). Metrics come from pipeline/quality.py.
+    starts     the chains' starting points alone: what the energy adds is the distance from this row to generated
+Spaces:
+    features   (first) the evaluator's penultimate layer (pipeline/features.py; `--evaluator DIR`, fitted by
+               jobs.fit_evaluator for this VAE) and/or FID's Inception (`--inception-weights FILE`): Frechet
+               distance, KID, precision/recall, density/coverage, and for a classifier the recognisable share
+               (softmax >= its confidence) and the class histogram's total-variation distance; memorisation as
+               each sample's nearest training image (copy share, 8 closest pairs in memorisation.png)
+    latents    scaled latents average-pooled to C x pool x pool
+    images     decoded images average-pooled to image_side px
 
-Writes OUT/report.json, OUT/report.md and OUT/samples-vs-real.png (generated grid beside a real one).
-The checks (density and coverage >= thresholds and above the Gaussian's) are reported for both spaces; `passed`
-is the verdict in `check_space`, and `--check` turns a failed verdict into a non-zero exit. Density and coverage
-alone reward collapsed samples (see the untrained row: contracted chains score high density); read them with
-precision and recall.
+The verdict (`check_space`, default the feature space) needs, for the generated set: FD <= max_fd_ratio x the
+Gaussian's, recognisable >= min_recognisable_ratio x the reference's, class TV <= max_class_tv, copy share <=
+max_copy_share, density and coverage >= min_density / min_coverage. Every row gets the same checks, so the report
+shows that held-out real images pass and the Gaussian and blurred rows fail. `--check` turns a failed verdict into
+exit code 1.
+
+Writes OUT/report.json, OUT/report.md, OUT/samples-vs-real.png, OUT/per-class.png (a row of real and a row of
+generated images per class) and OUT/memorisation.png.
 """
 
 from __future__ import annotations
@@ -39,9 +52,13 @@ from . import shards as sh
 from .config import EbdError, require
 from .shards import atomic_write, atomic_write_json
 
-REPORT_FORMAT = "ebd.report/1"
-BASELINES = ("train", "gaussian", "untrained", "starts")
-METRICS = ("precision", "recall", "density", "coverage", "mmd")
+REPORT_FORMAT = "ebd.report/2"
+BASELINES = ("raw", "train", "blurred", "gaussian", "untrained", "starts")
+POOLED_METRICS = ("precision", "recall", "density", "coverage", "mmd")
+ROW_LABELS = {"generated": "generated (this run)", "raw": "held-out real, raw (before the VAE)",
+              "train": "training real, decoded (floor; copier)", "blurred": "training real, blurred (degraded)",
+              "gaussian": "moment-matched Gaussian", "untrained": "untrained model, same sampler",
+              "starts": "chain starts, no step"}
 
 
 @dataclass
@@ -49,16 +66,25 @@ class EvaluateConfig:
     generated: str | None = None                 # output folder of jobs.generate (needs save_latents: true)
     reference: str | None = None                 # latents folder (precompute output) with the held-out shards
     output: str | None = None
+    evaluator: str | None = None                 # ImageEvaluator folder (jobs.fit_evaluator) for this VAE
+    inception_weights: str | None = None         # local FID Inception weights file (never downloaded)
     train_latents: str | None = None             # where the training latents are, if not in `reference`
-    model: str | None = None                     # the EBM folder, if it moved since generation
+    model: str | None = None                     # the model folder, if it moved since generation
     num_samples: int = 1000
+    memorisation_pool: int = 5000                # training latents decoded for the nearest-neighbour search
+    raw_images: bool = True                      # also score the raw held-out images (read from the inputs)
     pool: int = 4                                # latents are pooled to C x pool x pool
     image_side: int = 16                         # images are pooled to image_side x image_side
     seed: int = 0
     max_train_latents: int = 10_000              # fit the Gaussian on at most this many training latents
-    min_density: float = 0.7
+    # the verdict in the feature space, chosen so held-out real images pass with margin and the Gaussian fails
+    max_fd_ratio: float = 0.5                    # FD at most this share of the moment-matched Gaussian's
+    min_recognisable_ratio: float = 0.8          # recognisable share at least this share of the reference's
+    max_class_tv: float = 0.1                    # class histogram total-variation distance to the reference's
+    max_copy_share: float = 0.1                  # held-out real images score 0.05 by construction
+    min_density: float = 0.7                     # density and coverage thresholds (feature and pooled spaces)
     min_coverage: float = 0.7
-    check_space: Literal["latents", "images"] = "latents"
+    check_space: Literal["features", "latents", "images"] = "features"
     threads: int = 0                             # torch threads; 0: all cores
 
     def validate(self) -> None:
@@ -67,6 +93,13 @@ class EvaluateConfig:
         require(self.num_samples >= 10, "num_samples must be >= 10 (k-NN metrics need neighbours)")
         require(self.pool >= 1 and self.image_side >= 1 and self.max_train_latents >= 2,
                 "pool, image_side must be >= 1, max_train_latents >= 2")
+        require(self.memorisation_pool >= self.num_samples,
+                "memorisation_pool must be >= num_samples (the floor row is drawn from it)")
+        require(self.check_space != "features" or self.evaluator or self.inception_weights,
+                "the verdict is in the feature space: pass --evaluator DIR (python -m jobs.fit_evaluator makes one) "
+                "or --inception-weights FILE, or set check_space: latents")
+        require(self.max_fd_ratio > 0 and 0 <= self.max_class_tv <= 1 and 0 <= self.max_copy_share <= 1
+                and self.min_recognisable_ratio >= 0, "max_fd_ratio > 0; max_class_tv, max_copy_share in [0, 1]")
 
 
 # ------------------------------------------------------------------------------------------- read inputs
@@ -103,9 +136,11 @@ def read_generated(folder: Path) -> tuple[dict, torch.Tensor, torch.Tensor]:
             torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous())
 
 
-def read_latents(folder: Path, files: list[str]) -> torch.Tensor:
-    paths = [str(folder / f) for f in files]
-    return torch.from_numpy(np.stack([r["latent"] for r in sh.iter_latents(paths)]))
+def read_latents(folder: Path, files: list[str]) -> dict:
+    """{"latents": (N, C, h, w), "keys": [...], "labels": [...]} of the given shards, in order."""
+    rows = list(sh.iter_latents([str(folder / f) for f in files]))
+    return {"latents": torch.from_numpy(np.stack([r["latent"] for r in rows])), "keys": [r["key"] for r in rows],
+            "labels": [r["meta"].get("label") for r in rows]}
 
 
 def reference_sets(cfg: EvaluateConfig, model_metadata: dict, gen_vae_sha: str | None) -> dict:
@@ -132,6 +167,9 @@ def reference_sets(cfg: EvaluateConfig, model_metadata: dict, gen_vae_sha: str |
                          "these shards hold the same images")
         held_files = [s["file"] for s in held_out]
         notes.append(f"held-out reference: {len(held_files)} shard(s) the training run never read")
+        if manifest.get("order") != "shuffled":
+            notes.append(f"{ref} was written in input order: its held-out shards may not be a random sample of the "
+                         "data (re-run precompute with shuffle: true)")
     else:
         held_files = sorted(listed)
         notes.append(f"the model records no held-out shards: every shard of {ref} is the reference, which is fair "
@@ -143,8 +181,38 @@ def reference_sets(cfg: EvaluateConfig, model_metadata: dict, gen_vae_sha: str |
     train_files = [f for f in train_files if not (train_folder == ref and f in held_files)]
     if not train_files:
         raise EbdError(f"no training latents found (looked in {train_folder}): pass --train-latents DIR")
-    return {"held_out": read_latents(ref, held_files), "train": read_latents(train_folder, train_files),
-            "held_out_files": held_files, "train_files": train_files, "notes": notes}
+    return {"held_out": read_latents(ref, held_files), "train": read_latents(train_folder, train_files)["latents"],
+            "held_out_files": held_files, "train_files": train_files, "notes": notes, "manifest": manifest}
+
+
+def read_raw_images(manifest: dict, keys: list[str]) -> torch.Tensor | None:
+    """The original images behind `keys`, preprocessed as precompute did (uint8, N x 3 x H x W), read from the
+    latents' recorded input; None when the input is gone or any key cannot be read back."""
+    from .images import Rejected, decode_image
+    from .sources import plan_items, read_items
+
+    source = manifest.get("input") or {}
+    conf = manifest.get("config") or {}
+    if not source.get("path") or not Path(source["path"]).exists() or not manifest.get("resolution"):
+        return None
+    try:
+        _, items = plan_items(source["path"], source.get("format", "auto"), conf.get("image_column"),
+                              conf.get("key_column"), conf.get("label_column"))
+    except EbdError:
+        return None
+    wanted = set(keys)
+    found = {}
+    for loaded in read_items([it for it in items if it.key in wanted], conf.get("max_file_bytes", 1 << 28)):
+        try:
+            if loaded.reject:
+                raise Rejected(*loaded.reject)
+            pixels, _ = decode_image(loaded.data, manifest["resolution"], conf.get("max_pixels", 89_478_485), 1)
+        except Rejected:
+            return None
+        found[loaded.item.key] = pixels
+    if len(found) != len(wanted):
+        return None
+    return torch.from_numpy(np.stack([found[k] for k in keys])).permute(0, 3, 1, 2).contiguous()
 
 
 # ------------------------------------------------------------------------------------------------ baselines
@@ -186,10 +254,96 @@ def decode_images(vae, latents: torch.Tensor, batch: int = 256) -> torch.Tensor:
     return torch.cat([to_uint8(decode(vae, latents[a:a + batch])).cpu() for a in range(0, len(latents), batch)])
 
 
+def blurred(images: torch.Tensor, factor: int = 4) -> torch.Tensor:
+    """Images down-sampled to 1/factor of their side and back (bilinear): real content with the detail removed."""
+    from torch.nn import functional as F
+
+    x = images.float()
+    small = F.interpolate(x, scale_factor=1 / factor, mode="bilinear", antialias=True, align_corners=False)
+    return F.interpolate(small, size=x.shape[-2:], mode="bilinear", align_corners=False).round().clamp(0, 255).to(
+        torch.uint8)
+
+
+# --------------------------------------------------------------------------------------- the feature space
+
+def score_feature_space(extractor, name: str, reference: torch.Tensor, reference_labels: list, sets: dict,
+                        pool: torch.Tensor, cfg: EvaluateConfig) -> dict:
+    """Every set's metrics against the reference in one extractor's feature space, with label metrics when the
+    extractor is a classifier, memorisation against `pool` (decoded training images), and the per-set checks."""
+    ref_features = extractor.features(reference)
+    pool_features = extractor.features(pool)
+    ref_to_train, _ = quality.nearest_distances(ref_features, pool_features)
+    classes = list(extractor.classes)
+    ref_probs = extractor.probabilities(reference) if classes else None
+    metrics, nearest, predicted = {}, {}, {}
+    for key, images in sets.items():
+        features = extractor.features(images)
+        m = quality.feature_metrics(ref_features, features)
+        distances, index = quality.nearest_distances(features, pool_features)
+        m["copy_share"] = quality.copy_share(distances, ref_to_train)
+        if classes:
+            probs = extractor.probabilities(images)
+            m["recognisable"] = quality.recognisable_share(probs, extractor.confidence)
+            m["class_tv"] = quality.total_variation(quality.class_histogram(probs), quality.class_histogram(ref_probs))
+            m["class_histogram"] = [round(v, 4) for v in quality.class_histogram(probs).tolist()]
+            predicted[key] = probs.argmax(1)
+        metrics[key] = {k: (float(f"{v:.5g}") if isinstance(v, float) else v) for k, v in m.items()}
+        nearest[key] = (distances, index)
+    reference_row = {"copy_share": round(quality.copy_share(ref_to_train, ref_to_train), 4)}
+    if classes:
+        reference_row |= {"recognisable": round(quality.recognisable_share(ref_probs, extractor.confidence), 5),
+                          "class_histogram": [round(v, 4) for v in quality.class_histogram(ref_probs).tolist()]}
+        truth = [classes.index(label) if label in classes else -1 for label in reference_labels]
+        known = [i for i, t in enumerate(truth) if t >= 0]
+        if known:
+            reference_row["accuracy"] = round((ref_probs[known].argmax(1) == torch.tensor(truth)[known])
+                                              .double().mean().item(), 5)
+    checks = {key: feature_checks(m, metrics.get("gaussian"), reference_row, cfg) for key, m in metrics.items()}
+    return {"extractor": name, "description": describe_extractor(extractor, name), "classes": classes,
+            "reference": reference_row, "metrics": metrics, "checks": checks, "_nearest": nearest,
+            "_predicted": predicted | ({"reference": _labels_or_predictions(reference_labels, classes, ref_probs)}
+                                       if classes else {})}
+
+
+def _labels_or_predictions(labels: list, classes: list[str], probs: torch.Tensor) -> torch.Tensor:
+    """The reference's true class where its label is one the evaluator knows, else the evaluator's prediction."""
+    predicted = probs.argmax(1)
+    return torch.tensor([classes.index(label) if label in classes else int(predicted[i])
+                         for i, label in enumerate(labels)])
+
+
+def feature_checks(m: dict, gaussian: dict | None, reference: dict, cfg: EvaluateConfig) -> dict[str, bool]:
+    checks = {}
+    if gaussian is not None:
+        checks[f"FD <= {cfg.max_fd_ratio} x the Gaussian's"] = m["fd"] <= cfg.max_fd_ratio * gaussian["fd"]
+    checks[f"density >= {cfg.min_density}"] = m["density"] >= cfg.min_density
+    checks[f"coverage >= {cfg.min_coverage}"] = m["coverage"] >= cfg.min_coverage
+    if "recognisable" in m:
+        checks[f"recognisable >= {cfg.min_recognisable_ratio} x real's"] = (
+            m["recognisable"] >= cfg.min_recognisable_ratio * reference["recognisable"])
+        checks[f"class TV <= {cfg.max_class_tv}"] = m["class_tv"] <= cfg.max_class_tv
+    checks[f"copy share <= {cfg.max_copy_share}"] = m["copy_share"] <= cfg.max_copy_share
+    return checks
+
+
+def describe_extractor(extractor, name: str) -> str:
+    config = getattr(extractor, "config", None)
+    if config is None:
+        return "FID Inception v3 pool features (2048 dims), from the local weights file"
+    held = config.get("held_out", {})
+    text = (f"the {config['kind']} evaluator's penultimate layer ({config['feature_dim']} dims), fitted to this VAE's "
+            f"decoded training latents")
+    if "accuracy" in held:
+        text += (f"; on {held['images']} decoded held-out latents it is {held['accuracy']:.3f} accurate and "
+                 f"recognises {held['recognised']:.3f} (softmax >= {config['confidence']})")
+    return text
+
+
 # --------------------------------------------------------------------------------------------- the report
 
 def run_evaluation(cfg: EvaluateConfig) -> dict:
     from .ebm import EnergyModel
+    from .features import ImageEvaluator, InceptionFeatures
     from .vae import cached_vae, pick_device, resolve_vae
 
     if cfg.threads:
@@ -200,12 +354,23 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
     model_dir = Path(cfg.model or manifest["model"]["path"])
     if not (model_dir / "config.json").is_file():
         raise EbdError(f"the generation run's model is not at {model_dir}: pass --model DIR")
-    trained = EnergyModel.from_pretrained(model_dir)
     vae_info = manifest["vae"]
+    extractors = {}
+    if cfg.evaluator:
+        extractors["evaluator"] = ImageEvaluator.from_pretrained(cfg.evaluator)
+        fitted_for = extractors["evaluator"].vae_sha256
+        if fitted_for and vae_info.get("weights_sha256") and fitted_for != vae_info["weights_sha256"]:
+            raise EbdError(f"the evaluator {cfg.evaluator} was fitted for another VAE (weights sha256 "
+                           f"{fitted_for[:12]}...) than the generation run's ({vae_info['weights_sha256'][:12]}...): "
+                           "fit one for this VAE with python -m jobs.fit_evaluator")
+    if cfg.inception_weights:
+        extractors["inception"] = InceptionFeatures(cfg.inception_weights)
+    trained = EnergyModel.from_pretrained(model_dir)
     spec = resolve_vae(vae_info["path"], vae_info.get("subfolder"))
     refs = reference_sets(cfg, trained.metadata, vae_info.get("weights_sha256"))
 
-    n = min(cfg.num_samples, len(gen_latents), len(refs["held_out"]), len(refs["train"]))
+    held = refs["held_out"]
+    n = min(cfg.num_samples, len(gen_latents), len(held["latents"]), len(refs["train"]))
     require(n >= 10, f"only {n} samples to compare: generate more images or hold out more shards")
     generator = torch.Generator().manual_seed(cfg.seed)
 
@@ -213,19 +378,41 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
         return torch.randperm(count, generator=generator)[:size]
 
     gen_index = subset(len(gen_latents), n)
-    held_out = refs["held_out"][subset(len(refs["held_out"]), n)]
-    sets = {"generated": gen_latents[gen_index],
-            "train": refs["train"][subset(len(refs["train"]), n)],
+    held_index = subset(len(held["latents"]), n)
+    held_out = held["latents"][held_index]
+    held_keys = [held["keys"][i] for i in held_index.tolist()]
+    held_labels = [held["labels"][i] for i in held_index.tolist()]
+    pool_latents = refs["train"][subset(len(refs["train"]), cfg.memorisation_pool)]
+    sets = {"generated": gen_latents[gen_index], "train": pool_latents[:n],
             "gaussian": moment_matched_gaussian(refs["train"][subset(len(refs["train"]), cfg.max_train_latents)],
                                                 n, generator),
             "untrained": untrained_samples(trained, manifest["sampler"], n, cfg.seed),
             "starts": chain_starts(trained, manifest["sampler"], n, cfg.seed)}
 
     vae = cached_vae(spec, pick_device(True), "auto")
-    images = {"held_out": decode_images(vae, held_out), "generated": gen_images[gen_index]}
-    images |= {name: decode_images(vae, z) for name, z in sets.items() if name != "generated"}
+    reference_images = decode_images(vae, held_out)
+    pool_images = decode_images(vae, pool_latents)
+    images = {"generated": gen_images[gen_index], "train": pool_images[:n]}
+    images |= {name: decode_images(vae, z) for name, z in sets.items() if name not in images}
+    images["blurred"] = blurred(pool_images[:n])
+    raw = read_raw_images(refs["manifest"], held_keys) if cfg.raw_images else None
+    if raw is not None:
+        images["raw"] = raw
+    else:
+        refs["notes"].append("the raw held-out images could not be read back from the latents' recorded input, so "
+                             "the VAE's own loss is not shown")
 
-    spaces = {
+    feature_spaces = {name: score_feature_space(extractor, name, reference_images, held_labels,
+                                                {k: images[k] for k in ("generated", *BASELINES) if k in images},
+                                                pool_images, cfg)
+                      for name, extractor in extractors.items()}
+    for name, space in feature_spaces.items():
+        evaluator_held = set((getattr(extractors[name], "config", {}) or {}).get("held_out", {}).get("files", []))
+        if name == "evaluator" and evaluator_held and not set(refs["held_out_files"]) <= evaluator_held:
+            refs["notes"].append("the evaluator trained on some of the reference shards: its feature space has seen "
+                                 "the reference data")
+
+    pooled = {
         "latents": {"description": f"scaled latents average-pooled to {held_out.shape[1]} x {cfg.pool} x {cfg.pool} "
                                    f"({held_out.shape[1] * cfg.pool ** 2} dims)",
                     "features": lambda z: quality.pool_latents(z, cfg.pool).flatten(1),
@@ -233,40 +420,59 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
         "images": {"description": f"decoded images average-pooled to {cfg.image_side} x {cfg.image_side} RGB "
                                   f"({3 * cfg.image_side ** 2} dims, [0, 1])",
                    "features": lambda x: quality.pool_latents(x.float() / 255.0, cfg.image_side).flatten(1),
-                   "real": images["held_out"], "sets": {k: images[k] for k in sets}},
+                   "real": reference_images, "sets": {k: images[k] for k in sets}},
     }
-    report_spaces = {}
-    for name, space in spaces.items():
+    pooled_spaces = {}
+    for name, space in pooled.items():
         real = space["features"](space["real"])
         metrics = {k: {m: round(v, 4) for m, v in quality.all_metrics(real, space["features"](x)).items()}
                    for k, x in space["sets"].items()}
-        # What the learned energy contributes: the Langevin steps' effect on the chain starts they began from.
-        energy_gain = {m: round(metrics["generated"][m] - metrics["starts"][m], 4) for m in METRICS}
-        report_spaces[name] = {"description": space["description"], "metrics": metrics, "energy_gain": energy_gain}
+        # What the learned energy contributes: the sampler's effect on the chain starts it began from.
+        energy_gain = {m: round(metrics["generated"][m] - metrics["starts"][m], 4) for m in POOLED_METRICS}
+        pooled_spaces[name] = {"description": space["description"], "metrics": metrics, "energy_gain": energy_gain,
+                               "checks": pooled_checks(metrics, cfg)}
 
-    checks = {name: quality_checks(space["metrics"], cfg) for name, space in report_spaces.items()}
+    main_space = next(iter(feature_spaces.values()), None)
+    checks = {f"features ({name})": space["checks"]["generated"] for name, space in feature_spaces.items()}
+    checks |= {name: space["checks"] for name, space in pooled_spaces.items()}
+    verdict_key = f"features ({main_space['extractor']})" if cfg.check_space == "features" else cfg.check_space
     report = {"format": REPORT_FORMAT, "samples": n, "generated": str(gen_dir.resolve()),
               "reference": str(Path(cfg.reference).resolve()), "model": manifest["model"],
               "sampler": manifest["sampler"], "held_out_shards": refs["held_out_files"],
-              "train_shards": len(refs["train_files"]), "notes": refs["notes"], "spaces": report_spaces,
-              "check_space": cfg.check_space, "checks": checks, "passed": all(checks[cfg.check_space].values()),
-              "config": asdict(cfg), "seconds": round(time.monotonic() - tick, 1)}
+              "train_shards": len(refs["train_files"]), "notes": refs["notes"],
+              "features": {name: {k: v for k, v in space.items() if not k.startswith("_")}
+                           for name, space in feature_spaces.items()},
+              "spaces": pooled_spaces, "checks": checks, "check_space": verdict_key,
+              "passed": all(checks[verdict_key].values()), "config": asdict(cfg),
+              "seconds": round(time.monotonic() - tick, 1)}
 
     out.mkdir(parents=True, exist_ok=True)
-    grid = side_by_side(images["generated"][:64], images["held_out"][:64])
-    atomic_write(out / "samples-vs-real.png", lambda f: grid.save(f, format="PNG"))
+    _save_png(out / "samples-vs-real.png", side_by_side(images["generated"][:64], reference_images[:64]))
+    if main_space is not None:
+        if main_space["classes"]:
+            _save_png(out / "per-class.png", per_class_grid(main_space, reference_images, images["generated"]))
+        distances, index = main_space["_nearest"]["generated"]
+        closest = distances.argsort()[:8]
+        _save_png(out / "memorisation.png", labelled_rows(
+            [("generated", images["generated"][closest]), ("nearest training", pool_images[index[closest]])]))
     atomic_write_json(out / "report.json", report)
     text = render_markdown(report).encode()
     atomic_write(out / "report.md", lambda f: f.write(text))
     return report
 
 
-def quality_checks(metrics: dict, cfg: EvaluateConfig) -> dict[str, bool]:
+def pooled_checks(metrics: dict, cfg: EvaluateConfig) -> dict[str, bool]:
     gen, gauss = metrics["generated"], metrics["gaussian"]
     return {f"density >= {cfg.min_density}": gen["density"] >= cfg.min_density,
             f"coverage >= {cfg.min_coverage}": gen["coverage"] >= cfg.min_coverage,
             "density above the Gaussian baseline": gen["density"] > gauss["density"],
             "coverage above the Gaussian baseline": gen["coverage"] > gauss["coverage"]}
+
+
+# --------------------------------------------------------------------------------------------- pictures
+
+def _save_png(path: Path, image) -> None:
+    atomic_write(path, lambda f: image.save(f, format="PNG"))
 
 
 def side_by_side(generated: torch.Tensor, real: torch.Tensor):
@@ -284,35 +490,91 @@ def side_by_side(generated: torch.Tensor, real: torch.Tensor):
     return canvas
 
 
+def labelled_rows(rows: list[tuple[str, torch.Tensor]], columns: int = 8):
+    """One row of up to `columns` images per (title, images), each row titled on its left; images smaller than
+    48 px are enlarged (nearest) so they stay readable."""
+    from PIL import Image, ImageDraw
+
+    sides = [imgs.shape[-1] for _, imgs in rows if len(imgs)]
+    side = max(sides) if sides else 8
+    side *= max(1, min(8, 48 // side))
+    title_width = 8 * max(len(title) for title, _ in rows) + 12
+    canvas = Image.new("RGB", (title_width + columns * (side + 2), len(rows) * (side + 4)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (title, imgs) in enumerate(rows):
+        y = r * (side + 4)
+        draw.text((4, y + side // 2 - 6), title, fill="black")
+        for c, img in enumerate(imgs[:columns]):
+            tile = Image.fromarray(img.permute(1, 2, 0).numpy(), "RGB").resize((side, side), Image.NEAREST)
+            canvas.paste(tile, (title_width + c * (side + 2), y + 2))
+    return canvas
+
+
+def per_class_grid(space: dict, reference: torch.Tensor, generated: torch.Tensor):
+    """Per class: a row of real reference images of that class (by label) and a row of generated images the
+    evaluator assigns to it."""
+    ref_pred, gen_pred = space["_predicted"]["reference"], space["_predicted"]["generated"]
+    shares = space["metrics"]["generated"]["class_histogram"]
+    rows = []
+    for c, name in enumerate(space["classes"]):
+        rows += [(f"{name}: real", reference[ref_pred == c]),
+                 (f"{name}: generated ({shares[c]:.0%})", generated[gen_pred == c])]
+    return labelled_rows(rows)
+
+
 def render_markdown(report: dict) -> str:
-    rows = {"generated": "generated (this run)", "train": "training real (floor)",
-            "gaussian": "moment-matched Gaussian", "untrained": "untrained EBM, same sampler",
-            "starts": "chain starts, no Langevin step"}
     lines = [f"# Sample quality: {report['model']['id']}", "",
+             f"**{'PASSED' if report['passed'] else 'FAILED'}** (verdict on {report['check_space']}). "
              f"{report['samples']} samples per set, each compared with {report['samples']} held-out real latents "
-             f"({len(report['held_out_shards'])} shard(s) the model never trained on). Sampler: "
-             + ", ".join(f"{k}={v}" for k, v in report["sampler"].items()) + ".", ""]
+             f"decoded by the same VAE ({len(report['held_out_shards'])} shard(s) the model never trained on). "
+             "Sampler: " + ", ".join(f"{k}={v}" for k, v in report["sampler"].items()) + ".", ""]
+    for name, space in report["features"].items():
+        ref = space["reference"]
+        labelled = bool(space["classes"])
+        lines += [f"## Feature space ({name}): {space['description']}", ""]
+        if labelled:
+            lines += [f"Decoded held-out real images: recognisable {ref['recognisable']:.3f}"
+                      + (f", evaluator accuracy {ref['accuracy']:.3f}" if "accuracy" in ref else "")
+                      + " (the yardstick can read the decoder's images only as well as this).", ""]
+        header = ["set", "FD", "KID x 1e3", "precision", "recall", "density", "coverage"]
+        header += ["recognisable", "class TV"] if labelled else []
+        header += ["copy share", "checks"]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for key, m in space["metrics"].items():
+            cells = [ROW_LABELS.get(key, key), f"{m['fd']:.3g}", f"{1e3 * m['kid']:.2f} ± {1e3 * m['kid_std']:.2f}"]
+            cells += [f"{m[x]:.3f}" for x in ("precision", "recall", "density", "coverage")]
+            cells += [f"{m['recognisable']:.3f}", f"{m['class_tv']:.3f}"] if labelled else []
+            passed = space["checks"][key]
+            cells += [f"{m['copy_share']:.3f}", f"{sum(passed.values())}/{len(passed)}"]
+            lines.append("| " + " | ".join(cells) + " |")
+        if not labelled:
+            lines += ["", "This evaluator knows no labels: recognisable and class TV need a classifier and are "
+                      "skipped."]
+        lines += ["", "Copy share: samples closer to a training image than 95% of held-out real images are "
+                  "(held-out real scores 0.05 by construction; the training row is the copier). The 8 closest "
+                  "generated/training pairs: memorisation.png.", ""]
+        if labelled:
+            lines += ["Per class, a row of real and a row of generated images (by the evaluator's label):", "",
+                      "![per class](per-class.png)", ""]
+    lines += ["Generated samples (left) beside decoded held-out real latents (right):", "",
+              "![generated vs real](samples-vs-real.png)", ""]
     for name, space in report["spaces"].items():
-        lines += [f"## {name}: {space['description']}", "",
+        lines += [f"## Pooled {name}: {space['description']}", "",
                   "| set | precision (k=3) | recall (k=3) | density (k=5) | coverage (k=5) | MMD² (RBF) |",
                   "|---|---|---|---|---|---|"]
-        for key, label in rows.items():
+        for key in ("generated", "train", "gaussian", "untrained", "starts"):
             m = space["metrics"][key]
-            lines.append(f"| {label} | " + " | ".join(f"{m[x]:.3f}" for x in METRICS) + " |")
+            lines.append(f"| {ROW_LABELS[key]} | " + " | ".join(f"{m[x]:.3f}" for x in POOLED_METRICS) + " |")
         gain = space["energy_gain"]
-        lines += ["", "What the learned energy adds (generated minus chain starts): "
+        lines += ["", "What the sampler adds to its chain starts (generated minus starts): "
                   + ", ".join(f"{x} {gain[x]:+.3f}" for x in ("precision", "recall", "density", "coverage")) + ".", ""]
     lines += ["## Checks", ""]
     for space, checks in report["checks"].items():
         lines += [f"- [{'x' if ok else ' '}] {space}: {name}" for name, ok in checks.items()]
-    lines += ["", f"**{'PASSED' if report['passed'] else 'FAILED'}** (verdict on {report['check_space']})", "",
-              "Generated samples (left) beside decoded held-out real latents (right):", "",
-              "![generated vs real](samples-vs-real.png)", "", "Notes:", ""]
+    lines += ["", "Notes:", ""]
     lines += [f"- {note}" for note in report["notes"]]
-    lines += ["- 'chain starts' are the sampler's starting points before any step: the gap between that row and "
-              "the generated one is what the learned energy contributes.",
-              "- Density rewards contraction: narrower samples sit in denser real regions (the untrained EBM's "
-              "row shows it), so read density with recall and coverage.",
+    lines += ["- Pooled spaces cannot tell a ring from a disc; the feature space is the verdict. Density rewards "
+              "contraction (narrow samples sit in dense real regions), so read it with recall and coverage.",
               "- Precision and recall read low in high dimensions even for a perfect model; density and coverage "
               "are calibrated (about 1 for two sets from one distribution). The floor row shows what real data "
               "scores here.", ""]

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import EbdError, from_dict
+from pipeline.config import ConfigError, EbdError, from_dict
 from pipeline.evaluate import EvaluateConfig, moment_matched_gaussian, run_evaluation
+from pipeline.evaluator_fit import FitEvaluatorConfig, fit_evaluator
+from pipeline.features import ImageEvaluator
 from pipeline.generate import GenerateConfig, run_generation
 from pipeline.shards import write_latent_dataset
 from pipeline.train import TrainConfig, run_training
@@ -34,13 +36,17 @@ def pipeline_run(ray_cluster, sd_checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
     latents = root / "latents"
     write_latent_dataset(latents, mixture(2048, seed=0), shard_size=256,
-                         vae=resolve_vae(sd_checkpoint).identity(), scaling_factor=0.18215)
+                         vae=resolve_vae(sd_checkpoint).identity(), scaling_factor=0.18215, shuffled=True)
     run_training(from_dict(TrainConfig, dict(latents=str(latents), output=str(root / "ebm"), holdout_shards=2,
                                              channels=[16, 32], batch_size=64, lr=1e-3, max_steps=200,
                                              log_every=50, checkpoint_every=100)))
     run_generation(from_dict(GenerateConfig, dict(model=str(root / "ebm" / "model"), vae=str(sd_checkpoint),
                                                   output=str(root / "gen"), num_images=300, images_per_shard=100,
                                                   format="parquet", progress_interval_s=0.0)))
+    # No labels here, so the evaluator learns its features without them (contrastive).
+    fit_evaluator(from_dict(FitEvaluatorConfig, dict(latents=str(latents), output=str(root / "evaluator"),
+                                                     holdout_shards=2, resolution=8, widths=[8, 16], feature_dim=16,
+                                                     steps=30, batch_size=32, shift=1, log_every=10)))
     return root
 
 
@@ -48,8 +54,9 @@ def test_report_scores_the_model_against_held_out_shards_with_baselines(pipeline
     root = pipeline_run
     report = run_evaluation(from_dict(EvaluateConfig, dict(generated=str(root / "gen"),
                                                            reference=str(root / "latents"),
+                                                           evaluator=str(root / "evaluator"),
                                                            output=str(root / "report"), num_samples=256,
-                                                           image_side=8)))
+                                                           memorisation_pool=1024, image_side=8)))
     assert report["held_out_shards"] == ["latents-000006.tar", "latents-000007.tar"]  # the last two, never trained
     assert report["train_shards"] == 6 and report["samples"] == 256
     for space in ("latents", "images"):
@@ -65,16 +72,50 @@ def test_report_scores_the_model_against_held_out_shards_with_baselines(pipeline
     assert m["starts"]["density"] < m["generated"]["density"], m  # the Langevin steps are what moves the samples
     gain = report["spaces"]["latents"]["energy_gain"]
     assert gain["density"] == pytest.approx(m["generated"]["density"] - m["starts"]["density"], abs=1e-3)
-    assert set(report["checks"]) == {"latents", "images"} and all(len(c) == 4 for c in report["checks"].values())
-    assert report["passed"] == all(report["checks"]["latents"].values())
+
+    # The feature space of an evaluator fitted without labels: distribution metrics and memorisation, no label
+    # metrics; the raw images are not there (these latents were never images), and the report says so.
+    features = report["features"]["evaluator"]
+    assert features["classes"] == [] and set(features["metrics"]) == {
+        "generated", "train", "blurred", "gaussian", "untrained", "starts"}
+    f = features["metrics"]
+    assert "recognisable" not in f["generated"] and f["train"]["copy_share"] == 1.0  # the copier is caught
+    assert f["generated"]["copy_share"] < 0.5 and features["reference"]["copy_share"] == pytest.approx(0.05, abs=0.01)
+    assert all(v["fd"] >= 0 and v["kid_std"] >= 0 for v in f.values()), f
+    assert any("raw held-out images could not be read" in note for note in report["notes"])
+    assert set(report["checks"]) == {"features (evaluator)", "latents", "images"}
+    assert report["check_space"] == "features (evaluator)"
+    assert report["passed"] == all(report["checks"]["features (evaluator)"].values())
     saved = json.loads((root / "report" / "report.json").read_text())
-    assert saved["spaces"] == report["spaces"]
+    assert saved["spaces"] == report["spaces"] and saved["features"] == report["features"]
     text = (root / "report" / "report.md").read_text()
-    assert "moment-matched Gaussian" in text and "samples-vs-real.png" in text
+    assert text.index("## Feature space") < text.index("## Pooled latents")  # what a person sees comes first
+    assert "moment-matched Gaussian" in text and "samples-vs-real.png" in text and "need a classifier" in text
     assert f"density {gain['density']:+.3f}" in text  # the energy's share, spelled out
     from PIL import Image
     grid = Image.open(root / "report" / "samples-vs-real.png")
     assert grid.width > 2 * 8 * 8 and grid.height == 8 * 8  # two 8 x 8 grids of 8 px images side by side
+    assert Image.open(root / "report" / "memorisation.png").height > 2 * 8
+
+
+def test_an_evaluator_of_another_vae_and_a_verdict_without_a_feature_space_are_refused(pipeline_run, tmp_path):
+    root = pipeline_run
+    other = ImageEvaluator.from_pretrained(root / "evaluator")
+    other.config["vae"] = {"weights_sha256": "0" * 64}
+    other.save_pretrained(tmp_path / "other-evaluator")
+    with pytest.raises(EbdError, match="fitted for another VAE"):
+        run_evaluation(from_dict(EvaluateConfig, dict(generated=str(root / "gen"), reference=str(root / "latents"),
+                                                      evaluator=str(tmp_path / "other-evaluator"),
+                                                      output=str(tmp_path / "r"))))
+    with pytest.raises(ConfigError, match="pass --evaluator DIR"):
+        from_dict(EvaluateConfig, dict(generated="g", reference="r", output="o"))
+
+
+def test_holding_out_shards_of_a_folder_written_in_input_order_is_refused(tmp_path):
+    write_latent_dataset(tmp_path / "latents", mixture(64, seed=2), shard_size=32)  # not shuffled
+    with pytest.raises(ConfigError, match="not a random sample"):
+        run_training(from_dict(TrainConfig, dict(latents=str(tmp_path / "latents"), output=str(tmp_path / "ebm"),
+                                                 holdout_shards=1)))
 
 
 def test_moment_matched_gaussian_has_the_data_mean_and_covariance():
@@ -89,7 +130,8 @@ def test_check_flag_fails_the_job_in_one_line_when_a_threshold_is_missed(pipelin
     result = subprocess.run(
         [sys.executable, "-m", "jobs.evaluate", "--generated", str(root / "gen"), "--reference",
          str(root / "latents"), "--output", str(tmp_path / "r"), "--num-samples", "100", "--check",
-         "--set", "min_density=50"], cwd=REPO, capture_output=True, text=True, timeout=300)
+         "--set", "min_density=50", "--set", "check_space=latents"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1] == "error: quality check failed: density >= 50.0"
     assert json.loads((tmp_path / "r" / "report.json").read_text())["passed"] is False
@@ -101,10 +143,10 @@ def test_refuses_runs_without_latents_and_references_of_another_vae(pipeline_run
                                                   output=str(tmp_path / "gen"), num_images=20, save_latents=False,
                                                   format="webdataset", progress_interval_s=0.0)))
     with pytest.raises(EbdError, match="without its latents"):
-        run_evaluation(from_dict(EvaluateConfig, dict(generated=str(tmp_path / "gen"),
+        run_evaluation(from_dict(EvaluateConfig, dict(generated=str(tmp_path / "gen"), check_space="latents",
                                                       reference=str(root / "latents"), output=str(tmp_path / "r"))))
     other = tmp_path / "other-latents"
     write_latent_dataset(other, mixture(64, seed=1), vae={"weights_sha256": "0" * 64})
     with pytest.raises(EbdError, match="another VAE"):
         run_evaluation(from_dict(EvaluateConfig, dict(generated=str(root / "gen"), reference=str(other),
-                                                      output=str(tmp_path / "r"))))
+                                                      check_space="latents", output=str(tmp_path / "r"))))
