@@ -87,3 +87,22 @@ def test_bad_settings_fail_in_one_line_before_any_work(images, tmp_path):
                             timeout=120)
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
     assert "not a multiple" in result.stderr and not (tmp_path / "x").exists()
+
+
+def test_the_edge_term_pays_for_blurred_edges_that_mse_cannot_tell_from_a_colour_shift():
+    """A blurred edge and a uniform colour offset with the same MSE: only the edge term tells them apart."""
+    import torch
+
+    from pipeline.config import from_dict
+    from pipeline.vae_fit import FitVaeConfig, reconstruction_terms
+
+    x = torch.zeros(1, 3, 16, 16)
+    x[..., 8:] = 1.0                                       # a sharp vertical edge
+    blur = x.clone()
+    blur[..., 7], blur[..., 8] = 0.5, 0.5                  # the edge smeared over two columns
+    mse = (blur - x).pow(2).mean()
+    shift = x + mse.sqrt()                                 # the same MSE, spread evenly
+    assert torch.isclose((shift - x).pow(2).mean(), mse)
+    cfg = from_dict(FitVaeConfig, dict(input="i", output="o", l1_weight=0.0, edge_weight=1.0))
+    assert reconstruction_terms(blur, x, cfg) > 0.05 and reconstruction_terms(shift, x, cfg) < 1e-6
+    assert reconstruction_terms(blur, x, from_dict(FitVaeConfig, dict(input="i", output="o"))) == 0
