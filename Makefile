@@ -11,9 +11,14 @@ VENV_FLAGS ?=
 DEMO_DIR ?= build/demo
 DEMO_VAE ?= models/demo
 DEMO_EBM ?= models/demo/ebm
-GENERATED ?= $(DEMO_DIR)/generated
+DEMO_EVALUATOR ?= models/demo/evaluator
+# Output folders are keyed by the shipped weights, so pulling new models never meets a folder the old ones filled.
+VAE_ID := $(shell sha256sum $(DEMO_VAE)/vae/diffusion_pytorch_model.safetensors 2>/dev/null | cut -c1-12)
+EBM_ID := $(shell sha256sum $(DEMO_EBM)/model.safetensors 2>/dev/null | cut -c1-12)
+LATENTS ?= $(DEMO_DIR)/latents-$(VAE_ID)
+GENERATED ?= $(DEMO_DIR)/generated-$(EBM_ID)
 
-.PHONY: install demo demo-train demo-generate test bench clean cluster-up cluster-down
+.PHONY: install demo demo-train demo-generate demo-models demo-refit-dependants test bench clean cluster-up cluster-down
 
 install: $(VENV)/.installed
 
@@ -31,31 +36,54 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # The demo: 10k procedural images -> latents with the shipped demo VAE -> 1000 images from the shipped demo EBM ->
-# evaluation against the latent shard the EBM never trained on. `make demo-train` first retrains the EBM with the
-# recipe the shipped one came from (configs/train-demo.yaml) and generates from that instead.
+# evaluation in the shipped evaluator's feature space against the latent shard the EBM never trained on.
+# `make demo-train` first retrains the EBM with the recipe the shipped one came from (configs/train-demo.yaml) and
+# generates from that instead. `make demo-models` refits every shipped model (VAE, evaluator, EBM): about 1.5 hours.
 demo: install
 	$(BIN)/python -m jobs.demo_assets --output $(DEMO_DIR)
 	$(BIN)/python -m jobs.precompute --config configs/precompute-demo.yaml \
-		--input $(DEMO_DIR)/images --vae $(DEMO_VAE) --output $(DEMO_DIR)/latents
-	$(MAKE) --no-print-directory demo-generate DEMO_EBM=$(DEMO_EBM)
+		--input $(DEMO_DIR)/images --vae $(DEMO_VAE) --output $(LATENTS)
+	$(MAKE) --no-print-directory demo-generate DEMO_EBM=$(DEMO_EBM) LATENTS=$(LATENTS) GENERATED=$(GENERATED)
 
 demo-train: install
 	$(BIN)/python -m jobs.demo_assets --output $(DEMO_DIR)
 	$(BIN)/python -m jobs.precompute --config configs/precompute-demo.yaml \
-		--input $(DEMO_DIR)/images --vae $(DEMO_VAE) --output $(DEMO_DIR)/latents
+		--input $(DEMO_DIR)/images --vae $(DEMO_VAE) --output $(LATENTS)
 	$(BIN)/python -m jobs.train --config configs/train-demo.yaml \
-		--latents $(DEMO_DIR)/latents --output $(DEMO_DIR)/ebm --run-name demo
-	$(MAKE) --no-print-directory demo-generate DEMO_EBM=$(DEMO_DIR)/ebm/model GENERATED=$(DEMO_DIR)/generated-trained
+		--latents $(LATENTS) --output $(DEMO_DIR)/ebm --run-name demo-$(VAE_ID)
+	$(MAKE) --no-print-directory demo-generate DEMO_EBM=$(DEMO_DIR)/ebm/model LATENTS=$(LATENTS) \
+		GENERATED=$(DEMO_DIR)/generated-trained
 
 demo-generate:
 	$(BIN)/python -m jobs.generate --config configs/generate.yaml --model $(DEMO_EBM) \
 		--vae $(DEMO_VAE) --num-images 1000 --output $(GENERATED)
-	$(BIN)/python -m jobs.evaluate --generated $(GENERATED) --reference $(DEMO_DIR)/latents \
-		--output $(GENERATED)-report
+	$(BIN)/python -m jobs.evaluate --generated $(GENERATED) --reference $(LATENTS) \
+		--evaluator $(DEMO_EVALUATOR) --output $(GENERATED)-report
 	@echo
 	@echo "images (parquet + tar shards): $(GENERATED)/"
 	@echo "preview:                       $(GENERATED)/preview.png"
-	@echo "evaluation report:             $(GENERATED)-report/report.md (samples-vs-real.png beside it)"
+	@echo "evaluation report:             $(GENERATED)-report/report.md (samples-vs-real.png, per-class.png beside it)"
+
+# Refits the shipped demo models in order, into models/demo: the VAE (about 70 minutes on 2 CPUs), then latents
+# with it, the evaluator that reads its decoder's images, and the EBM (`git diff models/` shows what changed).
+demo-models: install
+	$(BIN)/python -m jobs.demo_assets --output $(DEMO_DIR)
+	$(BIN)/python -m jobs.fit_vae --config configs/fit-vae-demo.yaml --input $(DEMO_DIR)/images \
+		--output $(DEMO_DIR)/vae-fit
+	rm -rf $(DEMO_VAE)/vae && cp -r $(DEMO_DIR)/vae-fit/vae $(DEMO_DIR)/vae-fit/model_index.json \
+		$(DEMO_DIR)/vae-fit/fit_vae.json $(DEMO_DIR)/vae-fit/reconstructions.png $(DEMO_VAE)/
+	$(MAKE) --no-print-directory demo-refit-dependants
+
+# A new make process, so VAE_ID is read from the VAE just copied.
+demo-refit-dependants:
+	$(BIN)/python -m jobs.precompute --config configs/precompute-demo.yaml \
+		--input $(DEMO_DIR)/images --vae $(DEMO_VAE) --output $(DEMO_DIR)/latents-$(VAE_ID)
+	$(BIN)/python -m jobs.fit_evaluator --config configs/fit-evaluator-demo.yaml \
+		--latents $(DEMO_DIR)/latents-$(VAE_ID) --output $(DEMO_DIR)/evaluator-$(VAE_ID)
+	$(BIN)/python -m jobs.train --config configs/train-demo.yaml \
+		--latents $(DEMO_DIR)/latents-$(VAE_ID) --output $(DEMO_DIR)/ebm-$(VAE_ID) --run-name demo-$(VAE_ID)
+	rm -rf $(DEMO_EVALUATOR) && cp -r $(DEMO_DIR)/evaluator-$(VAE_ID) $(DEMO_EVALUATOR)
+	cp $(DEMO_DIR)/ebm-$(VAE_ID)/model/config.json $(DEMO_DIR)/ebm-$(VAE_ID)/model/model.safetensors $(DEMO_EBM)/
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

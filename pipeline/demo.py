@@ -21,11 +21,14 @@ SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond")
 BACKGROUNDS = ("flat", "gradient", "stripes", "checker")
 
 
-def render_shape_image(index: int, size: int = 64, seed: int = 0) -> tuple[Image.Image, str]:
-    """Image `index` of the demo set and its label; the same (index, size, seed) always gives the same pixels."""
+def render_shape_image(index: int, size: int = 64, seed: int = 0, draw_shape: bool = True) -> tuple[Image.Image, str]:
+    """Image `index` of the demo set and its label; the same (index, size, seed) always gives the same pixels.
+    `draw_shape=False` gives the same image's background alone (a degraded set for tests of the evaluation)."""
     rng = np.random.default_rng([seed, index])
     shape = SHAPES[index % len(SHAPES)]
     img = _background(rng, size)
+    if not draw_shape:
+        return img, shape
     draw = ImageDraw.Draw(img)
     colour = tuple(int(c) for c in rng.integers(0, 256, 3))
     r = size * rng.uniform(0.18, 0.32)
