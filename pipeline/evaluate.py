@@ -12,7 +12,8 @@ Rows scored against the reference in the same run (REFERENCE sections 3 and 8):
     raw        the same held-out images as they were before the VAE: what the VAE itself loses
     train      training latents, decoded: the floor, what a perfect model scores; also the copier (they are in the
                memorisation pool, so their copy share is 1)
-    blurred    training images blurred to 1/4 of their side and back: a degraded real set the metric must fail
+    blurred    training images blurred to 1/8 of their side (the latent grid) and back: a degraded real set whose
+               FD must sit clearly above the floor's
     gaussian   N(mean, cov) of the training latents, sampled exactly without forming cov (mean + X_c^T w)
     untrained  the same sampler (and chain starts) on the same architecture with fresh random weights
     starts     the chains' starting points alone: what the energy adds is the distance from this row to generated
@@ -51,12 +52,13 @@ from . import quality
 from . import shards as sh
 from .config import EbdError, require
 from .shards import atomic_write, atomic_write_json
+from .vae import decode_images
 
 REPORT_FORMAT = "ebd.report/2"
 BASELINES = ("raw", "train", "blurred", "gaussian", "untrained", "starts")
 POOLED_METRICS = ("precision", "recall", "density", "coverage", "mmd")
 ROW_LABELS = {"generated": "generated (this run)", "raw": "held-out real, raw (before the VAE)",
-              "train": "training real, decoded (floor; copier)", "blurred": "training real, blurred (degraded)",
+              "train": "training real, decoded (floor; copier)", "blurred": "training real, blurred to 1/8 side",
               "gaussian": "moment-matched Gaussian", "untrained": "untrained model, same sampler",
               "starts": "chain starts, no step"}
 
@@ -247,14 +249,7 @@ def untrained_samples(trained, sampler: dict, n: int, seed: int) -> torch.Tensor
     return torch.cat(out)
 
 
-def decode_images(vae, latents: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    """Scaled latents -> uint8 images (N, 3, H, W), the way the generation job's decoder makes them."""
-    from .vae import decode, to_uint8
-
-    return torch.cat([to_uint8(decode(vae, latents[a:a + batch])).cpu() for a in range(0, len(latents), batch)])
-
-
-def blurred(images: torch.Tensor, factor: int = 4) -> torch.Tensor:
+def blurred(images: torch.Tensor, factor: int = 8) -> torch.Tensor:
     """Images down-sampled to 1/factor of their side and back (bilinear): real content with the detail removed."""
     from torch.nn import functional as F
 

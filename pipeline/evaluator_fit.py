@@ -75,7 +75,7 @@ class FitEvaluatorConfig:
 
 def decoded_split(cfg: FitEvaluatorConfig) -> dict:
     """Training and held-out latents decoded to uint8 images, with labels (None where a latent has none)."""
-    from .vae import cached_vae, pick_device, resolve_vae
+    from .vae import cached_vae, decode_images, pick_device, resolve_vae
 
     manifest = sh.read_manifest(cfg.latents)
     files = [s["file"] for s in manifest["shards"] if s["count"] > 0]
@@ -100,16 +100,9 @@ def decoded_split(cfg: FitEvaluatorConfig) -> dict:
             keep = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.max_images]
             rows = [rows[i] for i in sorted(keep.tolist())]
         latents = torch.from_numpy(np.stack([r["latent"] for r in rows]))
-        out[name] = decode_latents(vae, latents)
+        out[name] = decode_images(vae, latents)
         out[f"{name}_labels"] = [r["meta"].get("label") for r in rows]
     return out
-
-
-def decode_latents(vae, latents: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    """Scaled latents -> uint8 images (N, 3, H, W), exactly as the generation job's decoder makes them."""
-    from .vae import decode, to_uint8
-
-    return torch.cat([to_uint8(decode(vae, latents[a:a + batch])).cpu() for a in range(0, len(latents), batch)])
 
 
 def augment(x: torch.Tensor, shift: int, flip: bool, generator: torch.Generator, colour: bool = False) -> torch.Tensor:

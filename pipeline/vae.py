@@ -175,6 +175,12 @@ def decode(vae, latents: torch.Tensor) -> torch.Tensor:
     return vae.decode(z).sample.clamp(-1, 1)
 
 
+def decode_images(vae, latents: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """Scaled latents -> uint8 images (N, 3, H, W) on the CPU, in batches, as the generation job's decoder makes
+    them (evaluation and the evaluator's training decode real latents exactly so)."""
+    return torch.cat([to_uint8(decode(vae, latents[a:a + batch])).cpu() for a in range(0, len(latents), batch)])
+
+
 # ----------------------------------------------------------------------- making VAEs (demo, fit_vae, tests)
 
 def autoencoder_config(block_out_channels, latent_channels: int = 4, norm_num_groups: int = 4,

@@ -1,4 +1,5 @@
-"""The models shipped in models/demo/ do what their cards claim, checked on images they never saw."""
+"""The models shipped in models/demo/ do what their cards claim, checked on images they never saw (rendered with
+another seed than the demo set's)."""
 
 from __future__ import annotations
 
@@ -9,22 +10,31 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.demo import render_shape_image
+from pipeline import quality
+from pipeline.demo import SHAPES, render_shape_image
 from pipeline.ebm import EnergyModel
-from pipeline.evaluate import decode_images, moment_matched_gaussian
+from pipeline.evaluate import blurred
+from pipeline.features import ImageEvaluator
 from pipeline.langevin import sample
-from pipeline.quality import density_coverage, pool_latents
 from pipeline.shards import file_sha256
-from pipeline.vae import encode, load_vae, resolve_vae
+from pipeline.vae import decode_images, encode, load_vae, resolve_vae
 from pipeline.vae_fit import to_unit_range
 from tests.conftest import REPO
 
 DEMO = REPO / "models" / "demo"
+UNSEEN = 600
 
 
-def render(indices, seed: int = 0) -> torch.Tensor:
-    return torch.stack([torch.from_numpy(np.array(render_shape_image(i, 64, seed)[0])) for i in indices]
-                       ).permute(0, 3, 1, 2)
+def render(indices, seed: int = 0, draw_shape: bool = True) -> torch.Tensor:
+    return torch.stack([torch.from_numpy(np.array(render_shape_image(i, 64, seed, draw_shape)[0]))
+                        for i in indices]).permute(0, 3, 1, 2)
+
+
+def through_the_vae(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """Images -> sampled, scaled latents (as precompute makes them) -> decoded uint8 images (as generate makes them)."""
+    latents = torch.cat([encode(vae, to_unit_range(pixels[a:a + 200]), seeds=list(range(a, a + 200)))[0]
+                         for a in range(0, len(pixels), 200)])
+    return decode_images(vae, latents)
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +42,22 @@ def vae():
     return load_vae(resolve_vae(DEMO), torch.device("cpu"), torch.float32)
 
 
+@pytest.fixture(scope="module")
+def evaluator():
+    return ImageEvaluator.from_pretrained(DEMO / "evaluator")
+
+
+@pytest.fixture(scope="module")
+def unseen(vae):
+    """600 unseen demo images through the shipped VAE, their labels, and the same images' backgrounds alone."""
+    labels = torch.tensor([i % len(SHAPES) for i in range(UNSEEN)])
+    return {"decoded": through_the_vae(vae, render(range(UNSEEN), seed=1)), "labels": labels,
+            "backgrounds": through_the_vae(vae, render(range(UNSEEN), seed=1, draw_shape=False))}
+
+
 def test_the_demo_vae_reconstructs_unseen_images_recognisably(vae):
-    """Images rendered with another seed: each reconstruction is nearest to its own original among 256, and the
-    PSNR is near the figure the fit recorded on its held-out images."""
+    """Each reconstruction is nearest to its own original among 256, and the PSNR is near the figure the fit
+    recorded on its held-out images."""
     record = json.loads((DEMO / "fit_vae.json").read_text())
     assert file_sha256(DEMO / "vae" / "diffusion_pytorch_model.safetensors") == record["weights_sha256"]
     originals = render(range(256), seed=1)
@@ -47,33 +70,45 @@ def test_the_demo_vae_reconstructs_unseen_images_recognisably(vae):
     assert (nearest == torch.arange(256)).float().mean().item() >= 0.95
 
 
-def test_the_demo_ebm_meets_the_quality_bar_on_held_out_images(vae):
-    """Latents of the held-out demo images (the last shard of 1000, never trained on) against 1000 samples of the
-    shipped EBM under its own sampler, as its model card reports: on pooled latents (4 x 4 x 4) and on decoded images
-    (16 x 16), density and coverage >= 0.7 and above a moment-matched Gaussian's."""
+def test_the_demo_evaluator_reads_the_decoders_images(evaluator, unseen):
+    """The yardstick can read what the decoder makes: its record on the held-out shard, and the same on unseen
+    images, rendered with another seed, through the shipped VAE."""
+    assert evaluator.vae_sha256 == resolve_vae(DEMO).weights_sha256()
+    assert evaluator.classes == sorted(SHAPES)
+    held = evaluator.config["held_out"]
+    assert held["accuracy"] >= 0.95 and held["recognised"] >= 0.9, held
+    probs = evaluator.probabilities(unseen["decoded"])
+    truth = torch.tensor([evaluator.classes.index(SHAPES[i]) for i in unseen["labels"]])
+    accuracy = (probs.argmax(1) == truth).double().mean().item()
+    assert accuracy >= 0.93 and quality.recognisable_share(probs) >= 0.85, (accuracy, quality.recognisable_share(probs))
+
+
+def test_the_feature_space_sees_shape(evaluator, unseen):
+    """Two halves of the unseen set are one distribution (FD near its small-sample floor, KID about 0). The same
+    images blurred to 16 px and back score a higher FD; blurred to the latent grid (8 px), a far higher FD and a
+    lower recognisable share; with their shapes removed, both collapse. (Measured: FD 0.49 real, 0.81 at 16 px, 6.6
+    at 8 px, 171 without shapes; recognisable 0.94, 0.93, 0.83, 0.45: the evaluator, trained on the VAE's soft
+    images, reads shapes through a 16 px blur, as a person does.)"""
+    real_a, real_b = unseen["decoded"][:UNSEEN // 2], unseen["decoded"][UNSEEN // 2:]
+    sets = {"real": real_b, "16 px": blurred(real_b, 4), "8 px": blurred(real_b, 8),
+            "no shape": unseen["backgrounds"][UNSEEN // 2:]}
+    reference = evaluator.features(real_a)
+    fd = {name: quality.frechet_distance(reference, evaluator.features(x)) for name, x in sets.items()}
+    recognised = {name: quality.recognisable_share(evaluator.probabilities(x)) for name, x in sets.items()}
+    kid = quality.kernel_inception_distance(reference, evaluator.features(real_b), subsets=20)
+    assert abs(kid["kid"]) < 3 * kid["kid_std"] + 1e-3, kid
+    assert fd["16 px"] > 1.3 * fd["real"] and fd["8 px"] > 5 * fd["real"] and fd["no shape"] > 50 * fd["real"], fd
+    assert recognised["8 px"] < recognised["real"] - 0.05 and recognised["no shape"] < 0.6 * recognised["real"], \
+        recognised
+
+
+def test_the_demo_ebm_is_fitted_to_the_shipped_vae_and_samples_deterministically():
+    """The shipped EBM belongs to this VAE and holds out the last latent shard; its samples depend only on the chain
+    seed (its quality, measured by jobs.evaluate, is in its model card)."""
     model = EnergyModel.from_pretrained(DEMO / "ebm")
     assert model.metadata["latents"]["vae"]["weights_sha256"] == resolve_vae(DEMO).weights_sha256()
     assert [s["file"] for s in model.metadata["latents"]["held_out"]] == ["latents-000009.tar"]
-
-    def latents(indices):
-        pixels = render(indices)
-        return torch.cat([encode(vae, to_unit_range(pixels[a:a + 250]), seeds=list(range(a, a + 250)))[0]
-                          for a in range(0, len(pixels), 250)])
-
-    def images(z):
-        return pool_latents(decode_images(vae, z).float() / 255, 16).flatten(1)
-
-    real, train = latents(range(9000, 10000)), latents(range(0, 2000))
-    generators = [torch.Generator().manual_seed(i) for i in range(1000)]
-    fake = torch.cat([sample(model, 250, tuple(model.config.latent_shape), model.sampler, generators[a:a + 250])
-                      for a in range(0, 1000, 250)])
-    gaussian = moment_matched_gaussian(train, 1000, torch.Generator().manual_seed(0))
-
-    ours, baseline = density_coverage(images(real), images(fake)), density_coverage(images(real), images(gaussian))
-    assert ours["density"] >= 0.7 and ours["coverage"] >= 0.7, ours
-    assert ours["density"] > baseline["density"] and ours["coverage"] > baseline["coverage"], (ours, baseline)
-
-    pooled = lambda z: pool_latents(z, 4).flatten(1)  # noqa: E731
-    ours, baseline = density_coverage(pooled(real), pooled(fake)), density_coverage(pooled(real), pooled(gaussian))
-    assert ours["density"] >= 0.7 and ours["coverage"] >= 0.7, ours
-    assert ours["density"] > baseline["density"] and ours["coverage"] > baseline["coverage"], (ours, baseline)
+    shape = tuple(model.config.latent_shape)
+    first = sample(model, 4, shape, model.sampler, [torch.Generator().manual_seed(i) for i in range(4)])
+    again = sample(model, 2, shape, model.sampler, [torch.Generator().manual_seed(i) for i in (2, 3)])
+    assert torch.isfinite(first).all() and torch.equal(first[2:], again)

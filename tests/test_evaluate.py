@@ -31,11 +31,16 @@ def mixture(n: int, seed: int) -> np.ndarray:
     return (rng.normal(0, 0.3, (n, *SHAPE)) + 0.75 * sign).astype(np.float32)
 
 
+def mode_labels(latents: np.ndarray) -> list[str]:
+    return ["upper" if z.mean() > 0 else "lower" for z in latents]
+
+
 @pytest.fixture(scope="module")
 def pipeline_run(ray_cluster, sd_checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
     latents = root / "latents"
-    write_latent_dataset(latents, mixture(2048, seed=0), shard_size=256,
+    data = mixture(2048, seed=0)
+    write_latent_dataset(latents, data, shard_size=256, labels=mode_labels(data),
                          vae=resolve_vae(sd_checkpoint).identity(), scaling_factor=0.18215, shuffled=True)
     run_training(from_dict(TrainConfig, dict(latents=str(latents), output=str(root / "ebm"), holdout_shards=2,
                                              channels=[16, 32], batch_size=64, lr=1e-3, max_steps=200,
@@ -43,10 +48,10 @@ def pipeline_run(ray_cluster, sd_checkpoint, tmp_path_factory):
     run_generation(from_dict(GenerateConfig, dict(model=str(root / "ebm" / "model"), vae=str(sd_checkpoint),
                                                   output=str(root / "gen"), num_images=300, images_per_shard=100,
                                                   format="parquet", progress_interval_s=0.0)))
-    # No labels here, so the evaluator learns its features without them (contrastive).
+    # The latents carry their mode as a label, so the evaluator is a classifier of the two modes.
     fit_evaluator(from_dict(FitEvaluatorConfig, dict(latents=str(latents), output=str(root / "evaluator"),
                                                      holdout_shards=2, resolution=8, widths=[8, 16], feature_dim=16,
-                                                     steps=30, batch_size=32, shift=1, log_every=10)))
+                                                     steps=100, batch_size=32, shift=1, log_every=50)))
     return root
 
 
@@ -56,7 +61,7 @@ def test_report_scores_the_model_against_held_out_shards_with_baselines(pipeline
                                                            reference=str(root / "latents"),
                                                            evaluator=str(root / "evaluator"),
                                                            output=str(root / "report"), num_samples=256,
-                                                           memorisation_pool=1024, image_side=8)))
+                                                           memorisation_pool=512, image_side=8)))
     assert report["held_out_shards"] == ["latents-000006.tar", "latents-000007.tar"]  # the last two, never trained
     assert report["train_shards"] == 6 and report["samples"] == 256
     for space in ("latents", "images"):
@@ -73,13 +78,15 @@ def test_report_scores_the_model_against_held_out_shards_with_baselines(pipeline
     gain = report["spaces"]["latents"]["energy_gain"]
     assert gain["density"] == pytest.approx(m["generated"]["density"] - m["starts"]["density"], abs=1e-3)
 
-    # The feature space of an evaluator fitted without labels: distribution metrics and memorisation, no label
-    # metrics; the raw images are not there (these latents were never images), and the report says so.
+    # The evaluator's feature space: distribution, label and memorisation metrics for every row; the raw images are
+    # not there (these latents were never images), and the report says so.
     features = report["features"]["evaluator"]
-    assert features["classes"] == [] and set(features["metrics"]) == {
+    assert features["classes"] == ["lower", "upper"] and set(features["metrics"]) == {
         "generated", "train", "blurred", "gaussian", "untrained", "starts"}
     f = features["metrics"]
-    assert "recognisable" not in f["generated"] and f["train"]["copy_share"] == 1.0  # the copier is caught
+    assert f["train"]["copy_share"] == 1.0  # the copier is caught
+    assert f["train"]["class_tv"] < 0.1 and features["reference"]["class_histogram"][1] > 0.5, features["reference"]
+    assert all(0 <= m["recognisable"] <= 1 and abs(sum(m["class_histogram"]) - 1) < 1e-3 for m in f.values())
     assert f["generated"]["copy_share"] < 0.5 and features["reference"]["copy_share"] == pytest.approx(0.05, abs=0.01)
     assert all(v["fd"] >= 0 and v["kid_std"] >= 0 for v in f.values()), f
     assert any("raw held-out images could not be read" in note for note in report["notes"])
@@ -90,12 +97,13 @@ def test_report_scores_the_model_against_held_out_shards_with_baselines(pipeline
     assert saved["spaces"] == report["spaces"] and saved["features"] == report["features"]
     text = (root / "report" / "report.md").read_text()
     assert text.index("## Feature space") < text.index("## Pooled latents")  # what a person sees comes first
-    assert "moment-matched Gaussian" in text and "samples-vs-real.png" in text and "need a classifier" in text
+    assert "moment-matched Gaussian" in text and "samples-vs-real.png" in text and "per-class.png" in text
     assert f"density {gain['density']:+.3f}" in text  # the energy's share, spelled out
     from PIL import Image
     grid = Image.open(root / "report" / "samples-vs-real.png")
     assert grid.width > 2 * 8 * 8 and grid.height == 8 * 8  # two 8 x 8 grids of 8 px images side by side
     assert Image.open(root / "report" / "memorisation.png").height > 2 * 8
+    assert Image.open(root / "report" / "per-class.png").height >= 4 * 8  # a real and a generated row per class
 
 
 def test_an_evaluator_of_another_vae_and_a_verdict_without_a_feature_space_are_refused(pipeline_run, tmp_path):

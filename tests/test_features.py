@@ -104,3 +104,27 @@ def test_nt_xent_is_lowest_when_views_match():
     a = torch.randn(32, 8, generator=g)
     matched, shuffled = nt_xent(a, a + 0.01 * torch.randn(32, 8, generator=g), 0.2), nt_xent(a, a[torch.randperm(32)], 0.2)
     assert matched < shuffled and matched.item() < math.log(63)
+
+
+def test_an_unlabelled_latent_folder_gives_a_contrastive_evaluator_that_records_its_vae(sd_checkpoint, tmp_path):
+    import numpy as np
+
+    from pipeline.config import from_dict
+    from pipeline.evaluator_fit import FitEvaluatorConfig, fit_evaluator
+    from pipeline.shards import write_latent_dataset
+    from pipeline.vae import resolve_vae
+
+    rng = np.random.default_rng(0)
+    identity = resolve_vae(sd_checkpoint).identity()
+    write_latent_dataset(tmp_path / "latents", rng.normal(size=(96, 4, 4, 4)).astype(np.float32), shard_size=32,
+                         vae=identity, shuffled=True)
+    config = fit_evaluator(from_dict(FitEvaluatorConfig, dict(
+        latents=str(tmp_path / "latents"), output=str(tmp_path / "ev"), resolution=8, widths=[8], feature_dim=8,
+        steps=5, batch_size=16)))
+    assert config["kind"] == "contrastive" and config["classes"] == []
+    assert config["held_out"]["files"] == ["latents-000002.tar"] and config["training"]["images"] == 64
+    loaded = ImageEvaluator.from_pretrained(tmp_path / "ev")
+    assert loaded.vae_sha256 == identity["weights_sha256"] and loaded.probabilities(torch.zeros(2, 3, 8, 8)) is None
+    with pytest.raises(EbdError, match="needs at least two labels"):
+        fit_evaluator(from_dict(FitEvaluatorConfig, dict(latents=str(tmp_path / "latents"), kind="classifier",
+                                                         output=str(tmp_path / "ev2"), steps=1, batch_size=2)))
