@@ -269,7 +269,8 @@ def score_feature_space(extractor, name: str, reference: torch.Tensor, reference
     pool_features = extractor.features(pool)
     ref_to_train, _ = quality.nearest_distances(ref_features, pool_features)
     classes = list(extractor.classes)
-    ref_probs = extractor.probabilities(reference) if classes else None
+    ref_probs = extractor.classify(ref_features) if classes else None
+    ref_histogram = quality.class_histogram(ref_probs) if classes else None
     metrics, nearest, predicted = {}, {}, {}
     for key, images in sets.items():
         features = extractor.features(images)
@@ -277,17 +278,18 @@ def score_feature_space(extractor, name: str, reference: torch.Tensor, reference
         distances, index = quality.nearest_distances(features, pool_features)
         m["copy_share"] = quality.copy_share(distances, ref_to_train)
         if classes:
-            probs = extractor.probabilities(images)
+            probs = extractor.classify(features)
+            histogram = quality.class_histogram(probs)
             m["recognisable"] = quality.recognisable_share(probs, extractor.confidence)
-            m["class_tv"] = quality.total_variation(quality.class_histogram(probs), quality.class_histogram(ref_probs))
-            m["class_histogram"] = [round(v, 4) for v in quality.class_histogram(probs).tolist()]
+            m["class_tv"] = quality.total_variation(histogram, ref_histogram)
+            m["class_histogram"] = [round(v, 4) for v in histogram.tolist()]
             predicted[key] = probs.argmax(1)
         metrics[key] = {k: (float(f"{v:.5g}") if isinstance(v, float) else v) for k, v in m.items()}
         nearest[key] = (distances, index)
     reference_row = {"copy_share": round(quality.copy_share(ref_to_train, ref_to_train), 4)}
     if classes:
         reference_row |= {"recognisable": round(quality.recognisable_share(ref_probs, extractor.confidence), 5),
-                          "class_histogram": [round(v, 4) for v in quality.class_histogram(ref_probs).tolist()]}
+                          "class_histogram": [round(v, 4) for v in ref_histogram.tolist()]}
         truth = [classes.index(label) if label in classes else -1 for label in reference_labels]
         known = [i for i, t in enumerate(truth) if t >= 0]
         if known:
@@ -401,9 +403,9 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
                                                 {k: images[k] for k in ("generated", *BASELINES) if k in images},
                                                 pool_images, cfg)
                       for name, extractor in extractors.items()}
-    for name, space in feature_spaces.items():
-        evaluator_held = set((getattr(extractors[name], "config", {}) or {}).get("held_out", {}).get("files", []))
-        if name == "evaluator" and evaluator_held and not set(refs["held_out_files"]) <= evaluator_held:
+    if "evaluator" in extractors:
+        evaluator_held = set(extractors["evaluator"].config.get("held_out", {}).get("files", []))
+        if evaluator_held and not set(refs["held_out_files"]) <= evaluator_held:
             refs["notes"].append("the evaluator trained on some of the reference shards: its feature space has seen "
                                  "the reference data")
 

@@ -83,11 +83,12 @@ def decoded_split(cfg: FitEvaluatorConfig) -> dict:
             f"{cfg.holdout_shards} leaves none to train on")
     require(manifest.get("order") == "shuffled", f"{cfg.latents} was written in input order (older precompute or "
             "shuffle: false): its last shards are not a random sample; re-run precompute into a new folder")
-    vae_path = cfg.vae or (manifest.get("vae") or {}).get("path")
+    recorded_vae = manifest.get("vae") or {}
+    vae_path = cfg.vae or recorded_vae.get("path")
     require(vae_path is not None, "the latents' manifest names no VAE: pass --vae DIR")
-    spec = resolve_vae(vae_path, (manifest.get("vae") or {}).get("subfolder", "auto") if not cfg.vae else "auto")
+    spec = resolve_vae(vae_path, "auto" if cfg.vae else recorded_vae.get("subfolder", "auto"))
     identity = spec.identity()
-    recorded = (manifest.get("vae") or {}).get("weights_sha256")
+    recorded = recorded_vae.get("weights_sha256")
     if recorded and recorded != identity["weights_sha256"]:
         raise EbdError(f"{vae_path} is not the VAE that encoded {cfg.latents} (weights sha256 "
                        f"{identity['weights_sha256'][:12]}... vs {recorded[:12]}...)")

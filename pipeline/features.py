@@ -4,7 +4,8 @@ Pooled latents and down-sampled pixels cannot tell a ring from a disc, so qualit
 image network. Every extractor here has one interface, `FeatureExtractor`:
 
     features(images)       uint8 images (N, 3, H, W) -> (N, D) float features
-    probabilities(images)  -> (N, K) class probabilities, or None when the extractor knows no labels
+    classify(features)     those features -> (N, K) class probabilities, or None when the extractor knows no labels
+    probabilities(images)  classify(features(images))
     classes                the K label names ([] without labels)
     vae_sha256             the VAE whose decoder the extractor was fitted to read (None: any images)
 
@@ -44,6 +45,8 @@ class FeatureExtractor(Protocol):
     vae_sha256: str | None
 
     def features(self, images: torch.Tensor) -> torch.Tensor: ...
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor | None: ...
 
     def probabilities(self, images: torch.Tensor) -> torch.Tensor | None: ...
 
@@ -106,11 +109,15 @@ class ImageEvaluator(nn.Module):
         self.eval()
         return _batched(lambda b: self.embedding(to_network_input(b, self.config["resolution"])), images)
 
-    def probabilities(self, images: torch.Tensor) -> torch.Tensor | None:
+    def classify(self, features: torch.Tensor) -> torch.Tensor | None:
+        """Class probabilities from `features` (the head alone: a caller with features runs the trunk once)."""
         if self.config["kind"] != "classifier":
             return None
         self.eval()
-        return _batched(lambda b: self(to_network_input(b, self.config["resolution"])).softmax(-1), images)
+        return _batched(lambda f: self.head(f).softmax(-1), features)
+
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor | None:
+        return None if self.config["kind"] != "classifier" else self.classify(self.features(images))
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """config.json + model.safetensors, each written atomically; the weights first, the config last."""
@@ -314,6 +321,9 @@ class InceptionFeatures:
             x = F.interpolate(batch.float(), size=(299, 299), mode="bilinear", align_corners=False)
             return self.network((x / 127.5 - 1.0).to(self.device)).cpu()
         return _batched(run, images, batch=64)
+
+    def classify(self, features: torch.Tensor) -> None:
+        return None
 
     def probabilities(self, images: torch.Tensor) -> None:
         return None
