@@ -11,12 +11,15 @@ VENV_FLAGS ?=
 DEMO_DIR ?= build/demo
 DEMO_VAE ?= models/demo
 DEMO_EBM ?= models/demo/ebm
+DEMO_EBM_CD ?= models/demo/ebm-cd
 DEMO_EVALUATOR ?= models/demo/evaluator
 # Output folders are keyed by the shipped weights, so pulling new models never meets a folder the old ones filled.
 VAE_ID := $(shell sha256sum $(DEMO_VAE)/vae/diffusion_pytorch_model.safetensors 2>/dev/null | cut -c1-12)
 EBM_ID := $(shell sha256sum $(DEMO_EBM)/model.safetensors 2>/dev/null | cut -c1-12)
+EBM_CD_ID := $(shell sha256sum $(DEMO_EBM_CD)/model.safetensors 2>/dev/null | cut -c1-12)
 LATENTS ?= $(DEMO_DIR)/latents-$(VAE_ID)
 GENERATED ?= $(DEMO_DIR)/generated-$(EBM_ID)
+GENERATED_CD ?= $(DEMO_DIR)/generated-cd-$(EBM_CD_ID)
 
 .PHONY: install demo demo-train demo-generate demo-models demo-refit-dependants test bench clean cluster-up cluster-down
 
@@ -35,21 +38,26 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -e '.[test]'
 	touch $@
 
-# The demo: 10k procedural images -> latents with the shipped demo VAE -> 1000 images from the shipped demo EBM ->
-# evaluation in the shipped evaluator's feature space against the latent shard the EBM never trained on.
-# `make demo-train` first retrains the EBM with the recipe the shipped one came from (configs/train-demo.yaml) and
-# generates from that instead. `make demo-models` refits every shipped model (VAE, evaluator, EBM): about 1.5 hours.
+# The demo: 10k procedural images -> latents with the shipped demo VAE -> 1000 images from the shipped
+# noise-conditional energy (from plain noise) and 1000 from the short-run CD model it replaced -> one evaluation in
+# the shipped evaluator's feature space against the latent shard neither model trained on.
+# `make demo-train` first retrains the energy with the recipe the shipped one came from (configs/train-demo.yaml,
+# about 70 minutes on 2 CPUs; DEMO_TRAIN_ARGS="--max-steps 3000" for a 25-minute version) and generates from that.
+# `make demo-models` refits every shipped model (VAE, evaluator, both energies): about 3 hours.
 demo: install
 	$(BIN)/python -m jobs.demo_assets --output $(DEMO_DIR)
 	$(BIN)/python -m jobs.precompute --config configs/precompute-demo.yaml \
 		--input $(DEMO_DIR)/images --vae $(DEMO_VAE) --output $(LATENTS)
-	$(MAKE) --no-print-directory demo-generate DEMO_EBM=$(DEMO_EBM) LATENTS=$(LATENTS) GENERATED=$(GENERATED)
+	$(BIN)/python -m jobs.generate --config configs/generate.yaml --model $(DEMO_EBM_CD) \
+		--vae $(DEMO_VAE) --num-images 1000 --output $(GENERATED_CD)
+	$(MAKE) --no-print-directory demo-generate DEMO_EBM=$(DEMO_EBM) LATENTS=$(LATENTS) GENERATED=$(GENERATED) \
+		COMPARE="--compare $(GENERATED_CD)"
 
 demo-train: install
 	$(BIN)/python -m jobs.demo_assets --output $(DEMO_DIR)
 	$(BIN)/python -m jobs.precompute --config configs/precompute-demo.yaml \
 		--input $(DEMO_DIR)/images --vae $(DEMO_VAE) --output $(LATENTS)
-	$(BIN)/python -m jobs.train --config configs/train-demo.yaml \
+	$(BIN)/python -m jobs.train --config configs/train-demo.yaml $(DEMO_TRAIN_ARGS) \
 		--latents $(LATENTS) --output $(DEMO_DIR)/ebm --run-name demo-$(VAE_ID)
 	$(MAKE) --no-print-directory demo-generate DEMO_EBM=$(DEMO_DIR)/ebm/model LATENTS=$(LATENTS) \
 		GENERATED=$(DEMO_DIR)/generated-trained
@@ -58,7 +66,7 @@ demo-generate:
 	$(BIN)/python -m jobs.generate --config configs/generate.yaml --model $(DEMO_EBM) \
 		--vae $(DEMO_VAE) --num-images 1000 --output $(GENERATED)
 	$(BIN)/python -m jobs.evaluate --generated $(GENERATED) --reference $(LATENTS) \
-		--evaluator $(DEMO_EVALUATOR) --output $(GENERATED)-report
+		--evaluator $(DEMO_EVALUATOR) --output $(GENERATED)-report $(COMPARE)
 	@echo
 	@echo "images (parquet + tar shards): $(GENERATED)/"
 	@echo "preview:                       $(GENERATED)/preview.png"
@@ -82,8 +90,12 @@ demo-refit-dependants:
 		--latents $(DEMO_DIR)/latents-$(VAE_ID) --output $(DEMO_DIR)/evaluator-$(VAE_ID)
 	$(BIN)/python -m jobs.train --config configs/train-demo.yaml \
 		--latents $(DEMO_DIR)/latents-$(VAE_ID) --output $(DEMO_DIR)/ebm-$(VAE_ID) --run-name demo-$(VAE_ID)
+	$(BIN)/python -m jobs.train --config configs/train-demo-cd.yaml \
+		--latents $(DEMO_DIR)/latents-$(VAE_ID) --output $(DEMO_DIR)/ebm-cd-$(VAE_ID) --run-name demo-cd-$(VAE_ID)
 	rm -rf $(DEMO_EVALUATOR) && cp -r $(DEMO_DIR)/evaluator-$(VAE_ID) $(DEMO_EVALUATOR)
 	cp $(DEMO_DIR)/ebm-$(VAE_ID)/model/config.json $(DEMO_DIR)/ebm-$(VAE_ID)/model/model.safetensors $(DEMO_EBM)/
+	cp $(DEMO_DIR)/ebm-cd-$(VAE_ID)/model/config.json $(DEMO_DIR)/ebm-cd-$(VAE_ID)/model/model.safetensors \
+		$(DEMO_EBM_CD)/
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

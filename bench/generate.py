@@ -1,21 +1,23 @@
-"""Benchmark: the Ray generation DAG against a bare in-process loop, a batch-size sweep, and Langevin FLOP/s.
+"""Benchmark: each model's sampler through the Ray generation DAG and a bare loop, in one run, on the same cores.
 
-    .venv/bin/python bench/generate.py [--images 256] [--latent-side 16] [--steps 40]
+    .venv/bin/python bench/generate.py [--images 512] [--models models/demo/ebm-cd models/demo/ebm] [--vae models/demo]
 
-- Ray DAG vs bare loop: the same model, sampler, VAE decoder, PNG encoding and shard writer on the same cores; the
-  bare loop runs them one after another in this process with every core as a torch thread.
-- Sweep: Langevin sample-steps/s and decode images/s in this process for batch sizes 4..256, with the size the
-  memory probe picks marked.
-- FLOP/s: the Langevin stage's achieved GFLOP/s (2 x the energy forward's FLOPs per step, counted by torch's
-  FlopCounterMode: forward + input-gradient backward) against a float32 4096^2 matrix-multiply peak from the same
-  run. The count is that of direct convolution; oneDNN may use cheaper algorithms (Winograd), so a ratio near or
-  above 1 means the stage runs at the machine's GEMM speed, not that it beats the hardware.
+For every model folder (default: the shipped short-run CD model and the shipped noise-conditional energy):
+- Ray DAG vs bare loop: the same model, sampler, VAE decoder, PNG encoding and shard writer; the bare loop runs
+  them one after another in this process with every core as a torch thread. Start-up (cluster, actors, batch
+  probes) is reported apart from the steady state (images/s between the first and the last finished shard).
+- Sampling stage alone: images/s of the sampler in this process, gradient evaluations per image, FLOPs per image
+  (2 x the energy forward's FLOPs per gradient, counted by torch's FlopCounterMode: a forward plus an input-gradient
+  backward), and the achieved GFLOP/s as a share of a float32 4096^2 matrix-multiply peak from the same run. The
+  count is that of direct convolution; oneDNN may use cheaper algorithms, so a share near 1 means GEMM speed.
+- A batch-size sweep of the sampling stage with the size the memory probe picks marked.
 Writes bench/out/generate.json. Ratios measured in one run are the figures to compare.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import tempfile
@@ -27,116 +29,130 @@ from common import REPO, write_result
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--images", type=int, default=256)
-    p.add_argument("--latent-side", type=int, default=16)
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--images", type=int, default=512)
+    p.add_argument("--models", nargs="+", default=[str(REPO / "models/demo/ebm-cd"), str(REPO / "models/demo/ebm")])
+    p.add_argument("--vae", default=str(REPO / "models/demo"))
     p.add_argument("--cpus", type=int, default=os.cpu_count())
     p.add_argument("--output", default=str(REPO / "bench" / "out" / "generate.json"))
     args = p.parse_args()
 
-    import numpy as np
     import ray
+    import torch
+
+    torch.set_num_threads(args.cpus)
+    work = Path(tempfile.mkdtemp(prefix="ebd-bench-gen-"))
+    try:
+        peak = matmul_peak()
+        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+        models = [bench_model(Path(m), args, work / f"m{i}", peak) for i, m in enumerate(args.models)]
+        ray.shutdown()
+        write_result(args.output, {"benchmark": "generate", "images": args.images, "cpus": args.cpus,
+                                   "matmul_gflops_peak": round(peak / 1e9, 2), "models": models})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def bench_model(model_dir: Path, args, work: Path, peak: float) -> dict:
+    import numpy as np
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from pipeline import sinks
     from pipeline.batching import probe_batch_size
     from pipeline.config import from_dict
-    from pipeline.demo import write_sd_style_vae
-    from pipeline.ebm import EnergyModel, EnergyModelConfig
     from pipeline.generate import GenerateConfig, chain_seed, image_key, run_generation
-    from pipeline.langevin import SamplerSettings, sample
+    from pipeline.langevin import SamplerStats, sample
+    from pipeline.models import load_model
     from pipeline.vae import decode, load_vae, resolve_vae
 
-    torch.set_num_threads(args.cpus)
-    work = Path(tempfile.mkdtemp(prefix="ebd-bench-gen-"))
-    try:
-        vae_dir = write_sd_style_vae(work / "vae", block_out_channels=(32, 64, 128, 128), norm_num_groups=32)
-        spec = resolve_vae(vae_dir)
-        shape = (4, args.latent_side, args.latent_side)
-        sampler = SamplerSettings(steps=args.steps)
-        torch.manual_seed(0)
-        model = EnergyModel(EnergyModelConfig(list(shape), [64, 128]),
-                            {"sampler": sampler.to_dict(), "latents": {"vae": spec.identity()}})
-        model_dir = model.save_pretrained(work / "ebm")
-        model.eval()
-        vae = load_vae(spec, torch.device("cpu"), torch.float32)
-        per_shard, batch = 64, 32
+    model = load_model(model_dir)
+    settings, shape = model.sampler, tuple(model.config.latent_shape)
+    vae = load_vae(resolve_vae(args.vae), torch.device("cpu"), torch.float32)
+    per_shard, batch = 128, 64
 
-        # Bare loop: the same stages one after another in this process.
-        start = time.perf_counter()
-        for shard in range(0, args.images // per_shard):
-            first = shard * per_shard
-            seeds = [chain_seed(0, i) for i in range(first, first + per_shard)]
-            pixels, energies = [], []
-            for a in range(0, per_shard, batch):
-                gens = [torch.Generator().manual_seed(s) for s in seeds[a:a + batch]]
-                z = sample(model, len(gens), shape, sampler, gens)
-                energies.append(model(z).detach())
+    # Bare loop: the same stages one after another in this process.
+    start = time.perf_counter()
+    for shard in range(args.images // per_shard):
+        first = shard * per_shard
+        seeds = [chain_seed(0, i) for i in range(first, first + per_shard)]
+        pixels, energies = [], []
+        for a in range(0, per_shard, batch):
+            z = sample(model, len(seeds[a:a + batch]), settings, [torch.Generator().manual_seed(s)
+                                                                  for s in seeds[a:a + batch]])
+            with torch.no_grad():
+                energies.append(model.energy(z))
                 x = decode(vae, z)
-                pixels.append(((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
-            sinks.write_image_shard(work / "bare", shard, "parquet", [image_key(0, i) for i in range(first, first +
-                                    per_shard)], np.concatenate(pixels), seeds, torch.cat(energies).numpy(), "bench",
-                                    {})
-        bare_s = time.perf_counter() - start
+            pixels.append(((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
+        sinks.write_image_shard(work / "bare", shard, "parquet",
+                                [image_key(0, i) for i in range(first, first + per_shard)], np.concatenate(pixels),
+                                seeds, torch.cat(energies).numpy(), "bench", {})
+    bare_s = time.perf_counter() - start
 
-        # Ray DAG on a local cluster of the same cores.
-        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
-        cfg = from_dict(GenerateConfig, dict(model=str(model_dir), vae=str(vae_dir), output=str(work / "ray"),
-                                             num_images=args.images, images_per_shard=per_shard, format="parquet",
-                                             batch_size=batch, progress_interval_s=1e9))
-        start = time.perf_counter()
-        run_generation(cfg)
-        ray_s = time.perf_counter() - start
-        ray.shutdown()
+    # The Ray DAG on a local cluster of the same cores; steady state from the shards' finish times.
+    cfg = from_dict(GenerateConfig, dict(model=str(model_dir), vae=args.vae, output=str(work / "ray"),
+                                         num_images=args.images, images_per_shard=per_shard, format="parquet",
+                                         batch_size=batch, progress_interval_s=1e9))
+    start = time.perf_counter()
+    summary = run_generation(cfg)
+    ray_s = time.perf_counter() - start
+    finished = sorted(Path(work / "ray").glob("images-*.parquet"), key=lambda f: f.stat().st_mtime)
+    times = [f.stat().st_mtime for f in finished]
+    steady = (len(times) - 1) * per_shard / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else None
 
-        # Batch-size sweep, and the size the memory probe picks.
-        probe = probe_batch_size(lambda n: sample(model, n, shape, SamplerSettings(steps=2)), torch.device("cpu"),
-                                 2 * 1024**3)
-        sweep = []
-        for size in sorted({4, 16, 64, 256, probe["batch_size"]}):
-            tick = time.perf_counter()
-            sample(model, size, shape, SamplerSettings(steps=5))
-            langevin_rate = size * 5 / (time.perf_counter() - tick)
-            tick = time.perf_counter()
-            decode(vae, torch.randn(min(size, 64), *shape))
-            decode_rate = min(size, 64) / (time.perf_counter() - tick)
-            sweep.append({"batch_size": size, "langevin_sample_steps_per_s": round(langevin_rate, 1),
-                          "decode_images_per_s": round(decode_rate, 2), "auto": size == probe["batch_size"]})
-        best = max(sweep, key=lambda r: r["langevin_sample_steps_per_s"])
-        auto = next(r for r in sweep if r["auto"])
+    # The sampling stage alone: images/s, gradients and FLOPs per image, share of the GEMM peak.
+    stats = SamplerStats()
+    sample(model, 8, settings, torch.Generator().manual_seed(0), callback=stats)  # warm-up, and the gradient count
+    evaluations = stats.evaluations
+    tick = time.perf_counter()
+    sample(model, batch, settings, torch.Generator().manual_seed(1))
+    sampler_s = time.perf_counter() - tick
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.energy(torch.randn(batch, *shape))
+    flops_per_image = 2 * counter.get_total_flops() / batch * evaluations
+    achieved = flops_per_image * batch / sampler_s
 
-        # Achieved Langevin GFLOP/s against a matmul peak, both in this run.
-        z = torch.randn(64, *shape)
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            model(z)
-        # A Langevin step is one forward and one input-gradient backward, which costs about one forward more
-        # (FlopCounterMode cannot wrap autograd.grad, so the backward is not counted directly).
-        flops_per_sample_step = 2 * counter.get_total_flops() / 64
+    probe = probe_batch_size(lambda n: sample(model, n, _short(settings)), torch.device("cpu"), 2 * 1024**3)
+    sweep = []
+    for size in sorted({8, 32, 128, 256, probe["batch_size"]}):
         tick = time.perf_counter()
-        sample(model, 64, shape, SamplerSettings(steps=20))
-        achieved = flops_per_sample_step * 64 * 20 / (time.perf_counter() - tick)
-        a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
-        a @ b
-        best_s = float("inf")
-        for _ in range(5):  # the fastest of five: the peak is the machine's best, not its average under load
-            tick = time.perf_counter()
-            a @ b
-            best_s = min(best_s, time.perf_counter() - tick)
-        peak = 2 * 4096**3 / best_s
-
-        write_result(args.output, {
-            "benchmark": "generate", "images": args.images, "latent_shape": list(shape),
-            "image_side": args.latent_side * spec.downscale_factor, "langevin_steps": args.steps, "cpus": args.cpus,
+        sample(model, size, _short(settings, 4))
+        sweep.append({"batch_size": size, "sampler_images_per_s_at_4_gradients": round(
+            size / (time.perf_counter() - tick), 1), "auto": size == probe["batch_size"]})
+    return {"model": model_dir.name, "kind": type(model).__name__, "sampler": settings.name,
+            "settings": json.loads(json.dumps(settings.__dict__)), "latent_shape": list(shape),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "gradient_evaluations_per_image": evaluations, "summary_gradient_evaluations_per_image":
+                summary["gradient_evaluations_per_image"],
+            "gflop_per_image": round(flops_per_image / 1e9, 3),
             "bare_images_per_s": round(args.images / bare_s, 2), "ray_images_per_s": round(args.images / ray_s, 2),
-            "ray_over_bare": round(bare_s / ray_s, 3), "sweep": sweep, "best_swept_langevin_batch": best["batch_size"],
-            "auto_langevin_batch": probe["batch_size"],
-            "auto_over_best_langevin_throughput": round(auto["langevin_sample_steps_per_s"]
-                                                        / best["langevin_sample_steps_per_s"], 3),
-            "langevin_gflops_achieved": round(achieved / 1e9, 2), "matmul_gflops_peak": round(peak / 1e9, 2),
-            "langevin_fraction_of_peak": round(achieved / peak, 3)})
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+            "ray_steady_images_per_s": round(steady, 2) if steady else None,
+            "ray_startup_s": round(ray_s - (args.images - per_shard) / steady, 1) if steady else None,
+            "ray_over_bare": round(bare_s / ray_s, 3),
+            "sampler_images_per_s": round(batch / sampler_s, 2),
+            "sampler_gflops_achieved": round(achieved / 1e9, 2), "sampler_fraction_of_peak": round(achieved / peak, 3),
+            "sweep": sweep, "auto_batch": probe["batch_size"]}
+
+
+def _short(settings, gradients: int = 2):
+    """The same sampler cut to about `gradients` gradient evaluations (memory and per-gradient speed do not depend
+    on how many there are)."""
+    from dataclasses import replace
+    return replace(settings, steps=gradients) if settings.name == "langevin" else \
+        replace(settings, levels=max(2, gradients // 2 + 1), mala_levels=0)
+
+
+def matmul_peak() -> float:
+    """The best float32 4096^2 matrix multiply of five, in FLOP/s: the machine's GEMM peak under this run."""
+    import torch
+
+    a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
+    a @ b
+    best = float("inf")
+    for _ in range(5):
+        tick = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - tick)
+    return 2 * 4096**3 / best
 
 
 if __name__ == "__main__":

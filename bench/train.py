@@ -42,7 +42,7 @@ def main() -> None:
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         runs = {}
         for name, workers, cpus in (("1x1cpu", 1, 1.0), ("1x2cpu", 1, 2.0), ("2x1cpu", 2, 1.0)):
-            cfg = from_dict(TrainConfig, dict(
+            cfg = from_dict(TrainConfig, dict(objective="cd",  # the short-run recipe: Langevin in the loop
                 latents=str(work / "latents"), output=str(work / name), max_steps=args.steps,
                 num_workers=workers, cpus_per_worker=cpus, batch_size=args.batch_size,
                 langevin_steps=args.langevin_steps, channels=[32, 64], log_every=args.steps,

@@ -1,6 +1,7 @@
 """Score a generation run against held-out real latents, with baselines (see pipeline/evaluate.py).
 
-    python -m jobs.evaluate --generated GEN_DIR --reference LATENTS_DIR --evaluator EVALUATOR_DIR --output DIR [--check]
+    python -m jobs.evaluate --generated GEN_DIR --reference LATENTS_DIR --evaluator EVALUATOR_DIR --output DIR \
+        [--compare OTHER_GEN_DIR] [--check]
 
 Writes DIR/report.json, DIR/report.md and its pictures. The verdict is in the evaluator's feature space (fitted to
 this VAE by jobs.fit_evaluator), or FID Inception's with --inception-weights FILE. With --check, exits 1 when the
@@ -22,12 +23,15 @@ def main() -> int:
     p.add_argument("--inception-weights", help="local FID Inception weights file (pt_inception-2015-12-05)")
     p.add_argument("--train-latents", help="training latents, when they are not in --reference")
     p.add_argument("--model", help="the model folder, when it moved since generation")
+    p.add_argument("--compare", action="append", metavar="GEN_DIR",
+                   help="another generation run of the same VAE to score as an extra row (repeatable)")
     p.add_argument("--num-samples", type=int, help="samples per set (default 1000)")
     p.add_argument("--check", action="store_true", help="exit 1 unless every check of the verdict passes")
     args = p.parse_args()
     cfg = load_config(EvaluateConfig, args.config, args.set, generated=args.generated, reference=args.reference,
                       output=args.output, evaluator=args.evaluator, inception_weights=args.inception_weights,
-                      train_latents=args.train_latents, model=args.model, num_samples=args.num_samples)
+                      train_latents=args.train_latents, model=args.model, num_samples=args.num_samples,
+                      compare=args.compare)
     report = run_evaluation(cfg)
     for name, space in report["features"].items():
         gen, ref = space["metrics"]["generated"], space["reference"]

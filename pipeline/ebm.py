@@ -5,28 +5,23 @@ energy.) E_theta is a small convolutional network (SiLU, optional spectral norm,
 energy never depends on its batch) over C x h x w latents of any size; the Gaussian base term keeps Langevin
 chains bounded where the network has not learned anything yet.
 
-Like a diffusers model, it carries its config: `save_pretrained(dir)` writes `config.json` (architecture, latent
-shape, scaling factor, sampler settings, VAE identity, latents manifest hash) and `model.safetensors`;
-`EnergyModel.from_pretrained(dir)` needs neither Ray nor pickle.
+This is the contrastive-divergence model (`objective: cd`), sampled by short-run Langevin from its fitted chain
+starts; `diffusion_ebm.NoiseConditionalEnergy` is the denoising-score-matching one. Like a diffusers model, it
+carries its config (`models.PretrainedModel`: config.json + model.safetensors, no Ray, no pickle).
 """
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
-from safetensors.torch import load_file, save
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
-from .config import EbdError, from_dict, require
-from .langevin import SamplerSettings, initial_noise
-
-MODEL_FORMAT = "ebd.ebm/1"
-CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+from .config import require
+from .langevin import initial_noise
+from .models import PretrainedModel
 
 
 @dataclass
@@ -65,12 +60,11 @@ class _ResBlock(nn.Module):
         return self.skip(x) + self.conv2(self.act(self.conv1(self.act(x))))
 
 
-class EnergyModel(nn.Module):
+class EnergyModel(PretrainedModel):
+    CONFIG, FORMAT = EnergyModelConfig, "ebd.ebm/1"
+
     def __init__(self, config: EnergyModelConfig, metadata: dict | None = None):
-        super().__init__()
-        config.validate()
-        self.config = config
-        self.metadata = metadata or {}   # sampler, latents (scaling factor, VAE identity, manifest), training
+        super().__init__(config, metadata)
         wrap = _spectral_norm if config.spectral_norm else (lambda m: m)
         c_latent, h, _ = config.latent_shape
         self.stem = wrap(nn.Conv2d(c_latent, config.channels[0], 3, padding=1))
@@ -101,11 +95,15 @@ class EnergyModel(nn.Module):
         """U(z) = E_theta(z) + ||z||^2 / (2 sigma0^2), shape (B,)."""
         return self.network_energy(z) + self.base_energy(z)
 
-    def initial_latents(self, num: int, init_std: float, generator=None, device="cpu") -> torch.Tensor:
-        """Chain starts: N(0, init_std^2 I), or, with init_rank, a draw from the fitted Gaussian (mixture): component
-        j with probability weight_j, then mean_j + init_std (F_j w + r_j eps) (init_std < 1 narrows each component
-        around its mean, a truncation). With one generator per chain, chain i's start depends only on its own."""
-        shape = tuple(self.config.latent_shape)
+    def energy(self, z: torch.Tensor) -> torch.Tensor:
+        """The energy generation records per image: U(z)."""
+        return self(z)
+
+    def initial_latents(self, num: int, settings, generator=None, device="cpu") -> torch.Tensor:
+        """Chain starts: N(0, init_std^2 I) (init_std from the sampler settings), or, with init_rank, a draw from the
+        fitted Gaussian (mixture): component j with probability weight_j, then mean_j + init_std (F_j w + r_j eps)
+        (init_std < 1 narrows each component around its mean, a truncation). With one generator per chain, chain i's start depends only on its own."""
+        shape, init_std = tuple(self.config.latent_shape), settings.init_std
         if not self.config.init_rank:
             return initial_noise((num, *shape), init_std, generator, device)
         # The component from a normal draw through its CDF: a uniform that per-chain generators handle like noise.
@@ -141,40 +139,11 @@ class EnergyModel(nn.Module):
             self.init_factor[j] = factor
             self.init_residual_std[j] = residual_std
 
-    # ---------------------------------------------------------------------------------------- persistence
-
-    @property
-    def sampler(self) -> SamplerSettings:
-        return from_dict(SamplerSettings, self.metadata.get("sampler", {}))
-
-    def save_pretrained(self, folder: str | Path, state_dict: dict | None = None) -> Path:
-        """Writes config.json and model.safetensors (this model's weights, or `state_dict`, e.g. EMA weights)."""
-        from .shards import atomic_write, atomic_write_json
-
-        folder = Path(folder)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in (state_dict or self.state_dict()).items()}
-        atomic_write(folder / WEIGHTS_FILE, lambda f: f.write(save(tensors)))
-        atomic_write_json(folder / CONFIG_FILE, {"_class_name": "EnergyModel", "format": MODEL_FORMAT,
-                                                 "model": asdict(self.config), **self.metadata})
-        return folder
-
-    @classmethod
-    def from_pretrained(cls, folder: str | Path, device: torch.device | str = "cpu") -> "EnergyModel":
-        folder = Path(folder)
-        config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-        if not (config_path.is_file() and weights_path.is_file()):
-            raise EbdError(f"{folder} is not an ebd model folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
-        data = json.loads(config_path.read_text())
-        if data.get("format") != MODEL_FORMAT:
-            raise EbdError(f"{config_path} has format {data.get('format')!r}, expected {MODEL_FORMAT!r}")
-        metadata = {k: v for k, v in data.items() if k not in ("_class_name", "format", "model")}
-        model = cls(from_dict(EnergyModelConfig, data["model"]), metadata)
-        tensors = load_file(weights_path)
+    def upgrade_state_dict(self, tensors: dict) -> dict:
         if "init_mean" in tensors and "init_weight" not in tensors:  # saved before mixtures: one component
             tensors = {k: v.unsqueeze(0) if k.startswith("init_") else v for k, v in tensors.items()}
             tensors["init_weight"] = torch.ones(1)
-        model.load_state_dict(tensors)
-        return model.to(device).eval()
+        return tensors
 
 
 def _low_rank_gaussian(flat: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

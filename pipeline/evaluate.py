@@ -17,6 +17,8 @@ Rows scored against the reference in the same run (REFERENCE sections 3 and 8):
     gaussian   N(mean, cov) of the training latents, sampled exactly without forming cov (mean + X_c^T w)
     untrained  the same sampler (and chain starts) on the same architecture with fresh random weights
     starts     the chains' starting points alone: what the energy adds is the distance from this row to generated
+    compare    (`--compare GEN_DIR`, repeatable) other generation runs from the same VAE, e.g. another kind of
+               model, each with its own chain starts: one table, one reference, one run
 Spaces:
     features   (first) the evaluator's penultimate layer (pipeline/features.py; `--evaluator DIR`, fitted by
                jobs.fit_evaluator for this VAE) and/or FID's Inception (`--inception-weights FILE`): Frechet
@@ -41,7 +43,7 @@ from __future__ import annotations
 import io
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -72,6 +74,7 @@ class EvaluateConfig:
     inception_weights: str | None = None         # local FID Inception weights file (never downloaded)
     train_latents: str | None = None             # where the training latents are, if not in `reference`
     model: str | None = None                     # the model folder, if it moved since generation
+    compare: list[str] = field(default_factory=list)  # other generation runs (same VAE) scored as extra rows
     num_samples: int = 1000
     memorisation_pool: int = 5000                # training latents decoded for the nearest-neighbour search
     raw_images: bool = True                      # also score the raw held-out images (read from the inputs)
@@ -228,24 +231,45 @@ def moment_matched_gaussian(data: torch.Tensor, n: int, generator: torch.Generat
     return (mean + weights @ (flat - mean) / (len(flat) - 1) ** 0.5).float().reshape(n, *data.shape[1:])
 
 
+def extra_rows(sets: dict) -> list[str]:
+    return [k for k in sets if k not in ("generated", *BASELINES)]
+
+
+def compared_runs(folders: list[str], vae_info: dict, n: int, seed: int, subset) -> dict:
+    """Other generation runs of the same VAE, as {"folder (sampler)": latents, decoded images, chain starts}."""
+    from .models import load_model
+
+    runs = {}
+    for folder in folders:
+        manifest, latents, images = read_generated(Path(folder))
+        if manifest["vae"].get("weights_sha256") != vae_info.get("weights_sha256"):
+            raise EbdError(f"--compare {folder} was decoded by another VAE than the evaluated run: its images are "
+                           "not comparable")
+        name = f"{Path(folder).resolve().name} ({manifest['sampler']['name']})"
+        require(name not in runs, f"--compare names two runs {name}: give them folders of different names")
+        model = load_model(manifest["model"]["path"])
+        index = subset(len(latents), min(n, len(latents)))
+        runs[name] = {"latents": latents[index], "images": images[index],
+                      "starts": chain_starts(model, manifest["sampler"], len(index), seed)}
+    return runs
+
+
 def chain_starts(trained, sampler: dict, n: int, seed: int) -> torch.Tensor:
-    """Where the run's chains start (the model's fitted Gaussian or N(0, init_std^2 I)), with no step taken."""
+    """Where the run's chains start (a fitted Gaussian mixture, or plain noise), with no step taken."""
+    from .langevin import sampler_settings
+
     generators = [torch.Generator().manual_seed(seed * 100_003 + i) for i in range(n)]
-    return trained.initial_latents(n, sampler["init_std"], generators)
+    return trained.initial_latents(n, sampler_settings(sampler), generators)
 
 
 def untrained_samples(trained, sampler: dict, n: int, seed: int) -> torch.Tensor:
     """The run's sampler on the model's architecture with fresh random weights (seeded); chains start where the
     trained model's start (its fitted Gaussian, if it has one), so only the learned energy differs."""
-    from .ebm import EnergyModel
-    from .langevin import SamplerSettings, sample
+    from .langevin import sample, sampler_settings
 
-    torch.manual_seed(seed)
-    model = EnergyModel(trained.config, trained.metadata).eval()
-    model.load_state_dict({k: v for k, v in trained.state_dict().items() if k.startswith("init_")}, strict=False)
+    model, settings = trained.fresh_copy(seed), sampler_settings(sampler)
     generators = [torch.Generator().manual_seed(seed * 100_003 + i) for i in range(n)]
-    out = [sample(model, min(256, n - a), tuple(model.config.latent_shape), SamplerSettings(**sampler),
-                  generators[a:a + 256]) for a in range(0, n, 256)]
+    out = [sample(model, min(256, n - a), settings, generators[a:a + 256]) for a in range(0, n, 256)]
     return torch.cat(out)
 
 
@@ -339,8 +363,8 @@ def describe_extractor(extractor, name: str) -> str:
 # --------------------------------------------------------------------------------------------- the report
 
 def run_evaluation(cfg: EvaluateConfig) -> dict:
-    from .ebm import EnergyModel
     from .features import ImageEvaluator, InceptionFeatures
+    from .models import load_model
     from .vae import cached_vae, pick_device, resolve_vae
 
     if cfg.threads:
@@ -362,7 +386,7 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
                            "fit one for this VAE with python -m jobs.fit_evaluator")
     if cfg.inception_weights:
         extractors["inception"] = InceptionFeatures(cfg.inception_weights)
-    trained = EnergyModel.from_pretrained(model_dir)
+    trained = load_model(model_dir)
     spec = resolve_vae(vae_info["path"], vae_info.get("subfolder"))
     refs = reference_sets(cfg, trained.metadata, vae_info.get("weights_sha256"))
 
@@ -385,11 +409,15 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
                                                 n, generator),
             "untrained": untrained_samples(trained, manifest["sampler"], n, cfg.seed),
             "starts": chain_starts(trained, manifest["sampler"], n, cfg.seed)}
+    compared = compared_runs(cfg.compare, vae_info, n, cfg.seed, subset)
+    for name, run in compared.items():
+        sets |= {name: run["latents"], f"{name}: starts": run["starts"]}
 
     vae = cached_vae(spec, pick_device(True), "auto")
     reference_images = decode_images(vae, held_out)
     pool_images = decode_images(vae, pool_latents)
     images = {"generated": gen_images[gen_index], "train": pool_images[:n]}
+    images |= {name: run["images"] for name, run in compared.items()}
     images |= {name: decode_images(vae, z) for name, z in sets.items() if name not in images}
     images["blurred"] = blurred(pool_images[:n])
     raw = read_raw_images(refs["manifest"], held_keys) if cfg.raw_images else None
@@ -400,7 +428,8 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
                              "the VAE's own loss is not shown")
 
     feature_spaces = {name: score_feature_space(extractor, name, reference_images, held_labels,
-                                                {k: images[k] for k in ("generated", *BASELINES) if k in images},
+                                                {k: images[k] for k in ("generated", *BASELINES, *extra_rows(sets))
+                                                 if k in images},
                                                 pool_images, cfg)
                       for name, extractor in extractors.items()}
     if "evaluator" in extractors:
@@ -559,9 +588,9 @@ def render_markdown(report: dict) -> str:
         lines += [f"## Pooled {name}: {space['description']}", "",
                   "| set | precision (k=3) | recall (k=3) | density (k=5) | coverage (k=5) | MMD² (RBF) |",
                   "|---|---|---|---|---|---|"]
-        for key in ("generated", "train", "gaussian", "untrained", "starts"):
+        for key in ("generated", "train", "gaussian", "untrained", "starts", *extra_rows(space["metrics"])):
             m = space["metrics"][key]
-            lines.append(f"| {ROW_LABELS[key]} | " + " | ".join(f"{m[x]:.3f}" for x in POOLED_METRICS) + " |")
+            lines.append(f"| {ROW_LABELS.get(key, key)} | " + " | ".join(f"{m[x]:.3f}" for x in POOLED_METRICS) + " |")
         gain = space["energy_gain"]
         lines += ["", "What the sampler adds to its chain starts (generated minus starts): "
                   + ", ".join(f"{x} {gain[x]:+.3f}" for x in ("precision", "recall", "density", "coverage")) + ".", ""]

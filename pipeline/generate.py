@@ -1,6 +1,6 @@
-"""Bulk generation: a streaming Ray Data DAG of CPU Langevin actors -> decoder actors -> shard writers.
+"""Bulk generation: a streaming Ray Data DAG of CPU sampler actors -> decoder actors -> shard writers.
 
-    shards to make --> LangevinStage (CPU actor pool)  latents + energies of one shard, in chunks
+    shards to make --> LangevinStage (CPU actor pool)  the model's own sampler: latents + energies of one shard
                    --> DecodeStage   (GPU actors when the cluster has GPUs, else CPU)  uint8 images
                    --> write_shard   (tasks)  PNG -> parquet and/or tar, atomically, then a done marker
 
@@ -17,7 +17,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -33,7 +33,7 @@ RUN_FILE = "run.json"
 
 @dataclass
 class GenerateConfig:
-    model: str | None = None                     # folder of a trained EBM (config.json + model.safetensors)
+    model: str | None = None                     # a trained model folder (config.json + model.safetensors), any kind
     vae: str | None = None                       # local SD checkpoint folder or AutoencoderKL folder
     output: str | None = None
     num_images: int = 1000
@@ -41,7 +41,9 @@ class GenerateConfig:
     format: Literal["parquet", "webdataset", "both"] = "both"
     images_per_shard: int = 256
     save_latents: bool = True                    # store each image's latent (float16 .npy) for evaluation/reuse
-    # Sampler: null keeps the settings the model was trained with (a short-run EBM is only valid under them).
+    # Sampler: the model's saved settings, with these keys changed (e.g. {levels: 10} or {mala_levels: 3}).
+    sampler: dict = field(default_factory=dict)
+    # Short-run (cd) models: null keeps the training settings (a short-run EBM is only valid under them).
     langevin_steps: int | None = None
     langevin_step_size: float | None = None
     langevin_noise_scale: float | None = None
@@ -104,13 +106,13 @@ class LangevinStage:
                  batch_size: int, threads: int):
         import torch
 
-        from .ebm import EnergyModel
-        from .langevin import SamplerSettings
+        from .langevin import sampler_settings
         from .metrics import StageMetrics
+        from .models import load_model
 
         torch.set_num_threads(threads)
-        self.model = EnergyModel.from_pretrained(model_dir)
-        self.sampler = SamplerSettings(**sampler)
+        self.model = load_model(model_dir)
+        self.sampler = sampler_settings(sampler)
         self.seed, self.per_shard, self.num_images, self.batch_size = seed, images_per_shard, num_images, batch_size
         self.metrics = StageMetrics("langevin")
 
@@ -118,7 +120,7 @@ class LangevinStage:
         import torch
 
         from .batching import run_in_chunks
-        from .langevin import sample
+        from .langevin import SamplerStats, sample
 
         rows = {"shard": [], "latents": [], "info": []}
         for shard in batch["shard"]:
@@ -126,14 +128,15 @@ class LangevinStage:
             count = min(self.per_shard, self.num_images - start)
             seeds = [chain_seed(self.seed, i) for i in range(start, start + count)]
             seconds: list[float] = []
+            stats = SamplerStats()
             self.metrics.busy(1)
 
             def work(a: int, b: int):
                 tick = time.perf_counter()
                 generators = [torch.Generator().manual_seed(s) for s in seeds[a:b]]
-                z = sample(self.model, b - a, tuple(self.model.config.latent_shape), self.sampler, generators)
+                z = sample(self.model, b - a, self.sampler, generators, callback=stats)
                 with torch.no_grad():
-                    energy = self.model(z)
+                    energy = self.model.energy(z)
                 seconds.append(time.perf_counter() - tick)
                 self.metrics.batch(b - a, seconds[-1])
                 return z, energy
@@ -147,7 +150,8 @@ class LangevinStage:
                 "count": count, "latent_shape": list(z.shape[1:]), "seeds": seeds,
                 "energy": torch.cat([c[1] for c in chunks]).tolist(), "langevin_batch_seconds": seconds,
                 "langevin_chunks": sizes, "langevin_batch_size": self.batch_size,
-                "langevin_steps": count * self.sampler.steps}))
+                "gradient_evaluations": count * stats.evaluations / len(sizes),
+                "mala_accepted": stats.accepted, "mala_proposed": stats.proposed}))
         return {"shard": np.array(rows["shard"]), "latents": np.array(rows["latents"], dtype=object),
                 "info": np.array(rows["info"], dtype=object)}
 
@@ -233,13 +237,14 @@ def probe_langevin_batch(model_dir: str, sampler: dict, budget_bytes: int, max_b
     import torch
 
     from .batching import probe_batch_size
-    from .ebm import EnergyModel
-    from .langevin import SamplerSettings, sample
+    from .langevin import sample, sampler_settings
+    from .models import load_model
 
     torch.set_num_threads(threads)
-    model = EnergyModel.from_pretrained(model_dir)
-    probe = SamplerSettings(**(sampler | {"steps": 2}))  # memory per step does not grow with the step count
-    return probe_batch_size(lambda n: sample(model, n, tuple(model.config.latent_shape), probe),
+    model = load_model(model_dir)
+    # memory per step does not grow with the number of steps or levels
+    probe = sampler_settings(sampler | ({"steps": 2} if "steps" in sampler else {"levels": 2}))
+    return probe_batch_size(lambda n: sample(model, n, probe),
                             torch.device("cpu"), budget_bytes, max_batch=max_batch)
 
 
@@ -270,11 +275,12 @@ def run_generation(cfg: GenerateConfig, address: str | None = None) -> dict:
     """Runs (or resumes) generation; returns the summary."""
     import ray
 
-    from .ebm import EnergyModel
+    from .langevin import sampler_settings
     from .metrics import DriverMetrics
+    from .models import load_model
     from .vae import resolve_vae
 
-    model = EnergyModel.from_pretrained(cfg.model)
+    model = load_model(cfg.model)
     spec = resolve_vae(cfg.vae)
     latent_shape = list(model.config.latent_shape)
     require(spec.latent_channels == latent_shape[0], f"the VAE has {spec.latent_channels} latent channels, the model "
@@ -284,9 +290,9 @@ def run_generation(cfg: GenerateConfig, address: str | None = None) -> dict:
     if trained_on and trained_on != vae_identity["weights_sha256"]:
         raise EbdError(f"the model was trained on latents of another VAE (weights sha256 {trained_on[:12]}...), "
                        f"not {cfg.vae}: decoding would give garbage")
-    sampler = model.sampler.to_dict() | {k: v for k, v in (("steps", cfg.langevin_steps),
-                                                           ("step_size", cfg.langevin_step_size),
-                                                           ("noise_scale", cfg.langevin_noise_scale)) if v is not None}
+    short_run = {k: v for k, v in (("steps", cfg.langevin_steps), ("step_size", cfg.langevin_step_size),
+                                   ("noise_scale", cfg.langevin_noise_scale)) if v is not None}
+    sampler = asdict(sampler_settings(asdict(model.sampler) | short_run | cfg.sampler))  # validated: one line if not
     model_id = f"{Path(cfg.model).resolve().name}-{file_sha256(Path(cfg.model) / 'model.safetensors')[:12]}"
     out = Path(cfg.output)
     num_shards = math.ceil(cfg.num_images / cfg.images_per_shard)
@@ -410,7 +416,12 @@ def _finish(out: Path, cfg: GenerateConfig, done: dict, num_shards: int, sampler
     atomic_write(out / "preview.png", lambda f: preview.save(f, format="PNG"))
     busy = {stage: round(sum(sum(s.get(f"{stage}_batch_seconds", [])) for s in shards), 3)
             for stage in ("langevin", "decode", "write")}
+    proposed = sum(s.get("mala_proposed", 0) for s in shards)
     summary = {"images": images, "images_this_run": made, "seconds": round(seconds, 3),
+               "sampler": sampler["name"],
+               "gradient_evaluations_per_image": max((s.get("gradient_evaluations", 0) / s["count"] for s in shards),
+                                                     default=0),
+               "mala_acceptance": sum(s.get("mala_accepted", 0) for s in shards) / proposed if proposed else None,
                "images_per_second": made / seconds if seconds > 0 else 0.0, "stage_busy_seconds": busy,
                "batch_sizes": {k: v for k, v in batch_sizes.items() if k != "probes"},
                "batch_probes": batch_sizes.get("probes", {}), "decoder_gpus_per_actor": gpus,

@@ -78,7 +78,9 @@ class DriverMetrics:
 # and their test; histograms also export _bucket, _count and _sum series.
 RAY_EXPORTED = ("ray_ebd_stage_batch_seconds", "ray_ebd_stage_batch_size", "ray_ebd_stage_batches_in_flight",
                 "ray_ebd_stage_items_total", "ray_ebd_precompute_images_total", "ray_ebd_precompute_rejects_total",
-                *(f"ray_ebd_train_{n}" for n in ("energy_pos", "energy_neg", "energy_gap", "loss", "chain_grad_norm",
+                # training: every objective's loss, its own metrics (objectives.py METRICS), and the loop's
+                *(f"ray_ebd_train_{n}" for n in ("loss", "energy_pos", "energy_neg", "energy_gap", "chain_grad_norm",
+                                                 "loss_small_sigma", "loss_large_sigma", "param_grad_norm",
                                                  "samples_per_s", "step", "lr", "rollbacks")))
 
 

@@ -1,10 +1,11 @@
-"""EBM training on latent shards with Ray Train (TorchTrainer): contrastive divergence with Langevin negatives.
+"""EBM training on latent shards with Ray Train (TorchTrainer), for any objective in `objectives.py`.
+
+    python -m jobs.train --config configs/train-demo.yaml --latents build/demo/latents-... --output build/demo/ebm
 
 Per step, on each worker:
-    z+ ~ its disjoint share of the shards (a fresh sample from stored moments when present) + small data noise
-    z- = Langevin(U, z0, K steps) with z0 from the replay buffer (prob 1 - reinit_prob) or N(0, init_std^2 I)
-    loss = mean U(z+) - mean U(z-) + alpha * mean(E(z+)^2 + E(z-)^2)
-Gradients are averaged across workers (DDP), clipped, and applied by Adam (beta1 = 0); EMA weights are kept.
+    z ~ its disjoint share of the shards (a fresh sample from stored moments when present) + small data noise
+    loss, metrics, healthy = objective.loss(model, z)   # `objective: dsm` (default) or `cd`
+Gradients are averaged across workers (DDP), clipped, and applied by Adam; EMA weights are kept.
 
 Safety nets: a non-finite loss or energies beyond `energy_bound` roll every worker back to the last good
 checkpoint with a lower learning rate, at most `max_rollbacks` times. Checkpoints (weights, EMA, optimizer, replay
@@ -21,7 +22,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Literal
 
 import numpy as np
 import torch
@@ -29,8 +30,7 @@ import torch
 from . import shards as sh
 from .checkpoints import load_optimizer_tensors, optimizer_tensors
 from .config import EbdError, from_dict, require
-from .ebm import EnergyModel, EnergyModelConfig
-from .langevin import SamplerSettings, langevin
+from .objectives import OBJECTIVES
 from .progress import Progress
 
 WORKERS_DIR = "workers"   # OUTPUT/workers/rank-N.json: each worker's share of the data
@@ -41,6 +41,7 @@ class TrainConfig:
     latents: str | None = None
     output: str | None = None
     run_name: str = "ebd-train"
+    objective: Literal["dsm", "cd"] = "dsm"  # denoising score matching, or short-run contrastive divergence
     storage_path: str | None = None          # Ray Train checkpoints; default OUTPUT/checkpoints (shared storage!)
     # scale
     num_workers: int = 1
@@ -51,16 +52,33 @@ class TrainConfig:
     max_steps: int = 2000
     batch_size: int = 64                     # per worker
     lr: float = 1e-4
-    beta1: float = 0.0
+    beta1: float = 0.0                       # 0 suits CD's non-stationary negatives; 0.9 suits dsm
     beta2: float = 0.999
+    warmup_steps: int = 0                    # linear learning-rate warm-up
     param_grad_clip: float = 1.0             # max global norm of the parameter gradient
     ema_decay: float = 0.999                 # with warm-up: min(decay, (1 + step) / (10 + step))
     # L2 penalty on the network energies E(z+), E(z-). The base term makes energies O(latent dims), and E must
     # offset it by as much to carve modes, so alpha is small: 0.1 (IGEBM's scale) pins the chains to the origin.
     alpha: float = 0.001
     data_noise: float = 0.01                 # std of the noise added to positives
-    # model
+    # model (both objectives): one stage per channels entry
     channels: list[int] = field(default_factory=lambda: [64, 128, 256])
+    # dsm: a noise-conditional energy (diffusion_ebm.py) and its sampler from plain noise (langevin.heun/ancestral)
+    layers_per_block: int = 1
+    norm_groups: int = 16
+    sigma_data: float | None = None          # null: the training latents' std
+    sigma_min: float = 0.002
+    sigma_max: float | None = None           # null: the largest distance between two training latents
+    sigma_sampling: Literal["lognormal", "log_uniform"] = "lognormal"
+    sigma_p_mean: float = -0.5               # lognormal: ln sigma ~ N(ln sigma_data + p_mean, p_std^2)
+    sigma_p_std: float = 1.2
+    sampler: Literal["heun", "ancestral"] = "heun"
+    sampler_levels: int = 25                 # heun: 2 x levels - 1 gradients per image; ancestral: levels
+    sampler_rho: float = 7.0
+    mala_levels: int = 0                     # Metropolis-adjusted corrector steps at the last N levels
+    mala_steps: int = 1
+    mala_step_scale: float = 0.25
+    # cd: a clean-data energy (ebm.py) and its short-run Langevin sampler
     spectral_norm: bool = False
     sigma0: float = 1.0
     init_rank: int | None = None             # chains start from a rank-r Gaussian fit of the data (EnergyModelConfig)
@@ -110,15 +128,13 @@ class TrainConfig:
         require(self.energy_bound_per_dim > 0 and self.max_rollbacks >= 0 and 0 < self.rollback_lr_factor < 1,
                 "energy_bound_per_dim > 0, max_rollbacks >= 0, rollback_lr_factor in (0, 1)")
         require(self.run_name.replace("-", "").replace("_", "").isalnum(), "run_name may hold only [A-Za-z0-9_-]")
-        self.sampler().validate()
-
-    def sampler(self) -> SamplerSettings:
-        return SamplerSettings(self.langevin_steps, self.langevin_step_size, self.langevin_noise_scale,
-                               self.langevin_grad_clip, self.langevin_init_std)
-
-    def model_config(self, latent_shape) -> EnergyModelConfig:
-        return EnergyModelConfig(list(latent_shape), self.channels, self.spectral_norm, self.sigma0, self.init_rank,
-                                 self.init_components)
+        require(self.warmup_steps >= 0, "warmup_steps must be >= 0")
+        require(self.sigma_max is None or self.sigma_max > self.sigma_min, "sigma_max must exceed sigma_min")
+        require(self.sigma_data is None or self.sigma_data > 0, "sigma_data must be > 0 or null")
+        require(self.sigma_p_std > 0, "sigma_p_std must be > 0")
+        # The sampler as it will be saved (sigma_max from the data stands in as 2 x sigma_min until it is known).
+        OBJECTIVES[self.objective].sampler_settings(self, {"sigma_max": self.sigma_max or 2 * self.sigma_min,
+                                                           "sigma_data": 1.0}).validate()
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -178,26 +194,6 @@ class LatentBatches:
             yield z + self.data_noise * torch.randn(z.shape, generator=self.torch_gen)
 
 
-class ReplayBuffer:
-    """Past negatives; chains restart from them (prob 1 - reinit_prob) or from fresh noise (Du & Mordatch 2019)."""
-
-    def __init__(self, size: int, reinit_prob: float, latent_shape: tuple[int, ...], fresh):
-        self.size, self.reinit_prob, self.fresh = size, reinit_prob, fresh  # fresh(n, gen): new chain starts
-        self.data = torch.empty((0, *latent_shape))
-
-    def initial(self, n: int, gen: torch.Generator) -> torch.Tensor:
-        z = self.fresh(n, gen)
-        if self.size and len(self.data):
-            reuse = torch.rand(n, generator=gen) >= self.reinit_prob
-            picks = torch.randint(len(self.data), (n,), generator=gen)
-            z[reuse] = self.data[picks[reuse]]
-        return z
-
-    def push(self, z: torch.Tensor) -> None:
-        if self.size:
-            self.data = torch.cat([z.detach().cpu(), self.data])[: self.size]
-
-
 # --------------------------------------------------------------------------------------------- training
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -213,21 +209,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
     latent_shape = tuple(loop_config["latent_shape"])
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every worker
-    model = EnergyModel(cfg.model_config(latent_shape), loop_config["metadata"])
-    if cfg.init_rank:  # the chain-start Gaussian (mixture) the driver fitted to the training latents
-        from safetensors.torch import load_file
-        model.load_state_dict(load_file(loop_config["initializer"]), strict=False)
-    model = model.to(device)
+    gen = torch.Generator()  # the objective's randomness (noise levels, chains); seeded below, after any resume
+    objective = OBJECTIVES[cfg.objective](cfg, latent_shape, gen)
+    model = objective.build_model(cfg, latent_shape, _load_prepared(loop_config["prepared"]),
+                                  loop_config["metadata"]).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    buffer = ReplayBuffer(cfg.buffer_size, cfg.reinit_prob, latent_shape,
-                          lambda n, g: model.initial_latents(n, cfg.langevin_init_std, g))
     state = {"step": 0, "lr": cfg.lr, "rollbacks": 0, "fault_injected": False}
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            _load_state(Path(folder), model, optimizer, ema, buffer, state, device)
+            _load_state(Path(folder), model, optimizer, ema, objective, state, device)
         if rank == 0:
             print(f"[train] resumed from checkpoint at step {state['step']}", flush=True)
     ddp_model = ray.train.torch.prepare_model(model) if world > 1 else model  # DDP averages gradients
@@ -242,58 +235,46 @@ def train_loop_per_worker(loop_config: dict) -> None:
     data = LatentBatches(my_shards, cfg.batch_size, cfg.seed * 1000 + rank + state["step"], cfg.use_moments,
                          cfg.data_noise, in_memory, cfg.shuffle_buffer)
     batches = iter(data)
-    settings = cfg.sampler()
-    energy_bound = cfg.energy_bound_per_dim * math.prod(latent_shape)
-    gen = torch.Generator().manual_seed(cfg.seed * 7919 + rank * 104729 + state["step"])
+    gen.manual_seed(cfg.seed * 7919 + rank * 104729 + state["step"])
     last_good = _snapshot(model, optimizer, ema, state)
     metrics = _Metrics(world, device)
+    shown = ("loss", *objective.METRICS, "param_grad_norm", "samples_per_s")
     log = Progress("train", total=cfg.max_steps, unit="steps", interval_s=0) if rank == 0 else None
-    gauges = _PrometheusGauges() if rank == 0 else None
+    gauges = _PrometheusGauges(shown + ("step", "lr", "rollbacks")) if rank == 0 else None
 
     started = time.monotonic()
     while state["step"] < cfg.max_steps:
         tick = time.perf_counter()
         pos = next(batches).to(device)
-        chain_grad_norms = []
-        neg = langevin(model, buffer.initial(cfg.batch_size, gen).to(device), settings.steps, settings.step_size,
-                       settings.noise_scale, settings.grad_clip,
-                       callback=lambda info: chain_grad_norms.append(info["grad_norm"].mean().item()), generator=gen)
-        buffer.push(neg)
-
-        both = torch.cat([pos, neg])
-        u = ddp_model(both)
-        e = u - model.base_energy(both)  # the network's part: the L2 penalty leaves the fixed base term alone
-        u_pos, u_neg = u[: len(pos)], u[len(pos):]
-        e_pos, e_neg = e[: len(pos)], e[len(pos):]
-        loss = u_pos.mean() - u_neg.mean() + cfg.alpha * (e_pos.pow(2).mean() + e_neg.pow(2).mean())
+        loss, values, healthy = objective.loss(ddp_model, model, pos)
         if cfg.fault_nan_at_step == state["step"] and not state["fault_injected"]:
             state["fault_injected"] = True
-            loss = loss * float("nan")
+            loss, healthy = loss * float("nan"), False
 
-        if _diverged(loss, e, energy_bound, world, device):
+        if _diverged(healthy, world, device):
             state["rollbacks"] += 1
             if state["rollbacks"] > cfg.max_rollbacks:
-                raise EbdError(f"training diverged {state['rollbacks']} times (non-finite loss or |E| > "
-                               f"{energy_bound:g}); last good step {last_good['state']['step']}: lower lr or "
-                               "raise alpha and re-run with a new --run-name")
+                raise EbdError(f"training diverged {state['rollbacks']} times (non-finite or out-of-bounds loss or "
+                               f"energies); last good step {last_good['state']['step']}: lower lr (cd: or raise "
+                               "alpha) and re-run with a new --run-name")
             lr = state["lr"] * cfg.rollback_lr_factor
             _restore(last_good, model, optimizer, ema, state)
             state["lr"] = lr
-            for group in optimizer.param_groups:
-                group["lr"] = lr
             if log:
                 log.log(f"divergence at step {state['step']}: rolled back to step {last_good['state']['step']}, "
                         f"lr -> {lr:g} (rollback {state['rollbacks']}/{cfg.max_rollbacks})")
             continue
 
+        for group in optimizer.param_groups:  # the base rate (lowered by rollbacks) after a linear warm-up
+            group["lr"] = state["lr"] * min(1.0, (state["step"] + 1) / max(1, cfg.warmup_steps))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.param_grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.param_grad_clip)
         optimizer.step()
         _update_ema(ema, model, min(cfg.ema_decay, (1 + state["step"]) / (10 + state["step"])))
         state["step"] += 1
-        metrics.add(u_pos.mean(), u_neg.mean(), loss, float(np.mean(chain_grad_norms)),
-                    len(pos), time.perf_counter() - tick)
+        metrics.add(values | {"loss": loss.item(), "param_grad_norm": grad_norm.item()}, len(pos),
+                    time.perf_counter() - tick)
 
         step = state["step"]
         save = step % cfg.checkpoint_every == 0 or step == cfg.max_steps
@@ -302,14 +283,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                          "epoch": data.epoch}
             if log:
                 log.done = step
-                log.log(log.line(" ".join(f"{k}={v:.4g}" for k, v in values.items()
-                                          if k in ("energy_pos", "energy_neg", "energy_gap", "loss",
-                                                   "chain_grad_norm", "samples_per_s"))))
+                log.log(log.line(" ".join(f"{k}={values[k]:.4g}" for k in shown if k in values)))
                 gauges.set(values)
             if save:
                 with tempfile.TemporaryDirectory() as folder:
                     if rank == 0:
-                        _save_state(Path(folder), model, optimizer, ema, buffer, state, cfg)
+                        _save_state(Path(folder), model, optimizer, ema, objective, state, cfg)
                     ray.train.report(values, checkpoint=ray.train.Checkpoint.from_directory(folder)
                                      if rank == 0 else None, checkpoint_dir_name=f"step-{step:08d}")
                 last_good = _snapshot(model, optimizer, ema, state)
@@ -319,58 +298,63 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # Every worker records a digest of its final weights: equal digests show the gradients were synchronised.
     sh.atomic_write_json(record_path, record | {"step": state["step"], "weights_sha256": _weights_digest(model)})
     if rank == 0:
-        export = EnergyModel(model.config, dict(model.metadata))
-        export.metadata["training"] = {"steps": state["step"], "rollbacks": state["rollbacks"],
-                                       "final_lr": state["lr"], "num_workers": world, "run_name": cfg.run_name,
+        export = type(model)(model.config, dict(model.metadata))
+        export.metadata["training"] = {"objective": cfg.objective, "steps": state["step"],
+                                       "rollbacks": state["rollbacks"], "final_lr": state["lr"],
+                                       "num_workers": world, "run_name": cfg.run_name,
                                        "loop_seconds_this_run": round(time.monotonic() - started, 1)}
         export.save_pretrained(Path(cfg.output) / "model", state_dict=ema)
 
 
 class _Metrics:
-    """Sums over the steps since the last log, averaged over steps and workers on reduce()."""
+    """Per-name sums over the steps since the last log, averaged over steps and workers on reduce() (a NaN, e.g. a
+    noise band no sample fell in this step, is left out of its average)."""
 
     def __init__(self, world: int, device):
         self.world, self.device = world, device
+        self.names: list[str] = []
         self.reset()
 
     def reset(self):
-        self.sums = np.zeros(5)
-        self.samples, self.seconds, self.steps = 0, 0.0, 0
+        self.sums: dict[str, list[float]] = {}
+        self.samples, self.seconds = 0, 0.0
 
-    def add(self, u_pos, u_neg, loss, chain_grad_norm, samples, seconds):
-        u_pos, u_neg, loss = float(u_pos.detach()), float(u_neg.detach()), float(loss.detach())
-        self.sums += [u_pos, u_neg, u_pos - u_neg, loss, chain_grad_norm]
+    def add(self, values: dict, samples: int, seconds: float):
+        for name, value in values.items():
+            if name not in self.names:
+                self.names.append(name)
+            total = self.sums.setdefault(name, [0.0, 0])
+            if math.isfinite(value):
+                total[0] += value
+                total[1] += 1
         self.samples += samples
         self.seconds += seconds
-        self.steps += 1
 
     def reduce(self) -> dict:
-        values = torch.tensor([*self.sums, self.samples, self.seconds, self.steps], dtype=torch.float64)
-        if self.world > 1:
+        sums = [self.sums.get(n, [0.0, 0]) for n in self.names]
+        values = torch.tensor([v for pair in sums for v in pair] + [self.samples, self.seconds], dtype=torch.float64)
+        if self.world > 1:  # every worker logs the same names in the same order: the objective fixes them
             import torch.distributed as dist
             values = values.to(self.device)
             dist.all_reduce(values)
             values = values.cpu()
-        sums, samples, seconds, steps = values[:5], values[5], values[6], values[7]
+        out = {n: float(values[2 * i] / values[2 * i + 1]) if values[2 * i + 1] else float("nan")
+               for i, n in enumerate(self.names)}
+        samples, seconds = float(values[-2]), float(values[-1])
         self.reset()
-        names = ("energy_pos", "energy_neg", "energy_gap", "loss", "chain_grad_norm")
-        out = {n: float(v / steps) for n, v in zip(names, sums)}
         # samples/s of the whole job: all workers' samples over one worker's (mean) wall time
-        out["samples_per_s"] = float(samples / (seconds / self.world)) if seconds else 0.0
+        out["samples_per_s"] = samples / (seconds / self.world) if seconds else 0.0
         return out
 
 
 class _PrometheusGauges:
     """Training metrics through Ray's metrics export (scraped as ray_ebd_train_*), set by rank 0 only."""
 
-    NAMES = ("energy_pos", "energy_neg", "energy_gap", "loss", "chain_grad_norm", "samples_per_s", "step", "lr",
-             "rollbacks")
-
-    def __init__(self):
+    def __init__(self, names: tuple[str, ...]):
         try:
             from ray.util.metrics import Gauge
             self.gauges = {n: Gauge(f"ebd_train_{n}", description=f"EBM training: {n.replace('_', ' ')}")
-                           for n in self.NAMES}
+                           for n in names}
         except Exception:  # metrics export is optional (ray without [default])  # noqa: BLE001
             self.gauges = {}
 
@@ -388,9 +372,10 @@ def _weights_digest(model) -> str:
     return digest.hexdigest()
 
 
-def _diverged(loss, energies, bound: float, world: int, device) -> bool:
-    """True on every worker if any worker saw a non-finite loss or an energy beyond the bound."""
-    bad = torch.tensor([0.0 if torch.isfinite(loss) and energies.abs().max() <= bound else 1.0], device=device)
+def _diverged(healthy: bool, world: int, device) -> bool:
+    """True on every worker if any worker's objective saw an unhealthy step (non-finite loss, energies or loss out
+    of bounds)."""
+    bad = torch.tensor([0.0 if healthy else 1.0], device=device)
     if world > 1:
         import torch.distributed as dist
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
@@ -426,13 +411,13 @@ def _restore(snapshot, model, optimizer, ema, state) -> None:
 
 # ---------------------------------------------------------------------------- checkpoints (no pickle)
 
-def _save_state(folder: Path, model, optimizer, ema, buffer: ReplayBuffer, state: dict, cfg: TrainConfig) -> None:
+def _save_state(folder: Path, model, optimizer, ema, objective, state: dict, cfg: TrainConfig) -> None:
     from safetensors.torch import save_file
 
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors |= {f"ema.{k}": v for k, v in ema.items()}
     tensors |= optimizer_tensors(optimizer)
-    tensors["buffer"] = buffer.data.to(torch.float16)
+    tensors |= {f"objective.{k}": v for k, v in objective.state_tensors().items()}
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(folder / "state.safetensors"))
     (folder / "state.json").write_text(json.dumps({
         "state": state, "config": asdict(cfg),
@@ -440,7 +425,7 @@ def _save_state(folder: Path, model, optimizer, ema, buffer: ReplayBuffer, state
                                    for g in optimizer.state_dict()["param_groups"]]}, indent=2))
 
 
-def _load_state(folder: Path, model, optimizer, ema, buffer: ReplayBuffer, state: dict, device) -> None:
+def _load_state(folder: Path, model, optimizer, ema, objective, state: dict, device) -> None:
     from safetensors.torch import load_file
 
     tensors = load_file(str(folder / "state.safetensors"))
@@ -450,7 +435,7 @@ def _load_state(folder: Path, model, optimizer, ema, buffer: ReplayBuffer, state
         if k.startswith("ema."):
             ema[k[4:]].copy_(v)
     load_optimizer_tensors(optimizer, tensors, meta["optimizer_param_groups"], device)
-    buffer.data = tensors["buffer"].float()
+    objective.load_state_tensors({k[10:]: v for k, v in tensors.items() if k.startswith("objective.")})
     state.update(meta["state"])
 
 
@@ -485,7 +470,10 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
     storage = (cfg.storage_path if "://" in cfg.storage_path else Path(cfg.storage_path).resolve()) \
         if cfg.storage_path else output / "checkpoints"
     manifest_sha = sh.file_sha256(Path(cfg.latents) / sh.MANIFEST)
-    metadata = {"sampler": cfg.sampler().to_dict(),
+    objective = OBJECTIVES[cfg.objective]
+    prepared = _prepare(cfg, objective, paths, output)
+    objective.model_config(cfg, manifest["latent"]["shape"], prepared).validate()
+    metadata = {"sampler": asdict(objective.sampler_settings(cfg, prepared)),
                 "latents": {"shape": manifest["latent"]["shape"], "scaling_factor": manifest["scaling_factor"],
                             "shift_factor": manifest["shift_factor"], "vae": manifest["vae"],
                             "manifest_sha256": manifest_sha, "resolution": manifest["resolution"],
@@ -494,7 +482,6 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
                                            for p in paths],
                             "held_out": held_out}}
     cfg_dict = asdict(cfg) | {"output": str(output)}
-    initializer = _fit_initializer(cfg, paths, manifest["latent"]["shape"], output) if cfg.init_rank else None
 
     if not ray.is_initialized():
         ray.init(address=address)
@@ -503,7 +490,7 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
         train_loop_config={"cfg": cfg_dict, "shards": [str(Path(p).resolve()) for p in paths],
                            "shard_counts": {str(Path(p).resolve()): counts[p] for p in paths},
                            "latent_shape": manifest["latent"]["shape"], "metadata": metadata,
-                           "initializer": initializer},
+                           "prepared": prepared},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(name=cfg.run_name, storage_path=str(storage),
@@ -519,22 +506,31 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
     return dict(result.metrics or {})
 
 
-def _fit_initializer(cfg: TrainConfig, paths: list[str], latent_shape: list[int], output: Path) -> str:
-    """Fits the chain-start Gaussian (mixture) to the first `init_fit_samples` training latents (never held-out
-    ones) and saves it as OUTPUT/initializer.safetensors for the workers (a resumed run refits the same one)."""
+def _prepare(cfg: TrainConfig, objective, paths: list[str], output: Path) -> dict:
+    """What the objective needs from the data before the workers start (the chain-start mixture for cd, the noise
+    range for dsm), from the first training latents (never held-out ones). Numbers travel in the
+    loop config; tensors go to OUTPUT/prepared.safetensors (a resumed run prepares the same again)."""
     from safetensors.torch import save
 
-    latents = []
-    for record in sh.iter_latents(paths):
+    wanted, latents = objective.prepare_samples(cfg), []
+    for record in sh.iter_latents(paths) if wanted else []:
         latents.append(torch.from_numpy(record["latent"]))
-        if len(latents) >= cfg.init_fit_samples:
+        if len(latents) >= wanted:
             break
-    model = EnergyModel(cfg.model_config(latent_shape))
-    model.fit_initializer(torch.stack(latents), seed=cfg.seed)
-    tensors = {k: v.contiguous() for k, v in model.state_dict().items() if k.startswith("init_")}
-    path = output / "initializer.safetensors"
-    sh.atomic_write(path, lambda f: f.write(save(tensors)))
-    return str(path)
+    prepared = objective.prepare(cfg, torch.stack(latents) if latents else None)
+    tensors = prepared.pop("tensors", {})
+    if tensors:
+        path = output / "prepared.safetensors"
+        sh.atomic_write(path, lambda f: f.write(save(tensors)))
+        prepared["tensors_path"] = str(path)
+    return prepared
+
+
+def _load_prepared(prepared: dict) -> dict:
+    from safetensors.torch import load_file
+
+    path = prepared.get("tensors_path")
+    return prepared | {"tensors": load_file(path) if path else {}}
 
 
 def _root_cause(error: BaseException) -> str:

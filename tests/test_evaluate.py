@@ -43,11 +43,15 @@ def pipeline_run(ray_cluster, sd_checkpoint, tmp_path_factory):
     write_latent_dataset(latents, data, shard_size=256, labels=mode_labels(data),
                          vae=resolve_vae(sd_checkpoint).identity(), scaling_factor=0.18215, shuffled=True)
     run_training(from_dict(TrainConfig, dict(latents=str(latents), output=str(root / "ebm"), holdout_shards=2,
-                                             channels=[16, 32], batch_size=64, lr=1e-3, max_steps=200,
-                                             log_every=50, checkpoint_every=100)))
-    run_generation(from_dict(GenerateConfig, dict(model=str(root / "ebm" / "model"), vae=str(sd_checkpoint),
-                                                  output=str(root / "gen"), num_images=300, images_per_shard=100,
-                                                  format="parquet", progress_interval_s=0.0)))
+                                             objective="dsm", channels=[16], norm_groups=8, batch_size=64, lr=1e-3,
+                                             beta1=0.9, ema_decay=0.99, sigma_sampling="log_uniform",
+                                             sampler="ancestral", max_steps=400, log_every=100,
+                                             checkpoint_every=200)))
+    for folder, sampler in (("gen", {}), ("gen-heun", {"name": "heun"})):  # the second: a row to --compare
+        run_generation(from_dict(GenerateConfig, dict(model=str(root / "ebm" / "model"), vae=str(sd_checkpoint),
+                                                      output=str(root / folder), num_images=300, sampler=sampler,
+                                                      images_per_shard=100, format="parquet",
+                                                      progress_interval_s=0.0)))
     # The latents carry their mode as a label, so the evaluator is a classifier of the two modes.
     fit_evaluator(from_dict(FitEvaluatorConfig, dict(latents=str(latents), output=str(root / "evaluator"),
                                                      holdout_shards=2, resolution=8, widths=[8, 16], feature_dim=16,
@@ -61,12 +65,14 @@ def test_report_scores_the_model_against_held_out_shards_with_baselines(pipeline
                                                            reference=str(root / "latents"),
                                                            evaluator=str(root / "evaluator"),
                                                            output=str(root / "report"), num_samples=256,
-                                                           memorisation_pool=512, image_side=8)))
+                                                           memorisation_pool=512, image_side=8,
+                                                           compare=[str(root / "gen-heun")])))
+    compared = ("gen-heun (heun)", "gen-heun (heun): starts")
     assert report["held_out_shards"] == ["latents-000006.tar", "latents-000007.tar"]  # the last two, never trained
     assert report["train_shards"] == 6 and report["samples"] == 256
     for space in ("latents", "images"):
         m = report["spaces"][space]["metrics"]
-        assert set(m) == {"generated", "train", "gaussian", "untrained", "starts"}
+        assert set(m) == {"generated", "train", "gaussian", "untrained", "starts", *compared}
         # The floor: real training data scored against held-out real data looks like one distribution.
         assert m["train"]["coverage"] > 0.8 and 0.7 < m["train"]["density"] < 1.3, (space, m["train"])
     m = report["spaces"]["latents"]["metrics"]
@@ -74,7 +80,10 @@ def test_report_scores_the_model_against_held_out_shards_with_baselines(pipeline
     assert m["generated"]["density"] > m["gaussian"]["density"] + 0.1, m
     assert m["generated"]["mmd"] < m["gaussian"]["mmd"], m
     assert m["untrained"]["coverage"] < m["generated"]["coverage"], m
-    assert m["starts"]["density"] < m["generated"]["density"], m  # the Langevin steps are what moves the samples
+    assert m["starts"]["density"] < m["generated"]["density"], m  # the sampler is what moves the samples
+    # The compared run (same energy, deterministic sampler) is a working model too, and so is not its noise.
+    assert m["gen-heun (heun)"]["density"] > m["gaussian"]["density"] + 0.1, m
+    assert m["gen-heun (heun): starts"]["density"] < 0.1, m
     gain = report["spaces"]["latents"]["energy_gain"]
     assert gain["density"] == pytest.approx(m["generated"]["density"] - m["starts"]["density"], abs=1e-3)
 
@@ -82,7 +91,7 @@ def test_report_scores_the_model_against_held_out_shards_with_baselines(pipeline
     # not there (these latents were never images), and the report says so.
     features = report["features"]["evaluator"]
     assert features["classes"] == ["lower", "upper"] and set(features["metrics"]) == {
-        "generated", "train", "blurred", "gaussian", "untrained", "starts"}
+        "generated", "train", "blurred", "gaussian", "untrained", "starts", *compared}
     f = features["metrics"]
     assert f["train"]["copy_share"] == 1.0  # the copier is caught
     assert f["train"]["class_tv"] < 0.1 and features["reference"]["class_histogram"][1] > 0.5, features["reference"]
@@ -98,6 +107,7 @@ def test_report_scores_the_model_against_held_out_shards_with_baselines(pipeline
     text = (root / "report" / "report.md").read_text()
     assert text.index("## Feature space") < text.index("## Pooled latents")  # what a person sees comes first
     assert "moment-matched Gaussian" in text and "samples-vs-real.png" in text and "per-class.png" in text
+    assert text.count("| gen-heun (heun) |") == 3  # a row in the feature table and in both pooled tables
     assert f"density {gain['density']:+.3f}" in text  # the energy's share, spelled out
     from PIL import Image
     grid = Image.open(root / "report" / "samples-vs-real.png")

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from PIL import Image
 from pipeline.config import EbdError, from_dict
 from pipeline.ebm import EnergyModel, EnergyModelConfig
 from pipeline.generate import GenerateConfig, run_generation
-from pipeline.langevin import SamplerSettings
+from pipeline.langevin import LangevinSettings
 from pipeline.shards import file_sha256
 from pipeline.vae import resolve_vae
 from tests.conftest import REPO, debian_binary, free_port
@@ -35,7 +36,7 @@ SIDE = 16  # the tiny VAE: 4 x 8 x 8 latents -> 16 x 16 images
 def ebm_dir(sd_checkpoint, tmp_path_factory) -> Path:
     """A small EBM over the tiny VAE's latents, carrying that VAE's identity, as the train job exports it."""
     torch.manual_seed(0)
-    metadata = {"sampler": SamplerSettings(steps=5).to_dict(),
+    metadata = {"sampler": asdict(LangevinSettings(steps=5)),
                 "latents": {"vae": resolve_vae(sd_checkpoint).identity(), "shape": [4, 8, 8]}}
     return EnergyModel(EnergyModelConfig([4, 8, 8], [8]), metadata).save_pretrained(
         tmp_path_factory.mktemp("ebm") / "model")
@@ -73,7 +74,7 @@ def test_exactly_n_images_with_unique_keys_in_parquet_and_tar(both_formats):
     assert samples[0]["latent.npy"] == rows[0]["latent"]  # the same latent bytes in both formats
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["images"] == 50 and manifest["num_shards"] == 4
-    assert manifest["sampler"]["steps"] == 5  # the model's own sampler settings
+    assert manifest["sampler"]["steps"] == 5 and manifest["sampler"]["name"] == "langevin"  # the model's own
     assert all(re.fullmatch(r"[A-Za-z0-9_-]+", r["key"]) for r in rows)
 
 
@@ -137,6 +138,45 @@ def test_a_model_trained_on_another_vae_is_refused(ebm_dir, tmp_path):
     other = write_sd_style_vae(tmp_path / "other", seed=1, block_out_channels=(8, 16))
     with pytest.raises(EbdError, match="trained on latents of another VAE"):
         generate(ebm_dir, other, tmp_path / "out")
+
+
+def test_a_noise_conditional_energy_at_4x32x32_trains_and_generates_through_the_dag(ray_cluster, sd_checkpoint,
+                                                                                   tmp_path):
+    # Stable Diffusion's latent layout at a small side: train a tiny dsm model for a few steps through the Ray
+    # Train job, then generate from plain noise through the same DAG, in both formats, with a sampler override.
+    from pipeline.shards import write_latent_dataset
+    from pipeline.train import TrainConfig, run_training
+
+    latents = np.random.default_rng(0).normal(size=(64, 4, 32, 32)).astype(np.float32)
+    write_latent_dataset(tmp_path / "latents", latents, shard_size=32)
+    run_training(from_dict(TrainConfig, dict(latents=str(tmp_path / "latents"), output=str(tmp_path / "train"),
+                                             objective="dsm", channels=[8, 16], norm_groups=8, batch_size=8,
+                                             max_steps=3, log_every=3, checkpoint_every=3, sampler_levels=6)))
+    model_dir = tmp_path / "train" / "model"
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["_class_name"] == "NoiseConditionalEnergy" and config["sampler"]["name"] == "heun"
+
+    summary = generate(model_dir, sd_checkpoint, tmp_path / "out", num_images=10, images_per_shard=5,
+                       batch_size=4, sampler={"levels": 4, "mala_levels": 1})
+    assert summary["images"] == 10 and summary["sampler"] == "heun"
+    assert summary["gradient_evaluations_per_image"] == 2 * 4 - 1 + 2  # 4 Heun levels, one MALA level of 1 step
+    assert 0 < summary["mala_acceptance"] <= 1
+    rows = parquet_rows(tmp_path / "out")
+    assert len(rows) == 10 and all(r["width"] == r["height"] == 64 for r in rows)
+    assert np.load(io.BytesIO(rows[0]["latent"]), allow_pickle=False).shape == (4, 32, 32)
+    assert len(list(wds.WebDataset(sorted(str(p) for p in (tmp_path / "out").glob("*.tar")),
+                                   shardshuffle=False))) == 10
+
+
+def test_a_folder_of_no_known_model_kind_is_refused_in_one_line(ebm_dir, sd_checkpoint, tmp_path):
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes((ebm_dir / "model.safetensors").read_bytes())
+    (folder / "config.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    with pytest.raises(EbdError, match="holds a 'StableDiffusionPipeline' model; ebd generates from"):
+        generate(folder, sd_checkpoint, tmp_path / "out")
+    with pytest.raises(EbdError, match="unknown config key 'levels'"):  # a cd model's sampler has no levels
+        generate(ebm_dir, sd_checkpoint, tmp_path / "out2", sampler={"levels": 4})
 
 
 def _generate_command(ray_cluster, ebm_dir, sd_checkpoint, out, *extra) -> list[str]:

@@ -110,7 +110,8 @@ def test_jobs_on_two_nodes_and_prometheus_sees_generation_throughput(two_nodes, 
            "--vae", str(sd_checkpoint), "--output", str(tmp_path / "latents"), "--set", "resolution=16",
            "--set", "min_side=8", "--set", "shard_size=12")
     submit(two_nodes, "jobs.train", "--config", "configs/train.yaml", "--latents", str(tmp_path / "latents"),
-           "--output", str(tmp_path / "ebm"), "--max-steps", "10", "--set", "channels=[8]", "--set", "batch_size=8",
+           "--output", str(tmp_path / "ebm"), "--max-steps", "10", "--set", "objective=cd", "--set", "channels=[8]",
+           "--set", "batch_size=8",
            "--set", "langevin_steps=5", "--set", "log_every=5", "--set", "checkpoint_every=5")
 
     n = 64

@@ -17,7 +17,9 @@ from safetensors.torch import load_file, save as safetensors_save
 
 from pipeline.config import EbdError, from_dict
 from pipeline.ebm import EnergyModel, EnergyModelConfig
-from pipeline.langevin import sample
+from pipeline.langevin import LangevinSettings, SamplerStats, sample
+from pipeline.models import load_model
+from pipeline.objectives import ContrastiveDivergence
 from pipeline.shards import file_sha256, write_latent_dataset
 from pipeline.train import TrainConfig, run_training, split_shards
 from tests.conftest import REPO
@@ -25,8 +27,12 @@ from tests.conftest import REPO
 SHAPE = (4, 4, 4)
 WEIGHT_A, CENTER, STD = 0.7, 0.75, 0.3          # modes at +0.75 and -0.75 in every dimension
 MODE_DISTANCE = 2 * CENTER * np.sqrt(np.prod(SHAPE))  # = 12
-FAST = dict(channels=[16, 32], batch_size=64, lr=1e-3, log_every=50, checkpoint_every=100, max_steps=200)
-TINY = dict(channels=[8], batch_size=16, langevin_steps=5, log_every=5, checkpoint_every=5)
+FAST = dict(objective="cd", channels=[16, 32], batch_size=64, lr=1e-3, log_every=50, checkpoint_every=100,
+            max_steps=200)
+TINY = dict(objective="cd", channels=[8], batch_size=16, langevin_steps=5, log_every=5, checkpoint_every=5)
+TINY_DSM = dict(objective="dsm", channels=[8], norm_groups=8, batch_size=16, sampler_levels=5, log_every=5,
+                checkpoint_every=5)
+START = LangevinSettings(init_std=1.0)
 
 
 def mixture(n: int, seed: int) -> np.ndarray:
@@ -64,18 +70,40 @@ def test_learns_both_modes_of_a_gaussian_mixture_and_an_untrained_model_does_not
 
     model = EnergyModel.from_pretrained(tmp_path / "model")  # plain safetensors + JSON: no Ray, no pickle
     cfg = from_dict(TrainConfig, dict(latents="x", output="y") | FAST)
-    assert model.sampler == cfg.sampler()  # generation gets exactly the training sampler
+    assert model.sampler == ContrastiveDivergence.sampler_settings(cfg, {})  # generation gets the training sampler
     assert model.metadata["latents"]["manifest_sha256"] == file_sha256(mixture_latents / "manifest.json")
     assert model.metadata["training"]["steps"] == 200
 
     generator = torch.Generator().manual_seed(123)
-    ok, stats = mode_check(sample(model, 1000, SHAPE, model.sampler, generator))
+    ok, stats = mode_check(sample(model, 1000, model.sampler, generator))
     assert ok, stats
 
-    torch.manual_seed(0)
-    untrained = EnergyModel(model.config, model.metadata).eval()
-    ok, stats = mode_check(sample(untrained, 1000, SHAPE, model.sampler, torch.Generator().manual_seed(123)))
+    ok, stats = mode_check(sample(model.fresh_copy(0), 1000, model.sampler, torch.Generator().manual_seed(123)))
     assert not ok, stats
+
+
+def test_denoising_score_matching_learns_the_modes_and_their_weights_from_plain_noise(ray_cluster, mixture_latents,
+                                                                                     tmp_path):
+    # The noise-conditional energy: no MCMC while training, sampled from N(0, s^2 + sigma_max^2) with no fitted
+    # starts. Log-uniform noise levels give the levels where the two modes merge (sigma ~ 6) their share of training;
+    # the stochastic ancestral sampler corrects what a deterministic flow would carry over from score errors.
+    metrics = train(mixture_latents, tmp_path, objective="dsm", channels=[16], norm_groups=8, batch_size=64, lr=1e-3,
+                    beta1=0.9, ema_decay=0.99, data_noise=0.0, sigma_sampling="log_uniform", sampler="ancestral",
+                    max_steps=800, log_every=200, checkpoint_every=400)
+    assert metrics["step"] == 800 and metrics["rollbacks"] == 0
+    model = load_model(tmp_path / "model")
+    config = model.config
+    assert type(model).__name__ == "NoiseConditionalEnergy" and model.sampler.name == "ancestral"
+    assert config.sigma_data == pytest.approx(np.std(mixture(2048, seed=0)), rel=0.02)
+    assert MODE_DISTANCE < config.sigma_max < 2 * MODE_DISTANCE  # the data's largest pairwise distance
+
+    stats = SamplerStats()
+    ok, found = mode_check(sample(model, 1000, model.sampler, torch.Generator().manual_seed(1), callback=stats))
+    assert ok and abs(found["weight_a"] - WEIGHT_A) <= 0.1, found
+    assert stats.evaluations == model.sampler.gradient_evaluations() <= 50
+
+    ok, found = mode_check(sample(model.fresh_copy(0), 1000, model.sampler, torch.Generator().manual_seed(1)))
+    assert not ok, found  # the untrained energy is the Gaussian base: one blob between the modes
 
 
 def test_two_workers_split_the_data_disjointly_and_keep_identical_weights(ray_cluster, mixture_latents, tmp_path):
@@ -99,11 +127,13 @@ def test_split_shards_is_disjoint_and_complete():
         assert sum(len(s) for s in shares) == len(paths)
 
 
-def test_an_injected_nan_rolls_back_to_the_last_checkpoint_with_a_lower_lr(ray_cluster, mixture_latents, tmp_path):
-    metrics = train(mixture_latents, tmp_path, max_steps=12, fault_nan_at_step=7, lr=1e-3, **TINY)
+@pytest.mark.parametrize("recipe", [TINY, TINY_DSM], ids=["cd", "dsm"])
+def test_an_injected_nan_rolls_back_to_the_last_checkpoint_with_a_lower_lr(ray_cluster, mixture_latents, tmp_path,
+                                                                           recipe):
+    metrics = train(mixture_latents, tmp_path, max_steps=12, fault_nan_at_step=7, lr=1e-3, **recipe)
     assert metrics["step"] == 12 and metrics["rollbacks"] == 1
     assert metrics["lr"] == pytest.approx(5e-4)
-    assert EnergyModel.from_pretrained(tmp_path / "model").metadata["training"]["rollbacks"] == 1
+    assert load_model(tmp_path / "model").metadata["training"]["rollbacks"] == 1
 
 
 def test_divergence_beyond_the_rollback_budget_stops_with_a_clear_message(ray_cluster, mixture_latents, tmp_path):
@@ -113,7 +143,7 @@ def test_divergence_beyond_the_rollback_budget_stops_with_a_clear_message(ray_cl
 
 def test_killing_the_job_and_rerunning_the_command_resumes_from_the_checkpoint(ray_cluster, mixture_latents,
                                                                                tmp_path):
-    tiny = TINY | {"log_every": 10, "checkpoint_every": 10}
+    tiny = TINY_DSM | {"log_every": 10, "checkpoint_every": 10}  # configs/train.yaml: the dsm objective
     command = [sys.executable, "-m", "jobs.train", "--config", "configs/train.yaml", "--latents",
                str(mixture_latents), "--output", str(tmp_path), "--run-name", "resume-me", "--max-steps", "120",
                "--address", ray_cluster.address] + [f"--set={k}={json.dumps(v)}" for k, v in tiny.items()]
@@ -134,7 +164,7 @@ def test_killing_the_job_and_rerunning_the_command_resumes_from_the_checkpoint(r
     assert second.returncode == 0, second.stderr[-3000:]
     resumed = [line for line in (second.stdout + second.stderr).splitlines() if "resumed from checkpoint" in line]
     assert resumed and int(resumed[0].rsplit(" ", 1)[1]) >= saved >= 10
-    assert EnergyModel.from_pretrained(tmp_path / "model").metadata["training"]["steps"] == 120
+    assert load_model(tmp_path / "model").metadata["training"]["steps"] == 120
 
 
 def _registered_steps(snapshot: Path) -> list[int]:
@@ -148,10 +178,10 @@ def test_train_through_ray_job_submit(ray_cluster, mixture_latents, tmp_path):
     result = subprocess.run(
         ["ray", "job", "submit", "--address", ray_cluster.dashboard_url, "--working-dir", str(REPO), "--",
          "python", "-m", "jobs.train", "--config", "configs/train.yaml", "--latents", str(mixture_latents),
-         "--output", str(tmp_path), "--max-steps", "5"] + [f"--set={k}={json.dumps(v)}" for k, v in TINY.items()],
+         "--output", str(tmp_path), "--max-steps", "5"] + [f"--set={k}={json.dumps(v)}" for k, v in TINY_DSM.items()],
         cwd=REPO, capture_output=True, text=True, timeout=300, env=ray_cluster.env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert EnergyModel.from_pretrained(tmp_path / "model").metadata["training"]["steps"] == 5
+    assert load_model(tmp_path / "model").metadata["training"]["steps"] == 5
 
 
 def test_train_config_errors_are_one_line(tmp_path, mixture_latents):
@@ -169,7 +199,7 @@ def test_replay_buffer_is_filled_and_saved_in_the_checkpoint(ray_cluster, mixtur
     train(mixture_latents, tmp_path, max_steps=10, buffer_size=100, reinit_prob=0.05, **TINY)
     latest = max((tmp_path / "checkpoints" / "ebd-train").glob("step-*"))
     state = json.loads((latest / "state.json").read_text())
-    buffer = load_file(str(latest / "state.safetensors"))["buffer"]
+    buffer = load_file(str(latest / "state.safetensors"))["objective.buffer"]
     assert state["state"]["step"] == 10
     assert tuple(buffer.shape) == (100, *SHAPE)  # 10 steps x 16 chains, capped at the buffer size
     assert torch.isfinite(buffer.float()).all()
@@ -181,19 +211,19 @@ def test_the_chain_start_gaussian_matches_the_training_latents_and_travels_with_
     full = EnergyModel(EnergyModelConfig([2, 2, 2], [4], init_rank=8))
     full.fit_initializer(data)
     loaded = EnergyModel.from_pretrained(full.save_pretrained(tmp_path / "m"))  # the fit is saved with the weights
-    z = loaded.initial_latents(20000, 1.0, torch.Generator().manual_seed(1)).flatten(1)
+    z = loaded.initial_latents(20000, START, torch.Generator().manual_seed(1)).flatten(1)
     flat = data.flatten(1)
     assert torch.allclose(z.mean(0), flat.mean(0), atol=0.1)
     assert torch.allclose(torch.cov(z.T), torch.cov(flat.T), atol=0.15)
 
     low = EnergyModel(EnergyModelConfig([2, 2, 2], [4], init_rank=2))  # top 2 directions + isotropic rest
     low.fit_initializer(data)
-    z = low.initial_latents(20000, 1.0, torch.Generator().manual_seed(1)).flatten(1)
+    z = low.initial_latents(20000, START, torch.Generator().manual_seed(1)).flatten(1)
     assert abs(torch.cov(z.T).trace() - torch.cov(flat.T).trace()) < 0.05 * torch.cov(flat.T).trace()
 
     # One generator per chain: chain i's start depends on its own generator only, as generation needs.
     gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
-    assert torch.equal(loaded.initial_latents(2, 1.0, gens([5, 6]))[1], loaded.initial_latents(1, 1.0, gens([6]))[0])
+    assert torch.equal(loaded.initial_latents(2, START, gens([5, 6]))[1], loaded.initial_latents(1, START, gens([6]))[0])
 
 
 def test_a_mixture_of_chain_start_gaussians_finds_the_clusters_and_keeps_their_shares(tmp_path):
@@ -207,7 +237,7 @@ def test_a_mixture_of_chain_start_gaussians_finds_the_clusters_and_keeps_their_s
     model.fit_initializer(data, seed=0)
     loaded = EnergyModel.from_pretrained(model.save_pretrained(tmp_path / "m"))
 
-    z = loaded.initial_latents(20000, 1.0, torch.Generator().manual_seed(1)).flatten(1)
+    z = loaded.initial_latents(20000, START, torch.Generator().manual_seed(1)).flatten(1)
     nearest = torch.cdist(z, centres).argmin(1)
     assert torch.allclose(torch.bincount(nearest, minlength=3) / len(z), shares, atol=0.02)
     for j, width in enumerate((0.3, 0.6, 1.0)):  # no start falls between clusters; each has its cluster's width
@@ -215,7 +245,7 @@ def test_a_mixture_of_chain_start_gaussians_finds_the_clusters_and_keeps_their_s
         assert (members - centres[j]).norm(dim=1).max() < 8 * width
         assert abs(members.std(0).mean() - width) < 0.1 * width
     gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
-    assert torch.equal(loaded.initial_latents(2, 1.0, gens([5, 6]))[1], loaded.initial_latents(1, 1.0, gens([6]))[0])
+    assert torch.equal(loaded.initial_latents(2, START, gens([5, 6]))[1], loaded.initial_latents(1, START, gens([6]))[0])
 
 
 def test_models_saved_with_a_single_chain_start_gaussian_still_load(tmp_path):
@@ -228,4 +258,4 @@ def test_models_saved_with_a_single_chain_start_gaussian_still_load(tmp_path):
     (folder / "model.safetensors").write_bytes(safetensors_save(old))  # the layout written before mixtures
     loaded = EnergyModel.from_pretrained(folder)
     g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
-    assert torch.equal(loaded.initial_latents(8, 1.0, g()), model.initial_latents(8, 1.0, g()))
+    assert torch.equal(loaded.initial_latents(8, START, g()), model.initial_latents(8, START, g()))

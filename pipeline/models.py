@@ -1,0 +1,99 @@
+"""Model folders: what every generator kind shares, and the one place that maps a folder to its class.
+
+A model folder holds `config.json` (`_class_name`, `format`, the architecture under `model`, the sampler settings
+under `sampler`, the latents it was trained on, training facts) and `model.safetensors`. `load_model(folder)` reads
+`_class_name` and returns the right class; jobs never branch on a model's kind. Adding a kind means one class with
+`initial_latents`, `energy` and a `CONFIG` dataclass, and one entry in `MODEL_CLASSES`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save
+from torch import nn
+
+from .config import EbdError, from_dict
+
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+
+
+class PretrainedModel(nn.Module):
+    """config.json + model.safetensors persistence (no pickle, no Ray), as a diffusers model carries its config."""
+
+    CONFIG: type          # the architecture dataclass
+    FORMAT: str           # config.json "format", checked on load
+
+    def __init__(self, config, metadata: dict | None = None):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.metadata = metadata or {}   # sampler, latents (scaling factor, VAE identity, manifest), training
+
+    @property
+    def sampler(self):
+        from .langevin import sampler_settings
+        return sampler_settings(self.metadata.get("sampler", {}))
+
+    def save_pretrained(self, folder: str | Path, state_dict: dict | None = None) -> Path:
+        """Writes config.json and model.safetensors (this model's weights, or `state_dict`, e.g. EMA weights)."""
+        from .shards import atomic_write, atomic_write_json
+
+        folder = Path(folder)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in (state_dict or self.state_dict()).items()}
+        atomic_write(folder / WEIGHTS_FILE, lambda f: f.write(save(tensors)))
+        atomic_write_json(folder / CONFIG_FILE, {"_class_name": type(self).__name__, "format": self.FORMAT,
+                                                 "model": asdict(self.config), **self.metadata})
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, device: torch.device | str = "cpu") -> "PretrainedModel":
+        data = read_model_config(folder)
+        if data.get("format") != cls.FORMAT:
+            raise EbdError(f"{Path(folder) / CONFIG_FILE} has format {data.get('format')!r}, expected {cls.FORMAT!r}")
+        metadata = {k: v for k, v in data.items() if k not in ("_class_name", "format", "model")}
+        model = cls(from_dict(cls.CONFIG, data["model"]), metadata)
+        model.load_state_dict(model.upgrade_state_dict(load_file(Path(folder) / WEIGHTS_FILE)))
+        return model.to(device).eval()
+
+    def upgrade_state_dict(self, tensors: dict) -> dict:
+        """Tensors saved by an older version, in today's layout (a no-op unless a class needs it)."""
+        return tensors
+
+    def fresh_copy(self, seed: int) -> "PretrainedModel":
+        """The same architecture and settings with fresh random weights (evaluation's 'untrained' baseline);
+        fitted buffers (e.g. chain starts) are kept, so only what training learned differs."""
+        torch.manual_seed(seed)
+        model = type(self)(self.config, self.metadata).eval()
+        parameters = {name for name, _ in self.named_parameters()}
+        model.load_state_dict({k: v for k, v in self.state_dict().items() if k not in parameters}, strict=False)
+        return model
+
+
+def read_model_config(folder: str | Path) -> dict:
+    folder = Path(folder)
+    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    if not (config_path.is_file() and weights_path.is_file()):
+        raise EbdError(f"{folder} is not an ebd model folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+    try:
+        return json.loads(config_path.read_text())
+    except json.JSONDecodeError:
+        raise EbdError(f"{config_path} is not valid JSON") from None
+
+
+def model_classes() -> dict[str, type[PretrainedModel]]:
+    from .diffusion_ebm import NoiseConditionalEnergy
+    from .ebm import EnergyModel
+    return {"EnergyModel": EnergyModel, "NoiseConditionalEnergy": NoiseConditionalEnergy}
+
+
+def load_model(folder: str | Path, device: torch.device | str = "cpu") -> PretrainedModel:
+    """The model in `folder`, whatever its kind (config.json's `_class_name`)."""
+    name = read_model_config(folder).get("_class_name")
+    classes = model_classes()
+    if name not in classes:
+        raise EbdError(f"{folder} holds a {name!r} model; ebd generates from {', '.join(classes)}")
+    return classes[name].from_pretrained(folder, device)
