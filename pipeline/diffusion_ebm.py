@@ -42,8 +42,8 @@ class NoiseConditionalEnergyConfig:
         require(len(self.latent_shape) == 3 and min(self.latent_shape) >= 1, "latent_shape must be [C, h, w]")
         require(len(self.channels) >= 1 and all(c >= 1 and c % self.norm_groups == 0 for c in self.channels),
                 f"channels must be a non-empty list of multiples of norm_groups ({self.norm_groups})")
-        require(self.latent_shape[1] % 2 ** (len(self.channels) - 1) == 0,
-                f"latent side {self.latent_shape[1]} must be divisible by 2^(stages - 1) = "
+        require(all(side % 2 ** (len(self.channels) - 1) == 0 for side in self.latent_shape[1:]),
+                f"latent sides {self.latent_shape[1:]} must be divisible by 2^(stages - 1) = "
                 f"{2 ** (len(self.channels) - 1)}: use fewer channels entries")
         require(self.layers_per_block >= 1, "layers_per_block must be >= 1")
         require(self.sigma_data > 0 and 0 < self.sigma_min < self.sigma_max, "need sigma_data > 0 and "
@@ -85,6 +85,14 @@ class NoiseConditionalEnergy(PretrainedModel):
     def energy(self, z: torch.Tensor) -> torch.Tensor:
         """The energy generation records per image: E at the smallest trained noise level."""
         return self(z, self.config.sigma_min)
+
+    def check_sampler(self, settings: dict) -> None:
+        """The sampler's noise levels must lie in the range the energy was trained on: outside it the noise-level
+        embedding extrapolates."""
+        lo, hi = self.config.sigma_min, self.config.sigma_max
+        require(lo * (1 - 1e-6) <= settings["sigma_min"] and settings["sigma_max"] <= hi * (1 + 1e-6),
+                f"sampler sigma_min/sigma_max ({settings['sigma_min']:g}, {settings['sigma_max']:g}) must lie in the "
+                f"noise range this energy was trained on ({lo:g}, {hi:g})")
 
     def initial_latents(self, num: int, settings, generator=None, device="cpu") -> torch.Tensor:
         """Plain Gaussian noise at the sampler's top level: N(0, (s^2 + sigma_max^2) I)."""

@@ -102,7 +102,8 @@ class EnergyModel(PretrainedModel):
     def initial_latents(self, num: int, settings, generator=None, device="cpu") -> torch.Tensor:
         """Chain starts: N(0, init_std^2 I) (init_std from the sampler settings), or, with init_rank, a draw from the
         fitted Gaussian (mixture): component j with probability weight_j, then mean_j + init_std (F_j w + r_j eps)
-        (init_std < 1 narrows each component around its mean, a truncation). With one generator per chain, chain i's start depends only on its own."""
+        (init_std < 1 narrows each component around its mean, a truncation). With one generator per chain, chain i's
+        start depends only on its own."""
         shape, init_std = tuple(self.config.latent_shape), settings.init_std
         if not self.config.init_rank:
             return initial_noise((num, *shape), init_std, generator, device)

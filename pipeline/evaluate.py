@@ -237,6 +237,7 @@ def extra_rows(sets: dict) -> list[str]:
 
 def compared_runs(folders: list[str], vae_info: dict, n: int, seed: int, subset) -> dict:
     """Other generation runs of the same VAE, as {"folder (sampler)": latents, decoded images, chain starts}."""
+    from .langevin import sampler_settings
     from .models import load_model
 
     runs = {}
@@ -245,7 +246,7 @@ def compared_runs(folders: list[str], vae_info: dict, n: int, seed: int, subset)
         if manifest["vae"].get("weights_sha256") != vae_info.get("weights_sha256"):
             raise EbdError(f"--compare {folder} was decoded by another VAE than the evaluated run: its images are "
                            "not comparable")
-        name = f"{Path(folder).resolve().name} ({manifest['sampler']['name']})"
+        name = f"{Path(folder).resolve().name} ({sampler_settings(manifest['sampler']).name})"
         require(name not in runs, f"--compare names two runs {name}: give them folders of different names")
         model = load_model(manifest["model"]["path"])
         index = subset(len(latents), min(n, len(latents)))

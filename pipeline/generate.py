@@ -128,20 +128,21 @@ class LangevinStage:
             count = min(self.per_shard, self.num_images - start)
             seeds = [chain_seed(self.seed, i) for i in range(start, start + count)]
             seconds: list[float] = []
-            stats = SamplerStats()
             self.metrics.busy(1)
 
             def work(a: int, b: int):
                 tick = time.perf_counter()
                 generators = [torch.Generator().manual_seed(s) for s in seeds[a:b]]
+                stats = SamplerStats()  # per chunk: a chunk retried after running out of memory counts once
                 z = sample(self.model, b - a, self.sampler, generators, callback=stats)
                 with torch.no_grad():
                     energy = self.model.energy(z)
                 seconds.append(time.perf_counter() - tick)
                 self.metrics.batch(b - a, seconds[-1])
-                return z, energy
+                return z, energy, stats
 
             chunks, sizes = run_in_chunks(count, self.batch_size, work)
+            stats = [c[2] for c in chunks]
             self.metrics.busy(0)
             z = torch.cat([c[0] for c in chunks]).float().numpy()
             rows["shard"].append(int(shard))
@@ -150,8 +151,8 @@ class LangevinStage:
                 "count": count, "latent_shape": list(z.shape[1:]), "seeds": seeds,
                 "energy": torch.cat([c[1] for c in chunks]).tolist(), "langevin_batch_seconds": seconds,
                 "langevin_chunks": sizes, "langevin_batch_size": self.batch_size,
-                "gradient_evaluations": count * stats.evaluations / len(sizes),
-                "mala_accepted": stats.accepted, "mala_proposed": stats.proposed}))
+                "gradient_evaluations": sum(s.evaluations * n for s, n in zip(stats, sizes)),
+                "mala_accepted": sum(s.accepted for s in stats), "mala_proposed": sum(s.proposed for s in stats)}))
         return {"shard": np.array(rows["shard"]), "latents": np.array(rows["latents"], dtype=object),
                 "info": np.array(rows["info"], dtype=object)}
 
@@ -243,7 +244,7 @@ def probe_langevin_batch(model_dir: str, sampler: dict, budget_bytes: int, max_b
     torch.set_num_threads(threads)
     model = load_model(model_dir)
     # memory per step does not grow with the number of steps or levels
-    probe = sampler_settings(sampler | ({"steps": 2} if "steps" in sampler else {"levels": 2}))
+    probe = sampler_settings(sampler | ({"steps": 2} if "steps" in sampler else {"levels": 2, "mala_levels": 0}))
     return probe_batch_size(lambda n: sample(model, n, probe),
                             torch.device("cpu"), budget_bytes, max_batch=max_batch)
 
@@ -292,7 +293,11 @@ def run_generation(cfg: GenerateConfig, address: str | None = None) -> dict:
                        f"not {cfg.vae}: decoding would give garbage")
     short_run = {k: v for k, v in (("steps", cfg.langevin_steps), ("step_size", cfg.langevin_step_size),
                                    ("noise_scale", cfg.langevin_noise_scale)) if v is not None}
+    if short_run and model.sampler.name != "langevin":
+        raise EbdError(f"langevin_steps, langevin_step_size and langevin_noise_scale apply to short-run (cd) models; "
+                       f"this model samples with {model.sampler.name}: use --set sampler='{{levels: N}}'")
     sampler = asdict(sampler_settings(asdict(model.sampler) | short_run | cfg.sampler))  # validated: one line if not
+    model.check_sampler(sampler)
     model_id = f"{Path(cfg.model).resolve().name}-{file_sha256(Path(cfg.model) / 'model.safetensors')[:12]}"
     out = Path(cfg.output)
     num_shards = math.ceil(cfg.num_images / cfg.images_per_shard)

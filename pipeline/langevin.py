@@ -72,8 +72,8 @@ class AnnealedSettings:
         require(self.levels >= 2, f"sampler levels must be >= 2, got {self.levels}")
         require(0 < self.sigma_min < self.sigma_max, "sampler needs 0 < sigma_min < sigma_max")
         require(self.rho > 0 and self.mala_step_scale > 0, "sampler rho and mala_step_scale must be > 0")
-        require(0 <= self.mala_levels <= self.levels and self.mala_steps >= 1,
-                "sampler mala_levels must be in [0, levels], mala_steps >= 1")
+        require(0 <= self.mala_levels < self.levels and self.mala_steps >= 1,
+                "sampler mala_levels must be in [0, levels - 1] (no corrector at the top level), mala_steps >= 1")
 
     def gradient_evaluations(self) -> int:
         """Per chain: Heun 2 per level but the last (which takes the final denoising Euler step), ancestral 1 per

@@ -26,7 +26,8 @@ class DriverMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.images = Counter("ebd_images_generated", "Images written to complete shards", registry=r)
-        self.langevin_steps = Counter("ebd_langevin_steps", "Langevin steps run, summed over chains", registry=r)
+        self.gradient_evaluations = Counter("ebd_gradient_evaluations", "Energy-gradient evaluations by the sampler, "
+                                            "summed over chains", registry=r)
         self.shards = Counter("ebd_shards_written", "Output shards completed", registry=r)
         self.images_per_second = Gauge("ebd_images_per_second", "Images/s over the recent window", registry=r)
         self.batch_seconds = Histogram("ebd_batch_seconds", "Seconds per batch, by stage", ["stage"],
@@ -53,7 +54,8 @@ class DriverMetrics:
         count = stats["count"]
         self.images.inc(count)
         self.shards.inc()
-        self.langevin_steps.inc(stats.get("langevin_steps", 0))
+        if stats.get("gradient_evaluations"):
+            self.gradient_evaluations.inc(stats["gradient_evaluations"])
         for stage in STAGES:
             for seconds in stats.get(f"{stage}_batch_seconds", []):
                 self.batch_seconds.labels(stage).observe(seconds)

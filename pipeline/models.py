@@ -59,6 +59,9 @@ class PretrainedModel(nn.Module):
         model.load_state_dict(model.upgrade_state_dict(load_file(Path(folder) / WEIGHTS_FILE)))
         return model.to(device).eval()
 
+    def check_sampler(self, settings: dict) -> None:
+        """Refuses sampler settings this model cannot honour (a no-op unless a class has limits)."""
+
     def upgrade_state_dict(self, tensors: dict) -> dict:
         """Tensors saved by an older version, in today's layout (a no-op unless a class needs it)."""
         return tensors

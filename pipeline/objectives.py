@@ -25,7 +25,11 @@ class ContrastiveDivergence:
     """loss = mean U(z+) - mean U(z-) + alpha mean(E(z+)^2 + E(z-)^2), z- = Langevin(U, z0, K) with z0 from a
     replay buffer (prob 1 - reinit_prob) or the model's chain starts."""
 
+    NAME = "cd"
     METRICS = ("energy_pos", "energy_neg", "energy_gap", "chain_grad_norm")
+    KEYS = ("spectral_norm", "sigma0", "init_rank", "init_components", "alpha", "langevin_steps", "langevin_step_size",
+            "langevin_noise_scale", "langevin_grad_clip", "langevin_init_std", "buffer_size", "reinit_prob",
+            "energy_bound_per_dim")   # TrainConfig keys only this objective reads
 
     def __init__(self, cfg, latent_shape, generator: torch.Generator):
         self.cfg, self.latent_shape, self.gen = cfg, tuple(latent_shape), generator
@@ -98,7 +102,11 @@ class DenoisingScoreMatching:
     """loss = mean (sigma grad_z E(z + sigma eps, sigma) - eps)^2 with log sigma ~ N(ln s + p_mean, p_std^2)
     (Karras et al. 2022's log-normal, relative to the data's std s) or log-uniform on [sigma_min, sigma_max]."""
 
+    NAME = "dsm"
     METRICS = ("loss_small_sigma", "loss_large_sigma")
+    KEYS = ("layers_per_block", "norm_groups", "sigma_data", "sigma_min", "sigma_max", "sigma_sampling",
+            "sigma_p_mean", "sigma_p_std", "sampler", "sampler_levels", "sampler_rho", "mala_levels", "mala_steps",
+            "mala_step_scale")
     MAX_HEALTHY_LOSS = 10.0   # a per-dimension epsilon error; the untrained (Gaussian) energy scores <= about 1
 
     def __init__(self, cfg, latent_shape, generator: torch.Generator):
@@ -116,7 +124,7 @@ class DenoisingScoreMatching:
         flat = latents.flatten(1).double()
         sigma_data = cfg.sigma_data or float(flat.std())
         sigma_max = cfg.sigma_max or float(torch.cdist(flat, flat).max())
-        return {"sigma_data": round(sigma_data, 4), "sigma_max": round(sigma_max, 2)}
+        return {"sigma_data": float(f"{sigma_data:.5g}"), "sigma_max": float(f"{sigma_max:.4g}")}
 
     @staticmethod
     def model_config(cfg, latent_shape, prepared: dict) -> NoiseConditionalEnergyConfig:
@@ -160,4 +168,5 @@ class DenoisingScoreMatching:
         pass
 
 
-OBJECTIVES = {"cd": ContrastiveDivergence, "dsm": DenoisingScoreMatching}
+OBJECTIVES = {cls.NAME: cls for cls in (ContrastiveDivergence, DenoisingScoreMatching)}
+OBJECTIVE_KEYS = {key: cls.NAME for cls in OBJECTIVES.values() for key in cls.KEYS}

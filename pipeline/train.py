@@ -20,7 +20,7 @@ import json
 import math
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Iterator, Literal
 
@@ -29,8 +29,8 @@ import torch
 
 from . import shards as sh
 from .checkpoints import load_optimizer_tensors, optimizer_tensors
-from .config import EbdError, from_dict, require
-from .objectives import OBJECTIVES
+from .config import ConfigError, EbdError, from_dict, require
+from .objectives import OBJECTIVE_KEYS, OBJECTIVES
 from .progress import Progress
 
 WORKERS_DIR = "workers"   # OUTPUT/workers/rank-N.json: each worker's share of the data
@@ -132,9 +132,16 @@ class TrainConfig:
         require(self.sigma_max is None or self.sigma_max > self.sigma_min, "sigma_max must exceed sigma_min")
         require(self.sigma_data is None or self.sigma_data > 0, "sigma_data must be > 0 or null")
         require(self.sigma_p_std > 0, "sigma_p_std must be > 0")
+        for key, owner in OBJECTIVE_KEYS.items():  # a key of the other objective would be silently ignored
+            if owner != self.objective and getattr(self, key) != _DEFAULTS[key]:
+                raise ConfigError(f"config key {key!r} applies to objective {owner}, not {self.objective} "
+                                  f"(set objective: {owner}, or drop the key)")
         # The sampler as it will be saved (sigma_max from the data stands in as 2 x sigma_min until it is known).
         OBJECTIVES[self.objective].sampler_settings(self, {"sigma_max": self.sigma_max or 2 * self.sigma_min,
                                                            "sigma_data": 1.0}).validate()
+
+
+_DEFAULTS = {f.name: (f.default if f.default is not MISSING else f.default_factory()) for f in fields(TrainConfig)}
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -236,7 +243,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                          cfg.data_noise, in_memory, cfg.shuffle_buffer)
     batches = iter(data)
     gen.manual_seed(cfg.seed * 7919 + rank * 104729 + state["step"])
-    last_good = _snapshot(model, optimizer, ema, state)
+    last_good = _snapshot(model, optimizer, ema, objective, state)
     metrics = _Metrics(world, device)
     shown = ("loss", *objective.METRICS, "param_grad_norm", "samples_per_s")
     log = Progress("train", total=cfg.max_steps, unit="steps", interval_s=0) if rank == 0 else None
@@ -258,7 +265,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                f"energies); last good step {last_good['state']['step']}: lower lr (cd: or raise "
                                "alpha) and re-run with a new --run-name")
             lr = state["lr"] * cfg.rollback_lr_factor
-            _restore(last_good, model, optimizer, ema, state)
+            _restore(last_good, model, optimizer, ema, objective, state)
             state["lr"] = lr
             if log:
                 log.log(f"divergence at step {state['step']}: rolled back to step {last_good['state']['step']}, "
@@ -291,7 +298,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                         _save_state(Path(folder), model, optimizer, ema, objective, state, cfg)
                     ray.train.report(values, checkpoint=ray.train.Checkpoint.from_directory(folder)
                                      if rank == 0 else None, checkpoint_dir_name=f"step-{step:08d}")
-                last_good = _snapshot(model, optimizer, ema, state)
+                last_good = _snapshot(model, optimizer, ema, objective, state)
             else:
                 ray.train.report(values)
 
@@ -394,13 +401,16 @@ def _update_ema(ema: dict, model, decay: float) -> None:
                 ema[name].copy_(value)
 
 
-def _snapshot(model, optimizer, ema, state) -> dict:
+def _snapshot(model, optimizer, ema, objective, state) -> dict:
     return {"model": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(optimizer.state_dict()),
-            "ema": copy.deepcopy(ema), "state": dict(state)}
+            "ema": copy.deepcopy(ema), "objective": copy.deepcopy(objective.state_tensors()), "state": dict(state)}
 
 
-def _restore(snapshot, model, optimizer, ema, state) -> None:
+def _restore(snapshot, model, optimizer, ema, objective, state) -> None:
+    """Back to the snapshot, including the objective's own state (cd's replay buffer must not keep the negatives of
+    the steps that diverged)."""
     model.load_state_dict(snapshot["model"])
+    objective.load_state_tensors(copy.deepcopy(snapshot["objective"]))
     optimizer.load_state_dict(copy.deepcopy(snapshot["optimizer"]))
     for k, v in snapshot["ema"].items():
         ema[k].copy_(v)
@@ -430,6 +440,12 @@ def _load_state(folder: Path, model, optimizer, ema, objective, state: dict, dev
 
     tensors = load_file(str(folder / "state.safetensors"))
     meta = json.loads((folder / "state.json").read_text())
+    saved = meta["config"].get("objective", "cd")  # checkpoints from before objectives existed are cd's
+    if saved != type(objective).NAME:
+        raise EbdError(f"the checkpoint in {folder} was trained with objective {saved}, this run asks for "
+                       f"{type(objective).NAME}: use another --run-name (or the same objective)")
+    if "buffer" in tensors:  # cd's replay buffer, as checkpoints stored it before objectives had their own state
+        tensors["objective.buffer"] = tensors.pop("buffer")
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     for k, v in tensors.items():
         if k.startswith("ema."):

@@ -156,9 +156,10 @@ def test_a_noise_conditional_energy_at_4x32x32_trains_and_generates_through_the_
     config = json.loads((model_dir / "config.json").read_text())
     assert config["_class_name"] == "NoiseConditionalEnergy" and config["sampler"]["name"] == "heun"
 
+    # The sampler stage probes its batch size with the corrector on (the decoder's is set: 4).
     summary = generate(model_dir, sd_checkpoint, tmp_path / "out", num_images=10, images_per_shard=5,
-                       batch_size=4, sampler={"levels": 4, "mala_levels": 1})
-    assert summary["images"] == 10 and summary["sampler"] == "heun"
+                       decode_batch_size=4, max_batch_size=8, sampler={"levels": 4, "mala_levels": 1})
+    assert summary["images"] == 10 and summary["sampler"] == "heun" and summary["batch_sizes"]["langevin"] >= 1
     assert summary["gradient_evaluations_per_image"] == 2 * 4 - 1 + 2  # 4 Heun levels, one MALA level of 1 step
     assert 0 < summary["mala_acceptance"] <= 1
     rows = parquet_rows(tmp_path / "out")
@@ -166,6 +167,10 @@ def test_a_noise_conditional_energy_at_4x32x32_trains_and_generates_through_the_
     assert np.load(io.BytesIO(rows[0]["latent"]), allow_pickle=False).shape == (4, 32, 32)
     assert len(list(wds.WebDataset(sorted(str(p) for p in (tmp_path / "out").glob("*.tar")),
                                    shardshuffle=False))) == 10
+    with pytest.raises(EbdError, match="apply to short-run"):
+        generate(model_dir, sd_checkpoint, tmp_path / "o2", langevin_steps=5)
+    with pytest.raises(EbdError, match="noise range this energy was trained on"):
+        generate(model_dir, sd_checkpoint, tmp_path / "o3", sampler={"sigma_max": 1e4})
 
 
 def test_a_folder_of_no_known_model_kind_is_refused_in_one_line(ebm_dir, sd_checkpoint, tmp_path):
@@ -222,7 +227,8 @@ def test_metrics_endpoint_counts_up_to_n_during_a_run(ray_cluster, ebm_dir, sd_c
         if match:
             seen.append(float(match.group(1)))
             if seen[-1] == 40:
-                assert "ebd_langevin_steps_total" in text and 'ebd_batch_seconds_count{stage="decode"}' in text
+                assert re.search(r"^ebd_gradient_evaluations_total [1-9]", text, re.M)
+                assert 'ebd_batch_seconds_count{stage="decode"}' in text
                 assert 'ebd_batch_size{stage="langevin"} 8.0' in text
                 break
         time.sleep(0.2)

@@ -52,7 +52,12 @@ def test_each_sampler_uses_exactly_the_gradients_its_settings_promise(settings):
     z = sample(model, 3, settings, gens([0, 1, 2]), callback=stats)
     assert z.shape == (3, 4, 8, 8) and torch.isfinite(z).all()
     assert stats.evaluations == settings.gradient_evaluations()
-    assert AnnealedSettings().gradient_evaluations() <= 50  # the default: 25 Heun levels, 49 gradients
+
+
+def test_the_default_sampler_stays_within_50_gradients_and_correctors_need_a_level_below_the_top():
+    assert AnnealedSettings().gradient_evaluations() == 49  # 25 Heun levels
+    with pytest.raises(ConfigError, match="mala_levels must be in"):
+        AnnealedSettings(levels=5, mala_levels=5).validate()
 
 
 @pytest.mark.parametrize("name", ["heun", "ancestral"])
@@ -68,13 +73,13 @@ def test_a_chain_depends_only_on_its_own_seed(name):
 
 
 def test_mala_keeps_the_target_where_unadjusted_langevin_drifts_and_reports_acceptance():
-    step, start = 0.8, torch.randn(4000, 16, generator=torch.Generator().manual_seed(0))
+    step, start = 0.8, 3 * torch.randn(4000, 16, generator=torch.Generator().manual_seed(0))  # 3x too wide
     stats = SamplerStats()
     corrected = mala(gaussian_energy, start, None, step, steps=30, generator=torch.Generator().manual_seed(1),
                      callback=stats)
     unadjusted = langevin(gaussian_energy, start, LangevinSettings(steps=30, step_size=2 * step, noise_scale=1.0),
                           torch.Generator().manual_seed(1))
-    assert corrected.std().item() == pytest.approx(1.0, abs=0.03)  # the target N(0, I)
+    assert corrected.std().item() == pytest.approx(1.0, abs=0.03)  # reached the target N(0, I) and stays there
     assert unadjusted.std().item() == pytest.approx(math.sqrt(1 / (1 - step / 2)), abs=0.03)  # ULA's biased 1.29
     assert 0 < stats.acceptance < 1
     assert stats.evaluations == 31  # one at the start, one per proposal

@@ -106,9 +106,12 @@ def test_denoising_score_matching_learns_the_modes_and_their_weights_from_plain_
     assert not ok, found  # the untrained energy is the Gaussian base: one blob between the modes
 
 
-def test_two_workers_split_the_data_disjointly_and_keep_identical_weights(ray_cluster, mixture_latents, tmp_path):
-    # cache_bytes=0 streams each worker's shards through a shuffle buffer instead of holding them in memory
-    metrics = train(mixture_latents, tmp_path, num_workers=2, max_steps=6, cache_bytes=0, shuffle_buffer=64, **TINY)
+@pytest.mark.parametrize("recipe", [TINY, TINY_DSM], ids=["cd", "dsm"])
+def test_two_workers_split_the_data_disjointly_and_keep_identical_weights(ray_cluster, mixture_latents, tmp_path,
+                                                                          recipe):
+    # cache_bytes=0 streams each worker's shards through a shuffle buffer instead of holding them in memory; dsm's
+    # double backward goes through DDP like cd's single one
+    metrics = train(mixture_latents, tmp_path, num_workers=2, max_steps=6, cache_bytes=0, shuffle_buffer=64, **recipe)
     assert metrics["step"] == 6
     records = [json.loads((tmp_path / "workers" / f"rank-{r}.json").read_text()) for r in (0, 1)]
     shards_0, shards_1 = set(records[0]["shards"]), set(records[1]["shards"])
@@ -190,6 +193,10 @@ def test_train_config_errors_are_one_line(tmp_path, mixture_latents):
                             text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "unknown config key 'langevin_stpes'" in result.stderr
+    result = subprocess.run([sys.executable, "-m", "jobs.train", "--latents", str(mixture_latents), "--output",
+                             str(tmp_path / "o"), "--set", "langevin_steps=3"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)  # a cd key on the default (dsm) objective would be ignored
+    assert result.returncode == 2 and "'langevin_steps' applies to objective cd, not dsm" in result.stderr
     result = subprocess.run([sys.executable, "-m", "jobs.train", "--latents", str(tmp_path), "--output",
                              str(tmp_path / "o")], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "not a finished latents folder" in result.stderr
@@ -223,7 +230,8 @@ def test_the_chain_start_gaussian_matches_the_training_latents_and_travels_with_
 
     # One generator per chain: chain i's start depends on its own generator only, as generation needs.
     gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
-    assert torch.equal(loaded.initial_latents(2, START, gens([5, 6]))[1], loaded.initial_latents(1, START, gens([6]))[0])
+    assert torch.equal(loaded.initial_latents(2, START, gens([5, 6]))[1],
+                       loaded.initial_latents(1, START, gens([6]))[0])
 
 
 def test_a_mixture_of_chain_start_gaussians_finds_the_clusters_and_keeps_their_shares(tmp_path):
@@ -245,7 +253,8 @@ def test_a_mixture_of_chain_start_gaussians_finds_the_clusters_and_keeps_their_s
         assert (members - centres[j]).norm(dim=1).max() < 8 * width
         assert abs(members.std(0).mean() - width) < 0.1 * width
     gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
-    assert torch.equal(loaded.initial_latents(2, START, gens([5, 6]))[1], loaded.initial_latents(1, START, gens([6]))[0])
+    assert torch.equal(loaded.initial_latents(2, START, gens([5, 6]))[1],
+                       loaded.initial_latents(1, START, gens([6]))[0])
 
 
 def test_models_saved_with_a_single_chain_start_gaussian_still_load(tmp_path):
