@@ -55,13 +55,12 @@ def main() -> None:
 def bench_model(model_dir: Path, args, work: Path, peak: float) -> dict:
     import numpy as np
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     from pipeline import sinks
     from pipeline.batching import probe_batch_size
     from pipeline.config import from_dict
     from pipeline.generate import GenerateConfig, chain_seed, image_key, run_generation
-    from pipeline.langevin import SamplerStats, sample
+    from pipeline.langevin import sample
     from pipeline.models import load_model
     from pipeline.vae import decode, load_vae, resolve_vae
 
@@ -99,18 +98,7 @@ def bench_model(model_dir: Path, args, work: Path, peak: float) -> dict:
     times = [f.stat().st_mtime for f in finished]
     steady = (len(times) - 1) * per_shard / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else None
 
-    # The sampling stage alone: images/s, gradients and FLOPs per image, share of the GEMM peak.
-    stats = SamplerStats()
-    sample(model, 8, settings, torch.Generator().manual_seed(0), callback=stats)  # warm-up, and the gradient count
-    evaluations = stats.evaluations
-    tick = time.perf_counter()
-    sample(model, batch, settings, torch.Generator().manual_seed(1))
-    sampler_s = time.perf_counter() - tick
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model.energy(torch.randn(batch, *shape))
-    flops_per_image = 2 * counter.get_total_flops() / batch * evaluations
-    achieved = flops_per_image * batch / sampler_s
-
+    stage = sampler_stage(model_dir, {}, peak, batch)
     probe = probe_batch_size(lambda n: sample(model, n, _short(settings)), torch.device("cpu"), 2 * 1024**3)
     sweep = []
     for size in sorted({8, 32, 128, 256, probe["batch_size"]}):
@@ -119,18 +107,43 @@ def bench_model(model_dir: Path, args, work: Path, peak: float) -> dict:
         sweep.append({"batch_size": size, "sampler_images_per_s_at_4_gradients": round(
             size / (time.perf_counter() - tick), 1), "auto": size == probe["batch_size"]})
     return {"model": model_dir.name, "kind": type(model).__name__, "sampler": settings.name,
-            "settings": json.loads(json.dumps(settings.__dict__)), "latent_shape": list(shape),
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "gradient_evaluations_per_image": evaluations, "summary_gradient_evaluations_per_image":
-                summary["gradient_evaluations_per_image"],
-            "gflop_per_image": round(flops_per_image / 1e9, 3),
+            "settings": json.loads(json.dumps(settings.__dict__)), "latent_shape": list(shape), **stage,
+            "gradient_evaluations_per_image": stage["evaluations_per_image"],
+            "summary_gradient_evaluations_per_image": summary["gradient_evaluations_per_image"],
             "bare_images_per_s": round(args.images / bare_s, 2), "ray_images_per_s": round(args.images / ray_s, 2),
             "ray_steady_images_per_s": round(steady, 2) if steady else None,
             "ray_startup_s": round(ray_s - (args.images - per_shard) / steady, 1) if steady else None,
             "ray_over_bare": round(bare_s / ray_s, 3),
-            "sampler_images_per_s": round(batch / sampler_s, 2),
-            "sampler_gflops_achieved": round(achieved / 1e9, 2), "sampler_fraction_of_peak": round(achieved / peak, 3),
             "sweep": sweep, "auto_batch": probe["batch_size"]}
+
+
+def sampler_stage(model_dir: Path, overrides: dict, peak: float, batch: int = 64) -> dict:
+    """The sampling stage alone, in this process: images/s, network evaluations and GFLOP per image (an energy
+    gradient counted as 2 forwards), and the achieved GFLOP/s as a share of the GEMM peak."""
+    from dataclasses import asdict
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipeline.langevin import SamplerStats, sample, sampler_settings
+    from pipeline.models import load_model
+
+    model = load_model(model_dir)
+    settings = sampler_settings(asdict(model.sampler) | overrides)
+    stats = SamplerStats()
+    sample(model, 8, settings, torch.Generator().manual_seed(0), callback=stats)  # warm-up, and the count
+    evaluations = stats.evaluations
+    tick = time.perf_counter()
+    sample(model, batch, settings, torch.Generator().manual_seed(1))
+    seconds = time.perf_counter() - tick
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.evaluation_forward(torch.randn(batch, *model.config.latent_shape))
+    per_evaluation = counter.get_total_flops() / batch * (2 if model.EVALUATION_IS_GRADIENT else 1)
+    achieved = per_evaluation * evaluations * batch / seconds
+    return {"evaluations_per_image": evaluations, "parameters": sum(p.numel() for p in model.parameters()),
+            "gflop_per_image": round(per_evaluation * evaluations / 1e9, 3),
+            "sampler_images_per_s": round(batch / seconds, 2), "sampler_gflops_achieved": round(achieved / 1e9, 2),
+            "sampler_fraction_of_peak": round(achieved / peak, 3)}
 
 
 def _short(settings, gradients: int = 2):

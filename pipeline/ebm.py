@@ -105,7 +105,7 @@ class EnergyModel(PretrainedModel):
         (init_std < 1 narrows each component around its mean, a truncation). With one generator per chain, chain i's
         start depends only on its own."""
         shape, init_std = tuple(self.config.latent_shape), settings.init_std
-        if not self.config.init_rank:
+        if not self.config.init_rank or settings.start == "noise":
             return initial_noise((num, *shape), init_std, generator, device)
         # The component from a normal draw through its CDF: a uniform that per-chain generators handle like noise.
         uniform = torch.special.ndtr(initial_noise((num,), 1.0, generator, device))

@@ -1,15 +1,16 @@
-"""Samplers for energy models, written as pure functions in the style of k-diffusion's samplers.
+"""Samplers, written as pure functions in the style of k-diffusion's samplers.
 
 Every sampler has one signature, and its settings are a dataclass saved with the model:
 
-    z = sampler(energy, z0, settings, generator=None, callback=None)
+    z = sampler(model, z0, settings, generator=None, callback=None)
 
-`energy` is the model: `energy(z)` -> U(z) for a clean-data energy (short-run `langevin`), `energy(z, sigma)` ->
+`model` is the energy: `model(z)` -> U(z) for a clean-data energy (short-run `langevin`), `model(z, sigma)` ->
 E(z, sigma) for a noise-conditional one (`heun`, `ancestral`); shape (B,), low energy = data-like, p ~ exp(-E).
-`callback(info)` is called after every energy-gradient evaluation with {"i", "z", "sigma", "energy",
-"grad_norm"} (and "accepted", per chain, after a Metropolis test), so counting calls counts gradients.
-`generator` is one torch.Generator for the batch or a list of one per chain: with a list, chain i depends on
-nothing but its own seed, whatever batch it shares.
+The baseline `ddim` takes a noise predictor instead, `model(z, t)` -> eps.
+`callback(info)` is called after every network evaluation (an energy gradient, or ddim's forward) with {"i", "z",
+"sigma", "energy", "grad_norm"} (and "accepted", per chain, after a Metropolis test), so counting calls counts
+evaluations. `generator` is one torch.Generator for the batch or a list of one per chain: with a list, chain i
+depends on nothing but its own seed, whatever batch it shares.
 
 A model folder's config.json names its sampler (`"sampler": {"name": "heun", "levels": 25, ...}`) and
 `sample(model, num, settings)` runs it from the model's own chain starts: generation never needs to know which
@@ -43,6 +44,7 @@ class LangevinSettings:
     noise_scale: float = 0.1         # tau: 1 is true Langevin on exp(-U); < 1 is the "cold" short-run variant
     grad_clip: float | None = None   # clamp each element of grad U to [-c, c] (IGEBM); None: no clipping
     init_std: float = 1.0            # chains start from N(0, init_std^2 I) (or the model's fitted starts)
+    start: Literal["model", "noise"] = "model"   # noise: N(0, init_std^2 I) even where the model fitted starts
 
     def validate(self) -> None:
         require(self.steps >= 1, f"sampler steps must be >= 1, got {self.steps}")
@@ -82,10 +84,25 @@ class AnnealedSettings:
         return base + self.mala_levels * (1 + self.mala_steps)
 
 
-SETTINGS = {"langevin": LangevinSettings, "heun": AnnealedSettings, "ancestral": AnnealedSettings}
+@dataclass
+class DDIMSettings:
+    """DDIM on a noise-predicting diffusion model (the baseline, `diffusion_unet.DiffusionUNet`)."""
+    name: Literal["ddim"] = "ddim"
+    steps: int = 50                  # network evaluations per image
+    eta: float = 0.0                 # 0: deterministic DDIM; 1: DDPM-like ancestral noise
+
+    def validate(self) -> None:
+        require(self.steps >= 1 and 0 <= self.eta <= 1, "ddim steps must be >= 1, eta in [0, 1]")
+
+    def gradient_evaluations(self) -> int:
+        return self.steps  # forward evaluations of the noise predictor
 
 
-def sampler_settings(values: dict) -> LangevinSettings | AnnealedSettings:
+SETTINGS = {"langevin": LangevinSettings, "heun": AnnealedSettings, "ancestral": AnnealedSettings,
+            "ddim": DDIMSettings}
+
+
+def sampler_settings(values: dict) -> LangevinSettings | AnnealedSettings | DDIMSettings:
     """The settings dataclass a model's saved `sampler` dict names (no name: short-run Langevin, the original)."""
     name = values.get("name", "langevin")
     if name not in SETTINGS:
@@ -194,7 +211,23 @@ def _corrector(energy, z, sigma: float, level: int, settings: AnnealedSettings, 
     return z
 
 
-SAMPLERS = {"langevin": langevin, "heun": heun, "ancestral": ancestral}
+def ddim(model, z: torch.Tensor, settings: DDIMSettings, generator: Generators = None,
+         callback: Callback = None) -> torch.Tensor:
+    """DDIM (Song et al. 2021) with the model's own noise schedule (diffusers' DDIMScheduler); `model(z, t)`
+    predicts the noise. With eta > 0 the step's noise comes from each chain's own generator."""
+    scheduler = model.sampling_scheduler()
+    scheduler.set_timesteps(settings.steps)
+    z = z.detach().clone()
+    for i, t in enumerate(scheduler.timesteps):
+        with torch.no_grad():
+            eps = model(z, t)
+        _report(callback, i, z, None, torch.full((len(z),), float("nan")), eps)
+        noise = _randn(z, generator) if settings.eta else None
+        z = scheduler.step(eps, t, z, eta=settings.eta, variance_noise=noise).prev_sample
+    return z.detach()
+
+
+SAMPLERS = {"langevin": langevin, "heun": heun, "ancestral": ancestral, "ddim": ddim}
 
 
 def karras_sigmas(levels: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:

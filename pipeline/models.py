@@ -26,6 +26,7 @@ class PretrainedModel(nn.Module):
 
     CONFIG: type          # the architecture dataclass
     FORMAT: str           # config.json "format", checked on load
+    EVALUATION_IS_GRADIENT = True   # its sampler takes input gradients: an evaluation is a forward and a backward
 
     def __init__(self, config, metadata: dict | None = None):
         super().__init__()
@@ -59,6 +60,10 @@ class PretrainedModel(nn.Module):
         model.load_state_dict(model.upgrade_state_dict(load_file(Path(folder) / WEIGHTS_FILE)))
         return model.to(device).eval()
 
+    def evaluation_forward(self, z: torch.Tensor) -> torch.Tensor:
+        """The forward pass the sampler evaluates once per step (benchmarks count its FLOPs): the energy."""
+        return self.energy(z)
+
     def check_sampler(self, settings: dict) -> None:
         """Refuses sampler settings this model cannot honour (a no-op unless a class has limits)."""
 
@@ -89,8 +94,9 @@ def read_model_config(folder: str | Path) -> dict:
 
 def model_classes() -> dict[str, type[PretrainedModel]]:
     from .diffusion_ebm import NoiseConditionalEnergy
+    from .diffusion_unet import DiffusionUNet
     from .ebm import EnergyModel
-    return {"EnergyModel": EnergyModel, "NoiseConditionalEnergy": NoiseConditionalEnergy}
+    return {cls.__name__: cls for cls in (NoiseConditionalEnergy, EnergyModel, DiffusionUNet)}
 
 
 def load_model(folder: str | Path, device: torch.device | str = "cpu") -> PretrainedModel:

@@ -8,6 +8,8 @@ own across checkpoints, and names the sampler generation will run. The loop know
     dsm  denoising score matching across noise levels (Vincent 2011; Song & Ermon 2019) on a noise-conditional
          energy E(z, sigma) (`diffusion_ebm.NoiseConditionalEnergy`); no MCMC while training, samples come from
          plain Gaussian noise along a Karras schedule (`langevin.heun` / `langevin.ancestral`).
+    ddpm the baseline, not an energy: a noise-predicting UNet (Ho et al. 2020; `diffusion_unet.DiffusionUNet`),
+         sampled by DDIM (`langevin.ddim`), to compare the energy models with a working peer.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import math
 import torch
 
 from .diffusion_ebm import NoiseConditionalEnergy, NoiseConditionalEnergyConfig, denoising_score_matching
+from .diffusion_unet import DiffusionUNet, DiffusionUNetConfig, noise_prediction_loss
 from .ebm import EnergyModel, EnergyModelConfig
-from .langevin import AnnealedSettings, LangevinSettings, langevin
+from .langevin import AnnealedSettings, DDIMSettings, LangevinSettings, langevin
 
 
 class ContrastiveDivergence:
@@ -168,5 +171,61 @@ class DenoisingScoreMatching:
         pass
 
 
-OBJECTIVES = {cls.NAME: cls for cls in (ContrastiveDivergence, DenoisingScoreMatching)}
-OBJECTIVE_KEYS = {key: cls.NAME for cls in OBJECTIVES.values() for key in cls.KEYS}
+class NoisePrediction:
+    """The baseline's loss: mean (eps_theta(z_t, t) - eps)^2 at a uniformly drawn timestep t (DDPM)."""
+
+    NAME = "ddpm"
+    METRICS = ("loss_early_t", "loss_late_t")
+    KEYS = ("layers_per_block", "norm_groups", "attention", "num_train_timesteps", "beta_schedule", "ddim_steps",
+            "ddim_eta")
+    MAX_HEALTHY_LOSS = 10.0
+
+    def __init__(self, cfg, latent_shape, generator: torch.Generator):
+        self.cfg, self.gen, self.scheduler = cfg, generator, None
+
+    @staticmethod
+    def prepare_samples(cfg) -> int:
+        return 0
+
+    @staticmethod
+    def prepare(cfg, latents) -> dict:
+        return {}
+
+    @staticmethod
+    def model_config(cfg, latent_shape, prepared: dict) -> DiffusionUNetConfig:
+        return DiffusionUNetConfig(list(latent_shape), cfg.channels, cfg.layers_per_block, cfg.norm_groups,
+                                   cfg.attention, cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule)
+
+    @staticmethod
+    def sampler_settings(cfg, prepared: dict) -> DDIMSettings:
+        return DDIMSettings("ddim", cfg.ddim_steps, cfg.ddim_eta)
+
+    @classmethod
+    def build_model(cls, cfg, latent_shape, prepared: dict, metadata: dict) -> DiffusionUNet:
+        return DiffusionUNet(cls.model_config(cfg, latent_shape, prepared), metadata)
+
+    def loss(self, forward, model: DiffusionUNet, pos: torch.Tensor) -> tuple[torch.Tensor, dict, bool]:
+        if self.scheduler is None:
+            self.scheduler = model.training_scheduler()
+        steps = model.config.num_train_timesteps
+        t = torch.randint(steps, (len(pos),), generator=self.gen).to(pos.device)
+        eps = torch.randn(pos.shape, generator=self.gen).to(pos.device)
+        per_sample = noise_prediction_loss(forward, self.scheduler, pos, t, eps)
+        loss = per_sample.mean()
+        early = t < steps // 2   # the less noisy half, where detail forms
+        metrics = {"loss_early_t": per_sample[early].mean().item() if early.any() else float("nan"),
+                   "loss_late_t": per_sample[~early].mean().item() if (~early).any() else float("nan")}
+        return loss, metrics, bool(torch.isfinite(loss)) and loss.item() <= self.MAX_HEALTHY_LOSS
+
+    def state_tensors(self) -> dict:
+        return {}
+
+    def load_state_tensors(self, tensors: dict) -> None:
+        pass
+
+
+OBJECTIVES = {cls.NAME: cls for cls in (ContrastiveDivergence, DenoisingScoreMatching, NoisePrediction)}
+OBJECTIVE_KEYS: dict[str, set[str]] = {}   # TrainConfig key -> the objectives that read it (the rest share all)
+for _cls in OBJECTIVES.values():
+    for _key in _cls.KEYS:
+        OBJECTIVE_KEYS.setdefault(_key, set()).add(_cls.NAME)

@@ -41,7 +41,8 @@ class TrainConfig:
     latents: str | None = None
     output: str | None = None
     run_name: str = "ebd-train"
-    objective: Literal["dsm", "cd"] = "dsm"  # denoising score matching, or short-run contrastive divergence
+    objective: Literal["dsm", "cd", "ddpm"] = "dsm"  # denoising score matching; short-run contrastive divergence;
+    #                                                   ddpm: the noise-predicting diffusion baseline (not an energy)
     storage_path: str | None = None          # Ray Train checkpoints; default OUTPUT/checkpoints (shared storage!)
     # scale
     num_workers: int = 1
@@ -78,6 +79,12 @@ class TrainConfig:
     mala_levels: int = 0                     # Metropolis-adjusted corrector steps at the last N levels
     mala_steps: int = 1
     mala_step_scale: float = 0.25
+    # ddpm: a noise-predicting UNet (diffusion_unet.py) sampled by DDIM; layers_per_block, norm_groups as dsm
+    attention: bool = False
+    num_train_timesteps: int = 1000
+    beta_schedule: Literal["scaled_linear", "linear", "squaredcos_cap_v2"] = "scaled_linear"
+    ddim_steps: int = 50
+    ddim_eta: float = 0.0
     # cd: a clean-data energy (ebm.py) and its short-run Langevin sampler
     spectral_norm: bool = False
     sigma0: float = 1.0
@@ -132,8 +139,9 @@ class TrainConfig:
         require(self.sigma_max is None or self.sigma_max > self.sigma_min, "sigma_max must exceed sigma_min")
         require(self.sigma_data is None or self.sigma_data > 0, "sigma_data must be > 0 or null")
         require(self.sigma_p_std > 0, "sigma_p_std must be > 0")
-        for key, owner in OBJECTIVE_KEYS.items():  # a key of the other objective would be silently ignored
-            if owner != self.objective and getattr(self, key) != _DEFAULTS[key]:
+        for key, owners in OBJECTIVE_KEYS.items():  # a key of another objective would be silently ignored
+            if self.objective not in owners and getattr(self, key) != _DEFAULTS[key]:
+                owner = " or ".join(sorted(owners))
                 raise ConfigError(f"config key {key!r} applies to objective {owner}, not {self.objective} "
                                   f"(set objective: {owner}, or drop the key)")
         # The sampler as it will be saved (sigma_max from the data stands in as 2 x sigma_min until it is known).

@@ -173,6 +173,29 @@ def test_a_noise_conditional_energy_at_4x32x32_trains_and_generates_through_the_
         generate(model_dir, sd_checkpoint, tmp_path / "o3", sampler={"sigma_max": 1e4})
 
 
+def test_the_diffusion_baseline_trains_and_generates_exactly_n_through_the_dag(ray_cluster, sd_checkpoint, tmp_path):
+    # The seeds' recipe, as objective ddpm of the same job: a noise-predicting UNet, sampled by DDIM.
+    from pipeline.shards import write_latent_dataset
+    from pipeline.train import TrainConfig, run_training
+
+    latents = np.random.default_rng(1).normal(size=(64, 4, 8, 8)).astype(np.float32)
+    write_latent_dataset(tmp_path / "latents", latents, shard_size=32,
+                         vae=resolve_vae(sd_checkpoint).identity())
+    run_training(from_dict(TrainConfig, dict(latents=str(tmp_path / "latents"), output=str(tmp_path / "train"),
+                                             objective="ddpm", channels=[8, 16], norm_groups=8, batch_size=8,
+                                             max_steps=3, log_every=3, checkpoint_every=3, ddim_steps=50)))
+    model_dir = tmp_path / "train" / "model"
+    assert json.loads((model_dir / "config.json").read_text())["_class_name"] == "DiffusionUNet"
+    summary = generate(model_dir, sd_checkpoint, tmp_path / "out", num_images=10, images_per_shard=4,
+                       batch_size=4, sampler={"steps": 5}, format="both")
+    assert summary["images"] == 10 and summary["sampler"] == "ddim" and summary["gradient_evaluations_per_image"] == 5
+    rows = parquet_rows(tmp_path / "out")
+    assert len(rows) == 10 and len({r["key"] for r in rows}) == 10
+    assert all(np.isnan(r["energy"]) for r in rows)  # a noise predictor has no energy
+    assert len(list(wds.WebDataset(sorted(str(p) for p in (tmp_path / "out").glob("*.tar")),
+                                   shardshuffle=False))) == 10
+
+
 def test_a_folder_of_no_known_model_kind_is_refused_in_one_line(ebm_dir, sd_checkpoint, tmp_path):
     folder = tmp_path / "odd"
     folder.mkdir()

@@ -170,6 +170,20 @@ def test_killing_the_job_and_rerunning_the_command_resumes_from_the_checkpoint(r
     assert load_model(tmp_path / "model").metadata["training"]["steps"] == 120
 
 
+def test_the_diffusion_baseline_resumes_from_its_checkpoint_and_exports(ray_cluster, mixture_latents, tmp_path):
+    baseline = dict(objective="ddpm", channels=[8], norm_groups=8, batch_size=16, log_every=4, checkpoint_every=4,
+                    run_name="baseline")
+    assert train(mixture_latents, tmp_path, max_steps=4, **baseline)["step"] == 4
+    metrics = train(mixture_latents, tmp_path, max_steps=8, **baseline)  # the same run, asked to go further
+    assert metrics["step"] == 8
+    model = load_model(tmp_path / "model")
+    assert type(model).__name__ == "DiffusionUNet" and model.sampler.name == "ddim"
+    assert model.metadata["training"] == model.metadata["training"] | {"steps": 8, "objective": "ddpm"}
+    assert model.metadata["training"]["loop_seconds_this_run"] > 0
+    with pytest.raises(EbdError, match="trained with objective ddpm, this run asks for dsm"):
+        train(mixture_latents, tmp_path, max_steps=12, **(TINY_DSM | {"run_name": "baseline"}))
+
+
 def _registered_steps(snapshot: Path) -> list[int]:
     try:
         return [r["metrics"]["step"] for r in json.loads(snapshot.read_text())["checkpoint_results"]]
