@@ -57,8 +57,9 @@ def markdown(report: dict) -> str:
              f"{m['cpu']} ({m['cores']} cores), torch {m['torch']}, {m['date']}. Produced by `make bench` "
              "(bench/report.py); the raw JSON is in bench/results.json.", "",
              "| benchmark | figure | measured | ratio | setup |", "|---|---|---|---|---|"]
-    lines += [f"| {r['benchmark']} | {r['figure']} | {r['measured']} | **{r['ratio']}** | {r['setup']} |"
-              for r in report["rows"]]
+    lines += [f"| {r['benchmark']} | {r['figure']} | {r['measured']} | **{r['ratio']}** | {r['setup']}"
+              + (f" (measured {report['results'][r['benchmark']]['measured_on']})"
+                 if "measured_on" in report["results"][r["benchmark"]] else "") + " |" for r in report["rows"]]
     if (g := report["results"].get("generate")) is not None:
         lines += ["", "Sampling-stage batch sweep (this process, no Ray; each sampler cut to 4 gradients):", "",
                   "| model | batch | images/s |", "|---|---|---|"]
@@ -72,6 +73,12 @@ def main() -> None:
 
     results = {name: json.loads((OUT / f"{name}.json").read_text())
                for name in ("precompute", "train", "generate") if (OUT / f"{name}.json").is_file()}
+    previous = REPO / "bench" / "results.json"  # a benchmark not re-run keeps its last committed figures
+    if previous.is_file():
+        earlier = json.loads(previous.read_text())
+        for name, result in earlier.get("results", {}).items():
+            if name not in results:
+                results[name] = result | {"measured_on": result.get("measured_on", earlier["machine"]["date"])}
     if not results:
         raise SystemExit("no benchmark results in bench/out/: run `make bench`")
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
