@@ -19,7 +19,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -42,7 +42,7 @@ class GenerateConfig:
     images_per_shard: int = 256
     save_latents: bool = True                    # store each image's latent (float16 .npy) for evaluation/reuse
     # Sampler: the model's saved settings, with these keys changed (e.g. {levels: 10} or {mala_levels: 3}).
-    sampler: dict = field(default_factory=dict)
+    sampler: dict[str, Any] = field(default_factory=dict)
     # Short-run (cd) models: null keeps the training settings (a short-run EBM is only valid under them).
     langevin_steps: int | None = None
     langevin_step_size: float | None = None
