@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import require
+from .diffusion_unet import latent_unet, validate_latent_unet
 from .langevin import initial_noise
 from .models import PretrainedModel
 
@@ -39,13 +40,7 @@ class NoiseConditionalEnergyConfig:
     num_classes: int | None = None   # reserved for conditioning: a class embedding added to the noise embedding
 
     def validate(self) -> None:
-        require(len(self.latent_shape) == 3 and min(self.latent_shape) >= 1, "latent_shape must be [C, h, w]")
-        require(len(self.channels) >= 1 and all(c >= 1 and c % self.norm_groups == 0 for c in self.channels),
-                f"channels must be a non-empty list of multiples of norm_groups ({self.norm_groups})")
-        require(all(side % 2 ** (len(self.channels) - 1) == 0 for side in self.latent_shape[1:]),
-                f"latent sides {self.latent_shape[1:]} must be divisible by 2^(stages - 1) = "
-                f"{2 ** (len(self.channels) - 1)}: use fewer channels entries")
-        require(self.layers_per_block >= 1, "layers_per_block must be >= 1")
+        validate_latent_unet(self.latent_shape, self.channels, self.layers_per_block, self.norm_groups)
         require(self.sigma_data > 0 and 0 < self.sigma_min < self.sigma_max, "need sigma_data > 0 and "
                 "0 < sigma_min < sigma_max")
 
@@ -55,16 +50,9 @@ class NoiseConditionalEnergy(PretrainedModel):
 
     def __init__(self, config: NoiseConditionalEnergyConfig, metadata: dict | None = None):
         super().__init__(config, metadata)
-        from diffusers import UNet2DModel
-
-        stages = len(config.channels)
         # No attention blocks: scaled-dot-product attention has no double backward on CPU, and DSM needs one.
-        self.net = UNet2DModel(
-            sample_size=config.latent_shape[1], in_channels=config.latent_shape[0],
-            out_channels=config.latent_shape[0], block_out_channels=tuple(config.channels),
-            layers_per_block=config.layers_per_block, down_block_types=("DownBlock2D",) * stages,
-            up_block_types=("UpBlock2D",) * stages, norm_num_groups=config.norm_groups, add_attention=False,
-            num_class_embeds=config.num_classes)
+        self.net = latent_unet(config.latent_shape, config.channels, config.layers_per_block, config.norm_groups,
+                               attention=False, num_classes=config.num_classes)
         torch.nn.init.zeros_(self.net.conv_out.weight)   # g = 0: the untrained energy is the Gaussian base
         torch.nn.init.zeros_(self.net.conv_out.bias)
 

@@ -34,12 +34,7 @@ class DiffusionUNetConfig:
     beta_schedule: str = "scaled_linear"
 
     def validate(self) -> None:
-        require(len(self.latent_shape) == 3 and min(self.latent_shape) >= 1, "latent_shape must be [C, h, w]")
-        require(len(self.channels) >= 1 and all(c >= 1 and c % self.norm_groups == 0 for c in self.channels),
-                f"channels must be a non-empty list of multiples of norm_groups ({self.norm_groups})")
-        require(all(side % 2 ** (len(self.channels) - 1) == 0 for side in self.latent_shape[1:]),
-                f"latent sides {self.latent_shape[1:]} must be divisible by 2^(stages - 1) = "
-                f"{2 ** (len(self.channels) - 1)}: use fewer channels entries")
+        validate_latent_unet(self.latent_shape, self.channels, self.layers_per_block, self.norm_groups)
         require(self.num_train_timesteps >= 2 and 0 < self.beta_start < self.beta_end < 1,
                 "need num_train_timesteps >= 2 and 0 < beta_start < beta_end < 1")
         require(self.beta_schedule in ("linear", "scaled_linear", "squaredcos_cap_v2"),
@@ -52,15 +47,8 @@ class DiffusionUNet(PretrainedModel):
 
     def __init__(self, config: DiffusionUNetConfig, metadata: dict | None = None):
         super().__init__(config, metadata)
-        from diffusers import UNet2DModel
-
-        stages = len(config.channels)
-        self.net = UNet2DModel(
-            sample_size=config.latent_shape[1], in_channels=config.latent_shape[0],
-            out_channels=config.latent_shape[0], block_out_channels=tuple(config.channels),
-            layers_per_block=config.layers_per_block, down_block_types=("DownBlock2D",) * stages,
-            up_block_types=("UpBlock2D",) * stages, norm_num_groups=config.norm_groups,
-            add_attention=config.attention)
+        self.net = latent_unet(config.latent_shape, config.channels, config.layers_per_block, config.norm_groups,
+                               attention=config.attention)
 
     def scheduler_config(self) -> dict:
         c = self.config
@@ -89,6 +77,32 @@ class DiffusionUNet(PretrainedModel):
 
     def initial_latents(self, num: int, settings, generator=None, device="cpu") -> torch.Tensor:
         return initial_noise((num, *self.config.latent_shape), 1.0, generator, device)
+
+
+def validate_latent_unet(latent_shape: list[int], channels: list[int], layers_per_block: int,
+                         norm_groups: int) -> None:
+    """The shape rules of `latent_unet`, as one-line config errors."""
+    require(len(latent_shape) == 3 and min(latent_shape) >= 1, "latent_shape must be [C, h, w]")
+    require(len(channels) >= 1 and all(c >= 1 and c % norm_groups == 0 for c in channels),
+            f"channels must be a non-empty list of multiples of norm_groups ({norm_groups})")
+    require(all(side % 2 ** (len(channels) - 1) == 0 for side in latent_shape[1:]),
+            f"latent sides {latent_shape[1:]} must be divisible by 2^(stages - 1) = "
+            f"{2 ** (len(channels) - 1)}: use fewer channels entries")
+    require(layers_per_block >= 1, "layers_per_block must be >= 1")
+
+
+def latent_unet(latent_shape: list[int], channels: list[int], layers_per_block: int, norm_groups: int,
+                attention: bool = False, num_classes: int | None = None):
+    """The diffusers UNet2DModel both latent models use (the baseline's noise predictor, the energy's g): one
+    down/up stage per `channels` entry, latent channels in and out, the noise level as its timestep input."""
+    from diffusers import UNet2DModel
+
+    stages = len(channels)
+    return UNet2DModel(
+        sample_size=latent_shape[1], in_channels=latent_shape[0], out_channels=latent_shape[0],
+        block_out_channels=tuple(channels), layers_per_block=layers_per_block,
+        down_block_types=("DownBlock2D",) * stages, up_block_types=("UpBlock2D",) * stages,
+        norm_num_groups=norm_groups, add_attention=attention, num_class_embeds=num_classes)
 
 
 def noise_prediction_loss(model: DiffusionUNet, scheduler, z: torch.Tensor, t: torch.Tensor,
