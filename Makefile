@@ -52,6 +52,9 @@ demo: install
 		--vae $(DEMO_VAE) --num-images 1000 --output $(GENERATED_CD)
 	$(MAKE) --no-print-directory demo-generate DEMO_EBM=$(DEMO_EBM) LATENTS=$(LATENTS) GENERATED=$(GENERATED) \
 		COMPARE="--compare $(GENERATED_CD)"
+	$(BIN)/python -m jobs.inspect --model $(DEMO_EBM) --vae $(DEMO_VAE) --latents $(LATENTS) \
+		--output $(GENERATED)-xray
+	@echo "x-ray of the model and its chains: $(GENERATED)-xray/index.html"
 
 demo-train: install
 	$(BIN)/python -m jobs.demo_assets --output $(DEMO_DIR)

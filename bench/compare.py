@@ -44,6 +44,7 @@ def main() -> None:
     from pipeline.config import from_dict
     from pipeline.evaluate import EvaluateConfig, run_evaluation
     from pipeline.generate import GenerateConfig, run_generation
+    from pipeline.langevin import sampler_settings
     from pipeline.vae import resolve_vae
 
     from generate import matmul_peak, sampler_stage  # bench/generate.py
@@ -79,7 +80,8 @@ def main() -> None:
         generated=str(first), reference=str(latents), evaluator=str(demo / "evaluator"), output=str(work / "report"),
         compare=[str(f) for f in others], num_samples=args.images)))
     space = report["features"]["evaluator"]
-    names = ["generated"] + [f"{f.name} ({json.load(open(f / 'manifest.json'))['sampler']['name']})" for f in others]
+    names = ["generated"] + [f"{f.resolve().name} ({sampler_settings(read_manifest(f)['sampler']).name})"
+                             for f in others]
     for row, key in zip(rows, names):
         m = space["metrics"][key]
         row.update({k: round(m[k], 3) for k in ("fd", "recognisable", "class_tv", "density", "coverage")})
@@ -88,6 +90,10 @@ def main() -> None:
                                                           "cpus": args.cpus, "matmul_gflops_peak": peak / 1e9,
                                                           "real_recognisable": real, "rows": rows})
     (REPO / "bench" / "compare.md").write_text(markdown(rows, real, args))
+
+
+def read_manifest(folder: Path) -> dict:
+    return json.loads((folder / "manifest.json").read_text())
 
 
 def markdown(rows: list[dict], real: float, args) -> str:

@@ -53,6 +53,7 @@ import torch
 from . import quality
 from . import shards as sh
 from .config import EbdError, require
+from .pictures import labelled_rows, save_png, side_by_side
 from .shards import atomic_write, atomic_write_json
 from .vae import decode_images
 
@@ -474,13 +475,13 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
               "seconds": round(time.monotonic() - tick, 1)}
 
     out.mkdir(parents=True, exist_ok=True)
-    _save_png(out / "samples-vs-real.png", side_by_side(images["generated"][:64], reference_images[:64]))
+    save_png(out / "samples-vs-real.png", side_by_side(images["generated"][:64], reference_images[:64]))
     if main_space is not None:
         if main_space["classes"]:
-            _save_png(out / "per-class.png", per_class_grid(main_space, reference_images, images["generated"]))
+            save_png(out / "per-class.png", per_class_grid(main_space, reference_images, images["generated"]))
         distances, index = main_space["_nearest"]["generated"]
         closest = distances.argsort()[:8]
-        _save_png(out / "memorisation.png", labelled_rows(
+        save_png(out / "memorisation.png", labelled_rows(
             [("generated", images["generated"][closest]), ("nearest training", pool_images[index[closest]])]))
     atomic_write_json(out / "report.json", report)
     text = render_markdown(report).encode()
@@ -497,45 +498,6 @@ def pooled_checks(metrics: dict, cfg: EvaluateConfig) -> dict[str, bool]:
 
 
 # --------------------------------------------------------------------------------------------- pictures
-
-def _save_png(path: Path, image) -> None:
-    atomic_write(path, lambda f: image.save(f, format="PNG"))
-
-
-def side_by_side(generated: torch.Tensor, real: torch.Tensor):
-    """Two 8-column grids, generated on the left and real on the right, with a white gap between."""
-    from PIL import Image
-
-    from .sinks import preview_grid
-
-    left = preview_grid([x.permute(1, 2, 0).numpy() for x in generated])
-    right = preview_grid([x.permute(1, 2, 0).numpy() for x in real])
-    gap = max(4, left.width // 32)
-    canvas = Image.new("RGB", (left.width + gap + right.width, max(left.height, right.height)), "white")
-    canvas.paste(left, (0, 0))
-    canvas.paste(right, (left.width + gap, 0))
-    return canvas
-
-
-def labelled_rows(rows: list[tuple[str, torch.Tensor]], columns: int = 8):
-    """One row of up to `columns` images per (title, images), each row titled on its left; images smaller than
-    48 px are enlarged (nearest) so they stay readable."""
-    from PIL import Image, ImageDraw
-
-    sides = [imgs.shape[-1] for _, imgs in rows if len(imgs)]
-    side = max(sides) if sides else 8
-    side *= max(1, min(8, 48 // side))
-    title_width = 8 * max(len(title) for title, _ in rows) + 12
-    canvas = Image.new("RGB", (title_width + columns * (side + 2), len(rows) * (side + 4)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for r, (title, imgs) in enumerate(rows):
-        y = r * (side + 4)
-        draw.text((4, y + side // 2 - 6), title, fill="black")
-        for c, img in enumerate(imgs[:columns]):
-            tile = Image.fromarray(img.permute(1, 2, 0).numpy(), "RGB").resize((side, side), Image.NEAREST)
-            canvas.paste(tile, (title_width + c * (side + 2), y + 2))
-    return canvas
-
 
 def per_class_grid(space: dict, reference: torch.Tensor, generated: torch.Tensor):
     """Per class: a row of real reference images of that class (by label) and a row of generated images the

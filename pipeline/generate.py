@@ -276,28 +276,21 @@ def run_generation(cfg: GenerateConfig, address: str | None = None) -> dict:
     """Runs (or resumes) generation; returns the summary."""
     import ray
 
-    from .langevin import sampler_settings
     from .metrics import DriverMetrics
     from .models import load_model
     from .vae import resolve_vae
 
     model = load_model(cfg.model)
     spec = resolve_vae(cfg.vae)
+    model.check_vae(spec, cfg.vae)
     latent_shape = list(model.config.latent_shape)
-    require(spec.latent_channels == latent_shape[0], f"the VAE has {spec.latent_channels} latent channels, the model "
-            f"was trained on {latent_shape[0]}")
-    trained_on = (model.metadata.get("latents", {}).get("vae") or {}).get("weights_sha256")
     vae_identity = spec.identity()
-    if trained_on and trained_on != vae_identity["weights_sha256"]:
-        raise EbdError(f"the model was trained on latents of another VAE (weights sha256 {trained_on[:12]}...), "
-                       f"not {cfg.vae}: decoding would give garbage")
     short_run = {k: v for k, v in (("steps", cfg.langevin_steps), ("step_size", cfg.langevin_step_size),
                                    ("noise_scale", cfg.langevin_noise_scale)) if v is not None}
     if short_run and model.sampler.name != "langevin":
         raise EbdError(f"langevin_steps, langevin_step_size and langevin_noise_scale apply to short-run (cd) models; "
                        f"this model samples with {model.sampler.name}: use --set sampler='{{levels: N}}'")
-    sampler = asdict(sampler_settings(asdict(model.sampler) | short_run | cfg.sampler))  # validated: one line if not
-    model.check_sampler(sampler)
+    sampler = asdict(model.resolve_sampler(short_run | cfg.sampler))  # validated: one line if not
     model_id = f"{Path(cfg.model).resolve().name}-{file_sha256(Path(cfg.model) / 'model.safetensors')[:12]}"
     out = Path(cfg.output)
     num_shards = math.ceil(cfg.num_images / cfg.images_per_shard)

@@ -8,8 +8,9 @@ Every sampler has one signature, and its settings are a dataclass saved with the
 E(z, sigma) for a noise-conditional one (`heun`, `ancestral`); shape (B,), low energy = data-like, p ~ exp(-E).
 The baseline `ddim` takes a noise predictor instead, `model(z, t)` -> eps.
 `callback(info)` is called after every network evaluation (an energy gradient, or ddim's forward) with {"i", "z",
-"sigma", "energy", "grad_norm"} (and "accepted", per chain, after a Metropolis test), so counting calls counts
-evaluations. `generator` is one torch.Generator for the batch or a list of one per chain: with a list, chain i
+"sigma", "energy", "grad_norm"}, "denoised" (the estimate of the clean latent at that point: Tweedie's
+z - sigma^2 grad E, or ddim's predicted x0; noise-level samplers only) and "accepted" (per chain, after a
+Metropolis test), so counting calls counts evaluations. `generator` is one torch.Generator for the batch or a list of one per chain: with a list, chain i
 depends on nothing but its own seed, whatever batch it shares.
 
 A model folder's config.json names its sampler (`"sampler": {"name": "heun", "levels": 25, ...}`) and
@@ -221,7 +222,10 @@ def ddim(model, z: torch.Tensor, settings: DDIMSettings, generator: Generators =
     for i, t in enumerate(scheduler.timesteps):
         with torch.no_grad():
             eps = model(z, t)
-        _report(callback, i, z, None, torch.full((len(z),), float("nan")), eps)
+        if callback is not None:  # its noise level in sigma terms, and its clean estimate
+            alpha = float(scheduler.alphas_cumprod[int(t)])
+            _report(callback, i, z, math.sqrt((1 - alpha) / alpha), torch.full((len(z),), float("nan")), eps,
+                    denoised=(z - math.sqrt(1 - alpha) * eps) / math.sqrt(alpha))
         noise = _randn(z, generator) if settings.eta else None
         z = scheduler.step(eps, t, z, eta=settings.eta, variance_noise=noise).prev_sample
     return z.detach()
@@ -267,6 +271,8 @@ class SamplerStats:
 
 def _report(callback: Callback, i: int, z, sigma, u, grad, **extra) -> None:
     if callback is not None:
+        if sigma is not None and "denoised" not in extra:  # Tweedie: E[x | z] = z - sigma^2 grad E(z, sigma)
+            extra["denoised"] = z - sigma ** 2 * grad
         callback({"i": i, "z": z, "sigma": sigma, "energy": u, "grad_norm": grad.flatten(1).norm(dim=1)} | extra)
 
 

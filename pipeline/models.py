@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 
-from .config import EbdError, from_dict
+from .config import EbdError, from_dict, require
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
@@ -63,6 +63,23 @@ class PretrainedModel(nn.Module):
     def evaluation_forward(self, z: torch.Tensor) -> torch.Tensor:
         """The forward pass the sampler evaluates once per step (benchmarks count its FLOPs): the energy."""
         return self.energy(z)
+
+    def resolve_sampler(self, overrides: dict | None = None):
+        """This model's own sampler settings with `overrides` applied, validated (one line if not)."""
+        from .langevin import sampler_settings
+        settings = sampler_settings(asdict(self.sampler) | (overrides or {}))
+        self.check_sampler(asdict(settings))
+        return settings
+
+    def check_vae(self, spec, name: str) -> None:
+        """Refuses a VAE (`spec`, a VaeSpec named `name` to the user) whose latents this model was not trained on."""
+        channels = self.config.latent_shape[0]
+        require(spec.latent_channels == channels,
+                f"the VAE has {spec.latent_channels} latent channels, the model was trained on {channels}")
+        trained_on = (self.metadata.get("latents", {}).get("vae") or {}).get("weights_sha256")
+        if trained_on and trained_on != spec.weights_sha256():
+            raise EbdError(f"the model was trained on latents of another VAE (weights sha256 {trained_on[:12]}...), "
+                           f"not {name}: decoding would give garbage")
 
     def check_sampler(self, settings: dict) -> None:
         """Refuses sampler settings this model cannot honour (a no-op unless a class has limits)."""
