@@ -21,7 +21,7 @@ LATENTS ?= $(DEMO_DIR)/latents-$(VAE_ID)
 GENERATED ?= $(DEMO_DIR)/generated-$(EBM_ID)
 GENERATED_CD ?= $(DEMO_DIR)/generated-cd-$(EBM_CD_ID)
 
-.PHONY: install demo demo-train demo-generate demo-models demo-refit-dependants test bench clean cluster-up cluster-down
+.PHONY: install demo demo-train demo-generate demo-models demo-refit-dependants test bench compare clean cluster-up cluster-down
 
 install: $(VENV)/.installed
 
@@ -81,7 +81,7 @@ demo-models: install
 	$(BIN)/python -m jobs.demo_assets --output $(DEMO_DIR)
 	$(BIN)/python -m jobs.fit_vae --config configs/fit-vae-demo.yaml --input $(DEMO_DIR)/images \
 		--output $(DEMO_DIR)/vae-fit
-	rm -rf $(DEMO_VAE)/vae && cp -r $(DEMO_DIR)/vae-fit/vae $(DEMO_DIR)/vae-fit/model_index.json \
+	rm -rf $(DEMO_VAE)/vae && cp -r $(DEMO_DIR)/vae-fit/vae \
 		$(DEMO_DIR)/vae-fit/fit_vae.json $(DEMO_DIR)/vae-fit/reconstructions.png $(DEMO_VAE)/
 	$(MAKE) --no-print-directory demo-refit-dependants
 
@@ -109,6 +109,12 @@ bench: install
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/generate.py
 	$(BIN)/python bench/report.py
+
+# One table: the energy models beside the DDIM baseline, images/s and quality on the same latents, decoder and
+# cores (bench/compare.md and bench/out/compare.json; about 15 minutes on 2 CPUs after `make demo`).
+compare: install
+	test -f $(LATENTS)/manifest.json || $(MAKE) --no-print-directory demo
+	$(BIN)/python bench/compare.py --latents $(LATENTS)
 
 # A two-node Ray cluster on this machine (head + worker on 127.0.0.1, metrics export ports 8080/8081).
 cluster-up: install

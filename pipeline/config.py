@@ -26,6 +26,17 @@ class ConfigError(EbdError):
     pass
 
 
+class JobConfig:
+    """Base of the job configs (dataclasses): validated when constructed, so a config built in Python with a bad
+    value raises ConfigError at once, as one loaded from YAML does."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        pass
+
+
 C = TypeVar("C")
 
 
@@ -62,7 +73,7 @@ def from_dict(cls: type[C], values: dict[str, Any]) -> C:
         missing = [n for n, f in fields.items() if n not in checked and f.default is dataclasses.MISSING
                    and f.default_factory is dataclasses.MISSING]
         raise ConfigError(f"missing required config key {missing[0]!r}" if missing else str(e)) from None
-    if hasattr(cfg, "validate"):
+    if hasattr(cfg, "validate") and not isinstance(cfg, JobConfig):  # a JobConfig validated itself
         cfg.validate()
     return cfg
 

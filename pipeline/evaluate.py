@@ -52,7 +52,7 @@ import torch
 
 from . import quality
 from . import shards as sh
-from .config import EbdError, require
+from .config import EbdError, JobConfig, require
 from .pictures import labelled_rows, save_png, side_by_side
 from .shards import atomic_write, atomic_write_json
 from .vae import decode_images
@@ -67,7 +67,7 @@ ROW_LABELS = {"generated": "generated (this run)", "raw": "held-out real, raw (b
 
 
 @dataclass
-class EvaluateConfig:
+class EvaluateConfig(JobConfig):
     generated: str | None = None                 # output folder of jobs.generate (needs save_latents: true)
     reference: str | None = None                 # latents folder (precompute output) with the held-out shards
     output: str | None = None

@@ -31,13 +31,13 @@ import torch
 from torch.nn import functional as F
 
 from . import shards as sh
-from .config import EbdError, require
+from .config import EbdError, JobConfig, require
 from .features import ImageEvaluator, to_network_input
 from .progress import Progress
 
 
 @dataclass
-class FitEvaluatorConfig:
+class FitEvaluatorConfig(JobConfig):
     latents: str | None = None                   # precompute output: latents and their labels
     output: str | None = None
     vae: str | None = None                       # default: the VAE the latents' manifest records

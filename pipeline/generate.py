@@ -24,7 +24,7 @@ from typing import Any, Literal
 import numpy as np
 
 from . import sinks
-from .config import EbdError, require
+from .config import EbdError, JobConfig, require
 from .progress import Progress
 from .shards import atomic_write, atomic_write_json, claim_run_folder, file_sha256
 
@@ -32,7 +32,7 @@ RUN_FILE = "run.json"
 
 
 @dataclass
-class GenerateConfig:
+class GenerateConfig(JobConfig):
     model: str | None = None                     # a trained model folder (config.json + model.safetensors), any kind
     vae: str | None = None                       # local SD checkpoint folder or AutoencoderKL folder
     output: str | None = None
@@ -170,8 +170,8 @@ class DecodeStage:
 
         torch.set_num_threads(threads)
         self.device = pick_device(use_gpu)
-        self.vae = load_vae(resolve_vae(vae_path, vae_subfolder or None), self.device,
-                            resolve_dtype(dtype, self.device))
+        spec = resolve_vae(vae_path, vae_subfolder or None)
+        self.vae = load_vae(spec, self.device, resolve_dtype(dtype, self.device, spec))
         self.batch_size, self.simulate_oom_above = batch_size, simulate_oom_above
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
         self.metrics = StageMetrics("decode")
@@ -260,7 +260,8 @@ def probe_decode_batch(vae_path: str, vae_subfolder: str | None, dtype: str, use
 
     torch.set_num_threads(threads)
     device = pick_device(use_gpu)
-    vae = load_vae(resolve_vae(vae_path, vae_subfolder or None), device, resolve_dtype(dtype, device))
+    spec = resolve_vae(vae_path, vae_subfolder or None)
+    vae = load_vae(spec, device, resolve_dtype(dtype, device, spec))
 
     def work(n: int):
         if simulate_oom_above is not None and n > simulate_oom_above:
@@ -297,9 +298,7 @@ def run_generation(cfg: GenerateConfig, address: str | None = None) -> dict:
 
     if not ray.is_initialized():
         ray.init(address=address)
-    gpus = cfg.decoder_gpus
-    if gpus == "auto":
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    gpus = resolve_decoder_gpus(cfg)
     run = _claim_output(out, cfg, sampler, model_id, vae_identity)
     batch_sizes = run.get("batch_sizes") or _choose_batch_sizes(cfg, sampler, spec, latent_shape, gpus)
     if "batch_sizes" not in run:
@@ -348,26 +347,39 @@ def run_generation(cfg: GenerateConfig, address: str | None = None) -> dict:
         metrics.shutdown()
 
 
-def _build_dag(cfg: GenerateConfig, pending: list[int], sampler: dict, spec, gpus: float, batch_sizes: dict,
-               model_id: str):
+def resolve_decoder_gpus(cfg: GenerateConfig) -> float:
+    """GPUs per decoder actor: the configured share, or with `auto` one when the cluster has GPUs, else none."""
+    import ray
+
+    if cfg.decoder_gpus != "auto":
+        return float(cfg.decoder_gpus)
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def decoded_shards(cfg: GenerateConfig, shards: list[int], sampler: dict, spec, gpus: float, batch_sizes: dict):
+    """The DAG's first two stages as a Ray Dataset: one row per shard {shard, latents, images, info}."""
     import ray
     from ray.data import ActorPoolStrategy
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the job prints its own progress lines
-    items = ray.data.from_items([{"shard": j} for j in pending], override_num_blocks=len(pending))
+    items = ray.data.from_items([{"shard": j} for j in shards], override_num_blocks=len(shards))
     latents = items.map_batches(
         LangevinStage, batch_size=1, compute=ActorPoolStrategy(size=cfg.langevin_actors), num_cpus=cfg.langevin_cpus,
         fn_constructor_kwargs=dict(model_dir=str(Path(cfg.model).resolve()), sampler=sampler, seed=cfg.seed,
                                    images_per_shard=cfg.images_per_shard, num_images=cfg.num_images,
                                    batch_size=batch_sizes["langevin"], threads=_threads(cfg.langevin_cpus)))
-    images = latents.map_batches(
+    return latents.map_batches(
         DecodeStage, batch_size=1, compute=ActorPoolStrategy(size=cfg.decoder_actors), num_cpus=cfg.decoder_cpus,
         num_gpus=gpus,
         fn_constructor_kwargs=dict(vae_path=str(Path(spec.path).resolve()), vae_subfolder=spec.subfolder,
                                    dtype=cfg.vae_dtype, use_gpu=gpus > 0, batch_size=batch_sizes["decode"],
                                    threads=_threads(cfg.decoder_cpus), simulate_oom_above=cfg.simulate_oom_above))
-    return images.map_batches(
+
+
+def _build_dag(cfg: GenerateConfig, pending: list[int], sampler: dict, spec, gpus: float, batch_sizes: dict,
+               model_id: str):
+    return decoded_shards(cfg, pending, sampler, spec, gpus, batch_sizes).map_batches(
         write_shard, batch_size=1, num_cpus=cfg.writer_cpus,
         fn_kwargs=dict(output=str(Path(cfg.output).resolve()), fmt=cfg.format, seed=cfg.seed,
                        images_per_shard=cfg.images_per_shard, model_id=model_id, save_latents=cfg.save_latents))

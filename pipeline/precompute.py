@@ -22,7 +22,7 @@ from typing import Literal
 import numpy as np
 
 from . import shards as sh
-from .config import ConfigError, EbdError, require, to_dict
+from .config import ConfigError, EbdError, JobConfig, require, to_dict
 from .images import Rejected, decode_image, to_model_input
 from .metrics import record_precompute_shard
 from .progress import Progress
@@ -33,7 +33,7 @@ RUN_FILE = "run.json"  # what this folder was started with; a resumed run must m
 
 
 @dataclass
-class PrecomputeConfig:
+class PrecomputeConfig(JobConfig):
     input: str | None = None
     vae: str | None = None
     output: str | None = None

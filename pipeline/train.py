@@ -29,7 +29,7 @@ import torch
 
 from . import shards as sh
 from .checkpoints import load_optimizer_tensors, optimizer_tensors
-from .config import ConfigError, EbdError, from_dict, require
+from .config import ConfigError, EbdError, JobConfig, from_dict, require
 from .objectives import OBJECTIVE_KEYS, OBJECTIVES
 from .progress import Progress
 
@@ -37,7 +37,7 @@ WORKERS_DIR = "workers"   # OUTPUT/workers/rank-N.json: each worker's share of t
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(JobConfig):
     latents: str | None = None
     output: str | None = None
     run_name: str = "ebd-train"

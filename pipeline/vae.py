@@ -21,7 +21,6 @@ import torch
 
 from .config import ConfigError
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub, even by accident
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -109,9 +108,12 @@ def pick_device(want_gpu: bool) -> torch.device:
     return torch.device("cuda") if want_gpu and torch.cuda.is_available() else torch.device("cpu")
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str, device: torch.device, spec: "VaeSpec | None" = None) -> torch.dtype:
+    """`auto`: float16 on CUDA, unless the VAE's config.json says `force_upcast: true` (SDXL's VAE overflows in
+    float16 and decodes NaNs), and float32 on CPU."""
     if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+        upcast = bool(spec is not None and spec.config.get("force_upcast"))
+        return torch.float16 if device.type == "cuda" and not upcast else torch.float32
     return DTYPES[name]
 
 
@@ -131,8 +133,8 @@ def cached_vae(spec: VaeSpec, device: torch.device, dtype_name: str):
 
 @functools.lru_cache(maxsize=2)
 def _cached_vae(path: str, subfolder: str | None, device_type: str, dtype_name: str):
-    device = torch.device(device_type)
-    return load_vae(VaeSpec(path, subfolder, {}), device, resolve_dtype(dtype_name, device))
+    device, spec = torch.device(device_type), resolve_vae(path, subfolder)
+    return load_vae(spec, device, resolve_dtype(dtype_name, device, spec))
 
 
 def vae_loads_in_this_process() -> int:
@@ -209,7 +211,10 @@ def save_sd_checkpoint(vae, folder: str | Path) -> Path:
     vae.save_pretrained(staging, safe_serialization=True)
     shutil.rmtree(export, ignore_errors=True)
     staging.replace(export)
-    atomic_write_json(folder / "model_index.json", {"_class_name": "StableDiffusionPipeline",
-                                                    "_diffusers_version": diffusers.__version__,
-                                                    "vae": ["diffusers", "AutoencoderKL"]})
+    # An ebd pipeline folder (pipeline.api.EBDPipeline), not a StableDiffusionPipeline: it has no UNet or text
+    # encoder. Components already listed (e.g. the model in ebm/) are kept.
+    index_path = folder / "model_index.json"
+    index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    atomic_write_json(index_path, index | {"_class_name": "EBDPipeline", "_diffusers_version": diffusers.__version__,
+                                           "vae": ["diffusers", "AutoencoderKL"]})
     return export

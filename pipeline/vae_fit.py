@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from .checkpoints import load_optimizer_tensors, optimizer_tensors
-from .config import EbdError, require
+from .config import EbdError, JobConfig, require
 from .images import Rejected, decode_image
 from .progress import Progress
 from .shards import atomic_write, atomic_write_json, file_sha256
@@ -47,7 +47,7 @@ RECORD_FILE = "fit_vae.json"
 
 
 @dataclass
-class FitVaeConfig:
+class FitVaeConfig(JobConfig):
     input: str | None = None                     # any image source precompute reads (folder, tars, parquet)
     output: str | None = None
     resolution: int = 64

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from . import shards as sh
-from .config import EbdError, require
+from .config import EbdError, JobConfig, require
 from .pictures import labelled_rows, save_png
 from .shards import atomic_write, atomic_write_json
 from .vae import decode_images, load_vae, resolve_vae
@@ -44,7 +44,7 @@ PAGE = "index.html"
 
 
 @dataclass
-class InspectConfig:
+class InspectConfig(JobConfig):
     output: str = ""
     vae: str = ""                     # the VAE folder (Stable Diffusion layout) that decodes the latents
     model: str | None = None          # a model folder; without it, an x-ray of --latents alone
@@ -230,6 +230,7 @@ def curves_figure(curves: dict, sigmas: list | None, level_sigmas: list | None, 
         levels = sorted(acceptance)
         ax.plot(levels, [float(np.mean(acceptance[i])) for i in levels], marker="o")
         ax.set_ylim(0, 1.05)
+        ax.set_xticks(levels)
         ax.set_title("Metropolis acceptance per level", fontsize=9)
         ax.set_xlabel("level")
     return _png(fig)

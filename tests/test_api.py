@@ -1,0 +1,62 @@
+"""The Python front door: EBDPipeline from the shipped demo folder, configs that validate when built in Python, and
+an import that leaves the process environment alone."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pipeline import EBDPipeline
+from pipeline.config import ConfigError
+from pipeline.generate import GenerateConfig, image_key
+from pipeline.train import TrainConfig
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return EBDPipeline.from_pretrained(REPO / "models" / "demo", device="cpu")
+
+
+def test_the_demo_folder_loads_its_energy_and_gives_deterministic_images_per_seed(pipe):
+    assert type(pipe.model).__name__ == "NoiseConditionalEnergy"  # model_index.json names ebm/
+    first = pipe(num_images=4, seed=7, sampler={"levels": 8})
+    again = pipe(num_images=4, seed=7, sampler={"levels": 8}, batch_size=3)
+    other = pipe(num_images=4, seed=8, sampler={"levels": 8})
+    assert [im.size for im in first.images] == [(64, 64)] * 4 and first.latents.shape == (4, 4, 8, 8)
+    assert first.keys == [image_key(7, i) for i in range(4)]
+    arrays = [np.asarray(im) for im in first.images]
+    assert all(np.abs(a.astype(int) - np.asarray(b).astype(int)).max() <= 1 for a, b in zip(arrays, again.images))
+    assert all(np.abs(a.astype(int) - np.asarray(b).astype(int)).mean() > 5 for a, b in zip(arrays, other.images))
+    tail = pipe(num_images=2, seed=7, start=2, sampler={"levels": 8}, output_type="latent")
+    assert tail.images == [] and tail.keys == first.keys[2:]
+    assert np.allclose(tail.latents.numpy(), first.latents[2:].numpy(), atol=1e-4)  # image i depends on (seed, i)
+
+
+def test_bad_pipeline_arguments_are_one_line_errors(pipe, tmp_path):
+    with pytest.raises(ConfigError, match="num_images"):
+        pipe(num_images=0)
+    with pytest.raises(ConfigError, match="sigma_min/sigma_max"):
+        pipe(num_images=1, sampler={"sigma_max": 1e6})
+    with pytest.raises(ConfigError, match="names no model"):
+        EBDPipeline.from_pretrained(tmp_path)
+
+
+def test_configs_built_in_python_validate_on_construction():
+    with pytest.raises(ConfigError, match="num_images"):
+        GenerateConfig(model="m", vae="v", output="o", num_images=-5)
+    with pytest.raises(ConfigError):
+        TrainConfig(latents="l", output="o", lr=-1.0)
+
+
+def test_importing_the_package_leaves_the_environment_unchanged():
+    code = ("import os; before = dict(os.environ); "
+            "import pipeline, pipeline.api, pipeline.vae, pipeline.generate, pipeline.train, pipeline.evaluate, "
+            "pipeline.xray, pipeline.precompute; from pipeline import EBDPipeline; "
+            "changed = sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)); "
+            "print(changed); assert not changed")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
