@@ -88,7 +88,22 @@ def require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"  # the project's shipped configs
+
+
+def find_config(path: Path) -> Path:
+    """`path` as given, else, for a relative path, the shipped config of that name (configs/NAME or NAME), so
+    `ebd train --config configs/train.yaml` works from any working directory."""
+    if path.is_file() or path.is_absolute():
+        return path
+    for candidate in (CONFIGS.parent / path, CONFIGS / path.name):
+        if candidate.is_file():
+            return candidate
+    return path
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
+    path = find_config(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
@@ -164,7 +179,8 @@ def job_parser(module: str, doc: str, address: bool = True):
     Ray cluster, --address."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.strip().splitlines()[0])
+    prog = sys.argv[0] if sys.argv[0].startswith("ebd ") else f"python -m {module}"  # the `ebd` command, or -m
+    parser = argparse.ArgumentParser(prog=prog, description=doc.strip().splitlines()[0])
     name = module.rsplit(".", 1)[-1].replace("_", "-")
     examples = sorted(p.name for p in (Path(__file__).resolve().parent.parent / "configs").glob(f"{name}*.yaml"))
     parser.add_argument("--config", help="YAML config" + (f" (e.g. configs/{examples[0]})" if examples else ""))

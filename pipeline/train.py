@@ -115,6 +115,8 @@ class TrainConfig(JobConfig):
     rollback_lr_factor: float = 0.5
     seed: int = 0
     fault_nan_at_step: int | None = None     # testing: poison the loss once at this step to exercise rollback
+    # A run name resumes only the run it names: another config or other data is refused unless this is true.
+    allow_config_change: bool = False
 
     def validate(self) -> None:
         for name in ("latents", "output"):
@@ -506,6 +508,7 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
                                            for p in paths],
                             "held_out": held_out}}
     cfg_dict = asdict(cfg) | {"output": str(output)}
+    claim_run(storage, cfg, manifest_sha)
 
     if not ray.is_initialized():
         ray.init(address=address)
@@ -528,6 +531,46 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
     except Exception as e:  # Ray wraps worker errors; show the cause in one line
         raise EbdError(f"training failed: {_root_cause(e)}") from None
     return dict(result.metrics or {})
+
+
+# Keys a resumed run may change: how long and on what it runs, how often it reports. Any other key changes the
+# model or what it learns, so resuming under it would silently train a different run from the old one's weights.
+RESUMABLE_KEYS = {"output", "storage_path", "num_workers", "use_gpu", "cpus_per_worker", "max_failures", "max_steps",
+                  "log_every", "checkpoint_every", "keep_checkpoints", "cache_bytes", "fault_nan_at_step",
+                  "allow_config_change"}
+RUN_RECORD = "ebd-run.json"
+
+
+def claim_run(storage, cfg: TrainConfig, manifest_sha: str) -> None:
+    """Records the run's config and data beside its checkpoints, or refuses (one line) a run name whose recorded
+    config or data differ, unless `allow_config_change`; works on any pyarrow filesystem (local, s3://, gs://)."""
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(str(storage)) if "://" in str(storage) else \
+        (pafs.LocalFileSystem(), str(storage))
+    path = f"{root}/{cfg.run_name}/{RUN_RECORD}"
+    record = {"config": {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_KEYS},
+              "latents_manifest_sha256": manifest_sha}
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        with fs.open_input_stream(path) as f:
+            old = json.loads(f.read())
+        changed = sorted(k for k in set(old["config"]) | set(record["config"])
+                         if old["config"].get(k) != record["config"].get(k))
+        if old["latents_manifest_sha256"] != manifest_sha:
+            changed.append("the latents (another manifest)")
+        if changed and not cfg.allow_config_change:
+            first = changed[0]
+            detail = f"{first}: {old['config'].get(first)!r} -> {record['config'].get(first)!r}" \
+                if first in record["config"] or first in old["config"] else first
+            raise EbdError(f"run {cfg.run_name!r} in {storage} was started with another config or data ({detail}"
+                           f"{f' and {len(changed) - 1} more' if len(changed) > 1 else ''}): use a new --run-name, "
+                           "or --set allow_config_change=true to resume its weights anyway")
+        if not changed:
+            return
+    fs.create_dir(f"{root}/{cfg.run_name}", recursive=True)
+    with fs.open_output_stream(path + ".tmp") as f:
+        f.write(json.dumps(record, indent=1, sort_keys=True).encode())
+    fs.move(path + ".tmp", path)
 
 
 def _prepare(cfg: TrainConfig, objective, paths: list[str], output: Path) -> dict:

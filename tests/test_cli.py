@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -87,3 +88,19 @@ def test_missing_required_and_bad_yaml(small_folder, sd_checkpoint, tmp_path):
     result = run_job("jobs.precompute", "--config", str(bad), "--input", str(small_folder),
                      "--vae", str(sd_checkpoint), "--output", str(tmp_path / "o"))
     assert result.returncode == 2 and "is not valid YAML" in result.stderr
+
+
+def test_the_ebd_command_runs_a_job_from_another_working_directory(ray_cluster, tmp_path):
+    """`ebd generate` (the installed console script) from a folder outside the repository: the shipped config is
+    found by its usual relative name, and the run ends with exactly N images."""
+    ebd = Path(sys.executable).with_name("ebd")
+    demo = REPO / "models" / "demo"
+    result = subprocess.run([str(ebd), "generate", "--config", "configs/generate.yaml", "--model", str(demo / "ebm"),
+                             "--vae", str(demo), "--num-images", "6", "--output", "out", "--address",
+                             ray_cluster.address, "--set", "sampler={levels: 4}", "--set", "images_per_shard=4",
+                             "--batch-size", "4"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["images"] == 6 and manifest["sampler"]["levels"] == 4
+    usage = subprocess.run([str(ebd), "generate", "--help"], cwd=tmp_path, capture_output=True, text=True)
+    assert usage.returncode == 0 and usage.stdout.startswith("usage: ebd generate")

@@ -180,8 +180,14 @@ def test_the_diffusion_baseline_resumes_from_its_checkpoint_and_exports(ray_clus
     assert type(model).__name__ == "DiffusionUNet" and model.sampler.name == "ddim"
     assert model.metadata["training"] == model.metadata["training"] | {"steps": 8, "objective": "ddpm"}
     assert model.metadata["training"]["loop_seconds_this_run"] > 0
+    # The run name resumes only the run it names: another learning rate is refused before anything starts...
+    with pytest.raises(EbdError, match=r"run 'baseline' .* another config or data \(lr: 0.0001 -> 0.002\)"):
+        train(mixture_latents, tmp_path, max_steps=12, **(baseline | {"lr": 2e-3}))
+    assert load_model(tmp_path / "model").metadata["training"]["steps"] == 8
+    # ... and when told to resume anyway, a checkpoint of another objective still cannot be loaded.
     with pytest.raises(EbdError, match="trained with objective ddpm, this run asks for dsm"):
-        train(mixture_latents, tmp_path, max_steps=12, **(TINY_DSM | {"run_name": "baseline"}))
+        train(mixture_latents, tmp_path, max_steps=12, **(TINY_DSM | {"run_name": "baseline",
+                                                                      "allow_config_change": True}))
 
 
 def _registered_steps(snapshot: Path) -> list[int]:

@@ -1,0 +1,37 @@
+"""The `ebd` command: `ebd JOB [flags]` runs the job `python -m jobs.JOB [flags]` runs, with the same flags.
+
+    ebd precompute --config configs/precompute.yaml --input DIR --vae DIR --output DIR
+    ebd train --config configs/train.yaml --latents DIR --output DIR
+    ebd generate --config configs/generate.yaml --model DIR --vae DIR --num-images N --output DIR
+    ebd evaluate | inspect | fit-vae | fit-evaluator | demo-assets ... (`ebd JOB --help`)
+
+`--config configs/NAME.yaml` finds the shipped configs from any working directory.
+"""
+
+import importlib
+import sys
+
+from pipeline.config import run_cli
+
+JOBS = {"precompute": "precompute images into latent shards", "train": "fit a model on latent shards",
+        "generate": "generate images in bulk", "evaluate": "score a generation run against held-out latents",
+        "inspect": "an x-ray page of a model and its chains", "fit-vae": "fit a small VAE to an image set",
+        "fit-evaluator": "fit the evaluation's feature network", "demo-assets": "render the demo images"}
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    if not args or args[0] in ("-h", "--help") or args[0] not in JOBS:
+        lines = [__doc__.strip().splitlines()[0], "", "jobs:"] + [f"  {name:<14} {what}" for name, what in JOBS.items()]
+        if args and args[0] not in ("-h", "--help"):
+            print(f"error: unknown job {args[0]!r}; one of {', '.join(JOBS)}", file=sys.stderr)
+            sys.exit(2)
+        print("\n".join(lines))
+        return
+    module = importlib.import_module(f"jobs.{args[0].replace('-', '_')}")
+    sys.argv = [f"ebd {args[0]}", *args[1:]]
+    run_cli(module.main)
+
+
+if __name__ == "__main__":
+    main()
