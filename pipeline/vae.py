@@ -79,7 +79,8 @@ def resolve_vae(path: str | Path, subfolder: str | None = "auto") -> VaeSpec:
     root = Path(path)
     if not root.exists():
         hint = (" (looks like a hub id: ebd never downloads weights; fetch it once with "
-                f"`huggingface-cli download {path} --local-dir DIR` and pass DIR)") if _looks_like_hub_id(str(path)) else ""
+                f"`hf download {path} vae/config.json vae/diffusion_pytorch_model.safetensors --local-dir DIR` "
+                "and pass DIR)") if _looks_like_hub_id(str(path)) else ""
         raise ConfigError(f"VAE not found at {path}{hint}")
     if subfolder == "auto":
         subfolder = "vae" if (root / "vae" / "config.json").is_file() else None

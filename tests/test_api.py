@@ -60,3 +60,16 @@ def test_importing_the_package_leaves_the_environment_unchanged():
             "print(changed); assert not changed")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_float16_decoding_on_cuda_honours_the_vaes_force_upcast():
+    """SDXL's VAE says force_upcast: true (it overflows to NaN in float16): `auto` keeps it in float32 on CUDA."""
+    import torch
+
+    from pipeline.vae import VaeSpec, resolve_dtype
+
+    cuda = torch.device("cuda")  # a device object only: nothing runs on it
+    assert resolve_dtype("auto", cuda, VaeSpec("sdxl", "vae", {"force_upcast": True})) == torch.float32
+    assert resolve_dtype("auto", cuda, VaeSpec("sd15", "vae", {})) == torch.float16
+    assert resolve_dtype("auto", torch.device("cpu"), VaeSpec("sd15", "vae", {})) == torch.float32
+    assert resolve_dtype("float16", cuda, VaeSpec("sdxl", "vae", {"force_upcast": True})) == torch.float16
