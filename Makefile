@@ -25,7 +25,7 @@ GENERATED_CD ?= $(DEMO_DIR)/generated-cd-$(EBM_CD_ID)
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	@if $(BIN)/python -c "import torch" 2>/dev/null; then \
 		echo "keeping installed torch $$($(BIN)/python -c 'import torch; print(torch.__version__)')"; \
@@ -35,7 +35,7 @@ $(VENV)/.installed: pyproject.toml
 		echo "no NVIDIA GPU: installing the CPU build $(TORCH_CPU)"; \
 		$(BIN)/pip install $(TORCH_PIP_ARGS) "$(TORCH_CPU)"; \
 	fi
-	$(BIN)/pip install -e '.[test]'
+	$(BIN)/pip install -c constraints.txt -e '.[test]'
 	touch $@
 
 # The demo: 10k procedural images -> latents with the shipped demo VAE -> 1000 images from the shipped

@@ -52,6 +52,7 @@ import torch
 
 from . import quality
 from . import shards as sh
+from . import sinks
 from .config import EbdError, JobConfig, require
 from .pictures import labelled_rows, save_png, side_by_side
 from .shards import atomic_write, atomic_write_json
@@ -130,7 +131,7 @@ def read_generated(folder: Path) -> tuple[dict, torch.Tensor, torch.Tensor]:
         parquet = next((f for f in files if f.endswith(".parquet")), None)
         if parquet is not None:
             table = pq.read_table(folder / parquet, columns=["image", "latent"])
-            rows = zip(table.column("image").to_pylist(), table.column("latent").to_pylist())
+            rows = zip(map(sinks.png_of, table.column("image").to_pylist()), table.column("latent").to_pylist())
         else:
             tar = next(f for f in files if f.endswith(".tar"))
             rows = ((s["png"], s["latent.npy"]) for s in wds.WebDataset(

@@ -460,7 +460,7 @@ def _preview(out: Path, cfg: GenerateConfig, shards: list[dict]):
             break
         if cfg.format in ("parquet", "both"):
             column = pq.read_table(out / sinks.PARQUET_NAME.format(s["shard"]), columns=["image"]).column("image")
-            pngs = [v.as_py() for v in column]
+            pngs = [sinks.png_of(v.as_py()) for v in column]
         else:
             pngs = [x["png"] for x in wds.WebDataset(str(out / sinks.TAR_NAME.format(s["shard"])),
                                                     shardshuffle=False, nodesplitter=None, workersplitter=None)]

@@ -1,8 +1,11 @@
 """Generated-image shards: parquet and/or webdataset tars, written atomically with a done marker last.
 
-    OUT/images-000000.parquet   columns key, image (PNG bytes), width, height, seed, energy, model[, latent]
-    OUT/images-000000.tar       KEY.png, KEY.json (seed, energy, model, width, height)[, KEY.latent.npy]
+    OUT/images-000000.parquet   columns key, image ({bytes: PNG, path: KEY.png}: Hugging Face datasets' Image
+                                struct, declared in the schema metadata, so `datasets` decodes it as images),
+                                width, height, seed, energy, model[, latent]
+    OUT/images-000000.tar       KEY.png, KEY.json (key, seed, energy, model, width, height)[, KEY.latent.npy]
     OUT/stats/images-000000.json   done marker: counts, files, sha256, chosen batch sizes, stage seconds
+    OUT/images-000000_stats.json   the same shard in img2dataset's stats shape (count, successes, duration, ...)
 
 `latent` / KEY.latent.npy (when the run saves latents) is the image's scaled latent as float16 .npy bytes, the
 encoding of the precompute job's latent shards: evaluation compares generated and real latents directly.
@@ -25,10 +28,27 @@ from PIL import Image
 from .shards import STATS_DIR, atomic_write, atomic_write_json, file_sha256, npy_bytes, write_tar
 
 PARQUET_NAME, TAR_NAME = "images-{:06d}.parquet", "images-{:06d}.tar"
+IMG2DATASET_STATS = "images-{:06d}_stats.json"
+STAGE_SECONDS = ("langevin_batch_seconds", "decode_batch_seconds", "write_batch_seconds")
 FORMATS = {"parquet": (PARQUET_NAME,), "webdataset": (TAR_NAME,), "both": (PARQUET_NAME, TAR_NAME)}
-SCHEMA = pa.schema([("key", pa.string()), ("image", pa.binary()), ("width", pa.int32()), ("height", pa.int32()),
-                    ("seed", pa.int64()), ("energy", pa.float32()), ("model", pa.string())])
-LATENT_FIELD = pa.field("latent", pa.binary())
+IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # Hugging Face datasets' Image
+COLUMNS = [("key", pa.string()), ("image", IMAGE_TYPE), ("width", pa.int32()), ("height", pa.int32()),
+           ("seed", pa.int64()), ("energy", pa.float32()), ("model", pa.string()), ("latent", pa.binary())]
+HF_TYPES = {"key": "string", "width": "int32", "height": "int32", "seed": "int64", "energy": "float32",
+            "model": "string", "latent": "binary"}
+
+
+def parquet_schema(with_latent: bool) -> pa.Schema:
+    """The shard schema, with the `huggingface` metadata that makes `datasets` decode `image` as an Image."""
+    columns = [c for c in COLUMNS if with_latent or c[0] != "latent"]
+    features = {name: {"_type": "Image"} if name == "image" else {"dtype": HF_TYPES[name], "_type": "Value"}
+                for name, _ in columns}
+    return pa.schema(columns, metadata={"huggingface": json.dumps({"info": {"features": features}})})
+
+
+def png_of(value) -> bytes:
+    """The PNG bytes of an `image` cell: the struct ebd writes, or plain bytes (runs written before it)."""
+    return value["bytes"] if isinstance(value, dict) else value
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
@@ -56,12 +76,12 @@ def write_image_shard(out: Path, shard: int, fmt: str, keys: list[str], images: 
     npys = None if latents is None else [npy_bytes(z.astype(np.float16)) for z in latents]
     files = {}
     if fmt in ("parquet", "both"):
-        columns = {"key": keys, "image": pngs, "width": [width] * len(keys), "height": [height] * len(keys),
-                   "seed": seeds, "energy": energies.astype(np.float32), "model": [model_id] * len(keys)}
-        schema = SCHEMA
+        columns = {"key": keys, "image": [{"bytes": png, "path": f"{k}.png"} for k, png in zip(keys, pngs)],
+                   "width": [width] * len(keys), "height": [height] * len(keys), "seed": seeds,
+                   "energy": energies.astype(np.float32), "model": [model_id] * len(keys)}
         if npys is not None:
-            columns["latent"], schema = npys, SCHEMA.append(LATENT_FIELD)
-        table = pa.table(columns, schema=schema)
+            columns["latent"] = npys
+        table = pa.table(columns, schema=parquet_schema(npys is not None))
         path = out / PARQUET_NAME.format(shard)
 
         def write_parquet(f):
@@ -70,8 +90,8 @@ def write_image_shard(out: Path, shard: int, fmt: str, keys: list[str], images: 
         files[path.name] = file_sha256(path)
     if fmt in ("webdataset", "both"):
         samples = [{"__key__": k, "png": png,
-                    "json": json.dumps({"seed": s, "energy": float(e), "model": model_id, "width": width,
-                                        "height": height}, sort_keys=True).encode()}
+                    "json": json.dumps({"key": k, "seed": s, "energy": float(e), "model": model_id,
+                                        "width": width, "height": height}, sort_keys=True).encode()}
                    for k, png, s, e in zip(keys, pngs, seeds, energies)]
         if npys is not None:
             for sample, npy in zip(samples, npys):
@@ -82,7 +102,11 @@ def write_image_shard(out: Path, shard: int, fmt: str, keys: list[str], images: 
     stats = {"shard": shard, "count": len(keys), "files": files,
              "bytes": sum((out / name).stat().st_size for name in files), **extra_stats,
              "write_batch_seconds": [time.perf_counter() - tick]}
-    atomic_write_json(stats_path(out, shard), stats)
+    seconds = sum(sum(stats.get(k, [])) for k in STAGE_SECONDS)
+    atomic_write_json(out / IMG2DATASET_STATS.format(shard), {  # for tools that read img2dataset output
+        "count": len(keys), "successes": len(keys), "failed_to_download": 0, "failed_to_resize": 0,
+        "duration": round(seconds, 3), "status_dict": {"success": len(keys)}})
+    atomic_write_json(stats_path(out, shard), stats)  # last: the done marker
     return stats
 
 

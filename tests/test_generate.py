@@ -50,7 +50,12 @@ def generate(model, vae, out, **overrides) -> dict:
 
 
 def parquet_rows(out: Path) -> list[dict]:
-    return [row for p in sorted(out.glob("images-*.parquet")) for row in pq.read_table(p).to_pylist()]
+    """The rows of every parquet shard, in order, with `image` as its PNG bytes."""
+    rows = [row for p in sorted(out.glob("images-*.parquet")) for row in pq.read_table(p).to_pylist()]
+    for row in rows:
+        assert row["image"]["path"] == f"{row['key']}.png"
+        row["image"] = row["image"]["bytes"]
+    return rows
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +77,26 @@ def test_exactly_n_images_with_unique_keys_in_parquet_and_tar(both_formats):
     samples = list(wds.WebDataset(sorted(str(p) for p in out.glob("images-*.tar")), shardshuffle=False))
     assert len(samples) == 50 and [s["__key__"] for s in samples] == [r["key"] for r in rows]
     assert json.loads(samples[0]["json"])["seed"] == rows[0]["seed"]
+    assert all(json.loads(s["json"])["key"] == s["__key__"] for s in samples)
     assert samples[0]["latent.npy"] == rows[0]["latent"]  # the same latent bytes in both formats
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["images"] == 50 and manifest["num_shards"] == 4
+    img2dataset = [json.loads((out / f"images-{j:06d}_stats.json").read_text()) for j in range(4)]
+    assert [s["successes"] for s in img2dataset] == [16, 16, 16, 2] and all(s["duration"] > 0 for s in img2dataset)
     assert manifest["sampler"]["steps"] == 5 and manifest["sampler"]["name"] == "langevin"  # the model's own
     assert all(re.fullmatch(r"[A-Za-z0-9_-]+", r["key"]) for r in rows)
+
+
+def test_hugging_face_datasets_reads_the_parquet_with_images_decoded(both_formats):
+    datasets = pytest.importorskip("datasets")
+    out, _ = both_formats
+    ds = datasets.load_dataset("parquet", data_files=sorted(str(p) for p in out.glob("images-*.parquet")),
+                               split="train", cache_dir=str(out.parent / "hf-cache"))
+    assert len(ds) == 50 and isinstance(ds.features["image"], datasets.Image)
+    first = ds[0]
+    assert first["image"].size == (SIDE, SIDE) and first["key"] == parquet_rows(out)[0]["key"]
+    assert np.array_equal(np.asarray(first["image"].convert("RGB")),
+                          np.asarray(Image.open(io.BytesIO(parquet_rows(out)[0]["image"])).convert("RGB")))
 
 
 def test_preview_is_a_png_grid_of_the_first_images(both_formats):
