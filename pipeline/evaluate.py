@@ -111,12 +111,8 @@ class EvaluateConfig(JobConfig):
 
 # ------------------------------------------------------------------------------------------- read inputs
 
-def read_generated(folder: Path) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """(manifest, latents (N, C, h, w) float32, images (N, 3, H, W) uint8) of a finished generation run."""
-    import pyarrow.parquet as pq
-    import webdataset as wds
-    from PIL import Image
-
+def generated_manifest(folder: Path) -> dict:
+    """The manifest of a finished generation run that saved its latents (one line if not)."""
     path = folder / "manifest.json"
     if not path.is_file():
         raise EbdError(f"{folder} has no manifest.json: not a finished generation run (re-run jobs.generate)")
@@ -125,33 +121,68 @@ def read_generated(folder: Path) -> tuple[dict, torch.Tensor, torch.Tensor]:
         raise EbdError(f"{path} is not a generation manifest (format {manifest.get('format')!r})")
     if not manifest.get("latents", {}).get("saved"):
         raise EbdError(f"{folder} was generated without its latents: re-run jobs.generate with save_latents: true")
-    latents, images = [], []
-    for shard in manifest["shards"]:
-        files = shard["files"]
-        parquet = next((f for f in files if f.endswith(".parquet")), None)
-        if parquet is not None:
-            table = pq.read_table(folder / parquet, columns=["image", "latent"])
-            rows = zip(map(sinks.png_of, table.column("image").to_pylist()), table.column("latent").to_pylist())
-        else:
-            tar = next(f for f in files if f.endswith(".tar"))
-            rows = ((s["png"], s["latent.npy"]) for s in wds.WebDataset(
-                str(folder / tar), shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False))
-        for png, npy in rows:
-            latents.append(np.load(io.BytesIO(npy), allow_pickle=False).astype(np.float32))
-            images.append(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")))
-    return (manifest, torch.from_numpy(np.stack(latents)),
+    return manifest
+
+
+def _pick(rows, index: torch.Tensor | None) -> list:
+    """Streams `rows` and keeps those at the positions `index` names, in `index`'s order (all rows if None): memory
+    holds the picked rows only, however large the run or the shard folder."""
+    if index is None:
+        return list(rows)
+    wanted = {int(i): slot for slot, i in enumerate(index.tolist())}
+    picked = [None] * len(wanted)
+    for position, row in enumerate(rows):
+        if position in wanted:
+            picked[wanted[position]] = row
+    if any(r is None for r in picked):
+        raise EbdError("a shard holds fewer rows than its manifest counts: the folder changed after it was written")
+    return picked
+
+
+def read_generated(folder: Path, index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents (N, C, h, w) float32, images (N, 3, H, W) uint8) of the rows `index` names (all if None), in that
+    order, of a finished generation run."""
+    import pyarrow.parquet as pq
+    import webdataset as wds
+    from PIL import Image
+
+    manifest = generated_manifest(folder)
+
+    def rows():
+        for shard in manifest["shards"]:
+            files = shard["files"]
+            parquet = next((f for f in files if f.endswith(".parquet")), None)
+            if parquet is not None:
+                table = pq.read_table(folder / parquet, columns=["image", "latent"])
+                yield from zip(map(sinks.png_of, table.column("image").to_pylist()),
+                               table.column("latent").to_pylist())
+            else:
+                tar = next(f for f in files if f.endswith(".tar"))
+                yield from ((s["png"], s["latent.npy"]) for s in wds.WebDataset(
+                    str(folder / tar), shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False))
+
+    picked = _pick(rows(), index)
+    latents = [np.load(io.BytesIO(npy), allow_pickle=False).astype(np.float32) for _, npy in picked]
+    images = [np.asarray(Image.open(io.BytesIO(png)).convert("RGB")) for png, _ in picked]
+    return (torch.from_numpy(np.stack(latents)),
             torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous())
 
 
-def read_latents(folder: Path, files: list[str]) -> dict:
-    """{"latents": (N, C, h, w), "keys": [...], "labels": [...]} of the given shards, in order."""
-    rows = list(sh.iter_latents([str(folder / f) for f in files]))
-    return {"latents": torch.from_numpy(np.stack([r["latent"] for r in rows])), "keys": [r["key"] for r in rows],
-            "labels": [r["meta"].get("label") for r in rows]}
+def read_latents(folder: Path, files: list[str], index: torch.Tensor | None = None) -> dict:
+    """{"latents": (N, C, h, w), "keys": [...], "labels": [...]} of the rows `index` names (all if None), in that
+    order, of the given shards read in order."""
+    rows = _pick(sh.iter_latents([str(folder / f) for f in files]), index)
+    return {"latents": torch.from_numpy(np.stack([np.asarray(r["latent"], dtype=np.float32) for r in rows])),
+            "keys": [r["key"] for r in rows], "labels": [r["meta"].get("label") for r in rows]}
+
+
+def shard_counts(folder: Path) -> dict[str, int]:
+    return {s["file"]: s["count"] for s in sh.read_manifest(folder)["shards"]}
 
 
 def reference_sets(cfg: EvaluateConfig, model_metadata: dict, gen_vae_sha: str | None) -> dict:
-    """The held-out and training latents, and notes on how they were chosen."""
+    """Which shards are the held-out reference and which the training latents (files and row counts; nothing is
+    read yet), and notes on how they were chosen."""
     ref = Path(cfg.reference)
     manifest = sh.read_manifest(ref)
     ref_sha = (manifest.get("vae") or {}).get("weights_sha256")
@@ -188,8 +219,10 @@ def reference_sets(cfg: EvaluateConfig, model_metadata: dict, gen_vae_sha: str |
     train_files = [f for f in train_files if not (train_folder == ref and f in held_files)]
     if not train_files:
         raise EbdError(f"no training latents found (looked in {train_folder}): pass --train-latents DIR")
-    return {"held_out": read_latents(ref, held_files), "train": read_latents(train_folder, train_files)["latents"],
-            "held_out_files": held_files, "train_files": train_files, "notes": notes, "manifest": manifest}
+    train_counts = shard_counts(train_folder) if train_folder != ref else {f: listed[f]["count"] for f in listed}
+    return {"held_out_files": held_files, "held_out_count": sum(listed[f]["count"] for f in held_files),
+            "train_folder": train_folder, "train_files": train_files,
+            "train_count": sum(train_counts.get(f, 0) for f in train_files), "notes": notes, "manifest": manifest}
 
 
 def read_raw_images(manifest: dict, keys: list[str]) -> torch.Tensor | None:
@@ -244,16 +277,16 @@ def compared_runs(folders: list[str], vae_info: dict, n: int, seed: int, subset)
 
     runs = {}
     for folder in folders:
-        manifest, latents, images = read_generated(Path(folder))
+        manifest = generated_manifest(Path(folder))
         if manifest["vae"].get("weights_sha256") != vae_info.get("weights_sha256"):
             raise EbdError(f"--compare {folder} was decoded by another VAE than the evaluated run: its images are "
                            "not comparable")
         name = f"{Path(folder).resolve().name} ({sampler_settings(manifest['sampler']).name})"
         require(name not in runs, f"--compare names two runs {name}: give them folders of different names")
         model = load_model(manifest["model"]["path"])
-        index = subset(len(latents), min(n, len(latents)))
-        runs[name] = {"latents": latents[index], "images": images[index],
-                      "starts": chain_starts(model, manifest["sampler"], len(index), seed)}
+        latents, images = read_generated(Path(folder), subset(manifest["images"], min(n, manifest["images"])))
+        runs[name] = {"latents": latents, "images": images,
+                      "starts": chain_starts(model, manifest["sampler"], len(latents), seed)}
     return runs
 
 
@@ -374,7 +407,7 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     tick = time.monotonic()
     gen_dir, out = Path(cfg.generated), Path(cfg.output)
-    manifest, gen_latents, gen_images = read_generated(gen_dir)
+    manifest = generated_manifest(gen_dir)
     model_dir = Path(cfg.model or manifest["model"]["path"])
     if not (model_dir / "config.json").is_file():
         raise EbdError(f"the generation run's model is not at {model_dir}: pass --model DIR")
@@ -393,23 +426,27 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
     spec = resolve_vae(vae_info["path"], vae_info.get("subfolder"))
     refs = reference_sets(cfg, trained.metadata, vae_info.get("weights_sha256"))
 
-    held = refs["held_out"]
-    n = min(cfg.num_samples, len(gen_latents), len(held["latents"]), len(refs["train"]))
+    n = min(cfg.num_samples, manifest["images"], refs["held_out_count"], refs["train_count"])
     require(n >= 10, f"only {n} samples to compare: generate more images or hold out more shards")
     generator = torch.Generator().manual_seed(cfg.seed)
 
     def subset(count: int, size: int) -> torch.Tensor:
         return torch.randperm(count, generator=generator)[:size]
 
-    gen_index = subset(len(gen_latents), n)
-    held_index = subset(len(held["latents"]), n)
-    held_out = held["latents"][held_index]
-    held_keys = [held["keys"][i] for i in held_index.tolist()]
-    held_labels = [held["labels"][i] for i in held_index.tolist()]
-    pool_latents = refs["train"][subset(len(refs["train"]), cfg.memorisation_pool)]
-    sets = {"generated": gen_latents[gen_index], "train": pool_latents[:n],
-            "gaussian": moment_matched_gaussian(refs["train"][subset(len(refs["train"]), cfg.max_train_latents)],
-                                                n, generator),
+    # Rows are chosen from the manifests' counts first, then only those rows are read (shard by shard): memory holds
+    # n generated images and latents, n held-out latents and the training pools, however large the sets.
+    gen_index, held_index = subset(manifest["images"], n), subset(refs["held_out_count"], n)
+    pool_index = subset(refs["train_count"], cfg.memorisation_pool)
+    gauss_index = subset(refs["train_count"], cfg.max_train_latents)
+    gen_latents, gen_images = read_generated(gen_dir, gen_index)
+    held = read_latents(Path(cfg.reference), refs["held_out_files"], held_index)
+    held_out, held_keys, held_labels = held["latents"], held["keys"], held["labels"]
+    train_rows = torch.cat([pool_index, gauss_index]).unique()
+    train = read_latents(refs["train_folder"], refs["train_files"], train_rows)["latents"]
+    slot = {int(r): i for i, r in enumerate(train_rows.tolist())}
+    pool_latents = train[[slot[int(r)] for r in pool_index]]
+    sets = {"generated": gen_latents, "train": pool_latents[:n],
+            "gaussian": moment_matched_gaussian(train[[slot[int(r)] for r in gauss_index]], n, generator),
             "untrained": untrained_samples(trained, manifest["sampler"], n, cfg.seed),
             "starts": chain_starts(trained, manifest["sampler"], n, cfg.seed)}
     compared = compared_runs(cfg.compare, vae_info, n, cfg.seed, subset)
@@ -419,7 +456,7 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
     vae = cached_vae(spec, pick_device(True), "auto")
     reference_images = decode_images(vae, held_out)
     pool_images = decode_images(vae, pool_latents)
-    images = {"generated": gen_images[gen_index], "train": pool_images[:n]}
+    images = {"generated": gen_images, "train": pool_images[:n]}
     images |= {name: run["images"] for name, run in compared.items()}
     images |= {name: decode_images(vae, z) for name, z in sets.items() if name not in images}
     images["blurred"] = blurred(pool_images[:n])

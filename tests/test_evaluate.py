@@ -169,3 +169,20 @@ def test_refuses_runs_without_latents_and_references_of_another_vae(pipeline_run
     with pytest.raises(EbdError, match="another VAE"):
         run_evaluation(from_dict(EvaluateConfig, dict(generated=str(root / "gen"), reference=str(other),
                                                       check_space="latents", output=str(tmp_path / "r"))))
+
+
+def test_only_the_chosen_rows_are_read_in_the_chosen_order(pipeline_run):
+    """Evaluation reads the rows it samples, shard by shard, not the whole run: a picked subset equals the full
+    read indexed the same way, for generated runs and latent shards alike."""
+    from pipeline.evaluate import read_generated, read_latents
+
+    index = torch.tensor([250, 3, 101, 99, 0])
+    all_latents, all_images = read_generated(pipeline_run / "gen")
+    latents, images = read_generated(pipeline_run / "gen", index)
+    assert len(all_latents) == 300 and torch.equal(latents, all_latents[index]) and torch.equal(images, all_images[index])
+    files = ["latents-000000.tar", "latents-000001.tar"]
+    full, some = read_latents(pipeline_run / "latents", files), read_latents(pipeline_run / "latents", files, index)
+    assert torch.equal(some["latents"], full["latents"][index])
+    assert some["keys"] == [full["keys"][i] for i in index.tolist()]
+    with pytest.raises(EbdError, match="fewer rows than its manifest"):
+        read_latents(pipeline_run / "latents", files, torch.tensor([600]))
