@@ -192,6 +192,9 @@ def job_parser(module: str, doc: str, address: bool = True):
 
 def run_cli(main) -> None:
     """Runs a job's `main()`, turning EbdError into one line on stderr and exit code 2 (no traceback wall)."""
+    from .progress import configure_logging
+
+    configure_logging()
     try:
         code = main()
     except EbdError as e:

@@ -25,7 +25,7 @@ import numpy as np
 
 from . import sinks
 from .config import EbdError, JobConfig, require
-from .progress import Progress
+from .progress import Progress, log_line
 from .shards import atomic_write, atomic_write_json, claim_run_folder, file_sha256
 
 RUN_FILE = "run.json"
@@ -305,8 +305,8 @@ def run_generation(cfg: GenerateConfig, address: str | None = None) -> dict:
         atomic_write_json(out / RUN_FILE, run | {"batch_sizes": batch_sizes})
     asked = cfg.batch_size or cfg.langevin_batch_size or cfg.decode_batch_size
     if "batch_sizes" in run and asked and asked not in (batch_sizes["langevin"], batch_sizes["decode"]):
-        print(f"[generate] resuming with this folder's batch sizes {batch_sizes['langevin']}/"
-              f"{batch_sizes['decode']}, not {asked}: shards stay byte-identical that way", flush=True)
+        log_line("generate", f"resuming with this folder's batch sizes {batch_sizes['langevin']}/"
+                 f"{batch_sizes['decode']}, not {asked}: shards stay byte-identical that way")
 
     done = {j: s for j in range(num_shards) if (s := sinks.completed_shard(out, j, cfg.format)) is not None}
     pending = [j for j in range(num_shards) if j not in done]

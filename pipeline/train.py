@@ -31,7 +31,7 @@ from . import shards as sh
 from .checkpoints import load_optimizer_tensors, optimizer_tensors
 from .config import ConfigError, EbdError, JobConfig, from_dict, require
 from .objectives import OBJECTIVE_KEYS, OBJECTIVES
-from .progress import Progress
+from .progress import Progress, configure_logging, log_line
 
 WORKERS_DIR = "workers"   # OUTPUT/workers/rank-N.json: each worker's share of the data
 
@@ -218,6 +218,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    configure_logging()  # a Ray worker process: progress lines to its stderr (ray job logs)
     cfg = from_dict(TrainConfig, loop_config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -239,7 +240,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         with checkpoint.as_directory() as folder:
             _load_state(Path(folder), model, optimizer, ema, objective, state, device)
         if rank == 0:
-            print(f"[train] resumed from checkpoint at step {state['step']}", flush=True)
+            log_line("train", f"resumed from checkpoint at step {state['step']}")
     ddp_model = ray.train.torch.prepare_model(model) if world > 1 else model  # DDP averages gradients
 
     my_shards = split_shards(loop_config["shards"], rank, world)

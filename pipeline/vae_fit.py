@@ -37,7 +37,7 @@ import torch
 from .checkpoints import load_optimizer_tensors, optimizer_tensors
 from .config import EbdError, JobConfig, require
 from .images import Rejected, decode_image
-from .progress import Progress
+from .progress import Progress, log_line
 from .shards import atomic_write, atomic_write_json, file_sha256
 from .sources import plan_items, read_items
 from .vae import autoencoder_config, save_sd_checkpoint, to_uint8
@@ -143,7 +143,7 @@ def fit_vae(cfg: FitVaeConfig) -> dict:
     if record_path.is_file():
         record = json.loads(record_path.read_text())
         if record.get("config") == asdict(cfg) and record.get("inputs_sha256") == data_digest:
-            print(f"[fit_vae] {out} already holds this fit ({record['steps']} steps): nothing to do", flush=True)
+            log_line("fit_vae", f"{out} already holds this fit ({record['steps']} steps): nothing to do")
             return record
 
     torch.manual_seed(cfg.seed)
@@ -153,7 +153,7 @@ def fit_vae(cfg: FitVaeConfig) -> dict:
     ckpt = out / CHECKPOINT_DIR
     if (ckpt / "state.json").is_file():
         _load_checkpoint(ckpt, vae, optimizer, state, data_digest, cfg)
-        print(f"[fit_vae] resumed from checkpoint at step {state['step']}", flush=True)
+        log_line("fit_vae", f"resumed from checkpoint at step {state['step']}")
     elif out.exists() and any(out.iterdir()) and not (out / RECORD_FILE).is_file():
         raise EbdError(f"{out} is not empty and was not written by fit_vae: choose a new --output")
 

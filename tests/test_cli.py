@@ -104,3 +104,26 @@ def test_the_ebd_command_runs_a_job_from_another_working_directory(ray_cluster, 
     assert manifest["images"] == 6 and manifest["sampler"]["levels"] == 4
     usage = subprocess.run([str(ebd), "generate", "--help"], cwd=tmp_path, capture_output=True, text=True)
     assert usage.returncode == 0 and usage.stdout.startswith("usage: ebd generate")
+
+
+def test_every_shipped_config_validates_for_its_job():
+    """configs/NAME*.yaml loads into its job's config with the paths the command line gives; a key renamed in code
+    but not in a shipped config would fail here, not in a user's run."""
+    from pipeline.config import load_config
+    from pipeline.evaluator_fit import FitEvaluatorConfig
+    from pipeline.generate import GenerateConfig
+    from pipeline.precompute import PrecomputeConfig
+    from pipeline.train import TrainConfig
+    from pipeline.vae_fit import FitVaeConfig
+
+    jobs = {"train": (TrainConfig, dict(latents="l", output="o")),
+            "generate": (GenerateConfig, dict(model="m", vae="v", output="o")),
+            "precompute": (PrecomputeConfig, dict(input="i", vae="v", output="o")),
+            "fit-vae": (FitVaeConfig, dict(input="i", output="o")),
+            "fit-evaluator": (FitEvaluatorConfig, dict(latents="l", output="o"))}
+    configs = sorted((REPO / "configs").glob("*.yaml"))
+    assert len(configs) >= 9
+    for path in configs:
+        job = next(name for name in sorted(jobs, key=len, reverse=True) if path.stem.startswith(name))
+        cls, paths = jobs[job]
+        load_config(cls, path, **paths)
