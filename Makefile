@@ -12,6 +12,7 @@ DEMO_DIR ?= build/demo
 DEMO_VAE ?= models/demo
 DEMO_EBM ?= models/demo/ebm
 DEMO_EBM_CD ?= models/demo/ebm-cd
+DEMO_UNET ?= models/demo/unet
 DEMO_EVALUATOR ?= models/demo/evaluator
 # Output folders are keyed by the shipped weights, so pulling new models never meets a folder the old ones filled.
 VAE_ID := $(shell sha256sum $(DEMO_VAE)/vae/diffusion_pytorch_model.safetensors 2>/dev/null | cut -c1-12)
@@ -43,7 +44,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 # the shipped evaluator's feature space against the latent shard neither model trained on.
 # `make demo-train` first retrains the energy with the recipe the shipped one came from (configs/train-demo.yaml,
 # about 70 minutes on 2 CPUs; DEMO_TRAIN_ARGS="--max-steps 3000" for a 25-minute version) and generates from that.
-# `make demo-models` refits every shipped model (VAE, evaluator, both energies): about 3 hours.
+# `make demo-models` refits every shipped model (VAE, evaluator, both energies, the diffusion baseline): about
+# 3.5 hours.
 demo: install
 	$(BIN)/python -m jobs.demo_assets --output $(DEMO_DIR)
 	$(BIN)/python -m jobs.precompute --config configs/precompute-demo.yaml \
@@ -76,7 +78,8 @@ demo-generate:
 	@echo "evaluation report:             $(GENERATED)-report/report.md (samples-vs-real.png, per-class.png beside it)"
 
 # Refits the shipped demo models in order, into models/demo: the VAE (about 70 minutes on 2 CPUs), then latents
-# with it, the evaluator that reads its decoder's images, and the EBM (`git diff models/` shows what changed).
+# with it, the evaluator that reads its decoder's images, both energies and the DDIM baseline (`git diff models/`
+# shows what changed).
 demo-models: install
 	$(BIN)/python -m jobs.demo_assets --output $(DEMO_DIR)
 	$(BIN)/python -m jobs.fit_vae --config configs/fit-vae-demo.yaml --input $(DEMO_DIR)/images \
@@ -95,10 +98,14 @@ demo-refit-dependants:
 		--latents $(DEMO_DIR)/latents-$(VAE_ID) --output $(DEMO_DIR)/ebm-$(VAE_ID) --run-name demo-$(VAE_ID)
 	$(BIN)/python -m jobs.train --config configs/train-demo-cd.yaml \
 		--latents $(DEMO_DIR)/latents-$(VAE_ID) --output $(DEMO_DIR)/ebm-cd-$(VAE_ID) --run-name demo-cd-$(VAE_ID)
+	$(BIN)/python -m jobs.train --config configs/train-demo-ddpm.yaml \
+		--latents $(DEMO_DIR)/latents-$(VAE_ID) --output $(DEMO_DIR)/unet-$(VAE_ID) --run-name demo-unet-$(VAE_ID)
 	rm -rf $(DEMO_EVALUATOR) && cp -r $(DEMO_DIR)/evaluator-$(VAE_ID) $(DEMO_EVALUATOR)
 	cp $(DEMO_DIR)/ebm-$(VAE_ID)/model/config.json $(DEMO_DIR)/ebm-$(VAE_ID)/model/model.safetensors $(DEMO_EBM)/
 	cp $(DEMO_DIR)/ebm-cd-$(VAE_ID)/model/config.json $(DEMO_DIR)/ebm-cd-$(VAE_ID)/model/model.safetensors \
 		$(DEMO_EBM_CD)/
+	mkdir -p $(DEMO_UNET) && cp $(DEMO_DIR)/unet-$(VAE_ID)/model/config.json \
+		$(DEMO_DIR)/unet-$(VAE_ID)/model/model.safetensors $(DEMO_UNET)/
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
