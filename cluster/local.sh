@@ -12,6 +12,9 @@ HEAD_CPUS=${HEAD_CPUS:-1}
 WORKER_CPUS=${WORKER_CPUS:-1}
 case "${1:-}" in
   start)
+    if [ "${RAY_AUTH_MODE:-}" = token ]; then
+      "$RAY" get-auth-token --generate >/dev/null  # `ray start` with token auth refuses to start without a token
+    fi
     "$RAY" start --head --node-ip-address=127.0.0.1 --port=6379 --num-cpus="$HEAD_CPUS" \
       --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port=8265 --metrics-export-port=8080 \
       --disable-usage-stats

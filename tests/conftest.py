@@ -22,7 +22,25 @@ from PIL import Image
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "token")  # clients send the token `ray start` generates (~/.ray/auth_token)
+os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray 2.60's default for new clusters; every client sends the token
+
+
+def _session_auth_token() -> None:
+    """`ray start` with token auth refuses to start without a token (a fresh machine has no ~/.ray/auth_token):
+    the test session makes its own in a private file, leaving the user's home alone. Subprocesses (ray start, ray
+    job submit, the jobs) inherit RAY_AUTH_TOKEN_PATH from this environment."""
+    import secrets
+    import tempfile
+
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return
+    path = Path(tempfile.mkdtemp(prefix="ebd-test-auth-")) / "auth_token"
+    path.write_text(secrets.token_hex(32))
+    path.chmod(0o600)
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(path)
+
+
+_session_auth_token()
 
 REPO = Path(__file__).resolve().parents[1]
 

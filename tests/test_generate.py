@@ -152,7 +152,10 @@ def test_decoders_are_placed_on_the_advertised_gpu_and_fall_back_to_cpu(both_for
 
 def test_webdataset_only_and_changed_config_refused(ray_cluster, ebm_dir, sd_checkpoint, tmp_path):
     generate(ebm_dir, sd_checkpoint, tmp_path, format="webdataset", num_images=10, batch_size=4)
-    assert sorted(p.name for p in tmp_path.glob("images-*")) == ["images-000000.tar"]
+    # the data files: one tar and no parquet (the img2dataset stats json beside the tar is not data)
+    assert sorted(p.name for p in tmp_path.glob("images-*") if p.suffix in (".tar", ".parquet")) == [
+        "images-000000.tar"]
+    assert (tmp_path / "images-000000_stats.json").exists()
     with pytest.raises(EbdError, match="different config"):
         generate(ebm_dir, sd_checkpoint, tmp_path, format="webdataset", num_images=12, batch_size=4)
 

@@ -54,7 +54,8 @@ def mode_check(z: torch.Tensor) -> tuple[bool, dict]:
 @pytest.fixture(scope="module")
 def mixture_latents(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("mixture")
-    write_latent_dataset(folder, mixture(2048, seed=0), shard_size=256)
+    # i.i.d. draws: any shard is a fair held-out sample (configs/train.yaml holds the last one out)
+    write_latent_dataset(folder, mixture(2048, seed=0), shard_size=256, shuffled=True)
     return folder
 
 
