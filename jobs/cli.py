@@ -3,7 +3,7 @@
     ebd precompute --config configs/precompute.yaml --input DIR --vae DIR --output DIR
     ebd train --config configs/train.yaml --latents DIR --output DIR
     ebd generate --config configs/generate.yaml --model DIR --vae DIR --num-images N --output DIR
-    ebd evaluate | inspect | fit-vae | fit-evaluator | demo-assets ... (`ebd JOB --help`)
+    ebd evaluate | inspect | fit-vae | fit-evaluator | demo-assets | pair-decoder ... (`ebd JOB --help`)
 
 `--config configs/NAME.yaml` finds the shipped configs from any working directory.
 """
@@ -16,7 +16,8 @@ from pipeline.config import run_cli
 JOBS = {"precompute": "precompute images into latent shards", "train": "fit a model on latent shards",
         "generate": "generate images in bulk", "evaluate": "score a generation run against held-out latents",
         "inspect": "an x-ray page of a model and its chains", "fit-vae": "fit a small VAE to an image set",
-        "fit-evaluator": "fit the evaluation's feature network", "demo-assets": "render the demo images"}
+        "fit-evaluator": "fit the evaluation's feature network", "demo-assets": "render the demo images",
+        "pair-decoder": "declare a tiny decoder (TAESD) for a VAE's latents"}
 
 
 def main() -> None:

@@ -36,19 +36,23 @@ class EBDOutput:
 
 
 class EBDPipeline:
-    """A model (any kind `load_model` knows) and the VAE whose latents it learned."""
+    """A model (any kind `load_model` knows) and the VAE whose latents it learned; `decoder`, a tiny decoder folder
+    paired with that VAE, decodes instead of the VAE's own decoder."""
 
-    def __init__(self, model, vae_spec, device: torch.device | str | None = None, vae_dtype: str = "auto"):
-        from .vae import load_vae, pick_device, resolve_dtype
+    def __init__(self, model, vae_spec, device: torch.device | str | None = None, vae_dtype: str = "auto",
+                 decoder: str | Path | None = None):
+        from .vae import load_vae, pick_device, resolve_decoder, resolve_dtype
 
         model.check_vae(vae_spec, vae_spec.path)
         self.model, self.vae_spec = model.eval(), vae_spec
         self.device = torch.device(device) if device is not None else pick_device(True)
-        self.vae = load_vae(vae_spec, self.device, resolve_dtype(vae_dtype, self.device, vae_spec))
+        decoder_spec = resolve_decoder(decoder, vae_spec)
+        self.vae = load_vae(decoder_spec, self.device, resolve_dtype(vae_dtype, self.device, decoder_spec))
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, model: str | Path | None = None, vae: str | Path | None = None,
-                        device: torch.device | str | None = None, vae_dtype: str = "auto") -> "EBDPipeline":
+                        device: torch.device | str | None = None, vae_dtype: str = "auto",
+                        decoder: str | Path | None = None) -> "EBDPipeline":
         """`folder`: a Stable Diffusion-layout folder with vae/ and the model in the subfolder its model_index.json
         names under "ebm" (models/demo). `model=` / `vae=` point elsewhere (`model` relative to `folder`, or a
         path)."""
@@ -64,7 +68,7 @@ class EBDPipeline:
             require(model is not None, f"{root} names no model (model_index.json has no {DEFAULT_MODEL!r}): pass "
                                        "model=FOLDER")
         model_dir = root / model if not Path(model).is_absolute() and (root / model).is_dir() else Path(model)
-        return cls(load_model(model_dir), resolve_vae(vae if vae is not None else root), device, vae_dtype)
+        return cls(load_model(model_dir), resolve_vae(vae if vae is not None else root), device, vae_dtype, decoder)
 
     @torch.no_grad()
     def __call__(self, num_images: int = 1, seed: int = 0, start: int = 0, sampler: dict[str, Any] | None = None,
@@ -103,7 +107,7 @@ def generated_dataset(model: str, vae: str, num_images: int, seed: int = 0, **se
     from .config import from_dict
     from .generate import GenerateConfig, decoded_shards, resolve_decoder_gpus
     from .models import load_model
-    from .vae import resolve_vae
+    from .vae import resolve_decoder, resolve_vae
 
     cfg = from_dict(GenerateConfig, {"model": str(model), "vae": str(vae), "output": "unused",
                                      "num_images": num_images, "seed": seed} | settings)
@@ -113,7 +117,8 @@ def generated_dataset(model: str, vae: str, num_images: int, seed: int = 0, **se
     size = cfg.batch_size or 64
     batch_sizes = {"langevin": cfg.langevin_batch_size or size, "decode": cfg.decode_batch_size or size}
     shards = list(range((num_images + cfg.images_per_shard - 1) // cfg.images_per_shard))
-    decoded = decoded_shards(cfg, shards, sampler, spec, resolve_decoder_gpus(cfg), batch_sizes)
+    decoded = decoded_shards(cfg, shards, sampler, resolve_decoder(cfg.decoder, spec), resolve_decoder_gpus(cfg),
+                             batch_sizes)
     return decoded.flat_map(lambda row: _image_rows(row, cfg.seed, cfg.images_per_shard))
 
 

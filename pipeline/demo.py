@@ -100,3 +100,18 @@ def write_sd_style_vae(folder: str | Path, seed: int = 0, **config) -> Path:
     torch.manual_seed(seed)
     save_sd_checkpoint(AutoencoderKL(**autoencoder_config(**config)), folder)
     return Path(folder)
+
+
+def write_tiny_decoder(folder: str | Path, vae: str | Path, seed: int = 0, **config) -> Path:
+    """Saves a randomly initialised AutoencoderTiny (diffusers' defaults are the TAESD architecture; `config`
+    changes them, e.g. two decoder blocks for a VAE that down-samples 2x) to `folder`, paired with the VAE in
+    `vae` (see jobs.pair_decoder)."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    from .vae import pair_decoder, resolve_vae
+
+    torch.manual_seed(seed)
+    AutoencoderTiny(**config).save_pretrained(folder, safe_serialization=True)
+    pair_decoder(folder, resolve_vae(vae))
+    return Path(folder)

@@ -35,6 +35,9 @@ RUN_FILE = "run.json"
 class GenerateConfig(JobConfig):
     model: str | None = None                     # a trained model folder (config.json + model.safetensors), any kind
     vae: str | None = None                       # local SD checkpoint folder or AutoencoderKL folder
+    # A tiny decoder (AutoencoderTiny folder paired with the VAE, see `ebd pair-decoder`) to decode with instead of
+    # the VAE's own decoder: about 18x fewer FLOPs at Stable Diffusion's sizes, softer images.
+    decoder: str | None = None
     output: str | None = None
     num_images: int = 1000
     seed: int = 0
@@ -158,20 +161,20 @@ class LangevinStage:
 
 
 class DecodeStage:
-    """Decoder actor: `vae.decode(z / scaling_factor)` on CUDA when the actor got a GPU and CUDA exists, else CPU."""
+    """Decoder actor: `vae.decode(z / scaling_factor)` on CUDA when the actor got a GPU and CUDA exists, else CPU.
+    `decoder` is the VAE's spec, or a tiny decoder's (resolve_decoder checked it on the driver)."""
 
-    def __init__(self, vae_path: str, vae_subfolder: str | None, dtype: str, use_gpu: bool, batch_size: int,
-                 threads: int, simulate_oom_above: int | None):
+    def __init__(self, decoder, dtype: str, use_gpu: bool, batch_size: int, threads: int,
+                 simulate_oom_above: int | None):
         import ray
         import torch
 
         from .metrics import StageMetrics
-        from .vae import load_vae, pick_device, resolve_dtype, resolve_vae
+        from .vae import load_vae, pick_device, resolve_dtype
 
         torch.set_num_threads(threads)
         self.device = pick_device(use_gpu)
-        spec = resolve_vae(vae_path, vae_subfolder or None)
-        self.vae = load_vae(spec, self.device, resolve_dtype(dtype, self.device, spec))
+        self.vae = load_vae(decoder, self.device, resolve_dtype(dtype, self.device, decoder))
         self.batch_size, self.simulate_oom_above = batch_size, simulate_oom_above
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
         self.metrics = StageMetrics("decode")
@@ -249,19 +252,17 @@ def probe_langevin_batch(model_dir: str, sampler: dict, budget_bytes: int, max_b
                             torch.device("cpu"), budget_bytes, max_batch=max_batch)
 
 
-def probe_decode_batch(vae_path: str, vae_subfolder: str | None, dtype: str, use_gpu: bool, latent_shape: list,
-                       budget_bytes: int, gpu_fraction: float, max_batch: int, threads: int,
-                       simulate_oom_above: int | None) -> dict:
+def probe_decode_batch(decoder, dtype: str, use_gpu: bool, latent_shape: list, budget_bytes: int,
+                       gpu_fraction: float, max_batch: int, threads: int, simulate_oom_above: int | None) -> dict:
     """Ray task (a decoder actor's resources): the largest decode batch that fits free GPU memory or RAM."""
     import torch
 
     from .batching import SimulatedOutOfMemory, probe_batch_size
-    from .vae import decode, load_vae, pick_device, resolve_dtype, resolve_vae
+    from .vae import decode, load_vae, pick_device, resolve_dtype
 
     torch.set_num_threads(threads)
     device = pick_device(use_gpu)
-    spec = resolve_vae(vae_path, vae_subfolder or None)
-    vae = load_vae(spec, device, resolve_dtype(dtype, device, spec))
+    vae = load_vae(decoder, device, resolve_dtype(dtype, device, decoder))
 
     def work(n: int):
         if simulate_oom_above is not None and n > simulate_oom_above:
@@ -279,11 +280,12 @@ def run_generation(cfg: GenerateConfig, address: str | None = None) -> dict:
 
     from .metrics import DriverMetrics
     from .models import load_model
-    from .vae import resolve_vae
+    from .vae import resolve_decoder, resolve_vae
 
     model = load_model(cfg.model)
     spec = resolve_vae(cfg.vae)
     model.check_vae(spec, cfg.vae)
+    decoder = resolve_decoder(cfg.decoder, spec)  # the VAE itself, or a tiny decoder made for its latents
     latent_shape = list(model.config.latent_shape)
     vae_identity = spec.identity()
     short_run = {k: v for k, v in (("steps", cfg.langevin_steps), ("step_size", cfg.langevin_step_size),
@@ -299,8 +301,8 @@ def run_generation(cfg: GenerateConfig, address: str | None = None) -> dict:
     if not ray.is_initialized():
         ray.init(address=address)
     gpus = resolve_decoder_gpus(cfg)
-    run = _claim_output(out, cfg, sampler, model_id, vae_identity)
-    batch_sizes = run.get("batch_sizes") or _choose_batch_sizes(cfg, sampler, spec, latent_shape, gpus)
+    run = _claim_output(out, cfg, sampler, model_id, vae_identity, decoder)
+    batch_sizes = run.get("batch_sizes") or _choose_batch_sizes(cfg, sampler, decoder, latent_shape, gpus)
     if "batch_sizes" not in run:
         atomic_write_json(out / RUN_FILE, run | {"batch_sizes": batch_sizes})
     asked = cfg.batch_size or cfg.langevin_batch_size or cfg.decode_batch_size
@@ -321,7 +323,7 @@ def run_generation(cfg: GenerateConfig, address: str | None = None) -> dict:
     start = time.monotonic()
     try:
         if pending:
-            dataset = _build_dag(cfg, pending, sampler, spec, gpus, batch_sizes, model_id)
+            dataset = _build_dag(cfg, pending, sampler, decoder, gpus, batch_sizes, model_id)
             in_flight = len(pending)
             metrics.set_in_flight(in_flight)
             for batch in dataset.iter_batches(batch_size=1, batch_format="numpy"):
@@ -335,7 +337,7 @@ def run_generation(cfg: GenerateConfig, address: str | None = None) -> dict:
                                force=len(done) == num_shards)
         seconds = time.monotonic() - start
         summary = _finish(out, cfg, done, num_shards, sampler, model_id, vae_identity, batch_sizes, gpus, seconds,
-                          made=sum(done[j]["count"] for j in pending), latent_shape=latent_shape)
+                          made=sum(done[j]["count"] for j in pending), latent_shape=latent_shape, decoder=decoder)
         log.log(f"done: {summary['images']} images in {len(done)} shards; {summary['images_per_second']:.2f} images/s "
                 f"this run; preview {out / 'preview.png'}")
         if cfg.pushgateway:
@@ -356,8 +358,9 @@ def resolve_decoder_gpus(cfg: GenerateConfig) -> float:
     return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
-def decoded_shards(cfg: GenerateConfig, shards: list[int], sampler: dict, spec, gpus: float, batch_sizes: dict):
-    """The DAG's first two stages as a Ray Dataset: one row per shard {shard, latents, images, info}."""
+def decoded_shards(cfg: GenerateConfig, shards: list[int], sampler: dict, decoder, gpus: float, batch_sizes: dict):
+    """The DAG's first two stages as a Ray Dataset: one row per shard {shard, latents, images, info}. `decoder`: the
+    VaeSpec to decode with (the VAE, or a tiny decoder paired with it)."""
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -372,20 +375,26 @@ def decoded_shards(cfg: GenerateConfig, shards: list[int], sampler: dict, spec, 
     return latents.map_batches(
         DecodeStage, batch_size=1, compute=ActorPoolStrategy(size=cfg.decoder_actors), num_cpus=cfg.decoder_cpus,
         num_gpus=gpus,
-        fn_constructor_kwargs=dict(vae_path=str(Path(spec.path).resolve()), vae_subfolder=spec.subfolder,
-                                   dtype=cfg.vae_dtype, use_gpu=gpus > 0, batch_size=batch_sizes["decode"],
+        fn_constructor_kwargs=dict(decoder=_absolute(decoder), dtype=cfg.vae_dtype, use_gpu=gpus > 0,
+                                   batch_size=batch_sizes["decode"],
                                    threads=_threads(cfg.decoder_cpus), simulate_oom_above=cfg.simulate_oom_above))
 
 
-def _build_dag(cfg: GenerateConfig, pending: list[int], sampler: dict, spec, gpus: float, batch_sizes: dict,
+def _absolute(spec):
+    """The spec with an absolute path: Ray workers may run in another working directory."""
+    from dataclasses import replace
+    return replace(spec, path=str(Path(spec.path).resolve()))
+
+
+def _build_dag(cfg: GenerateConfig, pending: list[int], sampler: dict, decoder, gpus: float, batch_sizes: dict,
                model_id: str):
-    return decoded_shards(cfg, pending, sampler, spec, gpus, batch_sizes).map_batches(
+    return decoded_shards(cfg, pending, sampler, decoder, gpus, batch_sizes).map_batches(
         write_shard, batch_size=1, num_cpus=cfg.writer_cpus,
         fn_kwargs=dict(output=str(Path(cfg.output).resolve()), fmt=cfg.format, seed=cfg.seed,
                        images_per_shard=cfg.images_per_shard, model_id=model_id, save_latents=cfg.save_latents))
 
 
-def _choose_batch_sizes(cfg: GenerateConfig, sampler: dict, spec, latent_shape: list, gpus: float) -> dict:
+def _choose_batch_sizes(cfg: GenerateConfig, sampler: dict, decoder, latent_shape: list, gpus: float) -> dict:
     """Configured sizes, or one probe per stage run with that stage's own resources."""
     import ray
 
@@ -398,7 +407,7 @@ def _choose_batch_sizes(cfg: GenerateConfig, sampler: dict, spec, latent_shape: 
             str(Path(cfg.model).resolve()), sampler, budget, cfg.max_batch_size, _threads(cfg.langevin_cpus))
     if decode is None:
         probes["decode"] = ray.remote(probe_decode_batch).options(num_cpus=cfg.decoder_cpus, num_gpus=gpus).remote(
-            str(Path(spec.path).resolve()), spec.subfolder, cfg.vae_dtype, gpus > 0, latent_shape, budget,
+            _absolute(decoder), cfg.vae_dtype, gpus > 0, latent_shape, budget,
             cfg.gpu_memory_fraction, cfg.max_batch_size, _threads(cfg.decoder_cpus), cfg.simulate_oom_above)
     found = {name: ray.get(ref) for name, ref in probes.items()}
     return {"langevin": langevin or found["langevin"]["batch_size"], "decode": decode or found["decode"]["batch_size"],
@@ -409,15 +418,19 @@ def _choose_batch_sizes(cfg: GenerateConfig, sampler: dict, spec, latent_shape: 
 _CONTENT_KEYS = ("num_images", "seed", "format", "images_per_shard", "vae_dtype", "save_latents")
 
 
-def _claim_output(out: Path, cfg: GenerateConfig, sampler: dict, model_id: str, vae_identity: dict) -> dict:
+def _claim_output(out: Path, cfg: GenerateConfig, sampler: dict, model_id: str, vae_identity: dict,
+                  decoder) -> dict:
+    # A tiny decoder makes other pixels. None for the VAE's own decoder, which a folder from before the key
+    # existed also reads as (absent), so old runs still resume.
+    tiny_decoder = decoder.weights_sha256() if decoder.class_name != "AutoencoderKL" else None
     run = {"config": {k: getattr(cfg, k) for k in _CONTENT_KEYS}, "sampler": sampler, "model": model_id,
-           "vae_weights_sha256": vae_identity["weights_sha256"]}
+           "vae_weights_sha256": vae_identity["weights_sha256"], "decoder_weights_sha256": tiny_decoder}
     return claim_run_folder(out, run, RUN_FILE)
 
 
 def _finish(out: Path, cfg: GenerateConfig, done: dict, num_shards: int, sampler: dict, model_id: str,
             vae_identity: dict, batch_sizes: dict, gpus: float, seconds: float, made: int,
-            latent_shape: list[int]) -> dict:
+            latent_shape: list[int], decoder) -> dict:
     shards = [done[j] for j in range(num_shards)]
     images = sum(s["count"] for s in shards)
     if images != cfg.num_images:
@@ -434,13 +447,16 @@ def _finish(out: Path, cfg: GenerateConfig, done: dict, num_shards: int, sampler
                "mala_acceptance": sum(s.get("mala_accepted", 0) for s in shards) / proposed if proposed else None,
                "images_per_second": made / seconds if seconds > 0 else 0.0, "stage_busy_seconds": busy,
                "batch_sizes": {k: v for k, v in batch_sizes.items() if k != "probes"},
-               "batch_probes": batch_sizes.get("probes", {}), "decoder_gpus_per_actor": gpus,
+               "batch_probes": batch_sizes.get("probes", {}), "decoder": decoder.class_name,
+               "decoder_gpus_per_actor": gpus,
                "oom_shrinks": sum(len(s.get("decode_oom_shrinks", [])) for s in shards)}
     atomic_write_json(out / "summary.json", summary)
     manifest = {"format": "ebd.images/1", "images": images, "num_shards": num_shards, "output_format": cfg.format,
                 "seed": cfg.seed, "model": {"id": model_id, "path": str(Path(cfg.model).resolve())},
                 "latents": {"saved": cfg.save_latents, "shape": latent_shape, "dtype": "float16", "scaled": True},
                 "vae": vae_identity, "sampler": sampler, "images_per_shard": cfg.images_per_shard,
+                "decoder": {"class": decoder.class_name, "path": str(Path(decoder.path).resolve()),
+                            "weights_sha256": decoder.weights_sha256()},
                 "shards": [{"shard": s["shard"], "count": s["count"], "files": s["files"]} for s in shards]}
     atomic_write_json(out / "manifest.json", manifest)  # last: its presence means the run is complete
     return summary

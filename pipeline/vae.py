@@ -5,6 +5,10 @@ diffusers' training scripts use (std ~1 instead of ~5.5 for raw SD 1.x latents).
 
 Weights come only from local disk, in safetensors, through `from_pretrained`: either a Stable Diffusion
 checkpoint folder (the VAE under `vae/`) or a VAE-only folder. A hub id is refused with a one-line error.
+
+Generation can decode with a tiny decoder instead (diffusers' AutoencoderTiny, the TAESD layout: about 18x cheaper
+than SD's decoder at the same size). It reads the same scaled latents, so it must be made for that VAE: its folder
+declares the VAE it pairs with in `ebd_pairs_with.json` (`ebd pair-decoder` writes it after checking shapes).
 """
 
 from __future__ import annotations
@@ -46,7 +50,14 @@ class VaeSpec:
         return None if shift is None else float(shift)
 
     @property
+    def class_name(self) -> str:
+        return self.config.get("_class_name", "AutoencoderKL")
+
+    @property
     def downscale_factor(self) -> int:
+        if self.class_name == "AutoencoderTiny":  # one up-sampling between decoder blocks, by this factor
+            steps = len(self.config.get("decoder_block_out_channels", self.config["block_out_channels"])) - 1
+            return int(self.config.get("upsampling_scaling_factor", 2)) ** steps
         return 2 ** (len(self.config["block_out_channels"]) - 1)
 
     @property
@@ -100,6 +111,66 @@ def resolve_vae(path: str | Path, subfolder: str | None = "auto") -> VaeSpec:
     return VaeSpec(path=str(root), subfolder=subfolder, config=config)
 
 
+PAIRING_FILE = "ebd_pairs_with.json"
+
+
+def resolve_decoder(path: str | Path | None, vae: VaeSpec) -> VaeSpec:
+    """The decoder generation runs: the VAE itself (`path` None) or a tiny decoder (AutoencoderTiny folder) that
+    declares in ebd_pairs_with.json that it was made for this VAE's latents."""
+    if path is None:
+        return vae
+    spec = _tiny_decoder_spec(path)
+    pairing_file = Path(path) / PAIRING_FILE
+    if not pairing_file.is_file():
+        raise ConfigError(f"{path} does not say which VAE it decodes for (no {PAIRING_FILE}): check and declare it "
+                          f"with `ebd pair-decoder --decoder {path} --vae VAE_DIR`")
+    pairs_with = json.loads(pairing_file.read_text()).get("vae_weights_sha256", [])
+    if vae.weights_sha256() not in pairs_with:
+        raise ConfigError(f"the decoder {path} was made for another VAE's latents (pairs with "
+                          f"{', '.join(h[:12] + '...' for h in pairs_with) or 'none'}), not {vae.path}")
+    _check_decoder_shapes(spec, vae)
+    return spec
+
+
+def pair_decoder(decoder_dir: str | Path, vae: VaeSpec) -> Path:
+    """Declares that the tiny decoder in `decoder_dir` decodes `vae`'s scaled latents (after checking their
+    shapes agree): adds the VAE's weights sha256 to the folder's ebd_pairs_with.json."""
+    from .shards import atomic_write_json
+
+    spec = _tiny_decoder_spec(decoder_dir)
+    _check_decoder_shapes(spec, vae)
+    pairing_file = Path(decoder_dir) / PAIRING_FILE
+    pairing = json.loads(pairing_file.read_text()) if pairing_file.is_file() else {"vae_weights_sha256": []}
+    if vae.weights_sha256() not in pairing["vae_weights_sha256"]:
+        pairing["vae_weights_sha256"].append(vae.weights_sha256())
+    atomic_write_json(pairing_file, pairing)
+    return pairing_file
+
+
+def _tiny_decoder_spec(path: str | Path) -> VaeSpec:
+    folder = Path(path)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"decoder not found: no config.json in {folder} (expected an AutoencoderTiny folder)")
+    try:
+        config = json.loads(config_file.read_text())
+    except ValueError:
+        raise ConfigError(f"{config_file} is not valid JSON") from None
+    if config.get("_class_name") != "AutoencoderTiny":
+        raise ConfigError(f"{folder} holds a {config.get('_class_name', 'model of unknown class')}, not an "
+                          "AutoencoderTiny (the VAE's own decoder needs no --decoder)")
+    if not any(folder.glob("*.safetensors")):
+        raise ConfigError(f"no .safetensors weights in {folder} (ebd loads safetensors only, never pickle)")
+    return VaeSpec(path=str(folder), subfolder=None, config=config)
+
+
+def _check_decoder_shapes(decoder: VaeSpec, vae: VaeSpec) -> None:
+    if decoder.latent_channels != vae.latent_channels or decoder.downscale_factor != vae.downscale_factor:
+        raise ConfigError(f"the decoder {decoder.path} reads {decoder.latent_channels}-channel latents up-sampled "
+                          f"{decoder.downscale_factor}x; the VAE's are {vae.latent_channels}-channel, "
+                          f"{vae.downscale_factor}x")
+
+
 def _looks_like_hub_id(text: str) -> bool:
     return not os.path.isabs(text) and text.count("/") == 1 and not text.startswith(".")
 
@@ -119,11 +190,12 @@ def resolve_dtype(name: str, device: torch.device, spec: "VaeSpec | None" = None
 
 
 def load_vae(spec: VaeSpec, device: torch.device, dtype: torch.dtype):
-    from diffusers import AutoencoderKL  # heavy import, only where a VAE is really loaded
+    """The AutoencoderKL (or, for a tiny decoder's spec, the AutoencoderTiny) from its folder, for inference."""
+    import diffusers  # heavy import, only where a VAE is really loaded
 
-    vae = AutoencoderKL.from_pretrained(spec.path, subfolder=spec.subfolder, torch_dtype=dtype,
-                                        local_files_only=True, use_safetensors=True,
-                                        low_cpu_mem_usage=False)  # no `accelerate` needed
+    cls = {"AutoencoderKL": diffusers.AutoencoderKL, "AutoencoderTiny": diffusers.AutoencoderTiny}[spec.class_name]
+    vae = cls.from_pretrained(spec.path, subfolder=spec.subfolder, torch_dtype=dtype, local_files_only=True,
+                              use_safetensors=True, low_cpu_mem_usage=False)  # no `accelerate` needed
     return vae.to(device).eval().requires_grad_(False)
 
 
@@ -171,7 +243,9 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def decode(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Scaled latents (B, C, h, w) -> images (B, 3, H, W) in [-1, 1]: `vae.decode(z / scaling_factor + shift)`."""
+    """Scaled latents (B, C, h, w) -> images (B, 3, H, W) in [-1, 1]: `vae.decode(z / scaling_factor + shift)`.
+    A tiny decoder (AutoencoderTiny, scaling_factor 1) reads the scaled latents as they are, as diffusers' pipelines
+    feed it."""
     param = next(vae.parameters())
     shift = vae.config.get("shift_factor") or 0.0
     z = latents.to(param.device, param.dtype) / vae.config.scaling_factor + shift

@@ -160,6 +160,77 @@ def test_webdataset_only_and_changed_config_refused(ray_cluster, ebm_dir, sd_che
         generate(ebm_dir, sd_checkpoint, tmp_path, format="webdataset", num_images=12, batch_size=4)
 
 
+@pytest.fixture(scope="module")
+def tiny_decoder(sd_checkpoint, tmp_path_factory) -> Path:
+    """An AutoencoderTiny (TAESD's blocks, narrowed to the tiny VAE's 2x up-sampling) paired with the tiny VAE."""
+    from pipeline.demo import write_tiny_decoder
+
+    return write_tiny_decoder(tmp_path_factory.mktemp("taesd") / "tiny", sd_checkpoint, seed=0,
+                              encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+                              num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1))
+
+
+def test_a_tiny_decoder_runs_through_the_dag_exactly_and_reproducibly(ray_cluster, ebm_dir, sd_checkpoint,
+                                                                      tiny_decoder, both_formats, tmp_path):
+    from pipeline.vae import decode, load_vae, resolve_decoder, to_uint8
+
+    out = tmp_path / "tiny"
+    summary = generate(ebm_dir, sd_checkpoint, out, format="both", num_images=20, decoder=str(tiny_decoder))
+    assert summary["images"] == 20 and summary["decoder"] == "AutoencoderTiny"
+    rows = parquet_rows(out)
+    assert len(rows) == 20 and len({r["key"] for r in rows}) == 20
+    assert len(list(wds.WebDataset(sorted(str(p) for p in out.glob("images-*.tar")), shardshuffle=False))) == 20
+    spec = resolve_decoder(tiny_decoder, resolve_vae(sd_checkpoint))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["decoder"]["class"] == "AutoencoderTiny"
+    assert manifest["decoder"]["weights_sha256"] == spec.weights_sha256()
+
+    # The pixels are the tiny decoder's: the stored latent decoded by it here, not by the VAE's own decoder (the
+    # same key in the VAE-decoded run has the same latent and other pixels).
+    tiny = load_vae(spec, torch.device("cpu"), torch.float32)
+    z = torch.from_numpy(np.load(io.BytesIO(rows[0]["latent"])).astype(np.float32))[None]
+    here = to_uint8(decode(tiny, z))[0].permute(1, 2, 0).numpy().astype(int)
+    written = np.asarray(Image.open(io.BytesIO(rows[0]["image"])).convert("RGB")).astype(int)
+    by_vae = next(r for r in parquet_rows(both_formats[0]) if r["key"] == rows[0]["key"])
+    assert by_vae["latent"] == rows[0]["latent"]
+    by_vae_pixels = np.asarray(Image.open(io.BytesIO(by_vae["image"])).convert("RGB")).astype(int)
+    assert np.abs(here - written).mean() < 1.0 < np.abs(by_vae_pixels - written).mean()
+
+    # A shard regenerated alone is byte-identical; the folder refuses the VAE's own decoder (other pixels).
+    before = file_sha256(out / "images-000000.parquet"), file_sha256(out / "images-000000.tar")
+    (out / "images-000000.parquet").unlink()
+    (out / "images-000000.tar").unlink()
+    again = generate(ebm_dir, sd_checkpoint, out, format="both", num_images=20, decoder=str(tiny_decoder))
+    assert again["images_this_run"] == 16 and again["images"] == 20
+    assert (file_sha256(out / "images-000000.parquet"), file_sha256(out / "images-000000.tar")) == before
+    with pytest.raises(EbdError, match="different decoder_weights_sha256"):
+        generate(ebm_dir, sd_checkpoint, out, format="both", num_images=20)
+
+
+def test_a_tiny_decoder_for_another_vae_or_without_a_pairing_is_refused(ebm_dir, sd_checkpoint, tiny_decoder,
+                                                                        tmp_path):
+    import shutil
+
+    from pipeline.demo import write_sd_style_vae
+    from pipeline.vae import pair_decoder
+
+    other = write_sd_style_vae(tmp_path / "other", seed=1, block_out_channels=(8, 16))
+    foreign = tmp_path / "foreign"
+    shutil.copytree(tiny_decoder, foreign)
+    (foreign / "ebd_pairs_with.json").unlink()
+    with pytest.raises(EbdError, match="does not say which VAE it decodes for"):
+        generate(ebm_dir, sd_checkpoint, tmp_path / "a", decoder=str(foreign))
+    pair_decoder(foreign, resolve_vae(other))
+    with pytest.raises(EbdError, match="made for another VAE's latents"):
+        generate(ebm_dir, sd_checkpoint, tmp_path / "b", decoder=str(foreign))
+    with pytest.raises(EbdError, match="not an AutoencoderTiny"):
+        generate(ebm_dir, sd_checkpoint, tmp_path / "c", decoder=str(sd_checkpoint / "vae"))
+    wide = write_sd_style_vae(tmp_path / "wide", seed=2, block_out_channels=(8, 16, 16))  # 4x down-sampling
+    with pytest.raises(EbdError, match="up-sampled 2x; the VAE's are 4-channel, 4x"):
+        pair_decoder(tiny_decoder, resolve_vae(wide))
+    assert not any((tmp_path / name).exists() for name in "abc")  # refused before anything was written
+
+
 def test_a_model_trained_on_another_vae_is_refused(ebm_dir, tmp_path):
     from pipeline.demo import write_sd_style_vae
 
