@@ -22,7 +22,7 @@ LATENTS ?= $(DEMO_DIR)/latents-$(VAE_ID)
 GENERATED ?= $(DEMO_DIR)/generated-$(EBM_ID)
 GENERATED_CD ?= $(DEMO_DIR)/generated-cd-$(EBM_CD_ID)
 
-.PHONY: install demo demo-train demo-generate demo-models demo-refit-dependants test bench compare clean cluster-up cluster-down
+.PHONY: install demo demo-train demo-generate demo-models demo-refit-dependants test bench capacity compare clean cluster-up cluster-down
 
 install: $(VENV)/.installed
 
@@ -110,12 +110,17 @@ demo-refit-dependants:
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Writes bench/out/*.json, then bench/results.json and the table bench/results.md.
+# Writes bench/out/*.json, then bench/results.json and the table bench/results.md; `make capacity` writes
+# bench/capacity.md (stage costs, the prediction for a cluster shape, checked on a local two-node cluster).
 bench: install
 	$(BIN)/python bench/precompute.py --images 1920
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/generate.py
+	$(BIN)/python bench/kernels.py
 	$(BIN)/python bench/report.py
+
+capacity: install
+	$(BIN)/python bench/capacity.py
 
 # One table: the energy models beside the DDIM baseline, images/s and quality on the same latents, decoder and
 # cores (bench/compare.md and bench/out/compare.json; about 15 minutes on 2 CPUs after `make demo`).

@@ -4,8 +4,9 @@
 
 For every model folder (default: the shipped short-run CD model and the shipped noise-conditional energy):
 - Ray DAG vs bare loop: the same model, sampler, VAE decoder, PNG encoding and shard writer; the bare loop runs
-  them one after another in this process with every core as a torch thread. Start-up (cluster, actors, batch
-  probes) is reported apart from the steady state (images/s between the first and the last finished shard).
+  them one after another in this process with every core as a torch thread; the DAG has configs/generate.yaml's
+  shape (sampler actors fill the CPUs). Start-up (cluster, actors, batch probes) is reported apart from the steady
+  state (images/s between the first and the last finished shard).
 - Sampling stage alone: images/s of the sampler in this process, gradient evaluations per image, FLOPs per image
   (2 x the energy forward's FLOPs per gradient, counted by torch's FlopCounterMode: a forward plus an input-gradient
   backward), and the achieved GFLOP/s as a share of a float32 4096^2 matrix-multiply peak from the same run. The
@@ -58,7 +59,7 @@ def bench_model(model_dir: Path, args, work: Path, peak: float) -> dict:
 
     from pipeline import sinks
     from pipeline.batching import probe_batch_size
-    from pipeline.config import from_dict
+    from pipeline.config import load_config
     from pipeline.generate import GenerateConfig, chain_seed, image_key, run_generation
     from pipeline.langevin import sample
     from pipeline.models import load_model
@@ -67,7 +68,7 @@ def bench_model(model_dir: Path, args, work: Path, peak: float) -> dict:
     model = load_model(model_dir)
     settings, shape = model.sampler, tuple(model.config.latent_shape)
     vae = load_vae(resolve_vae(args.vae), torch.device("cpu"), torch.float32)
-    per_shard, batch = 128, 64
+    per_shard, batch = 64, 64  # 8 shards in the default 512 images: enough finish times for a steady rate
 
     # Bare loop: the same stages one after another in this process.
     start = time.perf_counter()
@@ -88,9 +89,9 @@ def bench_model(model_dir: Path, args, work: Path, peak: float) -> dict:
     bare_s = time.perf_counter() - start
 
     # The Ray DAG on a local cluster of the same cores; steady state from the shards' finish times.
-    cfg = from_dict(GenerateConfig, dict(model=str(model_dir), vae=args.vae, output=str(work / "ray"),
-                                         num_images=args.images, images_per_shard=per_shard, format="parquet",
-                                         batch_size=batch, progress_interval_s=1e9))
+    cfg = load_config(GenerateConfig, REPO / "configs" / "generate.yaml", model=str(model_dir), vae=args.vae,
+                      output=str(work / "ray"), num_images=args.images, images_per_shard=per_shard,
+                      format="parquet", batch_size=batch, progress_interval_s=1e9)
     start = time.perf_counter()
     summary = run_generation(cfg)
     ray_s = time.perf_counter() - start
@@ -113,7 +114,8 @@ def bench_model(model_dir: Path, args, work: Path, peak: float) -> dict:
             "bare_images_per_s": round(args.images / bare_s, 2), "ray_images_per_s": round(args.images / ray_s, 2),
             "ray_steady_images_per_s": round(steady, 2) if steady else None,
             "ray_startup_s": round(ray_s - (args.images - per_shard) / steady, 1) if steady else None,
-            "ray_over_bare": round(bare_s / ray_s, 3),
+            "ray_over_bare": round(bare_s / ray_s, 3), "sampler_actors": summary["sampler_actors"],
+            "ray_steady_over_bare": round(steady / (args.images / bare_s), 3) if steady else None,
             "sweep": sweep, "auto_batch": probe["batch_size"]}
 
 

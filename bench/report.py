@@ -43,11 +43,25 @@ def rows(results: dict) -> list[dict]:
                  "measured": f"{m['ray_images_per_s']} vs {m['bare_images_per_s']}", "ratio": m["ray_over_bare"],
                  "setup": f"{g['images']} images, start-up included; steady state {m['ray_steady_images_per_s']} "
                           f"images/s after {m['ray_startup_s']} s"},
+                {"benchmark": "generate", "figure": f"{name}: Ray DAG steady state / bare loop (images/s)",
+                 "measured": f"{m['ray_steady_images_per_s']} vs {m['bare_images_per_s']}",
+                 "ratio": m.get("ray_steady_over_bare"),
+                 "setup": f"{m.get('sampler_actors', 1)} sampler actors (configs/generate.yaml's shape); "
+                          f"start-up {m['ray_startup_s']} s apart"},
                 {"benchmark": "generate", "figure": f"{name}: sampler achieved / fp32 GEMM peak (GFLOP/s)",
                  "measured": f"{m['sampler_gflops_achieved']} vs {g['matmul_gflops_peak']}",
                  "ratio": m["sampler_fraction_of_peak"],
                  "setup": f"{m['sampler_images_per_s']} images/s, {m['gflop_per_image']} GFLOP/image"},
             ]
+    if (k := results.get("kernels")) is not None:
+        for stage, variants in k["stages"].items():
+            for name in ("channels_last", "compile"):
+                v = variants[name]
+                out.append({"benchmark": "kernels", "figure": f"{stage}: {name} / eager (speed)",
+                            "measured": f"{v['seconds_per_batch']} vs {variants['eager']['seconds_per_batch']} s",
+                            "ratio": v["speed_over_eager"],
+                            "setup": f"batch {k['batch']}, latents {'x'.join(map(str, k['latent_shape']))}, first "
+                                     f"call {v['first_call_seconds']} s, max abs diff {v['max_abs_difference']:.1e}"})
     return out
 
 
@@ -72,7 +86,7 @@ def main() -> None:
     import torch
 
     results = {name: json.loads((OUT / f"{name}.json").read_text())
-               for name in ("precompute", "train", "generate") if (OUT / f"{name}.json").is_file()}
+               for name in ("precompute", "train", "generate", "kernels") if (OUT / f"{name}.json").is_file()}
     previous = REPO / "bench" / "results.json"  # a benchmark not re-run keeps its last committed figures
     if previous.is_file():
         earlier = json.loads(previous.read_text())

@@ -50,8 +50,10 @@ class GenerateConfig(JobConfig):
     langevin_steps: int | None = None
     langevin_step_size: float | None = None
     langevin_noise_scale: float | None = None
-    # Pipeline shape. Defaults fit a 2-CPU machine without deadlock: 1 + 0.5 + 0.25 CPUs.
-    langevin_actors: int = 1
+    # Pipeline shape. Defaults fit a 2-CPU machine without deadlock: 1 + 0.5 + 0.25 CPUs. `langevin_actors: auto`
+    # starts as many sampler actors as the cluster's CPUs hold beside the decoders and one writer (at most one per
+    # shard); each runs int(langevin_cpus) torch threads, at least one.
+    langevin_actors: int | Literal["auto"] = 1
     langevin_cpus: float = 1.0
     decoder_actors: int = 1
     decoder_cpus: float = 0.5
@@ -77,7 +79,8 @@ class GenerateConfig(JobConfig):
         for name in ("model", "vae", "output"):
             require(getattr(self, name) is not None, f"missing {name}: pass --{name} or set it in the config")
         require(self.num_images >= 1 and self.images_per_shard >= 1, "num_images and images_per_shard must be >= 1")
-        require(self.langevin_actors >= 1 and self.decoder_actors >= 1, "actor counts must be >= 1")
+        require((self.langevin_actors == "auto" or self.langevin_actors >= 1) and self.decoder_actors >= 1,
+                "actor counts must be >= 1 (langevin_actors may be auto)")
         require(self.langevin_cpus > 0 and self.decoder_cpus > 0 and self.writer_cpus > 0, "CPU shares must be > 0")
         require(self.decoder_gpus == "auto" or self.decoder_gpus >= 0, "decoder_gpus must be >= 0 or auto")
         for name in ("batch_size", "langevin_batch_size", "decode_batch_size", "simulate_oom_above"):
@@ -316,9 +319,10 @@ def run_generation(cfg: GenerateConfig, address: str | None = None) -> dict:
     port = metrics.serve(cfg.metrics_port, cfg.metrics_host) if cfg.metrics_port is not None else None
     log = Progress("generate", total=cfg.num_images, unit="images", interval_s=cfg.progress_interval_s)
     log.done = sum(s["count"] for s in done.values())
+    samplers = resolve_langevin_actors(cfg, max(1, len(pending)))  # as decoded_shards will start them
     log.log(f"{cfg.num_images} images in {num_shards} shards -> {out}; {len(done)} complete, {len(pending)} to make; "
             f"batch sizes langevin={batch_sizes['langevin']} decode={batch_sizes['decode']}; "
-            f"decoder GPUs per actor {gpus:g}"
+            f"{samplers} sampler actors; decoder GPUs per actor {gpus:g}"
             + (f"; metrics on http://{cfg.metrics_host}:{port}/metrics" if port is not None else ""))
     start = time.monotonic()
     try:
@@ -337,7 +341,8 @@ def run_generation(cfg: GenerateConfig, address: str | None = None) -> dict:
                                force=len(done) == num_shards)
         seconds = time.monotonic() - start
         summary = _finish(out, cfg, done, num_shards, sampler, model_id, vae_identity, batch_sizes, gpus, seconds,
-                          made=sum(done[j]["count"] for j in pending), latent_shape=latent_shape, decoder=decoder)
+                          made=sum(done[j]["count"] for j in pending), latent_shape=latent_shape, decoder=decoder,
+                          samplers=samplers)
         log.log(f"done: {summary['images']} images in {len(done)} shards; {summary['images_per_second']:.2f} images/s "
                 f"this run; preview {out / 'preview.png'}")
         if cfg.pushgateway:
@@ -347,6 +352,23 @@ def run_generation(cfg: GenerateConfig, address: str | None = None) -> dict:
         return summary
     finally:
         metrics.shutdown()
+
+
+def resolve_langevin_actors(cfg: GenerateConfig, shards: int) -> int:
+    """Sampler actors: the configured count, or with `auto` as many as the cluster's CPUs hold (at most one per
+    shard)."""
+    import ray
+
+    if cfg.langevin_actors != "auto":
+        return cfg.langevin_actors
+    return min(shards, auto_langevin_actors(cfg, ray.cluster_resources().get("CPU", 0)))
+
+
+def auto_langevin_actors(cfg: GenerateConfig, cpus: float) -> int:
+    """`langevin_actors: auto` on `cpus` CPUs: what is left once the decoder actors and one writer task have their
+    shares, in sampler actors of `langevin_cpus` each; at least one."""
+    free = cpus - cfg.decoder_actors * cfg.decoder_cpus - cfg.writer_cpus
+    return max(1, int(free / cfg.langevin_cpus + 1e-9))
 
 
 def resolve_decoder_gpus(cfg: GenerateConfig) -> float:
@@ -367,8 +389,9 @@ def decoded_shards(cfg: GenerateConfig, shards: list[int], sampler: dict, decode
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the job prints its own progress lines
     items = ray.data.from_items([{"shard": j} for j in shards], override_num_blocks=len(shards))
+    samplers = resolve_langevin_actors(cfg, len(shards))
     latents = items.map_batches(
-        LangevinStage, batch_size=1, compute=ActorPoolStrategy(size=cfg.langevin_actors), num_cpus=cfg.langevin_cpus,
+        LangevinStage, batch_size=1, compute=ActorPoolStrategy(size=samplers), num_cpus=cfg.langevin_cpus,
         fn_constructor_kwargs=dict(model_dir=str(Path(cfg.model).resolve()), sampler=sampler, seed=cfg.seed,
                                    images_per_shard=cfg.images_per_shard, num_images=cfg.num_images,
                                    batch_size=batch_sizes["langevin"], threads=_threads(cfg.langevin_cpus)))
@@ -430,7 +453,7 @@ def _claim_output(out: Path, cfg: GenerateConfig, sampler: dict, model_id: str, 
 
 def _finish(out: Path, cfg: GenerateConfig, done: dict, num_shards: int, sampler: dict, model_id: str,
             vae_identity: dict, batch_sizes: dict, gpus: float, seconds: float, made: int,
-            latent_shape: list[int], decoder) -> dict:
+            latent_shape: list[int], decoder, samplers: int) -> dict:
     shards = [done[j] for j in range(num_shards)]
     images = sum(s["count"] for s in shards)
     if images != cfg.num_images:
@@ -448,6 +471,7 @@ def _finish(out: Path, cfg: GenerateConfig, done: dict, num_shards: int, sampler
                "images_per_second": made / seconds if seconds > 0 else 0.0, "stage_busy_seconds": busy,
                "batch_sizes": {k: v for k, v in batch_sizes.items() if k != "probes"},
                "batch_probes": batch_sizes.get("probes", {}), "decoder": decoder.class_name,
+               "sampler_actors": samplers,
                "decoder_gpus_per_actor": gpus,
                "oom_shrinks": sum(len(s.get("decode_oom_shrinks", [])) for s in shards)}
     atomic_write_json(out / "summary.json", summary)

@@ -70,7 +70,10 @@ def ray_cluster():
     head = subprocess.Popen(
         [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--num-cpus=2", "--num-gpus=1",
          f"--port={gcs_port}", "--node-ip-address=127.0.0.1", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--disable-usage-stats"],
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--disable-usage-stats",
+         # its own job agent port: the default (52365) is taken by any other Ray cluster on this machine, and a
+         # cluster whose agent cannot bind refuses every `ray job submit` ("No available agent")
+         f"--dashboard-agent-listen-port={free_port()}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     cluster = LocalCluster(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}", env)
     try:
@@ -81,7 +84,7 @@ def ray_cluster():
         ray.shutdown()
         os.killpg(head.pid, signal.SIGINT)  # `ray start --block` stops its own processes on SIGINT
         try:
-            head.wait(60)
+            head.wait(15)  # about 2 s when idle; the whole process group is killed if it hangs
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
         _forget_cluster(gcs_port)

@@ -60,8 +60,9 @@ def parquet_rows(out: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def both_formats(ray_cluster, ebm_dir, sd_checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("gen") / "out"
-    return out, generate(ebm_dir, sd_checkpoint, out, format="both")
+    out = tmp_path_factory.mktemp("gen") / "out"  # the shipped config's shape: sampler actors fill the CPUs
+    return out, generate(ebm_dir, sd_checkpoint, out, format="both", langevin_actors="auto", langevin_cpus=0.75,
+                         decoder_cpus=0.25)
 
 
 def test_exactly_n_images_with_unique_keys_in_parquet_and_tar(both_formats):
@@ -113,6 +114,7 @@ def test_summary_reports_throughput_stage_time_and_batch_sizes(both_formats):
     assert summary["stage_busy_seconds"]["langevin"] > 0 and summary["stage_busy_seconds"]["decode"] > 0
     assert summary["batch_sizes"]["langevin"] >= 1 and summary["batch_sizes"]["decode"] >= 1
     assert summary["batch_probes"]["decode"]["bytes_per_sample"] >= 0
+    assert summary["sampler_actors"] == 2  # auto on the 2-CPU cluster: (2 - 0.25 decoder - 0.25 writer) / 0.75
 
 
 def test_a_shard_regenerated_alone_is_byte_identical(both_formats, ebm_dir, sd_checkpoint):

@@ -1,0 +1,328 @@
+"""Capacity model: the images/s a cluster shape gives, and the CPUs per GPU that keep the decoders busy.
+
+    .venv/bin/python bench/capacity.py [--models models/demo/ebm models/demo/ebm-cd] [--vae models/demo]
+                                       [--images 384] [--no-validate]
+
+1. Stage costs, measured here, each stage alone on one CPU thread: the model's own sampler (seconds per image),
+   the decoder (seconds per image on a CPU thread; on a GPU from its FLOPs per image, see 3), and the writer (PNG
+   encoding and a parquet shard, seconds per image).
+2. Prediction for a pipeline shape: every stage runs concurrently, so the throughput is the least of
+   - what the CPUs give:       cpus / (sampler + writer [+ decoder, when it runs on CPUs]) seconds per image
+   - each stage's own threads: sampler threads / sampler seconds, decoder threads / decoder seconds (or the GPUs'
+     images/s), writer slots / writer seconds.
+   The CPUs per GPU that keep a decoder busy: GPU images/s x (sampler + writer) CPU-seconds per image.
+3. GPU decode rates are predicted from the decoder's FLOPs per image (torch's FlopCounterMode) at an assumed share
+   of a GPU's dense fp16 peak (--gpu-tflops, --gpu-efficiency), unless CUDA is here to measure them. Marked
+   "predicted" in the table; nothing here measured a GPU.
+4. Validation: a two-node Ray cluster on this machine (head + worker, 1 CPU each, 127.0.0.1, as cluster/local.sh),
+   jobs.generate's DAG with configs/generate.yaml's shape (langevin_actors: auto), steady-state images/s from the
+   shards' finish times against the prediction for that shape, in the same run; the error is reported.
+
+Writes bench/out/capacity.json and bench/capacity.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import REPO, write_result
+
+# Stable Diffusion 1.x's VAE decoder (the architecture of bench/sd_scale.py) and TAESD's, for the table.
+SD_LATENT = {256: (4, 32, 32), 512: (4, 64, 64)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=[str(REPO / "models/demo/ebm"), str(REPO / "models/demo/ebm-cd")])
+    p.add_argument("--vae", default=str(REPO / "models/demo"))
+    p.add_argument("--images", type=int, default=384, help="images per validation run")
+    p.add_argument("--images-per-shard", type=int, default=32)
+    p.add_argument("--gpu-tflops", type=float, default=989.0, help="dense fp16 peak per GPU (H100 SXM: 989)")
+    p.add_argument("--gpu-efficiency", type=float, default=0.3, help="assumed share of that peak a decoder reaches")
+    p.add_argument("--no-validate", action="store_true")
+    p.add_argument("--output", default=str(REPO / "bench" / "out" / "capacity.json"))
+    args = p.parse_args()
+
+    import torch
+
+    torch.set_num_threads(1)  # costs per CPU thread: a sampler or decoder actor runs int(num_cpus) threads
+    shape = pipeline_shape(cpus=2)
+    result = {"benchmark": "capacity", "gpu_assumption": {"tflops_fp16": args.gpu_tflops,
+                                                          "efficiency": args.gpu_efficiency},
+              "models": [], "table": sd_table(args)}
+    for model_dir in args.models:
+        costs = stage_costs(Path(model_dir), args.vae)
+        entry = {"model": Path(model_dir).name, "costs": costs, "shape": shape,
+                 "predicted_images_per_s": round(predict(costs, shape), 2)}
+        if not args.no_validate:
+            measured = validate(Path(model_dir), args)
+            entry["measured"] = measured
+            entry["error"] = round(measured["steady_images_per_s"] / entry["predicted_images_per_s"] - 1, 3)
+        result["models"].append(entry)
+    write_result(args.output, result)
+    (REPO / "bench" / "capacity.md").write_text(markdown(result))
+
+
+# ------------------------------------------------------------------------------------------ stage costs
+
+def stage_costs(model_dir: Path, vae_dir: str, decoder_dir: str | None = None, batch: int = 32) -> dict:
+    """Seconds per image of each stage on one CPU thread in this process (after a warm-up)."""
+    import numpy as np
+    import torch
+
+    from pipeline import sinks
+    from pipeline.generate import chain_seed, image_key
+    from pipeline.langevin import sample
+    from pipeline.models import load_model
+    from pipeline.vae import decode, load_vae, resolve_decoder, resolve_vae, to_uint8
+
+    model = load_model(model_dir)
+    decoder = load_vae(resolve_decoder(decoder_dir, resolve_vae(vae_dir)), torch.device("cpu"), torch.float32)
+    sample(model, 2, model.sampler)  # warm-up
+    seeds = [chain_seed(0, i) for i in range(batch)]
+    tick = time.perf_counter()
+    z = sample(model, batch, model.sampler, [torch.Generator().manual_seed(s) for s in seeds])
+    with torch.no_grad():
+        energy = model.energy(z).numpy()
+    sampler_s = (time.perf_counter() - tick) / batch
+    decode(decoder, z[:2])
+    tick = time.perf_counter()
+    pixels = to_uint8(decode(decoder, z)).permute(0, 2, 3, 1).numpy()
+    decode_s = (time.perf_counter() - tick) / batch
+    with tempfile.TemporaryDirectory() as work:
+        tick = time.perf_counter()
+        sinks.write_image_shard(Path(work), 0, "both", [image_key(0, i) for i in range(batch)], pixels, seeds,
+                                energy, "bench", {}, latents=z.numpy().astype(np.float32))
+        write_s = (time.perf_counter() - tick) / batch
+    return {"sampler_s": round(sampler_s, 5), "decode_cpu_s": round(decode_s, 5), "write_s": round(write_s, 5),
+            "sampler": model.sampler.name, "latent_shape": list(model.config.latent_shape)}
+
+
+def decoder_flops(decoder, latent_shape) -> float:
+    """FLOPs of decoding one latent (torch's count: direct convolution)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipeline.vae import decode
+
+    with FlopCounterMode(display=False) as counter:
+        decode(decoder, torch.zeros(1, *latent_shape))
+    return float(counter.get_total_flops())
+
+
+# --------------------------------------------------------------------------------------------- the model
+
+def pipeline_shape(cpus: float, gpus: int = 0, config: str | Path = REPO / "configs" / "generate.yaml") -> dict:
+    """The DAG jobs.generate builds from `config` (langevin_actors: auto) on `cpus` CPUs and `gpus` decoder GPUs:
+    its thread counts per stage."""
+    from pipeline.config import load_config
+    from pipeline.generate import GenerateConfig, auto_langevin_actors
+
+    cfg = load_config(GenerateConfig, config, model="m", vae="v", output="o")
+    decoders = max(cfg.decoder_actors, gpus)
+    cfg.decoder_actors = decoders
+    samplers = auto_langevin_actors(cfg, cpus) if cfg.langevin_actors == "auto" else cfg.langevin_actors
+    leftover = cpus - samplers * cfg.langevin_cpus - decoders * cfg.decoder_cpus
+    return {"cpus": cpus, "gpus": gpus, "sampler_actors": samplers,
+            "sampler_threads": samplers * max(1, int(cfg.langevin_cpus)),
+            "decoder_threads": 0 if gpus else decoders * max(1, int(cfg.decoder_cpus)),
+            "writer_slots": max(1, int(leftover / cfg.writer_cpus + 1e-9))}
+
+
+def predict(costs: dict, shape: dict, gpu_images_per_s: float | None = None) -> float:
+    """Images/s: the least of what the CPUs give and what each stage's threads (or GPUs) give."""
+    on_gpu = shape["gpus"] > 0
+    cpu_seconds = costs["sampler_s"] + costs["write_s"] + (0 if on_gpu else costs["decode_cpu_s"])
+    limits = [min(shape["cpus"], shape["sampler_threads"] + shape["writer_slots"] + shape["decoder_threads"])
+              / cpu_seconds,
+              shape["sampler_threads"] / costs["sampler_s"], shape["writer_slots"] / costs["write_s"],
+              shape["gpus"] * gpu_images_per_s if on_gpu else shape["decoder_threads"] / costs["decode_cpu_s"]]
+    return min(limits)
+
+
+def cpus_per_gpu(costs: dict, gpu_images_per_s: float) -> float:
+    """CPUs that feed one GPU decoder at its full rate."""
+    return gpu_images_per_s * (costs["sampler_s"] + costs["write_s"])
+
+
+def sd_table(args) -> list[dict]:
+    """Predicted rows for Stable Diffusion sizes: the SD 1.x decoder and TAESD on 1-8 GPUs, fed by the energy of
+    configs/train-sd.yaml (random weights: its cost, not its quality), with the CPUs that keep them busy."""
+    import torch
+    from diffusers import AutoencoderKL, AutoencoderTiny
+
+    from dataclasses import asdict
+
+    from pipeline.config import load_config
+    from pipeline.objectives import OBJECTIVES
+    from pipeline.train import TrainConfig
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from sd_scale import sd_vae_config
+
+    cfg = load_config(TrainConfig, REPO / "configs" / "train-sd.yaml", latents="x", output="y")
+    rows = []
+    decoders = {"SD 1.x VAE": AutoencoderKL(**sd_vae_config()).eval(), "TAESD": AutoencoderTiny().eval()}
+    peak = args.gpu_tflops * 1e12 * args.gpu_efficiency
+    for px, latent_shape in SD_LATENT.items():
+        objective, prepared = OBJECTIVES[cfg.objective], {"sigma_data": 1.0, "sigma_max": 80.0}
+        metadata = {"sampler": asdict(objective.sampler_settings(cfg, prepared))}
+        energy = objective.build_model(cfg, list(latent_shape), prepared, metadata).eval()
+        sampler_s = _sampler_seconds_per_image(energy, batch=4)
+        write_s = 3 * (px / 64) ** 2 * 1e-4  # PNG + shard write scales with pixels (demo: ~1e-4 s at 64 px)
+        for name, decoder in decoders.items():
+            flops = decoder_flops(decoder, latent_shape)
+            gpu_rate = peak / flops
+            costs = {"sampler_s": sampler_s, "write_s": write_s, "decode_cpu_s": float("nan")}
+            for gpus in (1, 2, 4, 8):
+                need = cpus_per_gpu(costs, gpu_rate) * gpus
+                rows.append({"resolution": px, "decoder": name, "gpus": gpus, "decoder_gflop_per_image":
+                             round(flops / 1e9, 1), "gpu_decode_images_per_s": round(gpu_rate * gpus, 1),
+                             "sampler_cpu_s_per_image": round(sampler_s, 2), "cpus_to_keep_gpus_busy": round(need),
+                             "images_per_s_with_64_cpus": round(min(gpu_rate * gpus, 64 / (sampler_s + write_s)),
+                                                                1)})
+    return rows
+
+
+def _sampler_seconds_per_image(model, batch: int) -> float:
+    """The full sampler's seconds per image, from a run cut to 2 levels (3 gradients): the time per gradient
+    evaluation does not depend on how many there are, and the full count is the sampler's own."""
+    from dataclasses import replace
+
+    import torch
+
+    from pipeline.langevin import SamplerStats, sample
+
+    full, short = SamplerStats(), SamplerStats()
+    sample(model, 1, model.sampler, callback=full)  # counts the full sampler's evaluations (and warms up)
+    cut = replace(model.sampler, levels=2, mala_levels=0)
+    tick = time.perf_counter()
+    sample(model, batch, cut, torch.Generator().manual_seed(0), callback=short)
+    return (time.perf_counter() - tick) / batch / short.evaluations * full.evaluations
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+def validate(model_dir: Path, args) -> dict:
+    """jobs.generate's DAG on a local two-node cluster (1 CPU each): steady-state images/s."""
+    import ray
+
+    from pipeline.config import load_config
+    from pipeline.generate import GenerateConfig, run_generation
+
+    with two_node_cluster() as address, tempfile.TemporaryDirectory() as work:
+        ray.init(address=address, log_to_driver=False)
+        try:
+            cfg = load_config(GenerateConfig, REPO / "configs" / "generate.yaml", model=str(model_dir),
+                              vae=args.vae, output=str(Path(work) / "out"), num_images=args.images,
+                              images_per_shard=args.images_per_shard, format="both", progress_interval_s=1e9)
+            tick = time.perf_counter()
+            summary = run_generation(cfg)
+            seconds = time.perf_counter() - tick
+            finished = sorted(f.stat().st_mtime for f in (Path(work) / "out").glob("images-*.parquet"))
+        finally:
+            ray.shutdown()
+    steady = (len(finished) - 1) * args.images_per_shard / (finished[-1] - finished[0])
+    return {"images": args.images, "seconds": round(seconds, 1), "steady_images_per_s": round(steady, 2),
+            "startup_s": round(seconds - (args.images - args.images_per_shard) / steady, 1),
+            "batch_sizes": summary["batch_sizes"]}
+
+
+class two_node_cluster:
+    """A head and a worker node (1 CPU each) on 127.0.0.1 with their own temp dir and free ports."""
+
+    def __enter__(self) -> str:
+        self.temp = Path(tempfile.mkdtemp(prefix="ebdcap", dir="/tmp"))  # short: socket paths have a length limit
+        ray = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--num-cpus=1",
+               "--node-ip-address=127.0.0.1", "--disable-usage-stats", f"--dashboard-agent-listen-port={_port()}"]
+        gcs = _port()
+        self.env = dict(os.environ, RAY_AUTH_MODE="disabled")  # a private cluster on the loopback only
+        self.nodes = [subprocess.Popen(ray + ["--head", f"--temp-dir={self.temp}", f"--port={gcs}",
+                                              "--include-dashboard=false", f"--ray-client-server-port={_port()}"],
+                                       env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                       start_new_session=True)]
+        _wait_for_port(gcs)
+        self.nodes.append(subprocess.Popen(ray + [f"--address=127.0.0.1:{gcs}"], env=self.env,
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                           start_new_session=True))
+        os.environ["RAY_AUTH_MODE"] = "disabled"
+        import ray as ray_module
+
+        ray_module.init(address=f"127.0.0.1:{gcs}", log_to_driver=False)
+        deadline = time.monotonic() + 120
+        while ray_module.cluster_resources().get("CPU", 0) < 2:
+            assert time.monotonic() < deadline, "the worker node did not join within 120 s"
+            time.sleep(0.5)
+        ray_module.shutdown()
+        return f"127.0.0.1:{gcs}"
+
+    def __exit__(self, *exc) -> None:
+        for node in reversed(self.nodes):
+            os.killpg(node.pid, signal.SIGINT)
+            try:
+                node.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(node.pid, signal.SIGKILL)
+        shutil.rmtree(self.temp, ignore_errors=True)
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+def markdown(result: dict) -> str:
+    lines = ["# Capacity model (`bench/capacity.py`)", "",
+             "Stage costs measured on this machine (one CPU thread each), the prediction for the pipeline "
+             "`langevin_actors: auto` builds, and the measurement on a local two-node cluster (1 CPU each) in the "
+             "same run.", "",
+             "| model | sampler s/image | decode s/image (CPU) | write s/image | shape (sampler threads, decoder "
+             "threads, writer slots) | predicted images/s | measured steady images/s | error | start-up s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for m in result["models"]:
+        c, s, v = m["costs"], m["shape"], m.get("measured", {})
+        error = f"{m['error']:+.1%}" if "error" in m else "-"
+        lines.append(f"| {m['model']} ({c['sampler']}) | {c['sampler_s']} | {c['decode_cpu_s']} | {c['write_s']} | "
+                     f"{s['sampler_threads']}, {s['decoder_threads']}, {s['writer_slots']} on {s['cpus']:g} CPUs | "
+                     f"{m['predicted_images_per_s']} | {v.get('steady_images_per_s', '-')} | "
+                     f"{error} | "
+                     f"{v.get('startup_s', '-')} |")
+    g = result["gpu_assumption"]
+    lines += ["", f"## Predicted, not measured: Stable Diffusion sizes on GPUs ({g['efficiency']:.0%} of a "
+              f"{g['tflops_fp16']:g} TFLOP/s fp16 peak per GPU)", "",
+              "The energy is configs/train-sd.yaml's network (random weights: its cost, not its quality) with its "
+              "own sampler on CPU threads; decoders are SD 1.x's VAE and TAESD (AutoencoderTiny).", "",
+              "| px | decoder | GPUs | decoder GFLOP/image | GPU decode images/s | sampler CPU-s/image | CPUs to keep "
+              "the GPUs busy | images/s with 64 CPUs |", "|---|---|---|---|---|---|---|---|"]
+    for r in result["table"]:
+        lines.append(f"| {r['resolution']} | {r['decoder']} | {r['gpus']} | {r['decoder_gflop_per_image']} | "
+                     f"{r['gpu_decode_images_per_s']} | {r['sampler_cpu_s_per_image']} | "
+                     f"{r['cpus_to_keep_gpus_busy']} | {r['images_per_s_with_64_cpus']} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
