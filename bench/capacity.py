@@ -3,9 +3,11 @@
     .venv/bin/python bench/capacity.py [--models models/demo/ebm models/demo/ebm-cd] [--vae models/demo]
                                        [--images 384] [--no-validate]
 
-1. Stage costs, measured here, each stage alone on one CPU thread: the model's own sampler (seconds per image),
-   the decoder (seconds per image on a CPU thread; on a GPU from its FLOPs per image, see 3), and the writer (PNG
-   encoding and a parquet shard, seconds per image).
+1. Stage costs, measured here on one CPU thread per stage while every CPU of the machine runs the same
+   measurement (one process each: a core's share of memory bandwidth and of a shared physical core is what an
+   actor gets in a full cluster): the model's own sampler (seconds per image), the decoder (seconds per image on a
+   CPU thread; on a GPU from its FLOPs per image, see 3), and the writer (PNG encoding and the shard's parquet and
+   tar, seconds per image), all at the validation's batch size.
 2. Prediction for a pipeline shape: every stage runs concurrently, so the throughput is the least of
    - what the CPUs give:       cpus / (sampler + writer [+ decoder, when it runs on CPUs]) seconds per image
    - each stage's own threads: sampler threads / sampler seconds, decoder threads / decoder seconds (or the GPUs'
@@ -45,23 +47,21 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=[str(REPO / "models/demo/ebm"), str(REPO / "models/demo/ebm-cd")])
     p.add_argument("--vae", default=str(REPO / "models/demo"))
-    p.add_argument("--images", type=int, default=384, help="images per validation run")
-    p.add_argument("--images-per-shard", type=int, default=32)
+    p.add_argument("--images", type=int, default=1024, help="images per validation run")
+    p.add_argument("--images-per-shard", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=32, help="both stages' batch, in costs and validation")
     p.add_argument("--gpu-tflops", type=float, default=989.0, help="dense fp16 peak per GPU (H100 SXM: 989)")
     p.add_argument("--gpu-efficiency", type=float, default=0.3, help="assumed share of that peak a decoder reaches")
     p.add_argument("--no-validate", action="store_true")
     p.add_argument("--output", default=str(REPO / "bench" / "out" / "capacity.json"))
     args = p.parse_args()
 
-    import torch
-
-    torch.set_num_threads(1)  # costs per CPU thread: a sampler or decoder actor runs int(num_cpus) threads
     shape = pipeline_shape(cpus=2)
     result = {"benchmark": "capacity", "gpu_assumption": {"tflops_fp16": args.gpu_tflops,
                                                           "efficiency": args.gpu_efficiency},
               "models": [], "table": sd_table(args)}
     for model_dir in args.models:
-        costs = stage_costs(Path(model_dir), args.vae)
+        costs = loaded_stage_costs(Path(model_dir), args.vae, args.batch_size, processes=os.cpu_count())
         entry = {"model": Path(model_dir).name, "costs": costs, "shape": shape,
                  "predicted_images_per_s": round(predict(costs, shape), 2)}
         if not args.no_validate:
@@ -75,11 +75,22 @@ def main() -> None:
 
 # ------------------------------------------------------------------------------------------ stage costs
 
+def loaded_stage_costs(model_dir: Path, vae_dir: str, batch: int, processes: int) -> dict:
+    """stage_costs measured in `processes` processes at once (every CPU busy), averaged."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        runs = pool.starmap(stage_costs, [(model_dir, vae_dir, None, batch)] * processes)
+    return runs[0] | {k: round(sum(r[k] for r in runs) / len(runs), 5)
+                      for k in ("sampler_s", "decode_cpu_s", "write_s")} | {"processes": processes}
+
+
 def stage_costs(model_dir: Path, vae_dir: str, decoder_dir: str | None = None, batch: int = 32) -> dict:
     """Seconds per image of each stage on one CPU thread in this process (after a warm-up)."""
     import numpy as np
     import torch
 
+    torch.set_num_threads(1)  # costs per CPU thread: a sampler or decoder actor runs int(num_cpus) threads
     from pipeline import sinks
     from pipeline.generate import chain_seed, image_key
     from pipeline.langevin import sample
@@ -157,11 +168,13 @@ def cpus_per_gpu(costs: dict, gpu_images_per_s: float) -> float:
 
 def sd_table(args) -> list[dict]:
     """Predicted rows for Stable Diffusion sizes: the SD 1.x decoder and TAESD on 1-8 GPUs, fed by the energy of
-    configs/train-sd.yaml (random weights: its cost, not its quality), with the CPUs that keep them busy."""
+    configs/train-sd.yaml (random weights: its cost, not its quality) sampling on CPU threads, with the CPUs that keep
+    the decoders busy; and the images/s if the sampler ran on the same GPUs instead."""
+    from dataclasses import asdict
+
     import torch
     from diffusers import AutoencoderKL, AutoencoderTiny
-
-    from dataclasses import asdict
+    from torch.utils.flop_counter import FlopCounterMode
 
     from pipeline.config import load_config
     from pipeline.objectives import OBJECTIVES
@@ -170,6 +183,7 @@ def sd_table(args) -> list[dict]:
     sys.path.insert(0, str(REPO / "bench"))
     from sd_scale import sd_vae_config
 
+    torch.set_num_threads(1)  # a sampler actor's thread
     cfg = load_config(TrainConfig, REPO / "configs" / "train-sd.yaml", latents="x", output="y")
     rows = []
     decoders = {"SD 1.x VAE": AutoencoderKL(**sd_vae_config()).eval(), "TAESD": AutoencoderTiny().eval()}
@@ -178,23 +192,28 @@ def sd_table(args) -> list[dict]:
         objective, prepared = OBJECTIVES[cfg.objective], {"sigma_data": 1.0, "sigma_max": 80.0}
         metadata = {"sampler": asdict(objective.sampler_settings(cfg, prepared))}
         energy = objective.build_model(cfg, list(latent_shape), prepared, metadata).eval()
-        sampler_s = _sampler_seconds_per_image(energy, batch=4)
+        sampler_s, evaluations = _sampler_seconds_per_image(energy, batch=2)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            energy.evaluation_forward(torch.randn(1, *latent_shape))
+        sampler_flops = 2 * counter.get_total_flops() * evaluations  # a gradient: a forward and a backward
         write_s = 3 * (px / 64) ** 2 * 1e-4  # PNG + shard write scales with pixels (demo: ~1e-4 s at 64 px)
         for name, decoder in decoders.items():
             flops = decoder_flops(decoder, latent_shape)
             gpu_rate = peak / flops
             costs = {"sampler_s": sampler_s, "write_s": write_s, "decode_cpu_s": float("nan")}
             for gpus in (1, 2, 4, 8):
-                need = cpus_per_gpu(costs, gpu_rate) * gpus
-                rows.append({"resolution": px, "decoder": name, "gpus": gpus, "decoder_gflop_per_image":
-                             round(flops / 1e9, 1), "gpu_decode_images_per_s": round(gpu_rate * gpus, 1),
-                             "sampler_cpu_s_per_image": round(sampler_s, 2), "cpus_to_keep_gpus_busy": round(need),
-                             "images_per_s_with_64_cpus": round(min(gpu_rate * gpus, 64 / (sampler_s + write_s)),
-                                                                1)})
+                rows.append({"resolution": px, "decoder": name, "gpus": gpus,
+                             "decoder_gflop_per_image": round(flops / 1e9, 1),
+                             "sampler_gflop_per_image": round(sampler_flops / 1e9, 1),
+                             "gpu_decode_images_per_s": round(gpu_rate * gpus, 1),
+                             "sampler_cpu_s_per_image": round(sampler_s, 2),
+                             "cpus_to_keep_gpus_busy": round(cpus_per_gpu(costs, gpu_rate) * gpus),
+                             "images_per_s_with_64_cpus": round(min(gpu_rate * gpus, 64 / (sampler_s + write_s)), 1),
+                             "images_per_s_sampler_on_gpus": round(gpus * peak / (sampler_flops + flops), 1)})
     return rows
 
 
-def _sampler_seconds_per_image(model, batch: int) -> float:
+def _sampler_seconds_per_image(model, batch: int) -> tuple[float, int]:
     """The full sampler's seconds per image, from a run cut to 2 levels (3 gradients): the time per gradient
     evaluation does not depend on how many there are, and the full count is the sampler's own."""
     from dataclasses import replace
@@ -208,7 +227,7 @@ def _sampler_seconds_per_image(model, batch: int) -> float:
     cut = replace(model.sampler, levels=2, mala_levels=0)
     tick = time.perf_counter()
     sample(model, batch, cut, torch.Generator().manual_seed(0), callback=short)
-    return (time.perf_counter() - tick) / batch / short.evaluations * full.evaluations
+    return (time.perf_counter() - tick) / batch / short.evaluations * full.evaluations, full.evaluations
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -225,7 +244,8 @@ def validate(model_dir: Path, args) -> dict:
         try:
             cfg = load_config(GenerateConfig, REPO / "configs" / "generate.yaml", model=str(model_dir),
                               vae=args.vae, output=str(Path(work) / "out"), num_images=args.images,
-                              images_per_shard=args.images_per_shard, format="both", progress_interval_s=1e9)
+                              images_per_shard=args.images_per_shard, format="both", progress_interval_s=1e9,
+                              batch_size=args.batch_size)
             tick = time.perf_counter()
             summary = run_generation(cfg)
             seconds = time.perf_counter() - tick
@@ -270,7 +290,7 @@ class two_node_cluster:
         for node in reversed(self.nodes):
             os.killpg(node.pid, signal.SIGINT)
             try:
-                node.wait(60)
+                node.wait(10)  # the whole process group is killed if it does not stop by itself
             except subprocess.TimeoutExpired:
                 os.killpg(node.pid, signal.SIGKILL)
         shutil.rmtree(self.temp, ignore_errors=True)
@@ -315,12 +335,14 @@ def markdown(result: dict) -> str:
               f"{g['tflops_fp16']:g} TFLOP/s fp16 peak per GPU)", "",
               "The energy is configs/train-sd.yaml's network (random weights: its cost, not its quality) with its "
               "own sampler on CPU threads; decoders are SD 1.x's VAE and TAESD (AutoencoderTiny).", "",
-              "| px | decoder | GPUs | decoder GFLOP/image | GPU decode images/s | sampler CPU-s/image | CPUs to keep "
-              "the GPUs busy | images/s with 64 CPUs |", "|---|---|---|---|---|---|---|---|"]
+              "| px | decoder | GPUs | decoder GFLOP/image | GPU decode images/s | sampler GFLOP/image | sampler "
+              "CPU-s/image | CPUs to keep the GPUs busy | images/s, sampler on 64 CPUs | images/s, sampler on the "
+              "GPUs |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["table"]:
         lines.append(f"| {r['resolution']} | {r['decoder']} | {r['gpus']} | {r['decoder_gflop_per_image']} | "
-                     f"{r['gpu_decode_images_per_s']} | {r['sampler_cpu_s_per_image']} | "
-                     f"{r['cpus_to_keep_gpus_busy']} | {r['images_per_s_with_64_cpus']} |")
+                     f"{r['gpu_decode_images_per_s']} | {r['sampler_gflop_per_image']} | "
+                     f"{r['sampler_cpu_s_per_image']} | {r['cpus_to_keep_gpus_busy']} | "
+                     f"{r['images_per_s_with_64_cpus']} | {r['images_per_s_sampler_on_gpus']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -8,7 +8,9 @@ same `from_pretrained` path as real weights: the times, memory and batch sizes a
 images are noise. The energy is configs/train-sd.yaml's model (shrunk to one CPU worker). Measures, in one run:
 - precompute: images/s of the Ray job (256 px demo renders -> 4 x 32 x 32 latents);
 - training: seconds per step at batch 8 and the process's peak memory for one step, in this process;
-- generation through the DAG: the probed batch sizes, sampler and decoder seconds per image, images/s.
+- generation through the DAG: the probed batch sizes, sampler and decoder seconds per image, images/s;
+- decoding alone, in this process: SD's decoder against TAESD's (diffusers' AutoencoderTiny with its default, TAESD
+  architecture, random weights, paired with the VAE as `ebd pair-decoder` does), images/s and FLOPs per image.
 Writes bench/out/sd_scale.json.
 """
 
@@ -122,9 +124,35 @@ def main() -> None:
                               "gradient_evaluations_per_image": summary.get("gradient_evaluations_per_image"),
                               "sampler_seconds_per_image": round(busy.get("langevin", 0) / args.generate, 2),
                               "decode_seconds_per_image": round(busy.get("decode", 0) / args.generate, 2)}
+        result["decoders"] = decoder_speeds(work / "sd", work / "taesd")
         write_result(REPO / "bench" / "out" / "sd_scale.json", result)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def decoder_speeds(sd: Path, taesd: Path, batch: int = 4) -> dict:
+    """SD's decoder and TAESD's on the same 4 x 32 x 32 latents in this process: images/s, GFLOP per image."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipeline.demo import write_tiny_decoder
+    from pipeline.vae import decode, load_vae, resolve_decoder, resolve_vae
+
+    write_tiny_decoder(taesd, sd, seed=0)
+    spec = resolve_vae(sd)
+    z = torch.randn(batch, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    speeds = {}
+    for name, decoder in (("sd_vae", spec), ("taesd", resolve_decoder(taesd, spec))):
+        vae = load_vae(decoder, torch.device("cpu"), torch.float32)
+        with FlopCounterMode(display=False) as counter:
+            decode(vae, z[:1])
+        tick = time.perf_counter()
+        images = decode(vae, z)
+        seconds = time.perf_counter() - tick
+        speeds[name] = {"images_per_s": round(batch / seconds, 3), "gflop_per_image": round(
+            counter.get_total_flops() / 1e9, 1), "image_side": images.shape[-1]}
+    speeds["taesd_over_sd_speed"] = round(speeds["taesd"]["images_per_s"] / speeds["sd_vae"]["images_per_s"], 1)
+    return speeds
 
 
 if __name__ == "__main__":
