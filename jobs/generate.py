@@ -1,7 +1,8 @@
 """Generate images in bulk: CPU Langevin actors -> decoder actors (GPUs when present) -> parquet/tar shards.
 
     python -m jobs.generate --config configs/generate.yaml --model EBM_DIR --vae SD_OR_VAE_DIR --num-images N
-                            --output DIR [--format parquet|webdataset|both] [--seed S] [--batch-size B]
+                            --output DIR [--decoder TINY_DIR] [--format parquet|webdataset|both] [--seed S]
+                            [--batch-size B]
                             [--metrics-port P] [--metrics-host H] [--pushgateway URL] [--address ADDR]
 
 Re-running the same command resumes: complete shards are skipped and the run ends with exactly N images.
@@ -15,6 +16,8 @@ def main() -> int:
     p = job_parser("jobs.generate", __doc__)
     p.add_argument("--model", help="trained EBM folder (config.json + model.safetensors)")
     p.add_argument("--vae", help="local Stable Diffusion checkpoint folder (with vae/) or AutoencoderKL folder")
+    p.add_argument("--decoder", help="tiny decoder (AutoencoderTiny folder paired with the VAE: ebd pair-decoder) "
+                                     "to decode with instead of the VAE's own")
     p.add_argument("--num-images", type=int)
     p.add_argument("--output", help="output folder for shards, manifest, preview and summary")
     p.add_argument("--format", choices=["parquet", "webdataset", "both"])
@@ -24,7 +27,7 @@ def main() -> int:
     p.add_argument("--metrics-host", help="bind address of the metrics endpoint (default 127.0.0.1)")
     p.add_argument("--pushgateway", help="Prometheus pushgateway URL for the final values")
     args = p.parse_args()
-    cfg = load_config(GenerateConfig, args.config, args.set, model=args.model, vae=args.vae,
+    cfg = load_config(GenerateConfig, args.config, args.set, model=args.model, vae=args.vae, decoder=args.decoder,
                       num_images=args.num_images, output=args.output, format=args.format, seed=args.seed,
                       batch_size=args.batch_size, metrics_port=args.metrics_port, metrics_host=args.metrics_host,
                       pushgateway=args.pushgateway)

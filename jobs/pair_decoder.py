@@ -1,5 +1,5 @@
 """Declare that a tiny decoder (a diffusers AutoencoderTiny folder, e.g. TAESD) decodes a VAE's latents, so that
-`jobs.generate --set decoder=DIR` may use it in place of the VAE's own decoder:
+`jobs.generate --decoder DIR` may use it in place of the VAE's own decoder:
 
     python -m jobs.pair_decoder --decoder taesd/ --vae sd15/
 

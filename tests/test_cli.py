@@ -127,3 +127,44 @@ def test_every_shipped_config_validates_for_its_job():
         job = next(name for name in sorted(jobs, key=len, reverse=True) if path.stem.startswith(name))
         cls, paths = jobs[job]
         load_config(cls, path, **paths)
+
+
+def test_pair_decoder_checks_shapes_and_generates_decoder_flag_is_checked_before_any_work(sd_checkpoint, tmp_path):
+    """`ebd pair-decoder` refuses a tiny decoder whose up-sampling disagrees with the VAE and records one that fits;
+    generate's --decoder reaches the job, which refuses a decoder paired with another VAE in one line, writing
+    nothing."""
+    from dataclasses import asdict
+
+    from diffusers import AutoencoderTiny
+
+    from pipeline.demo import write_sd_style_vae
+    from pipeline.ebm import EnergyModel, EnergyModelConfig
+    from pipeline.langevin import LangevinSettings
+    from pipeline.vae import resolve_vae
+
+    def tiny(folder, blocks):
+        AutoencoderTiny(encoder_block_out_channels=(8,) * blocks, decoder_block_out_channels=(8,) * blocks,
+                        num_encoder_blocks=(1,) * blocks, num_decoder_blocks=(1,) * blocks).save_pretrained(
+            folder, safe_serialization=True)
+        return folder
+
+    wide = tiny(tmp_path / "wide", 3)  # up-samples 4x; the tiny VAE down-samples 2x
+    refused = run_job("jobs.pair_decoder", "--decoder", str(wide), "--vae", str(sd_checkpoint))
+    assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0, refused.stderr
+    assert "up-sampled 4x; the VAE's are 4-channel, 2x" in refused.stderr
+    assert not (wide / "ebd_pairs_with.json").exists()
+
+    other = write_sd_style_vae(tmp_path / "other", seed=3, block_out_channels=(8, 16))
+    decoder = tiny(tmp_path / "tiny", 2)
+    paired = run_job("jobs.pair_decoder", "--decoder", str(decoder), "--vae", str(other))
+    assert paired.returncode == 0, paired.stderr
+    recorded = json.loads((decoder / "ebd_pairs_with.json").read_text())["vae_weights_sha256"]
+    assert recorded == [resolve_vae(other).weights_sha256()]
+
+    metadata = {"sampler": asdict(LangevinSettings(steps=2)),
+                "latents": {"vae": resolve_vae(sd_checkpoint).identity(), "shape": [4, 8, 8]}}
+    model = EnergyModel(EnergyModelConfig([4, 8, 8], [8]), metadata).save_pretrained(tmp_path / "model")
+    result = run_job("jobs.generate", "--config", "configs/generate.yaml", "--model", str(model), "--vae",
+                     str(sd_checkpoint), "--decoder", str(decoder), "--output", str(tmp_path / "out"))
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert "was made for another VAE's latents" in result.stderr and not (tmp_path / "out").exists()
