@@ -9,7 +9,11 @@
    CPU thread; on a GPU from its FLOPs per image, see 3), and the writer (PNG encoding and the shard's parquet and
    tar, seconds per image), all at the validation's batch size.
 2. Prediction for a pipeline shape: every stage runs concurrently, so the throughput is the least of
-   - what the CPUs give:       cpus / (sampler + writer [+ decoder, when it runs on CPUs]) seconds per image
+   - what the CPUs give:       cpus / (sampler + writer [+ decoder, when it runs on CPUs] + framework) seconds per
+                               image, where "framework" is Ray's own CPU time per shard (scheduling, moving the
+                               shard between stages, the writer task's set-up, the nodes' daemons), calibrated once
+                               on the cluster with a workload that is almost all framework: the CD model cut to one
+                               Langevin step
    - each stage's own threads: sampler threads / sampler seconds, decoder threads / decoder seconds (or the GPUs'
      images/s), writer slots / writer seconds.
    The CPUs per GPU that keep a decoder busy: GPU images/s x (sampler + writer) CPU-seconds per image.
@@ -18,7 +22,8 @@
    "predicted" in the table; nothing here measured a GPU.
 4. Validation: a two-node Ray cluster on this machine (head + worker, 1 CPU each, 127.0.0.1, as cluster/local.sh),
    jobs.generate's DAG with configs/generate.yaml's shape (langevin_actors: auto), steady-state images/s from the
-   shards' finish times against the prediction for that shape, in the same run; the error is reported.
+   shards' finish times against the prediction for that shape, in the same run; the error is reported. The
+   calibration run and the validated models are different workloads.
 
 Writes bench/out/capacity.json and bench/capacity.md.
 """
@@ -60,33 +65,42 @@ def main() -> None:
     result = {"benchmark": "capacity", "gpu_assumption": {"tflops_fp16": args.gpu_tflops,
                                                           "efficiency": args.gpu_efficiency},
               "models": [], "table": sd_table(args)}
-    for model_dir in args.models:
-        costs = loaded_stage_costs(Path(model_dir), args.vae, args.batch_size, processes=os.cpu_count())
-        entry = {"model": Path(model_dir).name, "costs": costs, "shape": shape,
-                 "predicted_images_per_s": round(predict(costs, shape), 2)}
-        if not args.no_validate:
-            measured = validate(Path(model_dir), args)
-            entry["measured"] = measured
-            entry["error"] = round(measured["steady_images_per_s"] / entry["predicted_images_per_s"] - 1, 3)
-        result["models"].append(entry)
+    costs = {m: loaded_stage_costs(Path(m), args.vae, args.batch_size, os.cpu_count()) for m in args.models}
+    if args.no_validate:
+        result["models"] = [{"model": Path(m).name, "costs": c, "shape": shape,
+                             "predicted_images_per_s": round(predict(c, shape), 2)} for m, c in costs.items()]
+    else:
+        with two_node_cluster() as address:
+            calibration = calibrate(address, args, shape)
+            result["calibration"] = calibration
+            for model_dir, c in costs.items():
+                c = c | {"framework_s": calibration["framework_s_per_image"]}
+                entry = {"model": Path(model_dir).name, "costs": c, "shape": shape,
+                         "predicted_images_per_s": round(predict(c, shape), 2)}
+                entry["measured"] = validate(address, Path(model_dir), args)
+                entry["error"] = round(entry["measured"]["steady_images_per_s"] / entry["predicted_images_per_s"]
+                                       - 1, 3)
+                result["models"].append(entry)
     write_result(args.output, result)
     (REPO / "bench" / "capacity.md").write_text(markdown(result))
 
 
 # ------------------------------------------------------------------------------------------ stage costs
 
-def loaded_stage_costs(model_dir: Path, vae_dir: str, batch: int, processes: int) -> dict:
+def loaded_stage_costs(model_dir: Path, vae_dir: str, batch: int, processes: int, sampler: dict | None = None) -> dict:
     """stage_costs measured in `processes` processes at once (every CPU busy), averaged."""
     import multiprocessing
 
     with multiprocessing.get_context("spawn").Pool(processes) as pool:
-        runs = pool.starmap(stage_costs, [(model_dir, vae_dir, None, batch)] * processes)
+        runs = pool.starmap(stage_costs, [(model_dir, vae_dir, None, batch, sampler)] * processes)
     return runs[0] | {k: round(sum(r[k] for r in runs) / len(runs), 5)
                       for k in ("sampler_s", "decode_cpu_s", "write_s")} | {"processes": processes}
 
 
-def stage_costs(model_dir: Path, vae_dir: str, decoder_dir: str | None = None, batch: int = 32) -> dict:
-    """Seconds per image of each stage on one CPU thread in this process (after a warm-up)."""
+def stage_costs(model_dir: Path, vae_dir: str, decoder_dir: str | None = None, batch: int = 32,
+                sampler: dict | None = None) -> dict:
+    """Seconds per image of each stage on one CPU thread in this process (after a warm-up of each), with the
+    model's sampler (keys changed by `sampler`)."""
     import numpy as np
     import torch
 
@@ -98,11 +112,12 @@ def stage_costs(model_dir: Path, vae_dir: str, decoder_dir: str | None = None, b
     from pipeline.vae import decode, load_vae, resolve_decoder, resolve_vae, to_uint8
 
     model = load_model(model_dir)
+    settings = model.resolve_sampler(sampler or {})
     decoder = load_vae(resolve_decoder(decoder_dir, resolve_vae(vae_dir)), torch.device("cpu"), torch.float32)
-    sample(model, 2, model.sampler)  # warm-up
+    sample(model, 2, settings)  # warm-up
     seeds = [chain_seed(0, i) for i in range(batch)]
     tick = time.perf_counter()
-    z = sample(model, batch, model.sampler, [torch.Generator().manual_seed(s) for s in seeds])
+    z = sample(model, batch, settings, [torch.Generator().manual_seed(s) for s in seeds])
     with torch.no_grad():
         energy = model.energy(z).numpy()
     sampler_s = (time.perf_counter() - tick) / batch
@@ -110,13 +125,14 @@ def stage_costs(model_dir: Path, vae_dir: str, decoder_dir: str | None = None, b
     tick = time.perf_counter()
     pixels = to_uint8(decode(decoder, z)).permute(0, 2, 3, 1).numpy()
     decode_s = (time.perf_counter() - tick) / batch
+    keys, latents = [image_key(0, i) for i in range(batch)], z.numpy().astype(np.float32)
     with tempfile.TemporaryDirectory() as work:
-        tick = time.perf_counter()
-        sinks.write_image_shard(Path(work), 0, "both", [image_key(0, i) for i in range(batch)], pixels, seeds,
-                                energy, "bench", {}, latents=z.numpy().astype(np.float32))
+        sinks.write_image_shard(Path(work), 0, "both", keys, pixels, seeds, energy, "bench", {}, latents=latents)
+        tick = time.perf_counter()  # warm: the first shard of a process pays imports and set-up
+        sinks.write_image_shard(Path(work), 1, "both", keys, pixels, seeds, energy, "bench", {}, latents=latents)
         write_s = (time.perf_counter() - tick) / batch
     return {"sampler_s": round(sampler_s, 5), "decode_cpu_s": round(decode_s, 5), "write_s": round(write_s, 5),
-            "sampler": model.sampler.name, "latent_shape": list(model.config.latent_shape)}
+            "sampler": settings.name, "latent_shape": list(model.config.latent_shape)}
 
 
 def decoder_flops(decoder, latent_shape) -> float:
@@ -153,7 +169,8 @@ def pipeline_shape(cpus: float, gpus: int = 0, config: str | Path = REPO / "conf
 def predict(costs: dict, shape: dict, gpu_images_per_s: float | None = None) -> float:
     """Images/s: the least of what the CPUs give and what each stage's threads (or GPUs) give."""
     on_gpu = shape["gpus"] > 0
-    cpu_seconds = costs["sampler_s"] + costs["write_s"] + (0 if on_gpu else costs["decode_cpu_s"])
+    cpu_seconds = (costs["sampler_s"] + costs["write_s"] + costs.get("framework_s", 0.0)
+                   + (0 if on_gpu else costs["decode_cpu_s"]))
     limits = [min(shape["cpus"], shape["sampler_threads"] + shape["writer_slots"] + shape["decoder_threads"])
               / cpu_seconds,
               shape["sampler_threads"] / costs["sampler_s"], shape["writer_slots"] / costs["write_s"],
@@ -232,20 +249,20 @@ def _sampler_seconds_per_image(model, batch: int) -> tuple[float, int]:
 
 # ---------------------------------------------------------------------------------------------- validation
 
-def validate(model_dir: Path, args) -> dict:
-    """jobs.generate's DAG on a local two-node cluster (1 CPU each): steady-state images/s."""
+def validate(address: str, model_dir: Path, args, sampler: dict | None = None) -> dict:
+    """jobs.generate's DAG on the cluster at `address`: steady-state images/s from the shards' finish times."""
     import ray
 
     from pipeline.config import load_config
     from pipeline.generate import GenerateConfig, run_generation
 
-    with two_node_cluster() as address, tempfile.TemporaryDirectory() as work:
+    with tempfile.TemporaryDirectory() as work:
         ray.init(address=address, log_to_driver=False)
         try:
             cfg = load_config(GenerateConfig, REPO / "configs" / "generate.yaml", model=str(model_dir),
                               vae=args.vae, output=str(Path(work) / "out"), num_images=args.images,
                               images_per_shard=args.images_per_shard, format="both", progress_interval_s=1e9,
-                              batch_size=args.batch_size)
+                              batch_size=args.batch_size, **({"langevin_steps": sampler["steps"]} if sampler else {}))
             tick = time.perf_counter()
             summary = run_generation(cfg)
             seconds = time.perf_counter() - tick
@@ -256,6 +273,19 @@ def validate(model_dir: Path, args) -> dict:
     return {"images": args.images, "seconds": round(seconds, 1), "steady_images_per_s": round(steady, 2),
             "startup_s": round(seconds - (args.images - args.images_per_shard) / steady, 1),
             "batch_sizes": summary["batch_sizes"]}
+
+
+def calibrate(address: str, args, shape: dict) -> dict:
+    """Ray's CPU time per image beyond the stages' own, from a run that is almost all framework (the CD model cut to
+    one Langevin step): what the CPUs gave minus what the stages used."""
+    model, sampler = REPO / "models" / "demo" / "ebm-cd", {"steps": 1}
+    costs = loaded_stage_costs(model, args.vae, args.batch_size, os.cpu_count(), sampler)
+    measured = validate(address, model, args, sampler)
+    stages = costs["sampler_s"] + costs["decode_cpu_s"] + costs["write_s"]
+    framework = max(0.0, shape["cpus"] / measured["steady_images_per_s"] - stages)
+    return {"workload": "ebm-cd, 1 Langevin step", "costs": costs, "measured": measured,
+            "framework_s_per_image": round(framework, 5),
+            "framework_cpu_s_per_shard": round(framework * args.images_per_shard, 3)}
 
 
 class two_node_cluster:
@@ -318,10 +348,16 @@ def markdown(result: dict) -> str:
     lines = ["# Capacity model (`bench/capacity.py`)", "",
              "Stage costs measured on this machine (one CPU thread each), the prediction for the pipeline "
              "`langevin_actors: auto` builds, and the measurement on a local two-node cluster (1 CPU each) in the "
-             "same run.", "",
-             "| model | sampler s/image | decode s/image (CPU) | write s/image | shape (sampler threads, decoder "
-             "threads, writer slots) | predicted images/s | measured steady images/s | error | start-up s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "same run.", ""]
+    if (cal := result.get("calibration")) is not None:
+        lines += [f"Framework time, calibrated on {cal['workload']} (stages {cal['costs']['sampler_s']} + "
+                  f"{cal['costs']['decode_cpu_s']} + {cal['costs']['write_s']} s/image, measured "
+                  f"{cal['measured']['steady_images_per_s']} images/s on {result['models'][0]['shape']['cpus']:g} "
+                  f"CPUs): {cal['framework_s_per_image']} CPU-s per image, {cal['framework_cpu_s_per_shard']} per "
+                  "shard, added to every prediction.", ""]
+    lines += ["| model | sampler s/image | decode s/image (CPU) | write s/image | shape (sampler threads, decoder "
+              "threads, writer slots) | predicted images/s | measured steady images/s | error | start-up s |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for m in result["models"]:
         c, s, v = m["costs"], m["shape"], m.get("measured", {})
         error = f"{m['error']:+.1%}" if "error" in m else "-"

@@ -84,7 +84,7 @@ def ray_cluster():
         ray.shutdown()
         os.killpg(head.pid, signal.SIGINT)  # `ray start --block` stops its own processes on SIGINT
         try:
-            head.wait(15)  # about 2 s when idle; the whole process group is killed if it hangs
+            head.wait(3)  # about 2 s when idle; a throwaway cluster still busy is killed whole
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
         _forget_cluster(gcs_port)

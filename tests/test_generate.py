@@ -177,7 +177,8 @@ def test_a_tiny_decoder_runs_through_the_dag_exactly_and_reproducibly(ray_cluste
     from pipeline.vae import decode, load_vae, resolve_decoder, to_uint8
 
     out = tmp_path / "tiny"
-    summary = generate(ebm_dir, sd_checkpoint, out, format="both", num_images=20, decoder=str(tiny_decoder))
+    summary = generate(ebm_dir, sd_checkpoint, out, format="both", num_images=20, decoder=str(tiny_decoder),
+                       batch_size=8)
     assert summary["images"] == 20 and summary["decoder"] == "AutoencoderTiny"
     rows = parquet_rows(out)
     assert len(rows) == 20 and len({r["key"] for r in rows}) == 20
@@ -202,11 +203,12 @@ def test_a_tiny_decoder_runs_through_the_dag_exactly_and_reproducibly(ray_cluste
     before = file_sha256(out / "images-000000.parquet"), file_sha256(out / "images-000000.tar")
     (out / "images-000000.parquet").unlink()
     (out / "images-000000.tar").unlink()
-    again = generate(ebm_dir, sd_checkpoint, out, format="both", num_images=20, decoder=str(tiny_decoder))
+    again = generate(ebm_dir, sd_checkpoint, out, format="both", num_images=20, decoder=str(tiny_decoder),
+                     batch_size=8)
     assert again["images_this_run"] == 16 and again["images"] == 20
     assert (file_sha256(out / "images-000000.parquet"), file_sha256(out / "images-000000.tar")) == before
     with pytest.raises(EbdError, match="different decoder_weights_sha256"):
-        generate(ebm_dir, sd_checkpoint, out, format="both", num_images=20)
+        generate(ebm_dir, sd_checkpoint, out, format="both", num_images=20, batch_size=8)
 
 
 def test_a_tiny_decoder_for_another_vae_or_without_a_pairing_is_refused(ebm_dir, sd_checkpoint, tiny_decoder,

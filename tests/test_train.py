@@ -131,10 +131,9 @@ def test_split_shards_is_disjoint_and_complete():
         assert sum(len(s) for s in shares) == len(paths)
 
 
-@pytest.mark.parametrize("recipe", [TINY, TINY_DSM], ids=["cd", "dsm"])
-def test_an_injected_nan_rolls_back_to_the_last_checkpoint_with_a_lower_lr(ray_cluster, mixture_latents, tmp_path,
-                                                                           recipe):
-    metrics = train(mixture_latents, tmp_path, max_steps=12, fault_nan_at_step=7, lr=1e-3, **recipe)
+def test_an_injected_nan_rolls_back_to_the_last_checkpoint_with_a_lower_lr(ray_cluster, mixture_latents, tmp_path):
+    # The loop's rollback knows no objective (the divergence test below runs cd): the default objective here.
+    metrics = train(mixture_latents, tmp_path, max_steps=12, fault_nan_at_step=7, lr=1e-3, **TINY_DSM)
     assert metrics["step"] == 12 and metrics["rollbacks"] == 1
     assert metrics["lr"] == pytest.approx(5e-4)
     assert load_model(tmp_path / "model").metadata["training"]["rollbacks"] == 1
