@@ -1,0 +1,57 @@
+"""The README's commands against the jobs they name: every job exists, every flag is one the job takes, every
+shipped config a command names is there. Commands that need data this machine lacks cannot run here; their spelling
+can still be checked, and the demo's and the front door's are run by other tests (test_cli, test_api)."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import re
+import shlex
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def readme_commands() -> list[tuple[str, list[str]]]:
+    """(job module, arguments) for each `ebd JOB ...` or `python -m jobs.JOB ...` in the README's bash blocks."""
+    text = (REPO / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0]  # a trailing comment
+            match = re.search(r"(?:^|[\s/])(?:ebd ([a-z-]+)|python -m jobs\.([a-z_]+))(.*)", line.strip())
+            if match:
+                job = (match.group(1) or match.group(2)).replace("-", "_")
+                commands.append((job, shlex.split(match.group(3).replace("[", " ").replace("]", " "))))
+    return commands
+
+
+def job_help(job: str) -> str:
+    """The job's --help text, from its own parser (in this process: one import of torch for all of them)."""
+    module = importlib.import_module(f"jobs.{job}")
+    out, argv = io.StringIO(), sys.argv
+    sys.argv = [f"python -m jobs.{job}", "--help"]
+    try:
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+            module.main()
+    finally:
+        sys.argv = argv
+    return out.getvalue()
+
+
+def test_every_readme_command_names_a_job_flags_it_takes_and_configs_that_exist():
+    commands = readme_commands()
+    assert len(commands) >= 14 and {job for job, _ in commands} >= {"precompute", "train", "generate", "evaluate",
+                                                                    "inspect", "fit_vae", "pair_decoder"}
+    helps: dict[str, str] = {}
+    for job, args in commands:
+        assert (REPO / "jobs" / f"{job}.py").is_file(), f"the README names a job that does not exist: {job}"
+        text = helps.setdefault(job, job_help(job))
+        for flag in (a.split("=")[0] for a in args if a.startswith("--")):
+            assert re.search(rf"{re.escape(flag)}\b", text), f"jobs.{job} takes no {flag} (README: {args})"
+        for config in (b for a, b in zip(args, args[1:]) if a == "--config"):
+            assert (REPO / config).is_file(), f"the README's {config} does not exist"
