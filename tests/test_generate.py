@@ -313,7 +313,8 @@ def test_a_folder_of_no_known_model_kind_is_refused_in_one_line(ebm_dir, sd_chec
 def _generate_command(ray_cluster, ebm_dir, sd_checkpoint, out, *extra) -> list[str]:
     return [sys.executable, "-m", "jobs.generate", "--config", "configs/generate.yaml", "--model", str(ebm_dir),
             "--vae", str(sd_checkpoint), "--output", str(out), "--address", ray_cluster.address,
-            "--set", "images_per_shard=8", "--set", "batch_size=8", "--set", "langevin_steps=150", *extra]
+            "--set", "images_per_shard=8", "--set", "batch_size=8", "--set", "langevin_steps=150",
+            "--set", "langevin_actors=1", *extra]  # one sampler actor: these runs test resumption and metrics
 
 
 def test_sigkill_mid_run_then_rerun_gives_exactly_n(ray_cluster, ebm_dir, sd_checkpoint, tmp_path):

@@ -120,6 +120,7 @@ def test_jobs_on_two_nodes_and_prometheus_sees_generation_throughput(two_nodes, 
                  str(tmp_path / "generated"), "--metrics-port", str(prometheus["generate_port"]),
                  "--set", "images_per_shard=8", "--set", "batch_size=8", "--set", "langevin_steps=200",
                  "--set", "langevin_cpus=0.5", "--set", "decoder_cpus=0.25", "--set", "writer_cpus=0.25",
+                 "--set", "langevin_actors=2",  # one per node (auto would start 3 on these 2 CPUs)
                  "--set", "metrics_linger_s=8", wait=False)
     rates: list[float] = []
     deadline = time.monotonic() + 400
