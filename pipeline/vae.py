@@ -96,19 +96,29 @@ def resolve_vae(path: str | Path, subfolder: str | None = "auto") -> VaeSpec:
     if subfolder == "auto":
         subfolder = "vae" if (root / "vae" / "config.json").is_file() else None
     folder = root / subfolder if subfolder else root
+    config = _read_weights_folder(folder, "AutoencoderKL", missing=(
+        f"no config.json in {folder}: expected a diffusers AutoencoderKL folder or a Stable Diffusion checkpoint "
+        "folder with vae/"))
+    return VaeSpec(path=str(root), subfolder=subfolder, config=config)
+
+
+def _read_weights_folder(folder: Path, class_name: str, missing: str, hint: str = "") -> dict:
+    """config.json of a diffusers model folder that must hold `class_name` (a config without _class_name counts as
+    AutoencoderKL) in safetensors; each way it can fail is one line (`missing`: no config.json; `hint` follows a
+    wrong class)."""
     config_file = folder / "config.json"
     if not config_file.is_file():
-        raise ConfigError(f"no config.json in {folder}: expected a diffusers AutoencoderKL folder "
-                          "or a Stable Diffusion checkpoint folder with vae/")
+        raise ConfigError(missing)
     try:
         config = json.loads(config_file.read_text())
     except ValueError:
         raise ConfigError(f"{config_file} is not valid JSON") from None
-    if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
-        raise ConfigError(f"{folder} holds a {config['_class_name']}, not an AutoencoderKL")
+    found = config.get("_class_name", "AutoencoderKL")
+    if found != class_name:
+        raise ConfigError(f"{folder} holds a {found}, not an {class_name}{hint}")
     if not any(folder.glob("*.safetensors")):
         raise ConfigError(f"no .safetensors weights in {folder} (ebd loads safetensors only, never pickle)")
-    return VaeSpec(path=str(root), subfolder=subfolder, config=config)
+    return config
 
 
 PAIRING_FILE = "ebd_pairs_with.json"
@@ -149,18 +159,9 @@ def pair_decoder(decoder_dir: str | Path, vae: VaeSpec) -> Path:
 
 def _tiny_decoder_spec(path: str | Path) -> VaeSpec:
     folder = Path(path)
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise ConfigError(f"decoder not found: no config.json in {folder} (expected an AutoencoderTiny folder)")
-    try:
-        config = json.loads(config_file.read_text())
-    except ValueError:
-        raise ConfigError(f"{config_file} is not valid JSON") from None
-    if config.get("_class_name") != "AutoencoderTiny":
-        raise ConfigError(f"{folder} holds a {config.get('_class_name', 'model of unknown class')}, not an "
-                          "AutoencoderTiny (the VAE's own decoder needs no --decoder)")
-    if not any(folder.glob("*.safetensors")):
-        raise ConfigError(f"no .safetensors weights in {folder} (ebd loads safetensors only, never pickle)")
+    config = _read_weights_folder(folder, "AutoencoderTiny", hint=" (the VAE's own decoder needs no --decoder)",
+                                  missing=f"decoder not found: no config.json in {folder} (expected an "
+                                          "AutoencoderTiny folder)")
     return VaeSpec(path=str(folder), subfolder=None, config=config)
 
 
