@@ -31,7 +31,6 @@ Writes bench/out/capacity.json and bench/capacity.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal

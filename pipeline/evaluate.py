@@ -52,7 +52,7 @@ import torch
 
 from . import quality
 from . import shards as sh
-from . import sinks
+from . import sinks, storage
 from .config import EbdError, JobConfig, require
 from .pictures import labelled_rows, save_png, side_by_side
 from .shards import atomic_write, atomic_write_json
@@ -168,22 +168,22 @@ def read_generated(folder: Path, index: torch.Tensor | None = None) -> tuple[tor
             torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous())
 
 
-def read_latents(folder: Path, files: list[str], index: torch.Tensor | None = None) -> dict:
+def read_latents(folder: str, files: list[str], index: torch.Tensor | None = None) -> dict:
     """{"latents": (N, C, h, w), "keys": [...], "labels": [...]} of the rows `index` names (all if None), in that
     order, of the given shards read in order."""
-    rows = _pick(sh.iter_latents([str(folder / f) for f in files]), index)
+    rows = _pick(sh.iter_latents([storage.join(folder, f) for f in files]), index)
     return {"latents": torch.from_numpy(np.stack([np.asarray(r["latent"], dtype=np.float32) for r in rows])),
             "keys": [r["key"] for r in rows], "labels": [r["meta"].get("label") for r in rows]}
 
 
-def shard_counts(folder: Path) -> dict[str, int]:
+def shard_counts(folder: str) -> dict[str, int]:
     return {s["file"]: s["count"] for s in sh.read_manifest(folder)["shards"]}
 
 
 def reference_sets(cfg: EvaluateConfig, model_metadata: dict, gen_vae_sha: str | None) -> dict:
     """Which shards are the held-out reference and which the training latents (files and row counts; nothing is
     read yet), and notes on how they were chosen."""
-    ref = Path(cfg.reference)
+    ref = storage.canonical(cfg.reference)  # a local folder or an object-store URI
     manifest = sh.read_manifest(ref)
     ref_sha = (manifest.get("vae") or {}).get("weights_sha256")
     if ref_sha and gen_vae_sha and ref_sha != gen_vae_sha:
@@ -212,10 +212,10 @@ def reference_sets(cfg: EvaluateConfig, model_metadata: dict, gen_vae_sha: str |
         held_files = sorted(listed)
         notes.append(f"the model records no held-out shards: every shard of {ref} is the reference, which is fair "
                      "only if the model never trained on this folder")
-    train_folder = Path(cfg.train_latents) if cfg.train_latents else ref
-    train_files = [s["file"] for s in trained_on if (train_folder / s["file"]).is_file()]
+    train_folder = storage.canonical(cfg.train_latents) if cfg.train_latents else ref
+    train_files = [s["file"] for s in trained_on if storage.is_file(storage.join(train_folder, s["file"]))]
     if not train_files and cfg.train_latents:
-        train_files = [Path(p).name for p in sh.shard_paths(train_folder)]
+        train_files = [storage.name(p) for p in sh.shard_paths(train_folder)]
     train_files = [f for f in train_files if not (train_folder == ref and f in held_files)]
     if not train_files:
         raise EbdError(f"no training latents found (looked in {train_folder}): pass --train-latents DIR")
@@ -233,7 +233,7 @@ def read_raw_images(manifest: dict, keys: list[str]) -> torch.Tensor | None:
 
     source = manifest.get("input") or {}
     conf = manifest.get("config") or {}
-    if not source.get("path") or not Path(source["path"]).exists() or not manifest.get("resolution"):
+    if not source.get("path") or not storage.exists(source["path"]) or not manifest.get("resolution"):
         return None
     try:
         _, items = plan_items(source["path"], source.get("format", "auto"), conf.get("image_column"),
@@ -439,7 +439,7 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
     pool_index = subset(refs["train_count"], cfg.memorisation_pool)
     gauss_index = subset(refs["train_count"], cfg.max_train_latents)
     gen_latents, gen_images = read_generated(gen_dir, gen_index)
-    held = read_latents(Path(cfg.reference), refs["held_out_files"], held_index)
+    held = read_latents(storage.canonical(cfg.reference), refs["held_out_files"], held_index)
     held_out, held_keys, held_labels = held["latents"], held["keys"], held["labels"]
     train_rows = torch.cat([pool_index, gauss_index]).unique()
     train = read_latents(refs["train_folder"], refs["train_files"], train_rows)["latents"]
@@ -503,7 +503,7 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
     checks |= {name: space["checks"] for name, space in pooled_spaces.items()}
     verdict_key = f"features ({main_space['extractor']})" if cfg.check_space == "features" else cfg.check_space
     report = {"format": REPORT_FORMAT, "samples": n, "generated": str(gen_dir.resolve()),
-              "reference": str(Path(cfg.reference).resolve()), "model": manifest["model"],
+              "reference": storage.canonical(cfg.reference), "model": manifest["model"],
               "sampler": manifest["sampler"], "held_out_shards": refs["held_out_files"],
               "train_shards": len(refs["train_files"]), "notes": refs["notes"],
               "features": {name: {k: v for k, v in space.items() if not k.startswith("_")}

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from . import sinks
+from . import sinks, storage
 from .config import EbdError, JobConfig, require
 from .progress import Progress, log_line
 from .shards import atomic_write, atomic_write_json, claim_run_folder, file_sha256
@@ -231,7 +231,7 @@ def write_shard(batch: dict, output: str, fmt: str, seed: int, images_per_shard:
         start = int(shard) * images_per_shard
         keys = [image_key(seed, i) for i in range(start, start + info["count"])]
         extra = {k: v for k, v in info.items() if k not in ("seeds", "energy", "latent_shape", "image_shape")}
-        result = sinks.write_image_shard(Path(output), int(shard), fmt, keys, pixels, info["seeds"],
+        result = sinks.write_image_shard(output, int(shard), fmt, keys, pixels, info["seeds"],
                                          np.asarray(info["energy"]), model_id, extra, latents=z)
         stats.append(json.dumps(result))
     return {"stats": np.array(stats, dtype=object)}
@@ -297,8 +297,10 @@ def run_generation(cfg: GenerateConfig, address: str | None = None) -> dict:
         raise EbdError(f"langevin_steps, langevin_step_size and langevin_noise_scale apply to short-run (cd) models; "
                        f"this model samples with {model.sampler.name}: use --set sampler='{{levels: N}}'")
     sampler = asdict(model.resolve_sampler(short_run | cfg.sampler))  # validated: one line if not
-    model_id = f"{Path(cfg.model).resolve().name}-{file_sha256(Path(cfg.model) / 'model.safetensors')[:12]}"
-    out = Path(cfg.output)
+    model_dir = storage.canonical(cfg.model)
+    model_id = f"{storage.name(model_dir)}-{file_sha256(storage.join(model_dir, 'model.safetensors'))[:12]}"
+    out = storage.canonical(cfg.output)
+    storage.check_writable(out)  # one line before any work: no such bucket, no permission
     num_shards = math.ceil(cfg.num_images / cfg.images_per_shard)
 
     if not ray.is_initialized():
@@ -307,7 +309,7 @@ def run_generation(cfg: GenerateConfig, address: str | None = None) -> dict:
     run = _claim_output(out, cfg, sampler, model_id, vae_identity, decoder)
     batch_sizes = run.get("batch_sizes") or _choose_batch_sizes(cfg, sampler, decoder, latent_shape, gpus)
     if "batch_sizes" not in run:
-        atomic_write_json(out / RUN_FILE, run | {"batch_sizes": batch_sizes})
+        atomic_write_json(storage.join(out, RUN_FILE), run | {"batch_sizes": batch_sizes})
     asked = cfg.batch_size or cfg.langevin_batch_size or cfg.decode_batch_size
     if "batch_sizes" in run and asked and asked not in (batch_sizes["langevin"], batch_sizes["decode"]):
         log_line("generate", f"resuming with this folder's batch sizes {batch_sizes['langevin']}/"
@@ -344,7 +346,7 @@ def run_generation(cfg: GenerateConfig, address: str | None = None) -> dict:
                           made=sum(done[j]["count"] for j in pending), latent_shape=latent_shape, decoder=decoder,
                           samplers=samplers)
         log.log(f"done: {summary['images']} images in {len(done)} shards; {summary['images_per_second']:.2f} images/s "
-                f"this run; preview {out / 'preview.png'}")
+                f"this run; preview {storage.join(out, 'preview.png')}")
         if cfg.pushgateway:
             metrics.push(cfg.pushgateway)
         if port is not None and cfg.metrics_linger_s > 0:
@@ -392,7 +394,7 @@ def decoded_shards(cfg: GenerateConfig, shards: list[int], sampler: dict, decode
     samplers = resolve_langevin_actors(cfg, len(shards))
     latents = items.map_batches(
         LangevinStage, batch_size=1, compute=ActorPoolStrategy(size=samplers), num_cpus=cfg.langevin_cpus,
-        fn_constructor_kwargs=dict(model_dir=str(Path(cfg.model).resolve()), sampler=sampler, seed=cfg.seed,
+        fn_constructor_kwargs=dict(model_dir=storage.canonical(cfg.model), sampler=sampler, seed=cfg.seed,
                                    images_per_shard=cfg.images_per_shard, num_images=cfg.num_images,
                                    batch_size=batch_sizes["langevin"], threads=_threads(cfg.langevin_cpus)))
     return latents.map_batches(
@@ -413,7 +415,7 @@ def _build_dag(cfg: GenerateConfig, pending: list[int], sampler: dict, decoder, 
                model_id: str):
     return decoded_shards(cfg, pending, sampler, decoder, gpus, batch_sizes).map_batches(
         write_shard, batch_size=1, num_cpus=cfg.writer_cpus,
-        fn_kwargs=dict(output=str(Path(cfg.output).resolve()), fmt=cfg.format, seed=cfg.seed,
+        fn_kwargs=dict(output=storage.canonical(cfg.output), fmt=cfg.format, seed=cfg.seed,
                        images_per_shard=cfg.images_per_shard, model_id=model_id, save_latents=cfg.save_latents))
 
 
@@ -427,7 +429,7 @@ def _choose_batch_sizes(cfg: GenerateConfig, sampler: dict, decoder, latent_shap
     probes = {}
     if langevin is None:
         probes["langevin"] = ray.remote(probe_langevin_batch).options(num_cpus=cfg.langevin_cpus).remote(
-            str(Path(cfg.model).resolve()), sampler, budget, cfg.max_batch_size, _threads(cfg.langevin_cpus))
+            storage.canonical(cfg.model), sampler, budget, cfg.max_batch_size, _threads(cfg.langevin_cpus))
     if decode is None:
         probes["decode"] = ray.remote(probe_decode_batch).options(num_cpus=cfg.decoder_cpus, num_gpus=gpus).remote(
             _absolute(decoder), cfg.vae_dtype, gpus > 0, latent_shape, budget,
@@ -441,7 +443,7 @@ def _choose_batch_sizes(cfg: GenerateConfig, sampler: dict, decoder, latent_shap
 _CONTENT_KEYS = ("num_images", "seed", "format", "images_per_shard", "vae_dtype", "save_latents")
 
 
-def _claim_output(out: Path, cfg: GenerateConfig, sampler: dict, model_id: str, vae_identity: dict,
+def _claim_output(out: str, cfg: GenerateConfig, sampler: dict, model_id: str, vae_identity: dict,
                   decoder) -> dict:
     # A tiny decoder makes other pixels. None for the VAE's own decoder, which a folder from before the key
     # existed also reads as (absent), so old runs still resume.
@@ -451,7 +453,7 @@ def _claim_output(out: Path, cfg: GenerateConfig, sampler: dict, model_id: str, 
     return claim_run_folder(out, run, RUN_FILE)
 
 
-def _finish(out: Path, cfg: GenerateConfig, done: dict, num_shards: int, sampler: dict, model_id: str,
+def _finish(out: str, cfg: GenerateConfig, done: dict, num_shards: int, sampler: dict, model_id: str,
             vae_identity: dict, batch_sizes: dict, gpus: float, seconds: float, made: int,
             latent_shape: list[int], decoder, samplers: int) -> dict:
     shards = [done[j] for j in range(num_shards)]
@@ -459,7 +461,7 @@ def _finish(out: Path, cfg: GenerateConfig, done: dict, num_shards: int, sampler
     if images != cfg.num_images:
         raise EbdError(f"expected {cfg.num_images} images, found {images}: re-run the same command to complete")
     preview = _preview(out, cfg, shards)
-    atomic_write(out / "preview.png", lambda f: preview.save(f, format="PNG"))
+    atomic_write(storage.join(out, "preview.png"), lambda f: preview.save(f, format="PNG"))
     busy = {stage: round(sum(sum(s.get(f"{stage}_batch_seconds", [])) for s in shards), 3)
             for stage in ("langevin", "decode", "write")}
     proposed = sum(s.get("mala_proposed", 0) for s in shards)
@@ -474,36 +476,37 @@ def _finish(out: Path, cfg: GenerateConfig, done: dict, num_shards: int, sampler
                "sampler_actors": samplers,
                "decoder_gpus_per_actor": gpus,
                "oom_shrinks": sum(len(s.get("decode_oom_shrinks", [])) for s in shards)}
-    atomic_write_json(out / "summary.json", summary)
+    atomic_write_json(storage.join(out, "summary.json"), summary)
     manifest = {"format": "ebd.images/1", "images": images, "num_shards": num_shards, "output_format": cfg.format,
-                "seed": cfg.seed, "model": {"id": model_id, "path": str(Path(cfg.model).resolve())},
+                "seed": cfg.seed, "model": {"id": model_id, "path": storage.canonical(cfg.model)},
                 "latents": {"saved": cfg.save_latents, "shape": latent_shape, "dtype": "float16", "scaled": True},
                 "vae": vae_identity, "sampler": sampler, "images_per_shard": cfg.images_per_shard,
                 "decoder": {"class": decoder.class_name, "path": str(Path(decoder.path).resolve()),
                             "weights_sha256": decoder.weights_sha256()},
                 "shards": [{"shard": s["shard"], "count": s["count"], "files": s["files"]} for s in shards]}
-    atomic_write_json(out / "manifest.json", manifest)  # last: its presence means the run is complete
+    atomic_write_json(storage.join(out, "manifest.json"), manifest)  # last: its presence means the run is complete
     return summary
 
 
-def _preview(out: Path, cfg: GenerateConfig, shards: list[dict]):
+def _preview(out: str, cfg: GenerateConfig, shards: list[dict]):
     """A grid of the first 64 images, read back from the written shards."""
     import io
 
     import pyarrow.parquet as pq
-    import webdataset as wds
     from PIL import Image
+
+    from .shards import read_tar_samples
 
     images: list[np.ndarray] = []
     for s in shards:
         if len(images) >= 64:
             break
         if cfg.format in ("parquet", "both"):
-            column = pq.read_table(out / sinks.PARQUET_NAME.format(s["shard"]), columns=["image"]).column("image")
+            with storage.open_input(storage.join(out, sinks.PARQUET_NAME.format(s["shard"]))) as f:
+                column = pq.read_table(f, columns=["image"]).column("image")
             pngs = [sinks.png_of(v.as_py()) for v in column]
         else:
-            pngs = [x["png"] for x in wds.WebDataset(str(out / sinks.TAR_NAME.format(s["shard"])),
-                                                    shardshuffle=False, nodesplitter=None, workersplitter=None)]
+            pngs = [x["png"] for x in read_tar_samples(storage.join(out, sinks.TAR_NAME.format(s["shard"])))]
         images += [np.asarray(Image.open(io.BytesIO(p)).convert("RGB")) for p in pngs[: 64 - len(images)]]
     return sinks.preview_grid(images)
 

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 
+from . import storage
 from .config import EbdError, from_dict, require
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -39,16 +40,18 @@ class PretrainedModel(nn.Module):
         from .langevin import sampler_settings
         return sampler_settings(self.metadata.get("sampler", {}))
 
-    def save_pretrained(self, folder: str | Path, state_dict: dict | None = None) -> Path:
-        """Writes config.json and model.safetensors (this model's weights, or `state_dict`, e.g. EMA weights)."""
+    def save_pretrained(self, folder: str | Path, state_dict: dict | None = None) -> Path | str:
+        """Writes model.safetensors (this model's weights, or `state_dict`, e.g. EMA weights), then config.json;
+        `folder` may be an object-store URI."""
         from .shards import atomic_write, atomic_write_json
 
-        folder = Path(folder)
         tensors = {k: v.detach().cpu().contiguous() for k, v in (state_dict or self.state_dict()).items()}
-        atomic_write(folder / WEIGHTS_FILE, lambda f: f.write(save(tensors)))
-        atomic_write_json(folder / CONFIG_FILE, {"_class_name": type(self).__name__, "format": self.FORMAT,
-                                                 "model": asdict(self.config), **self.metadata})
-        return folder
+        atomic_write(storage.join(folder, WEIGHTS_FILE), lambda f: f.write(save(tensors)))
+        # config.json last: a folder with a config is complete
+        atomic_write_json(storage.join(folder, CONFIG_FILE), {"_class_name": type(self).__name__,
+                                                              "format": self.FORMAT, "model": asdict(self.config),
+                                                              **self.metadata})
+        return folder if storage.is_remote(folder) else Path(folder)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: torch.device | str = "cpu") -> "PretrainedModel":
@@ -99,7 +102,7 @@ class PretrainedModel(nn.Module):
 
 
 def read_model_config(folder: str | Path) -> dict:
-    folder = Path(folder)
+    folder = storage.local_copy(folder)  # a model in an object store is read from a local cached copy
     config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     if not (config_path.is_file() and weights_path.is_file()):
         raise EbdError(f"{folder} is not an ebd model folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
@@ -117,7 +120,9 @@ def model_classes() -> dict[str, type[PretrainedModel]]:
 
 
 def load_model(folder: str | Path, device: torch.device | str = "cpu") -> PretrainedModel:
-    """The model in `folder`, whatever its kind (config.json's `_class_name`)."""
+    """The model in `folder` (a local path or an object-store URI), whatever its kind (config.json's
+    `_class_name`)."""
+    folder = storage.local_copy(folder)
     name = read_model_config(folder).get("_class_name")
     classes = model_classes()
     if name not in classes:

@@ -12,7 +12,6 @@ shards; a different config or input into the same folder is refused.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import Literal
 import numpy as np
 
 from . import shards as sh
+from . import storage
 from .config import ConfigError, EbdError, JobConfig, require, to_dict
 from .images import Rejected, decode_image, to_model_input
 from .metrics import record_precompute_shard
@@ -107,6 +107,7 @@ def prepare(cfg: PrecomputeConfig) -> tuple[VaeSpec, str, list[Item]]:
     fmt, items = plan_items(cfg.input, cfg.input_format, cfg.image_column, cfg.key_column, cfg.label_column)
     if not items:
         raise ConfigError(f"no input files under {cfg.input}")
+    storage.check_writable(cfg.output)
     return spec, fmt, items
 
 
@@ -124,8 +125,8 @@ def split_into_shards(items: list[Item], shard_size: int) -> list[tuple[Item, ..
 
 def shard_job(cfg: PrecomputeConfig, spec: VaeSpec, index: int, items: tuple[Item, ...], use_gpu: bool,
               num_threads: int) -> ShardJob:
-    return ShardJob(index, items, str(cfg.output), spec, cfg.resolution, cfg.batch_size, cfg.dtype, cfg.seed,
-                    cfg.store_moments, cfg.max_pixels, cfg.min_side, cfg.max_file_bytes, use_gpu,
+    return ShardJob(index, items, storage.canonical(cfg.output), spec, cfg.resolution, cfg.batch_size, cfg.dtype,
+                    cfg.seed, cfg.store_moments, cfg.max_pixels, cfg.min_side, cfg.max_file_bytes, use_gpu,
                     max(1, num_threads))
 
 
@@ -136,7 +137,7 @@ def run_precompute(cfg: PrecomputeConfig, address: str | None = None) -> dict:
     spec, fmt, items = prepare(cfg)
     if cfg.shuffle:
         items = shard_order(items, cfg.seed)
-    out = Path(cfg.output)
+    out = storage.canonical(cfg.output)
     vae_identity = spec.identity()
     chunks = split_into_shards(items, cfg.shard_size)
     _claim_output(out, cfg, vae_identity, items)
@@ -178,7 +179,7 @@ def run_precompute(cfg: PrecomputeConfig, address: str | None = None) -> dict:
     manifest = _write_manifest(out, cfg, fmt, spec, vae_identity, [done[i] for i in range(len(chunks))])
     totals = manifest["totals"]
     log.log(f"done: {totals['encoded']} encoded, {totals['rejected']} rejected of {totals['seen']} inputs; "
-            f"manifest {out / sh.MANIFEST}")
+            f"manifest {storage.join(out, sh.MANIFEST)}")
     return manifest
 
 
@@ -231,38 +232,38 @@ def encode_shard(job: ShardJob) -> dict:
     if batch:
         flush()
 
-    out = Path(job.output)
-    tar_path = out / sh.SHARD_NAME.format(job.index)
-    sh.write_tar(tar_path, samples)
-    stats = {"shard": job.index, "file": tar_path.name, "count": len(samples), "seen": len(job.items),
-             "rejected": len(rejects), "bytes": tar_path.stat().st_size, "sha256": sh.file_sha256(tar_path),
+    name = sh.SHARD_NAME.format(job.index)
+    written = sh.write_tar(storage.join(job.output, name), samples)
+    stats = {"shard": job.index, "file": name, "count": len(samples), "seen": len(job.items),
+             "rejected": len(rejects), **written,
              "labels": count_by_label(labels), "rejects": rejects, "seconds": round(time.monotonic() - start, 3),
              "worker": {"pid": os.getpid(), "device": device.type,
                         "vae_loads_in_process": vae_lib.vae_loads_in_this_process()}}
-    sh.atomic_write_json(_stats_path(out, job.index), stats)  # the done marker: written after the tar
+    sh.atomic_write_json(_stats_path(job.output, job.index), stats)  # the done marker: written after the tar
     record_precompute_shard(len(samples), rejects)
     return stats
 
 
 # --------------------------------------------------------------------------------------- driver helpers
 
-def _stats_path(out: Path, index: int) -> Path:
-    return out / sh.STATS_DIR / (Path(sh.SHARD_NAME.format(index)).stem + ".json")
+def _stats_path(out: str, index: int) -> str:
+    return storage.join(out, sh.STATS_DIR, Path(sh.SHARD_NAME.format(index)).stem + ".json")
 
 
-def _completed_shard(out: Path, index: int) -> dict | None:
-    """A shard is complete when its done marker exists and its tar has the recorded size."""
-    stats_path, tar_path = _stats_path(out, index), out / sh.SHARD_NAME.format(index)
-    if not (stats_path.is_file() and tar_path.is_file()):
+def _completed_shard(out: str, index: int) -> dict | None:
+    """A shard is complete when its done marker exists and its tar has the recorded size; anything else (a tar
+    without a marker, from a run killed between the two) is encoded again, never read."""
+    stats_path, tar_path = _stats_path(out, index), storage.join(out, sh.SHARD_NAME.format(index))
+    if not storage.is_file(stats_path) or not storage.is_file(tar_path):
         return None
     try:
-        stats = json.loads(stats_path.read_text())
+        stats = sh.read_json(stats_path)
     except ValueError:
         return None
-    return stats if stats.get("bytes") == tar_path.stat().st_size else None
+    return stats if stats.get("bytes") == storage.size(tar_path) else None
 
 
-def _claim_output(out: Path, cfg: PrecomputeConfig, vae_identity: dict, items: list[Item]) -> None:
+def _claim_output(out: str, cfg: PrecomputeConfig, vae_identity: dict, items: list[Item]) -> None:
     """Records what this folder is being filled with; refuses to resume a folder started differently."""
     listing = hashlib.sha256("\n".join(f"{it.source}\t{it.key}" for it in items).encode()).hexdigest()
     run = {"config": {k: getattr(cfg, k) for k in _CONTENT_KEYS}, "vae_weights_sha256": vae_identity["weights_sha256"],
@@ -270,10 +271,10 @@ def _claim_output(out: Path, cfg: PrecomputeConfig, vae_identity: dict, items: l
     sh.claim_run_folder(out, run, RUN_FILE)
 
 
-def _write_manifest(out: Path, cfg: PrecomputeConfig, fmt: str, spec: VaeSpec, vae_identity: dict,
+def _write_manifest(out: str, cfg: PrecomputeConfig, fmt: str, spec: VaeSpec, vae_identity: dict,
                     stats: list[dict]) -> dict:
     rejects = [r for s in stats for r in s["rejects"]]
-    sh.atomic_write_lines(out / sh.REJECTS, rejects)
+    sh.atomic_write_lines(storage.join(out, sh.REJECTS), rejects)
     labels: dict[str, int] = {}
     for s in stats:
         for label, n in s["labels"].items():
@@ -301,7 +302,7 @@ def _write_manifest(out: Path, cfg: PrecomputeConfig, fmt: str, spec: VaeSpec, v
         "rejects_by_reason": dict(sorted(by_reason.items())),
         "labels": dict(sorted(labels.items())),
     }
-    sh.atomic_write_json(out / sh.MANIFEST, manifest)  # last: its presence means the folder is complete
+    sh.atomic_write_json(storage.join(out, sh.MANIFEST), manifest)  # last: its presence means the folder is complete
     return manifest
 
 

@@ -13,17 +13,16 @@ Read the shards with `webdataset.WebDataset(shard_paths(OUT))` or
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import webdataset as wds
+from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
+from . import storage
 from .config import EbdError
 
 SHARD_NAME = "latents-{:06d}.tar"
@@ -34,43 +33,21 @@ LATENTS_FORMAT = "ebd.latents/1"
 
 
 # ------------------------------------------------------------------------------------------- atomic files
+# Writers commit through storage.atomic_write (local rename or one object PUT): see pipeline/storage.py.
 
-def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -> None:
-    """Writes through `write(fileobj)` to a temporary file beside `path`, fsyncs, then renames over `path`.
-
-    A reader (or a resumed run) sees either no file or the complete file, never a partial one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+atomic_write, file_sha256 = storage.atomic_write, storage.file_sha256
 
 
-def atomic_write_json(path: str | Path, obj) -> None:
-    data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
-    atomic_write(path, lambda f: f.write(data))
+def atomic_write_json(path: str | Path, obj) -> dict:
+    return storage.write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def atomic_write_lines(path: str | Path, records: list[dict]) -> None:
-    data = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode()
-    atomic_write(path, lambda f: f.write(data))
+def atomic_write_lines(path: str | Path, records: list[dict]) -> dict:
+    return storage.write_bytes(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode())
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def read_json(path: str | Path):
+    return json.loads(storage.read_bytes(path))
 
 
 # ----------------------------------------------------------------------------------------------- shards
@@ -81,14 +58,14 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_tar(path: str | Path, samples: list[dict[str, bytes | str]]) -> None:
+def write_tar(path: str | Path, samples: list[dict[str, bytes | str]]) -> dict:
     """Writes webdataset samples ({"__key__": KEY, EXT: bytes, ...}) atomically with fixed mtime, owner and order,
-    so the same samples always give the same bytes."""
+    so the same samples always give the same bytes. Returns {"bytes", "sha256"} of the tar."""
     def write(f):
         with wds.TarWriter(f, encoder=False, mtime=0, user="ebd", group="ebd", mode=0o644) as tar:
             for sample in samples:
                 tar.write(sample)
-    atomic_write(path, write)
+    return atomic_write(path, write)
 
 
 def latent_sample(key: str, latent: np.ndarray, meta: dict, moments: np.ndarray | None = None) -> dict:
@@ -100,19 +77,46 @@ def latent_sample(key: str, latent: np.ndarray, meta: dict, moments: np.ndarray 
 
 
 def shard_paths(folder: str | Path) -> list[str]:
-    """The complete latent shards of a folder, in order (temporary files are never listed)."""
-    return [str(p) for p in sorted(Path(folder).glob("latents-[0-9]*.tar"))]
+    """The committed latent shards of a finished folder, in order: the manifest's list (written last, after every
+    shard and its marker), so a shard object left by a killed run is never read."""
+    return [storage.join(folder, s["file"]) for s in read_manifest(folder)["shards"]]
 
 
 def iter_latents(paths: list[str]) -> Iterator[dict]:
-    """Yields {"key", "latent" (float32 C x h x w), "moments" or None, "meta"} from latent shards, in order."""
+    """Yields {"key", "latent" (float32 C x h x w), "moments" or None, "meta"} from latent shards, in order.
+
+    Paths may be local or object-store URIs; each tar is streamed through webdataset's tar iterator."""
     # No node or worker splitting here: callers pass exactly the shards they own (training splits by rank).
-    dataset = wds.WebDataset(paths, shardshuffle=False, empty_check=False, nodesplitter=None,
-                             workersplitter=None).decode()
-    for sample in dataset:
-        moments = sample.get("moments.npy")
-        yield {"key": sample["__key__"], "latent": sample["latent.npy"].astype(np.float32),
-               "moments": None if moments is None else moments.astype(np.float32), "meta": sample["json"]}
+    for path in paths:
+        for sample in read_tar_samples(path):
+            moments = sample.get("moments.npy")
+            yield {"key": sample["__key__"], "latent": _npy(sample["latent.npy"]).astype(np.float32),
+                   "moments": None if moments is None else _npy(moments).astype(np.float32),
+                   "meta": json.loads(sample["json"])}
+
+
+def read_tar_samples(path: str) -> Iterator[dict]:
+    """The webdataset samples {"__key__": KEY, EXT: bytes} of one tar (local or object store), in order."""
+    with storage.open_input(path) as stream:
+        yield from _group_by_key(tar_file_iterator(stream))
+
+
+def _group_by_key(members) -> Iterator[dict]:
+    sample: dict = {}
+    for member in members:
+        key, ext = base_plus_ext(member["fname"])
+        if key is None:
+            continue
+        if sample and sample["__key__"] != key:
+            yield sample
+            sample = {}
+        sample.update({"__key__": key, ext: member["data"]})
+    if sample:
+        yield sample
+
+
+def _npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 def claim_run_folder(out: str | Path, run: dict, run_file: str = "run.json") -> dict:
@@ -121,16 +125,15 @@ def claim_run_folder(out: str | Path, run: dict, run_file: str = "run.json") -> 
     Returns the recorded dict (which may hold more than `run`, e.g. batch sizes a job added). Raises EbdError when
     any key of `run` differs, or when the folder is non-empty and was not started by such a job: runs never mix.
     """
-    out = Path(out)
-    path = out / run_file
-    if path.is_file():
-        previous = json.loads(path.read_text())
+    path = storage.join(out, run_file)
+    if storage.is_file(path):
+        previous = read_json(path)
         changed = sorted(k for k in run if previous.get(k) != run[k])
         if changed:
             raise EbdError(f"{out} holds a run started with a different {', '.join(changed)}: "
                            "use a new --output (or delete the folder) instead of mixing runs")
         return previous
-    if out.exists() and any(out.iterdir()):
+    if not storage.is_empty(out):
         raise EbdError(f"{out} is not empty and was not written by this job: choose a new --output")
     atomic_write_json(path, run)
     return run
@@ -144,7 +147,6 @@ def write_latent_dataset(folder: str | Path, latents: np.ndarray, shard_size: in
     """Writes already-scaled latents (N x C x h x w) as a latents folder with the precompute job's layout and
     manifest: for latents made elsewhere, and for synthetic distributions in tests. `shuffled`: the rows are in a
     random order (e.g. i.i.d. draws), so any shard is a fair held-out sample (manifest `order`)."""
-    folder = Path(folder)
     shards, label_counts = [], {}
     for index, start in enumerate(range(0, len(latents), shard_size)):
         samples = []
@@ -154,27 +156,26 @@ def write_latent_dataset(folder: str | Path, latents: np.ndarray, shard_size: in
                 meta["label"] = labels[i]
                 label_counts[labels[i]] = label_counts.get(labels[i], 0) + 1
             samples.append(latent_sample(f"{i:09d}", latents[i], meta))
-        path = folder / SHARD_NAME.format(index)
-        write_tar(path, samples)
-        shards.append({"file": path.name, "count": len(samples), "seen": len(samples), "rejected": 0,
-                       "bytes": path.stat().st_size, "sha256": file_sha256(path)})
+        written = write_tar(storage.join(folder, SHARD_NAME.format(index)), samples)
+        shards.append({"file": SHARD_NAME.format(index), "count": len(samples), "seen": len(samples), "rejected": 0,
+                       **written})
     manifest = {"format": LATENTS_FORMAT, "vae": vae or {"path": None, "weights_sha256": None},
                 "scaling_factor": scaling_factor, "shift_factor": None, "resolution": resolution,
                 "order": "shuffled" if shuffled else "input",
                 "latent": {"shape": list(latents.shape[1:]), "dtype": "float16", "scaled": True, "moments": False},
                 "shards": shards, "labels": dict(sorted(label_counts.items())),
                 "totals": {"seen": len(latents), "encoded": len(latents), "rejected": 0, "shards": len(shards)}}
-    atomic_write_json(folder / MANIFEST, manifest)
-    atomic_write_lines(folder / REJECTS, [])
+    atomic_write_lines(storage.join(folder, REJECTS), [])
+    atomic_write_json(storage.join(folder, MANIFEST), manifest)  # last: the folder's done marker
     return manifest
 
 
 def read_manifest(folder: str | Path) -> dict:
     """Reads and checks OUT/manifest.json; a folder without one was never completed."""
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
+    path = storage.join(folder, MANIFEST)
+    if not storage.is_file(path):
         raise EbdError(f"{folder} has no {MANIFEST}: not a finished latents folder (re-run the precompute job)")
-    manifest = json.loads(path.read_text())
+    manifest = read_json(path)
     if manifest.get("format") != LATENTS_FORMAT:
         raise EbdError(f"{path} has format {manifest.get('format')!r}, expected {LATENTS_FORMAT!r}")
     return manifest

@@ -18,14 +18,14 @@ from __future__ import annotations
 import io
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from .shards import STATS_DIR, atomic_write, atomic_write_json, file_sha256, npy_bytes, write_tar
+from . import storage
+from .shards import STATS_DIR, atomic_write, atomic_write_json, npy_bytes, read_json, write_tar
 
 PARQUET_NAME, TAR_NAME = "images-{:06d}.parquet", "images-{:06d}.tar"
 IMG2DATASET_STATS = "images-{:06d}_stats.json"
@@ -58,15 +58,15 @@ def png_bytes(pixels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def stats_path(out: Path, shard: int) -> Path:
-    return out / STATS_DIR / f"images-{shard:06d}.json"
+def stats_path(out: str, shard: int) -> str:
+    return storage.join(out, STATS_DIR, f"images-{shard:06d}.json")
 
 
-def shard_files(out: Path, shard: int, fmt: str) -> list[Path]:
-    return [out / name.format(shard) for name in FORMATS[fmt]]
+def shard_files(out: str, shard: int, fmt: str) -> list[str]:
+    return [storage.join(out, name.format(shard)) for name in FORMATS[fmt]]
 
 
-def write_image_shard(out: Path, shard: int, fmt: str, keys: list[str], images: np.ndarray, seeds: list[int],
+def write_image_shard(out: str, shard: int, fmt: str, keys: list[str], images: np.ndarray, seeds: list[int],
                       energies: np.ndarray, model_id: str, extra_stats: dict,
                       latents: np.ndarray | None = None) -> dict:
     """Encodes PNGs, writes the shard's files atomically, then its done marker. Returns the marker's content."""
@@ -74,7 +74,7 @@ def write_image_shard(out: Path, shard: int, fmt: str, keys: list[str], images: 
     pngs = [png_bytes(img) for img in images]
     height, width = images.shape[1:3]
     npys = None if latents is None else [npy_bytes(z.astype(np.float16)) for z in latents]
-    files = {}
+    files, sizes = {}, 0
     if fmt in ("parquet", "both"):
         columns = {"key": keys, "image": [{"bytes": png, "path": f"{k}.png"} for k, png in zip(keys, pngs)],
                    "width": [width] * len(keys), "height": [height] * len(keys), "seed": seeds,
@@ -82,12 +82,10 @@ def write_image_shard(out: Path, shard: int, fmt: str, keys: list[str], images: 
         if npys is not None:
             columns["latent"] = npys
         table = pa.table(columns, schema=parquet_schema(npys is not None))
-        path = out / PARQUET_NAME.format(shard)
-
         def write_parquet(f):
             pq.write_table(table, f, compression="zstd", row_group_size=len(keys) or 1)
-        atomic_write(path, write_parquet)
-        files[path.name] = file_sha256(path)
+        written = atomic_write(storage.join(out, PARQUET_NAME.format(shard)), write_parquet)
+        files[PARQUET_NAME.format(shard)], sizes = written["sha256"], sizes + written["bytes"]
     if fmt in ("webdataset", "both"):
         samples = [{"__key__": k, "png": png,
                     "json": json.dumps({"key": k, "seed": s, "energy": float(e), "model": model_id,
@@ -96,27 +94,26 @@ def write_image_shard(out: Path, shard: int, fmt: str, keys: list[str], images: 
         if npys is not None:
             for sample, npy in zip(samples, npys):
                 sample["latent.npy"] = npy
-        path = out / TAR_NAME.format(shard)
-        write_tar(path, samples)
-        files[path.name] = file_sha256(path)
-    stats = {"shard": shard, "count": len(keys), "files": files,
-             "bytes": sum((out / name).stat().st_size for name in files), **extra_stats,
+        written = write_tar(storage.join(out, TAR_NAME.format(shard)), samples)
+        files[TAR_NAME.format(shard)], sizes = written["sha256"], sizes + written["bytes"]
+    stats = {"shard": shard, "count": len(keys), "files": files, "bytes": sizes, **extra_stats,
              "write_batch_seconds": [time.perf_counter() - tick]}
     seconds = sum(sum(stats.get(k, [])) for k in STAGE_SECONDS)
-    atomic_write_json(out / IMG2DATASET_STATS.format(shard), {  # for tools that read img2dataset output
+    atomic_write_json(storage.join(out, IMG2DATASET_STATS.format(shard)), {  # for tools that read img2dataset output
         "count": len(keys), "successes": len(keys), "failed_to_download": 0, "failed_to_resize": 0,
         "duration": round(seconds, 3), "status_dict": {"success": len(keys)}})
     atomic_write_json(stats_path(out, shard), stats)  # last: the done marker
     return stats
 
 
-def completed_shard(out: Path, shard: int, fmt: str) -> dict | None:
-    """The done marker of a shard whose files are all present, else None (the shard must be (re)generated)."""
+def completed_shard(out: str, shard: int, fmt: str) -> dict | None:
+    """The done marker of a shard whose files are all present, else None (the shard must be (re)generated): a
+    shard's files without a marker (a run killed between the two) are written again, never trusted."""
     marker = stats_path(out, shard)
-    if not marker.is_file() or not all(p.is_file() for p in shard_files(out, shard, fmt)):
+    if not storage.is_file(marker) or not all(storage.is_file(p) for p in shard_files(out, shard, fmt)):
         return None
     try:
-        return json.loads(marker.read_text())
+        return read_json(marker)
     except ValueError:
         return None
 

@@ -19,13 +19,15 @@ import re
 import tarfile
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
+import posixpath
+from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from webdataset.tariterators import base_plus_ext
 
+from . import storage
 from .config import ConfigError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif")
@@ -54,33 +56,34 @@ class Loaded:
 
 # ----------------------------------------------------------------------------------------------- planning
 
-def detect_format(path: Path) -> str:
+def detect_format(path: str) -> str:
     """A folder holding images is a folder tree; otherwise its .tar files or .parquet files decide."""
-    if path.is_dir():
+    if storage.is_dir(path):
         suffixes = set()
-        for p in path.rglob("*"):
-            suffix = p.suffix.lower().lstrip(".")
+        for p in storage.list_files(path):
+            suffix = PurePosixPath(p).suffix.lower().lstrip(".")
             if suffix in IMAGE_EXTENSIONS:
                 return "folder"
             suffixes.add(suffix)
         return "webdataset" if "tar" in suffixes else "parquet" if "parquet" in suffixes else "folder"
-    if path.suffix.lower() == ".tar":
+    if path.lower().endswith(".tar"):
         return "webdataset"
-    if path.suffix.lower() == ".parquet":
+    if path.lower().endswith(".parquet"):
         return "parquet"
     raise ConfigError(f"cannot tell the input format of {path}: pass --input-format folder|webdataset|parquet")
 
 
 def plan_items(path: str | Path, fmt: str = "auto", image_column: str | None = None,
                key_column: str | None = None, label_column: str | None = None) -> tuple[str, list[Item]]:
-    """Lists every sample under `path` in a deterministic order. Returns (format, items)."""
-    root = Path(path)
-    if not root.exists():
+    """Lists every sample under `path` (a local path or an object-store URI) in a deterministic order.
+    Returns (format, items)."""
+    root = storage.canonical(path)
+    if not storage.exists(root):
         raise ConfigError(f"input not found: {root}")
     fmt = detect_format(root) if fmt == "auto" else fmt
     keys = _KeyMaker()
     if fmt == "folder":
-        if not root.is_dir():
+        if not storage.is_dir(root):
             raise ConfigError(f"input format 'folder' needs a directory, got {root}")
         return fmt, list(_plan_folder(root, keys))
     files = _data_files(root, ".tar" if fmt == "webdataset" else ".parquet")
@@ -92,43 +95,59 @@ def plan_items(path: str | Path, fmt: str = "auto", image_column: str | None = N
     raise ConfigError(f"unknown input format {fmt!r}")
 
 
-def _data_files(root: Path, suffix: str) -> list[Path]:
-    if root.is_file():
-        files = [root]
-    else:
-        files = sorted(p for p in root.rglob(f"*{suffix}") if p.is_file() and not _hidden(p.relative_to(root)))
+def _data_files(root: str, suffix: str) -> list[str]:
+    files = [root] if storage.is_file(root) else storage.list_files(root, suffix)  # sorted, hidden names skipped
     for f in files:
-        if f.name.endswith((".tar.gz", ".tgz")) or (suffix == ".tar" and not tarfile.is_tarfile(f)):
+        if f.endswith((".tar.gz", ".tgz")) or (suffix == ".tar" and not _is_tar(f)):
             raise ConfigError(f"{f} is not an uncompressed tar file (compressed tars are not supported)")
     if not files:
         raise ConfigError(f"no {suffix} files under {root}")
     return files
 
 
-def _hidden(rel: Path) -> bool:
-    return any(part.startswith(".") for part in rel.parts)
+def _is_tar(path: str) -> bool:
+    with _open(path) as f:
+        return tarfile.is_tarfile(f)
 
 
-def _plan_folder(root: Path, keys: "_KeyMaker") -> Iterator[Item]:
+def _open(path: str):
+    """A seekable binary file for a local path or an object-store URI."""
+    return storage.open_input(path) if storage.is_remote(path) else open(path, "rb")
+
+
+def _relative(path: str, root: str) -> str:
+    return storage.name(path) if path == root else posixpath.relpath(path, root)
+
+
+def _plan_folder(root: str, keys: "_KeyMaker") -> Iterator[Item]:
+    if storage.is_remote(root):  # an object store has no directories to walk: its listing is already sorted
+        for path in storage.list_files(root):
+            yield _folder_item(posixpath.relpath(path, root), path, keys)
+        return
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             if name.startswith("."):
                 continue
             path = Path(dirpath) / name
-            rel = path.relative_to(root)
-            label = rel.parts[0] if len(rel.parts) > 1 else None
-            ext = path.suffix.lower().lstrip(".")
-            reject = None if ext in IMAGE_EXTENSIONS else "unsupported_extension"
-            yield Item(source=rel.as_posix(), key=keys.make(rel.with_suffix("").as_posix(), rel.as_posix()),
-                       label=label, locator=("file", str(path)), reject=reject)
+            yield _folder_item(path.relative_to(root).as_posix(), str(path), keys)
 
 
-def _plan_tar(path: Path, root: Path, keys: "_KeyMaker") -> Iterator[Item]:
+def _folder_item(rel: str, path: str, keys: "_KeyMaker") -> Item:
+    """One file of a folder tree; its first folder under the root is its label."""
+    parts = PurePosixPath(rel)
+    label = parts.parts[0] if len(parts.parts) > 1 else None
+    ext = parts.suffix.lower().lstrip(".")
+    reject = None if ext in IMAGE_EXTENSIONS else "unsupported_extension"
+    return Item(source=rel, key=keys.make(parts.with_suffix("").as_posix(), rel), label=label,
+                locator=("file", path), reject=reject)
+
+
+def _plan_tar(path: str, root: str, keys: "_KeyMaker") -> Iterator[Item]:
     """Groups tar members into webdataset samples (`KEY.EXT`, split on the first dot of the basename)."""
-    rel = path.name if root.is_file() else path.relative_to(root).as_posix()
+    rel = _relative(path, root)
     samples: dict[str, dict[str, tuple[int, int]]] = {}
-    with tarfile.open(path, "r:") as tar:
+    with _open(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
         for member in tar:
             if not member.isfile():
                 continue
@@ -145,11 +164,11 @@ def _plan_tar(path: Path, root: Path, keys: "_KeyMaker") -> Iterator[Item]:
                    reject=None if image_ext else "no_image_member")
 
 
-def _plan_parquet(path: Path, root: Path, keys: "_KeyMaker", image_column: str | None,
+def _plan_parquet(path: str, root: str, keys: "_KeyMaker", image_column: str | None,
                   key_column: str | None, label_column: str | None) -> Iterator[Item]:
-    rel = path.name if root.is_file() else path.relative_to(root).as_posix()
+    rel = _relative(path, root)
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(_open(path))
     except (pa.ArrowInvalid, OSError) as e:
         raise ConfigError(f"cannot read parquet file {path}: {e}") from None
     schema = pf.schema_arrow
@@ -164,7 +183,7 @@ def _plan_parquet(path: Path, root: Path, keys: "_KeyMaker", image_column: str |
         raise ConfigError(f"label_column {label_column!r} not in {path} (columns: {', '.join(schema.names)})")
     label_column = label_column or ("label" if "label" in schema.names else None)
     side = [c for c in (key_column, label_column) if c]
-    stem = _sanitize(Path(rel).with_suffix("").as_posix())
+    stem = _sanitize(PurePosixPath(rel).with_suffix("").as_posix())
     row_index = 0
     for rg in range(pf.num_row_groups):
         table = pf.read_row_group(rg, columns=side) if side else None
@@ -173,11 +192,11 @@ def _plan_parquet(path: Path, root: Path, keys: "_KeyMaker", image_column: str |
             hint = str(table.column(key_column)[row].as_py()) if key_column else f"{stem}_{row_index:09d}"
             label = table.column(label_column)[row].as_py() if label_column else None
             yield Item(source=source, key=keys.make(hint, source), label=_clean_label(label),
-                       locator=("parquet", str(path), rg, row, column))
+                       locator=("parquet", path, rg, row, column))
             row_index += 1
 
 
-def _auto_image_column(schema: pa.Schema, path: Path) -> str:
+def _auto_image_column(schema: pa.Schema, path: str) -> str:
     for name in AUTO_IMAGE_COLUMNS:
         if name in schema.names and _is_image_column(schema.field(name).type):
             return name
@@ -239,7 +258,7 @@ def read_items(items: list[Item], max_file_bytes: int) -> Iterator[Loaded]:
                 _, path, rg, row, column = item.locator
                 if (path, rg, column) not in row_groups:
                     row_groups.clear()  # keep one row group in memory at a time
-                    table = pq.ParquetFile(path).read_row_group(rg, columns=[column])
+                    table = pq.ParquetFile(_open(path)).read_row_group(rg, columns=[column])
                     row_groups[(path, rg, column)] = table.column(column).combine_chunks()
                 yield _parquet_value(item, row_groups[(path, rg, column)][row].as_py(), max_file_bytes)
         except OSError as e:
@@ -254,13 +273,15 @@ def _too_big(item: Item, size: int, limit: int) -> Loaded | None:
 
 def _read_file(item: Item, limit: int) -> Loaded:
     path = item.locator[1]
+    if storage.is_remote(path):
+        return _too_big(item, storage.size(path), limit) or Loaded(item, storage.read_bytes(path), item.label)
     return _too_big(item, os.path.getsize(path), limit) or Loaded(item, Path(path).read_bytes(), item.label)
 
 
 def _read_tar_sample(item: Item, limit: int) -> Loaded:
     _, path, members = item.locator
     parts: dict[str, bytes] = {}
-    with open(path, "rb") as f:
+    with _open(path) as f:
         for ext, offset, size in members:
             if (big := _too_big(item, size, limit)) is not None:
                 return big

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from . import shards as sh
+from . import storage
 from .checkpoints import load_optimizer_tensors, optimizer_tensors
 from .config import ConfigError, EbdError, JobConfig, from_dict, require
 from .objectives import OBJECTIVE_KEYS, OBJECTIVES
@@ -246,8 +247,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     my_shards = split_shards(loop_config["shards"], rank, world)
     counts = loop_config["shard_counts"]
     my_count = sum(counts[p] for p in my_shards)
-    record = {"rank": rank, "world": world, "shards": my_shards, "samples": my_count}
-    record_path = Path(cfg.output) / WORKERS_DIR / f"rank-{rank}.json"
+    record = {"rank": rank, "world": world, "shards": my_shards, "samples": my_count,
+              "resumed_from_step": state["step"]}  # 0: a fresh start; else the checkpoint it restarted from
+    record_path = storage.join(cfg.output, WORKERS_DIR, f"rank-{rank}.json")
     sh.atomic_write_json(record_path, record)
     in_memory = my_count * math.prod(latent_shape) * 4 * 3 <= cfg.cache_bytes
     data = LatentBatches(my_shards, cfg.batch_size, cfg.seed * 1000 + rank + state["step"], cfg.use_moments,
@@ -321,7 +323,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                        "rollbacks": state["rollbacks"], "final_lr": state["lr"],
                                        "num_workers": world, "run_name": cfg.run_name,
                                        "loop_seconds_this_run": round(time.monotonic() - started, 1)}
-        export.save_pretrained(Path(cfg.output) / "model", state_dict=ema)
+        export.save_pretrained(storage.join(cfg.output, "model"), state_dict=ema)
 
 
 class _Metrics:
@@ -474,10 +476,11 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    manifest = sh.read_manifest(cfg.latents)
-    paths = sh.shard_paths(cfg.latents)
-    counts = {str(Path(cfg.latents) / s["file"]): s["count"] for s in manifest["shards"]}
-    missing = sorted(set(counts) - set(paths))
+    latents = storage.canonical(cfg.latents)  # a local folder or an object-store URI
+    manifest = sh.read_manifest(latents)
+    paths = sh.shard_paths(latents)
+    counts = {storage.join(latents, s["file"]): s["count"] for s in manifest["shards"]}
+    missing = [p for p in paths if not storage.is_file(p)]
     if missing:
         raise EbdError(f"{len(missing)} shard(s) listed in the manifest are missing, e.g. {missing[0]}")
     paths = [p for p in paths if counts.get(p, 0) > 0]
@@ -486,17 +489,17 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
     require(not cfg.holdout_shards or manifest.get("order") == "shuffled",
             f"{cfg.latents} was written in input order (older precompute, or shuffle: false), so its last shards "
             "are not a random sample of the data: re-run precompute into a new folder, or set holdout_shards: 0")
-    sha = {str(Path(cfg.latents) / s["file"]): s["sha256"] for s in manifest["shards"]}
-    held_out = [{"file": Path(p).name, "sha256": sha[p], "count": counts[p]}
+    sha = {storage.join(latents, s["file"]): s["sha256"] for s in manifest["shards"]}
+    held_out = [{"file": storage.name(p), "sha256": sha[p], "count": counts[p]}
                 for p in paths[len(paths) - cfg.holdout_shards:]] if cfg.holdout_shards else []
     paths = paths[: len(paths) - cfg.holdout_shards]
     require(len(paths) >= cfg.num_workers, f"{len(paths)} non-empty shards cannot feed {cfg.num_workers} workers: "
             "use fewer workers or re-run precompute with a smaller shard_size")
-    output = Path(cfg.output).resolve()
+    output = storage.canonical(cfg.output)
+    storage.check_writable(output)  # one line before any work: no such bucket, no permission
     # A URI (s3://, gs://, ...) goes to Ray Train's pyarrow filesystems as it is; a local path is made absolute.
-    storage = (cfg.storage_path if "://" in cfg.storage_path else Path(cfg.storage_path).resolve()) \
-        if cfg.storage_path else output / "checkpoints"
-    manifest_sha = sh.file_sha256(Path(cfg.latents) / sh.MANIFEST)
+    checkpoints_at = storage.canonical(cfg.storage_path) if cfg.storage_path else storage.join(output, "checkpoints")
+    manifest_sha = sh.file_sha256(storage.join(latents, sh.MANIFEST))
     objective = OBJECTIVES[cfg.objective]
     prepared = _prepare(cfg, objective, paths, output)
     objective.model_config(cfg, manifest["latent"]["shape"], prepared).validate()
@@ -505,23 +508,22 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
                             "shift_factor": manifest["shift_factor"], "vae": manifest["vae"],
                             "manifest_sha256": manifest_sha, "resolution": manifest["resolution"],
                             # what evaluation may use as never-seen reference data, by file and content
-                            "trained_on": [{"file": Path(p).name, "sha256": sha[p], "count": counts[p]}
+                            "trained_on": [{"file": storage.name(p), "sha256": sha[p], "count": counts[p]}
                                            for p in paths],
                             "held_out": held_out}}
-    cfg_dict = asdict(cfg) | {"output": str(output)}
-    claim_run(storage, cfg, manifest_sha)
+    cfg_dict = asdict(cfg) | {"output": output}
+    claim_run(checkpoints_at, cfg, manifest_sha)
 
     if not ray.is_initialized():
         ray.init(address=address)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg_dict, "shards": [str(Path(p).resolve()) for p in paths],
-                           "shard_counts": {str(Path(p).resolve()): counts[p] for p in paths},
+        train_loop_config={"cfg": cfg_dict, "shards": paths, "shard_counts": {p: counts[p] for p in paths},
                            "latent_shape": manifest["latent"]["shape"], "metadata": metadata,
                            "prepared": prepared},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        run_config=RunConfig(name=cfg.run_name, storage_path=str(storage),
+        run_config=RunConfig(name=cfg.run_name, storage_path=checkpoints_at,
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              # progress lines are printed once, not echoed again by Ray Train's print patch
@@ -574,7 +576,7 @@ def claim_run(storage, cfg: TrainConfig, manifest_sha: str) -> None:
     fs.move(path + ".tmp", path)
 
 
-def _prepare(cfg: TrainConfig, objective, paths: list[str], output: Path) -> dict:
+def _prepare(cfg: TrainConfig, objective, paths: list[str], output: str) -> dict:
     """What the objective needs from the data before the workers start (the chain-start mixture for cd, the noise
     range for dsm), from the first training latents (never held-out ones). Numbers travel in the
     loop config; tensors go to OUTPUT/prepared.safetensors (a resumed run prepares the same again)."""
@@ -588,17 +590,17 @@ def _prepare(cfg: TrainConfig, objective, paths: list[str], output: Path) -> dic
     prepared = objective.prepare(cfg, torch.stack(latents) if latents else None)
     tensors = prepared.pop("tensors", {})
     if tensors:
-        path = output / "prepared.safetensors"
+        path = storage.join(output, "prepared.safetensors")
         sh.atomic_write(path, lambda f: f.write(save(tensors)))
-        prepared["tensors_path"] = str(path)
+        prepared["tensors_path"] = path
     return prepared
 
 
 def _load_prepared(prepared: dict) -> dict:
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     path = prepared.get("tensors_path")
-    return prepared | {"tensors": load_file(path) if path else {}}
+    return prepared | {"tensors": load(storage.read_bytes(path)) if path else {}}
 
 
 def _root_cause(error: BaseException) -> str:

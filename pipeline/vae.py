@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from . import storage
 from .config import ConfigError
 
 
@@ -38,7 +39,9 @@ class VaeSpec:
 
     @property
     def directory(self) -> Path:
-        return Path(self.path) / self.subfolder if self.subfolder else Path(self.path)
+        """The local folder with config.json and the weights (a cached copy when `path` is an object-store URI:
+        only the VAE's own subfolder is fetched, never a whole checkpoint)."""
+        return storage.local_copy(storage.join(self.path, self.subfolder) if self.subfolder else self.path)
 
     @property
     def scaling_factor(self) -> float:
@@ -79,14 +82,23 @@ class VaeSpec:
         return digest.hexdigest()
 
     def identity(self) -> dict:
-        return {"path": str(Path(self.path).resolve()), "subfolder": self.subfolder,
+        return {"path": storage.canonical(self.path), "subfolder": self.subfolder,
                 "weights_sha256": self.weights_sha256(), "scaling_factor": self.scaling_factor,
                 "shift_factor": self.shift_factor, "downscale_factor": self.downscale_factor,
                 "latent_channels": self.latent_channels}
 
 
 def resolve_vae(path: str | Path, subfolder: str | None = "auto") -> VaeSpec:
-    """Finds the VAE folder (`PATH/vae` for a Stable Diffusion checkpoint, else `PATH`) and reads its config."""
+    """Finds the VAE folder (`PATH/vae` for a Stable Diffusion checkpoint, else `PATH`) and reads its config.
+    PATH may be an object-store URI: every node then reads a cached local copy of the VAE folder."""
+    if storage.is_remote(path):
+        if not storage.exists(path):
+            raise ConfigError(f"VAE not found at {path}")
+        if subfolder == "auto":
+            subfolder = "vae" if storage.is_file(storage.join(path, "vae", "config.json")) else None
+        spec = VaeSpec(path=storage.canonical(path), subfolder=subfolder, config={})
+        config = _read_weights_folder(spec.directory, "AutoencoderKL", missing=f"no config.json in {path}")
+        return VaeSpec(path=spec.path, subfolder=subfolder, config=config)
     root = Path(path)
     if not root.exists():
         hint = (" (looks like a hub id: ebd never downloads weights; fetch it once with "
@@ -195,7 +207,7 @@ def load_vae(spec: VaeSpec, device: torch.device, dtype: torch.dtype):
     import diffusers  # heavy import, only where a VAE is really loaded
 
     cls = {"AutoencoderKL": diffusers.AutoencoderKL, "AutoencoderTiny": diffusers.AutoencoderTiny}[spec.class_name]
-    vae = cls.from_pretrained(spec.path, subfolder=spec.subfolder, torch_dtype=dtype, local_files_only=True,
+    vae = cls.from_pretrained(spec.directory, torch_dtype=dtype, local_files_only=True,  # local (or cached) folder
                               use_safetensors=True, low_cpu_mem_usage=False)  # no `accelerate` needed
     return vae.to(device).eval().requires_grad_(False)
 

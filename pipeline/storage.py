@@ -1,0 +1,254 @@
+"""Where data lives: a local path or an object-store URI (s3://bucket/prefix, gs://..., any pyarrow filesystem).
+
+Every job reads and writes through these few functions, so `--input`, `--output`, `--latents`, `--reference` and
+`--storage-path` take either. The filesystem layer is pyarrow.fs (the one Ray Train uses for its storage path);
+the endpoint and credentials come from the usual environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION or ~/.aws), never from flags, so they stay out of logs and run records.
+
+Commit rule (the exactly-once contract every writer keeps): a file is written whole and only then made visible,
+and a shard counts only once its done marker (written last) exists.
+- local: write a temporary file beside the target, fsync, rename over it (POSIX rename is atomic);
+- object store: one PUT of the whole body (an S3 object appears complete or not at all; a PUT cut short by a
+  kill leaves nothing). Readers still trust only shards with a marker, because an object store can list a
+  shard from a run that died before its marker, and some stores (or a wrapped fsspec filesystem) are weaker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import posixpath
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import pyarrow.fs as pafs
+
+from .config import EbdError
+
+CACHE_DIR = Path(os.environ.get("EBD_CACHE", Path.home() / ".cache" / "ebd"))
+
+
+def is_remote(location: str | os.PathLike) -> bool:
+    """True for URIs with a scheme other than file:// (s3://, gs://, hdfs://, ...)."""
+    text = str(location)
+    return "://" in text and not text.startswith("file://")
+
+
+def canonical(location: str | os.PathLike) -> str:
+    """An absolute local path, or the URI unchanged (minus a trailing slash): the form run records keep."""
+    text = str(location)
+    if is_remote(text):
+        return text.rstrip("/")
+    return str(Path(text.removeprefix("file://")).resolve())
+
+
+def _resolve(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    text = str(location)
+    if not is_remote(text):
+        return pafs.LocalFileSystem(), str(Path(text.removeprefix("file://")).resolve())
+    try:
+        return pafs.FileSystem.from_uri(text.rstrip("/"))
+    except (OSError, ValueError, TypeError) as e:  # unknown scheme, malformed URI
+        raise EbdError(f"cannot open {text}: {_first_line(e)}") from None
+
+
+def join(location: str | os.PathLike, *names: str) -> str:
+    text = str(location)
+    if is_remote(text):
+        return posixpath.join(text.rstrip("/"), *names)
+    return str(Path(text).joinpath(*names))
+
+
+def name(location: str | os.PathLike) -> str:
+    return posixpath.basename(str(location).rstrip("/"))
+
+
+def _info(location) -> pafs.FileInfo:
+    fs, path = _resolve(location)
+    try:
+        return fs.get_file_info(path)
+    except OSError as e:  # no such bucket, no permission, endpoint down
+        raise EbdError(f"cannot read {location}: {_first_line(e)}") from None
+
+
+def is_file(location) -> bool:
+    return _info(location).type == pafs.FileType.File
+
+
+def is_dir(location) -> bool:
+    return _info(location).type == pafs.FileType.Directory
+
+
+def exists(location) -> bool:
+    return _info(location).type != pafs.FileType.NotFound
+
+
+def size(location) -> int:
+    return _info(location).size
+
+
+def list_files(location, suffix: str = "", recursive: bool = True) -> list[str]:
+    """Files under a folder (sorted, as locations of the same kind), skipping hidden names and temporaries."""
+    fs, root = _resolve(location)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=recursive, allow_not_found=True))
+    except OSError as e:
+        raise EbdError(f"cannot list {location}: {_first_line(e)}") from None
+    found = []
+    for info in infos:
+        rel = posixpath.relpath(info.path, root)
+        if info.type != pafs.FileType.File or any(p.startswith(".") for p in rel.split("/")):
+            continue
+        if rel.lower().endswith(suffix.lower()):
+            found.append(join(location, rel))
+    return sorted(found)
+
+
+def is_empty(location) -> bool:
+    """No such folder, or one holding nothing (hidden files count: a local folder is really empty)."""
+    if not is_remote(location):
+        folder = Path(str(location).removeprefix("file://"))
+        return not folder.exists() or folder.is_dir() and not any(folder.iterdir())
+    fs, root = _resolve(location)
+    try:
+        return not fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    except OSError as e:
+        raise EbdError(f"cannot list {location}: {_first_line(e)}") from None
+
+
+def read_bytes(location) -> bytes:
+    fs, path = _resolve(location)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise EbdError(f"cannot read {location}: {_first_line(e)}") from None
+
+
+def read_text(location) -> str:
+    return read_bytes(location).decode()
+
+
+def open_input(location):
+    """A seekable binary file (tarfile, parquet and PIL read it like a local file)."""
+    fs, path = _resolve(location)
+    return fs.open_input_file(path)
+
+
+def atomic_write(location, write: Callable[[io.BufferedIOBase], None]) -> dict:
+    """Writes through `write(fileobj)` so that readers see no file or the whole file (module docstring).
+
+    Returns {"bytes": size, "sha256": hex digest} of what was written, so callers never read it back.
+    """
+    if is_remote(location):
+        buffer = io.BytesIO()
+        write(buffer)
+        data = buffer.getvalue()
+        fs, path = _resolve(location)
+        try:
+            with fs.open_output_stream(path) as f:
+                f.write(data)
+        except OSError as e:
+            raise EbdError(f"cannot write {location}: {_first_line(e)}") from None
+        return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    path = Path(str(location).removeprefix("file://"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        digest = file_sha256(tmp)
+        written = os.path.getsize(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return {"bytes": written, "sha256": digest}
+
+
+def write_bytes(location, data: bytes) -> dict:
+    return atomic_write(location, lambda f: f.write(data))
+
+
+def file_sha256(location) -> str:
+    digest = hashlib.sha256()
+    if is_remote(location):
+        digest.update(read_bytes(location))
+        return digest.hexdigest()
+    with open(str(location).removeprefix("file://"), "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def delete(location) -> None:
+    fs, path = _resolve(location)
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+
+
+def check_writable(location) -> None:
+    """Fails in one line, before any work, when `location` cannot be written (no such bucket, no permission,
+    no endpoint): writes and deletes a small probe object."""
+    probe = join(location, f".ebd-write-probe-{os.getpid()}")
+    try:
+        write_bytes(probe, b"")
+        delete(probe)
+    except EbdError as e:
+        raise EbdError(f"cannot write to {location}: {str(e).split(': ', 2)[-1]}") from None
+    except OSError as e:
+        raise EbdError(f"cannot write to {location}: {_first_line(e)}") from None
+
+
+def local_copy(location) -> Path:
+    """A local folder holding `location`'s files: the folder itself when local, else a cached download (keyed by
+    the URI and every file's size and modification time, so a changed object is fetched again). Model folders go
+    through here because from_pretrained and safetensors read local files."""
+    if not is_remote(location):
+        return Path(str(location).removeprefix("file://"))
+    fs, root = _resolve(location)
+    try:
+        infos = [i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if i.type == pafs.FileType.File]
+    except (FileNotFoundError, OSError) as e:
+        raise EbdError(f"cannot read {location}: {_first_line(e)}") from None
+    if not infos:
+        raise EbdError(f"{location} holds no files")
+    key = hashlib.sha256("\n".join([str(location)] + [f"{i.path}\t{i.size}\t{i.mtime_ns}" for i in infos]).encode())
+    target = CACHE_DIR / "objects" / key.hexdigest()[:24]
+    if not (target / ".complete").is_file():
+        staging = Path(tempfile.mkdtemp(dir=CACHE_DIR.mkdir(parents=True, exist_ok=True) or CACHE_DIR))
+        for info in infos:
+            local = staging / posixpath.relpath(info.path, root)
+            local.parent.mkdir(parents=True, exist_ok=True)
+            with fs.open_input_stream(info.path) as src, open(local, "wb") as dst:
+                dst.write(src.read())
+        (staging / ".complete").write_text(str(location))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(staging, target)
+        except OSError:  # another process finished the same download first
+            import shutil
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def upload_folder(local: str | os.PathLike, location) -> None:
+    """Copies a local folder's files to `location` (each file committed whole; used for exported models)."""
+    local = Path(local)
+    files = sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: (p.name == "config.json", str(p)))
+    for path in files:  # config.json last: a model folder whose config is there is complete
+        write_bytes(join(location, *path.relative_to(local).parts), path.read_bytes())
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
