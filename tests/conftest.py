@@ -45,6 +45,23 @@ _session_auth_token()
 REPO = Path(__file__).resolve().parents[1]
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The object-store tests' S3 endpoint (moto's server on 127.0.0.1, started by the `s3` fixture). Its address and
+# throwaway credentials go into the environment now, before any Ray cluster starts, so every Ray worker and job
+# subprocess inherits them, exactly as a user's cluster inherits AWS_* from its nodes' environment. They replace
+# whatever AWS settings the user has: no test ever reaches a real bucket.
+S3_PORT = int(os.environ.get("EBD_TEST_S3_PORT") or free_port())  # once: test modules import this file again
+os.environ.update({"EBD_TEST_S3_PORT": str(S3_PORT), "AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}", "AWS_ACCESS_KEY_ID": "ebd-test",
+                   "AWS_SECRET_ACCESS_KEY": "ebd-test-secret", "AWS_DEFAULT_REGION": "us-east-1",
+                   "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+                   "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull})
+
+
 @dataclass
 class LocalCluster:
     address: str          # GCS address, for ray.init(address=...) and --address
@@ -52,10 +69,21 @@ class LocalCluster:
     env: dict             # environment for CLI subprocesses (token auth, the venv's python first on PATH)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture(scope="session")
+def s3():
+    """A real S3 API on 127.0.0.1 (moto's server), with a bucket `ebd-test`; yields the bucket's URI."""
+    import pyarrow.fs as pafs
+
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(S3_PORT)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_for_http(f"http://127.0.0.1:{S3_PORT}/", server, what="moto's S3 server")
+        pafs.S3FileSystem(endpoint_override=os.environ["AWS_ENDPOINT_URL"], allow_bucket_creation=True).create_dir(
+            "ebd-test")
+        yield "s3://ebd-test"
+    finally:
+        server.terminate()
+        server.wait(30)
 
 
 @pytest.fixture(scope="session")
@@ -101,11 +129,11 @@ def _forget_cluster(gcs_port: int) -> None:
         pass
 
 
-def _wait_for_http(url: str, process: subprocess.Popen, timeout: float = 120.0) -> None:
+def _wait_for_http(url: str, process: subprocess.Popen, timeout: float = 120.0, what: str = "ray start") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"ray start exited with code {process.returncode}")
+            raise RuntimeError(f"{what} exited with code {process.returncode}")
         try:
             urllib.request.urlopen(url, timeout=2)
             return
