@@ -59,6 +59,13 @@ def test_cluster_manifests_parse_and_have_cpu_and_gpu_worker_groups():
         groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
         gpu_limits = groups["gpu-decoder"]["template"]["spec"]["containers"][0]["resources"]["limits"]
         assert "cpu-langevin" in groups and gpu_limits["nvidia.com/gpu"] == "1"
+        # object storage by default: every pod gets the bucket's endpoint and credentials from the Secret
+        pods = [spec["headGroupSpec"]] + list(groups.values())
+        assert all(pod["template"]["spec"]["containers"][0]["envFrom"] == [{"secretRef": {"name": "ebd-s3"}}]
+                   for pod in pods)
+        if "entrypoint" in doc["spec"]:
+            paths = re.findall(r"--(?:model|vae|output) (\S+)", doc["spec"]["entrypoint"])
+            assert len(paths) == 3 and all(p.startswith("s3://") for p in paths), paths
 
 
 def test_the_dockerfile_lints_and_the_kuberay_manifests_run_the_images_it_builds():
