@@ -19,6 +19,7 @@ import hashlib
 import io
 import os
 import posixpath
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -225,7 +226,8 @@ def local_copy(location) -> Path:
     key = hashlib.sha256("\n".join([str(location)] + [f"{i.path}\t{i.size}\t{i.mtime_ns}" for i in infos]).encode())
     target = CACHE_DIR / "objects" / key.hexdigest()[:24]
     if not (target / ".complete").is_file():
-        staging = Path(tempfile.mkdtemp(dir=CACHE_DIR.mkdir(parents=True, exist_ok=True) or CACHE_DIR))
+        CACHE_DIR.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=CACHE_DIR))  # filled, then renamed into place: never half a model
         for info in infos:
             local = staging / posixpath.relpath(info.path, root)
             local.parent.mkdir(parents=True, exist_ok=True)
@@ -235,8 +237,7 @@ def local_copy(location) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.replace(staging, target)
-        except OSError:  # another process finished the same download first
-            import shutil
+        except OSError:  # another process on this node finished the same download first
             shutil.rmtree(staging, ignore_errors=True)
     return target
 

@@ -9,6 +9,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -30,7 +31,6 @@ def _session_auth_token() -> None:
     the test session makes its own in a private file, leaving the user's home alone. Subprocesses (ray start, ray
     job submit, the jobs) inherit RAY_AUTH_TOKEN_PATH from this environment."""
     import secrets
-    import tempfile
 
     if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
         return
@@ -56,10 +56,12 @@ def free_port() -> int:
 # subprocess inherits them, exactly as a user's cluster inherits AWS_* from its nodes' environment. They replace
 # whatever AWS settings the user has: no test ever reaches a real bucket.
 S3_PORT = int(os.environ.get("EBD_TEST_S3_PORT") or free_port())  # once: test modules import this file again
-os.environ.update({"EBD_TEST_S3_PORT": str(S3_PORT), "AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}", "AWS_ACCESS_KEY_ID": "ebd-test",
-                   "AWS_SECRET_ACCESS_KEY": "ebd-test-secret", "AWS_DEFAULT_REGION": "us-east-1",
-                   "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+os.environ.update({"EBD_TEST_S3_PORT": str(S3_PORT), "AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}",
+                   "AWS_ACCESS_KEY_ID": "ebd-test", "AWS_SECRET_ACCESS_KEY": "ebd-test-secret",
+                   "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
                    "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull})
+if "EBD_CACHE" not in os.environ:  # local copies of bucket models: a throwaway folder, not the user's ~/.cache/ebd
+    os.environ["EBD_CACHE"] = tempfile.mkdtemp(prefix="ebd-test-cache-")
 
 
 @dataclass
