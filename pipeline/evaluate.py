@@ -408,8 +408,8 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
     tick = time.monotonic()
     gen_dir, out = Path(cfg.generated), Path(cfg.output)
     manifest = generated_manifest(gen_dir)
-    model_dir = Path(cfg.model or manifest["model"]["path"])
-    if not (model_dir / "config.json").is_file():
+    model_dir = storage.canonical(cfg.model or manifest["model"]["path"])  # a folder or a bucket's URI
+    if not storage.is_file(storage.join(model_dir, "config.json")):
         raise EbdError(f"the generation run's model is not at {model_dir}: pass --model DIR")
     vae_info = manifest["vae"]
     extractors = {}

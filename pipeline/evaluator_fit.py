@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -31,6 +30,7 @@ import torch
 from torch.nn import functional as F
 
 from . import shards as sh
+from . import storage
 from .config import EbdError, JobConfig, require
 from .features import ImageEvaluator, to_network_input
 from .progress import Progress
@@ -96,7 +96,7 @@ def decoded_split(cfg: FitEvaluatorConfig) -> dict:
     held = files[len(files) - cfg.holdout_shards:]
     out = {"vae": identity, "held_out_files": held, "train_files": files[:len(files) - cfg.holdout_shards]}
     for name, subset in (("train", out["train_files"]), ("held_out", held)):
-        rows = list(sh.iter_latents([str(Path(cfg.latents) / f) for f in subset]))
+        rows = list(sh.iter_latents([storage.join(cfg.latents, f) for f in subset]))
         if name == "train" and len(rows) > cfg.max_images:
             keep = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.max_images]
             rows = [rows[i] for i in sorted(keep.tolist())]

@@ -18,7 +18,6 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -406,9 +405,9 @@ def decoded_shards(cfg: GenerateConfig, shards: list[int], sampler: dict, decode
 
 
 def _absolute(spec):
-    """The spec with an absolute path: Ray workers may run in another working directory."""
+    """The spec with an absolute path (or its URI): Ray workers may run in another working directory."""
     from dataclasses import replace
-    return replace(spec, path=str(Path(spec.path).resolve()))
+    return replace(spec, path=storage.canonical(spec.path))
 
 
 def _build_dag(cfg: GenerateConfig, pending: list[int], sampler: dict, decoder, gpus: float, batch_sizes: dict,
@@ -481,7 +480,7 @@ def _finish(out: str, cfg: GenerateConfig, done: dict, num_shards: int, sampler:
                 "seed": cfg.seed, "model": {"id": model_id, "path": storage.canonical(cfg.model)},
                 "latents": {"saved": cfg.save_latents, "shape": latent_shape, "dtype": "float16", "scaled": True},
                 "vae": vae_identity, "sampler": sampler, "images_per_shard": cfg.images_per_shard,
-                "decoder": {"class": decoder.class_name, "path": str(Path(decoder.path).resolve()),
+                "decoder": {"class": decoder.class_name, "path": storage.canonical(decoder.path),
                             "weights_sha256": decoder.weights_sha256()},
                 "shards": [{"shard": s["shard"], "count": s["count"], "files": s["files"]} for s in shards]}
     atomic_write_json(storage.join(out, "manifest.json"), manifest)  # last: its presence means the run is complete

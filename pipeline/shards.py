@@ -97,7 +97,7 @@ def iter_latents(paths: list[str]) -> Iterator[dict]:
 
 def read_tar_samples(path: str) -> Iterator[dict]:
     """The webdataset samples {"__key__": KEY, EXT: bytes} of one tar (local or object store), in order."""
-    with storage.open_input(path) as stream:
+    with storage.open_stream(path) as stream:
         yield from _group_by_key(tar_file_iterator(stream))
 
 

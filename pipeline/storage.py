@@ -15,6 +15,8 @@ and a shard counts only once its done marker (written last) exists.
 
 from __future__ import annotations
 
+import fcntl
+import functools
 import hashlib
 import io
 import os
@@ -29,6 +31,7 @@ import pyarrow.fs as pafs
 from .config import EbdError
 
 CACHE_DIR = Path(os.environ.get("EBD_CACHE", Path.home() / ".cache" / "ebd"))
+PROBE = ".ebd-write-probe-"  # check_writable's object; a folder holding only probes is still empty
 
 
 def is_remote(location: str | os.PathLike) -> bool:
@@ -46,20 +49,32 @@ def canonical(location: str | os.PathLike) -> str:
 
 
 def _resolve(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it). Only `scheme://bucket` is parsed as a URI: the key after it is taken as it is,
+    so object names with spaces, `%`, `#` or `?` (real image sets have them) name themselves."""
     text = str(location)
     if not is_remote(text):
         return pafs.LocalFileSystem(), str(Path(text.removeprefix("file://")).resolve())
+    scheme, rest = text.split("://", 1)
+    bucket, _, key = rest.partition("/")
+    fs, base = _filesystem(f"{scheme}://{bucket}")
+    key = key.rstrip("/")
+    return fs, (f"{base.rstrip('/')}/{key}" if key else base)
+
+
+@functools.lru_cache(maxsize=64)
+def _filesystem(root_uri: str) -> tuple[pafs.FileSystem, str]:
+    """One client per bucket and process (making one may cost a region lookup)."""
     try:
-        return pafs.FileSystem.from_uri(text.rstrip("/"))
+        return pafs.FileSystem.from_uri(root_uri)
     except (OSError, ValueError, TypeError) as e:  # unknown scheme, malformed URI
-        raise EbdError(f"cannot open {text}: {_first_line(e)}") from None
+        raise EbdError(f"cannot open {root_uri}: {_first_line(e)}") from None
 
 
 def join(location: str | os.PathLike, *names: str) -> str:
     text = str(location)
     if is_remote(text):
         return posixpath.join(text.rstrip("/"), *names)
-    return str(Path(text).joinpath(*names))
+    return str(Path(text.removeprefix("file://")).joinpath(*names))
 
 
 def name(location: str | os.PathLike) -> str:
@@ -90,11 +105,16 @@ def size(location) -> int:
     return _info(location).size
 
 
-def list_files(location, suffix: str = "", recursive: bool = True) -> list[str]:
-    """Files under a folder (sorted, as locations of the same kind), skipping hidden names and temporaries."""
+def list_files(location, suffix: str = "") -> list[str]:
+    """Files under a folder whose names end in `suffix`, recursively, skipping hidden names and temporaries, sorted
+    by path components (`a/b` before `a-x/c`), as locations of the same kind."""
+    if not is_remote(location):  # pathlib's walk: no symlinked folders followed (a loop would never end)
+        root = Path(str(location).removeprefix("file://"))
+        return [str(p) for p in sorted(root.rglob(f"*{suffix}"))
+                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)]
     fs, root = _resolve(location)
     try:
-        infos = fs.get_file_info(pafs.FileSelector(root, recursive=recursive, allow_not_found=True))
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
     except OSError as e:
         raise EbdError(f"cannot list {location}: {_first_line(e)}") from None
     found = []
@@ -102,21 +122,23 @@ def list_files(location, suffix: str = "", recursive: bool = True) -> list[str]:
         rel = posixpath.relpath(info.path, root)
         if info.type != pafs.FileType.File or any(p.startswith(".") for p in rel.split("/")):
             continue
-        if rel.lower().endswith(suffix.lower()):
-            found.append(join(location, rel))
-    return sorted(found)
+        if rel.endswith(suffix):
+            found.append(rel)
+    return [join(location, rel) for rel in sorted(found, key=lambda rel: rel.split("/"))]
 
 
 def is_empty(location) -> bool:
-    """No such folder, or one holding nothing (hidden files count: a local folder is really empty)."""
+    """No such folder, or one holding nothing but write probes (hidden files count otherwise: a local folder is
+    really empty)."""
     if not is_remote(location):
         folder = Path(str(location).removeprefix("file://"))
-        return not folder.exists() or folder.is_dir() and not any(folder.iterdir())
+        return not folder.exists() or folder.is_dir() and all(p.name.startswith(PROBE) for p in folder.iterdir())
     fs, root = _resolve(location)
     try:
-        return not fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
     except OSError as e:
         raise EbdError(f"cannot list {location}: {_first_line(e)}") from None
+    return all(posixpath.basename(i.path).startswith(PROBE) for i in infos if i.type == pafs.FileType.File)
 
 
 def read_bytes(location) -> bytes:
@@ -138,6 +160,13 @@ def open_input(location):
     """A seekable binary file (tarfile, parquet and PIL read it like a local file)."""
     fs, path = _resolve(location)
     return fs.open_input_file(path)
+
+
+def open_stream(location, buffer_bytes: int = 8 << 20):
+    """A buffered sequential reader: a tar streamed from a bucket in a few large ranged GETs, not one per 10 KiB
+    block its reader asks for."""
+    fs, path = _resolve(location)
+    return fs.open_input_stream(path, buffer_size=buffer_bytes if is_remote(location) else None)
 
 
 def atomic_write(location, write: Callable[[io.BufferedIOBase], None]) -> dict:
@@ -200,7 +229,7 @@ def delete(location) -> None:
 def check_writable(location) -> None:
     """Fails in one line, before any work, when `location` cannot be written (no such bucket, no permission,
     no endpoint): writes and deletes a small probe object."""
-    probe = join(location, f".ebd-write-probe-{os.getpid()}")
+    probe = join(location, f"{PROBE}{os.getpid()}")
     try:
         write_bytes(probe, b"")
         delete(probe)
@@ -224,21 +253,28 @@ def local_copy(location) -> Path:
     if not infos:
         raise EbdError(f"{location} holds no files")
     key = hashlib.sha256("\n".join([str(location)] + [f"{i.path}\t{i.size}\t{i.mtime_ns}" for i in infos]).encode())
-    target = CACHE_DIR / "objects" / key.hexdigest()[:24]
-    if not (target / ".complete").is_file():
-        CACHE_DIR.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=CACHE_DIR))  # filled, then renamed into place: never half a model
+    name = key.hexdigest()[:24]
+    target = CACHE_DIR / "objects" / name
+    if (target / ".complete").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f"{name}.lock", "wb") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one download per node: the other actors wait for it, then share it
+        if (target / ".complete").is_file():
+            return target
+        staging = target.parent / f"{name}.partial"  # a download killed midway is thrown away here
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(target, ignore_errors=True)
         for info in infos:
             local = staging / posixpath.relpath(info.path, root)
             local.parent.mkdir(parents=True, exist_ok=True)
             with fs.open_input_stream(info.path) as src, open(local, "wb") as dst:
-                dst.write(src.read())
+                shutil.copyfileobj(src, dst, 8 << 20)
+            if local.stat().st_size != info.size:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise EbdError(f"{location} changed while it was being copied: run again once it is complete")
         (staging / ".complete").write_text(str(location))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.replace(staging, target)
-        except OSError:  # another process on this node finished the same download first
-            shutil.rmtree(staging, ignore_errors=True)
+        os.replace(staging, target)
     return target
 
 

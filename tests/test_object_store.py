@@ -80,6 +80,7 @@ def latents(ray_cluster, bucket, sd_checkpoint, tmp_path_factory) -> str:
     """Demo tars uploaded to the bucket, precomputed into the bucket while one encode worker is SIGKILLed."""
     local = tmp_path_factory.mktemp("images")
     write_demo_images(local, IMAGES, size=32, images_per_shard=16)
+    (local / "shapes-000001.tar").rename(local / "shapes 1 #%41.tar")  # object names as real buckets have them
     storage.upload_folder(local, storage.join(bucket, "images"))
     out = storage.join(bucket, "latents")
     cfg = from_dict(PrecomputeConfig, dict(input=storage.join(bucket, "images"), vae=str(sd_checkpoint), output=out,
@@ -109,7 +110,7 @@ def model(latents, bucket) -> str:
     checkpoint and Ray Train's failure config restarts it from that checkpoint."""
     out = storage.join(bucket, "ebm")
     cfg = from_dict(TrainConfig, dict(latents=latents, output=out, run_name="s3", objective="cd", channels=[8],
-                                      batch_size=8, langevin_steps=5, max_steps=200, log_every=20, checkpoint_every=20,
+                                      batch_size=8, langevin_steps=5, max_steps=100, log_every=10, checkpoint_every=10,
                                       holdout_shards=1, max_failures=1))
     checkpoints = storage.join(out, "checkpoints", "s3")
     result: dict = {}
@@ -139,9 +140,9 @@ def _registered_checkpoints(run_folder: str) -> list[int]:
 
 def test_training_reads_the_bucket_survives_a_killed_worker_and_exports_there(model):
     trained = load_model(model)  # from a cached local copy of the bucket folder
-    assert trained.metadata["training"]["steps"] == 200
+    assert trained.metadata["training"]["steps"] == 100
     worker = read_json(storage.join(model.rsplit("/", 1)[0], "workers", "rank-0.json"))
-    assert worker["resumed_from_step"] >= 20 and worker["step"] == 200  # restarted from a checkpoint, not step 0
+    assert worker["resumed_from_step"] >= 10 and worker["step"] == 100  # restarted from a checkpoint, not step 0
     assert [s["file"] for s in trained.metadata["latents"]["held_out"]] == ["latents-000007.tar"]
 
 
@@ -159,9 +160,16 @@ def _shard_hashes(out: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def clean_run(model, bucket, sd_checkpoint) -> str:
+def bucket_vae(bucket, sd_checkpoint) -> str:
+    """The Stable Diffusion-layout VAE folder in the bucket: decoder actors read it through their node's cache."""
+    storage.upload_folder(sd_checkpoint, storage.join(bucket, "sd"))
+    return storage.join(bucket, "sd")
+
+
+@pytest.fixture(scope="module")
+def clean_run(model, bucket, bucket_vae) -> str:
     out = storage.join(bucket, "generated-clean")
-    _generate(model, sd_checkpoint, out)
+    _generate(model, bucket_vae, out)
     return out
 
 
@@ -178,19 +186,19 @@ def test_generation_into_a_bucket_gives_exactly_n_unique_keys_in_both_formats(cl
 
 
 def test_a_killed_langevin_actor_is_restarted_and_the_run_stays_exact_and_identical(clean_run, model, bucket,
-                                                                                    sd_checkpoint):
+                                                                                    bucket_vae):
     out = storage.join(bucket, "generated-actor-killed")
     with Killer("MapBatches(LangevinStage)") as killer:
-        summary = _generate(model, sd_checkpoint, out)
+        summary = _generate(model, bucket_vae, out)
     assert killer.killed and summary["images"] == 40
     assert _shard_hashes(out) == _shard_hashes(clean_run)  # no shard lost, doubled or changed
 
 
 def test_a_driver_killed_mid_run_resumes_exact_and_byte_identical(ray_cluster, clean_run, model, bucket,
-                                                                  sd_checkpoint):
+                                                                  bucket_vae):
     out = storage.join(bucket, "generated-driver-killed")
     command = [sys.executable, "-m", "jobs.generate", "--config", "configs/generate.yaml", "--model", model,
-               "--vae", str(sd_checkpoint), "--output", out, "--address", ray_cluster.address, "--num-images", "40",
+               "--vae", bucket_vae, "--output", out, "--address", ray_cluster.address, "--num-images", "40",
                "--format", "both", "--set", "images_per_shard=8", "--set", "batch_size=8",
                "--set", "langevin_actors=1", "--set", "langevin_steps=60"]
     first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -222,7 +230,7 @@ def test_a_missing_bucket_is_one_line_exit_2_and_writes_nothing(model, sd_checkp
     assert not (tmp_path / "out").exists()
 
 
-def test_a_shard_object_without_its_done_marker_is_rewritten_never_trusted(clean_run, model, bucket, sd_checkpoint):
+def test_a_shard_object_without_its_done_marker_is_rewritten_never_trusted(clean_run, model, bucket, bucket_vae):
     out = storage.join(bucket, "generated-unmarked")
     for path in storage.list_files(clean_run):  # a copy of the finished run, in another prefix
         storage.write_bytes(path.replace(clean_run, out), storage.read_bytes(path))
@@ -230,6 +238,6 @@ def test_a_shard_object_without_its_done_marker_is_rewritten_never_trusted(clean
     storage.write_bytes(storage.join(out, "images-000002.parquet"), b"PAR1 truncated")
     storage.delete(storage.join(out, "stats", "images-000002.json"))
     storage.delete(storage.join(out, "manifest.json"))
-    summary = _generate(model, sd_checkpoint, out)
+    summary = _generate(model, bucket_vae, out)
     assert summary["images_this_run"] == 8  # only the unmarked shard was made again
     assert _shard_hashes(out) == _shard_hashes(clean_run)

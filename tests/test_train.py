@@ -148,7 +148,7 @@ def test_killing_the_job_and_rerunning_the_command_resumes_from_the_checkpoint(r
                                                                                tmp_path):
     tiny = TINY_DSM | {"log_every": 10, "checkpoint_every": 10}  # configs/train.yaml: the dsm objective
     command = [sys.executable, "-m", "jobs.train", "--config", "configs/train.yaml", "--latents",
-               str(mixture_latents), "--output", str(tmp_path), "--run-name", "resume-me", "--max-steps", "120",
+               str(mixture_latents), "--output", str(tmp_path), "--run-name", "resume-me", "--max-steps", "60",
                "--address", ray_cluster.address] + [f"--set={k}={json.dumps(v)}" for k, v in tiny.items()]
     snapshot = tmp_path / "checkpoints" / "resume-me" / "checkpoint_manager_snapshot.json"
     first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -167,7 +167,7 @@ def test_killing_the_job_and_rerunning_the_command_resumes_from_the_checkpoint(r
     assert second.returncode == 0, second.stderr[-3000:]
     resumed = [line for line in (second.stdout + second.stderr).splitlines() if "resumed from checkpoint" in line]
     assert resumed and int(resumed[0].rsplit(" ", 1)[1]) >= saved >= 10
-    assert load_model(tmp_path / "model").metadata["training"]["steps"] == 120
+    assert load_model(tmp_path / "model").metadata["training"]["steps"] == 60
 
 
 def test_the_diffusion_baseline_resumes_from_its_checkpoint_and_exports(ray_cluster, mixture_latents, tmp_path):
