@@ -2,8 +2,8 @@
 
 Images: coloured shapes (circle, square, triangle, cross, ring, diamond) on varied backgrounds (flat, gradient,
 stripes, checker), generated deterministically from (seed, index), ~2000 images/s on one core. They are written as
-webdataset tars (`shapes-000000.tar`: KEY.png + KEY.cls with the shape's name), the img2dataset layout precompute
-reads. Patterns are at least 8 px wide, so a VAE with Stable Diffusion's 8x down-sampling can represent them.
+webdataset tars (`shapes-000000.tar`: KEY.png, KEY.cls with the shape's name, KEY.json with both factors
+{"shape", "background"}), the img2dataset layout precompute reads (`label_fields: [shape, background]` keeps both). Patterns are at least 8 px wide, so a VAE with Stable Diffusion's 8x down-sampling can represent them.
 
 VAE: a diffusers AutoencoderKL saved in the layout of a Stable Diffusion checkpoint (`DIR/vae/`,
 `DIR/model_index.json`), so it is loaded by exactly the code path a real SD checkpoint goes through. Tests use a
@@ -12,6 +12,7 @@ random one (`write_sd_style_vae`); the demo ships one fitted to these images (`j
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,13 @@ def render_shape_image(index: int, size: int = 64, seed: int = 0, draw_shape: bo
     return img, shape
 
 
+def demo_labels(index: int, seed: int = 0) -> dict[str, str]:
+    """Both factors of image `index`: {"shape": ..., "background": ...} (the background is the first draw of the
+    image's generator, as render_shape_image makes it)."""
+    kind = BACKGROUNDS[int(np.random.default_rng([seed, index]).integers(len(BACKGROUNDS)))]
+    return {"shape": SHAPES[index % len(SHAPES)], "background": kind}
+
+
 def _background(rng: np.random.Generator, size: int) -> Image.Image:
     kind = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
     a, b = rng.integers(0, 256, (2, 3)).astype(np.float32)
@@ -69,7 +77,7 @@ def _background(rng: np.random.Generator, size: int) -> Image.Image:
 
 def write_demo_images(folder: str | Path, count: int, size: int = 64, seed: int = 0,
                       images_per_shard: int = 1000) -> list[Path]:
-    """Writes images [0, count) as `folder/shapes-NNNNNN.tar` (KEY.png, KEY.cls), atomically. A shard already
+    """Writes images [0, count) as `folder/shapes-NNNNNN.tar` (KEY.png, KEY.cls, KEY.json), atomically. A shard already
     there is kept: the set is deterministic, so a re-run only fills in what is missing. Returns the shard paths."""
     from .shards import write_tar
     from .sinks import png_bytes
@@ -83,7 +91,7 @@ def write_demo_images(folder: str | Path, count: int, size: int = 64, seed: int 
             for i in range(start, min(start + images_per_shard, count)):
                 img, label = render_shape_image(i, size, seed)
                 samples.append({"__key__": f"{label}_{i:06d}", "png": png_bytes(np.asarray(img)),
-                                "cls": label.encode()})
+                                "cls": label.encode(), "json": json.dumps(demo_labels(i, seed)).encode()})
             write_tar(path, samples)
         paths.append(path)
     return paths

@@ -14,7 +14,8 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -26,7 +27,7 @@ from .config import ConfigError, EbdError, JobConfig, require, to_dict
 from .images import Rejected, decode_image, to_model_input
 from .metrics import record_precompute_shard
 from .progress import Progress
-from .sources import Item, count_by_label, plan_items, read_items
+from .sources import Item, count_by_field, count_by_label, plan_items, read_items
 from .vae import VaeSpec, resolve_vae
 
 RUN_FILE = "run.json"  # what this folder was started with; a resumed run must match it
@@ -57,6 +58,8 @@ class PrecomputeConfig(JobConfig):
     image_column: str | None = None              # parquet: column with image bytes (auto-detected if null)
     key_column: str | None = None                # parquet: column with sample keys (row number if null)
     label_column: str | None = None              # parquet: column with labels ("label" if present)
+    label_fields: list[str] = field(default_factory=list)  # named labels, each kept: folder levels, KEY.json
+                                                 # keys or parquet columns, e.g. [shape, background]
     progress_interval_s: float = 10.0
 
     def validate(self) -> None:
@@ -70,6 +73,9 @@ class PrecomputeConfig(JobConfig):
         require(self.max_retries >= 0 and self.max_in_flight >= 0, "max_retries and max_in_flight must be >= 0")
         require(self.max_pixels > 0 and self.min_side >= 1 and self.max_file_bytes > 0,
                 "max_pixels, min_side and max_file_bytes must be positive")
+        require(all(isinstance(f, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,64}", f) for f in self.label_fields)
+                and len(set(self.label_fields)) == len(self.label_fields),
+                f"label_fields must be distinct names of [A-Za-z0-9_-], got {self.label_fields!r}")
 
 
 # Keys that change what lands in the shards: a resumed run must agree with the folder on all of them.
@@ -104,7 +110,8 @@ def prepare(cfg: PrecomputeConfig) -> tuple[VaeSpec, str, list[Item]]:
     spec = resolve_vae(cfg.vae, cfg.vae_subfolder)
     require(cfg.resolution % spec.downscale_factor == 0,
             f"resolution {cfg.resolution} is not a multiple of the VAE's downscale factor {spec.downscale_factor}")
-    fmt, items = plan_items(cfg.input, cfg.input_format, cfg.image_column, cfg.key_column, cfg.label_column)
+    fmt, items = plan_items(cfg.input, cfg.input_format, cfg.image_column, cfg.key_column, cfg.label_column,
+                            cfg.label_fields)
     if not items:
         raise ConfigError(f"no input files under {cfg.input}")
     storage.check_writable(cfg.output)
@@ -200,7 +207,7 @@ def encode_shard(job: ShardJob) -> dict:
     device = vae_lib.pick_device(job.use_gpu)
     vae = vae_lib.cached_vae(job.vae, device, job.dtype)
 
-    samples, rejects, labels = [], [], []
+    samples, rejects, labels, fields = [], [], [], []
     batch: list[tuple[Item, np.ndarray, dict]] = []
 
     def flush():
@@ -223,9 +230,13 @@ def encode_shard(job: ShardJob) -> dict:
                             "shard": job.index})
             continue
         meta = {"source": item.source, "original_size": list(size), "seed": vae_lib.image_seed(job.seed, item.key)}
-        if loaded.label is not None:
-            meta["label"] = loaded.label
-        labels.append(loaded.label)
+        label = loaded.label if loaded.label is not None else next(iter(loaded.fields.values()), None)
+        if label is not None:
+            meta["label"] = label  # the one label tools that read one see (.cls, first folder, or first field)
+        if loaded.fields:
+            meta["labels"] = loaded.fields
+        labels.append(label)
+        fields.append(loaded.fields)
         batch.append((item, pixels, meta))
         if len(batch) == job.batch_size:
             flush()
@@ -236,7 +247,7 @@ def encode_shard(job: ShardJob) -> dict:
     written = sh.write_tar(storage.join(job.output, name), samples)
     stats = {"shard": job.index, "file": name, "count": len(samples), "seen": len(job.items),
              "rejected": len(rejects), **written,
-             "labels": count_by_label(labels), "rejects": rejects, "seconds": round(time.monotonic() - start, 3),
+             "labels": count_by_label(labels), "label_fields": count_by_field(fields), "rejects": rejects, "seconds": round(time.monotonic() - start, 3),
              "worker": {"pid": os.getpid(), "device": device.type,
                         "vae_loads_in_process": vae_lib.vae_loads_in_this_process()}}
     sh.atomic_write_json(_stats_path(job.output, job.index), stats)  # the done marker: written after the tar
@@ -266,8 +277,11 @@ def _completed_shard(out: str, index: int) -> dict | None:
 def _claim_output(out: str, cfg: PrecomputeConfig, vae_identity: dict, items: list[Item]) -> None:
     """Records what this folder is being filled with; refuses to resume a folder started differently."""
     listing = hashlib.sha256("\n".join(f"{it.source}\t{it.key}" for it in items).encode()).hexdigest()
-    run = {"config": {k: getattr(cfg, k) for k in _CONTENT_KEYS}, "vae_weights_sha256": vae_identity["weights_sha256"],
-           "inputs": len(items), "inputs_sha256": listing}
+    config = {k: getattr(cfg, k) for k in _CONTENT_KEYS}
+    if cfg.label_fields:  # recorded only when used, so folders started before the setting existed still resume
+        config["label_fields"] = list(cfg.label_fields)
+    run = {"config": config, "vae_weights_sha256": vae_identity["weights_sha256"], "inputs": len(items),
+           "inputs_sha256": listing}
     sh.claim_run_folder(out, run, RUN_FILE)
 
 
@@ -276,9 +290,13 @@ def _write_manifest(out: str, cfg: PrecomputeConfig, fmt: str, spec: VaeSpec, va
     rejects = [r for s in stats for r in s["rejects"]]
     sh.atomic_write_lines(storage.join(out, sh.REJECTS), rejects)
     labels: dict[str, int] = {}
+    by_field: dict[str, dict[str, int]] = {}
     for s in stats:
         for label, n in s["labels"].items():
             labels[label] = labels.get(label, 0) + n
+        for name, counts in s.get("label_fields", {}).items():  # markers from before label_fields have none
+            for value, n in counts.items():
+                by_field.setdefault(name, {})[value] = by_field.setdefault(name, {}).get(value, 0) + n
     by_reason: dict[str, int] = {}
     for r in rejects:
         by_reason[r["reason"]] = by_reason.get(r["reason"], 0) + 1
@@ -302,6 +320,8 @@ def _write_manifest(out: str, cfg: PrecomputeConfig, fmt: str, spec: VaeSpec, va
         "rejects_by_reason": dict(sorted(by_reason.items())),
         "labels": dict(sorted(labels.items())),
     }
+    if by_field:  # {"shape": {"ring": 1650, ...}, "background": {...}}: every named label, counted
+        manifest["label_fields"] = {name: dict(sorted(c.items())) for name, c in sorted(by_field.items())}
     sh.atomic_write_json(storage.join(out, sh.MANIFEST), manifest)  # last: its presence means the folder is complete
     return manifest
 

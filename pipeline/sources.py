@@ -17,8 +17,8 @@ import json
 import os
 import re
 import tarfile
-from collections import defaultdict
-from dataclasses import dataclass
+from collections import OrderedDict, defaultdict
+from dataclasses import dataclass, field
 import posixpath
 from pathlib import Path, PurePosixPath
 from typing import Iterator
@@ -33,6 +33,7 @@ from .config import ConfigError
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif")
 LABEL_MAX_CHARS = 200
 KEY_MAX_CHARS = 80
+OPEN_TARS = 16  # tars a reader keeps open at once
 AUTO_IMAGE_COLUMNS = ("image", "jpg", "png", "webp", "img", "image_bytes", "bytes")
 
 
@@ -44,6 +45,7 @@ class Item:
     label: str | None            # known at planning for folders and parquet, read from .cls/.json for tars
     locator: tuple               # ("file", path) | ("tar", path, ((ext, offset, size), ...)) | ("parquet", path, row_group, row, column)
     reject: str | None = None    # a reason known at planning time (e.g. an unsupported file type)
+    fields: tuple[tuple[str, str], ...] = ()  # named labels known at planning (folder levels, parquet columns)
 
 
 @dataclass
@@ -52,6 +54,7 @@ class Loaded:
     data: bytes | None
     label: str | None
     reject: tuple[str, str] | None = None  # (reason, detail)
+    fields: dict[str, str] = field(default_factory=dict)  # every named label: {"shape": "ring", "background": ...}
 
 
 # ----------------------------------------------------------------------------------------------- planning
@@ -74,9 +77,16 @@ def detect_format(path: str) -> str:
 
 
 def plan_items(path: str | Path, fmt: str = "auto", image_column: str | None = None,
-               key_column: str | None = None, label_column: str | None = None) -> tuple[str, list[Item]]:
+               key_column: str | None = None, label_column: str | None = None,
+               label_fields: list[str] | tuple[str, ...] = ()) -> tuple[str, list[Item]]:
     """Lists every sample under `path` (a local path or an object-store URI) in a deterministic order.
-    Returns (format, items)."""
+    Returns (format, items).
+
+    `label_fields` names the labels each sample carries, for data labelled along several factors (shape and
+    background, say): a folder tree's first levels (`ring/checker/1.png`), a webdataset sidecar's `KEY.json`
+    keys, or parquet columns. Every field found is kept; the single `label` (.cls, the first folder, the label
+    column) stays for tools that read one."""
+    label_fields = tuple(label_fields or ())
     root = storage.canonical(path)
     if not storage.exists(root):
         raise ConfigError(f"input not found: {root}")
@@ -85,13 +95,13 @@ def plan_items(path: str | Path, fmt: str = "auto", image_column: str | None = N
     if fmt == "folder":
         if not storage.is_dir(root):
             raise ConfigError(f"input format 'folder' needs a directory, got {root}")
-        return fmt, list(_plan_folder(root, keys))
+        return fmt, list(_plan_folder(root, keys, label_fields))
     files = _data_files(root, ".tar" if fmt == "webdataset" else ".parquet")
     if fmt == "webdataset":
-        return fmt, [it for f in files for it in _plan_tar(f, root, keys)]
+        return fmt, [it for f in files for it in _plan_tar(f, root, keys, label_fields)]
     if fmt == "parquet":
         return fmt, [it for f in files for it in _plan_parquet(f, root, keys, image_column, key_column,
-                                                               label_column)]
+                                                               label_column, label_fields)]
     raise ConfigError(f"unknown input format {fmt!r}")
 
 
@@ -119,10 +129,10 @@ def _relative(path: str, root: str) -> str:
     return storage.name(path) if path == root else posixpath.relpath(path, root)
 
 
-def _plan_folder(root: str, keys: "_KeyMaker") -> Iterator[Item]:
+def _plan_folder(root: str, keys: "_KeyMaker", label_fields: tuple[str, ...]) -> Iterator[Item]:
     if storage.is_remote(root):  # an object store has no directories to walk: its listing is already sorted
         for path in storage.list_files(root):
-            yield _folder_item(posixpath.relpath(path, root), path, keys)
+            yield _folder_item(posixpath.relpath(path, root), path, keys, label_fields)
         return
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -130,20 +140,23 @@ def _plan_folder(root: str, keys: "_KeyMaker") -> Iterator[Item]:
             if name.startswith("."):
                 continue
             path = Path(dirpath) / name
-            yield _folder_item(path.relative_to(root).as_posix(), str(path), keys)
+            yield _folder_item(path.relative_to(root).as_posix(), str(path), keys, label_fields)
 
 
-def _folder_item(rel: str, path: str, keys: "_KeyMaker") -> Item:
-    """One file of a folder tree; its first folder under the root is its label."""
+def _folder_item(rel: str, path: str, keys: "_KeyMaker", label_fields: tuple[str, ...]) -> Item:
+    """One file of a folder tree; its first folder under the root is its label, its first folders in order are
+    the values of `label_fields`."""
     parts = PurePosixPath(rel)
-    label = parts.parts[0] if len(parts.parts) > 1 else None
+    folders = parts.parts[:-1]
+    label = folders[0] if folders else None
     ext = parts.suffix.lower().lstrip(".")
     reject = None if ext in IMAGE_EXTENSIONS else "unsupported_extension"
+    fields = tuple((name, value) for name, value in zip(label_fields, map(_clean_label, folders)) if value)
     return Item(source=rel, key=keys.make(parts.with_suffix("").as_posix(), rel), label=label,
-                locator=("file", path), reject=reject)
+                locator=("file", path), reject=reject, fields=fields)
 
 
-def _plan_tar(path: str, root: str, keys: "_KeyMaker") -> Iterator[Item]:
+def _plan_tar(path: str, root: str, keys: "_KeyMaker", label_fields: tuple[str, ...]) -> Iterator[Item]:
     """Groups tar members into webdataset samples (`KEY.EXT`, split on the first dot of the basename)."""
     rel = _relative(path, root)
     samples: dict[str, dict[str, tuple[int, int]]] = {}
@@ -161,11 +174,13 @@ def _plan_tar(path: str, root: str, keys: "_KeyMaker") -> Iterator[Item]:
         source = f"{rel}::{base}"
         yield Item(source=source, key=keys.make(base, source), label=None,
                    locator=("tar", str(path), tuple((e, *members[e]) for e in wanted)),
-                   reject=None if image_ext else "no_image_member")
+                   reject=None if image_ext else "no_image_member",
+                   fields=tuple((name, "") for name in label_fields))  # values: read from KEY.json with the image
 
 
 def _plan_parquet(path: str, root: str, keys: "_KeyMaker", image_column: str | None,
-                  key_column: str | None, label_column: str | None) -> Iterator[Item]:
+                  key_column: str | None, label_column: str | None,
+                  label_fields: tuple[str, ...]) -> Iterator[Item]:
     rel = _relative(path, root)
     try:
         pf = pq.ParquetFile(_open(path))
@@ -181,8 +196,11 @@ def _plan_parquet(path: str, root: str, keys: "_KeyMaker", image_column: str | N
                           "not image bytes (binary or struct<bytes, path>)")
     if label_column is not None and label_column not in schema.names:
         raise ConfigError(f"label_column {label_column!r} not in {path} (columns: {', '.join(schema.names)})")
+    missing = [name for name in label_fields if name not in schema.names]
+    if missing:
+        raise ConfigError(f"label field {missing[0]!r} is not a column of {path} (columns: {', '.join(schema.names)})")
     label_column = label_column or ("label" if "label" in schema.names else None)
-    side = [c for c in (key_column, label_column) if c]
+    side = list(dict.fromkeys(c for c in (key_column, label_column, *label_fields) if c))
     stem = _sanitize(PurePosixPath(rel).with_suffix("").as_posix())
     row_index = 0
     for rg in range(pf.num_row_groups):
@@ -191,8 +209,9 @@ def _plan_parquet(path: str, root: str, keys: "_KeyMaker", image_column: str | N
             source = f"{rel}#{row_index}"
             hint = str(table.column(key_column)[row].as_py()) if key_column else f"{stem}_{row_index:09d}"
             label = table.column(label_column)[row].as_py() if label_column else None
+            values = ((name, _clean_label(table.column(name)[row].as_py())) for name in label_fields)
             yield Item(source=source, key=keys.make(hint, source), label=_clean_label(label),
-                       locator=("parquet", path, rg, row, column))
+                       locator=("parquet", path, rg, row, column), fields=tuple((n, v) for n, v in values if v))
             row_index += 1
 
 
@@ -242,62 +261,86 @@ def _clean_label(label) -> str | None:
 # ------------------------------------------------------------------------------------------------ reading
 
 def read_items(items: list[Item], max_file_bytes: int) -> Iterator[Loaded]:
-    """Yields the raw bytes (or a rejection) of each item, in order, reading each parquet row group once."""
+    """Yields the raw bytes (or a rejection) of each item, in order, reading each parquet row group once and
+    keeping the last few tars open (a shuffled shard draws from many; on S3 each open costs a request)."""
     row_groups: dict[tuple[str, int, str], pa.Array] = {}
-    for item in items:
-        if item.reject:
-            yield Loaded(item, None, item.label, (item.reject, f"{item.source}: {item.reject.replace('_', ' ')}"))
-            continue
-        try:
-            kind = item.locator[0]
-            if kind == "file":
-                yield _read_file(item, max_file_bytes)
-            elif kind == "tar":
-                yield _read_tar_sample(item, max_file_bytes)
-            else:
-                _, path, rg, row, column = item.locator
-                if (path, rg, column) not in row_groups:
-                    row_groups.clear()  # keep one row group in memory at a time
-                    table = pq.ParquetFile(_open(path)).read_row_group(rg, columns=[column])
-                    row_groups[(path, rg, column)] = table.column(column).combine_chunks()
-                yield _parquet_value(item, row_groups[(path, rg, column)][row].as_py(), max_file_bytes)
-        except OSError as e:
-            yield Loaded(item, None, item.label, ("read_error", f"{type(e).__name__}: {e}"))
+    tars: OrderedDict[str, object] = OrderedDict()
+    try:
+        for item in items:
+            yield _read_item(item, max_file_bytes, row_groups, tars)
+    finally:
+        for f in tars.values():
+            f.close()
+
+
+def _read_item(item: Item, max_file_bytes: int, row_groups: dict, tars: OrderedDict) -> Loaded:
+    if item.reject:
+        return Loaded(item, None, item.label, (item.reject, f"{item.source}: {item.reject.replace('_', ' ')}"),
+                      _planned(item))
+    try:
+        kind = item.locator[0]
+        if kind == "file":
+            return _read_file(item, max_file_bytes)
+        if kind == "tar":
+            path = item.locator[1]
+            if path not in tars:
+                if len(tars) >= OPEN_TARS:
+                    tars.popitem(last=False)[1].close()
+                tars[path] = _open(path)
+            tars.move_to_end(path)
+            return _read_tar_sample(item, max_file_bytes, tars[path])
+        _, path, rg, row, column = item.locator
+        if (path, rg, column) not in row_groups:
+            row_groups.clear()  # keep one row group in memory at a time
+            table = pq.ParquetFile(_open(path)).read_row_group(rg, columns=[column])
+            row_groups[(path, rg, column)] = table.column(column).combine_chunks()
+        return _parquet_value(item, row_groups[(path, rg, column)][row].as_py(), max_file_bytes)
+    except OSError as e:
+        return Loaded(item, None, item.label, ("read_error", f"{type(e).__name__}: {e}"), _planned(item))
+
+
+def _planned(item: Item) -> dict[str, str]:
+    """The named labels known at planning (a tar's are read with its image)."""
+    return {name: value for name, value in item.fields if value}
 
 
 def _too_big(item: Item, size: int, limit: int) -> Loaded | None:
     if size > limit:
-        return Loaded(item, None, item.label, ("file_too_large", f"{size} bytes > max_file_bytes={limit}"))
+        return Loaded(item, None, item.label, ("file_too_large", f"{size} bytes > max_file_bytes={limit}"),
+                      _planned(item))
     return None
 
 
 def _read_file(item: Item, limit: int) -> Loaded:
     path = item.locator[1]
     if storage.is_remote(path):
-        return _too_big(item, storage.size(path), limit) or Loaded(item, storage.read_bytes(path), item.label)
-    return _too_big(item, os.path.getsize(path), limit) or Loaded(item, Path(path).read_bytes(), item.label)
+        data = _too_big(item, storage.size(path), limit) or storage.read_bytes(path)
+    else:
+        data = _too_big(item, os.path.getsize(path), limit) or Path(path).read_bytes()
+    return data if isinstance(data, Loaded) else Loaded(item, data, item.label, fields=_planned(item))
 
 
-def _read_tar_sample(item: Item, limit: int) -> Loaded:
+def _read_tar_sample(item: Item, limit: int, f) -> Loaded:
     _, path, members = item.locator
     parts: dict[str, bytes] = {}
-    with _open(path) as f:
-        for ext, offset, size in members:
-            if (big := _too_big(item, size, limit)) is not None:
-                return big
-            f.seek(offset)
-            parts[ext] = f.read(size)
-    label = None
-    if "cls" in parts:
-        label = parts["cls"].decode("utf-8", "replace")
-    elif "json" in parts:
+    for ext, offset, size in members:
+        if (big := _too_big(item, size, limit)) is not None:
+            return big
+        f.seek(offset)
+        parts[ext] = f.read(size)
+    label, fields, meta = None, {}, None
+    if "json" in parts:
         try:
             meta = json.loads(parts["json"])
-            label = meta.get("label") if isinstance(meta, dict) else None
         except ValueError:
-            pass  # a broken sidecar costs the label, not the image
+            pass  # a broken sidecar costs the labels, not the image
+    if isinstance(meta, dict):
+        fields = {name: v for name, _ in item.fields if (v := _clean_label(meta.get(name))) is not None}
+        label = meta.get("label")
+    if "cls" in parts:
+        label = parts["cls"].decode("utf-8", "replace")
     image_ext = members[0][0]
-    return Loaded(item, parts[image_ext], _clean_label(label))
+    return Loaded(item, parts[image_ext], _clean_label(label), fields=fields)
 
 
 def _parquet_value(item: Item, value, limit: int) -> Loaded:
@@ -305,7 +348,16 @@ def _parquet_value(item: Item, value, limit: int) -> Loaded:
         value = value.get("bytes")
     if value is None:
         return Loaded(item, None, item.label, ("missing_bytes", "image cell holds no bytes"))
-    return _too_big(item, len(value), limit) or Loaded(item, bytes(value), item.label)
+    return _too_big(item, len(value), limit) or Loaded(item, bytes(value), item.label, fields=_planned(item))
+
+
+def count_by_field(fields: list[dict[str, str]]) -> dict[str, dict[str, int]]:
+    """{field: {value: count}} over samples' named labels."""
+    counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for sample in fields:
+        for name, value in sample.items():
+            counts[name][value] += 1
+    return {name: dict(sorted(c.items())) for name, c in sorted(counts.items())}
 
 
 def count_by_label(labels) -> dict[str, int]:

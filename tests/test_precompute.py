@@ -259,3 +259,45 @@ def test_shard_order_depends_on_the_inputs_not_on_how_they_were_listed():
     items = [Item(f"img{i}.png", f"k{i}", None, ("file", f"img{i}.png")) for i in range(50)]
     assert shard_order(items, seed=0) == shard_order(items[::-1], seed=0)
     assert shard_order(items, seed=0) != shard_order(items, seed=1)
+
+
+def test_every_named_label_is_kept_from_sidecars_folder_levels_and_parquet_columns(tmp_path):
+    from pipeline.demo import demo_labels, write_demo_images
+    from pipeline.sources import plan_items, read_items
+
+    both = ["shape", "background"]
+    write_demo_images(tmp_path / "tars", 12, size=16, images_per_shard=5)
+    loaded = list(read_items(plan_items(tmp_path / "tars", label_fields=both)[1], 1 << 20))
+    assert [x.fields for x in loaded] == [demo_labels(i) for i in range(12)]  # KEY.json, in input order
+    assert [x.label for x in loaded] == [demo_labels(i)["shape"] for i in range(12)]  # .cls still the label
+
+    (tmp_path / "tree" / "ring" / "checker").mkdir(parents=True)
+    (tmp_path / "tree" / "ring" / "checker" / "a.png").write_bytes(encode_image(rgb_image(1), "PNG"))
+    (tmp_path / "tree" / "loose.png").write_bytes(encode_image(rgb_image(2), "PNG"))
+    tree = {x.item.source: x for x in read_items(plan_items(tmp_path / "tree", label_fields=both)[1], 1 << 20)}
+    assert tree["ring/checker/a.png"].fields == {"shape": "ring", "background": "checker"}
+    assert tree["loose.png"].fields == {}
+
+    pq.write_table(pa.table({"image": [encode_image(rgb_image(3), "PNG")] * 2, "shape": ["cross", None],
+                             "background": ["flat", "stripes"]}), tmp_path / "rows.parquet")
+    rows = list(read_items(plan_items(tmp_path / "rows.parquet", label_fields=both)[1], 1 << 20))
+    assert [x.fields for x in rows] == [{"shape": "cross", "background": "flat"}, {"background": "stripes"}]
+    with pytest.raises(ConfigError, match="label field 'colour' is not a column of .*rows.parquet"):
+        plan_items(tmp_path / "rows.parquet", label_fields=["shape", "colour"])
+
+
+def test_precompute_stores_named_labels_per_latent_and_counts_each_field(ray_cluster, sd_checkpoint, tmp_path):
+    from collections import Counter
+
+    from pipeline.demo import demo_labels, write_demo_images
+
+    write_demo_images(tmp_path / "images", 24, size=16, images_per_shard=10)
+    manifest = precompute(tmp_path / "images", sd_checkpoint, tmp_path / "out", shard_size=8,
+                          label_fields=["shape", "background"])
+    truth = [demo_labels(i) for i in range(24)]
+    assert manifest["label_fields"] == {name: dict(sorted(Counter(t[name] for t in truth).items()))
+                                        for name in ("background", "shape")}
+    by_key = {r["key"]: r["meta"] for r in iter_latents(shard_paths(tmp_path / "out"))}
+    assert all(by_key[f"{t['shape']}_{i:06d}"]["labels"] == t for i, t in enumerate(truth))
+    with pytest.raises(ConfigError, match="label_fields must be distinct names"):
+        precompute(tmp_path / "images", sd_checkpoint, tmp_path / "bad", label_fields=["shape", "../x"])
