@@ -111,12 +111,13 @@ class EvaluateConfig(JobConfig):
 
 # ------------------------------------------------------------------------------------------- read inputs
 
-def generated_manifest(folder: Path) -> dict:
-    """The manifest of a finished generation run that saved its latents (one line if not)."""
-    path = folder / "manifest.json"
-    if not path.is_file():
+def generated_manifest(folder: str) -> dict:
+    """The manifest of a finished generation run (a folder or a bucket's URI) that saved its latents (one line if
+    not)."""
+    path = storage.join(folder, "manifest.json")
+    if not storage.is_file(path):
         raise EbdError(f"{folder} has no manifest.json: not a finished generation run (re-run jobs.generate)")
-    manifest = json.loads(path.read_text())
+    manifest = sh.read_json(path)
     if manifest.get("format") != "ebd.images/1":
         raise EbdError(f"{path} is not a generation manifest (format {manifest.get('format')!r})")
     if not manifest.get("latents", {}).get("saved"):
@@ -139,11 +140,10 @@ def _pick(rows, index: torch.Tensor | None) -> list:
     return picked
 
 
-def read_generated(folder: Path, index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def read_generated(folder: str, index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(latents (N, C, h, w) float32, images (N, 3, H, W) uint8) of the rows `index` names (all if None), in that
-    order, of a finished generation run."""
+    order, of a finished generation run (a folder or a bucket's URI)."""
     import pyarrow.parquet as pq
-    import webdataset as wds
     from PIL import Image
 
     manifest = generated_manifest(folder)
@@ -153,13 +153,13 @@ def read_generated(folder: Path, index: torch.Tensor | None = None) -> tuple[tor
             files = shard["files"]
             parquet = next((f for f in files if f.endswith(".parquet")), None)
             if parquet is not None:
-                table = pq.read_table(folder / parquet, columns=["image", "latent"])
+                with storage.open_input(storage.join(folder, parquet)) as f:
+                    table = pq.read_table(f, columns=["image", "latent"])
                 yield from zip(map(sinks.png_of, table.column("image").to_pylist()),
                                table.column("latent").to_pylist())
             else:
                 tar = next(f for f in files if f.endswith(".tar"))
-                yield from ((s["png"], s["latent.npy"]) for s in wds.WebDataset(
-                    str(folder / tar), shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False))
+                yield from ((s["png"], s["latent.npy"]) for s in sh.read_tar_samples(storage.join(folder, tar)))
 
     picked = _pick(rows(), index)
     latents = [np.load(io.BytesIO(npy), allow_pickle=False).astype(np.float32) for _, npy in picked]
@@ -277,14 +277,15 @@ def compared_runs(folders: list[str], vae_info: dict, n: int, seed: int, subset)
 
     runs = {}
     for folder in folders:
-        manifest = generated_manifest(Path(folder))
+        folder = storage.canonical(folder)
+        manifest = generated_manifest(folder)
         if manifest["vae"].get("weights_sha256") != vae_info.get("weights_sha256"):
             raise EbdError(f"--compare {folder} was decoded by another VAE than the evaluated run: its images are "
                            "not comparable")
-        name = f"{Path(folder).resolve().name} ({sampler_settings(manifest['sampler']).name})"
+        name = f"{storage.name(folder)} ({sampler_settings(manifest['sampler']).name})"
         require(name not in runs, f"--compare names two runs {name}: give them folders of different names")
         model = load_model(manifest["model"]["path"])
-        latents, images = read_generated(Path(folder), subset(manifest["images"], min(n, manifest["images"])))
+        latents, images = read_generated(folder, subset(manifest["images"], min(n, manifest["images"])))
         runs[name] = {"latents": latents, "images": images,
                       "starts": chain_starts(model, manifest["sampler"], len(latents), seed)}
     return runs
@@ -406,7 +407,7 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     tick = time.monotonic()
-    gen_dir, out = Path(cfg.generated), Path(cfg.output)
+    gen_dir, out = storage.canonical(cfg.generated), Path(cfg.output)  # the report is written locally
     manifest = generated_manifest(gen_dir)
     model_dir = storage.canonical(cfg.model or manifest["model"]["path"])  # a folder or a bucket's URI
     if not storage.is_file(storage.join(model_dir, "config.json")):
@@ -502,7 +503,7 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
     checks = {f"features ({name})": space["checks"]["generated"] for name, space in feature_spaces.items()}
     checks |= {name: space["checks"] for name, space in pooled_spaces.items()}
     verdict_key = f"features ({main_space['extractor']})" if cfg.check_space == "features" else cfg.check_space
-    report = {"format": REPORT_FORMAT, "samples": n, "generated": str(gen_dir.resolve()),
+    report = {"format": REPORT_FORMAT, "samples": n, "generated": gen_dir,
               "reference": storage.canonical(cfg.reference), "model": manifest["model"],
               "sampler": manifest["sampler"], "held_out_shards": refs["held_out_files"],
               "train_shards": len(refs["train_files"]), "notes": refs["notes"],

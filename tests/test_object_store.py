@@ -33,7 +33,7 @@ from pipeline.shards import iter_latents, read_json, read_tar_samples, shard_pat
 from pipeline.train import TrainConfig, run_training
 from tests.conftest import REPO
 
-IMAGES, SHARD = 48, 6
+IMAGES, SHARD = 48, 12
 
 
 class Killer:
@@ -143,12 +143,12 @@ def test_training_reads_the_bucket_survives_a_killed_worker_and_exports_there(mo
     assert trained.metadata["training"]["steps"] == 100
     worker = read_json(storage.join(model.rsplit("/", 1)[0], "workers", "rank-0.json"))
     assert worker["resumed_from_step"] >= 10 and worker["step"] == 100  # restarted from a checkpoint, not step 0
-    assert [s["file"] for s in trained.metadata["latents"]["held_out"]] == ["latents-000007.tar"]
+    assert [s["file"] for s in trained.metadata["latents"]["held_out"]] == ["latents-000003.tar"]
 
 
 def _generate(model: str, vae, out: str, **overrides) -> dict:
     cfg = from_dict(GenerateConfig, dict(model=model, vae=str(vae), output=out, num_images=40, images_per_shard=8,
-                                         batch_size=8, format="both", langevin_actors=1, langevin_steps=60,
+                                         batch_size=8, format="both", langevin_actors=1, langevin_steps=60, save_latents=True,
                                          progress_interval_s=0.0)
                     | overrides)
     return run_generation(cfg)
@@ -200,7 +200,7 @@ def test_a_driver_killed_mid_run_resumes_exact_and_byte_identical(ray_cluster, c
     command = [sys.executable, "-m", "jobs.generate", "--config", "configs/generate.yaml", "--model", model,
                "--vae", bucket_vae, "--output", out, "--address", ray_cluster.address, "--num-images", "40",
                "--format", "both", "--set", "images_per_shard=8", "--set", "batch_size=8",
-               "--set", "langevin_actors=1", "--set", "langevin_steps=60"]
+               "--set", "langevin_actors=1", "--set", "langevin_steps=60", "--set", "save_latents=true"]
     first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
     deadline = time.monotonic() + 240
@@ -216,6 +216,20 @@ def test_a_driver_killed_mid_run_resumes_exact_and_byte_identical(ray_cluster, c
     assert second.returncode == 0, second.stderr[-3000:]
     assert read_json(storage.join(out, "summary.json"))["images_this_run"] < 40  # committed shards were kept
     assert _shard_hashes(out) == _shard_hashes(clean_run)
+
+
+def test_evaluation_reads_the_run_the_reference_and_the_raw_inputs_from_the_bucket(clean_run, latents, bucket_vae,
+                                                                                  tmp_path):
+    from pipeline.evaluate import EvaluateConfig, run_evaluation
+
+    report = run_evaluation(from_dict(EvaluateConfig, dict(
+        generated=clean_run, reference=latents, output=str(tmp_path / "report"), check_space="latents",
+        num_samples=12, memorisation_pool=36, image_side=8)))
+    assert report["generated"] == clean_run and report["reference"] == latents
+    assert report["samples"] == 12 and report["held_out_shards"] == ["latents-000003.tar"]
+    # the held-out images, read back from the input tars in the bucket (one of them named 'shapes 1 #%41.tar')
+    assert not any("could not be read" in note for note in report["notes"]), report["notes"]
+    assert (tmp_path / "report" / "report.md").is_file()
 
 
 def test_a_missing_bucket_is_one_line_exit_2_and_writes_nothing(model, sd_checkpoint, tmp_path):
