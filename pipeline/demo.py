@@ -3,7 +3,8 @@
 Images: coloured shapes (circle, square, triangle, cross, ring, diamond) on varied backgrounds (flat, gradient,
 stripes, checker), generated deterministically from (seed, index), ~2000 images/s on one core. They are written as
 webdataset tars (`shapes-000000.tar`: KEY.png, KEY.cls with the shape's name, KEY.json with both factors
-{"shape", "background"}), the img2dataset layout precompute reads (`label_fields: [shape, background]` keeps both). Patterns are at least 8 px wide, so a VAE with Stable Diffusion's 8x down-sampling can represent them.
+{"shape", "background"}), the img2dataset layout precompute reads (`label_fields: [shape, background]` keeps both).
+Patterns are at least 8 px wide, so a VAE with Stable Diffusion's 8x down-sampling can represent them.
 
 VAE: a diffusers AutoencoderKL saved in the layout of a Stable Diffusion checkpoint (`DIR/vae/`,
 `DIR/model_index.json`), so it is loaded by exactly the code path a real SD checkpoint goes through. Tests use a
@@ -77,8 +78,9 @@ def _background(rng: np.random.Generator, size: int) -> Image.Image:
 
 def write_demo_images(folder: str | Path, count: int, size: int = 64, seed: int = 0,
                       images_per_shard: int = 1000) -> list[Path]:
-    """Writes images [0, count) as `folder/shapes-NNNNNN.tar` (KEY.png, KEY.cls, KEY.json), atomically. A shard already
-    there is kept: the set is deterministic, so a re-run only fills in what is missing. Returns the shard paths."""
+    """Writes images [0, count) as `folder/shapes-NNNNNN.tar` (KEY.png, KEY.cls, KEY.json), atomically. A shard
+    already there is kept: the set is deterministic, so a re-run only fills in what is missing. Returns the shard
+    paths."""
     from .shards import write_tar
     from .sinks import png_bytes
 

@@ -41,7 +41,6 @@ generated images per class) and OUT/memorisation.png.
 from __future__ import annotations
 
 import io
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path

@@ -297,7 +297,8 @@ def run_generation(cfg: GenerateConfig, address: str | None = None) -> dict:
                        f"this model samples with {model.sampler.name}: use --set sampler='{{levels: N}}'")
     sampler = asdict(model.resolve_sampler(short_run | cfg.sampler))  # validated: one line if not
     model_dir = storage.canonical(cfg.model)
-    model_id = f"{storage.name(model_dir)}-{file_sha256(storage.join(model_dir, 'model.safetensors'))[:12]}"
+    weights = storage.local_copy(model_dir) / "model.safetensors"  # load_model's cached copy: not fetched twice
+    model_id = f"{storage.name(model_dir)}-{file_sha256(weights)[:12]}"
     out = storage.canonical(cfg.output)
     storage.check_writable(out)  # one line before any work: no such bucket, no permission
     num_shards = math.ceil(cfg.num_images / cfg.images_per_shard)

@@ -103,6 +103,7 @@ class ShardJob:
     max_file_bytes: int
     use_gpu: bool
     num_threads: int
+    label_fields: tuple[str, ...] = ()
 
 
 def prepare(cfg: PrecomputeConfig) -> tuple[VaeSpec, str, list[Item]]:
@@ -134,7 +135,7 @@ def shard_job(cfg: PrecomputeConfig, spec: VaeSpec, index: int, items: tuple[Ite
               num_threads: int) -> ShardJob:
     return ShardJob(index, items, storage.canonical(cfg.output), spec, cfg.resolution, cfg.batch_size, cfg.dtype,
                     cfg.seed, cfg.store_moments, cfg.max_pixels, cfg.min_side, cfg.max_file_bytes, use_gpu,
-                    max(1, num_threads))
+                    max(1, num_threads), tuple(cfg.label_fields))
 
 
 def run_precompute(cfg: PrecomputeConfig, address: str | None = None) -> dict:
@@ -219,7 +220,7 @@ def encode_shard(job: ShardJob) -> dict:
             samples.append(sh.latent_sample(item.key, latents[j].float().cpu().numpy(), meta, moments))
         batch.clear()
 
-    for loaded in read_items(list(job.items), job.max_file_bytes):
+    for loaded in read_items(list(job.items), job.max_file_bytes, job.label_fields):
         item = loaded.item
         try:
             if loaded.reject:
@@ -247,7 +248,8 @@ def encode_shard(job: ShardJob) -> dict:
     written = sh.write_tar(storage.join(job.output, name), samples)
     stats = {"shard": job.index, "file": name, "count": len(samples), "seen": len(job.items),
              "rejected": len(rejects), **written,
-             "labels": count_by_label(labels), "label_fields": count_by_field(fields), "rejects": rejects, "seconds": round(time.monotonic() - start, 3),
+             "labels": count_by_label(labels), "label_fields": count_by_field(fields), "rejects": rejects,
+             "seconds": round(time.monotonic() - start, 3),
              "worker": {"pid": os.getpid(), "device": device.type,
                         "vae_loads_in_process": vae_lib.vae_loads_in_this_process()}}
     sh.atomic_write_json(_stats_path(job.output, job.index), stats)  # the done marker: written after the tar
@@ -295,8 +297,9 @@ def _write_manifest(out: str, cfg: PrecomputeConfig, fmt: str, spec: VaeSpec, va
         for label, n in s["labels"].items():
             labels[label] = labels.get(label, 0) + n
         for name, counts in s.get("label_fields", {}).items():  # markers from before label_fields have none
+            total = by_field.setdefault(name, {})
             for value, n in counts.items():
-                by_field.setdefault(name, {})[value] = by_field.setdefault(name, {}).get(value, 0) + n
+                total[value] = total.get(value, 0) + n
     by_reason: dict[str, int] = {}
     for r in rejects:
         by_reason[r["reason"]] = by_reason.get(r["reason"], 0) + 1

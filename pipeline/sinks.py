@@ -85,7 +85,8 @@ def write_image_shard(out: str, shard: int, fmt: str, keys: list[str], images: n
         def write_parquet(f):
             pq.write_table(table, f, compression="zstd", row_group_size=len(keys) or 1)
         written = atomic_write(storage.join(out, PARQUET_NAME.format(shard)), write_parquet)
-        files[PARQUET_NAME.format(shard)], sizes = written["sha256"], sizes + written["bytes"]
+        files[PARQUET_NAME.format(shard)] = written["sha256"]
+        sizes += written["bytes"]
     if fmt in ("webdataset", "both"):
         samples = [{"__key__": k, "png": png,
                     "json": json.dumps({"key": k, "seed": s, "energy": float(e), "model": model_id,
@@ -95,7 +96,8 @@ def write_image_shard(out: str, shard: int, fmt: str, keys: list[str], images: n
             for sample, npy in zip(samples, npys):
                 sample["latent.npy"] = npy
         written = write_tar(storage.join(out, TAR_NAME.format(shard)), samples)
-        files[TAR_NAME.format(shard)], sizes = written["sha256"], sizes + written["bytes"]
+        files[TAR_NAME.format(shard)] = written["sha256"]
+        sizes += written["bytes"]
     stats = {"shard": shard, "count": len(keys), "files": files, "bytes": sizes, **extra_stats,
              "write_batch_seconds": [time.perf_counter() - tick]}
     seconds = sum(sum(stats.get(k, [])) for k in STAGE_SECONDS)

@@ -16,10 +16,10 @@ import hashlib
 import json
 import os
 import re
+import posixpath
 import tarfile
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
-import posixpath
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
@@ -174,16 +174,26 @@ def _plan_tar(path: str, root: str, keys: "_KeyMaker", label_fields: tuple[str, 
         source = f"{rel}::{base}"
         yield Item(source=source, key=keys.make(base, source), label=None,
                    locator=("tar", str(path), tuple((e, *members[e]) for e in wanted)),
-                   reject=None if image_ext else "no_image_member",
-                   fields=tuple((name, "") for name in label_fields))  # values: read from KEY.json with the image
+                   reject=None if image_ext else "no_image_member")  # its named labels: in KEY.json, read with it
 
 
 def _plan_parquet(path: str, root: str, keys: "_KeyMaker", image_column: str | None,
                   key_column: str | None, label_column: str | None,
                   label_fields: tuple[str, ...]) -> Iterator[Item]:
+    try:
+        f = _open(path)
+    except OSError as e:
+        raise ConfigError(f"cannot read parquet file {path}: {e}") from None
+    with f:  # closed once its rows are planned
+        yield from _plan_parquet_file(f, path, root, keys, image_column, key_column, label_column, label_fields)
+
+
+def _plan_parquet_file(f, path: str, root: str, keys: "_KeyMaker", image_column: str | None,
+                       key_column: str | None, label_column: str | None,
+                       label_fields: tuple[str, ...]) -> Iterator[Item]:
     rel = _relative(path, root)
     try:
-        pf = pq.ParquetFile(_open(path))
+        pf = pq.ParquetFile(f)
     except (pa.ArrowInvalid, OSError) as e:
         raise ConfigError(f"cannot read parquet file {path}: {e}") from None
     schema = pf.schema_arrow
@@ -219,9 +229,9 @@ def _auto_image_column(schema: pa.Schema, path: str) -> str:
     for name in AUTO_IMAGE_COLUMNS:
         if name in schema.names and _is_image_column(schema.field(name).type):
             return name
-    for field in schema:
-        if _is_image_column(field.type):
-            return field.name
+    for column in schema:
+        if _is_image_column(column.type):
+            return column.name
     raise ConfigError(f"no image-bytes column in {path}: set image_column (columns: {', '.join(schema.names)})")
 
 
@@ -260,23 +270,25 @@ def _clean_label(label) -> str | None:
 
 # ------------------------------------------------------------------------------------------------ reading
 
-def read_items(items: list[Item], max_file_bytes: int) -> Iterator[Loaded]:
+def read_items(items: list[Item], max_file_bytes: int, label_fields: tuple[str, ...] = ()) -> Iterator[Loaded]:
     """Yields the raw bytes (or a rejection) of each item, in order, reading each parquet row group once and
-    keeping the last few tars open (a shuffled shard draws from many; on S3 each open costs a request)."""
+    keeping the last few tars open (a shuffled shard draws from many; on S3 each open costs a request).
+    `label_fields`: the named labels to take from a tar sample's KEY.json (others were found while planning)."""
     row_groups: dict[tuple[str, int, str], pa.Array] = {}
     tars: OrderedDict[str, object] = OrderedDict()
     try:
         for item in items:
-            yield _read_item(item, max_file_bytes, row_groups, tars)
+            yield _read_item(item, max_file_bytes, label_fields, row_groups, tars)
     finally:
         for f in tars.values():
             f.close()
 
 
-def _read_item(item: Item, max_file_bytes: int, row_groups: dict, tars: OrderedDict) -> Loaded:
+def _read_item(item: Item, max_file_bytes: int, label_fields: tuple[str, ...], row_groups: dict,
+               tars: OrderedDict) -> Loaded:
     if item.reject:
         return Loaded(item, None, item.label, (item.reject, f"{item.source}: {item.reject.replace('_', ' ')}"),
-                      _planned(item))
+                      dict(item.fields))
     try:
         kind = item.locator[0]
         if kind == "file":
@@ -288,26 +300,22 @@ def _read_item(item: Item, max_file_bytes: int, row_groups: dict, tars: OrderedD
                     tars.popitem(last=False)[1].close()
                 tars[path] = _open(path)
             tars.move_to_end(path)
-            return _read_tar_sample(item, max_file_bytes, tars[path])
+            return _read_tar_sample(item, max_file_bytes, tars[path], label_fields)
         _, path, rg, row, column = item.locator
         if (path, rg, column) not in row_groups:
             row_groups.clear()  # keep one row group in memory at a time
-            table = pq.ParquetFile(_open(path)).read_row_group(rg, columns=[column])
+            with _open(path) as f:
+                table = pq.ParquetFile(f).read_row_group(rg, columns=[column])
             row_groups[(path, rg, column)] = table.column(column).combine_chunks()
         return _parquet_value(item, row_groups[(path, rg, column)][row].as_py(), max_file_bytes)
     except OSError as e:
-        return Loaded(item, None, item.label, ("read_error", f"{type(e).__name__}: {e}"), _planned(item))
-
-
-def _planned(item: Item) -> dict[str, str]:
-    """The named labels known at planning (a tar's are read with its image)."""
-    return {name: value for name, value in item.fields if value}
+        return Loaded(item, None, item.label, ("read_error", f"{type(e).__name__}: {e}"), dict(item.fields))
 
 
 def _too_big(item: Item, size: int, limit: int) -> Loaded | None:
     if size > limit:
         return Loaded(item, None, item.label, ("file_too_large", f"{size} bytes > max_file_bytes={limit}"),
-                      _planned(item))
+                      dict(item.fields))
     return None
 
 
@@ -317,10 +325,10 @@ def _read_file(item: Item, limit: int) -> Loaded:
         data = _too_big(item, storage.size(path), limit) or storage.read_bytes(path)
     else:
         data = _too_big(item, os.path.getsize(path), limit) or Path(path).read_bytes()
-    return data if isinstance(data, Loaded) else Loaded(item, data, item.label, fields=_planned(item))
+    return data if isinstance(data, Loaded) else Loaded(item, data, item.label, fields=dict(item.fields))
 
 
-def _read_tar_sample(item: Item, limit: int, f) -> Loaded:
+def _read_tar_sample(item: Item, limit: int, f, label_fields: tuple[str, ...]) -> Loaded:
     _, path, members = item.locator
     parts: dict[str, bytes] = {}
     for ext, offset, size in members:
@@ -335,7 +343,7 @@ def _read_tar_sample(item: Item, limit: int, f) -> Loaded:
         except ValueError:
             pass  # a broken sidecar costs the labels, not the image
     if isinstance(meta, dict):
-        fields = {name: v for name, _ in item.fields if (v := _clean_label(meta.get(name))) is not None}
+        fields = {name: v for name in label_fields if (v := _clean_label(meta.get(name))) is not None}
         label = meta.get("label")
     if "cls" in parts:
         label = parts["cls"].decode("utf-8", "replace")
@@ -347,8 +355,8 @@ def _parquet_value(item: Item, value, limit: int) -> Loaded:
     if isinstance(value, dict):
         value = value.get("bytes")
     if value is None:
-        return Loaded(item, None, item.label, ("missing_bytes", "image cell holds no bytes"))
-    return _too_big(item, len(value), limit) or Loaded(item, bytes(value), item.label, fields=_planned(item))
+        return Loaded(item, None, item.label, ("missing_bytes", "image cell holds no bytes"), dict(item.fields))
+    return _too_big(item, len(value), limit) or Loaded(item, bytes(value), item.label, fields=dict(item.fields))
 
 
 def count_by_field(fields: list[dict[str, str]]) -> dict[str, dict[str, int]]:

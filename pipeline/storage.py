@@ -105,6 +105,18 @@ def size(location) -> int:
     return _info(location).size
 
 
+def _remote_files(location, allow_not_found: bool = True,
+                  failure: str = "cannot list") -> tuple[pafs.FileSystem, str, list[pafs.FileInfo]]:
+    """(filesystem, root, the files under root, recursively) of a remote folder; `failure` and the cause in one
+    line when it cannot be listed (or, unless `allow_not_found`, does not exist)."""
+    fs, root = _resolve(location)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=allow_not_found))
+    except OSError as e:  # FileNotFoundError included
+        raise EbdError(f"{failure} {location}: {_first_line(e)}") from None
+    return fs, root, [i for i in infos if i.type == pafs.FileType.File]
+
+
 def list_files(location, suffix: str = "") -> list[str]:
     """Files under a folder whose names end in `suffix`, recursively, skipping hidden names and temporaries, sorted
     by path components (`a/b` before `a-x/c`), as locations of the same kind."""
@@ -112,18 +124,9 @@ def list_files(location, suffix: str = "") -> list[str]:
         root = Path(str(location).removeprefix("file://"))
         return [str(p) for p in sorted(root.rglob(f"*{suffix}"))
                 if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)]
-    fs, root = _resolve(location)
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
-    except OSError as e:
-        raise EbdError(f"cannot list {location}: {_first_line(e)}") from None
-    found = []
-    for info in infos:
-        rel = posixpath.relpath(info.path, root)
-        if info.type != pafs.FileType.File or any(p.startswith(".") for p in rel.split("/")):
-            continue
-        if rel.endswith(suffix):
-            found.append(rel)
+    _, root, infos = _remote_files(location)
+    found = [rel for rel in (posixpath.relpath(i.path, root) for i in infos)
+             if rel.endswith(suffix) and not any(p.startswith(".") for p in rel.split("/"))]
     return [join(location, rel) for rel in sorted(found, key=lambda rel: rel.split("/"))]
 
 
@@ -133,12 +136,8 @@ def is_empty(location) -> bool:
     if not is_remote(location):
         folder = Path(str(location).removeprefix("file://"))
         return not folder.exists() or folder.is_dir() and all(p.name.startswith(PROBE) for p in folder.iterdir())
-    fs, root = _resolve(location)
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
-    except OSError as e:
-        raise EbdError(f"cannot list {location}: {_first_line(e)}") from None
-    return all(posixpath.basename(i.path).startswith(PROBE) for i in infos if i.type == pafs.FileType.File)
+    _, _, infos = _remote_files(location)
+    return all(posixpath.basename(i.path).startswith(PROBE) for i in infos)
 
 
 def read_bytes(location) -> bytes:
@@ -150,10 +149,6 @@ def read_bytes(location) -> bytes:
         raise
     except OSError as e:
         raise EbdError(f"cannot read {location}: {_first_line(e)}") from None
-
-
-def read_text(location) -> str:
-    return read_bytes(location).decode()
 
 
 def open_input(location):
@@ -208,11 +203,10 @@ def write_bytes(location, data: bytes) -> dict:
 
 
 def file_sha256(location) -> str:
+    """Streamed in 1 MiB blocks, local or remote: a large object is never held whole in memory."""
     digest = hashlib.sha256()
-    if is_remote(location):
-        digest.update(read_bytes(location))
-        return digest.hexdigest()
-    with open(str(location).removeprefix("file://"), "rb") as f:
+    fs, path = _resolve(location)
+    with fs.open_input_stream(path) as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -231,10 +225,13 @@ def check_writable(location) -> None:
     no endpoint): writes and deletes a small probe object."""
     probe = join(location, f"{PROBE}{os.getpid()}")
     try:
-        write_bytes(probe, b"")
+        if is_remote(probe):  # the bare PUT, so its own error (no such bucket, access denied) is the message
+            fs, path = _resolve(probe)
+            with fs.open_output_stream(path):
+                pass
+        else:
+            write_bytes(probe, b"")
         delete(probe)
-    except EbdError as e:
-        raise EbdError(f"cannot write to {location}: {str(e).split(': ', 2)[-1]}") from None
     except OSError as e:
         raise EbdError(f"cannot write to {location}: {_first_line(e)}") from None
 
@@ -245,11 +242,7 @@ def local_copy(location) -> Path:
     through here because from_pretrained and safetensors read local files."""
     if not is_remote(location):
         return Path(str(location).removeprefix("file://"))
-    fs, root = _resolve(location)
-    try:
-        infos = [i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if i.type == pafs.FileType.File]
-    except (FileNotFoundError, OSError) as e:
-        raise EbdError(f"cannot read {location}: {_first_line(e)}") from None
+    fs, root, infos = _remote_files(location, allow_not_found=False, failure="cannot read")
     if not infos:
         raise EbdError(f"{location} holds no files")
     key = hashlib.sha256("\n".join([str(location)] + [f"{i.path}\t{i.size}\t{i.mtime_ns}" for i in infos]).encode())
@@ -276,14 +269,6 @@ def local_copy(location) -> Path:
         (staging / ".complete").write_text(str(location))
         os.replace(staging, target)
     return target
-
-
-def upload_folder(local: str | os.PathLike, location) -> None:
-    """Copies a local folder's files to `location` (each file committed whole; used for exported models)."""
-    local = Path(local)
-    files = sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: (p.name == "config.json", str(p)))
-    for path in files:  # config.json last: a model folder whose config is there is complete
-        write_bytes(join(location, *path.relative_to(local).parts), path.read_bytes())
 
 
 def _first_line(error: BaseException) -> str:

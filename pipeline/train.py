@@ -544,19 +544,14 @@ RESUMABLE_KEYS = {"output", "storage_path", "num_workers", "use_gpu", "cpus_per_
 RUN_RECORD = "ebd-run.json"
 
 
-def claim_run(storage, cfg: TrainConfig, manifest_sha: str) -> None:
+def claim_run(checkpoints_at: str, cfg: TrainConfig, manifest_sha: str) -> None:
     """Records the run's config and data beside its checkpoints, or refuses (one line) a run name whose recorded
-    config or data differ, unless `allow_config_change`; works on any pyarrow filesystem (local, s3://, gs://)."""
-    import pyarrow.fs as pafs
-
-    fs, root = pafs.FileSystem.from_uri(str(storage)) if "://" in str(storage) else \
-        (pafs.LocalFileSystem(), str(storage))
-    path = f"{root}/{cfg.run_name}/{RUN_RECORD}"
+    config or data differ, unless `allow_config_change`; local or in an object store (s3://, gs://)."""
+    path = storage.join(checkpoints_at, cfg.run_name, RUN_RECORD)
     record = {"config": {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_KEYS},
               "latents_manifest_sha256": manifest_sha}
-    if fs.get_file_info(path).type == pafs.FileType.File:
-        with fs.open_input_stream(path) as f:
-            old = json.loads(f.read())
+    if storage.is_file(path):
+        old = sh.read_json(path)
         changed = sorted(k for k in set(old["config"]) | set(record["config"])
                          if old["config"].get(k) != record["config"].get(k))
         if old["latents_manifest_sha256"] != manifest_sha:
@@ -565,15 +560,12 @@ def claim_run(storage, cfg: TrainConfig, manifest_sha: str) -> None:
             first = changed[0]
             detail = f"{first}: {old['config'].get(first)!r} -> {record['config'].get(first)!r}" \
                 if first in record["config"] or first in old["config"] else first
-            raise EbdError(f"run {cfg.run_name!r} in {storage} was started with another config or data ({detail}"
+            raise EbdError(f"run {cfg.run_name!r} in {checkpoints_at} was started with another config or data ({detail}"
                            f"{f' and {len(changed) - 1} more' if len(changed) > 1 else ''}): use a new --run-name, "
                            "or --set allow_config_change=true to resume its weights anyway")
         if not changed:
             return
-    fs.create_dir(f"{root}/{cfg.run_name}", recursive=True)
-    with fs.open_output_stream(path + ".tmp") as f:
-        f.write(json.dumps(record, indent=1, sort_keys=True).encode())
-    fs.move(path + ".tmp", path)
+    storage.write_bytes(path, json.dumps(record, indent=1, sort_keys=True).encode())
 
 
 def _prepare(cfg: TrainConfig, objective, paths: list[str], output: str) -> dict:

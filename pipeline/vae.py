@@ -96,9 +96,9 @@ def resolve_vae(path: str | Path, subfolder: str | None = "auto") -> VaeSpec:
             raise ConfigError(f"VAE not found at {path}")
         if subfolder == "auto":
             subfolder = "vae" if storage.is_file(storage.join(path, "vae", "config.json")) else None
-        spec = VaeSpec(path=storage.canonical(path), subfolder=subfolder, config={})
-        config = _read_weights_folder(spec.directory, "AutoencoderKL", missing=f"no config.json in {path}")
-        return VaeSpec(path=spec.path, subfolder=subfolder, config=config)
+        folder = storage.local_copy(storage.join(path, subfolder) if subfolder else path)
+        config = _read_weights_folder(folder, "AutoencoderKL", missing=f"no config.json in {path}")
+        return VaeSpec(path=storage.canonical(path), subfolder=subfolder, config=config)
     root = Path(path)
     if not root.exists():
         hint = (" (looks like a hub id: ebd never downloads weights; fetch it once with "

@@ -36,6 +36,13 @@ from tests.conftest import REPO
 IMAGES, SHARD = 48, 12
 
 
+def upload_folder(local: Path, location: str) -> None:
+    """Copies a local folder's files to `location`, config.json last (a model folder with a config is complete)."""
+    files = sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: (p.name == "config.json", str(p)))
+    for path in files:
+        storage.write_bytes(storage.join(location, *path.relative_to(local).parts), path.read_bytes())
+
+
 class Killer:
     """SIGKILLs the first process whose title (Ray sets `ray::TASK` / `ray::ACTOR` while it runs) contains
     `title`, from a thread, while the job runs in the foreground."""
@@ -81,7 +88,7 @@ def latents(ray_cluster, bucket, sd_checkpoint, tmp_path_factory) -> str:
     local = tmp_path_factory.mktemp("images")
     write_demo_images(local, IMAGES, size=32, images_per_shard=16)
     (local / "shapes-000001.tar").rename(local / "shapes 1 #%41.tar")  # object names as real buckets have them
-    storage.upload_folder(local, storage.join(bucket, "images"))
+    upload_folder(local, storage.join(bucket, "images"))
     out = storage.join(bucket, "latents")
     cfg = from_dict(PrecomputeConfig, dict(input=storage.join(bucket, "images"), vae=str(sd_checkpoint), output=out,
                                            resolution=16, min_side=8, shard_size=SHARD, batch_size=2,
@@ -148,7 +155,8 @@ def test_training_reads_the_bucket_survives_a_killed_worker_and_exports_there(mo
 
 def _generate(model: str, vae, out: str, **overrides) -> dict:
     cfg = from_dict(GenerateConfig, dict(model=model, vae=str(vae), output=out, num_images=40, images_per_shard=8,
-                                         batch_size=8, format="both", langevin_actors=1, langevin_steps=60, save_latents=True,
+                                         batch_size=8, format="both", langevin_actors=1, langevin_steps=60,
+                                         save_latents=True,
                                          progress_interval_s=0.0)
                     | overrides)
     return run_generation(cfg)
@@ -162,7 +170,7 @@ def _shard_hashes(out: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def bucket_vae(bucket, sd_checkpoint) -> str:
     """The Stable Diffusion-layout VAE folder in the bucket: decoder actors read it through their node's cache."""
-    storage.upload_folder(sd_checkpoint, storage.join(bucket, "sd"))
+    upload_folder(sd_checkpoint, storage.join(bucket, "sd"))
     return storage.join(bucket, "sd")
 
 

@@ -267,20 +267,21 @@ def test_every_named_label_is_kept_from_sidecars_folder_levels_and_parquet_colum
 
     both = ["shape", "background"]
     write_demo_images(tmp_path / "tars", 12, size=16, images_per_shard=5)
-    loaded = list(read_items(plan_items(tmp_path / "tars", label_fields=both)[1], 1 << 20))
+    loaded = list(read_items(plan_items(tmp_path / "tars", label_fields=both)[1], 1 << 20, tuple(both)))
     assert [x.fields for x in loaded] == [demo_labels(i) for i in range(12)]  # KEY.json, in input order
     assert [x.label for x in loaded] == [demo_labels(i)["shape"] for i in range(12)]  # .cls still the label
 
     (tmp_path / "tree" / "ring" / "checker").mkdir(parents=True)
     (tmp_path / "tree" / "ring" / "checker" / "a.png").write_bytes(encode_image(rgb_image(1), "PNG"))
     (tmp_path / "tree" / "loose.png").write_bytes(encode_image(rgb_image(2), "PNG"))
-    tree = {x.item.source: x for x in read_items(plan_items(tmp_path / "tree", label_fields=both)[1], 1 << 20)}
+    tree = {x.item.source: x for x in read_items(plan_items(tmp_path / "tree", label_fields=both)[1], 1 << 20,
+                                                 tuple(both))}
     assert tree["ring/checker/a.png"].fields == {"shape": "ring", "background": "checker"}
     assert tree["loose.png"].fields == {}
 
     pq.write_table(pa.table({"image": [encode_image(rgb_image(3), "PNG")] * 2, "shape": ["cross", None],
                              "background": ["flat", "stripes"]}), tmp_path / "rows.parquet")
-    rows = list(read_items(plan_items(tmp_path / "rows.parquet", label_fields=both)[1], 1 << 20))
+    rows = list(read_items(plan_items(tmp_path / "rows.parquet", label_fields=both)[1], 1 << 20, tuple(both)))
     assert [x.fields for x in rows] == [{"shape": "cross", "background": "flat"}, {"background": "stripes"}]
     with pytest.raises(ConfigError, match="label field 'colour' is not a column of .*rows.parquet"):
         plan_items(tmp_path / "rows.parquet", label_fields=["shape", "colour"])
