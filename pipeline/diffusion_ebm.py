@@ -9,21 +9,26 @@ second is a scalar learned residual: g_theta is a diffusers UNet2DModel (noise-l
 block, the way diffusion networks add the time embedding) whose last convolution starts at zero, so an untrained
 energy is exactly that Gaussian. The factors make sigma * grad_z E an epsilon prediction of unit scale at every
 level (Salimans & Ho 2021: an energy parameterisation matches a score one), while keeping a scalar energy that
-Metropolis tests and (later) composition need. Sampling: `langevin.heun` / `langevin.ancestral` along a Karras
+Metropolis tests and composition need. Sampling: `langevin.heun` / `langevin.ancestral` along a Karras
 schedule, settings saved with the weights.
 
-`context_dim` is reserved for conditioning: the UNet's class embedding is added to the noise-level embedding.
+Conditioning: with `labels` ({field: [values]}, e.g. shape and background) the energy is E(z, sigma, c). Each field
+has its own embedding table (row 0: "not given"); their sum is the context, which every res-block multiplies into
+its features with the noise level (`latent_unet(context=True)`). Training drops each field independently
+(`label_dropout`), so one network gives the unconditional energy (no field given), each single-field energy and the
+joint one; `conditions.py` adds them up for guidance and composition.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import torch
 
 from .config import require
-from .diffusion_unet import latent_unet, validate_latent_unet
+from .diffusion_unet import context_dim, latent_unet, validate_latent_unet
 from .langevin import initial_noise
 from .models import PretrainedModel
 
@@ -37,12 +42,19 @@ class NoiseConditionalEnergyConfig:
     sigma_data: float = 1.0          # s: the training latents' standard deviation
     sigma_min: float = 0.002         # the noise range trained on; the sampler's schedule spans it
     sigma_max: float = 80.0
-    num_classes: int | None = None   # reserved for conditioning: a class embedding added to the noise embedding
+    labels: dict[str, list[str]] | None = None   # conditioning: each label field's values, in embedding order
 
     def validate(self) -> None:
         validate_latent_unet(self.latent_shape, self.channels, self.layers_per_block, self.norm_groups)
+        if self.labels:  # fields in name order: a labels tensor's columns mean the same before and after a save
+            self.labels = dict(sorted(self.labels.items()))
         require(self.sigma_data > 0 and 0 < self.sigma_min < self.sigma_max, "need sigma_data > 0 and "
                 "0 < sigma_min < sigma_max")
+        require(self.labels is None or (len(self.labels) >= 1 and all(
+            re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name) and isinstance(values, list) and values
+            and all(isinstance(v, str) for v in values) and len(set(values)) == len(values)
+            for name, values in self.labels.items())),
+            "labels must map each field ([A-Za-z0-9_-] name) to a non-empty list of distinct values")
 
 
 class NoiseConditionalEnergy(PretrainedModel):
@@ -52,21 +64,52 @@ class NoiseConditionalEnergy(PretrainedModel):
         super().__init__(config, metadata)
         # No attention blocks: scaled-dot-product attention has no double backward on CPU, and DSM needs one.
         self.net = latent_unet(config.latent_shape, config.channels, config.layers_per_block, config.norm_groups,
-                               attention=False, num_classes=config.num_classes)
+                               attention=False, context=bool(config.labels))
         torch.nn.init.zeros_(self.net.conv_out.weight)   # g = 0: the untrained energy is the Gaussian base
         torch.nn.init.zeros_(self.net.conv_out.bias)
+        # One table per label field, row 0 meaning "not given"; all zero at the start, so an untrained conditional
+        # energy is the unconditional one.
+        self.label_embeddings = torch.nn.ModuleDict({
+            name: torch.nn.Embedding(len(values) + 1, context_dim(config.channels))
+            for name, values in (config.labels or {}).items()})
+        for table in self.label_embeddings.values():
+            torch.nn.init.zeros_(table.weight)
+
+    @classmethod
+    def upgrade_config(cls, model: dict) -> dict:
+        """Configs saved before conditioning had a reserved `num_classes: null`."""
+        return {k: v for k, v in model.items() if not (k == "num_classes" and v is None)}
+
+    @property
+    def label_vocabulary(self) -> dict[str, list[str]]:
+        return self.config.labels or {}
+
+    def context(self, labels: torch.Tensor | None, batch: int, device) -> torch.Tensor | None:
+        """The context embedding of `labels` (B x fields in `label_vocabulary` order, each a value's index + 1,
+        0 = not given); None for an unconditional network. No labels: no field given (the unconditional energy)."""
+        if not self.label_embeddings:
+            return None
+        if labels is None:
+            labels = torch.zeros(batch, len(self.label_embeddings), dtype=torch.long, device=device)
+        return sum(self.label_embeddings[name](labels[:, f]) for f, name in enumerate(self.label_vocabulary))
+
+    def conditioned(self, conditions: list[str], settings):
+        """E(z, sigma) for chains that each ask for one condition (`conditions.py` syntax), guidance from the
+        sampler settings."""
+        from .conditions import conditioned_energy
+        return conditioned_energy(self, conditions, settings.guidance)
 
     def noise_embedding_input(self, sigma: torch.Tensor) -> torch.Tensor:
         """log sigma mapped linearly onto the [0, 1000] timestep range the UNet's sinusoidal embedding expects."""
         lo, hi = math.log(self.config.sigma_min), math.log(self.config.sigma_max)
         return 1000 * (sigma.log() - lo) / (hi - lo)
 
-    def forward(self, z: torch.Tensor, sigma: float | torch.Tensor, class_labels=None) -> torch.Tensor:
-        """E(z, sigma), shape (B,); sigma a number or one per sample."""
+    def forward(self, z: torch.Tensor, sigma: float | torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """E(z, sigma[, labels]), shape (B,); sigma a number or one per sample; labels as `context` takes them."""
         sigma = torch.as_tensor(sigma, dtype=z.dtype, device=z.device).expand(len(z))
         var = self.config.sigma_data ** 2 + sigma ** 2
         u = z / var.sqrt().view(-1, 1, 1, 1)
-        g = self.net(u, self.noise_embedding_input(sigma), class_labels=class_labels).sample
+        g = self.net(u, self.noise_embedding_input(sigma), class_labels=self.context(labels, len(z), z.device)).sample
         residual = (u * g).flatten(1).sum(1) * var.sqrt() / sigma
         return z.flatten(1).pow(2).sum(1) / (2 * var) + residual
 
@@ -88,10 +131,12 @@ class NoiseConditionalEnergy(PretrainedModel):
         return initial_noise((num, *self.config.latent_shape), std, generator, device)
 
 
-def denoising_score_matching(model, z: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """Per-sample loss mean_d (sigma grad_z E(z + sigma eps, sigma) - eps)^2 (Vincent 2011, weighted by sigma^2 so
-    every level is an epsilon prediction), with the graph kept for the parameter update (double backward)."""
+def denoising_score_matching(model, z: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor,
+                             labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample loss mean_d (sigma grad_z E(z + sigma eps, sigma[, labels]) - eps)^2 (Vincent 2011, weighted by
+    sigma^2 so every level is an epsilon prediction), with the graph kept for the parameter update (double
+    backward)."""
     noisy = (z + sigma.view(-1, 1, 1, 1) * eps).requires_grad_(True)
-    energy = model(noisy, sigma)
+    energy = model(noisy, sigma) if labels is None else model(noisy, sigma, labels)
     (grad,) = torch.autograd.grad(energy.sum(), noisy, create_graph=True)
     return (sigma.view(-1, 1, 1, 1) * grad - eps).flatten(1).pow(2).mean(1)

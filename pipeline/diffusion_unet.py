@@ -92,9 +92,13 @@ def validate_latent_unet(latent_shape: list[int], channels: list[int], layers_pe
 
 
 def latent_unet(latent_shape: list[int], channels: list[int], layers_per_block: int, norm_groups: int,
-                attention: bool = False, num_classes: int | None = None):
+                attention: bool = False, context: bool = False):
     """The diffusers UNet2DModel both latent models use (the baseline's noise predictor, the energy's g): one
-    down/up stage per `channels` entry, latent channels in and out, the noise level as its timestep input."""
+    down/up stage per `channels` entry, latent channels in and out, the noise level as its timestep input.
+
+    `context`: the net takes a context embedding (`class_labels`, shape (B, 4 x channels[0])) that is added to the
+    noise-level embedding, and every res-block turns that sum into a per-channel scale and shift of its normalised
+    features (FiLM, ADM's "scale_shift"): the context is multiplied into the features, not only added."""
     from diffusers import UNet2DModel
 
     stages = len(channels)
@@ -102,7 +106,13 @@ def latent_unet(latent_shape: list[int], channels: list[int], layers_per_block: 
         sample_size=latent_shape[1], in_channels=latent_shape[0], out_channels=latent_shape[0],
         block_out_channels=tuple(channels), layers_per_block=layers_per_block,
         down_block_types=("DownBlock2D",) * stages, up_block_types=("UpBlock2D",) * stages,
-        norm_num_groups=norm_groups, add_attention=attention, num_class_embeds=num_classes)
+        norm_num_groups=norm_groups, add_attention=attention,
+        **({"class_embed_type": "identity", "resnet_time_scale_shift": "scale_shift"} if context else {}))
+
+
+def context_dim(channels: list[int]) -> int:
+    """The width of `latent_unet`'s noise-level (and context) embedding: diffusers' 4 x the first stage."""
+    return 4 * channels[0]
 
 
 def noise_prediction_loss(model: DiffusionUNet, scheduler, z: torch.Tensor, t: torch.Tensor,

@@ -70,9 +70,13 @@ class AnnealedSettings:
     mala_levels: int = 0
     mala_steps: int = 1
     mala_step_scale: float = 0.25
+    # Conditional energies: each condition term's weight w in E_none + w (E_c - E_none) (conditions.py); 1 is plain
+    # conditioning, more sharpens it (classifier-free guidance, Ho & Salimans 2022).
+    guidance: float = 1.0
 
     def validate(self) -> None:
         require(self.levels >= 2, f"sampler levels must be >= 2, got {self.levels}")
+        require(self.guidance >= 0, f"sampler guidance must be >= 0, got {self.guidance}")
         require(0 < self.sigma_min < self.sigma_max, "sampler needs 0 < sigma_min < sigma_max")
         require(self.rho > 0 and self.mala_step_scale > 0, "sampler rho and mala_step_scale must be > 0")
         require(0 <= self.mala_levels < self.levels and self.mala_steps >= 1,
@@ -242,11 +246,13 @@ def karras_sigmas(levels: int, sigma_min: float, sigma_max: float, rho: float = 
 
 
 def sample(model, num: int, settings, generator: Generators = None, device: torch.device | str = "cpu",
-           callback: Callback = None) -> torch.Tensor:
+           callback: Callback = None, conditions: list[str] | None = None) -> torch.Tensor:
     """`num` latents from fresh chains: the model's own starts (`model.initial_latents`), then the sampler the
-    settings name. This is what generation runs for any model kind."""
+    settings name, on the model's energy or, with `conditions` (one per chain), on the energy the model composes for
+    them. This is what generation runs for any model kind."""
     z0 = model.initial_latents(num, settings, generator, device)
-    return SAMPLERS[settings.name](model, z0, settings, generator, callback)
+    energy = model if conditions is None else model.conditioned(conditions, settings)
+    return SAMPLERS[settings.name](energy, z0, settings, generator, callback)
 
 
 class SamplerStats:

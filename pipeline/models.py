@@ -59,7 +59,7 @@ class PretrainedModel(nn.Module):
         if data.get("format") != cls.FORMAT:
             raise EbdError(f"{Path(folder) / CONFIG_FILE} has format {data.get('format')!r}, expected {cls.FORMAT!r}")
         metadata = {k: v for k, v in data.items() if k not in ("_class_name", "format", "model")}
-        model = cls(from_dict(cls.CONFIG, data["model"]), metadata)
+        model = cls(from_dict(cls.CONFIG, cls.upgrade_config(data["model"])), metadata)
         model.load_state_dict(model.upgrade_state_dict(load_file(Path(folder) / WEIGHTS_FILE)))
         return model.to(device).eval()
 
@@ -90,6 +90,21 @@ class PretrainedModel(nn.Module):
     def upgrade_state_dict(self, tensors: dict) -> dict:
         """Tensors saved by an older version, in today's layout (a no-op unless a class needs it)."""
         return tensors
+
+    @classmethod
+    def upgrade_config(cls, model: dict) -> dict:
+        """config.json's `model` as an older version saved it, in today's keys (a no-op unless a class needs it)."""
+        return model
+
+    @property
+    def label_vocabulary(self) -> dict[str, list[str]]:
+        """The label fields and values this model can be conditioned on ({} for an unconditional model)."""
+        return {}
+
+    def conditioned(self, conditions: list[str], settings):
+        """The energy the sampler runs for chains that each ask for a condition; only conditional models have
+        one (generation checks `label_vocabulary` first, so users see the one-line refusal before any work)."""
+        raise EbdError(f"a {type(self).__name__} takes no conditions")
 
     def fresh_copy(self, seed: int) -> "PretrainedModel":
         """The same architecture and settings with fresh random weights (evaluation's 'untrained' baseline);

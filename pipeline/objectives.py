@@ -71,7 +71,7 @@ class ContrastiveDivergence:
         return model
 
     # worker side ------------------------------------------------------------------------------------------
-    def loss(self, forward, model: EnergyModel, pos: torch.Tensor) -> tuple[torch.Tensor, dict, bool]:
+    def loss(self, forward, model: EnergyModel, pos: torch.Tensor, labels=None) -> tuple[torch.Tensor, dict, bool]:
         cfg, n = self.cfg, len(pos)
         chain_grad_norms: list[float] = []
         start = model.initial_latents(n, self.settings, self.gen).to(pos.device)
@@ -109,7 +109,7 @@ class DenoisingScoreMatching:
     METRICS = ("loss_small_sigma", "loss_large_sigma")
     KEYS = ("layers_per_block", "norm_groups", "sigma_data", "sigma_min", "sigma_max", "sigma_sampling",
             "sigma_p_mean", "sigma_p_std", "sampler", "sampler_levels", "sampler_rho", "mala_levels", "mala_steps",
-            "mala_step_scale")
+            "mala_step_scale", "condition_on", "label_dropout", "guidance")
     MAX_HEALTHY_LOSS = 10.0   # a per-dimension epsilon error; the untrained (Gaussian) energy scores <= about 1
 
     def __init__(self, cfg, latent_shape, generator: torch.Generator):
@@ -132,12 +132,13 @@ class DenoisingScoreMatching:
     @staticmethod
     def model_config(cfg, latent_shape, prepared: dict) -> NoiseConditionalEnergyConfig:
         return NoiseConditionalEnergyConfig(list(latent_shape), cfg.channels, cfg.layers_per_block, cfg.norm_groups,
-                                            prepared["sigma_data"], cfg.sigma_min, prepared["sigma_max"])
+                                            prepared["sigma_data"], cfg.sigma_min, prepared["sigma_max"],
+                                            prepared.get("labels"))
 
     @staticmethod
     def sampler_settings(cfg, prepared: dict) -> AnnealedSettings:
         return AnnealedSettings(cfg.sampler, cfg.sampler_levels, cfg.sigma_min, prepared["sigma_max"],
-                                cfg.sampler_rho, cfg.mala_levels, cfg.mala_steps, cfg.mala_step_scale)
+                                cfg.sampler_rho, cfg.mala_levels, cfg.mala_steps, cfg.mala_step_scale, cfg.guidance)
 
     @classmethod
     def build_model(cls, cfg, latent_shape, prepared: dict, metadata: dict) -> NoiseConditionalEnergy:
@@ -153,10 +154,14 @@ class DenoisingScoreMatching:
                 n, generator=self.gen)
         return log_sigma.exp().clamp(c.sigma_min, c.sigma_max)
 
-    def loss(self, forward, model: NoiseConditionalEnergy, pos: torch.Tensor) -> tuple[torch.Tensor, dict, bool]:
+    def loss(self, forward, model: NoiseConditionalEnergy, pos: torch.Tensor,
+             labels: torch.Tensor | None = None) -> tuple[torch.Tensor, dict, bool]:
         sigma = self.sigmas(len(pos), model).to(pos.device)
         eps = torch.randn(pos.shape, generator=self.gen).to(pos.device)
-        per_sample = denoising_score_matching(forward, pos, sigma, eps)
+        if labels is not None:  # each field dropped on its own: the unconditional and single-field energies too
+            dropped = torch.rand(labels.shape, generator=self.gen).to(labels.device) < self.cfg.label_dropout
+            labels = labels.masked_fill(dropped, 0)
+        per_sample = denoising_score_matching(forward, pos, sigma, eps, labels)
         loss = per_sample.mean()
         small = sigma < model.config.sigma_data   # the levels where detail forms vs where layout does
         metrics = {"loss_small_sigma": per_sample[small].mean().item() if small.any() else float("nan"),
@@ -204,7 +209,7 @@ class NoisePrediction:
     def build_model(cls, cfg, latent_shape, prepared: dict, metadata: dict) -> DiffusionUNet:
         return DiffusionUNet(cls.model_config(cfg, latent_shape, prepared), metadata)
 
-    def loss(self, forward, model: DiffusionUNet, pos: torch.Tensor) -> tuple[torch.Tensor, dict, bool]:
+    def loss(self, forward, model: DiffusionUNet, pos: torch.Tensor, labels=None) -> tuple[torch.Tensor, dict, bool]:
         if self.scheduler is None:
             self.scheduler = model.training_scheduler()
         steps = model.config.num_train_timesteps

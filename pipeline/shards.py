@@ -95,6 +95,27 @@ def iter_latents(paths: list[str]) -> Iterator[dict]:
                    "meta": json.loads(sample["json"])}
 
 
+def labels_of(meta: dict) -> dict[str, str]:
+    """A latent's labels by field: its named labels (`label_fields` in precompute) and its single `label`."""
+    labels = dict(meta.get("labels") or {})
+    if meta.get("label") is not None:
+        labels.setdefault("label", meta["label"])
+    return labels
+
+
+def label_vocabulary(manifest: dict, fields: list[str], folder: str = "the latents") -> dict[str, list[str]]:
+    """{field: its values, sorted} for `fields`, from the manifest's counts ("label" is the single label); a field
+    the latents do not carry is one line."""
+    counts = dict(manifest.get("label_fields") or {})
+    if manifest.get("labels"):
+        counts.setdefault("label", manifest["labels"])
+    for name in fields:
+        if name not in counts:
+            known = ", ".join(counts) or "none: precompute with label_fields, or inputs with labels"
+            raise EbdError(f"{folder} carry no label field {name!r} (fields: {known})")
+    return {name: sorted(counts[name]) for name in fields}
+
+
 def read_tar_samples(path: str) -> Iterator[dict]:
     """The webdataset samples {"__key__": KEY, EXT: bytes} of one tar (local or object store), in order."""
     with storage.open_stream(path) as stream:
@@ -143,11 +164,13 @@ def claim_run_folder(out: str | Path, run: dict, run_file: str = "run.json") -> 
 
 def write_latent_dataset(folder: str | Path, latents: np.ndarray, shard_size: int = 1000,
                          labels: list[str | None] | None = None, scaling_factor: float = 1.0,
-                         vae: dict | None = None, resolution: int | None = None, shuffled: bool = False) -> dict:
+                         vae: dict | None = None, resolution: int | None = None, shuffled: bool = False,
+                         label_fields: list[dict[str, str]] | None = None) -> dict:
     """Writes already-scaled latents (N x C x h x w) as a latents folder with the precompute job's layout and
     manifest: for latents made elsewhere, and for synthetic distributions in tests. `shuffled`: the rows are in a
-    random order (e.g. i.i.d. draws), so any shard is a fair held-out sample (manifest `order`)."""
-    shards, label_counts = [], {}
+    random order (e.g. i.i.d. draws), so any shard is a fair held-out sample (manifest `order`). `label_fields`:
+    each latent's named labels ({field: value}), as precompute's `label_fields` keeps them."""
+    shards, label_counts, field_counts = [], {}, {}
     for index, start in enumerate(range(0, len(latents), shard_size)):
         samples = []
         for i in range(start, min(start + shard_size, len(latents))):
@@ -155,6 +178,10 @@ def write_latent_dataset(folder: str | Path, latents: np.ndarray, shard_size: in
             if labels is not None and labels[i] is not None:
                 meta["label"] = labels[i]
                 label_counts[labels[i]] = label_counts.get(labels[i], 0) + 1
+            if label_fields is not None and label_fields[i]:
+                meta["labels"] = dict(label_fields[i])
+                for name, value in label_fields[i].items():
+                    field_counts.setdefault(name, {})[value] = field_counts.setdefault(name, {}).get(value, 0) + 1
             samples.append(latent_sample(f"{i:09d}", latents[i], meta))
         written = write_tar(storage.join(folder, SHARD_NAME.format(index)), samples)
         shards.append({"file": SHARD_NAME.format(index), "count": len(samples), "seen": len(samples), "rejected": 0,
@@ -165,6 +192,8 @@ def write_latent_dataset(folder: str | Path, latents: np.ndarray, shard_size: in
                 "latent": {"shape": list(latents.shape[1:]), "dtype": "float16", "scaled": True, "moments": False},
                 "shards": shards, "labels": dict(sorted(label_counts.items())),
                 "totals": {"seen": len(latents), "encoded": len(latents), "rejected": 0, "shards": len(shards)}}
+    if field_counts:
+        manifest["label_fields"] = {name: dict(sorted(c.items())) for name, c in sorted(field_counts.items())}
     atomic_write_lines(storage.join(folder, REJECTS), [])
     atomic_write_json(storage.join(folder, MANIFEST), manifest)  # last: the folder's done marker
     return manifest

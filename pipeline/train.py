@@ -80,6 +80,12 @@ class TrainConfig(JobConfig):
     mala_levels: int = 0                     # Metropolis-adjusted corrector steps at the last N levels
     mala_steps: int = 1
     mala_step_scale: float = 0.25
+    guidance: float = 1.0                    # conditional sampling: E_none + w (E_c - E_none) per term
+    # Conditioning (conditions.py): the label fields the energy takes ("label" is the single label; named fields come
+    # from precompute's label_fields). Each field is dropped independently with probability label_dropout, so the
+    # network also learns the unconditional energy and every single-field one that composition adds up.
+    condition_on: list[str] = field(default_factory=list)
+    label_dropout: float = 0.3
     # ddpm: a noise-predicting UNet (diffusion_unet.py) sampled by DDIM; layers_per_block, norm_groups as dsm
     attention: bool = False
     num_train_timesteps: int = 1000
@@ -104,6 +110,9 @@ class TrainConfig(JobConfig):
     reinit_prob: float = 0.05
     # data
     holdout_shards: int = 0                  # the last N shards are never trained on (evaluation's reference)
+    # Latents never trained on, by their labels: [{shape: ring, background: checker}] drops every ring on a checker
+    # (a combination to generate later by composing the two conditions). Any objective.
+    exclude_labels: list[dict[str, str]] = field(default_factory=list)
     use_moments: bool = True                 # draw z+ from stored posterior moments when the shards have them
     shuffle_buffer: int = 4096               # streaming shuffle when a worker's share does not fit in memory
     cache_bytes: int = 2 * 1024**3           # keep a worker's share in memory below this size
@@ -142,6 +151,11 @@ class TrainConfig(JobConfig):
         require(self.sigma_max is None or self.sigma_max > self.sigma_min, "sigma_max must exceed sigma_min")
         require(self.sigma_data is None or self.sigma_data > 0, "sigma_data must be > 0 or null")
         require(self.sigma_p_std > 0, "sigma_p_std must be > 0")
+        require(0 <= self.label_dropout < 1, "label_dropout must be in [0, 1)")
+        require(len(set(self.condition_on)) == len(self.condition_on), "condition_on lists a field twice")
+        require(all(rule and all(isinstance(k, str) and isinstance(v, str) for k, v in rule.items())
+                    for rule in self.exclude_labels),
+                "exclude_labels must be a list of non-empty {field: value} mappings, e.g. [{shape: ring}]")
         for key, owners in OBJECTIVE_KEYS.items():  # a key of another objective would be silently ignored
             if self.objective not in owners and getattr(self, key) != _DEFAULTS[key]:
                 owner = " or ".join(sorted(owners))
@@ -162,54 +176,71 @@ def split_shards(paths: list[str], rank: int, world: int) -> list[str]:
     return paths[rank::world]
 
 
+def excluded(labels: dict[str, str], rules: list[dict[str, str]]) -> bool:
+    """Whether a latent with these labels matches one of `exclude_labels`' rules (every field of the rule)."""
+    return any(all(labels.get(k) == v for k, v in rule.items()) for rule in rules)
+
+
 class LatentBatches:
-    """Endless batches of positives from one worker's shards; each epoch visits every one of its shards."""
+    """Endless batches (latents, labels) of positives from one worker's shards; each epoch visits every one of its
+    shards. labels: B x fields, each the value's index in `vocabulary` + 1 (0: the latent lacks it), or None when no
+    field is asked for. Latents matching `exclude` are skipped (`excluded` counts them over one epoch)."""
 
     def __init__(self, paths: list[str], batch_size: int, seed: int, use_moments: bool, data_noise: float,
-                 in_memory: bool, shuffle_buffer: int):
+                 in_memory: bool, shuffle_buffer: int, vocabulary: dict[str, list[str]] | None = None,
+                 exclude: list[dict[str, str]] | None = None):
         self.paths, self.batch_size, self.use_moments, self.data_noise = paths, batch_size, use_moments, data_noise
+        self.vocabulary, self.exclude = vocabulary or {}, exclude or []
         self.rng = np.random.default_rng(seed)
         self.torch_gen = torch.Generator().manual_seed(seed)
         self.shuffle_buffer = shuffle_buffer
-        self.cache = self._load_all() if in_memory else None
+        self.excluded = 0
         self.epoch = 0
+        self.cache = self._load_all() if in_memory else None
 
-    def _load_all(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        samples = list(sh.iter_latents(self.paths))
-        latents = torch.from_numpy(np.stack([s["latent"] for s in samples]))
-        has_moments = self.use_moments and all(s["moments"] is not None for s in samples)
-        moments = torch.from_numpy(np.stack([s["moments"] for s in samples])) if has_moments else None
-        return latents, moments
+    def _record(self, s: dict) -> tuple | None:
+        labels = sh.labels_of(s["meta"])
+        if self.exclude and excluded(labels, self.exclude):
+            self.excluded += self.epoch == 0
+            return None
+        m = s["moments"] if self.use_moments else None
+        index = torch.tensor([values.index(labels[f]) + 1 if labels.get(f) in values else 0
+                              for f, values in self.vocabulary.items()], dtype=torch.long)
+        return torch.from_numpy(s["latent"]), None if m is None else torch.from_numpy(m), index
 
-    def _records(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    def _load_all(self) -> list[tuple]:
+        return [r for s in sh.iter_latents(self.paths) if (r := self._record(s)) is not None]
+
+    def _records(self) -> Iterator[tuple]:
         while True:
             if self.cache is not None:
-                latents, moments = self.cache
-                for i in self.rng.permutation(len(latents)):
-                    yield latents[i], None if moments is None else moments[i]
+                for i in self.rng.permutation(len(self.cache)):
+                    yield self.cache[i]
             else:
                 buffer: list = []
                 for path in self.rng.permutation(self.paths):
                     for s in sh.iter_latents([str(path)]):
-                        m = s["moments"] if self.use_moments else None
-                        buffer.append((torch.from_numpy(s["latent"]), None if m is None else torch.from_numpy(m)))
+                        if (record := self._record(s)) is None:
+                            continue
+                        buffer.append(record)
                         if len(buffer) >= self.shuffle_buffer:
                             yield buffer.pop(int(self.rng.integers(len(buffer))))
                 for i in self.rng.permutation(len(buffer)):
                     yield buffer[i]
             self.epoch += 1
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         records = self._records()
         while True:
             batch = [next(records) for _ in range(self.batch_size)]
-            if all(m is not None for _, m in batch):  # a fresh posterior sample: mean + std * eps
-                moments = torch.stack([m for _, m in batch])
+            if all(m is not None for _, m, _ in batch):  # a fresh posterior sample: mean + std * eps
+                moments = torch.stack([m for _, m, _ in batch])
                 eps = torch.randn(moments[:, 0].shape, generator=self.torch_gen)
                 z = moments[:, 0] + torch.exp(0.5 * moments[:, 1]) * eps
             else:
-                z = torch.stack([lat for lat, _ in batch])
-            yield z + self.data_noise * torch.randn(z.shape, generator=self.torch_gen)
+                z = torch.stack([lat for lat, _, _ in batch])
+            labels = torch.stack([index for _, _, index in batch]) if self.vocabulary else None
+            yield z + self.data_noise * torch.randn(z.shape, generator=self.torch_gen), labels
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -253,7 +284,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     sh.atomic_write_json(record_path, record)
     in_memory = my_count * math.prod(latent_shape) * 4 * 3 <= cfg.cache_bytes
     data = LatentBatches(my_shards, cfg.batch_size, cfg.seed * 1000 + rank + state["step"], cfg.use_moments,
-                         cfg.data_noise, in_memory, cfg.shuffle_buffer)
+                         cfg.data_noise, in_memory, cfg.shuffle_buffer, model.label_vocabulary, cfg.exclude_labels)
     batches = iter(data)
     gen.manual_seed(cfg.seed * 7919 + rank * 104729 + state["step"])
     last_good = _snapshot(model, optimizer, ema, objective, state)
@@ -265,8 +296,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     started = time.monotonic()
     while state["step"] < cfg.max_steps:
         tick = time.perf_counter()
-        pos = next(batches).to(device)
-        loss, values, healthy = objective.loss(ddp_model, model, pos)
+        pos, labels = next(batches)
+        pos, labels = pos.to(device), None if labels is None else labels.to(device)
+        loss, values, healthy = objective.loss(ddp_model, model, pos, labels)
         if cfg.fault_nan_at_step == state["step"] and not state["fault_injected"]:
             state["fault_injected"] = True
             loss, healthy = loss * float("nan"), False
@@ -316,7 +348,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 ray.train.report(values)
 
     # Every worker records a digest of its final weights: equal digests show the gradients were synchronised.
-    sh.atomic_write_json(record_path, record | {"step": state["step"], "weights_sha256": _weights_digest(model)})
+    sh.atomic_write_json(record_path, record | {"step": state["step"], "weights_sha256": _weights_digest(model),
+                                                "excluded_per_epoch": data.excluded})
     if rank == 0:
         export = type(model)(model.config, dict(model.metadata))
         export.metadata["training"] = {"objective": cfg.objective, "steps": state["step"],
@@ -501,7 +534,11 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
     checkpoints_at = storage.canonical(cfg.storage_path) if cfg.storage_path else storage.join(output, "checkpoints")
     manifest_sha = sh.file_sha256(storage.join(latents, sh.MANIFEST))
     objective = OBJECTIVES[cfg.objective]
+    for rule in cfg.exclude_labels:  # a field the latents lack would silently exclude nothing
+        sh.label_vocabulary(manifest, list(rule), cfg.latents)
     prepared = _prepare(cfg, objective, paths, output)
+    if cfg.condition_on:
+        prepared["labels"] = sh.label_vocabulary(manifest, cfg.condition_on, cfg.latents)
     objective.model_config(cfg, manifest["latent"]["shape"], prepared).validate()
     metadata = {"sampler": asdict(objective.sampler_settings(cfg, prepared)),
                 "latents": {"shape": manifest["latent"]["shape"], "scaling_factor": manifest["scaling_factor"],
@@ -510,7 +547,8 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
                             # what evaluation may use as never-seen reference data, by file and content
                             "trained_on": [{"file": storage.name(p), "sha256": sha[p], "count": counts[p]}
                                            for p in paths],
-                            "held_out": held_out}}
+                            "held_out": held_out,
+                            "excluded_labels": cfg.exclude_labels}}
     cfg_dict = asdict(cfg) | {"output": output}
     claim_run(checkpoints_at, cfg, manifest_sha)
 
@@ -552,8 +590,9 @@ def claim_run(checkpoints_at: str, cfg: TrainConfig, manifest_sha: str) -> None:
               "latents_manifest_sha256": manifest_sha}
     if storage.is_file(path):
         old = sh.read_json(path)
+        # a key newer than the record reads as its default: runs started before it existed still resume
         changed = sorted(k for k in set(old["config"]) | set(record["config"])
-                         if old["config"].get(k) != record["config"].get(k))
+                         if old["config"].get(k, _DEFAULTS.get(k)) != record["config"].get(k))
         if old["latents_manifest_sha256"] != manifest_sha:
             changed.append("the latents (another manifest)")
         if changed and not cfg.allow_config_change:
@@ -576,6 +615,8 @@ def _prepare(cfg: TrainConfig, objective, paths: list[str], output: str) -> dict
 
     wanted, latents = objective.prepare_samples(cfg), []
     for record in sh.iter_latents(paths) if wanted else []:
+        if cfg.exclude_labels and excluded(sh.labels_of(record["meta"]), cfg.exclude_labels):
+            continue
         latents.append(torch.from_numpy(record["latent"]))
         if len(latents) >= wanted:
             break
