@@ -2,10 +2,12 @@
 
     python -m jobs.generate --config configs/generate.yaml --model EBM_DIR --vae SD_OR_VAE_DIR --num-images N
                             --output DIR [--decoder TINY_DIR] [--format parquet|webdataset|both] [--seed S]
-                            [--batch-size B]
+                            [--batch-size B] [--condition "shape=ring AND background=checker" | --conditions FILE]
                             [--metrics-port P] [--metrics-host H] [--pushgateway URL] [--address ADDR]
 
-Re-running the same command resumes: complete shards are skipped and the run ends with exactly N images.
+Re-running the same command resumes: complete shards are skipped and the run ends with exactly N images. A
+conditional model takes --condition (every image) or --conditions (a YAML/JSON file of condition -> count); each
+image's row and sidecar carry its condition.
 """
 
 from pipeline.config import job_parser, load_config, run_cli
@@ -18,7 +20,10 @@ def main() -> int:
     p.add_argument("--vae", help="local Stable Diffusion checkpoint folder (with vae/) or AutoencoderKL folder")
     p.add_argument("--decoder", help="tiny decoder (AutoencoderTiny folder paired with the VAE: ebd pair-decoder) "
                                      "to decode with instead of the VAE's own")
-    p.add_argument("--num-images", type=int)
+    p.add_argument("--num-images", type=int, help="images to make (default 1000, or the conditions file's total)")
+    p.add_argument("--condition", help='what every image asks a conditional model for, e.g. "shape=ring", '
+                                       '"shape=ring AND background=checker", "shape=ring AND NOT background=stripes"')
+    p.add_argument("--conditions", help="YAML or JSON file mapping condition -> count: a mix in one run")
     p.add_argument("--output", help="output folder for shards, manifest, preview and summary")
     p.add_argument("--format", choices=["parquet", "webdataset", "both"])
     p.add_argument("--seed", type=int)
@@ -28,7 +33,8 @@ def main() -> int:
     p.add_argument("--pushgateway", help="Prometheus pushgateway URL for the final values")
     args = p.parse_args()
     cfg = load_config(GenerateConfig, args.config, args.set, model=args.model, vae=args.vae, decoder=args.decoder,
-                      num_images=args.num_images, output=args.output, format=args.format, seed=args.seed,
+                      num_images=args.num_images, condition=args.condition, conditions=args.conditions,
+                      output=args.output, format=args.format, seed=args.seed,
                       batch_size=args.batch_size, metrics_port=args.metrics_port, metrics_host=args.metrics_host,
                       pushgateway=args.pushgateway)
     run_generation(cfg, address=args.address)

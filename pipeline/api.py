@@ -72,11 +72,14 @@ class EBDPipeline:
 
     @torch.no_grad()
     def __call__(self, num_images: int = 1, seed: int = 0, start: int = 0, sampler: dict[str, Any] | None = None,
-                 batch_size: int = 64, output_type: str = "pil", callback=None) -> EBDOutput:
+                 batch_size: int = 64, output_type: str = "pil", callback=None,
+                 condition: str | None = None) -> EBDOutput:
         """Images start .. start + num_images - 1 of run seed `seed`, sampled with the model's own sampler (`sampler`
-        changes keys of it, as `--set sampler=...` does); `callback` is the samplers' per-evaluation hook."""
+        changes keys of it, as `--set sampler=...` does); `callback` is the samplers' per-evaluation hook;
+        `condition` (a conditional model) e.g. "shape=ring AND NOT background=stripes" for every image."""
         from PIL import Image
 
+        from .conditions import canonical, check_condition, parse_condition
         from .generate import chain_seed, image_key
         from .langevin import sample
         from .vae import decode, to_uint8
@@ -84,11 +87,15 @@ class EBDPipeline:
         require(num_images >= 1 and start >= 0 and batch_size >= 1, "num_images, batch_size >= 1 and start >= 0")
         require(output_type in ("pil", "np", "latent"), "output_type must be pil, np or latent")
         settings = self.model.resolve_sampler(sampler or {})
+        if condition is not None:
+            condition = canonical(condition)
+            check_condition(parse_condition(condition), self.model.label_vocabulary)
         latents, energies, images = [], [], []
         for a in range(start, start + num_images, batch_size):
             b = min(a + batch_size, start + num_images)
             generators = [torch.Generator().manual_seed(chain_seed(seed, i)) for i in range(a, b)]
-            z = sample(self.model, b - a, settings, generators, callback=callback)
+            z = sample(self.model, b - a, settings, generators, callback=callback,
+                       conditions=None if condition is None else [condition] * (b - a))
             latents.append(z)
             energies.append(self.model.energy(z).float())
             if output_type != "latent":
@@ -109,6 +116,8 @@ def generated_dataset(model: str, vae: str, num_images: int, seed: int = 0, **se
     from .models import load_model
     from .vae import resolve_decoder, resolve_vae
 
+    from .generate import run_plan
+
     cfg = from_dict(GenerateConfig, {"model": str(model), "vae": str(vae), "output": "unused",
                                      "num_images": num_images, "seed": seed} | settings)
     spec, loaded = resolve_vae(cfg.vae), load_model(cfg.model)
@@ -118,7 +127,7 @@ def generated_dataset(model: str, vae: str, num_images: int, seed: int = 0, **se
     batch_sizes = {"langevin": cfg.langevin_batch_size or size, "decode": cfg.decode_batch_size or size}
     shards = list(range((num_images + cfg.images_per_shard - 1) // cfg.images_per_shard))
     decoded = decoded_shards(cfg, shards, sampler, resolve_decoder(cfg.decoder, spec), resolve_decoder_gpus(cfg),
-                             batch_sizes)
+                             batch_sizes, run_plan(cfg, loaded))
     return decoded.flat_map(lambda row: _image_rows(row, cfg.seed, cfg.images_per_shard))
 
 
@@ -130,8 +139,10 @@ def _image_rows(row: dict, seed: int, images_per_shard: int) -> list[dict]:
     pixels = np.frombuffer(row["images"], dtype=np.uint8).reshape(n, *info["image_shape"])
     latents = np.frombuffer(row["latents"], dtype=np.float32).reshape(n, *info["latent_shape"])
     start = int(row["shard"]) * images_per_shard
+    conditions = info.get("conditions") or [None] * n
     return [{"key": image_key(seed, start + i), "seed": info["seeds"][i], "image": pixels[i], "latent": latents[i],
-             "energy": float(info["energy"][i])} for i in range(n)]
+             "energy": float(info["energy"][i])} | ({"condition": conditions[i]} if conditions[i] else {})
+            for i in range(n)]
 
 
 __all__ = ["EBDPipeline", "EBDOutput", "generated_dataset", "EbdError"]

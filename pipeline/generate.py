@@ -23,6 +23,7 @@ from typing import Any, Literal
 import numpy as np
 
 from . import sinks, storage
+from .conditions import check_condition, conditions_for, load_plan, parse_condition
 from .config import EbdError, JobConfig, require
 from .progress import Progress, log_line
 from .shards import atomic_write, atomic_write_json, claim_run_folder, file_sha256
@@ -38,7 +39,11 @@ class GenerateConfig(JobConfig):
     # the VAE's own decoder: about 18x fewer FLOPs at Stable Diffusion's sizes, softer images.
     decoder: str | None = None
     output: str | None = None
-    num_images: int = 1000
+    num_images: int | None = None                # null: 1000, or the conditions' total
+    # Conditional models (conditions.py): one condition for every image ("shape=ring AND background=checker"), or a
+    # mix, condition -> count (a mapping, or the path of a YAML/JSON file of one; read once, when the config loads).
+    condition: str | None = None
+    conditions: dict[str, int] | str | None = None
     seed: int = 0
     format: Literal["parquet", "webdataset", "both"] = "both"
     images_per_shard: int = 256
@@ -77,6 +82,14 @@ class GenerateConfig(JobConfig):
     def validate(self) -> None:
         for name in ("model", "vae", "output"):
             require(getattr(self, name) is not None, f"missing {name}: pass --{name} or set it in the config")
+        plan = load_plan(self.condition, self.conditions)
+        if plan is not None and self.condition is None:  # a mix: its counts are the images
+            self.conditions = dict(plan)
+            total = sum(n for _, n in plan)
+            require(self.num_images in (None, total), f"num_images ({self.num_images}) disagrees with the conditions' "
+                    f"total ({total}): drop num_images, or change the counts")
+            self.num_images = total
+        self.num_images = 1000 if self.num_images is None else self.num_images
         require(self.num_images >= 1 and self.images_per_shard >= 1, "num_images and images_per_shard must be >= 1")
         require((self.langevin_actors == "auto" or self.langevin_actors >= 1) and self.decoder_actors >= 1,
                 "actor counts must be >= 1 (langevin_actors may be auto)")
@@ -108,7 +121,7 @@ class LangevinStage:
     """CPU actor: runs the model's sampler for one shard's images, one generator per chain."""
 
     def __init__(self, model_dir: str, sampler: dict, seed: int, images_per_shard: int, num_images: int,
-                 batch_size: int, threads: int):
+                 batch_size: int, threads: int, plan: list | None = None):
         import torch
 
         from .langevin import sampler_settings
@@ -119,6 +132,7 @@ class LangevinStage:
         self.model = load_model(model_dir)
         self.sampler = sampler_settings(sampler)
         self.seed, self.per_shard, self.num_images, self.batch_size = seed, images_per_shard, num_images, batch_size
+        self.plan = plan  # [[condition, count], ...] of a conditional run, else None
         self.metrics = StageMetrics("langevin")
 
     def __call__(self, batch: dict) -> dict:
@@ -132,6 +146,7 @@ class LangevinStage:
             start = int(shard) * self.per_shard
             count = min(self.per_shard, self.num_images - start)
             seeds = [chain_seed(self.seed, i) for i in range(start, start + count)]
+            conditions = conditions_for(self.plan, start, count) if self.plan else None
             seconds: list[float] = []
             self.metrics.busy(1)
 
@@ -139,7 +154,8 @@ class LangevinStage:
                 tick = time.perf_counter()
                 generators = [torch.Generator().manual_seed(s) for s in seeds[a:b]]
                 stats = SamplerStats()  # per chunk: a chunk retried after running out of memory counts once
-                z = sample(self.model, b - a, self.sampler, generators, callback=stats)
+                z = sample(self.model, b - a, self.sampler, generators, callback=stats,
+                           conditions=conditions[a:b] if conditions else None)
                 with torch.no_grad():
                     energy = self.model.energy(z)
                 seconds.append(time.perf_counter() - tick)
@@ -157,7 +173,8 @@ class LangevinStage:
                 "energy": torch.cat([c[1] for c in chunks]).tolist(), "langevin_batch_seconds": seconds,
                 "langevin_chunks": sizes, "langevin_batch_size": self.batch_size,
                 "gradient_evaluations": sum(s.evaluations * n for s, n in zip(stats, sizes)),
-                "mala_accepted": sum(s.accepted for s in stats), "mala_proposed": sum(s.proposed for s in stats)}))
+                "mala_accepted": sum(s.accepted for s in stats), "mala_proposed": sum(s.proposed for s in stats)}
+                | ({"conditions": conditions} if conditions else {})))
         return {"shard": np.array(rows["shard"]), "latents": np.array(rows["latents"], dtype=object),
                 "info": np.array(rows["info"], dtype=object)}
 
@@ -229,17 +246,21 @@ def write_shard(batch: dict, output: str, fmt: str, seed: int, images_per_shard:
             if save_latents else None
         start = int(shard) * images_per_shard
         keys = [image_key(seed, i) for i in range(start, start + info["count"])]
-        extra = {k: v for k, v in info.items() if k not in ("seeds", "energy", "latent_shape", "image_shape")}
+        extra = {k: v for k, v in info.items()
+                 if k not in ("seeds", "energy", "latent_shape", "image_shape", "conditions")}
         result = sinks.write_image_shard(output, int(shard), fmt, keys, pixels, info["seeds"],
-                                         np.asarray(info["energy"]), model_id, extra, latents=z)
+                                         np.asarray(info["energy"]), model_id, extra, latents=z,
+                                         conditions=info.get("conditions"))
         stats.append(json.dumps(result))
     return {"stats": np.array(stats, dtype=object)}
 
 
 # ------------------------------------------------------------------------------------------ batch probes
 
-def probe_langevin_batch(model_dir: str, sampler: dict, budget_bytes: int, max_batch: int, threads: int) -> dict:
-    """Ray task (the Langevin actors' resources): the largest chain batch that fits the RAM budget."""
+def probe_langevin_batch(model_dir: str, sampler: dict, budget_bytes: int, max_batch: int, threads: int,
+                         condition: str | None = None) -> dict:
+    """Ray task (the Langevin actors' resources): the largest chain batch that fits the RAM budget (under the run's
+    widest condition: each term is one more forward per gradient)."""
     import torch
 
     from .batching import probe_batch_size
@@ -250,7 +271,7 @@ def probe_langevin_batch(model_dir: str, sampler: dict, budget_bytes: int, max_b
     model = load_model(model_dir)
     # memory per step does not grow with the number of steps or levels
     probe = sampler_settings(sampler | ({"steps": 2} if "steps" in sampler else {"levels": 2, "mala_levels": 0}))
-    return probe_batch_size(lambda n: sample(model, n, probe),
+    return probe_batch_size(lambda n: sample(model, n, probe, conditions=None if condition is None else [condition] * n),
                             torch.device("cpu"), budget_bytes, max_batch=max_batch)
 
 
@@ -296,6 +317,7 @@ def run_generation(cfg: GenerateConfig, address: str | None = None) -> dict:
         raise EbdError(f"langevin_steps, langevin_step_size and langevin_noise_scale apply to short-run (cd) models; "
                        f"this model samples with {model.sampler.name}: use --set sampler='{{levels: N}}'")
     sampler = asdict(model.resolve_sampler(short_run | cfg.sampler))  # validated: one line if not
+    plan = run_plan(cfg, model)  # conditions checked against the model's labels: one line, before any work
     model_dir = storage.canonical(cfg.model)
     weights = storage.local_copy(model_dir) / "model.safetensors"  # load_model's cached copy: not fetched twice
     model_id = f"{storage.name(model_dir)}-{file_sha256(weights)[:12]}"
@@ -306,8 +328,8 @@ def run_generation(cfg: GenerateConfig, address: str | None = None) -> dict:
     if not ray.is_initialized():
         ray.init(address=address)
     gpus = resolve_decoder_gpus(cfg)
-    run = _claim_output(out, cfg, sampler, model_id, vae_identity, decoder)
-    batch_sizes = run.get("batch_sizes") or _choose_batch_sizes(cfg, sampler, decoder, latent_shape, gpus)
+    run = _claim_output(out, cfg, sampler, model_id, vae_identity, decoder, plan)
+    batch_sizes = run.get("batch_sizes") or _choose_batch_sizes(cfg, sampler, decoder, latent_shape, gpus, plan)
     if "batch_sizes" not in run:
         atomic_write_json(storage.join(out, RUN_FILE), run | {"batch_sizes": batch_sizes})
     asked = cfg.batch_size or cfg.langevin_batch_size or cfg.decode_batch_size
@@ -329,7 +351,7 @@ def run_generation(cfg: GenerateConfig, address: str | None = None) -> dict:
     start = time.monotonic()
     try:
         if pending:
-            dataset = _build_dag(cfg, pending, sampler, decoder, gpus, batch_sizes, model_id)
+            dataset = _build_dag(cfg, pending, sampler, decoder, gpus, batch_sizes, model_id, plan)
             in_flight = len(pending)
             metrics.set_in_flight(in_flight)
             for batch in dataset.iter_batches(batch_size=1, batch_format="numpy"):
@@ -344,7 +366,7 @@ def run_generation(cfg: GenerateConfig, address: str | None = None) -> dict:
         seconds = time.monotonic() - start
         summary = _finish(out, cfg, done, num_shards, sampler, model_id, vae_identity, batch_sizes, gpus, seconds,
                           made=sum(done[j]["count"] for j in pending), latent_shape=latent_shape, decoder=decoder,
-                          samplers=samplers)
+                          samplers=samplers, plan=plan)
         log.log(f"done: {summary['images']} images in {len(done)} shards; {summary['images_per_second']:.2f} images/s "
                 f"this run; preview {storage.join(out, 'preview.png')}")
         if cfg.pushgateway:
@@ -354,6 +376,19 @@ def run_generation(cfg: GenerateConfig, address: str | None = None) -> dict:
         return summary
     finally:
         metrics.shutdown()
+
+
+def run_plan(cfg: GenerateConfig, model) -> list[list] | None:
+    """[[condition, count], ...] in image order for a conditional run (None otherwise), each condition checked
+    against the labels `model` was trained on."""
+    plan = load_plan(cfg.condition, cfg.conditions)
+    if plan is None:
+        return None
+    if cfg.condition is not None:
+        plan[0][1] = cfg.num_images
+    for text, _ in plan:
+        check_condition(parse_condition(text), model.label_vocabulary, storage.name(storage.canonical(cfg.model)))
+    return plan
 
 
 def resolve_langevin_actors(cfg: GenerateConfig, shards: int) -> int:
@@ -382,9 +417,10 @@ def resolve_decoder_gpus(cfg: GenerateConfig) -> float:
     return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
-def decoded_shards(cfg: GenerateConfig, shards: list[int], sampler: dict, decoder, gpus: float, batch_sizes: dict):
+def decoded_shards(cfg: GenerateConfig, shards: list[int], sampler: dict, decoder, gpus: float, batch_sizes: dict,
+                   plan: list | None = None):
     """The DAG's first two stages as a Ray Dataset: one row per shard {shard, latents, images, info}. `decoder`: the
-    VaeSpec to decode with (the VAE, or a tiny decoder paired with it)."""
+    VaeSpec to decode with (the VAE, or a tiny decoder paired with it); `plan`: a conditional run's conditions."""
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -396,7 +432,8 @@ def decoded_shards(cfg: GenerateConfig, shards: list[int], sampler: dict, decode
         LangevinStage, batch_size=1, compute=ActorPoolStrategy(size=samplers), num_cpus=cfg.langevin_cpus,
         fn_constructor_kwargs=dict(model_dir=storage.canonical(cfg.model), sampler=sampler, seed=cfg.seed,
                                    images_per_shard=cfg.images_per_shard, num_images=cfg.num_images,
-                                   batch_size=batch_sizes["langevin"], threads=_threads(cfg.langevin_cpus)))
+                                   batch_size=batch_sizes["langevin"], threads=_threads(cfg.langevin_cpus),
+                                   plan=plan))
     return latents.map_batches(
         DecodeStage, batch_size=1, compute=ActorPoolStrategy(size=cfg.decoder_actors), num_cpus=cfg.decoder_cpus,
         num_gpus=gpus,
@@ -412,14 +449,15 @@ def _absolute(spec):
 
 
 def _build_dag(cfg: GenerateConfig, pending: list[int], sampler: dict, decoder, gpus: float, batch_sizes: dict,
-               model_id: str):
-    return decoded_shards(cfg, pending, sampler, decoder, gpus, batch_sizes).map_batches(
+               model_id: str, plan: list | None):
+    return decoded_shards(cfg, pending, sampler, decoder, gpus, batch_sizes, plan).map_batches(
         write_shard, batch_size=1, num_cpus=cfg.writer_cpus,
         fn_kwargs=dict(output=storage.canonical(cfg.output), fmt=cfg.format, seed=cfg.seed,
                        images_per_shard=cfg.images_per_shard, model_id=model_id, save_latents=cfg.save_latents))
 
 
-def _choose_batch_sizes(cfg: GenerateConfig, sampler: dict, decoder, latent_shape: list, gpus: float) -> dict:
+def _choose_batch_sizes(cfg: GenerateConfig, sampler: dict, decoder, latent_shape: list, gpus: float,
+                        plan: list | None = None) -> dict:
     """Configured sizes, or one probe per stage run with that stage's own resources."""
     import ray
 
@@ -429,7 +467,8 @@ def _choose_batch_sizes(cfg: GenerateConfig, sampler: dict, decoder, latent_shap
     probes = {}
     if langevin is None:
         probes["langevin"] = ray.remote(probe_langevin_batch).options(num_cpus=cfg.langevin_cpus).remote(
-            storage.canonical(cfg.model), sampler, budget, cfg.max_batch_size, _threads(cfg.langevin_cpus))
+            storage.canonical(cfg.model), sampler, budget, cfg.max_batch_size, _threads(cfg.langevin_cpus),
+            max((text for text, _ in plan), key=lambda t: len(parse_condition(t))) if plan else None)
     if decode is None:
         probes["decode"] = ray.remote(probe_decode_batch).options(num_cpus=cfg.decoder_cpus, num_gpus=gpus).remote(
             _absolute(decoder), cfg.vae_dtype, gpus > 0, latent_shape, budget,
@@ -444,18 +483,21 @@ _CONTENT_KEYS = ("num_images", "seed", "format", "images_per_shard", "vae_dtype"
 
 
 def _claim_output(out: str, cfg: GenerateConfig, sampler: dict, model_id: str, vae_identity: dict,
-                  decoder) -> dict:
+                  decoder, plan: list | None = None) -> dict:
     # A tiny decoder makes other pixels. None for the VAE's own decoder, which a folder from before the key
     # existed also reads as (absent), so old runs still resume.
     tiny_decoder = decoder.weights_sha256() if decoder.class_name != "AutoencoderKL" else None
+    if plan is None:  # guidance changes nothing without a condition (and folders from before it lack the key)
+        sampler = {k: v for k, v in sampler.items() if k != "guidance"}
     run = {"config": {k: getattr(cfg, k) for k in _CONTENT_KEYS}, "sampler": sampler, "model": model_id,
-           "vae_weights_sha256": vae_identity["weights_sha256"], "decoder_weights_sha256": tiny_decoder}
+           "vae_weights_sha256": vae_identity["weights_sha256"], "decoder_weights_sha256": tiny_decoder,
+           "conditions": plan}  # None (absent in older folders) for an unconditional run
     return claim_run_folder(out, run, RUN_FILE)
 
 
 def _finish(out: str, cfg: GenerateConfig, done: dict, num_shards: int, sampler: dict, model_id: str,
             vae_identity: dict, batch_sizes: dict, gpus: float, seconds: float, made: int,
-            latent_shape: list[int], decoder, samplers: int) -> dict:
+            latent_shape: list[int], decoder, samplers: int, plan: list | None = None) -> dict:
     shards = [done[j] for j in range(num_shards)]
     images = sum(s["count"] for s in shards)
     if images != cfg.num_images:
@@ -484,6 +526,8 @@ def _finish(out: str, cfg: GenerateConfig, done: dict, num_shards: int, sampler:
                 "decoder": {"class": decoder.class_name, "path": storage.canonical(decoder.path),
                             "weights_sha256": decoder.weights_sha256()},
                 "shards": [{"shard": s["shard"], "count": s["count"], "files": s["files"]} for s in shards]}
+    if plan:  # which images asked for what, in order (each row and sidecar also carries its condition)
+        manifest["conditions"] = [{"condition": text, "count": n} for text, n in plan]
     atomic_write_json(storage.join(out, "manifest.json"), manifest)  # last: its presence means the run is complete
     return summary
 

@@ -2,13 +2,15 @@
 
     OUT/images-000000.parquet   columns key, image ({bytes: PNG, path: KEY.png}: Hugging Face datasets' Image
                                 struct, declared in the schema metadata, so `datasets` decodes it as images),
-                                width, height, seed, energy, model[, latent]
-    OUT/images-000000.tar       KEY.png, KEY.json (key, seed, energy, model, width, height)[, KEY.latent.npy]
+                                width, height, seed, energy, model[, latent][, condition]
+    OUT/images-000000.tar       KEY.png, KEY.json (key, seed, energy, model, width, height[, condition])
+                                [, KEY.latent.npy]
     OUT/stats/images-000000.json   done marker: counts, files, sha256, chosen batch sizes, stage seconds
     OUT/images-000000_stats.json   the same shard in img2dataset's stats shape (count, successes, duration, ...)
 
 `latent` / KEY.latent.npy (when the run saves latents) is the image's scaled latent as float16 .npy bytes, the
 encoding of the precompute job's latent shards: evaluation compares generated and real latents directly.
+`condition` (a conditional run only) is what the image was asked for, e.g. "shape=ring AND background=checker".
 
 Shard j holds images [j * images_per_shard, ...) in order, so a shard is defined by its index alone.
 """
@@ -33,14 +35,15 @@ STAGE_SECONDS = ("langevin_batch_seconds", "decode_batch_seconds", "write_batch_
 FORMATS = {"parquet": (PARQUET_NAME,), "webdataset": (TAR_NAME,), "both": (PARQUET_NAME, TAR_NAME)}
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # Hugging Face datasets' Image
 COLUMNS = [("key", pa.string()), ("image", IMAGE_TYPE), ("width", pa.int32()), ("height", pa.int32()),
-           ("seed", pa.int64()), ("energy", pa.float32()), ("model", pa.string()), ("latent", pa.binary())]
+           ("seed", pa.int64()), ("energy", pa.float32()), ("model", pa.string()), ("latent", pa.binary()),
+           ("condition", pa.string())]
 HF_TYPES = {"key": "string", "width": "int32", "height": "int32", "seed": "int64", "energy": "float32",
-            "model": "string", "latent": "binary"}
+            "model": "string", "latent": "binary", "condition": "string"}
 
 
-def parquet_schema(with_latent: bool) -> pa.Schema:
+def parquet_schema(with_latent: bool, with_condition: bool = False) -> pa.Schema:
     """The shard schema, with the `huggingface` metadata that makes `datasets` decode `image` as an Image."""
-    columns = [c for c in COLUMNS if with_latent or c[0] != "latent"]
+    columns = [c for c in COLUMNS if (with_latent or c[0] != "latent") and (with_condition or c[0] != "condition")]
     features = {name: {"_type": "Image"} if name == "image" else {"dtype": HF_TYPES[name], "_type": "Value"}
                 for name, _ in columns}
     return pa.schema(columns, metadata={"huggingface": json.dumps({"info": {"features": features}})})
@@ -68,7 +71,7 @@ def shard_files(out: str, shard: int, fmt: str) -> list[str]:
 
 def write_image_shard(out: str, shard: int, fmt: str, keys: list[str], images: np.ndarray, seeds: list[int],
                       energies: np.ndarray, model_id: str, extra_stats: dict,
-                      latents: np.ndarray | None = None) -> dict:
+                      latents: np.ndarray | None = None, conditions: list[str] | None = None) -> dict:
     """Encodes PNGs, writes the shard's files atomically, then its done marker. Returns the marker's content."""
     tick = time.perf_counter()
     pngs = [png_bytes(img) for img in images]
@@ -81,17 +84,21 @@ def write_image_shard(out: str, shard: int, fmt: str, keys: list[str], images: n
                    "energy": energies.astype(np.float32), "model": [model_id] * len(keys)}
         if npys is not None:
             columns["latent"] = npys
-        table = pa.table(columns, schema=parquet_schema(npys is not None))
+        if conditions is not None:
+            columns["condition"] = conditions
+        table = pa.table(columns, schema=parquet_schema(npys is not None, conditions is not None))
         def write_parquet(f):
             pq.write_table(table, f, compression="zstd", row_group_size=len(keys) or 1)
         written = atomic_write(storage.join(out, PARQUET_NAME.format(shard)), write_parquet)
         files[PARQUET_NAME.format(shard)] = written["sha256"]
         sizes += written["bytes"]
     if fmt in ("webdataset", "both"):
+        asked = conditions or [None] * len(keys)
         samples = [{"__key__": k, "png": png,
                     "json": json.dumps({"key": k, "seed": s, "energy": float(e), "model": model_id,
-                                        "width": width, "height": height}, sort_keys=True).encode()}
-                   for k, png, s, e in zip(keys, pngs, seeds, energies)]
+                                        "width": width, "height": height}
+                                       | ({"condition": c} if c is not None else {}), sort_keys=True).encode()}
+                   for k, png, s, e, c in zip(keys, pngs, seeds, energies, asked)]
         if npys is not None:
             for sample, npy in zip(samples, npys):
                 sample["latent.npy"] = npy

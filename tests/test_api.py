@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline import EBDPipeline
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, EbdError
 from pipeline.generate import GenerateConfig, image_key
 from pipeline.train import TrainConfig
 from tests.conftest import REPO
@@ -43,6 +43,8 @@ def test_bad_pipeline_arguments_are_one_line_errors(pipe, tmp_path):
         pipe(num_images=1, sampler={"sigma_max": 1e6})
     with pytest.raises(ConfigError, match="names no model"):
         EBDPipeline.from_pretrained(tmp_path)
+    with pytest.raises(EbdError, match="trained without labels, so it takes no condition"):
+        pipe(num_images=1, condition="shape=ring")
 
 
 def test_configs_built_in_python_validate_on_construction():

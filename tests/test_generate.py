@@ -241,21 +241,53 @@ def test_a_model_trained_on_another_vae_is_refused(ebm_dir, tmp_path):
         generate(ebm_dir, other, tmp_path / "out")
 
 
+def test_conditions_a_model_cannot_honour_are_refused_in_one_line_before_any_work(ebm_dir, sd_checkpoint, tmp_path):
+    from pipeline.diffusion_ebm import NoiseConditionalEnergy, NoiseConditionalEnergyConfig
+
+    with pytest.raises(EbdError, match="trained without labels, so it takes no condition"):
+        generate(ebm_dir, sd_checkpoint, tmp_path / "a", condition="shape=ring")
+    metadata = {"sampler": {"name": "heun", "levels": 3, "sigma_max": 20.0},
+                "latents": {"vae": resolve_vae(sd_checkpoint).identity(), "shape": [4, 8, 8]}}
+    conditional = NoiseConditionalEnergy(NoiseConditionalEnergyConfig(
+        [4, 8, 8], [16, 32], sigma_max=20.0, labels={"shape": ["ring", "square"]}), metadata).save_pretrained(
+        tmp_path / "conditional")
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"shape=ring": 2, "shape=disc": 3}))
+    with pytest.raises(EbdError, match="unknown value 'disc' for shape: conditional knows ring, square"):
+        generate(conditional, sd_checkpoint, tmp_path / "b", num_images=None, conditions=str(plan))
+    with pytest.raises(EbdError, match=r"num_images \(4\) disagrees with the conditions' total \(5\)"):
+        generate(conditional, sd_checkpoint, tmp_path / "b", num_images=4, conditions=str(plan))
+    done = subprocess.run([sys.executable, "-m", "jobs.generate", "--model", str(conditional), "--vae",
+                           str(sd_checkpoint), "--output", str(tmp_path / "c"), "--condition", "colour=red"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "error: unknown label field 'colour' in condition 'colour=red': conditional knows shape"]
+    assert not any((tmp_path / name).exists() for name in "abc")
+
+
 def test_a_noise_conditional_energy_at_4x32x32_trains_and_generates_through_the_dag(ray_cluster, sd_checkpoint,
                                                                                    tmp_path):
-    # Stable Diffusion's latent layout at a small side: train a tiny dsm model for a few steps through the Ray
-    # Train job, then generate from plain noise through the same DAG, in both formats, with a sampler override.
+    # Stable Diffusion's latent layout at a small side: train a tiny dsm model, conditioned on two label fields with
+    # one combination left out, for a few steps through the Ray Train job; then generate from plain noise through
+    # the same DAG, unconditionally (both formats, a sampler override) and from a conditions file.
     from pipeline.shards import write_latent_dataset
     from pipeline.train import TrainConfig, run_training
 
     latents = np.random.default_rng(0).normal(size=(64, 4, 32, 32)).astype(np.float32)
-    write_latent_dataset(tmp_path / "latents", latents, shard_size=32)
+    labels = [{"shape": "ab"[i % 2], "colour": ["red", "blue", "green"][i % 3]} for i in range(64)]
+    write_latent_dataset(tmp_path / "latents", latents, shard_size=32, label_fields=labels)
     run_training(from_dict(TrainConfig, dict(latents=str(tmp_path / "latents"), output=str(tmp_path / "train"),
                                              objective="dsm", channels=[8, 16], norm_groups=8, batch_size=8,
-                                             max_steps=3, log_every=3, checkpoint_every=3, sampler_levels=6)))
+                                             max_steps=3, log_every=3, checkpoint_every=3, sampler_levels=6,
+                                             condition_on=["shape", "colour"],
+                                             exclude_labels=[{"shape": "a", "colour": "red"}])))
     model_dir = tmp_path / "train" / "model"
     config = json.loads((model_dir / "config.json").read_text())
     assert config["_class_name"] == "NoiseConditionalEnergy" and config["sampler"]["name"] == "heun"
+    assert config["model"]["labels"] == {"shape": ["a", "b"], "colour": ["blue", "green", "red"]}
+    assert config["latents"]["excluded_labels"] == [{"shape": "a", "colour": "red"}]
+    worker = json.loads((tmp_path / "train" / "workers" / "rank-0.json").read_text())
+    assert worker["excluded_per_epoch"] == sum(1 for x in labels if x == {"shape": "a", "colour": "red"}) == 11
 
     # The sampler stage probes its batch size with the corrector on (the decoder's is set: 4).
     summary = generate(model_dir, sd_checkpoint, tmp_path / "out", num_images=10, images_per_shard=5,
@@ -272,6 +304,34 @@ def test_a_noise_conditional_energy_at_4x32x32_trains_and_generates_through_the_
         generate(model_dir, sd_checkpoint, tmp_path / "o2", langevin_steps=5)
     with pytest.raises(EbdError, match="noise range this energy was trained on"):
         generate(model_dir, sd_checkpoint, tmp_path / "o3", sampler={"sigma_max": 1e4})
+
+    # A mix in one run: exact counts per condition, in plan order, each row and sidecar carrying its condition,
+    # the left-out combination asked for by composition; a resume keeps every byte.
+    plan = tmp_path / "conditions.yaml"
+    plan.write_text("shape=a AND colour=red: 4\nshape=b: 3\nshape=b AND NOT colour=green: 2\n")
+    out = tmp_path / "conditional"
+    summary = generate(model_dir, sd_checkpoint, out, num_images=None, conditions=str(plan), images_per_shard=4,
+                       batch_size=4, sampler={"levels": 3, "guidance": 2.0})
+    asked = ["shape=a AND colour=red"] * 4 + ["shape=b"] * 3 + ["shape=b AND NOT colour=green"] * 2
+    assert summary["images"] == 9
+    rows = parquet_rows(out)
+    assert [r["condition"] for r in rows] == asked and [r["key"] for r in rows] == [image_key(0, i) for i in range(9)]
+    sidecars = [json.loads(s["json"]) for s in wds.WebDataset(sorted(str(p) for p in out.glob("*.tar")),
+                                                              shardshuffle=False)]
+    assert [s["condition"] for s in sidecars] == asked
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["conditions"] == [{"condition": c, "count": n} for c, n in
+                                      (("shape=a AND colour=red", 4), ("shape=b", 3),
+                                       ("shape=b AND NOT colour=green", 2))]
+    before = {p.name: file_sha256(p) for p in out.glob("images-*.*[rt]")}  # the parquet and tar shards
+    (out / "images-000001.parquet").unlink()
+    (out / "stats" / "images-000001.json").unlink()
+    generate(model_dir, sd_checkpoint, out, num_images=None, conditions=str(plan), images_per_shard=4,
+             batch_size=4, sampler={"levels": 3, "guidance": 2.0})
+    assert {p.name: file_sha256(p) for p in out.glob("images-*.*[rt]")} == before and len(before) == 6
+    with pytest.raises(EbdError, match="different conditions"):
+        generate(model_dir, sd_checkpoint, out, num_images=9, condition="shape=b", images_per_shard=4,
+                 batch_size=4, sampler={"levels": 3, "guidance": 2.0})
 
 
 def test_the_diffusion_baseline_trains_and_generates_exactly_n_through_the_dag(ray_cluster, sd_checkpoint, tmp_path):
