@@ -25,6 +25,9 @@ def main() -> int:
     extra = (f"; held-out decoded latents: accuracy {held['accuracy']:.3f}, recognised {held['recognised']:.3f}"
              if "accuracy" in held else "")
     print(f"[fit_evaluator] {config['kind']} with {len(config['classes'])} classes in {cfg.output}{extra}")
+    for name, sub in config.get("attributes", {}).items():
+        print(f"[fit_evaluator] attribute {name} ({len(sub['classes'])} values): held-out accuracy "
+              f"{sub['held_out']['accuracy']:.3f}")
     return 0
 
 

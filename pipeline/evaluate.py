@@ -34,8 +34,13 @@ max_copy_share, density and coverage >= min_density / min_coverage. Every row ge
 shows that held-out real images pass and the Gaussian and blurred rows fail. `--check` turns a failed verdict into
 exit code 1.
 
+A conditional run (`--condition` / `--conditions` in jobs.generate) is also scored per condition: for each term
+("shape=ring", "NOT background=stripes") the share of its samples the evaluator's attribute classifier for that
+field agrees with (`attribute_fields` in jobs.fit_evaluator), and the share meeting every term; OUT/conditions.png
+shows a row of samples per condition.
+
 Writes OUT/report.json, OUT/report.md, OUT/samples-vs-real.png, OUT/per-class.png (a row of real and a row of
-generated images per class) and OUT/memorisation.png.
+generated images per class), OUT/memorisation.png and, for a conditional run, OUT/conditions.png.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ import io
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 import numpy as np
 import torch
@@ -139,32 +144,69 @@ def _pick(rows, index: torch.Tensor | None) -> list:
     return picked
 
 
+def _generated_rows(folder: str, manifest: dict, columns: list[str], from_tar) -> Iterator[tuple]:
+    """Every row of a finished generation run, in order: the named parquet `columns` (None for one a shard lacks),
+    or `from_tar(sample)` per sample of a run that wrote tars only."""
+    import pyarrow.parquet as pq
+
+    for shard in manifest["shards"]:
+        parquet = next((f for f in shard["files"] if f.endswith(".parquet")), None)
+        if parquet is None:
+            tar = next(f for f in shard["files"] if f.endswith(".tar"))
+            yield from map(from_tar, sh.read_tar_samples(storage.join(folder, tar)))
+            continue
+        with storage.open_input(storage.join(folder, parquet)) as f:
+            data = pq.ParquetFile(f)
+            present = [c for c in columns if c in data.schema_arrow.names]
+            table = data.read(columns=present)
+        yield from zip(*(table.column(c).to_pylist() if c in present else [None] * table.num_rows for c in columns))
+
+
 def read_generated(folder: str, index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(latents (N, C, h, w) float32, images (N, 3, H, W) uint8) of the rows `index` names (all if None), in that
     order, of a finished generation run (a folder or a bucket's URI)."""
-    import pyarrow.parquet as pq
     from PIL import Image
 
-    manifest = generated_manifest(folder)
-
-    def rows():
-        for shard in manifest["shards"]:
-            files = shard["files"]
-            parquet = next((f for f in files if f.endswith(".parquet")), None)
-            if parquet is not None:
-                with storage.open_input(storage.join(folder, parquet)) as f:
-                    table = pq.read_table(f, columns=["image", "latent"])
-                yield from zip(map(sinks.png_of, table.column("image").to_pylist()),
-                               table.column("latent").to_pylist())
-            else:
-                tar = next(f for f in files if f.endswith(".tar"))
-                yield from ((s["png"], s["latent.npy"]) for s in sh.read_tar_samples(storage.join(folder, tar)))
-
-    picked = _pick(rows(), index)
+    rows = _generated_rows(folder, generated_manifest(folder), ["image", "latent"],
+                           lambda s: (s["png"], s["latent.npy"]))
+    picked = _pick(rows, index)
     latents = [np.load(io.BytesIO(npy), allow_pickle=False).astype(np.float32) for _, npy in picked]
-    images = [np.asarray(Image.open(io.BytesIO(png)).convert("RGB")) for png, _ in picked]
+    images = [np.asarray(Image.open(io.BytesIO(sinks.png_of(png))).convert("RGB")) for png, _ in picked]
     return (torch.from_numpy(np.stack(latents)),
             torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous())
+
+
+def read_conditions(folder: str, index: torch.Tensor | None = None) -> list[str | None]:
+    """What each of the rows `index` names asked for (None for an unconditional run's rows), in that order."""
+    import json
+
+    rows = _generated_rows(folder, generated_manifest(folder), ["condition"],
+                           lambda s: (json.loads(s["json"]).get("condition"),))
+    return [condition for (condition,) in _pick(rows, index)]
+
+
+def condition_scores(extractor, images: torch.Tensor, conditions: list[str]) -> dict:
+    """Per condition, in first-seen order: its sample count, each term's share that the evaluator's attribute
+    classifier for the term's field agrees with (None: no classifier for that field), and the share meeting every
+    term (None unless every term was measured)."""
+    from .conditions import parse_condition
+
+    predicted = {name: [values[i] for i in probs.argmax(1).tolist()]
+                 for name, (values, probs) in extractor.attribute_probabilities(images).items()}
+    scores = {}
+    for text in dict.fromkeys(conditions):
+        rows = [i for i, c in enumerate(conditions) if c == text]
+        terms, met, measured = {}, np.ones(len(rows), dtype=bool), True
+        for term in parse_condition(text):
+            if term.field not in predicted:
+                terms[str(term)], measured = None, False
+                continue
+            hit = np.array([(predicted[term.field][i] == term.value) != term.negated for i in rows])
+            terms[str(term)] = round(float(hit.mean()), 4)
+            met &= hit
+        scores[text] = {"images": len(rows), "terms": terms,
+                        "all_terms": round(float(met.mean()), 4) if measured else None}
+    return scores
 
 
 def read_latents(folder: str, files: list[str], index: torch.Tensor | None = None) -> dict:
@@ -488,6 +530,17 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
                    "features": lambda x: quality.pool_latents(x.float() / 255.0, cfg.image_side).flatten(1),
                    "real": reference_images, "sets": {k: images[k] for k in sets}},
     }
+    conditions = None
+    if manifest.get("conditions"):
+        asked = read_conditions(gen_dir, gen_index)
+        if "evaluator" in extractors:
+            attributes = extractors["evaluator"].attributes
+            conditions = {"scores": condition_scores(extractors["evaluator"], images["generated"], asked),
+                          "attribute_accuracy": {name: sub.config.get("held_out", {}).get("accuracy")
+                                                 for name, sub in attributes.items()}}
+        if not (extractors.get("evaluator") and extractors["evaluator"].attributes):
+            refs["notes"].append("a conditional run, but the evaluator has no attribute classifiers: the conditions "
+                                 "are not scored (jobs.fit_evaluator with attribute_fields adds them)")
     pooled_spaces = {}
     for name, space in pooled.items():
         real = space["features"](space["real"])
@@ -508,7 +561,7 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
               "train_shards": len(refs["train_files"]), "notes": refs["notes"],
               "features": {name: {k: v for k, v in space.items() if not k.startswith("_")}
                            for name, space in feature_spaces.items()},
-              "spaces": pooled_spaces, "checks": checks, "check_space": verdict_key,
+              "spaces": pooled_spaces, "conditions": conditions, "checks": checks, "check_space": verdict_key,
               "passed": all(checks[verdict_key].values()), "config": asdict(cfg),
               "seconds": round(time.monotonic() - tick, 1)}
 
@@ -521,6 +574,12 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
         closest = distances.argsort()[:8]
         save_png(out / "memorisation.png", labelled_rows(
             [("generated", images["generated"][closest]), ("nearest training", pool_images[index[closest]])]))
+    if manifest.get("conditions"):
+        rows = []  # 16 samples per condition, in two rows of 8
+        for text in dict.fromkeys(asked):
+            picked = images["generated"][[i for i, c in enumerate(asked) if c == text][:16]]
+            rows += [(text, picked[:8]), ("", picked[8:16])]
+        save_png(out / "conditions.png", labelled_rows(rows))
     atomic_write_json(out / "report.json", report)
     text = render_markdown(report).encode()
     atomic_write(out / "report.md", lambda f: f.write(text))
@@ -583,6 +642,19 @@ def render_markdown(report: dict) -> str:
         if labelled:
             lines += ["Per class, a row of real and a row of generated images (by the evaluator's label):", "",
                       "![per class](per-class.png)", ""]
+    if report.get("conditions"):
+        accuracy = ", ".join(f"{name} {v:.3f}" for name, v in report["conditions"]["attribute_accuracy"].items()
+                             if v is not None)
+        lines += ["## Conditions", "", "Per condition, the share of its samples whose attribute the evaluator's "
+                  "classifier for that field reads as asked (a NOT term: as anything else), and the share meeting "
+                  "every term" + (f" (the classifiers are this accurate on decoded held-out latents: {accuracy})"
+                                  if accuracy else "") + ":", "",
+                  "| condition | samples | terms | all terms |", "|---|---|---|---|"]
+        for text, c in report["conditions"]["scores"].items():
+            terms = ", ".join(f"{t} {'n/a' if v is None else f'{v:.3f}'}" for t, v in c["terms"].items())
+            every = "n/a" if c["all_terms"] is None else f"{c['all_terms']:.3f}"
+            lines.append(f"| {text} | {c['images']} | {terms} | {every} |")
+        lines += ["", "16 samples per condition:", "", "![conditions](conditions.png)", ""]
     lines += ["Generated samples (left) beside decoded held-out real latents (right):", "",
               "![generated vs real](samples-vs-real.png)", ""]
     for name, space in report["spaces"].items():

@@ -11,6 +11,10 @@ to their reference), decoded once; labels are what precompute recorded (folder n
 - `kind: classifier` (labelled data): cross-entropy on random translations (and flips) of the decoded images.
 - `kind: contrastive` (no labels, or fewer than two): SimCLR's NT-Xent between two augmentations of each image.
 - `kind: auto`: classifier when at least two labels are present.
+- `attribute_fields: [background, ...]`: one more small classifier per named label field (precompute's
+  `label_fields`), fitted after the feature network and stored inside the evaluator (`attributes`), so
+  conditional generation is scored on every attribute it asks for. `attributes_only: true` adds them to the
+  evaluator already in OUTPUT without touching its feature network (the report's distances stay comparable).
 
 Writes OUTPUT/config.json + OUTPUT/model.safetensors (`ImageEvaluator.from_pretrained`), recording the VAE it reads
 (weights sha256), the held-out shards and, for a classifier, its accuracy and recognised share (softmax >= 0.9) on
@@ -57,6 +61,12 @@ class FitEvaluatorConfig(JobConfig):
     flip: bool = True                            # random horizontal flips
     temperature: float = 0.2                     # NT-Xent
     confidence: float = 0.9                      # "recognised": softmax >= confidence
+    # classifiers of named label fields (attributes), each its own small network
+    attribute_fields: list[str] = field(default_factory=list)
+    attribute_widths: list[int] = field(default_factory=lambda: [16, 32, 64])
+    attribute_resolution: int = 32
+    attribute_steps: int = 1500
+    attributes_only: bool = False                # keep OUTPUT's feature network; (re)fit only the attributes
     seed: int = 0
     threads: int = 0
     log_every: int = 100
@@ -71,6 +81,9 @@ class FitEvaluatorConfig(JobConfig):
                 "widths must be positive ints and feature_dim >= 1")
         require(self.resolution >= 8 and self.shift >= 0 and 0 < self.confidence < 1 and self.temperature > 0,
                 "resolution >= 8, shift >= 0, 0 < confidence < 1, temperature > 0")
+        require(self.attribute_resolution >= 8 and self.attribute_steps >= 1 and len(self.attribute_widths) >= 1,
+                "attribute_resolution >= 8, attribute_steps >= 1, attribute_widths non-empty")
+        require(not self.attributes_only or self.attribute_fields, "attributes_only needs attribute_fields")
 
 
 def decoded_split(cfg: FitEvaluatorConfig) -> dict:
@@ -103,6 +116,7 @@ def decoded_split(cfg: FitEvaluatorConfig) -> dict:
         latents = torch.from_numpy(np.stack([r["latent"] for r in rows]))
         out[name] = decode_images(vae, latents)
         out[f"{name}_labels"] = [r["meta"].get("label") for r in rows]
+        out[f"{name}_fields"] = [sh.labels_of(r["meta"]) for r in rows]
     return out
 
 
@@ -136,11 +150,27 @@ def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tenso
 
 
 def fit_evaluator(cfg: FitEvaluatorConfig) -> dict:
-    """Trains and saves the evaluator; returns its config (with the held-out measurements)."""
+    """Trains and saves the evaluator (and its attribute classifiers); returns its config (with the held-out
+    measurements)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     tick = time.monotonic()
+    if cfg.attributes_only:
+        model = ImageEvaluator.from_pretrained(cfg.output)  # one line if OUTPUT holds no evaluator
     data = decoded_split(cfg)
+    if cfg.attributes_only:
+        require(model.vae_sha256 in (None, data["vae"]["weights_sha256"]),
+                f"the evaluator in {cfg.output} reads another VAE's images than {cfg.latents} decode to")
+    else:
+        model = fit_feature_network(cfg, data, tick)
+    for name in cfg.attribute_fields:
+        model.add_attribute(name, fit_attribute(cfg, data, name))
+    model.save_pretrained(cfg.output)
+    return model.config
+
+
+def fit_feature_network(cfg: FitEvaluatorConfig, data: dict, tick: float) -> ImageEvaluator:
+    """The feature network and its class head (or contrastive projection), with its held-out measurements."""
     labelled = sorted({label for label in data["train_labels"] if label is not None})
     kind = cfg.kind if cfg.kind != "auto" else ("classifier" if len(labelled) >= 2 else "contrastive")
     if kind == "classifier":
@@ -157,23 +187,63 @@ def fit_evaluator(cfg: FitEvaluatorConfig) -> dict:
               "widths": list(cfg.widths), "feature_dim": cfg.feature_dim, "projection_dim": cfg.projection_dim,
               "vae": data["vae"], "confidence": cfg.confidence}
     model = ImageEvaluator(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    generator = torch.Generator().manual_seed(cfg.seed)
     log = Progress("fit_evaluator", total=cfg.steps, unit="steps", interval_s=30)
     log.log(f"{kind}: {len(train)} decoded training images, {len(data['held_out'])} held out "
             f"({len(data['held_out_files'])} shard(s)); {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
             f"parameters; {cfg.steps} steps of {cfg.batch_size}")
+    _optimise(model, cfg, train, targets, cfg.steps, cfg.resolution, log)
+    measured = held_out_measurements(model, data["held_out"], data["held_out_labels"], labelled) \
+        if kind == "classifier" else {}
+    model.config |= {"held_out": {"files": data["held_out_files"], "images": len(data["held_out"]), **measured},
+                     "training": {"images": len(train), "files": len(data["train_files"]), "steps": cfg.steps,
+                                  "seconds": round(time.monotonic() - tick, 1), "torch_threads":
+                                  torch.get_num_threads(), "config": asdict(cfg)}}
+    if measured:
+        log.log(f"held-out decoded latents: accuracy {measured['accuracy']:.3f}, recognised "
+                f"{measured['recognised']:.3f}; evaluator in {cfg.output}")
+    return model
+
+
+def fit_attribute(cfg: FitEvaluatorConfig, data: dict, name: str) -> ImageEvaluator:
+    """A classifier of one named label field on the same decoded images, with its held-out measurements."""
+    tick = time.monotonic()
+    train_values = [f.get(name) for f in data["train_fields"]]
+    values = sorted({v for v in train_values if v is not None})
+    require(len(values) >= 2, f"attribute {name!r}: the training latents carry {len(values)} value(s) of it (need "
+            "2 or more; precompute with label_fields naming it)")
+    keep = [i for i, v in enumerate(train_values) if v is not None]
+    targets = torch.tensor([values.index(train_values[i]) for i in keep])
+    torch.manual_seed(cfg.seed)
+    model = ImageEvaluator({"kind": "classifier", "classes": values, "resolution": cfg.attribute_resolution,
+                            "widths": list(cfg.attribute_widths), "feature_dim": cfg.attribute_widths[-1],
+                            "confidence": cfg.confidence, "field": name})
+    log = Progress(f"fit_evaluator {name}", total=cfg.attribute_steps, unit="steps", interval_s=30)
+    _optimise(model, cfg, data["train"][keep], targets, cfg.attribute_steps, cfg.attribute_resolution, log)
+    measured = held_out_measurements(model, data["held_out"], [f.get(name) for f in data["held_out_fields"]],
+                                     values)
+    model.config |= {"held_out": measured, "training": {"images": len(keep), "steps": cfg.attribute_steps,
+                                                        "seconds": round(time.monotonic() - tick, 1)}}
+    log.log(f"attribute {name}: held-out accuracy {measured['accuracy']:.3f}")
+    return model
+
+
+def _optimise(model: ImageEvaluator, cfg: FitEvaluatorConfig, train: torch.Tensor, targets: torch.Tensor | None,
+              steps: int, resolution: int, log: Progress) -> None:
+    """AdamW with warm-up and cosine decay: cross-entropy on augmented images, or NT-Xent without targets."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    generator = torch.Generator().manual_seed(cfg.seed)
     model.train()
-    for step in range(cfg.steps):
+    for step in range(steps):
         index = torch.randint(len(train), (cfg.batch_size,), generator=generator)
-        x = to_network_input(train[index], cfg.resolution)
-        if kind == "classifier":
-            loss = F.cross_entropy(model(augment(x, cfg.shift, cfg.flip, generator)), targets[index])
+        x = to_network_input(train[index], resolution)
+        if targets is not None:
+            loss = F.cross_entropy(model(augment(x, cfg.shift * resolution // cfg.resolution, cfg.flip, generator)),
+                                   targets[index])
         else:
             views = [model(augment(x, cfg.shift, cfg.flip, generator, colour=True)) for _ in range(2)]
             loss = nt_xent(*views, cfg.temperature)
         for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(cfg, step)
+            group["lr"] = _learning_rate(cfg, step, steps)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -181,28 +251,17 @@ def fit_evaluator(cfg: FitEvaluatorConfig) -> dict:
             raise EbdError(f"the evaluator's loss became {loss.item()} at step {step}: lower lr")
         if (step + 1) % cfg.log_every == 0:
             log.update(cfg.log_every, extra=f"loss {loss.item():.4f}", force=True)
-
     model.eval()
-    measured = held_out_measurements(model, data, labelled) if kind == "classifier" else {}
-    model.config |= {"held_out": {"files": data["held_out_files"], "images": len(data["held_out"]), **measured},
-                     "training": {"images": len(train), "files": len(data["train_files"]), "steps": cfg.steps,
-                                  "seconds": round(time.monotonic() - tick, 1), "torch_threads":
-                                  torch.get_num_threads(), "config": asdict(cfg)}}
-    model.save_pretrained(cfg.output)
-    if measured:
-        log.log(f"held-out decoded latents: accuracy {measured['accuracy']:.3f}, recognised "
-                f"{measured['recognised']:.3f}; evaluator in {cfg.output}")
-    return model.config
 
 
-def held_out_measurements(model: ImageEvaluator, data: dict, classes: list[str]) -> dict:
+def held_out_measurements(model: ImageEvaluator, images: torch.Tensor, labels: list, classes: list[str]) -> dict:
     """Accuracy, recognised share and confusion matrix on decoded held-out latents (labelled ones only)."""
     from .quality import recognisable_share
 
-    keep = [i for i, label in enumerate(data["held_out_labels"]) if label in classes]
+    keep = [i for i, label in enumerate(labels) if label in classes]
     require(len(keep) > 0, "no held-out latent carries a label the evaluator knows: cannot measure its accuracy")
-    probs = model.probabilities(data["held_out"][keep])
-    truth = torch.tensor([classes.index(data["held_out_labels"][i]) for i in keep])
+    probs = model.probabilities(images[keep])
+    truth = torch.tensor([classes.index(labels[i]) for i in keep])
     predicted = probs.argmax(1)
     confusion = torch.zeros(len(classes), len(classes), dtype=torch.long)
     confusion.index_put_((truth, predicted), torch.ones_like(truth), accumulate=True)
@@ -211,8 +270,8 @@ def held_out_measurements(model: ImageEvaluator, data: dict, classes: list[str])
             "labelled": len(keep), "confusion": confusion.tolist()}
 
 
-def _learning_rate(cfg: FitEvaluatorConfig, step: int) -> float:
+def _learning_rate(cfg: FitEvaluatorConfig, step: int, steps: int) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    progress = (step - cfg.warmup_steps) / max(1, steps - cfg.warmup_steps)
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))

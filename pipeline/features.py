@@ -7,6 +7,9 @@ image network. Every extractor here has one interface, `FeatureExtractor`:
     classify(features)     those features -> (N, K) class probabilities, or None when the extractor knows no labels
     probabilities(images)  classify(features(images))
     classes                the K label names ([] without labels)
+    attribute_probabilities(images)   {field: (N, K_field) probabilities} of each named label field the extractor
+                           has a classifier for (an evaluator's `attributes`; {} otherwise): what conditional
+                           generation is scored with ("shape=ring" asked, ring predicted?)
     vae_sha256             the VAE whose decoder the extractor was fitted to read (None: any images)
 
 Kinds:
@@ -50,6 +53,8 @@ class FeatureExtractor(Protocol):
 
     def probabilities(self, images: torch.Tensor) -> torch.Tensor | None: ...
 
+    def attribute_probabilities(self, images: torch.Tensor) -> dict[str, tuple[list[str], torch.Tensor]]: ...
+
 
 def to_network_input(images: torch.Tensor, resolution: int) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> float in [-1, 1] at resolution x resolution (bilinear, antialiased when shrinking)."""
@@ -84,6 +89,9 @@ class ImageEvaluator(nn.Module):
         self.embed = nn.Sequential(nn.Linear(c_in, config["feature_dim"]), nn.SiLU())
         outputs = len(config["classes"]) if config["kind"] == "classifier" else config.get("projection_dim", 64)
         self.head = nn.Linear(config["feature_dim"], outputs)
+        # One classifier of its own per named label field (e.g. background), beside the feature network: fitted
+        # after it, so adding one never moves the feature space the report's distances are measured in.
+        self.attributes = nn.ModuleDict({name: ImageEvaluator(sub) for name, sub in config.get("attributes", {}).items()})
 
     @property
     def classes(self) -> list[str]:
@@ -118,6 +126,14 @@ class ImageEvaluator(nn.Module):
 
     def probabilities(self, images: torch.Tensor) -> torch.Tensor | None:
         return None if self.config["kind"] != "classifier" else self.classify(self.features(images))
+
+    def attribute_probabilities(self, images: torch.Tensor) -> dict[str, tuple[list[str], torch.Tensor]]:
+        """{field: (its values, (N, K) probabilities)} from each attribute classifier."""
+        return {name: (sub.classes, sub.probabilities(images)) for name, sub in self.attributes.items()}
+
+    def add_attribute(self, name: str, classifier: "ImageEvaluator") -> None:
+        self.attributes[name] = classifier
+        self.config["attributes"] = {k: v.config for k, v in self.attributes.items()}
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """config.json + model.safetensors, each written atomically; the weights first, the config last."""
@@ -324,6 +340,9 @@ class InceptionFeatures:
 
     def classify(self, features: torch.Tensor) -> None:
         return None
+
+    def attribute_probabilities(self, images: torch.Tensor) -> dict:
+        return {}
 
     def probabilities(self, images: torch.Tensor) -> None:
         return None

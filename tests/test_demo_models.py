@@ -83,6 +83,26 @@ def test_the_demo_evaluator_reads_the_decoders_images(evaluator, unseen):
     assert accuracy >= 0.93 and quality.recognisable_share(probs) >= 0.85, (accuracy, quality.recognisable_share(probs))
 
 
+def test_the_demo_evaluator_reads_both_factors_so_a_conditions_score_means_what_it_says(evaluator, unseen):
+    """Its attribute classifiers read shape and background off the decoder's images: asking for each unseen image's
+    true labels scores high, asking for anything else low (the per-condition scores of jobs.evaluate)."""
+    from pipeline.demo import BACKGROUNDS, demo_labels
+    from pipeline.evaluate import condition_scores
+
+    assert {name: sub["held_out"]["accuracy"] >= 0.95 for name, sub in evaluator.config["attributes"].items()} == \
+        {"shape": True, "background": True}
+    truth = [demo_labels(i, seed=1) for i in range(UNSEEN)]
+
+    def share(conditions):
+        scores = condition_scores(evaluator, unseen["decoded"], conditions)
+        return sum(s["all_terms"] * s["images"] for s in scores.values()) / UNSEEN
+
+    right = share([f"shape={t['shape']} AND background={t['background']}" for t in truth])
+    other = [BACKGROUNDS[(BACKGROUNDS.index(t["background"]) + 1) % len(BACKGROUNDS)] for t in truth]
+    assert right >= 0.9 and share([f"background={b}" for b in other]) <= 0.05, right
+    assert share([f"NOT background={b}" for b in other]) >= 0.95
+
+
 def test_the_feature_space_sees_shape(evaluator, unseen):
     """Two halves of the unseen set are one distribution (FD near its small-sample floor, KID about 0). The same
     images blurred to 16 px and back score a higher FD; blurred to the latent grid (8 px), a far higher FD and a

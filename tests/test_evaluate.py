@@ -46,16 +46,21 @@ def pipeline_run(ray_cluster, sd_checkpoint, tmp_path_factory):
                                              objective="dsm", channels=[16], norm_groups=8, batch_size=64, lr=1e-3,
                                              beta1=0.9, ema_decay=0.99, sigma_sampling="log_uniform",
                                              sampler="ancestral", max_steps=400, log_every=100,
-                                             checkpoint_every=200)))
-    for folder, sampler in (("gen", {}), ("gen-heun", {"name": "heun"})):  # the second: a row to --compare
+                                             checkpoint_every=200, condition_on=["label"])))
+    # the second: a row to --compare; the third asks the (label-conditional) energy for each mode
+    for folder, extra in (("gen", {"num_images": 300}), ("gen-heun", {"num_images": 300, "sampler": {"name": "heun"}}),
+                          ("gen-cond", {"conditions": {"label=upper": 60, "label=lower": 60},
+                                        "sampler": {"guidance": 5.0}})):  # 400 steps condition weakly: guide
         run_generation(from_dict(GenerateConfig, dict(model=str(root / "ebm" / "model"), vae=str(sd_checkpoint),
-                                                      output=str(root / folder), num_images=300, sampler=sampler,
-                                                      images_per_shard=100, format="parquet",
-                                                      progress_interval_s=0.0)))
-    # The latents carry their mode as a label, so the evaluator is a classifier of the two modes.
+                                                      output=str(root / folder), images_per_shard=100,
+                                                      format="parquet", progress_interval_s=0.0) | extra))
+    # The latents carry their mode as a label, so the evaluator is a classifier of the two modes, and has an
+    # attribute classifier of that label for scoring conditions.
     fit_evaluator(from_dict(FitEvaluatorConfig, dict(latents=str(latents), output=str(root / "evaluator"),
                                                      holdout_shards=2, resolution=8, widths=[8, 16], feature_dim=16,
-                                                     steps=100, batch_size=32, shift=1, log_every=50)))
+                                                     steps=100, batch_size=32, shift=1, log_every=50,
+                                                     attribute_fields=["label"], attribute_resolution=8,
+                                                     attribute_widths=[8, 16], attribute_steps=100)))
     return root
 
 
@@ -114,6 +119,26 @@ def test_report_scores_the_model_against_held_out_shards_with_baselines(pipeline
     assert grid.width > 2 * 8 * 8 and grid.height == 8 * 8  # two 8 x 8 grids of 8 px images side by side
     assert Image.open(root / "report" / "memorisation.png").height > 2 * 8
     assert Image.open(root / "report" / "per-class.png").height >= 4 * 8  # a real and a generated row per class
+
+
+def test_a_conditional_run_is_scored_per_condition_by_the_evaluators_attribute_classifier(pipeline_run):
+    root = pipeline_run
+    report = run_evaluation(from_dict(EvaluateConfig, dict(generated=str(root / "gen-cond"),
+                                                           reference=str(root / "latents"),
+                                                           evaluator=str(root / "evaluator"),
+                                                           output=str(root / "report-cond"), num_samples=120,
+                                                           memorisation_pool=512, image_side=8)))
+    conditions = report["conditions"]["scores"]
+    assert report["conditions"]["attribute_accuracy"]["label"] >= 0.95  # the yardstick reads the mode
+    assert list(conditions) == ["label=upper", "label=lower"]
+    assert [c["images"] for c in conditions.values()] == [60, 60]  # every row of the run, by its stored condition
+    for text, c in conditions.items():  # each mode is asked for and made (chance: 0.7 / 0.3)
+        assert c["terms"] == {text: c["all_terms"]} and c["all_terms"] >= 0.9, conditions
+    text = (root / "report-cond" / "report.md").read_text()
+    assert "## Conditions" in text and f"| label=lower | 60 | label=lower {conditions['label=lower']['all_terms']:.3f}" \
+        in text
+    from PIL import Image
+    assert Image.open(root / "report-cond" / "conditions.png").height >= 4 * 8  # two rows of samples per condition
 
 
 def test_an_evaluator_of_another_vae_and_a_verdict_without_a_feature_space_are_refused(pipeline_run, tmp_path):
