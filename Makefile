@@ -14,15 +14,20 @@ DEMO_EBM ?= models/demo/ebm
 DEMO_EBM_CD ?= models/demo/ebm-cd
 DEMO_UNET ?= models/demo/unet
 DEMO_EVALUATOR ?= models/demo/evaluator
+DEMO_EBM_COMPOSE ?= models/demo/ebm-compose
 # Output folders are keyed by the shipped weights, so pulling new models never meets a folder the old ones filled.
 VAE_ID := $(shell sha256sum $(DEMO_VAE)/vae/diffusion_pytorch_model.safetensors 2>/dev/null | cut -c1-12)
 EBM_ID := $(shell sha256sum $(DEMO_EBM)/model.safetensors 2>/dev/null | cut -c1-12)
 EBM_CD_ID := $(shell sha256sum $(DEMO_EBM_CD)/model.safetensors 2>/dev/null | cut -c1-12)
-LATENTS ?= $(DEMO_DIR)/latents-$(VAE_ID)
+EBM_COMPOSE_ID := $(shell sha256sum $(DEMO_EBM_COMPOSE)/model.safetensors 2>/dev/null | cut -c1-12)
+# ... and the precompute config: a folder made under another config is refused on resume, never mixed.
+PRECOMPUTE_ID := $(shell sha256sum configs/precompute-demo.yaml | cut -c1-8)
+LATENTS ?= $(DEMO_DIR)/latents-$(VAE_ID)-$(PRECOMPUTE_ID)
 GENERATED ?= $(DEMO_DIR)/generated-$(EBM_ID)
 GENERATED_CD ?= $(DEMO_DIR)/generated-cd-$(EBM_CD_ID)
+GENERATED_COMPOSE ?= $(DEMO_DIR)/conditional-$(EBM_COMPOSE_ID)
 
-.PHONY: install demo demo-train demo-generate demo-models demo-refit-dependants test bench capacity compare clean cluster-up cluster-down
+.PHONY: install demo demo-conditional demo-train demo-generate demo-models demo-refit-dependants test bench capacity compare clean cluster-up cluster-down
 
 install: $(VENV)/.installed
 
@@ -44,8 +49,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 # the shipped evaluator's feature space against the latent shard neither model trained on.
 # `make demo-train` first retrains the energy with the recipe the shipped one came from (configs/train-demo.yaml,
 # about 70 minutes on 2 CPUs; DEMO_TRAIN_ARGS="--max-steps 3000" for a 25-minute version) and generates from that.
-# `make demo-models` refits every shipped model (VAE, evaluator, both energies, the diffusion baseline): about
-# 3.5 hours.
+# `make demo-models` refits every shipped model (VAE, evaluator, the energies, the diffusion baseline, the
+# conditional energy): about 5 hours.
 demo: install
 	$(BIN)/python -m jobs.demo_assets --output $(DEMO_DIR)
 	$(BIN)/python -m jobs.precompute --config configs/precompute-demo.yaml \
@@ -57,6 +62,16 @@ demo: install
 	$(BIN)/python -m jobs.inspect --model $(DEMO_EBM) --vae $(DEMO_VAE) --latents $(LATENTS) \
 		--output $(GENERATED)-xray
 	@echo "x-ray of the model and its chains: $(GENERATED)-xray/index.html"
+	$(MAKE) --no-print-directory demo-conditional LATENTS=$(LATENTS)
+
+# The conditional energy (trained without any ring on a checker): each shape, each background, and the left-out
+# combination by composition (configs/conditions-demo.yaml), scored per condition by the evaluator.
+demo-conditional:
+	$(BIN)/python -m jobs.generate --config configs/generate.yaml --model $(DEMO_EBM_COMPOSE) \
+		--vae $(DEMO_VAE) --conditions configs/conditions-demo.yaml --output $(GENERATED_COMPOSE)
+	$(BIN)/python -m jobs.evaluate --generated $(GENERATED_COMPOSE) --reference $(LATENTS) \
+		--evaluator $(DEMO_EVALUATOR) --output $(GENERATED_COMPOSE)-report
+	@echo "conditional run: $(GENERATED_COMPOSE)-report/report.md (conditions.png: 16 samples per condition)"
 
 demo-train: install
 	$(BIN)/python -m jobs.demo_assets --output $(DEMO_DIR)
@@ -91,21 +106,25 @@ demo-models: install
 # A new make process, so VAE_ID is read from the VAE just copied.
 demo-refit-dependants:
 	$(BIN)/python -m jobs.precompute --config configs/precompute-demo.yaml \
-		--input $(DEMO_DIR)/images --vae $(DEMO_VAE) --output $(DEMO_DIR)/latents-$(VAE_ID)
+		--input $(DEMO_DIR)/images --vae $(DEMO_VAE) --output $(LATENTS)
 	$(BIN)/python -m jobs.fit_evaluator --config configs/fit-evaluator-demo.yaml \
-		--latents $(DEMO_DIR)/latents-$(VAE_ID) --output $(DEMO_DIR)/evaluator-$(VAE_ID)
+		--latents $(LATENTS) --output $(DEMO_DIR)/evaluator-$(VAE_ID)
 	$(BIN)/python -m jobs.train --config configs/train-demo.yaml \
-		--latents $(DEMO_DIR)/latents-$(VAE_ID) --output $(DEMO_DIR)/ebm-$(VAE_ID) --run-name demo-$(VAE_ID)
+		--latents $(LATENTS) --output $(DEMO_DIR)/ebm-$(VAE_ID) --run-name demo-$(VAE_ID)
 	$(BIN)/python -m jobs.train --config configs/train-demo-cd.yaml \
-		--latents $(DEMO_DIR)/latents-$(VAE_ID) --output $(DEMO_DIR)/ebm-cd-$(VAE_ID) --run-name demo-cd-$(VAE_ID)
+		--latents $(LATENTS) --output $(DEMO_DIR)/ebm-cd-$(VAE_ID) --run-name demo-cd-$(VAE_ID)
 	$(BIN)/python -m jobs.train --config configs/train-demo-ddpm.yaml \
-		--latents $(DEMO_DIR)/latents-$(VAE_ID) --output $(DEMO_DIR)/unet-$(VAE_ID) --run-name demo-unet-$(VAE_ID)
+		--latents $(LATENTS) --output $(DEMO_DIR)/unet-$(VAE_ID) --run-name demo-unet-$(VAE_ID)
+	$(BIN)/python -m jobs.train --config configs/train-demo-compose.yaml \
+		--latents $(LATENTS) --output $(DEMO_DIR)/ebm-compose-$(VAE_ID) --run-name demo-compose-$(VAE_ID)
 	rm -rf $(DEMO_EVALUATOR) && cp -r $(DEMO_DIR)/evaluator-$(VAE_ID) $(DEMO_EVALUATOR)
 	cp $(DEMO_DIR)/ebm-$(VAE_ID)/model/config.json $(DEMO_DIR)/ebm-$(VAE_ID)/model/model.safetensors $(DEMO_EBM)/
 	cp $(DEMO_DIR)/ebm-cd-$(VAE_ID)/model/config.json $(DEMO_DIR)/ebm-cd-$(VAE_ID)/model/model.safetensors \
 		$(DEMO_EBM_CD)/
 	mkdir -p $(DEMO_UNET) && cp $(DEMO_DIR)/unet-$(VAE_ID)/model/config.json \
 		$(DEMO_DIR)/unet-$(VAE_ID)/model/model.safetensors $(DEMO_UNET)/
+	mkdir -p $(DEMO_EBM_COMPOSE) && cp $(DEMO_DIR)/ebm-compose-$(VAE_ID)/model/config.json \
+		$(DEMO_DIR)/ebm-compose-$(VAE_ID)/model/model.safetensors $(DEMO_EBM_COMPOSE)/
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

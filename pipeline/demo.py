@@ -76,10 +76,20 @@ def _background(rng: np.random.Generator, size: int) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(arr).astype(np.uint8), "RGB")
 
 
+def _has_labels(path: Path) -> bool:
+    import tarfile
+
+    if not path.exists():
+        return False
+    with tarfile.open(path) as tar:
+        return any(name.endswith(".json") for name in tar.getnames())
+
+
 def write_demo_images(folder: str | Path, count: int, size: int = 64, seed: int = 0,
                       images_per_shard: int = 1000) -> list[Path]:
     """Writes images [0, count) as `folder/shapes-NNNNNN.tar` (KEY.png, KEY.cls, KEY.json), atomically. A shard
-    already there is kept: the set is deterministic, so a re-run only fills in what is missing. Returns the shard
+    already there is kept (unless it predates KEY.json): the set is deterministic, so a re-run only fills in what is
+    missing. Returns the shard
     paths."""
     from .shards import write_tar
     from .sinks import png_bytes
@@ -88,7 +98,7 @@ def write_demo_images(folder: str | Path, count: int, size: int = 64, seed: int 
     paths = []
     for shard, start in enumerate(range(0, count, images_per_shard)):
         path = folder / f"shapes-{shard:06d}.tar"
-        if not path.exists():
+        if not _has_labels(path):  # absent, or written before the images carried KEY.json (both factors)
             samples = []
             for i in range(start, min(start + images_per_shard, count)):
                 img, label = render_shape_image(i, size, seed)

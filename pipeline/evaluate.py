@@ -185,8 +185,8 @@ def read_conditions(folder: str, index: torch.Tensor | None = None) -> list[str 
     return [condition for (condition,) in _pick(rows, index)]
 
 
-def condition_scores(extractor, images: torch.Tensor, conditions: list[str]) -> dict:
-    """Per condition, in first-seen order: its sample count, each term's share that the evaluator's attribute
+def condition_scores(extractor, images: torch.Tensor, conditions: list[str], order: list[str] | None = None) -> dict:
+    """Per condition, in `order` (default: first seen): its sample count, each term's share that the evaluator's attribute
     classifier for the term's field agrees with (None: no classifier for that field), and the share meeting every
     term (None unless every term was measured)."""
     from .conditions import parse_condition
@@ -194,7 +194,7 @@ def condition_scores(extractor, images: torch.Tensor, conditions: list[str]) -> 
     predicted = {name: [values[i] for i in probs.argmax(1).tolist()]
                  for name, (values, probs) in extractor.attribute_probabilities(images).items()}
     scores = {}
-    for text in dict.fromkeys(conditions):
+    for text in dict.fromkeys(order or conditions):
         rows = [i for i, c in enumerate(conditions) if c == text]
         terms, met, measured = {}, np.ones(len(rows), dtype=bool), True
         for term in parse_condition(text):
@@ -533,9 +533,10 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
     conditions = None
     if manifest.get("conditions"):
         asked = read_conditions(gen_dir, gen_index)
+        order = [c["condition"] for c in manifest["conditions"] if c["condition"] in set(asked)]  # the plan's
         if "evaluator" in extractors:
             attributes = extractors["evaluator"].attributes
-            conditions = {"scores": condition_scores(extractors["evaluator"], images["generated"], asked),
+            conditions = {"scores": condition_scores(extractors["evaluator"], images["generated"], asked, order),
                           "attribute_accuracy": {name: sub.config.get("held_out", {}).get("accuracy")
                                                  for name, sub in attributes.items()}}
         if not (extractors.get("evaluator") and extractors["evaluator"].attributes):
@@ -576,7 +577,7 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
             [("generated", images["generated"][closest]), ("nearest training", pool_images[index[closest]])]))
     if manifest.get("conditions"):
         rows = []  # 16 samples per condition, in two rows of 8
-        for text in dict.fromkeys(asked):
+        for text in order:
             picked = images["generated"][[i for i, c in enumerate(asked) if c == text][:16]]
             rows += [(text, picked[:8]), ("", picked[8:16])]
         save_png(out / "conditions.png", labelled_rows(rows))

@@ -36,6 +36,15 @@ def test_the_demo_folder_loads_its_energy_and_gives_deterministic_images_per_see
     assert np.allclose(tail.latents.numpy(), first.latents[2:].numpy(), atol=1e-4)  # image i depends on (seed, i)
 
 
+def test_the_conditional_demo_energy_takes_a_condition_from_python():
+    pipe = EBDPipeline.from_pretrained(REPO / "models" / "demo", model="ebm-compose", device="cpu")
+    out = pipe(num_images=2, seed=3, sampler={"levels": 6}, condition="shape=ring AND NOT background=stripes",
+               output_type="latent")
+    assert out.latents.shape == (2, 4, 8, 8) and out.keys == [image_key(3, 0), image_key(3, 1)]
+    with pytest.raises(EbdError, match="unknown value 'hexagon' for shape"):
+        pipe(num_images=1, condition="shape=hexagon")
+
+
 def test_bad_pipeline_arguments_are_one_line_errors(pipe, tmp_path):
     with pytest.raises(ConfigError, match="num_images"):
         pipe(num_images=0)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline import quality
-from pipeline.demo import SHAPES, render_shape_image
+from pipeline.demo import BACKGROUNDS, SHAPES, render_shape_image
 from pipeline.evaluate import blurred
 from pipeline.features import ImageEvaluator
 from pipeline.langevin import sample
@@ -86,7 +86,7 @@ def test_the_demo_evaluator_reads_the_decoders_images(evaluator, unseen):
 def test_the_demo_evaluator_reads_both_factors_so_a_conditions_score_means_what_it_says(evaluator, unseen):
     """Its attribute classifiers read shape and background off the decoder's images: asking for each unseen image's
     true labels scores high, asking for anything else low (the per-condition scores of jobs.evaluate)."""
-    from pipeline.demo import BACKGROUNDS, demo_labels
+    from pipeline.demo import demo_labels
     from pipeline.evaluate import condition_scores
 
     assert {name: sub["held_out"]["accuracy"] >= 0.95 for name, sub in evaluator.config["attributes"].items()} == \
@@ -123,7 +123,8 @@ def test_the_feature_space_sees_shape(evaluator, unseen):
 
 
 @pytest.mark.parametrize("folder, kind, sampler", [("ebm", "NoiseConditionalEnergy", "heun"),
-                                                   ("ebm-cd", "EnergyModel", "langevin")])
+                                                   ("ebm-cd", "EnergyModel", "langevin"),
+                                                   ("ebm-compose", "NoiseConditionalEnergy", "heun")])
 def test_the_demo_energies_belong_to_the_shipped_vae_and_sample_deterministically(folder, kind, sampler):
     """Both shipped energies belong to this VAE and hold out the last latent shard; their samples depend only on the
     chain seed (their quality, measured by jobs.evaluate, is in their model cards)."""
@@ -135,3 +136,10 @@ def test_the_demo_energies_belong_to_the_shipped_vae_and_sample_deterministicall
     first = sample(model, 4, model.sampler, [torch.Generator().manual_seed(i) for i in range(4)])
     again = sample(model, 2, model.sampler, [torch.Generator().manual_seed(i) for i in (2, 3)])
     assert torch.isfinite(first).all() and torch.allclose(first[2:], again, atol=1e-4)
+
+
+def test_the_conditional_demo_energy_knows_both_factors_and_never_saw_a_ring_on_a_checker():
+    model = load_model(DEMO / "ebm-compose")
+    assert model.label_vocabulary == {"background": sorted(BACKGROUNDS), "shape": sorted(SHAPES)}
+    assert model.metadata["latents"]["excluded_labels"] == [{"shape": "ring", "background": "checker"}]
+    assert model.sampler.guidance > 1
