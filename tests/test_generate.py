@@ -269,7 +269,7 @@ def test_a_noise_conditional_energy_at_4x32x32_trains_and_generates_through_the_
                                                                                    tmp_path):
     # Stable Diffusion's latent layout at a small side: train a tiny dsm model, conditioned on two label fields with
     # one combination left out, for a few steps through the Ray Train job; then generate from plain noise through
-    # the same DAG, unconditionally (both formats, a sampler override) and from a conditions file.
+    # the same DAG from a conditions file, in both formats, with a sampler override.
     from pipeline.shards import write_latent_dataset
     from pipeline.train import TrainConfig, run_training
 
@@ -289,49 +289,38 @@ def test_a_noise_conditional_energy_at_4x32x32_trains_and_generates_through_the_
     worker = json.loads((tmp_path / "train" / "workers" / "rank-0.json").read_text())
     assert worker["excluded_per_epoch"] == sum(1 for x in labels if x == {"shape": "a", "colour": "red"}) == 11
 
-    # The sampler stage probes its batch size with the corrector on (the decoder's is set: 4).
-    summary = generate(model_dir, sd_checkpoint, tmp_path / "out", num_images=10, images_per_shard=5,
-                       decode_batch_size=4, max_batch_size=8, sampler={"levels": 4, "mala_levels": 1})
+    # One run asks for a mix: exact counts per condition in plan order, each row and sidecar carrying its condition,
+    # the left-out combination asked for by composition, a NOT term; the sampler stage probes its batch size with
+    # the corrector on and the widest condition (the decoder's is set: 4).
+    plan = tmp_path / "conditions.yaml"
+    plan.write_text("shape=a AND colour=red: 4\nshape=b: 3\nshape=b AND NOT colour=green: 3\n")
+    out = tmp_path / "out"
+    settings = dict(num_images=None, conditions=str(plan), images_per_shard=5, decode_batch_size=4, max_batch_size=8,
+                    sampler={"levels": 4, "mala_levels": 1, "guidance": 2.0})
+    summary = generate(model_dir, sd_checkpoint, out, **settings)
     assert summary["images"] == 10 and summary["sampler"] == "heun" and summary["batch_sizes"]["langevin"] >= 1
     assert summary["gradient_evaluations_per_image"] == 2 * 4 - 1 + 2  # 4 Heun levels, one MALA level of 1 step
     assert 0 < summary["mala_acceptance"] <= 1
-    rows = parquet_rows(tmp_path / "out")
-    assert len(rows) == 10 and all(r["width"] == r["height"] == 64 for r in rows)
+    asked = ["shape=a AND colour=red"] * 4 + ["shape=b"] * 3 + ["shape=b AND NOT colour=green"] * 3
+    rows = parquet_rows(out)
+    assert [r["condition"] for r in rows] == asked and [r["key"] for r in rows] == [image_key(0, i) for i in range(10)]
+    assert all(r["width"] == r["height"] == 64 for r in rows)
     assert np.load(io.BytesIO(rows[0]["latent"]), allow_pickle=False).shape == (4, 32, 32)
-    assert len(list(wds.WebDataset(sorted(str(p) for p in (tmp_path / "out").glob("*.tar")),
-                                   shardshuffle=False))) == 10
+    sidecars = [json.loads(s["json"]) for s in wds.WebDataset(sorted(str(p) for p in out.glob("*.tar")),
+                                                              shardshuffle=False)]
+    assert [s["condition"] for s in sidecars] == asked
+    assert json.loads((out / "manifest.json").read_text())["conditions"] == [
+        {"condition": c, "count": n} for c, n in (("shape=a AND colour=red", 4), ("shape=b", 3),
+                                                  ("shape=b AND NOT colour=green", 3))]
+    # the same command again finds every shard done; another plan, or flags of another kind of model, are refused
+    assert generate(model_dir, sd_checkpoint, out, **settings)["images_this_run"] == 0
     with pytest.raises(EbdError, match="apply to short-run"):
         generate(model_dir, sd_checkpoint, tmp_path / "o2", langevin_steps=5)
     with pytest.raises(EbdError, match="noise range this energy was trained on"):
         generate(model_dir, sd_checkpoint, tmp_path / "o3", sampler={"sigma_max": 1e4})
-
-    # A mix in one run: exact counts per condition, in plan order, each row and sidecar carrying its condition,
-    # the left-out combination asked for by composition; a resume keeps every byte.
-    plan = tmp_path / "conditions.yaml"
-    plan.write_text("shape=a AND colour=red: 4\nshape=b: 3\nshape=b AND NOT colour=green: 2\n")
-    out = tmp_path / "conditional"
-    summary = generate(model_dir, sd_checkpoint, out, num_images=None, conditions=str(plan), images_per_shard=4,
-                       batch_size=4, sampler={"levels": 3, "guidance": 2.0})
-    asked = ["shape=a AND colour=red"] * 4 + ["shape=b"] * 3 + ["shape=b AND NOT colour=green"] * 2
-    assert summary["images"] == 9
-    rows = parquet_rows(out)
-    assert [r["condition"] for r in rows] == asked and [r["key"] for r in rows] == [image_key(0, i) for i in range(9)]
-    sidecars = [json.loads(s["json"]) for s in wds.WebDataset(sorted(str(p) for p in out.glob("*.tar")),
-                                                              shardshuffle=False)]
-    assert [s["condition"] for s in sidecars] == asked
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["conditions"] == [{"condition": c, "count": n} for c, n in
-                                      (("shape=a AND colour=red", 4), ("shape=b", 3),
-                                       ("shape=b AND NOT colour=green", 2))]
-    before = {p.name: file_sha256(p) for p in out.glob("images-*.*[rt]")}  # the parquet and tar shards
-    (out / "images-000001.parquet").unlink()
-    (out / "stats" / "images-000001.json").unlink()
-    generate(model_dir, sd_checkpoint, out, num_images=None, conditions=str(plan), images_per_shard=4,
-             batch_size=4, sampler={"levels": 3, "guidance": 2.0})
-    assert {p.name: file_sha256(p) for p in out.glob("images-*.*[rt]")} == before and len(before) == 6
     with pytest.raises(EbdError, match="different conditions"):
-        generate(model_dir, sd_checkpoint, out, num_images=9, condition="shape=b", images_per_shard=4,
-                 batch_size=4, sampler={"levels": 3, "guidance": 2.0})
+        generate(model_dir, sd_checkpoint, out, **settings | {"num_images": 10, "conditions": None,
+                                                              "condition": "shape=b"})
 
 
 def test_the_diffusion_baseline_trains_and_generates_exactly_n_through_the_dag(ray_cluster, sd_checkpoint, tmp_path):
