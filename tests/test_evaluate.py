@@ -132,8 +132,8 @@ def test_a_conditional_run_is_scored_per_condition_by_the_evaluators_attribute_c
     assert report["conditions"]["attribute_accuracy"]["label"] >= 0.95  # the yardstick reads the mode
     assert list(conditions) == ["label=upper", "label=lower"]
     assert [c["images"] for c in conditions.values()] == [40, 40]  # every row of the run, by its stored condition
-    for text, c in conditions.items():  # each mode is asked for and made (chance: 0.7 / 0.3)
-        assert c["terms"] == {text: c["all_terms"]} and c["all_terms"] >= 0.9, conditions
+    for text, c in conditions.items():  # each mode is asked for and made (unasked: 0.7 upper / 0.3 lower)
+        assert c["terms"] == {text: c["all_terms"]} and c["all_terms"] >= 0.8, conditions
     text = (root / "report-cond" / "report.md").read_text()
     assert "## Conditions" in text and f"| label=lower | 40 | label=lower {conditions['label=lower']['all_terms']:.3f}" \
         in text
