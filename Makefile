@@ -27,7 +27,7 @@ GENERATED ?= $(DEMO_DIR)/generated-$(EBM_ID)
 GENERATED_CD ?= $(DEMO_DIR)/generated-cd-$(EBM_CD_ID)
 GENERATED_COMPOSE ?= $(DEMO_DIR)/conditional-$(EBM_COMPOSE_ID)
 
-.PHONY: install demo demo-conditional demo-train demo-generate demo-models demo-refit-dependants test bench capacity compare clean cluster-up cluster-down
+.PHONY: install demo demo-conditional demo-train demo-generate demo-models demo-refit-dependants test lint bench capacity compare clean cluster-up cluster-down
 
 install: $(VENV)/.installed
 
@@ -128,6 +128,11 @@ demo-refit-dependants:
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The layer contracts of pipeline/ (pyproject.toml [tool.importlinter]) and the lint; CI runs it before the tests.
+lint: install
+	$(BIN)/lint-imports
+	$(BIN)/ruff check pipeline jobs tests bench
 
 # Writes bench/out/*.json, then bench/results.json and the table bench/results.md; `make capacity` writes
 # bench/capacity.md (stage costs, the prediction for a cluster shape, checked on a local two-node cluster).

@@ -21,7 +21,7 @@
    of a GPU's dense fp16 peak (--gpu-tflops, --gpu-efficiency), unless CUDA is here to measure them. Marked
    "predicted" in the table; nothing here measured a GPU.
 4. Validation: a two-node Ray cluster on this machine (head + worker, 1 CPU each, 127.0.0.1, as cluster/local.sh),
-   jobs.generate's DAG with configs/generate.yaml's shape (langevin_actors: auto), steady-state images/s from the
+   jobs.generate's DAG with configs/generate.yaml's shape (sampler_actors: auto), steady-state images/s from the
    shards' finish times against the prediction for that shape, in the same run; the error is reported. The
    calibration run and the validated models are different workloads.
 
@@ -104,11 +104,11 @@ def stage_costs(model_dir: Path, vae_dir: str, decoder_dir: str | None = None, b
     import torch
 
     torch.set_num_threads(1)  # costs per CPU thread: a sampler or decoder actor runs int(num_cpus) threads
-    from pipeline import sinks
-    from pipeline.generate import chain_seed, image_key
-    from pipeline.langevin import sample
+    from pipeline.io import image_shards as sinks
     from pipeline.models import load_model
-    from pipeline.vae import decode, load_vae, resolve_decoder, resolve_vae, to_uint8
+    from pipeline.sampling.core import sample
+    from pipeline.sampling.noise import chain_seed, image_key
+    from pipeline.vae.autoencoder import decode, load_vae, resolve_decoder, resolve_vae, to_uint8
 
     model = load_model(model_dir)
     settings = model.resolve_sampler(sampler or {})
@@ -139,7 +139,7 @@ def decoder_flops(decoder, latent_shape) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline.vae import decode
+    from pipeline.vae.autoencoder import decode
 
     with FlopCounterMode(display=False) as counter:
         decode(decoder, torch.zeros(1, *latent_shape))
@@ -149,18 +149,18 @@ def decoder_flops(decoder, latent_shape) -> float:
 # --------------------------------------------------------------------------------------------- the model
 
 def pipeline_shape(cpus: float, gpus: int = 0, config: str | Path = REPO / "configs" / "generate.yaml") -> dict:
-    """The DAG jobs.generate builds from `config` (langevin_actors: auto) on `cpus` CPUs and `gpus` decoder GPUs:
+    """The DAG jobs.generate builds from `config` (sampler_actors: auto) on `cpus` CPUs and `gpus` decoder GPUs:
     its thread counts per stage."""
-    from pipeline.config import load_config
-    from pipeline.generate import GenerateConfig, auto_langevin_actors
+    from pipeline.common.config import load_config
+    from pipeline.distributed.generation import GenerateConfig, auto_sampler_actors
 
     cfg = load_config(GenerateConfig, config, model="m", vae="v", output="o")
     decoders = max(cfg.decoder_actors, gpus)
     cfg.decoder_actors = decoders
-    samplers = auto_langevin_actors(cfg, cpus) if cfg.langevin_actors == "auto" else cfg.langevin_actors
-    leftover = cpus - samplers * cfg.langevin_cpus - decoders * cfg.decoder_cpus
+    samplers = auto_sampler_actors(cfg, cpus) if cfg.sampler_actors == "auto" else cfg.sampler_actors
+    leftover = cpus - samplers * cfg.sampler_cpus - decoders * cfg.decoder_cpus
     return {"cpus": cpus, "gpus": gpus, "sampler_actors": samplers,
-            "sampler_threads": samplers * max(1, int(cfg.langevin_cpus)),
+            "sampler_threads": samplers * max(1, int(cfg.sampler_cpus)),
             "decoder_threads": 0 if gpus else decoders * max(1, int(cfg.decoder_cpus)),
             "writer_slots": max(1, int(leftover / cfg.writer_cpus + 1e-9))}
 
@@ -192,9 +192,9 @@ def sd_table(args) -> list[dict]:
     from diffusers import AutoencoderKL, AutoencoderTiny
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline.config import load_config
-    from pipeline.objectives import OBJECTIVES
-    from pipeline.train import TrainConfig
+    from pipeline.common.config import load_config
+    from pipeline.training.config import TrainConfig
+    from pipeline.training.objectives import OBJECTIVES
 
     sys.path.insert(0, str(REPO / "bench"))
     from sd_scale import sd_vae_config
@@ -236,7 +236,7 @@ def _sampler_seconds_per_image(model, batch: int) -> tuple[float, int]:
 
     import torch
 
-    from pipeline.langevin import SamplerStats, sample
+    from pipeline.sampling.core import SamplerStats, sample
 
     full, short = SamplerStats(), SamplerStats()
     sample(model, 1, model.sampler, callback=full)  # counts the full sampler's evaluations (and warms up)
@@ -252,8 +252,8 @@ def validate(address: str, model_dir: Path, args, sampler: dict | None = None) -
     """jobs.generate's DAG on the cluster at `address`: steady-state images/s from the shards' finish times."""
     import ray
 
-    from pipeline.config import load_config
-    from pipeline.generate import GenerateConfig, run_generation
+    from pipeline.common.config import load_config
+    from pipeline.distributed.generation import GenerateConfig, run_generation
 
     with tempfile.TemporaryDirectory() as work:
         ray.init(address=address, log_to_driver=False)
@@ -346,7 +346,7 @@ def _wait_for_port(port: int, timeout: float = 120) -> None:
 def markdown(result: dict) -> str:
     lines = ["# Capacity model (`bench/capacity.py`)", "",
              "Stage costs measured on this machine (one CPU thread each), the prediction for the pipeline "
-             "`langevin_actors: auto` builds, and the measurement on a local two-node cluster (1 CPU each) in the "
+             "`sampler_actors: auto` builds, and the measurement on a local two-node cluster (1 CPU each) in the "
              "same run.", ""]
     if (cal := result.get("calibration")) is not None:
         lines += [f"Framework time, calibrated on {cal['workload']} (stages {cal['costs']['sampler_s']} + "

@@ -40,14 +40,13 @@ def main() -> None:
 
     import ray
     import torch
-
-    from pipeline.config import from_dict
-    from pipeline.evaluate import EvaluateConfig, run_evaluation
-    from pipeline.generate import GenerateConfig, run_generation
-    from pipeline.langevin import sampler_settings
-    from pipeline.vae import resolve_vae
-
     from generate import matmul_peak, sampler_stage  # bench/generate.py
+
+    from pipeline.common.config import from_dict
+    from pipeline.distributed.generation import GenerateConfig, run_generation
+    from pipeline.evaluation.report import EvaluateConfig, run_evaluation
+    from pipeline.sampling.settings import sampler_settings
+    from pipeline.vae.autoencoder import resolve_vae
 
     demo = REPO / "models" / "demo"
     latents = Path(args.latents or REPO / "build" / "demo" / f"latents-{resolve_vae(demo).weights_sha256()[:12]}")

@@ -57,13 +57,14 @@ def bench_model(model_dir: Path, args, work: Path, peak: float) -> dict:
     import numpy as np
     import torch
 
-    from pipeline import sinks
-    from pipeline.batching import probe_batch_size
-    from pipeline.config import load_config
-    from pipeline.generate import GenerateConfig, chain_seed, image_key, run_generation
-    from pipeline.langevin import sample
+    from pipeline.common.config import load_config
+    from pipeline.common.memory import probe_batch_size
+    from pipeline.distributed.generation import GenerateConfig, run_generation
+    from pipeline.io import image_shards as sinks
     from pipeline.models import load_model
-    from pipeline.vae import decode, load_vae, resolve_vae
+    from pipeline.sampling.core import sample
+    from pipeline.sampling.noise import chain_seed, image_key
+    from pipeline.vae.autoencoder import decode, load_vae, resolve_vae
 
     model = load_model(model_dir)
     settings, shape = model.sampler, tuple(model.config.latent_shape)
@@ -127,8 +128,9 @@ def sampler_stage(model_dir: Path, overrides: dict, peak: float, batch: int = 64
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline.langevin import SamplerStats, sample, sampler_settings
     from pipeline.models import load_model
+    from pipeline.sampling.core import SamplerStats, sample
+    from pipeline.sampling.settings import sampler_settings
 
     model = load_model(model_dir)
     settings = sampler_settings(asdict(model.sampler) | overrides)

@@ -29,9 +29,9 @@ def main() -> None:
 
     import torch
 
-    from pipeline.langevin import energy_grad
     from pipeline.models import load_model
-    from pipeline.vae import decode, load_vae, resolve_vae
+    from pipeline.sampling.denoisers import energy_grad
+    from pipeline.vae.autoencoder import decode, load_vae, resolve_vae
 
     torch.set_num_threads(os.cpu_count())
     model = load_model(args.model).eval()

@@ -34,10 +34,16 @@ def main() -> None:
     import ray
     import torch
 
-    from pipeline.config import from_dict
+    from pipeline.common.config import from_dict
     from pipeline.demo import write_demo_images, write_sd_style_vae
-    from pipeline.precompute import (PrecomputeConfig, encode_shard, prepare, run_precompute, shard_job,
-                                     split_into_shards)
+    from pipeline.distributed.precompute import (
+        PrecomputeConfig,
+        encode_shard,
+        prepare,
+        run_precompute,
+        shard_job,
+        split_into_shards,
+    )
 
     work = Path(tempfile.mkdtemp(prefix="ebd-bench-"))
     try:

@@ -48,14 +48,15 @@ def main() -> None:
     import torch
     from diffusers import AutoencoderKL
 
-    from pipeline.config import from_dict, load_config
+    from pipeline.common.config import from_dict, load_config
     from pipeline.demo import render_shape_image
-    from pipeline.diffusion_ebm import denoising_score_matching
-    from pipeline.generate import GenerateConfig, run_generation
+    from pipeline.distributed.generation import GenerateConfig, run_generation
+    from pipeline.distributed.precompute import PrecomputeConfig, run_precompute
+    from pipeline.distributed.training import run_training
     from pipeline.models import load_model
-    from pipeline.precompute import PrecomputeConfig, run_precompute
-    from pipeline.train import TrainConfig, run_training
-    from pipeline.vae import save_sd_checkpoint
+    from pipeline.training.config import TrainConfig
+    from pipeline.training.objectives.dsm import denoising_score_matching
+    from pipeline.vae.autoencoder import save_sd_checkpoint
 
     torch.set_num_threads(args.cpus)
     work = Path(tempfile.mkdtemp(prefix="ebd-bench-sd-"))
@@ -136,7 +137,7 @@ def decoder_speeds(sd: Path, taesd: Path, batch: int = 4) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from pipeline.demo import write_tiny_decoder
-    from pipeline.vae import decode, load_vae, resolve_decoder, resolve_vae
+    from pipeline.vae.autoencoder import decode, load_vae, resolve_decoder, resolve_vae
 
     write_tiny_decoder(taesd, sd, seed=0)
     spec = resolve_vae(sd)

@@ -15,7 +15,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-
 from common import REPO, write_result
 
 
@@ -30,9 +29,10 @@ def main() -> None:
 
     import ray
 
-    from pipeline.config import from_dict
-    from pipeline.shards import write_latent_dataset
-    from pipeline.train import TrainConfig, run_training
+    from pipeline.common.config import from_dict
+    from pipeline.distributed.training import run_training
+    from pipeline.io.latent_shards import write_latent_dataset
+    from pipeline.training.config import TrainConfig
 
     shape = tuple(int(x) for x in args.latent.split(","))
     work = Path(tempfile.mkdtemp(prefix="ebd-bench-train-"))

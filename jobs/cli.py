@@ -11,7 +11,7 @@
 import importlib
 import sys
 
-from pipeline.config import run_cli
+from pipeline.common.config import run_cli
 
 JOBS = {"precompute": "precompute images into latent shards", "train": "fit a model on latent shards",
         "generate": "generate images in bulk", "evaluate": "score a generation run against held-out latents",

@@ -9,7 +9,7 @@ Idempotent: shards already there are kept. The demo's VAE and EBM are shipped in
 import argparse
 from pathlib import Path
 
-from pipeline.config import EbdError, run_cli
+from pipeline.common.config import EbdError, run_cli
 from pipeline.demo import write_demo_images
 
 

@@ -1,4 +1,4 @@
-"""Score a generation run against held-out real latents, with baselines (see pipeline/evaluate.py).
+"""Score a generation run against held-out real latents, with baselines (see pipeline/evaluation/report.py).
 
     python -m jobs.evaluate --generated GEN_DIR --reference LATENTS_DIR --evaluator EVALUATOR_DIR --output DIR \
         [--compare OTHER_GEN_DIR] [--check]
@@ -10,8 +10,8 @@ model fails it.
 
 import sys
 
-from pipeline.config import job_parser, load_config, run_cli
-from pipeline.evaluate import EvaluateConfig, run_evaluation
+from pipeline.common.config import job_parser, load_config, run_cli
+from pipeline.evaluation.report import EvaluateConfig, run_evaluation
 
 
 def main() -> int:

@@ -1,5 +1,5 @@
-"""Fit the evaluator that reads the generator's images (see pipeline/evaluator_fit.py). The demo's evaluator in
-models/demo/evaluator/ was made by:
+"""Fit the evaluator that reads the generator's images (see pipeline/evaluation/evaluator_fit.py). The demo's
+evaluator in models/demo/evaluator/ was made by:
 
     python -m jobs.fit_evaluator --config configs/fit-evaluator-demo.yaml --latents build/demo/latents \
         --output models/demo/evaluator
@@ -7,8 +7,8 @@ models/demo/evaluator/ was made by:
 Trains on the latents' training shards decoded by their VAE; measures accuracy on the held-out shards.
 """
 
-from pipeline.config import job_parser, load_config, run_cli
-from pipeline.evaluator_fit import FitEvaluatorConfig, fit_evaluator
+from pipeline.common.config import job_parser, load_config, run_cli
+from pipeline.evaluation.evaluator_fit import FitEvaluatorConfig, fit_evaluator
 
 
 def main() -> int:

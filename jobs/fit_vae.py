@@ -1,13 +1,13 @@
 """Fit a small AutoencoderKL to an image set and save it as a Stable Diffusion-layout checkpoint (see
-pipeline/vae_fit.py). The demo's VAE in models/demo/ was made by:
+pipeline/vae/fit.py). The demo's VAE in models/demo/ was made by:
 
     python -m jobs.fit_vae --config configs/fit-vae-demo.yaml --input build/demo/images --output models/demo
 
 Re-running the same command resumes from OUTPUT/checkpoint/, or does nothing when the fit is complete.
 """
 
-from pipeline.config import job_parser, load_config, run_cli
-from pipeline.vae_fit import FitVaeConfig, fit_vae
+from pipeline.common.config import job_parser, load_config, run_cli
+from pipeline.vae.fit import FitVaeConfig, fit_vae
 
 
 def main() -> int:

@@ -10,8 +10,8 @@ conditional model takes --condition (every image) or --conditions (a YAML/JSON f
 image's row and sidecar carry its condition.
 """
 
-from pipeline.config import job_parser, load_config, run_cli
-from pipeline.generate import GenerateConfig, run_generation
+from pipeline.common.config import job_parser, load_config, run_cli
+from pipeline.distributed.generation import GenerateConfig, run_generation
 
 
 def main() -> int:

@@ -4,11 +4,12 @@
     python -m jobs.inspect --vae SD_OR_VAE_DIR --latents LATENTS_DIR --output DIR      (the data alone)
 
 Writes DIR/index.html (pictures embedded; open it from disk), the PNGs beside it and DIR/inspect.json (the numbers
-behind the pictures). Runs on CPU, in process, without Ray (see pipeline/xray.py for what each section shows).
+behind the pictures). Runs on CPU, in process, without Ray (see pipeline/evaluation/inspection.py for what each
+section shows).
 """
 
-from pipeline.config import job_parser, load_config, run_cli
-from pipeline.xray import PAGE, InspectConfig, run_inspection
+from pipeline.common.config import job_parser, load_config, run_cli
+from pipeline.evaluation.inspection import PAGE, InspectConfig, run_inspection
 
 
 def main() -> int:

@@ -12,8 +12,8 @@ import argparse
 import logging
 import sys
 
-from pipeline.config import run_cli
-from pipeline.vae import pair_decoder, resolve_vae
+from pipeline.common.config import run_cli
+from pipeline.vae.autoencoder import pair_decoder, resolve_vae
 
 log = logging.getLogger("ebd")
 

@@ -8,8 +8,9 @@ Re-running the same command with the same --run-name resumes from the last check
 weights, config with sampler settings) lands in DIR/model/.
 """
 
-from pipeline.config import job_parser, load_config, run_cli
-from pipeline.train import TrainConfig, run_training
+from pipeline.common.config import job_parser, load_config, run_cli
+from pipeline.distributed.training import run_training
+from pipeline.training.config import TrainConfig
 
 
 def main() -> int:
@@ -17,7 +18,8 @@ def main() -> int:
     p.add_argument("--latents", help="output folder of the precompute job")
     p.add_argument("--output", help="folder for the model export and worker records")
     p.add_argument("--run-name", help="Ray Train run name; the same name resumes")
-    p.add_argument("--storage-path", help="checkpoint storage (shared on a multi-node cluster); default OUTPUT/checkpoints")
+    p.add_argument("--storage-path",
+                   help="checkpoint storage (shared on a multi-node cluster); default OUTPUT/checkpoints")
     p.add_argument("--max-steps", type=int, help="number of optimisation steps (overrides the config)")
     args = p.parse_args()
     cfg = load_config(TrainConfig, args.config, args.set, latents=args.latents, output=args.output,

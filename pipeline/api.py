@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import EbdError, require
+from .common.config import EbdError, require
 
 log = logging.getLogger(__name__)
 INDEX_FILE = "model_index.json"
@@ -41,7 +41,7 @@ class EBDPipeline:
 
     def __init__(self, model, vae_spec, device: torch.device | str | None = None, vae_dtype: str = "auto",
                  decoder: str | Path | None = None):
-        from .vae import load_vae, pick_device, resolve_decoder, resolve_dtype
+        from .vae.autoencoder import load_vae, pick_device, resolve_decoder, resolve_dtype
 
         model.check_vae(vae_spec, vae_spec.path)
         self.model, self.vae_spec = model.eval(), vae_spec
@@ -57,7 +57,7 @@ class EBDPipeline:
         names under "ebm" (models/demo). `model=` / `vae=` point elsewhere (`model` relative to `folder`, or a
         path)."""
         from .models import load_model
-        from .vae import resolve_vae
+        from .vae.autoencoder import resolve_vae
 
         root = Path(folder)
         require(root.is_dir(), f"{root} is not a folder")
@@ -79,10 +79,10 @@ class EBDPipeline:
         `condition` (a conditional model) e.g. "shape=ring AND NOT background=stripes" for every image."""
         from PIL import Image
 
-        from .conditions import canonical, check_condition, parse_condition
-        from .generate import chain_seed, image_key
-        from .langevin import sample
-        from .vae import decode, to_uint8
+        from .sampling.conditions import canonical, check_condition, parse_condition
+        from .sampling.core import sample_latents
+        from .sampling.noise import image_key
+        from .vae.autoencoder import decode, to_uint8
 
         require(num_images >= 1 and start >= 0 and batch_size >= 1, "num_images, batch_size >= 1 and start >= 0")
         require(output_type in ("pil", "np", "latent"), "output_type must be pil, np or latent")
@@ -90,33 +90,31 @@ class EBDPipeline:
         if condition is not None:
             condition = canonical(condition)
             check_condition(parse_condition(condition), self.model.label_vocabulary)
-        latents, energies, images = [], [], []
-        for a in range(start, start + num_images, batch_size):
-            b = min(a + batch_size, start + num_images)
-            generators = [torch.Generator().manual_seed(chain_seed(seed, i)) for i in range(a, b)]
-            z = sample(self.model, b - a, settings, generators, callback=callback,
-                       conditions=None if condition is None else [condition] * (b - a))
-            latents.append(z)
-            energies.append(self.model.energy(z).float())
-            if output_type != "latent":
-                pixels = to_uint8(decode(self.vae, z)).permute(0, 2, 3, 1).cpu().numpy()
-                images += [Image.fromarray(p) if output_type == "pil" else p for p in pixels]
-            log.info("sampled %d of %d images", b - start, num_images)
-        return EBDOutput(images, torch.cat(latents), torch.cat(energies),
-                         [image_key(seed, i) for i in range(start, start + num_images)])
+        indices, done = range(start, start + num_images), [0]
+
+        def progress(n: int, _seconds: float) -> None:
+            done[0] += n
+            log.info("sampled %d of %d images", done[0], num_images)
+
+        samples = sample_latents(self.model, indices, seed, settings,
+                                 None if condition is None else [condition] * num_images, batch_size, callback,
+                                 on_chunk=progress)
+        images = []
+        for a in range(0, num_images, batch_size) if output_type != "latent" else ():
+            pixels = to_uint8(decode(self.vae, samples.latents[a:a + batch_size])).permute(0, 2, 3, 1).cpu().numpy()
+            images += [Image.fromarray(p) if output_type == "pil" else p for p in pixels]
+        return EBDOutput(images, samples.latents, samples.energies, [image_key(seed, i) for i in indices])
 
 
 def generated_dataset(model: str, vae: str, num_images: int, seed: int = 0, **settings: Any):
     """The generation DAG (sampler actors -> decoder actors) as a Ray Dataset of image rows {key, seed, image (uint8
     H x W x 3), latent, energy}, for users who compose their own Ray Data pipelines; nothing is written. `settings`
-    are jobs.generate's config keys (images_per_shard, sampler, batch_size, langevin_actors, decoder_actors, ...);
+    are jobs.generate's config keys (images_per_shard, sampler, batch_size, sampler_actors, decoder_actors, ...);
     batch sizes default to 64 rather than a memory probe. Runs on the connected Ray cluster (ray.init first)."""
-    from .config import from_dict
-    from .generate import GenerateConfig, decoded_shards, resolve_decoder_gpus
+    from .common.config import from_dict
+    from .distributed.generation import GenerateConfig, decoded_shards, resolve_decoder_gpus, run_plan
     from .models import load_model
-    from .vae import resolve_decoder, resolve_vae
-
-    from .generate import run_plan
+    from .vae.autoencoder import resolve_decoder, resolve_vae
 
     cfg = from_dict(GenerateConfig, {"model": str(model), "vae": str(vae), "output": "unused",
                                      "num_images": num_images, "seed": seed} | settings)
@@ -124,7 +122,7 @@ def generated_dataset(model: str, vae: str, num_images: int, seed: int = 0, **se
     loaded.check_vae(spec, cfg.vae)
     sampler = asdict(loaded.resolve_sampler(cfg.sampler))
     size = cfg.batch_size or 64
-    batch_sizes = {"langevin": cfg.langevin_batch_size or size, "decode": cfg.decode_batch_size or size}
+    batch_sizes = {"sampler": cfg.sampler_batch_size or size, "decode": cfg.decode_batch_size or size}
     shards = list(range((num_images + cfg.images_per_shard - 1) // cfg.images_per_shard))
     decoded = decoded_shards(cfg, shards, sampler, resolve_decoder(cfg.decoder, spec), resolve_decoder_gpus(cfg),
                              batch_sizes, run_plan(cfg, loaded))
@@ -132,7 +130,7 @@ def generated_dataset(model: str, vae: str, num_images: int, seed: int = 0, **se
 
 
 def _image_rows(row: dict, seed: int, images_per_shard: int) -> list[dict]:
-    from .generate import image_key
+    from .sampling.noise import image_key
 
     info = json.loads(row["info"])
     n = info["count"]

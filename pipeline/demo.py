@@ -91,8 +91,8 @@ def write_demo_images(folder: str | Path, count: int, size: int = 64, seed: int 
     already there is kept (unless it predates KEY.json): the set is deterministic, so a re-run only fills in what is
     missing. Returns the shard
     paths."""
-    from .shards import write_tar
-    from .sinks import png_bytes
+    from .io.image_shards import png_bytes
+    from .io.tars import write_tar
 
     folder = Path(folder)
     paths = []
@@ -115,7 +115,7 @@ def write_sd_style_vae(folder: str | Path, seed: int = 0, **config) -> Path:
     import torch
     from diffusers import AutoencoderKL
 
-    from .vae import autoencoder_config, save_sd_checkpoint
+    from .vae.autoencoder import autoencoder_config, save_sd_checkpoint
 
     torch.manual_seed(seed)
     save_sd_checkpoint(AutoencoderKL(**autoencoder_config(**config)), folder)
@@ -129,7 +129,7 @@ def write_tiny_decoder(folder: str | Path, vae: str | Path, seed: int = 0, **con
     import torch
     from diffusers import AutoencoderTiny
 
-    from .vae import pair_decoder, resolve_vae
+    from .vae.autoencoder import pair_decoder, resolve_vae
 
     torch.manual_seed(seed)
     AutoencoderTiny(**config).save_pretrained(folder, safe_serialization=True)

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from pipeline import EBDPipeline
-from pipeline.config import ConfigError, EbdError
-from pipeline.generate import GenerateConfig, image_key
-from pipeline.train import TrainConfig
+from pipeline.common.config import ConfigError, EbdError
+from pipeline.distributed.generation import GenerateConfig
+from pipeline.sampling.noise import image_key
+from pipeline.training.config import TrainConfig
 from tests.conftest import REPO
 
 
@@ -65,8 +66,9 @@ def test_configs_built_in_python_validate_on_construction():
 
 def test_importing_the_package_leaves_the_environment_unchanged():
     code = ("import os; before = dict(os.environ); "
-            "import pipeline, pipeline.api, pipeline.vae, pipeline.generate, pipeline.train, pipeline.evaluate, "
-            "pipeline.xray, pipeline.precompute; from pipeline import EBDPipeline; "
+            "import pipeline, pipeline.api, pipeline.vae.autoencoder, pipeline.distributed.generation, "
+            "pipeline.distributed.training, pipeline.evaluation.report, pipeline.evaluation.inspection, "
+            "pipeline.distributed.precompute; from pipeline import EBDPipeline; "
             "changed = sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)); "
             "print(changed); assert not changed")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
@@ -77,7 +79,7 @@ def test_float16_decoding_on_cuda_honours_the_vaes_force_upcast():
     """SDXL's VAE says force_upcast: true (it overflows to NaN in float16): `auto` keeps it in float32 on CUDA."""
     import torch
 
-    from pipeline.vae import VaeSpec, resolve_dtype
+    from pipeline.vae.autoencoder import VaeSpec, resolve_dtype
 
     cuda = torch.device("cuda")  # a device object only: nothing runs on it
     assert resolve_dtype("auto", cuda, VaeSpec("sdxl", "vae", {"force_upcast": True})) == torch.float32

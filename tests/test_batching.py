@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.batching import SimulatedOutOfMemory, probe_batch_size, run_in_chunks
+from pipeline.common.memory import SimulatedOutOfMemory, probe_batch_size, run_in_chunks
 
 MIB = 1024 * 1024
 

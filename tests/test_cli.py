@@ -109,12 +109,12 @@ def test_the_ebd_command_runs_a_job_from_another_working_directory(ray_cluster, 
 def test_every_shipped_config_validates_for_its_job():
     """configs/NAME*.yaml loads into its job's config with the paths the command line gives; a key renamed in code
     but not in a shipped config would fail here, not in a user's run."""
-    from pipeline.config import load_config
-    from pipeline.evaluator_fit import FitEvaluatorConfig
-    from pipeline.generate import GenerateConfig
-    from pipeline.precompute import PrecomputeConfig
-    from pipeline.train import TrainConfig
-    from pipeline.vae_fit import FitVaeConfig
+    from pipeline.common.config import load_config
+    from pipeline.distributed.generation import GenerateConfig
+    from pipeline.distributed.precompute import PrecomputeConfig
+    from pipeline.evaluation.evaluator_fit import FitEvaluatorConfig
+    from pipeline.training.config import TrainConfig
+    from pipeline.vae.fit import FitVaeConfig
 
     jobs = {"train": (TrainConfig, dict(latents="l", output="o")),
             "generate": (GenerateConfig, dict(model="m", vae="v", output="o")),
@@ -141,9 +141,9 @@ def test_pair_decoder_checks_shapes_and_generates_decoder_flag_is_checked_before
     from diffusers import AutoencoderTiny
 
     from pipeline.demo import write_sd_style_vae
-    from pipeline.ebm import EnergyModel, EnergyModelConfig
-    from pipeline.langevin import LangevinSettings
-    from pipeline.vae import resolve_vae
+    from pipeline.models.short_run_energy import EnergyModel, EnergyModelConfig
+    from pipeline.sampling.settings import LangevinSettings
+    from pipeline.vae.autoencoder import resolve_vae
 
     def tiny(folder, blocks):
         AutoencoderTiny(encoder_block_out_channels=(8,) * blocks, decoder_block_out_channels=(8,) * blocks,

@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline.metrics import RAY_EXPORTED, DriverMetrics
+from pipeline.common.metrics import RAY_EXPORTED, DriverMetrics
 from tests.conftest import REPO
 
 CLUSTER = REPO / "cluster"
@@ -17,7 +17,7 @@ CLUSTER = REPO / "cluster"
 def exported_series() -> set[str]:
     """Every series name the jobs export: the driver's registry as exposed, and Ray's for the actors' metrics."""
     metrics = DriverMetrics()
-    metrics.record_shard({"count": 1, "langevin_batch_seconds": [0.1], "langevin_batch_size": 1})
+    metrics.record_shard({"count": 1, "sampler_batch_seconds": [0.1], "sampler_batch_size": 1})
     metrics.set_in_flight(1)
     from prometheus_client import generate_latest
     names = {s.name for family in text_string_to_metric_families(generate_latest(metrics.registry).decode())
@@ -31,11 +31,12 @@ def metric_names(expr: str) -> set[str]:
 
 def test_grafana_dashboard_references_only_exported_metrics():
     dashboard = json.loads((CLUSTER / "grafana" / "ebd-dashboard.json").read_text())
-    used = {name for panel in dashboard["panels"] for target in panel["targets"] for name in metric_names(target["expr"])}
+    used = {name for panel in dashboard["panels"] for target in panel["targets"]
+            for name in metric_names(target["expr"])}
     assert used, "the dashboard queries no ebd metric"
     assert used <= exported_series(), sorted(used - exported_series())
     titles = " ".join(p["title"].lower() for p in dashboard["panels"])
-    for topic in ("images per second", "langevin vs decode", "batch size", "in flight", "rejected"):
+    for topic in ("images per second", "sampler vs decode", "batch size", "in flight", "rejected"):
         assert topic in titles
 
 

@@ -6,10 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.conditions import canonical, conditioned_energy, conditions_for, load_plan, parse_condition
-from pipeline.config import ConfigError, EbdError
-from pipeline.diffusion_ebm import NoiseConditionalEnergy, NoiseConditionalEnergyConfig
-from pipeline.langevin import AnnealedSettings, SamplerStats, initial_noise, sample
+from pipeline.common.config import ConfigError, EbdError
+from pipeline.models.noise_energy import NoiseConditionalEnergy, NoiseConditionalEnergyConfig
+from pipeline.sampling.conditions import canonical, conditioned_energy, conditions_for, load_plan, parse_condition
+from pipeline.sampling.core import SamplerStats, sample
+from pipeline.sampling.denoisers import EnergyGradient
+from pipeline.sampling.noise import initial_noise
+from pipeline.sampling.settings import AnnealedSettings
 
 LABELS = {"x": ["left", "right"], "y": ["down", "up"]}
 
@@ -38,8 +41,8 @@ class MixtureEnergy(torch.nn.Module):
             log_p = log_p.masked_fill(~allowed, float("-inf"))
         return -torch.logsumexp(log_p, 1)
 
-    def conditioned(self, conditions, settings):
-        return conditioned_energy(self, conditions, settings.guidance)
+    def sampling_model(self, settings, conditions=None):
+        return EnergyGradient(self if conditions is None else conditioned_energy(self, conditions, settings.guidance))
 
     def initial_latents(self, num, settings, generator=None, device="cpu"):
         return initial_noise((num, 2, 1, 1), (1 + settings.sigma_max ** 2) ** 0.5, generator, device)

@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import quality
 from pipeline.demo import BACKGROUNDS, SHAPES, render_shape_image
-from pipeline.evaluate import blurred
-from pipeline.features import ImageEvaluator
-from pipeline.langevin import sample
+from pipeline.evaluation import quality
+from pipeline.evaluation.baselines import blurred
+from pipeline.evaluation.features import ImageEvaluator
+from pipeline.io.files import file_sha256
 from pipeline.models import load_model
-from pipeline.shards import file_sha256
-from pipeline.vae import decode_images, encode, load_vae, resolve_vae
-from pipeline.vae_fit import to_unit_range
+from pipeline.sampling.core import sample
+from pipeline.vae.autoencoder import decode_images, encode, load_vae, resolve_vae
+from pipeline.vae.fit import to_unit_range
 from tests.conftest import REPO
 
 DEMO = REPO / "models" / "demo"
@@ -87,7 +87,7 @@ def test_the_demo_evaluator_reads_both_factors_so_a_conditions_score_means_what_
     """Its attribute classifiers read shape and background off the decoder's images: asking for each unseen image's
     true labels scores high, asking for anything else low (the per-condition scores of jobs.evaluate)."""
     from pipeline.demo import demo_labels
-    from pipeline.evaluate import condition_scores
+    from pipeline.evaluation.scoring import condition_scores
 
     assert {name: sub["held_out"]["accuracy"] >= 0.95 for name, sub in evaluator.config["attributes"].items()} == \
         {"shape": True, "background": True}

@@ -10,14 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import ConfigError, EbdError, from_dict
-from pipeline.evaluate import EvaluateConfig, moment_matched_gaussian, run_evaluation
-from pipeline.evaluator_fit import FitEvaluatorConfig, fit_evaluator
-from pipeline.features import ImageEvaluator
-from pipeline.generate import GenerateConfig, run_generation
-from pipeline.shards import write_latent_dataset
-from pipeline.train import TrainConfig, run_training
-from pipeline.vae import resolve_vae
+from pipeline.common.config import ConfigError, EbdError, from_dict
+from pipeline.distributed.generation import GenerateConfig, run_generation
+from pipeline.distributed.training import run_training
+from pipeline.evaluation.baselines import moment_matched_gaussian
+from pipeline.evaluation.evaluator_fit import FitEvaluatorConfig, fit_evaluator
+from pipeline.evaluation.features import ImageEvaluator
+from pipeline.evaluation.report import EvaluateConfig, run_evaluation
+from pipeline.io.latent_shards import write_latent_dataset
+from pipeline.training.config import TrainConfig
+from pipeline.vae.autoencoder import resolve_vae
 from tests.conftest import REPO
 
 SHAPE = (4, 4, 4)  # decoded by the tiny test VAE (2x up-sampling) to 8 x 8 images
@@ -135,8 +137,8 @@ def test_a_conditional_run_is_scored_per_condition_by_the_evaluators_attribute_c
     for text, c in conditions.items():  # each mode is asked for and made (unasked: 0.7 upper / 0.3 lower)
         assert c["terms"] == {text: c["all_terms"]} and c["all_terms"] >= 0.8, conditions
     text = (root / "report-cond" / "report.md").read_text()
-    assert "## Conditions" in text and f"| label=lower | 40 | label=lower {conditions['label=lower']['all_terms']:.3f}" \
-        in text
+    lower = conditions["label=lower"]["all_terms"]
+    assert "## Conditions" in text and f"| label=lower | 40 | label=lower {lower:.3f}" in text
     from PIL import Image
     assert Image.open(root / "report-cond" / "conditions.png").height >= 4 * 8  # two rows of samples per condition
 
@@ -199,12 +201,14 @@ def test_refuses_runs_without_latents_and_references_of_another_vae(pipeline_run
 def test_only_the_chosen_rows_are_read_in_the_chosen_order(pipeline_run):
     """Evaluation reads the rows it samples, shard by shard, not the whole run: a picked subset equals the full
     read indexed the same way, for generated runs and latent shards alike."""
-    from pipeline.evaluate import read_generated, read_latents
+    from pipeline.evaluation.references import read_latents
+    from pipeline.io.image_shards import read_generated
 
     index = torch.tensor([250, 3, 101, 99, 0])
     all_latents, all_images = read_generated(pipeline_run / "gen")
     latents, images = read_generated(pipeline_run / "gen", index)
-    assert len(all_latents) == 300 and torch.equal(latents, all_latents[index]) and torch.equal(images, all_images[index])
+    assert len(all_latents) == 300
+    assert torch.equal(latents, all_latents[index]) and torch.equal(images, all_images[index])
     files = ["latents-000000.tar", "latents-000001.tar"]
     full, some = read_latents(pipeline_run / "latents", files), read_latents(pipeline_run / "latents", files, index)
     assert torch.equal(some["latents"], full["latents"][index])

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from pipeline import quality
-from pipeline.config import EbdError
-from pipeline.features import FIDInceptionV3, ImageEvaluator, InceptionFeatures, load_feature_extractor
+from pipeline.common.config import EbdError
+from pipeline.evaluation import quality
+from pipeline.evaluation.features import FIDInceptionV3, ImageEvaluator, InceptionFeatures, load_feature_extractor
 
 
 def test_frechet_distance_is_zero_for_a_set_against_itself_and_matches_the_closed_form_for_gaussians():
@@ -98,21 +98,22 @@ def test_inception_weights_load_from_a_local_file_in_either_format(tmp_path):
 
 
 def test_nt_xent_is_lowest_when_views_match():
-    from pipeline.evaluator_fit import nt_xent
+    from pipeline.evaluation.evaluator_fit import nt_xent
 
     g = torch.Generator().manual_seed(3)
     a = torch.randn(32, 8, generator=g)
-    matched, shuffled = nt_xent(a, a + 0.01 * torch.randn(32, 8, generator=g), 0.2), nt_xent(a, a[torch.randperm(32)], 0.2)
+    matched = nt_xent(a, a + 0.01 * torch.randn(32, 8, generator=g), 0.2)
+    shuffled = nt_xent(a, a[torch.randperm(32)], 0.2)
     assert matched < shuffled and matched.item() < math.log(63)
 
 
 def test_an_unlabelled_latent_folder_gives_a_contrastive_evaluator_that_records_its_vae(sd_checkpoint, tmp_path):
     import numpy as np
 
-    from pipeline.config import from_dict
-    from pipeline.evaluator_fit import FitEvaluatorConfig, fit_evaluator
-    from pipeline.shards import write_latent_dataset
-    from pipeline.vae import resolve_vae
+    from pipeline.common.config import from_dict
+    from pipeline.evaluation.evaluator_fit import FitEvaluatorConfig, fit_evaluator
+    from pipeline.io.latent_shards import write_latent_dataset
+    from pipeline.vae.autoencoder import resolve_vae
 
     rng = np.random.default_rng(0)
     identity = resolve_vae(sd_checkpoint).identity()

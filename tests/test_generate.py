@@ -20,12 +20,13 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline.api import EBDPipeline, generated_dataset
-from pipeline.config import EbdError, from_dict
-from pipeline.ebm import EnergyModel, EnergyModelConfig
-from pipeline.generate import GenerateConfig, image_key, run_generation
-from pipeline.langevin import LangevinSettings
-from pipeline.shards import file_sha256
-from pipeline.vae import resolve_vae
+from pipeline.common.config import EbdError, from_dict
+from pipeline.distributed.generation import GenerateConfig, run_generation
+from pipeline.io.files import file_sha256
+from pipeline.models.short_run_energy import EnergyModel, EnergyModelConfig
+from pipeline.sampling.noise import image_key
+from pipeline.sampling.settings import LangevinSettings
+from pipeline.vae.autoencoder import resolve_vae
 from tests.conftest import REPO, debian_binary, free_port
 
 SIDE = 16  # the tiny VAE: 4 x 8 x 8 latents -> 16 x 16 images
@@ -59,7 +60,7 @@ def parquet_rows(out: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def both_formats(ray_cluster, ebm_dir, sd_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("gen") / "out"  # the shipped config's shape: sampler actors fill the CPUs
-    return out, generate(ebm_dir, sd_checkpoint, out, format="both", langevin_actors="auto", langevin_cpus=0.75,
+    return out, generate(ebm_dir, sd_checkpoint, out, format="both", sampler_actors="auto", sampler_cpus=0.75,
                          decoder_cpus=0.25)
 
 
@@ -109,8 +110,8 @@ def test_preview_is_a_png_grid_of_the_first_images(both_formats):
 def test_summary_reports_throughput_stage_time_and_batch_sizes(both_formats):
     _, summary = both_formats
     assert summary["images_per_second"] > 0
-    assert summary["stage_busy_seconds"]["langevin"] > 0 and summary["stage_busy_seconds"]["decode"] > 0
-    assert summary["batch_sizes"]["langevin"] >= 1 and summary["batch_sizes"]["decode"] >= 1
+    assert summary["stage_busy_seconds"]["sampler"] > 0 and summary["stage_busy_seconds"]["decode"] > 0
+    assert summary["batch_sizes"]["sampler"] >= 1 and summary["batch_sizes"]["decode"] >= 1
     assert summary["batch_probes"]["decode"]["bytes_per_sample"] >= 0
     assert summary["sampler_actors"] == 2  # auto on the 2-CPU cluster: (2 - 0.25 decoder - 0.25 writer) / 0.75
 
@@ -131,7 +132,7 @@ def test_a_shard_regenerated_alone_is_byte_identical(both_formats, ebm_dir, sd_c
 
 def test_a_decoder_out_of_memory_halves_its_batch_and_loses_nothing(ray_cluster, ebm_dir, sd_checkpoint, tmp_path):
     summary = generate(ebm_dir, sd_checkpoint, tmp_path, format="parquet", decode_batch_size=16,
-                       langevin_batch_size=16, simulate_oom_above=5)
+                       sampler_batch_size=16, simulate_oom_above=5)
     assert summary["oom_shrinks"] >= 1
     rows = parquet_rows(tmp_path)
     assert len(rows) == 50 and len({r["key"] for r in rows}) == 50
@@ -172,7 +173,7 @@ def tiny_decoder(sd_checkpoint, tmp_path_factory) -> Path:
 
 def test_a_tiny_decoder_runs_through_the_dag_exactly_and_reproducibly(ray_cluster, ebm_dir, sd_checkpoint,
                                                                       tiny_decoder, both_formats, tmp_path):
-    from pipeline.vae import decode, load_vae, resolve_decoder, to_uint8
+    from pipeline.vae.autoencoder import decode, load_vae, resolve_decoder, to_uint8
 
     out = tmp_path / "tiny"
     summary = generate(ebm_dir, sd_checkpoint, out, format="both", num_images=20, decoder=str(tiny_decoder),
@@ -214,7 +215,7 @@ def test_a_tiny_decoder_for_another_vae_or_without_a_pairing_is_refused(ebm_dir,
     import shutil
 
     from pipeline.demo import write_sd_style_vae
-    from pipeline.vae import pair_decoder
+    from pipeline.vae.autoencoder import pair_decoder
 
     other = write_sd_style_vae(tmp_path / "other", seed=1, block_out_channels=(8, 16))
     foreign = tmp_path / "foreign"
@@ -242,7 +243,7 @@ def test_a_model_trained_on_another_vae_is_refused(ebm_dir, tmp_path):
 
 
 def test_conditions_a_model_cannot_honour_are_refused_in_one_line_before_any_work(ebm_dir, sd_checkpoint, tmp_path):
-    from pipeline.diffusion_ebm import NoiseConditionalEnergy, NoiseConditionalEnergyConfig
+    from pipeline.models.noise_energy import NoiseConditionalEnergy, NoiseConditionalEnergyConfig
 
     with pytest.raises(EbdError, match="trained without labels, so it takes no condition"):
         generate(ebm_dir, sd_checkpoint, tmp_path / "a", condition="shape=ring")
@@ -270,8 +271,9 @@ def test_a_noise_conditional_energy_at_4x32x32_trains_and_generates_through_the_
     # Stable Diffusion's latent layout at a small side: train a tiny dsm model, conditioned on two label fields with
     # one combination left out, for a few steps through the Ray Train job; then generate from plain noise through
     # the same DAG from a conditions file, in both formats, with a sampler override.
-    from pipeline.shards import write_latent_dataset
-    from pipeline.train import TrainConfig, run_training
+    from pipeline.distributed.training import run_training
+    from pipeline.io.latent_shards import write_latent_dataset
+    from pipeline.training.config import TrainConfig
 
     latents = np.random.default_rng(0).normal(size=(64, 4, 32, 32)).astype(np.float32)
     labels = [{"shape": "ab"[i % 2], "colour": ["red", "blue", "green"][i % 3]} for i in range(64)]
@@ -298,7 +300,7 @@ def test_a_noise_conditional_energy_at_4x32x32_trains_and_generates_through_the_
     settings = dict(num_images=None, conditions=str(plan), images_per_shard=5, decode_batch_size=4, max_batch_size=8,
                     sampler={"levels": 4, "mala_levels": 1, "guidance": 2.0})
     summary = generate(model_dir, sd_checkpoint, out, **settings)
-    assert summary["images"] == 10 and summary["sampler"] == "heun" and summary["batch_sizes"]["langevin"] >= 1
+    assert summary["images"] == 10 and summary["sampler"] == "heun" and summary["batch_sizes"]["sampler"] >= 1
     assert summary["gradient_evaluations_per_image"] == 2 * 4 - 1 + 2  # 4 Heun levels, one MALA level of 1 step
     assert 0 < summary["mala_acceptance"] <= 1
     asked = ["shape=a AND colour=red"] * 4 + ["shape=b"] * 3 + ["shape=b AND NOT colour=green"] * 3
@@ -314,7 +316,7 @@ def test_a_noise_conditional_energy_at_4x32x32_trains_and_generates_through_the_
                                                   ("shape=b AND NOT colour=green", 3))]
     # the same command again finds every shard done; another plan, or flags of another kind of model, are refused
     assert generate(model_dir, sd_checkpoint, out, **settings)["images_this_run"] == 0
-    with pytest.raises(EbdError, match="apply to short-run"):
+    with pytest.raises(EbdError, match="unknown config key .steps. for AnnealedSettings"):
         generate(model_dir, sd_checkpoint, tmp_path / "o2", langevin_steps=5)
     with pytest.raises(EbdError, match="noise range this energy was trained on"):
         generate(model_dir, sd_checkpoint, tmp_path / "o3", sampler={"sigma_max": 1e4})
@@ -325,8 +327,9 @@ def test_a_noise_conditional_energy_at_4x32x32_trains_and_generates_through_the_
 
 def test_the_diffusion_baseline_trains_and_generates_exactly_n_through_the_dag(ray_cluster, sd_checkpoint, tmp_path):
     # The seeds' recipe, as objective ddpm of the same job: a noise-predicting UNet, sampled by DDIM.
-    from pipeline.shards import write_latent_dataset
-    from pipeline.train import TrainConfig, run_training
+    from pipeline.distributed.training import run_training
+    from pipeline.io.latent_shards import write_latent_dataset
+    from pipeline.training.config import TrainConfig
 
     latents = np.random.default_rng(1).normal(size=(64, 4, 8, 8)).astype(np.float32)
     write_latent_dataset(tmp_path / "latents", latents, shard_size=32,
@@ -361,7 +364,7 @@ def _generate_command(ray_cluster, ebm_dir, sd_checkpoint, out, *extra) -> list[
     return [sys.executable, "-m", "jobs.generate", "--config", "configs/generate.yaml", "--model", str(ebm_dir),
             "--vae", str(sd_checkpoint), "--output", str(out), "--address", ray_cluster.address,
             "--set", "images_per_shard=8", "--set", "batch_size=8", "--set", "langevin_steps=150",
-            "--set", "langevin_actors=1", *extra]  # one sampler actor: these runs test resumption and metrics
+            "--set", "sampler_actors=1", *extra]  # one sampler actor: these runs test resumption and metrics
 
 
 # A driver SIGKILLed mid-run and re-run: tests/test_object_store.py (into a bucket, where it also checks that the
@@ -387,7 +390,7 @@ def test_metrics_endpoint_counts_up_to_n_during_a_run(ray_cluster, ebm_dir, sd_c
             if seen[-1] == 40:
                 assert re.search(r"^ebd_gradient_evaluations_total [1-9]", text, re.M)
                 assert 'ebd_batch_seconds_count{stage="decode"}' in text
-                assert 'ebd_batch_size{stage="langevin"} 8.0' in text
+                assert 'ebd_batch_size{stage="sampler"} 8.0' in text
                 break
         time.sleep(0.2)
     job.wait(timeout=120)

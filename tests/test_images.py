@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.images import Rejected, decode_image
+from pipeline.io.images import Rejected, decode_image
 from tests.conftest import encode_image, png_header_only, rgb_image
 
 RES = 16

@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from pipeline.demo import render_shape_image
-from pipeline.langevin import sampler_settings
+from pipeline.evaluation.inspection import InspectConfig, record_chains, run_inspection, slerp
+from pipeline.io.latent_shards import iter_latents, shard_paths, write_latent_dataset
 from pipeline.models import load_model
-from pipeline.shards import iter_latents, shard_paths, write_latent_dataset
-from pipeline.vae import decode_images, encode, load_vae, resolve_vae
-from pipeline.vae_fit import to_unit_range
-from pipeline.xray import InspectConfig, record_chains, run_inspection, slerp
+from pipeline.sampling.settings import sampler_settings
+from pipeline.vae.autoencoder import decode_images, encode, load_vae, resolve_vae
+from pipeline.vae.fit import to_unit_range
 from tests.conftest import REPO
 
 DEMO = REPO / "models" / "demo"

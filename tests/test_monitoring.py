@@ -1,6 +1,7 @@
 """Integration: a local two-node Ray cluster, the three jobs through `ray job submit`, a real Prometheus scraping.
 
-Needs Debian's `prometheus`: installed by the set-up when missing and allowed (root), else the test skips. Everything binds to 127.0.0.1;
+Needs Debian's `prometheus`: installed by the set-up when missing and allowed (root), else the test skips. Everything
+binds to 127.0.0.1;
 Prometheus rewrites the node addresses Ray's service-discovery file lists to 127.0.0.1 as well.
 """
 
@@ -22,6 +23,7 @@ import pytest
 
 from pipeline.demo import write_demo_images
 from tests.conftest import REPO, _wait_for_http, debian_binary, free_port
+
 
 def _ray_start(args: list[str], env: dict) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--disable-usage-stats",
@@ -109,19 +111,20 @@ def test_jobs_on_two_nodes_and_prometheus_sees_generation_throughput(two_nodes, 
     submit(two_nodes, "jobs.precompute", "--config", "configs/precompute.yaml", "--input", str(tmp_path / "images"),
            "--vae", str(sd_checkpoint), "--output", str(tmp_path / "latents"), "--set", "resolution=16",
            "--set", "min_side=8", "--set", "shard_size=12")
-    submit(two_nodes, "jobs.train", "--config", "configs/train.yaml", "--latents", str(tmp_path / "latents"),
-           "--output", str(tmp_path / "ebm"), "--max-steps", "10", "--set", "objective=cd", "--set", "channels=[8]",
-           "--set", "batch_size=8",
-           "--set", "langevin_steps=5", "--set", "log_every=5", "--set", "checkpoint_every=5",
+    submit(two_nodes, "jobs.train", "--config", "configs/train-demo-cd.yaml", "--latents", str(tmp_path / "latents"),
+           "--output", str(tmp_path / "ebm"), "--max-steps", "10", "--set", "objective.channels=[8]",
+           "--set", "objective.init_rank=null", "--set", "objective.init_components=1", "--set", "batch_size=8",
+           "--set", "holdout_shards=0", "--set", "sampler.steps=5", "--set", "log_every=5",
+           "--set", "checkpoint_every=5",
            "--set", "max_failures=2")  # a worker lost on these 1-CPU nodes restarts from its checkpoint (CI lost one)
 
     n = 64
     job = submit(two_nodes, "jobs.generate", "--config", "configs/generate.yaml", "--model",
                  str(tmp_path / "ebm" / "model"), "--vae", str(sd_checkpoint), "--num-images", str(n), "--output",
                  str(tmp_path / "generated"), "--metrics-port", str(prometheus["generate_port"]),
-                 "--set", "images_per_shard=8", "--set", "batch_size=8", "--set", "langevin_steps=200",
-                 "--set", "langevin_cpus=0.5", "--set", "decoder_cpus=0.25", "--set", "writer_cpus=0.25",
-                 "--set", "langevin_actors=2",  # one per node (auto would start 3 on these 2 CPUs)
+                 "--set", "images_per_shard=8", "--set", "batch_size=8", "--set", "sampler.steps=200",
+                 "--set", "sampler_cpus=0.5", "--set", "decoder_cpus=0.25", "--set", "writer_cpus=0.25",
+                 "--set", "sampler_actors=2",  # one per node (auto would start 3 on these 2 CPUs)
                  "--set", "metrics_linger_s=8", wait=False)
     rates: list[float] = []
     deadline = time.monotonic() + 400

@@ -23,14 +23,17 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import storage
-from pipeline.config import EbdError, from_dict
+from pipeline.common.config import EbdError, from_dict
 from pipeline.demo import write_demo_images
-from pipeline.generate import GenerateConfig, run_generation
+from pipeline.distributed.generation import GenerateConfig, run_generation
+from pipeline.distributed.precompute import PrecomputeConfig, run_precompute
+from pipeline.distributed.training import run_training
+from pipeline.io import storage
+from pipeline.io.files import read_json
+from pipeline.io.latent_shards import iter_latents, shard_paths
+from pipeline.io.tars import read_tar_samples
 from pipeline.models import load_model
-from pipeline.precompute import PrecomputeConfig, run_precompute
-from pipeline.shards import iter_latents, read_json, read_tar_samples, shard_paths
-from pipeline.train import TrainConfig, run_training
+from pipeline.training.config import TrainConfig
 from tests.conftest import REPO
 
 IMAGES, SHARD = 48, 12
@@ -155,7 +158,7 @@ def test_training_reads_the_bucket_survives_a_killed_worker_and_exports_there(mo
 
 def _generate(model: str, vae, out: str, **overrides) -> dict:
     cfg = from_dict(GenerateConfig, dict(model=model, vae=str(vae), output=out, num_images=40, images_per_shard=8,
-                                         batch_size=8, format="both", langevin_actors=1, langevin_steps=60,
+                                         batch_size=8, format="both", sampler_actors=1, langevin_steps=60,
                                          save_latents=True,
                                          progress_interval_s=0.0)
                     | overrides)
@@ -193,10 +196,10 @@ def test_generation_into_a_bucket_gives_exactly_n_unique_keys_in_both_formats(cl
     assert storage.is_file(storage.join(clean_run, "preview.png"))
 
 
-def test_a_killed_langevin_actor_is_restarted_and_the_run_stays_exact_and_identical(clean_run, model, bucket,
+def test_a_killed_sampler_actor_is_restarted_and_the_run_stays_exact_and_identical(clean_run, model, bucket,
                                                                                     bucket_vae):
     out = storage.join(bucket, "generated-actor-killed")
-    with Killer("MapBatches(LangevinStage)") as killer:
+    with Killer("MapBatches(SamplerStage)") as killer:
         summary = _generate(model, bucket_vae, out)
     assert killer.killed and summary["images"] == 40
     assert _shard_hashes(out) == _shard_hashes(clean_run)  # no shard lost, doubled or changed
@@ -208,7 +211,7 @@ def test_a_driver_killed_mid_run_resumes_exact_and_byte_identical(ray_cluster, c
     command = [sys.executable, "-m", "jobs.generate", "--config", "configs/generate.yaml", "--model", model,
                "--vae", bucket_vae, "--output", out, "--address", ray_cluster.address, "--num-images", "40",
                "--format", "both", "--set", "images_per_shard=8", "--set", "batch_size=8",
-               "--set", "langevin_actors=1", "--set", "langevin_steps=60", "--set", "save_latents=true"]
+               "--set", "sampler_actors=1", "--set", "langevin_steps=60", "--set", "save_latents=true"]
     first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
     deadline = time.monotonic() + 240
@@ -228,7 +231,7 @@ def test_a_driver_killed_mid_run_resumes_exact_and_byte_identical(ray_cluster, c
 
 def test_evaluation_reads_the_run_the_reference_and_the_raw_inputs_from_the_bucket(clean_run, latents, bucket_vae,
                                                                                   tmp_path):
-    from pipeline.evaluate import EvaluateConfig, run_evaluation
+    from pipeline.evaluation.report import EvaluateConfig, run_evaluation
 
     report = run_evaluation(from_dict(EvaluateConfig, dict(
         generated=clean_run, reference=latents, output=str(tmp_path / "report"), check_space="latents",

@@ -14,11 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.config import ConfigError, EbdError, from_dict
-from pipeline.images import decode_image, to_model_input
-from pipeline.precompute import PrecomputeConfig, run_precompute
-from pipeline.shards import file_sha256, iter_latents, read_manifest, shard_paths
-from pipeline.vae import image_seed, load_vae, resolve_vae
+from pipeline.common.config import ConfigError, EbdError, from_dict
+from pipeline.distributed.precompute import PrecomputeConfig, run_precompute
+from pipeline.io.files import file_sha256
+from pipeline.io.images import decode_image, to_model_input
+from pipeline.io.latent_shards import iter_latents, read_manifest, shard_paths
+from pipeline.vae.autoencoder import image_seed, load_vae, resolve_vae
 from tests.conftest import encode_image, png_header_only, rgb_image
 
 RES = 16  # the tiny VAE downsamples by 2: latents are 4 x 8 x 8
@@ -253,8 +254,8 @@ def test_a_folder_sorted_by_label_gives_held_out_shards_with_the_whole_sets_labe
 
 
 def test_shard_order_depends_on_the_inputs_not_on_how_they_were_listed():
-    from pipeline.precompute import shard_order
-    from pipeline.sources import Item
+    from pipeline.distributed.precompute import shard_order
+    from pipeline.io.sources import Item
 
     items = [Item(f"img{i}.png", f"k{i}", None, ("file", f"img{i}.png")) for i in range(50)]
     assert shard_order(items, seed=0) == shard_order(items[::-1], seed=0)
@@ -263,7 +264,7 @@ def test_shard_order_depends_on_the_inputs_not_on_how_they_were_listed():
 
 def test_every_named_label_is_kept_from_sidecars_folder_levels_and_parquet_columns(tmp_path):
     from pipeline.demo import demo_labels, write_demo_images
-    from pipeline.sources import plan_items, read_items
+    from pipeline.io.sources import plan_items, read_items
 
     both = ["shape", "background"]
     write_demo_images(tmp_path / "tars", 12, size=16, images_per_shard=5)

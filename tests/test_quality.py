@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pipeline.quality import all_metrics, density_coverage, mmd_rbf, pool_latents, precision_recall
+from pipeline.evaluation.quality import all_metrics, density_coverage, mmd_rbf, pool_latents, precision_recall
 
 
 def gaussian(n, d, seed, shift=0.0, scale=1.0):

@@ -8,11 +8,14 @@ import math
 import pytest
 import torch
 
-from pipeline.config import ConfigError, EbdError
-from pipeline.diffusion_ebm import NoiseConditionalEnergy, NoiseConditionalEnergyConfig
-from pipeline.langevin import (AnnealedSettings, LangevinSettings, SamplerStats, karras_sigmas, langevin, mala,
-                               sample, sampler_settings)
+from pipeline.common.config import ConfigError, EbdError
 from pipeline.models import load_model
+from pipeline.models.noise_energy import NoiseConditionalEnergy, NoiseConditionalEnergyConfig
+from pipeline.sampling.core import SamplerStats, sample
+from pipeline.sampling.denoisers import EnergyGradient
+from pipeline.sampling.samplers import langevin, mala
+from pipeline.sampling.schedules import karras_sigmas
+from pipeline.sampling.settings import AnnealedSettings, LangevinSettings, sampler_settings
 
 
 def gaussian_energy(z: torch.Tensor, sigma: float | None = None) -> torch.Tensor:
@@ -46,7 +49,7 @@ def test_the_karras_schedule_runs_from_sigma_max_down_to_sigma_min():
 def test_each_sampler_uses_exactly_the_gradients_its_settings_promise(settings):
     model = energy_model()
     if settings.name == "langevin":
-        from pipeline.ebm import EnergyModel, EnergyModelConfig
+        from pipeline.models.short_run_energy import EnergyModel, EnergyModelConfig
         model = EnergyModel(EnergyModelConfig([4, 8, 8], [8])).eval()
     stats = SamplerStats()
     z = sample(model, 3, settings, gens([0, 1, 2]), callback=stats)
@@ -75,9 +78,9 @@ def test_a_chain_depends_only_on_its_own_seed(name):
 def test_mala_keeps_the_target_where_unadjusted_langevin_drifts_and_reports_acceptance():
     step, start = 0.8, 3 * torch.randn(4000, 16, generator=torch.Generator().manual_seed(0))  # 3x too wide
     stats = SamplerStats()
-    corrected = mala(gaussian_energy, start, None, step, steps=30, generator=torch.Generator().manual_seed(1),
-                     callback=stats)
-    unadjusted = langevin(gaussian_energy, start, LangevinSettings(steps=30, step_size=2 * step, noise_scale=1.0),
+    energy = EnergyGradient(gaussian_energy)
+    corrected = mala(energy, start, None, step, steps=30, generator=torch.Generator().manual_seed(1), callback=stats)
+    unadjusted = langevin(energy, start, LangevinSettings(steps=30, step_size=2 * step, noise_scale=1.0),
                           torch.Generator().manual_seed(1))
     assert corrected.std().item() == pytest.approx(1.0, abs=0.03)  # reached the target N(0, I) and stays there
     assert unadjusted.std().item() == pytest.approx(math.sqrt(1 / (1 - step / 2)), abs=0.03)  # ULA's biased 1.29

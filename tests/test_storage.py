@@ -6,8 +6,8 @@ import uuid
 
 import pytest
 
-from pipeline import storage
-from pipeline.config import EbdError
+from pipeline.common.config import EbdError
+from pipeline.io import storage
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -13,15 +13,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save as safetensors_save
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_save
 
-from pipeline.config import EbdError, from_dict
-from pipeline.ebm import EnergyModel, EnergyModelConfig
-from pipeline.langevin import LangevinSettings, SamplerStats, sample
+from pipeline.common.config import EbdError, from_dict
+from pipeline.distributed.training import run_training
+from pipeline.io.files import file_sha256
+from pipeline.io.latent_shards import write_latent_dataset
 from pipeline.models import load_model
-from pipeline.objectives import ContrastiveDivergence
-from pipeline.shards import file_sha256, write_latent_dataset
-from pipeline.train import TrainConfig, run_training, split_shards
+from pipeline.models.short_run_energy import EnergyModel, EnergyModelConfig
+from pipeline.sampling.core import SamplerStats, sample
+from pipeline.sampling.settings import LangevinSettings
+from pipeline.training.config import TrainConfig
+from pipeline.training.data import split_shards
+from pipeline.training.objectives import ContrastiveDivergence
 from tests.conftest import REPO
 
 SHAPE = (4, 4, 4)
@@ -71,7 +76,8 @@ def test_learns_both_modes_of_a_gaussian_mixture_and_an_untrained_model_does_not
 
     model = EnergyModel.from_pretrained(tmp_path / "model")  # plain safetensors + JSON: no Ray, no pickle
     cfg = from_dict(TrainConfig, dict(latents="x", output="y") | FAST)
-    assert model.sampler == ContrastiveDivergence.sampler_settings(cfg, {})  # generation gets the training sampler
+    trained_with = ContrastiveDivergence.sampler_settings(cfg.objective, cfg.sampler, {})
+    assert model.sampler == trained_with  # generation gets the training sampler
     assert model.metadata["latents"]["manifest_sha256"] == file_sha256(mixture_latents / "manifest.json")
     assert model.metadata["training"]["steps"] == 200
 
@@ -226,8 +232,8 @@ def test_replay_buffer_is_filled_and_saved_in_the_checkpoint(ray_cluster, mixtur
     train(mixture_latents, tmp_path, max_steps=10, buffer_size=100, reinit_prob=0.05, **TINY)
     latest = max((tmp_path / "checkpoints" / "ebd-train").glob("step-*"))
     state = json.loads((latest / "state.json").read_text())
-    buffer = load_file(str(latest / "state.safetensors"))["objective.buffer"]
-    assert state["state"]["step"] == 10
+    buffer = load_file(str(latest / state["tensors_file"]))["objective.buffer"]
+    assert state["meta"]["state"]["step"] == 10
     assert tuple(buffer.shape) == (100, *SHAPE)  # 10 steps x 16 chains, capped at the buffer size
     assert torch.isfinite(buffer.float()).all()
 

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import from_dict
+from pipeline.common.config import from_dict
 from pipeline.demo import render_shape_image, write_demo_images
-from pipeline.vae import encode, load_vae, resolve_vae
-from pipeline.vae_fit import FitVaeConfig, fit_vae, to_unit_range
+from pipeline.vae.autoencoder import encode, load_vae, resolve_vae
+from pipeline.vae.fit import FitVaeConfig, fit_vae, to_unit_range
 from tests.conftest import REPO
 
 SMALL = dict(resolution=32, block_out_channels=[8, 16], norm_num_groups=8, batch_size=8, eval_images=16,
@@ -70,7 +70,7 @@ def test_a_killed_fit_resumes_to_the_same_weights_as_an_uninterrupted_one(images
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    saved = json.loads((out / "checkpoint" / "state.json").read_text())["step"]
+    saved = json.loads((out / "checkpoint" / "state.json").read_text())["meta"]["step"]
     assert 0 < saved < steps
 
     resumed = subprocess.run([sys.executable, "-m", "jobs.fit_vae", "--input", str(images), "--output", str(out),
@@ -93,8 +93,8 @@ def test_the_edge_term_pays_for_blurred_edges_that_mse_cannot_tell_from_a_colour
     """A blurred edge and a uniform colour offset with the same MSE: only the edge term tells them apart."""
     import torch
 
-    from pipeline.config import from_dict
-    from pipeline.vae_fit import FitVaeConfig, reconstruction_terms
+    from pipeline.common.config import from_dict
+    from pipeline.vae.fit import FitVaeConfig, reconstruction_terms
 
     x = torch.zeros(1, 3, 16, 16)
     x[..., 8:] = 1.0                                       # a sharp vertical edge

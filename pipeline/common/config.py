@@ -1,0 +1,221 @@
+"""Job configs: a dataclass per job, loaded from YAML, overridden by CLI flags and `--set key=value`.
+
+Every job validates its whole config before it touches the output folder, so a typo costs one clear line on
+stderr (exit code 2) and writes nothing:
+
+    cfg = load_config(PrecomputeConfig, "configs/precompute.yaml", sets=["batch_size=8"], input="imgs/")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+
+class EbdError(Exception):
+    """An error the user can fix (bad config, missing file, bad input): printed as one line, exit code 2."""
+
+
+class ConfigError(EbdError):
+    pass
+
+
+class JobConfig:
+    """Base of the job configs (dataclasses): validated when constructed, so a config built in Python with a bad
+    value raises ConfigError at once, as one loaded from YAML does."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        pass
+
+
+C = TypeVar("C")
+
+
+def load_config(cls: type[C], path: str | Path | None = None, sets: list[str] | None = None,
+                **overrides: Any) -> C:
+    """Builds `cls` from a YAML file, then `--set key=value` strings, then keyword overrides (CLI flags).
+
+    Keyword overrides that are None are ignored, so argparse defaults of None leave the file's value alone.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        values.update(_read_yaml(Path(path)))
+    migrate = getattr(cls, "migrate", None)
+    if migrate is not None:  # an older config's keys in today's places, before --set names today's keys
+        values = migrate(values)
+    for item in sets or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        section, dot, name = key.strip().partition(".")
+        value = yaml.safe_load(raw) if raw.strip() else None
+        if dot:  # section.key: one key of a mapping-valued key (`--set objective.sigma_max=30`)
+            current = values.get(section)
+            if isinstance(current, str):  # a section given by its name alone, e.g. objective: dsm
+                current = {"name": current}
+            values[section] = dict(current or {}) | {name: value}
+        else:
+            values[key.strip()] = value
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return from_dict(cls, values)
+
+
+def from_dict(cls: type[C], values: dict[str, Any]) -> C:
+    """Type-checks `values` against the dataclass `cls` and calls its `validate()` if it has one; a class with a
+    `migrate(values)` classmethod first turns an older config's keys into today's."""
+    migrate = getattr(cls, "migrate", None)
+    if migrate is not None:
+        values = migrate(values)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown config key {unknown[0]!r} for {cls.__name__} "
+                          f"(known: {', '.join(sorted(fields))})")
+    hints = typing.get_type_hints(cls)
+    checked = {name: _coerce(name, value, hints[name]) for name, value in values.items()}
+    try:
+        cfg = cls(**checked)
+    except TypeError as e:  # a required field is missing
+        missing = [n for n, f in fields.items() if n not in checked and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]
+        raise ConfigError(f"missing required config key {missing[0]!r}" if missing else str(e)) from None
+    if hasattr(cfg, "validate") and not isinstance(cfg, JobConfig):  # a JobConfig validated itself
+        cfg.validate()
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def require(condition: bool, message: str) -> None:
+    """Raises ConfigError(message) unless condition holds: keeps `validate()` methods one line per rule."""
+    if not condition:
+        raise ConfigError(message)
+
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # the project's shipped configs
+
+
+def find_config(path: Path) -> Path:
+    """`path` as given, else, for a relative path, the shipped config of that name (configs/NAME or NAME), so
+    `ebd train --config configs/train.yaml` works from any working directory."""
+    if path.is_file() or path.is_absolute():
+        return path
+    for candidate in (CONFIGS.parent / path, CONFIGS / path.name):
+        if candidate.is_file():
+            return candidate
+    return path
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    path = find_config(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must be a mapping of key: value")
+    return data
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Accepts `value` for a field annotated `hint`, converting int->float; raises ConfigError otherwise."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(hint):
+            try:
+                return _coerce(name, value, option)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"config key {name!r}: {value!r} is not one of the accepted types "
+                          f"({_describe(hint)})")
+    if hint is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"config key {name!r} must be null")
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value in choices:
+            return value
+        raise ConfigError(f"config key {name!r} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {name!r} must be a list, got {value!r}")
+        (item_hint, *_) = typing.get_args(hint) or (Any,)
+        return [_coerce(name, v, item_hint) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {name!r} must be a mapping, got {value!r}")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"config key {name!r} must be {_describe(hint)}, got {value!r}")
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        return " or ".join(_describe(h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(hint)))
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def job_parser(module: str, doc: str, address: bool = True):
+    """An argparse parser with the flags every job shares: --config, --set KEY=VALUE and, for jobs that run on a
+    Ray cluster, --address."""
+    import argparse
+
+    prog = sys.argv[0] if sys.argv[0].startswith("ebd ") else f"python -m {module}"  # the `ebd` command, or -m
+    parser = argparse.ArgumentParser(prog=prog, description=doc.strip().splitlines()[0])
+    name = module.rsplit(".", 1)[-1].replace("_", "-")
+    examples = sorted(p.name for p in CONFIGS.glob(f"{name}*.yaml"))
+    parser.add_argument("--config", help="YAML config" + (f" (e.g. configs/{examples[0]})" if examples else ""))
+    if address:
+        parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    return parser
+
+
+def run_cli(main) -> None:
+    """Runs a job's `main()`, turning EbdError into one line on stderr and exit code 2 (no traceback wall)."""
+    from .logs import configure_logging
+
+    configure_logging()
+    try:
+        code = main()
+    except EbdError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: re-run the same command to resume", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

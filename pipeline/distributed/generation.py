@@ -1,0 +1,551 @@
+"""Bulk generation: a streaming Ray Data DAG of sampler actors -> decoder actors -> shard writers.
+
+    shards to make --> SamplerStage  (CPU actor pool)  the model's own sampler (sampling.core): one shard's latents
+                   --> DecodeStage   (GPU actors when the cluster has GPUs, else CPU)  uint8 images
+                   --> write_shard   (tasks)  PNG -> parquet and/or tar, atomically, then a done marker
+
+One row is one output shard (images [j * S, (j + 1) * S)). Ray Data's streaming executor runs the stages
+concurrently with backpressure, so no stage holds more than a few shards. Image i's key and noise seed derive
+from (run seed, i) and every chain uses its own generator, so any shard regenerated alone is byte-identical.
+Each stage's batch size is probed once per run against its memory budget and recorded in OUT/run.json; a resumed
+run reuses it. Re-running the same command skips complete shards and ends with exactly N images.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from ..common.config import EbdError, JobConfig, require
+from ..common.logs import Progress, log_line
+from ..io import image_shards, storage
+from ..io.files import atomic_write, atomic_write_json, claim_run_folder, file_sha256
+from ..io.pictures import preview_grid
+from ..sampling.conditions import check_condition, conditions_for, load_plan, parse_condition
+from ..sampling.noise import image_key
+
+RUN_FILE = "run.json"
+
+
+@dataclass
+class GenerateConfig(JobConfig):
+    model: str | None = None                     # a trained model folder (config.json + model.safetensors), any kind
+    vae: str | None = None                       # local SD checkpoint folder or AutoencoderKL folder
+    # A tiny decoder (AutoencoderTiny folder paired with the VAE, see `ebd pair-decoder`) to decode with instead of
+    # the VAE's own decoder: about 18x fewer FLOPs at Stable Diffusion's sizes, softer images.
+    decoder: str | None = None
+    output: str | None = None
+    num_images: int | None = None                # null: 1000, or the conditions' total
+    # Conditional models (conditions.py): one condition for every image ("shape=ring AND background=checker"), or a
+    # mix, condition -> count (a mapping, or the path of a YAML/JSON file of one; read once, when the config loads).
+    condition: str | None = None
+    conditions: dict[str, int] | str | None = None
+    seed: int = 0
+    format: Literal["parquet", "webdataset", "both"] = "both"
+    images_per_shard: int = 256
+    save_latents: bool = True                    # store each image's latent (float16 .npy) for evaluation/reuse
+    # Sampler: the model's saved settings, with these keys changed (e.g. {levels: 10} or {mala_levels: 3}; a
+    # short-run (cd) model is only valid under its training settings, so change those knowingly).
+    sampler: dict[str, Any] = field(default_factory=dict)
+    # Pipeline shape. Defaults fit a 2-CPU machine without deadlock: 1 + 0.5 + 0.25 CPUs. `sampler_actors: auto`
+    # starts as many sampler actors as the cluster's CPUs hold beside the decoders and one writer (at most one per
+    # shard); each runs int(sampler_cpus) torch threads, at least one.
+    sampler_actors: int | Literal["auto"] = 1
+    sampler_cpus: float = 1.0
+    decoder_actors: int = 1
+    decoder_cpus: float = 0.5
+    decoder_gpus: float | Literal["auto"] = "auto"  # auto: 1 per decoder actor when the cluster has GPUs
+    writer_cpus: float = 0.25
+    # Batch sizes: null probes each stage's memory once per run; --batch-size sets both.
+    batch_size: int | None = None
+    sampler_batch_size: int | None = None
+    decode_batch_size: int | None = None
+    ram_budget_gb: float = 2.0                   # per CPU actor
+    gpu_memory_fraction: float = 0.8             # of free GPU memory, per decoder actor
+    max_batch_size: int = 512
+    vae_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    # Metrics
+    plugins: list[str] = field(default_factory=list)  # modules to import first: they register model kinds
+    metrics_port: int | None = None              # serve ebd_* metrics on this port (0: any free port)
+    metrics_host: str = "127.0.0.1"
+    pushgateway: str | None = None               # push final values here when the job ends
+    metrics_linger_s: float = 0.0                # keep the endpoint up this long after the end (one scrape)
+    progress_interval_s: float = 10.0
+    simulate_oom_above: int | None = None        # testing: the decoder raises out-of-memory above this batch
+
+    @classmethod
+    def migrate(cls, values: dict) -> dict:
+        """Keys of older configs: langevin_actors, langevin_cpus, langevin_batch_size (the sampler stage ran only
+        Langevin once), and langevin_steps / _step_size / _noise_scale (now keys of `sampler`)."""
+        values = dict(values)
+        for old, new in RENAMED.items():
+            if old in values:
+                values.setdefault(new, values.pop(old))
+        short_run = {new: values.pop(old) for old, new in SHORT_RUN.items() if old in values}
+        short_run = {k: v for k, v in short_run.items() if v is not None}
+        if short_run:
+            values["sampler"] = short_run | dict(values.get("sampler") or {})
+        return values
+
+    def validate(self) -> None:
+        for name in ("model", "vae", "output"):
+            require(getattr(self, name) is not None, f"missing {name}: pass --{name} or set it in the config")
+        plan = load_plan(self.condition, self.conditions)
+        if plan is not None and self.condition is None:  # a mix: its counts are the images
+            self.conditions = dict(plan)
+            total = sum(n for _, n in plan)
+            require(self.num_images in (None, total), f"num_images ({self.num_images}) disagrees with the conditions' "
+                    f"total ({total}): drop num_images, or change the counts")
+            self.num_images = total
+        self.num_images = 1000 if self.num_images is None else self.num_images
+        require(self.num_images >= 1 and self.images_per_shard >= 1, "num_images and images_per_shard must be >= 1")
+        require((self.sampler_actors == "auto" or self.sampler_actors >= 1) and self.decoder_actors >= 1,
+                "actor counts must be >= 1 (sampler_actors may be auto)")
+        require(self.sampler_cpus > 0 and self.decoder_cpus > 0 and self.writer_cpus > 0, "CPU shares must be > 0")
+        require(self.decoder_gpus == "auto" or self.decoder_gpus >= 0, "decoder_gpus must be >= 0 or auto")
+        for name in ("batch_size", "sampler_batch_size", "decode_batch_size", "simulate_oom_above"):
+            require(getattr(self, name) is None or getattr(self, name) >= 1, f"{name} must be >= 1 or null")
+        require(self.ram_budget_gb > 0 and 0 < self.gpu_memory_fraction <= 1 and self.max_batch_size >= 1,
+                "ram_budget_gb > 0, gpu_memory_fraction in (0, 1], max_batch_size >= 1")
+        require(self.metrics_port is None or 0 <= self.metrics_port < 65536, "metrics_port must be a port number")
+
+
+RENAMED = {"langevin_actors": "sampler_actors", "langevin_cpus": "sampler_cpus",
+           "langevin_batch_size": "sampler_batch_size"}
+SHORT_RUN = {"langevin_steps": "steps", "langevin_step_size": "step_size", "langevin_noise_scale": "noise_scale"}
+
+
+# ------------------------------------------------------------------------------------------------ stages
+
+def _threads(cpus: float) -> int:
+    return max(1, int(cpus))
+
+
+class SamplerStage:
+    """Sampler actor: one shard's latents through the one sampling core (`sampling.core.sample_latents`)."""
+
+    def __init__(self, model_dir: str, sampler: dict, seed: int, images_per_shard: int, num_images: int,
+                 batch_size: int, threads: int, plan: list | None = None, plugins: list[str] | None = None):
+        import torch
+
+        from ..common.metrics import StageMetrics
+        from ..common.plugins import import_plugins
+        from ..models import load_model
+        from ..sampling.settings import sampler_settings
+
+        torch.set_num_threads(threads)
+        import_plugins(plugins or [])
+        self.model = load_model(model_dir)
+        self.sampler = sampler_settings(sampler)
+        self.seed, self.per_shard, self.num_images, self.batch_size = seed, images_per_shard, num_images, batch_size
+        self.plan = plan  # [[condition, count], ...] of a conditional run, else None
+        self.metrics = StageMetrics("sampler")
+
+    def __call__(self, batch: dict) -> dict:
+        from ..sampling.core import sample_latents
+
+        rows = {"shard": [], "latents": [], "info": []}
+        for shard in batch["shard"]:
+            start = int(shard) * self.per_shard
+            count = min(self.per_shard, self.num_images - start)
+            conditions = conditions_for(self.plan, start, count) if self.plan else None
+            self.metrics.busy(1)
+            samples = sample_latents(self.model, range(start, start + count), self.seed, self.sampler, conditions,
+                                     self.batch_size, on_chunk=self.metrics.batch)
+            self.metrics.busy(0)
+            z = samples.latents.numpy()
+            rows["shard"].append(int(shard))
+            rows["latents"].append(z.tobytes())
+            rows["info"].append(json.dumps({
+                "count": count, "latent_shape": list(z.shape[1:]), "seeds": samples.seeds,
+                "energy": samples.energies.tolist(), "sampler_batch_seconds": samples.chunk_seconds,
+                "sampler_chunks": samples.chunk_sizes, "sampler_batch_size": self.batch_size,
+                "gradient_evaluations": samples.evaluations,
+                "mala_accepted": samples.accepted, "mala_proposed": samples.proposed}
+                | ({"conditions": conditions} if conditions else {})))
+        return {"shard": np.array(rows["shard"]), "latents": np.array(rows["latents"], dtype=object),
+                "info": np.array(rows["info"], dtype=object)}
+
+
+class DecodeStage:
+    """Decoder actor: `vae.decode(z / scaling_factor)` on CUDA when the actor got a GPU and CUDA exists, else CPU.
+    `decoder` is the VAE's spec, or a tiny decoder's (resolve_decoder checked it on the driver)."""
+
+    def __init__(self, decoder, dtype: str, use_gpu: bool, batch_size: int, threads: int,
+                 simulate_oom_above: int | None):
+        import ray
+        import torch
+
+        from ..common.metrics import StageMetrics
+        from ..vae.autoencoder import load_vae, pick_device, resolve_dtype
+
+        torch.set_num_threads(threads)
+        self.device = pick_device(use_gpu)
+        self.vae = load_vae(decoder, self.device, resolve_dtype(dtype, self.device, decoder))
+        self.batch_size, self.simulate_oom_above = batch_size, simulate_oom_above
+        self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+        self.metrics = StageMetrics("decode")
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        from ..common.memory import SimulatedOutOfMemory, run_in_chunks
+        from ..vae.autoencoder import decode, to_uint8
+
+        infos, images = [], []
+        for latents, info_text in zip(batch["latents"], batch["info"]):
+            info = json.loads(info_text)
+            z = torch.from_numpy(np.frombuffer(latents, dtype=np.float32).copy()).reshape(info["count"],
+                                                                                         *info["latent_shape"])
+            seconds: list[float] = []
+            shrinks: list[int] = []
+
+            def work(a: int, b: int):
+                if self.simulate_oom_above is not None and b - a > self.simulate_oom_above:
+                    raise SimulatedOutOfMemory(b - a, self.simulate_oom_above)
+                tick = time.perf_counter()
+                out = to_uint8(decode(self.vae, z[a:b])).permute(0, 2, 3, 1).cpu().numpy()
+                seconds.append(time.perf_counter() - tick)
+                self.metrics.batch(b - a, seconds[-1])
+                return out
+
+            self.metrics.busy(1)
+            chunks, sizes = run_in_chunks(info["count"], self.batch_size, work, on_oom=shrinks.append)
+            self.metrics.busy(0)
+            pixels = np.concatenate(chunks)
+            info |= {"image_shape": list(pixels.shape[1:]), "decode_batch_seconds": seconds, "decode_chunks": sizes,
+                     "decode_batch_size": self.batch_size, "decode_oom_shrinks": shrinks,
+                     "decode_device": self.device.type, "decode_gpu_ids": self.gpu_ids}
+            infos.append(json.dumps(info))
+            images.append(pixels.tobytes())
+        # The latents ride along to the writer, which stores them beside the images when save_latents is on.
+        return {"shard": batch["shard"], "images": np.array(images, dtype=object),
+                "latents": batch["latents"], "info": np.array(infos, dtype=object)}
+
+
+def write_shard(batch: dict, output: str, fmt: str, seed: int, images_per_shard: int, model_id: str,
+                save_latents: bool) -> dict:
+    """Writer task: PNG-encodes one shard's images and writes its files, then its done marker."""
+    stats = []
+    for shard, images, latents, info_text in zip(batch["shard"], batch["images"], batch["latents"], batch["info"]):
+        info = json.loads(info_text)
+        pixels = np.frombuffer(images, dtype=np.uint8).reshape(info["count"], *info["image_shape"])
+        z = np.frombuffer(latents, dtype=np.float32).reshape(info["count"], *info["latent_shape"]) \
+            if save_latents else None
+        start = int(shard) * images_per_shard
+        keys = [image_key(seed, i) for i in range(start, start + info["count"])]
+        extra = {k: v for k, v in info.items()
+                 if k not in ("seeds", "energy", "latent_shape", "image_shape", "conditions")}
+        result = image_shards.write_image_shard(output, int(shard), fmt, keys, pixels, info["seeds"],
+                                         np.asarray(info["energy"]), model_id, extra, latents=z,
+                                         conditions=info.get("conditions"))
+        stats.append(json.dumps(result))
+    return {"stats": np.array(stats, dtype=object)}
+
+
+# ------------------------------------------------------------------------------------------ batch probes
+
+def probe_sampler_batch(model_dir: str, sampler: dict, budget_bytes: int, max_batch: int, threads: int,
+                        condition: str | None = None, plugins: list[str] | None = None) -> dict:
+    """Ray task (the sampler actors' resources): the largest chain batch that fits the RAM budget (under the run's
+    widest condition: each term is one more forward per gradient)."""
+    import torch
+
+    from ..common.memory import probe_batch_size
+    from ..common.plugins import import_plugins
+    from ..models import load_model
+    from ..sampling.core import sample_latents
+    from ..sampling.settings import sampler_settings
+
+    torch.set_num_threads(threads)
+    import_plugins(plugins or [])
+    model = load_model(model_dir)
+    probe = sampler_settings(sampler).probe()  # memory per step does not grow with the number of steps or levels
+    return probe_batch_size(lambda n: sample_latents(model, range(n), 0, probe,
+                                                     None if condition is None else [condition] * n),
+                            torch.device("cpu"), budget_bytes, max_batch=max_batch)
+
+
+def probe_decode_batch(decoder, dtype: str, use_gpu: bool, latent_shape: list, budget_bytes: int,
+                       gpu_fraction: float, max_batch: int, threads: int, simulate_oom_above: int | None) -> dict:
+    """Ray task (a decoder actor's resources): the largest decode batch that fits free GPU memory or RAM."""
+    import torch
+
+    from ..common.memory import SimulatedOutOfMemory, probe_batch_size
+    from ..vae.autoencoder import decode, load_vae, pick_device, resolve_dtype
+
+    torch.set_num_threads(threads)
+    device = pick_device(use_gpu)
+    vae = load_vae(decoder, device, resolve_dtype(dtype, device, decoder))
+
+    def work(n: int):
+        if simulate_oom_above is not None and n > simulate_oom_above:
+            raise SimulatedOutOfMemory(n, simulate_oom_above)
+        decode(vae, torch.randn(n, *latent_shape))
+
+    return probe_batch_size(work, device, budget_bytes, gpu_fraction, max_batch=max_batch)
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+def run_generation(cfg: GenerateConfig, address: str | None = None) -> dict:
+    """Runs (or resumes) generation; returns the summary."""
+    import ray
+
+    from ..common.metrics import DriverMetrics
+    from ..common.plugins import import_plugins
+    from ..models import load_model
+    from ..vae.autoencoder import resolve_decoder, resolve_vae
+
+    import_plugins(cfg.plugins)
+
+    model = load_model(cfg.model)
+    spec = resolve_vae(cfg.vae)
+    model.check_vae(spec, cfg.vae)
+    decoder = resolve_decoder(cfg.decoder, spec)  # the VAE itself, or a tiny decoder made for its latents
+    latent_shape = list(model.config.latent_shape)
+    vae_identity = spec.identity()
+    sampler = asdict(model.resolve_sampler(cfg.sampler))  # validated: one line if not
+    plan = run_plan(cfg, model)  # conditions checked against the model's labels: one line, before any work
+    model_dir = storage.canonical(cfg.model)
+    weights = storage.local_copy(model_dir) / "model.safetensors"  # load_model's cached copy: not fetched twice
+    model_id = f"{storage.name(model_dir)}-{file_sha256(weights)[:12]}"
+    out = storage.canonical(cfg.output)
+    storage.check_writable(out)  # one line before any work: no such bucket, no permission
+    num_shards = math.ceil(cfg.num_images / cfg.images_per_shard)
+
+    if not ray.is_initialized():
+        ray.init(address=address)
+    gpus = resolve_decoder_gpus(cfg)
+    run = _claim_output(out, cfg, sampler, model_id, vae_identity, decoder, plan)
+    batch_sizes = _recorded_batch_sizes(run) or _choose_batch_sizes(cfg, sampler, decoder, latent_shape, gpus, plan)
+    if "batch_sizes" not in run:
+        atomic_write_json(storage.join(out, RUN_FILE), run | {"batch_sizes": batch_sizes})
+    asked = cfg.batch_size or cfg.sampler_batch_size or cfg.decode_batch_size
+    if "batch_sizes" in run and asked and asked not in (batch_sizes["sampler"], batch_sizes["decode"]):
+        log_line("generate", f"resuming with this folder's batch sizes {batch_sizes['sampler']}/"
+                 f"{batch_sizes['decode']}, not {asked}: shards stay byte-identical that way")
+
+    done = {j: s for j in range(num_shards) if (s := image_shards.completed_shard(out, j, cfg.format)) is not None}
+    pending = [j for j in range(num_shards) if j not in done]
+    metrics = DriverMetrics()
+    port = metrics.serve(cfg.metrics_port, cfg.metrics_host) if cfg.metrics_port is not None else None
+    log = Progress("generate", total=cfg.num_images, unit="images", interval_s=cfg.progress_interval_s)
+    log.done = sum(s["count"] for s in done.values())
+    samplers = resolve_sampler_actors(cfg, max(1, len(pending)))  # as decoded_shards will start them
+    log.log(f"{cfg.num_images} images in {num_shards} shards -> {out}; {len(done)} complete, {len(pending)} to make; "
+            f"batch sizes sampler={batch_sizes['sampler']} decode={batch_sizes['decode']}; "
+            f"{samplers} sampler actors; decoder GPUs per actor {gpus:g}"
+            + (f"; metrics on http://{cfg.metrics_host}:{port}/metrics" if port is not None else ""))
+    start = time.monotonic()
+    try:
+        if pending:
+            dataset = _build_dag(cfg, pending, sampler, decoder, gpus, batch_sizes, model_id, plan)
+            in_flight = len(pending)
+            metrics.set_in_flight(in_flight)
+            for batch in dataset.iter_batches(batch_size=1, batch_format="numpy"):
+                for text in batch["stats"]:
+                    stats = json.loads(text)
+                    done[stats["shard"]] = stats
+                    metrics.record_shard(stats)
+                    in_flight -= 1
+                    metrics.set_in_flight(in_flight)
+                    log.update(stats["count"], extra=f"shards {len(done)}/{num_shards}",
+                               force=len(done) == num_shards)
+        seconds = time.monotonic() - start
+        summary = _finish(out, cfg, done, num_shards, sampler, model_id, vae_identity, batch_sizes, gpus, seconds,
+                          made=sum(done[j]["count"] for j in pending), latent_shape=latent_shape, decoder=decoder,
+                          samplers=samplers, plan=plan)
+        log.log(f"done: {summary['images']} images in {len(done)} shards; {summary['images_per_second']:.2f} images/s "
+                f"this run; preview {storage.join(out, 'preview.png')}")
+        if cfg.pushgateway:
+            metrics.push(cfg.pushgateway)
+        if port is not None and cfg.metrics_linger_s > 0:
+            time.sleep(cfg.metrics_linger_s)  # lets a scraper read the final values before the endpoint closes
+        return summary
+    finally:
+        metrics.shutdown()
+
+
+def _recorded_batch_sizes(run: dict) -> dict | None:
+    """The batch sizes a folder's run.json records (folders written before the sampler stage had its name call its
+    size langevin)."""
+    sizes = run.get("batch_sizes")
+    if sizes and "langevin" in sizes:
+        sizes = {("sampler" if k == "langevin" else k): v for k, v in sizes.items()}
+    return sizes
+
+
+def run_plan(cfg: GenerateConfig, model) -> list[list] | None:
+    """[[condition, count], ...] in image order for a conditional run (None otherwise), each condition checked
+    against the labels `model` was trained on."""
+    plan = load_plan(cfg.condition, cfg.conditions)
+    if plan is None:
+        return None
+    if cfg.condition is not None:
+        plan[0][1] = cfg.num_images
+    for text, _ in plan:
+        check_condition(parse_condition(text), model.label_vocabulary, storage.name(storage.canonical(cfg.model)))
+    return plan
+
+
+def resolve_sampler_actors(cfg: GenerateConfig, shards: int) -> int:
+    """Sampler actors: the configured count, or with `auto` as many as the cluster's CPUs hold (at most one per
+    shard)."""
+    import ray
+
+    if cfg.sampler_actors != "auto":
+        return cfg.sampler_actors
+    return min(shards, auto_sampler_actors(cfg, ray.cluster_resources().get("CPU", 0)))
+
+
+def auto_sampler_actors(cfg: GenerateConfig, cpus: float) -> int:
+    """`sampler_actors: auto` on `cpus` CPUs: what is left once the decoder actors and one writer task have their
+    shares, in sampler actors of `sampler_cpus` each; at least one."""
+    free = cpus - cfg.decoder_actors * cfg.decoder_cpus - cfg.writer_cpus
+    return max(1, int(free / cfg.sampler_cpus + 1e-9))
+
+
+def resolve_decoder_gpus(cfg: GenerateConfig) -> float:
+    """GPUs per decoder actor: the configured share, or with `auto` one when the cluster has GPUs, else none."""
+    import ray
+
+    if cfg.decoder_gpus != "auto":
+        return float(cfg.decoder_gpus)
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def decoded_shards(cfg: GenerateConfig, shards: list[int], sampler: dict, decoder, gpus: float, batch_sizes: dict,
+                   plan: list | None = None):
+    """The DAG's first two stages as a Ray Dataset: one row per shard {shard, latents, images, info}. `decoder`: the
+    VaeSpec to decode with (the VAE, or a tiny decoder paired with it); `plan`: a conditional run's conditions."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # the job prints its own progress lines
+    items = ray.data.from_items([{"shard": j} for j in shards], override_num_blocks=len(shards))
+    samplers = resolve_sampler_actors(cfg, len(shards))
+    latents = items.map_batches(
+        SamplerStage, batch_size=1, compute=ActorPoolStrategy(size=samplers), num_cpus=cfg.sampler_cpus,
+        fn_constructor_kwargs=dict(model_dir=storage.canonical(cfg.model), sampler=sampler, seed=cfg.seed,
+                                   images_per_shard=cfg.images_per_shard, num_images=cfg.num_images,
+                                   batch_size=batch_sizes["sampler"], threads=_threads(cfg.sampler_cpus),
+                                   plan=plan, plugins=cfg.plugins))
+    return latents.map_batches(
+        DecodeStage, batch_size=1, compute=ActorPoolStrategy(size=cfg.decoder_actors), num_cpus=cfg.decoder_cpus,
+        num_gpus=gpus,
+        fn_constructor_kwargs=dict(decoder=_absolute(decoder), dtype=cfg.vae_dtype, use_gpu=gpus > 0,
+                                   batch_size=batch_sizes["decode"],
+                                   threads=_threads(cfg.decoder_cpus), simulate_oom_above=cfg.simulate_oom_above))
+
+
+def _absolute(spec):
+    """The spec with an absolute path (or its URI): Ray workers may run in another working directory."""
+    from dataclasses import replace
+    return replace(spec, path=storage.canonical(spec.path))
+
+
+def _build_dag(cfg: GenerateConfig, pending: list[int], sampler: dict, decoder, gpus: float, batch_sizes: dict,
+               model_id: str, plan: list | None):
+    return decoded_shards(cfg, pending, sampler, decoder, gpus, batch_sizes, plan).map_batches(
+        write_shard, batch_size=1, num_cpus=cfg.writer_cpus,
+        fn_kwargs=dict(output=storage.canonical(cfg.output), fmt=cfg.format, seed=cfg.seed,
+                       images_per_shard=cfg.images_per_shard, model_id=model_id, save_latents=cfg.save_latents))
+
+
+def _choose_batch_sizes(cfg: GenerateConfig, sampler: dict, decoder, latent_shape: list, gpus: float,
+                        plan: list | None = None) -> dict:
+    """Configured sizes, or one probe per stage run with that stage's own resources."""
+    import ray
+
+    sampler_size = cfg.sampler_batch_size or cfg.batch_size
+    decode = cfg.decode_batch_size or cfg.batch_size
+    budget = int(cfg.ram_budget_gb * 1024**3)
+    probes = {}
+    if sampler_size is None:
+        probes["sampler"] = ray.remote(probe_sampler_batch).options(num_cpus=cfg.sampler_cpus).remote(
+            storage.canonical(cfg.model), sampler, budget, cfg.max_batch_size, _threads(cfg.sampler_cpus),
+            max((text for text, _ in plan), key=lambda t: len(parse_condition(t))) if plan else None, cfg.plugins)
+    if decode is None:
+        probes["decode"] = ray.remote(probe_decode_batch).options(num_cpus=cfg.decoder_cpus, num_gpus=gpus).remote(
+            _absolute(decoder), cfg.vae_dtype, gpus > 0, latent_shape, budget,
+            cfg.gpu_memory_fraction, cfg.max_batch_size, _threads(cfg.decoder_cpus), cfg.simulate_oom_above)
+    found = {name: ray.get(ref) for name, ref in probes.items()}
+    return {"sampler": sampler_size or found["sampler"]["batch_size"],
+            "decode": decode or found["decode"]["batch_size"],
+            "probes": found}
+
+
+# Config keys that change the images: a resumed run must agree with the folder on all of them.
+_CONTENT_KEYS = ("num_images", "seed", "format", "images_per_shard", "vae_dtype", "save_latents")
+
+
+def _claim_output(out: str, cfg: GenerateConfig, sampler: dict, model_id: str, vae_identity: dict,
+                  decoder, plan: list | None = None) -> dict:
+    # A tiny decoder makes other pixels. None for the VAE's own decoder, which a folder from before the key
+    # existed also reads as (absent), so old runs still resume.
+    tiny_decoder = decoder.weights_sha256() if decoder.class_name != "AutoencoderKL" else None
+    if plan is None:  # guidance changes nothing without a condition (and folders from before it lack the key)
+        sampler = {k: v for k, v in sampler.items() if k != "guidance"}
+    run = {"config": {k: getattr(cfg, k) for k in _CONTENT_KEYS}, "sampler": sampler, "model": model_id,
+           "vae_weights_sha256": vae_identity["weights_sha256"], "decoder_weights_sha256": tiny_decoder,
+           "conditions": plan}  # None (absent in older folders) for an unconditional run
+    return claim_run_folder(out, run, RUN_FILE)
+
+
+def _finish(out: str, cfg: GenerateConfig, done: dict, num_shards: int, sampler: dict, model_id: str,
+            vae_identity: dict, batch_sizes: dict, gpus: float, seconds: float, made: int,
+            latent_shape: list[int], decoder, samplers: int, plan: list | None = None) -> dict:
+    shards = [done[j] for j in range(num_shards)]
+    images = sum(s["count"] for s in shards)
+    if images != cfg.num_images:
+        raise EbdError(f"expected {cfg.num_images} images, found {images}: re-run the same command to complete")
+    preview = _preview(out, cfg, shards)
+    atomic_write(storage.join(out, "preview.png"), lambda f: preview.save(f, format="PNG"))
+    busy = {stage: round(sum(sum(image_shards.stage_seconds(s, stage)) for s in shards), 3)
+            for stage in ("sampler", "decode", "write")}
+    proposed = sum(s.get("mala_proposed", 0) for s in shards)
+    summary = {"images": images, "images_this_run": made, "seconds": round(seconds, 3),
+               "sampler": sampler["name"],
+               "gradient_evaluations_per_image": max((s.get("gradient_evaluations", 0) / s["count"] for s in shards),
+                                                     default=0),
+               "mala_acceptance": sum(s.get("mala_accepted", 0) for s in shards) / proposed if proposed else None,
+               "images_per_second": made / seconds if seconds > 0 else 0.0, "stage_busy_seconds": busy,
+               "batch_sizes": {k: v for k, v in batch_sizes.items() if k != "probes"},
+               "batch_probes": batch_sizes.get("probes", {}), "decoder": decoder.class_name,
+               "sampler_actors": samplers,
+               "decoder_gpus_per_actor": gpus,
+               "oom_shrinks": sum(len(s.get("decode_oom_shrinks", [])) for s in shards)}
+    atomic_write_json(storage.join(out, "summary.json"), summary)
+    manifest = {"format": "ebd.images/1", "images": images, "num_shards": num_shards, "output_format": cfg.format,
+                "seed": cfg.seed, "model": {"id": model_id, "path": storage.canonical(cfg.model)},
+                "latents": {"saved": cfg.save_latents, "shape": latent_shape, "dtype": "float16", "scaled": True},
+                "vae": vae_identity, "sampler": sampler, "images_per_shard": cfg.images_per_shard,
+                "decoder": {"class": decoder.class_name, "path": storage.canonical(decoder.path),
+                            "weights_sha256": decoder.weights_sha256()},
+                "shards": [{"shard": s["shard"], "count": s["count"], "files": s["files"]} for s in shards]}
+    if plan:  # which images asked for what, in order (each row and sidecar also carries its condition)
+        manifest["conditions"] = [{"condition": text, "count": n} for text, n in plan]
+    atomic_write_json(storage.join(out, "manifest.json"), manifest)  # last: its presence means the run is complete
+    return summary
+
+
+def _preview(out: str, cfg: GenerateConfig, shards: list[dict]):
+    """A grid of the first 64 images, read back from the written shards."""
+    import io
+
+    from PIL import Image
+
+    images: list[np.ndarray] = []
+    for s in shards:
+        if len(images) >= 64:
+            break
+        pngs = image_shards.shard_pngs(out, s["shard"], cfg.format)
+        images += [np.asarray(Image.open(io.BytesIO(p)).convert("RGB")) for p in pngs[: 64 - len(images)]]
+    return preview_grid(images)

@@ -1,0 +1,338 @@
+"""Latent precompute: images -> VAE encoder -> sampled, scaled latents -> webdataset shards, as Ray tasks.
+
+The driver plans every input item, puts them in a seeded random order (`shuffle`, on by default: sources list
+folder trees sorted by label, so without it the last shards, which training holds out, would hold only the last
+labels), cuts the list into shards of `shard_size` items and
+runs one Ray task per missing shard. Each task reads its own inputs, rejects bad ones (recorded, never fatal),
+encodes in batches with the VAE it loaded once per worker process, and writes its tar then its done marker
+atomically. The manifest is written last, once every shard is done. Re-running the same command skips complete
+shards; a different config or input into the same folder is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from ..common.config import ConfigError, EbdError, JobConfig, require, to_dict
+from ..common.logs import Progress
+from ..common.metrics import record_precompute_shard
+from ..io import latent_shards as sh
+from ..io import storage
+from ..io.files import atomic_write_json, atomic_write_lines, claim_run_folder, read_json
+from ..io.images import Rejected, decode_image, to_model_input
+from ..io.sources import Item, count_by_field, count_by_label, plan_items, read_items
+from ..io.tars import write_tar
+from ..vae.autoencoder import VaeSpec, resolve_vae
+
+RUN_FILE = "run.json"  # what this folder was started with; a resumed run must match it
+
+
+@dataclass
+class PrecomputeConfig(JobConfig):
+    input: str | None = None
+    vae: str | None = None
+    output: str | None = None
+    input_format: Literal["auto", "folder", "webdataset", "parquet"] = "auto"
+    vae_subfolder: str | None = "auto"           # "auto": PATH/vae if it exists (an SD checkpoint), else PATH
+    resolution: int = 512                        # pixels; a multiple of the VAE's downscale factor
+    shard_size: int = 1000                       # input items per output shard (rejects included)
+    batch_size: int = 16                         # images per VAE forward pass
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: fp32 on CPU, fp16 on GPU
+    seed: int = 0                                # run seed; image i's noise seed derives from (seed, key)
+    store_moments: bool = False                  # also store posterior mean and log-variance (scaled units)
+    shuffle: bool = True                         # shards hold a seeded random sample of the inputs, so any
+                                                 # shard (the held-out ones) is representative of the whole set
+    num_cpus_per_task: float = 1.0
+    num_gpus_per_task: float | Literal["auto"] = "auto"  # auto: 1 if the cluster has GPUs, else 0
+    max_retries: int = 3                         # retries of a task whose worker died
+    max_in_flight: int = 0                       # tasks submitted at once; 0: twice the cluster's task slots
+    max_pixels: int = 89_478_485                 # larger images are rejected before decoding (bombs)
+    min_side: int = 64                           # images whose shorter side is smaller are rejected
+    max_file_bytes: int = 256 * 1024 * 1024
+    image_column: str | None = None              # parquet: column with image bytes (auto-detected if null)
+    key_column: str | None = None                # parquet: column with sample keys (row number if null)
+    label_column: str | None = None              # parquet: column with labels ("label" if present)
+    label_fields: list[str] = field(default_factory=list)  # named labels, each kept: folder levels, KEY.json
+                                                 # keys or parquet columns, e.g. [shape, background]
+    progress_interval_s: float = 10.0
+
+    def validate(self) -> None:
+        for name in ("input", "vae", "output"):
+            require(getattr(self, name) is not None, f"missing {name}: pass --{name} or set it in the config")
+        require(self.resolution >= 8, f"resolution must be >= 8, got {self.resolution}")
+        require(self.shard_size >= 1, f"shard_size must be >= 1, got {self.shard_size}")
+        require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        require(self.num_cpus_per_task > 0, "num_cpus_per_task must be > 0")
+        require(self.num_gpus_per_task == "auto" or self.num_gpus_per_task >= 0, "num_gpus_per_task must be >= 0")
+        require(self.max_retries >= 0 and self.max_in_flight >= 0, "max_retries and max_in_flight must be >= 0")
+        require(self.max_pixels > 0 and self.min_side >= 1 and self.max_file_bytes > 0,
+                "max_pixels, min_side and max_file_bytes must be positive")
+        require(all(isinstance(f, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,64}", f) for f in self.label_fields)
+                and len(set(self.label_fields)) == len(self.label_fields),
+                f"label_fields must be distinct names of [A-Za-z0-9_-], got {self.label_fields!r}")
+
+
+# Keys that change what lands in the shards: a resumed run must agree with the folder on all of them.
+# batch_size is one: a batch's composition changes the VAE's float rounding on CPU (oneDNN), so a shard is
+# byte-identical only when re-encoded with the same batching (and on the same kind of processor).
+_CONTENT_KEYS = ("input_format", "vae_subfolder", "resolution", "shard_size", "batch_size", "dtype", "seed",
+                 "store_moments", "shuffle",
+                 "max_pixels", "min_side", "max_file_bytes", "image_column", "key_column", "label_column")
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """Everything one shard task needs, small enough to ship with each task."""
+    index: int
+    items: tuple[Item, ...]
+    output: str
+    vae: VaeSpec
+    resolution: int
+    batch_size: int
+    dtype: str
+    seed: int
+    store_moments: bool
+    max_pixels: int
+    min_side: int
+    max_file_bytes: int
+    use_gpu: bool
+    num_threads: int
+    label_fields: tuple[str, ...] = ()
+
+
+def prepare(cfg: PrecomputeConfig) -> tuple[VaeSpec, str, list[Item]]:
+    """Everything that can fail on user input, done before anything is written: VAE, resolution, inputs."""
+    spec = resolve_vae(cfg.vae, cfg.vae_subfolder)
+    require(cfg.resolution % spec.downscale_factor == 0,
+            f"resolution {cfg.resolution} is not a multiple of the VAE's downscale factor {spec.downscale_factor}")
+    fmt, items = plan_items(cfg.input, cfg.input_format, cfg.image_column, cfg.key_column, cfg.label_column,
+                            cfg.label_fields)
+    if not items:
+        raise ConfigError(f"no input files under {cfg.input}")
+    storage.check_writable(cfg.output)
+    return spec, fmt, items
+
+
+def shard_order(items: list[Item], seed: int) -> list[Item]:
+    """The inputs in a seeded random order that depends only on (seed, source, key): listing order, and so a
+    folder tree sorted by label, has no say in which shard an input lands in."""
+    def rank(item: Item) -> str:
+        return hashlib.sha256(f"{seed}\t{item.source}\t{item.key}".encode()).hexdigest()
+    return sorted(items, key=rank)
+
+
+def split_into_shards(items: list[Item], shard_size: int) -> list[tuple[Item, ...]]:
+    return [tuple(items[i:i + shard_size]) for i in range(0, len(items), shard_size)]
+
+
+def shard_job(cfg: PrecomputeConfig, spec: VaeSpec, index: int, items: tuple[Item, ...], use_gpu: bool,
+              num_threads: int) -> ShardJob:
+    return ShardJob(index, items, storage.canonical(cfg.output), spec, cfg.resolution, cfg.batch_size, cfg.dtype,
+                    cfg.seed, cfg.store_moments, cfg.max_pixels, cfg.min_side, cfg.max_file_bytes, use_gpu,
+                    max(1, num_threads), tuple(cfg.label_fields))
+
+
+def run_precompute(cfg: PrecomputeConfig, address: str | None = None) -> dict:
+    """Runs (or resumes) the whole job and returns the manifest."""
+    import ray
+
+    spec, fmt, items = prepare(cfg)
+    if cfg.shuffle:
+        items = shard_order(items, cfg.seed)
+    out = storage.canonical(cfg.output)
+    vae_identity = spec.identity()
+    chunks = split_into_shards(items, cfg.shard_size)
+    _claim_output(out, cfg, vae_identity, items)
+
+    done = {i: s for i in range(len(chunks)) if (s := _completed_shard(out, i)) is not None}
+    todo = [i for i in range(len(chunks)) if i not in done]
+    log = Progress("precompute", total=sum(len(chunks[i]) for i in todo), unit="images",
+                   interval_s=cfg.progress_interval_s)
+    log.log(f"{len(items)} inputs ({fmt}) -> {len(chunks)} shards in {out}; {len(done)} already complete, "
+            f"{len(todo)} to encode")
+
+    if todo:
+        if not ray.is_initialized():
+            ray.init(address=address, log_to_driver=True)
+        gpus = cfg.num_gpus_per_task
+        if gpus == "auto":
+            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        task = encode_shard_task().options(num_cpus=cfg.num_cpus_per_task, num_gpus=gpus,
+                                           max_retries=cfg.max_retries, retry_exceptions=False)
+        slots = max(1, int(ray.cluster_resources().get("CPU", 1) // cfg.num_cpus_per_task))
+        limit = cfg.max_in_flight or 2 * slots
+        jobs = [shard_job(cfg, spec, i, chunks[i], use_gpu=gpus > 0, num_threads=int(cfg.num_cpus_per_task))
+                for i in todo]
+        in_flight: dict = {}
+        while jobs or in_flight:
+            while jobs and len(in_flight) < limit:
+                job = jobs.pop(0)
+                in_flight[task.remote(job)] = job.index
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            index = in_flight.pop(ready[0])
+            try:
+                stats = ray.get(ready[0])
+            except ray.exceptions.RayError as e:
+                raise EbdError(f"shard {index} failed: {_cause(e)} (complete shards are kept: re-run the same "
+                               "command to resume)") from None
+            done[index] = stats
+            log.update(stats["seen"], extra=f"shards {len(done)}/{len(chunks)}", force=not (jobs or in_flight))
+
+    manifest = _write_manifest(out, cfg, fmt, spec, vae_identity, [done[i] for i in range(len(chunks))])
+    totals = manifest["totals"]
+    log.log(f"done: {totals['encoded']} encoded, {totals['rejected']} rejected of {totals['seen']} inputs; "
+            f"manifest {storage.join(out, sh.MANIFEST)}")
+    return manifest
+
+
+def encode_shard_task():
+    """The Ray remote wrapper of `encode_shard`, built lazily so importing this module needs no Ray."""
+    import ray
+    return ray.remote(encode_shard)
+
+
+def encode_shard(job: ShardJob) -> dict:
+    """Reads, preprocesses and encodes one shard's items; writes the tar, then its done marker. Returns stats."""
+    import torch
+
+    from ..vae import autoencoder as vae_lib
+
+    start = time.monotonic()
+    torch.set_num_threads(job.num_threads)
+    device = vae_lib.pick_device(job.use_gpu)
+    vae = vae_lib.cached_vae(job.vae, device, job.dtype)
+
+    samples, rejects, labels, fields = [], [], [], []
+    batch: list[tuple[Item, np.ndarray, dict]] = []
+
+    def flush():
+        pixels = torch.from_numpy(np.stack([to_model_input(p) for _, p, _ in batch]))
+        seeds = [meta["seed"] for _, _, meta in batch]
+        latents, mean, logvar = vae_lib.encode(vae, pixels, seeds)
+        for j, (item, _, meta) in enumerate(batch):
+            moments = torch.stack([mean[j], logvar[j]]).float().cpu().numpy() if job.store_moments else None
+            samples.append(sh.latent_sample(item.key, latents[j].float().cpu().numpy(), meta, moments))
+        batch.clear()
+
+    for loaded in read_items(list(job.items), job.max_file_bytes, job.label_fields):
+        item = loaded.item
+        try:
+            if loaded.reject:
+                raise Rejected(*loaded.reject)
+            pixels, size = decode_image(loaded.data, job.resolution, job.max_pixels, job.min_side)
+        except Rejected as r:
+            rejects.append({"source": item.source, "key": item.key, "reason": r.reason, "detail": r.detail,
+                            "shard": job.index})
+            continue
+        meta = {"source": item.source, "original_size": list(size), "seed": vae_lib.image_seed(job.seed, item.key)}
+        label = loaded.label if loaded.label is not None else next(iter(loaded.fields.values()), None)
+        if label is not None:
+            meta["label"] = label  # the one label tools that read one see (.cls, first folder, or first field)
+        if loaded.fields:
+            meta["labels"] = loaded.fields
+        labels.append(label)
+        fields.append(loaded.fields)
+        batch.append((item, pixels, meta))
+        if len(batch) == job.batch_size:
+            flush()
+    if batch:
+        flush()
+
+    name = sh.SHARD_NAME.format(job.index)
+    written = write_tar(storage.join(job.output, name), samples)
+    stats = {"shard": job.index, "file": name, "count": len(samples), "seen": len(job.items),
+             "rejected": len(rejects), **written,
+             "labels": count_by_label(labels), "label_fields": count_by_field(fields), "rejects": rejects,
+             "seconds": round(time.monotonic() - start, 3),
+             "worker": {"pid": os.getpid(), "device": device.type,
+                        "vae_loads_in_process": vae_lib.vae_loads_in_this_process()}}
+    atomic_write_json(_stats_path(job.output, job.index), stats)  # the done marker: written after the tar
+    record_precompute_shard(len(samples), rejects)
+    return stats
+
+
+# --------------------------------------------------------------------------------------- driver helpers
+
+def _stats_path(out: str, index: int) -> str:
+    return storage.join(out, sh.STATS_DIR, Path(sh.SHARD_NAME.format(index)).stem + ".json")
+
+
+def _completed_shard(out: str, index: int) -> dict | None:
+    """A shard is complete when its done marker exists and its tar has the recorded size; anything else (a tar
+    without a marker, from a run killed between the two) is encoded again, never read."""
+    stats_path, tar_path = _stats_path(out, index), storage.join(out, sh.SHARD_NAME.format(index))
+    if not storage.is_file(stats_path) or not storage.is_file(tar_path):
+        return None
+    try:
+        stats = read_json(stats_path)
+    except ValueError:
+        return None
+    return stats if stats.get("bytes") == storage.size(tar_path) else None
+
+
+def _claim_output(out: str, cfg: PrecomputeConfig, vae_identity: dict, items: list[Item]) -> None:
+    """Records what this folder is being filled with; refuses to resume a folder started differently."""
+    listing = hashlib.sha256("\n".join(f"{it.source}\t{it.key}" for it in items).encode()).hexdigest()
+    config = {k: getattr(cfg, k) for k in _CONTENT_KEYS}
+    if cfg.label_fields:  # recorded only when used, so folders started before the setting existed still resume
+        config["label_fields"] = list(cfg.label_fields)
+    run = {"config": config, "vae_weights_sha256": vae_identity["weights_sha256"], "inputs": len(items),
+           "inputs_sha256": listing}
+    claim_run_folder(out, run, RUN_FILE)
+
+
+def _write_manifest(out: str, cfg: PrecomputeConfig, fmt: str, spec: VaeSpec, vae_identity: dict,
+                    stats: list[dict]) -> dict:
+    rejects = [r for s in stats for r in s["rejects"]]
+    atomic_write_lines(storage.join(out, sh.REJECTS), rejects)
+    labels: dict[str, int] = {}
+    by_field: dict[str, dict[str, int]] = {}
+    for s in stats:
+        for label, n in s["labels"].items():
+            labels[label] = labels.get(label, 0) + n
+        for name, counts in s.get("label_fields", {}).items():  # markers from before label_fields have none
+            total = by_field.setdefault(name, {})
+            for value, n in counts.items():
+                total[value] = total.get(value, 0) + n
+    by_reason: dict[str, int] = {}
+    for r in rejects:
+        by_reason[r["reason"]] = by_reason.get(r["reason"], 0) + 1
+    manifest = {
+        "format": sh.LATENTS_FORMAT,
+        "vae": vae_identity,
+        "scaling_factor": vae_identity["scaling_factor"],
+        "shift_factor": vae_identity["shift_factor"],
+        "latent": {"shape": list(spec.latent_shape(cfg.resolution)), "dtype": "float16", "scaled": True,
+                   "moments": cfg.store_moments, "moments_layout": "2 x C x h x w: mean, logvar (scaled units)"},
+        "resolution": cfg.resolution,
+        "seed": cfg.seed,
+        # "shuffled": every shard is a seeded random sample of the inputs (train's holdout_shards relies on it)
+        "order": "shuffled" if cfg.shuffle else "input",
+        "input": {"path": str(cfg.input), "format": fmt},
+        "config": {k: v for k, v in to_dict(cfg).items() if k not in ("input", "output", "vae")},
+        "shards": [{"file": s["file"], "count": s["count"], "seen": s["seen"], "rejected": s["rejected"],
+                    "bytes": s["bytes"], "sha256": s["sha256"]} for s in stats],
+        "totals": {"seen": sum(s["seen"] for s in stats), "encoded": sum(s["count"] for s in stats),
+                   "rejected": len(rejects), "shards": len(stats)},
+        "rejects_by_reason": dict(sorted(by_reason.items())),
+        "labels": dict(sorted(labels.items())),
+    }
+    if by_field:  # {"shape": {"ring": 1650, ...}, "background": {...}}: every named label, counted
+        manifest["label_fields"] = {name: dict(sorted(c.items())) for name, c in sorted(by_field.items())}
+    atomic_write_json(storage.join(out, sh.MANIFEST), manifest)  # last: its presence means the folder is complete
+    return manifest
+
+
+def _cause(error: Exception) -> str:
+    cause = getattr(error, "cause", None) or error
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[-1] if text else ''}"
+

@@ -1,0 +1,87 @@
+"""report.md: the report's figures as a page a person reads."""
+
+from __future__ import annotations
+
+ROW_LABELS = {"generated": "generated (this run)", "raw": "held-out real, raw (before the VAE)",
+              "train": "training real, decoded (floor; copier)", "blurred": "training real, blurred to 1/8 side",
+              "gaussian": "moment-matched Gaussian", "untrained": "untrained model, same sampler",
+              "starts": "chain starts, no step"}
+POOLED_METRICS = ("precision", "recall", "density", "coverage", "mmd")
+BASELINES = ("raw", "train", "blurred", "gaussian", "untrained", "starts")
+
+
+def extra_rows(sets: dict) -> list[str]:
+    """Rows beyond the generated set and the standard baselines (the `--compare` runs)."""
+    return [k for k in sets if k not in ("generated", *BASELINES)]
+
+
+def render_markdown(report: dict) -> str:
+    lines = [f"# Sample quality: {report['model']['id']}", "",
+             f"**{'PASSED' if report['passed'] else 'FAILED'}** (verdict on {report['check_space']}). "
+             f"{report['samples']} samples per set, each compared with {report['samples']} held-out real latents "
+             f"decoded by the same VAE ({len(report['held_out_shards'])} shard(s) the model never trained on). "
+             "Sampler: " + ", ".join(f"{k}={v}" for k, v in report["sampler"].items()) + ".", ""]
+    for name, space in report["features"].items():
+        ref = space["reference"]
+        labelled = bool(space["classes"])
+        lines += [f"## Feature space ({name}): {space['description']}", ""]
+        if labelled:
+            lines += [f"Decoded held-out real images: recognisable {ref['recognisable']:.3f}"
+                      + (f", evaluator accuracy {ref['accuracy']:.3f}" if "accuracy" in ref else "")
+                      + " (the yardstick can read the decoder's images only as well as this).", ""]
+        header = ["set", "FD", "KID x 1e3", "precision", "recall", "density", "coverage"]
+        header += ["recognisable", "class TV"] if labelled else []
+        header += ["copy share", "checks"]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for key, m in space["metrics"].items():
+            cells = [ROW_LABELS.get(key, key), f"{m['fd']:.3g}", f"{1e3 * m['kid']:.2f} ± {1e3 * m['kid_std']:.2f}"]
+            cells += [f"{m[x]:.3f}" for x in ("precision", "recall", "density", "coverage")]
+            cells += [f"{m['recognisable']:.3f}", f"{m['class_tv']:.3f}"] if labelled else []
+            passed = space["checks"][key]
+            cells += [f"{m['copy_share']:.3f}", f"{sum(passed.values())}/{len(passed)}"]
+            lines.append("| " + " | ".join(cells) + " |")
+        if not labelled:
+            lines += ["", "This evaluator knows no labels: recognisable and class TV need a classifier and are "
+                      "skipped."]
+        lines += ["", "Copy share: samples closer to a training image than 95% of held-out real images are "
+                  "(held-out real scores 0.05 by construction; the training row is the copier). The 8 closest "
+                  "generated/training pairs: memorisation.png.", ""]
+        if labelled:
+            lines += ["Per class, a row of real and a row of generated images (by the evaluator's label):", "",
+                      "![per class](per-class.png)", ""]
+    if report.get("conditions"):
+        accuracy = ", ".join(f"{name} {v:.3f}" for name, v in report["conditions"]["attribute_accuracy"].items()
+                             if v is not None)
+        lines += ["## Conditions", "", "Per condition, the share of its samples whose attribute the evaluator's "
+                  "classifier for that field reads as asked (a NOT term: as anything else), and the share meeting "
+                  "every term" + (f" (the classifiers are this accurate on decoded held-out latents: {accuracy})"
+                                  if accuracy else "") + ":", "",
+                  "| condition | samples | terms | all terms |", "|---|---|---|---|"]
+        for text, c in report["conditions"]["scores"].items():
+            terms = ", ".join(f"{t} {'n/a' if v is None else f'{v:.3f}'}" for t, v in c["terms"].items())
+            every = "n/a" if c["all_terms"] is None else f"{c['all_terms']:.3f}"
+            lines.append(f"| {text} | {c['images']} | {terms} | {every} |")
+        lines += ["", "16 samples per condition:", "", "![conditions](conditions.png)", ""]
+    lines += ["Generated samples (left) beside decoded held-out real latents (right):", "",
+              "![generated vs real](samples-vs-real.png)", ""]
+    for name, space in report["spaces"].items():
+        lines += [f"## Pooled {name}: {space['description']}", "",
+                  "| set | precision (k=3) | recall (k=3) | density (k=5) | coverage (k=5) | MMD² (RBF) |",
+                  "|---|---|---|---|---|---|"]
+        for key in ("generated", "train", "gaussian", "untrained", "starts", *extra_rows(space["metrics"])):
+            m = space["metrics"][key]
+            lines.append(f"| {ROW_LABELS.get(key, key)} | " + " | ".join(f"{m[x]:.3f}" for x in POOLED_METRICS) + " |")
+        gain = space["energy_gain"]
+        lines += ["", "What the sampler adds to its chain starts (generated minus starts): "
+                  + ", ".join(f"{x} {gain[x]:+.3f}" for x in ("precision", "recall", "density", "coverage")) + ".", ""]
+    lines += ["## Checks", ""]
+    for space, checks in report["checks"].items():
+        lines += [f"- [{'x' if ok else ' '}] {space}: {name}" for name, ok in checks.items()]
+    lines += ["", "Notes:", ""]
+    lines += [f"- {note}" for note in report["notes"]]
+    lines += ["- Pooled spaces cannot tell a ring from a disc; the feature space is the verdict. Density rewards "
+              "contraction (narrow samples sit in dense real regions), so read it with recall and coverage.",
+              "- Precision and recall read low in high dimensions even for a perfect model; density and coverage "
+              "are calibrated (about 1 for two sets from one distribution). The floor row shows what real data "
+              "scores here.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,116 @@
+"""Scores in a feature space: every set's metrics against the reference, with label metrics when the extractor is a
+classifier, memorisation against decoded training images, the checks each row gets, and per-condition attribute
+scores of a conditional run."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..sampling.conditions import parse_condition
+from . import quality
+
+
+def score_feature_space(extractor, name: str, reference: torch.Tensor, reference_labels: list, sets: dict,
+                        pool: torch.Tensor, cfg) -> dict:
+    """Every set's metrics against the reference in one extractor's feature space, with label metrics when the
+    extractor is a classifier, memorisation against `pool` (decoded training images), and the per-set checks."""
+    ref_features = extractor.features(reference)
+    pool_features = extractor.features(pool)
+    ref_to_train, _ = quality.nearest_distances(ref_features, pool_features)
+    classes = list(extractor.classes)
+    ref_probs = extractor.classify(ref_features) if classes else None
+    ref_histogram = quality.class_histogram(ref_probs) if classes else None
+    metrics, nearest, predicted = {}, {}, {}
+    for key, images in sets.items():
+        features = extractor.features(images)
+        m = quality.feature_metrics(ref_features, features)
+        distances, index = quality.nearest_distances(features, pool_features)
+        m["copy_share"] = quality.copy_share(distances, ref_to_train)
+        if classes:
+            probs = extractor.classify(features)
+            histogram = quality.class_histogram(probs)
+            m["recognisable"] = quality.recognisable_share(probs, extractor.confidence)
+            m["class_tv"] = quality.total_variation(histogram, ref_histogram)
+            m["class_histogram"] = [round(v, 4) for v in histogram.tolist()]
+            predicted[key] = probs.argmax(1)
+        metrics[key] = {k: (float(f"{v:.5g}") if isinstance(v, float) else v) for k, v in m.items()}
+        nearest[key] = (distances, index)
+    reference_row = {"copy_share": round(quality.copy_share(ref_to_train, ref_to_train), 4)}
+    if classes:
+        reference_row |= {"recognisable": round(quality.recognisable_share(ref_probs, extractor.confidence), 5),
+                          "class_histogram": [round(v, 4) for v in ref_histogram.tolist()]}
+        truth = [classes.index(label) if label in classes else -1 for label in reference_labels]
+        known = [i for i, t in enumerate(truth) if t >= 0]
+        if known:
+            reference_row["accuracy"] = round((ref_probs[known].argmax(1) == torch.tensor(truth)[known])
+                                              .double().mean().item(), 5)
+    checks = {key: feature_checks(m, metrics.get("gaussian"), reference_row, cfg) for key, m in metrics.items()}
+    return {"extractor": name, "description": describe_extractor(extractor, name), "classes": classes,
+            "reference": reference_row, "metrics": metrics, "checks": checks, "_nearest": nearest,
+            "_predicted": predicted | ({"reference": _labels_or_predictions(reference_labels, classes, ref_probs)}
+                                       if classes else {})}
+
+
+def _labels_or_predictions(labels: list, classes: list[str], probs: torch.Tensor) -> torch.Tensor:
+    """The reference's true class where its label is one the evaluator knows, else the evaluator's prediction."""
+    predicted = probs.argmax(1)
+    return torch.tensor([classes.index(label) if label in classes else int(predicted[i])
+                         for i, label in enumerate(labels)])
+
+
+def feature_checks(m: dict, gaussian: dict | None, reference: dict, cfg) -> dict[str, bool]:
+    checks = {}
+    if gaussian is not None:
+        checks[f"FD <= {cfg.max_fd_ratio} x the Gaussian's"] = m["fd"] <= cfg.max_fd_ratio * gaussian["fd"]
+    checks[f"density >= {cfg.min_density}"] = m["density"] >= cfg.min_density
+    checks[f"coverage >= {cfg.min_coverage}"] = m["coverage"] >= cfg.min_coverage
+    if "recognisable" in m:
+        checks[f"recognisable >= {cfg.min_recognisable_ratio} x real's"] = (
+            m["recognisable"] >= cfg.min_recognisable_ratio * reference["recognisable"])
+        checks[f"class TV <= {cfg.max_class_tv}"] = m["class_tv"] <= cfg.max_class_tv
+    checks[f"copy share <= {cfg.max_copy_share}"] = m["copy_share"] <= cfg.max_copy_share
+    return checks
+
+
+def describe_extractor(extractor, name: str) -> str:
+    config = getattr(extractor, "config", None)
+    if config is None:
+        return "FID Inception v3 pool features (2048 dims), from the local weights file"
+    held = config.get("held_out", {})
+    text = (f"the {config['kind']} evaluator's penultimate layer ({config['feature_dim']} dims), fitted to this VAE's "
+            f"decoded training latents")
+    if "accuracy" in held:
+        text += (f"; on {held['images']} decoded held-out latents it is {held['accuracy']:.3f} accurate and "
+                 f"recognises {held['recognised']:.3f} (softmax >= {config['confidence']})")
+    return text
+
+
+def pooled_checks(metrics: dict, cfg) -> dict[str, bool]:
+    gen, gauss = metrics["generated"], metrics["gaussian"]
+    return {f"density >= {cfg.min_density}": gen["density"] >= cfg.min_density,
+            f"coverage >= {cfg.min_coverage}": gen["coverage"] >= cfg.min_coverage,
+            "density above the Gaussian baseline": gen["density"] > gauss["density"],
+            "coverage above the Gaussian baseline": gen["coverage"] > gauss["coverage"]}
+
+
+def condition_scores(extractor, images: torch.Tensor, conditions: list[str], order: list[str] | None = None) -> dict:
+    """Per condition, in `order` (default: first seen): its sample count, each term's share that the evaluator's
+    attribute classifier for the term's field agrees with (None: no classifier for that field), and the share
+    meeting every term (None unless every term was measured)."""
+    predicted = {name: [values[i] for i in probs.argmax(1).tolist()]
+                 for name, (values, probs) in extractor.attribute_probabilities(images).items()}
+    scores = {}
+    for text in dict.fromkeys(order or conditions):
+        rows = [i for i, c in enumerate(conditions) if c == text]
+        terms, met, measured = {}, np.ones(len(rows), dtype=bool), True
+        for term in parse_condition(text):
+            if term.field not in predicted:
+                terms[str(term)], measured = None, False
+                continue
+            hit = np.array([(predicted[term.field][i] == term.value) != term.negated for i in rows])
+            terms[str(term)] = round(float(hit.mean()), 4)
+            met &= hit
+        scores[text] = {"images": len(rows), "terms": terms,
+                        "all_terms": round(float(met.mean()), 4) if measured else None}
+    return scores

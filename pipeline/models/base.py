@@ -1,0 +1,123 @@
+"""What every model kind shares: a folder it saves to and loads from, its sampler settings, and what the sampling core
+asks of it.
+
+A model folder holds `config.json` (`_class_name`, `format`, the architecture under `model`, the sampler settings
+under `sampler`, the latents it was trained on, training facts) and `model.safetensors` (`io.weights`). A kind is one
+subclass with a `CONFIG` dataclass and these methods, registered in `models/__init__.py`:
+
+    initial_latents(num, settings, generator, device)   where its chains start
+    sampling_model(settings, conditions)                 itself wrapped for the samplers (`sampling.denoisers`)
+    energy(z)                                            what generation records per image (NaN without an energy)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..common.config import EbdError, from_dict, require
+from ..io.weights import load_weights_folder, read_weights_config, save_weights_folder
+from ..sampling.denoisers import EnergyGradient
+from ..sampling.settings import SamplerSettings, sampler_settings, with_overrides
+
+
+class PretrainedModel(nn.Module):
+    """config.json + model.safetensors persistence (no pickle, no Ray), as a diffusers model carries its config."""
+
+    CONFIG: type          # the architecture dataclass
+    FORMAT: str           # config.json "format", checked on load
+    EVALUATION_IS_GRADIENT = True   # its sampler takes input gradients: an evaluation is a forward and a backward
+
+    def __init__(self, config, metadata: dict | None = None):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.metadata = metadata or {}   # sampler, latents (scaling factor, VAE identity, manifest), training
+
+    # -------------------------------------------------------------------------------------------- folders
+
+    def save_pretrained(self, folder: str | Path, state_dict: dict | None = None) -> Path | str:
+        """Writes model.safetensors (this model's weights, or `state_dict`, e.g. EMA weights), then config.json;
+        `folder` may be an object-store URI."""
+        config = {"_class_name": type(self).__name__, "format": self.FORMAT, "model": asdict(self.config),
+                  **self.metadata}
+        return save_weights_folder(folder, config, state_dict or self.state_dict())
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, device: torch.device | str = "cpu") -> "PretrainedModel":
+        data, tensors = load_weights_folder(folder)
+        if data.get("format") != cls.FORMAT:
+            raise EbdError(f"{Path(folder) / 'config.json'} has format {data.get('format')!r}, expected {cls.FORMAT!r}")
+        metadata = {k: v for k, v in data.items() if k not in ("_class_name", "format", "model")}
+        model = cls(from_dict(cls.CONFIG, cls.upgrade_config(data["model"])), metadata)
+        model.load_state_dict(model.upgrade_state_dict(tensors))
+        return model.to(device).eval()
+
+    def upgrade_state_dict(self, tensors: dict) -> dict:
+        """Tensors saved by an older version, in today's layout (a no-op unless a class needs it)."""
+        return tensors
+
+    @classmethod
+    def upgrade_config(cls, model: dict) -> dict:
+        """config.json's `model` as an older version saved it, in today's keys (a no-op unless a class needs it)."""
+        return model
+
+    # ------------------------------------------------------------------------------------------- sampling
+
+    @property
+    def sampler(self) -> SamplerSettings:
+        """The sampler this model was trained for (its folder's `sampler`)."""
+        return sampler_settings(self.metadata.get("sampler", {}))
+
+    def resolve_sampler(self, overrides: dict | None = None) -> SamplerSettings:
+        """This model's own sampler settings with `overrides` applied, validated (one line if not)."""
+        settings = with_overrides(self.sampler, overrides)
+        self.check_sampler(asdict(settings))
+        return settings
+
+    def check_sampler(self, settings: dict) -> None:
+        """Refuses sampler settings this model cannot honour (a no-op unless a class has limits)."""
+
+    def sampling_model(self, settings, conditions: list[str] | None = None):
+        """The model as samplers evaluate it (`sampling.denoisers`); only conditional models take `conditions`."""
+        if conditions is not None:
+            raise EbdError(f"a {type(self).__name__} takes no conditions")
+        return EnergyGradient(self)
+
+    @property
+    def label_vocabulary(self) -> dict[str, list[str]]:
+        """The label fields and values this model can be conditioned on ({} for an unconditional model)."""
+        return {}
+
+    def evaluation_forward(self, z: torch.Tensor) -> torch.Tensor:
+        """The forward pass the sampler evaluates once per step (benchmarks count its FLOPs): the energy."""
+        return self.energy(z)
+
+    # ------------------------------------------------------------------------------------------ the rest
+
+    def check_vae(self, spec, name: str) -> None:
+        """Refuses a VAE (`spec`, a VaeSpec named `name` to the user) whose latents this model was not trained on."""
+        channels = self.config.latent_shape[0]
+        require(spec.latent_channels == channels,
+                f"the VAE has {spec.latent_channels} latent channels, the model was trained on {channels}")
+        trained_on = (self.metadata.get("latents", {}).get("vae") or {}).get("weights_sha256")
+        if trained_on and trained_on != spec.weights_sha256():
+            raise EbdError(f"the model was trained on latents of another VAE (weights sha256 {trained_on[:12]}...), "
+                           f"not {name}: decoding would give garbage")
+
+    def fresh_copy(self, seed: int) -> "PretrainedModel":
+        """The same architecture and settings with fresh random weights (evaluation's 'untrained' baseline);
+        fitted buffers (e.g. chain starts) are kept, so only what training learned differs."""
+        torch.manual_seed(seed)
+        model = type(self)(self.config, self.metadata).eval()
+        parameters = {name for name, _ in self.named_parameters()}
+        model.load_state_dict({k: v for k, v in self.state_dict().items() if k not in parameters}, strict=False)
+        return model
+
+
+def read_model_config(folder: str | Path) -> dict:
+    """A model folder's config.json (one line if the folder is not a model folder)."""
+    return read_weights_config(folder)

@@ -1,0 +1,115 @@
+"""Sampler settings: one small dataclass per family of samplers, validated when built, saved with the model.
+
+A model folder's config.json names its sampler (`"sampler": {"name": "heun", "levels": 25, ...}`); a job changes
+keys of it (`--set sampler='{levels: 10}'`). `sampler_settings(values)` turns such a dict into the dataclass its
+`name` selects; an unknown name or key, or a value out of range, is one line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Literal
+
+from ..common.config import ConfigError, EbdError, from_dict, require
+
+
+@dataclass
+class LangevinSettings:
+    """Short-run Langevin on a clean-data energy U(z) (the contrastive-divergence models)."""
+    name: Literal["langevin"] = "langevin"
+    steps: int = 40                  # K, Langevin steps per chain
+    step_size: float = 0.1           # eta
+    noise_scale: float = 0.1         # tau: 1 is true Langevin on exp(-U); < 1 is the "cold" short-run variant
+    grad_clip: float | None = None   # clamp each element of grad U to [-c, c] (IGEBM); None: no clipping
+    init_std: float = 1.0            # chains start from N(0, init_std^2 I) (or the model's fitted starts)
+    start: Literal["model", "noise"] = "model"   # noise: N(0, init_std^2 I) even where the model fitted starts
+
+    def validate(self) -> None:
+        require(self.steps >= 1, f"sampler steps must be >= 1, got {self.steps}")
+        require(self.step_size > 0 and self.noise_scale >= 0 and self.init_std > 0,
+                "sampler step_size and init_std must be > 0, noise_scale >= 0")
+        require(self.grad_clip is None or self.grad_clip > 0, "sampler grad_clip must be > 0 or null")
+
+    def gradient_evaluations(self) -> int:
+        return self.steps
+
+    def probe(self) -> "LangevinSettings":
+        """The shortest run with the same memory per step (what batch-size probes run)."""
+        return replace(self, steps=2)
+
+
+@dataclass
+class AnnealedSettings:
+    """Noise-level annealing on a noise-conditional model, from N(0, (s^2 + sigma_max^2) I) to data."""
+    name: Literal["heun", "ancestral"] = "heun"
+    levels: int = 25                 # noise levels on the Karras schedule, sigma_max ... sigma_min
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0                 # Karras et al. 2022: rho = 7 spends the levels where detail forms
+    # Metropolis-adjusted Langevin corrector (uses E itself for the accept/reject test): `mala_steps` steps at each
+    # of the last `mala_levels` levels, step size mala_step_scale * sigma^2.
+    mala_levels: int = 0
+    mala_steps: int = 1
+    mala_step_scale: float = 0.25
+    # Conditional energies: each condition term's weight w in E_none + w (E_c - E_none) (conditions.py); 1 is plain
+    # conditioning, more sharpens it (classifier-free guidance, Ho & Salimans 2022).
+    guidance: float = 1.0
+
+    def validate(self) -> None:
+        require(self.levels >= 2, f"sampler levels must be >= 2, got {self.levels}")
+        require(self.guidance >= 0, f"sampler guidance must be >= 0, got {self.guidance}")
+        require(0 < self.sigma_min < self.sigma_max, "sampler needs 0 < sigma_min < sigma_max")
+        require(self.rho > 0 and self.mala_step_scale > 0, "sampler rho and mala_step_scale must be > 0")
+        require(0 <= self.mala_levels < self.levels and self.mala_steps >= 1,
+                "sampler mala_levels must be in [0, levels - 1] (no corrector at the top level), mala_steps >= 1")
+
+    def gradient_evaluations(self) -> int:
+        """Per chain: Heun 2 per level but the last (which takes the final denoising Euler step), ancestral 1 per
+        level; each MALA level 1 to start plus 1 per step."""
+        base = 2 * self.levels - 1 if self.name == "heun" else self.levels
+        return base + self.mala_levels * (1 + self.mala_steps)
+
+    def probe(self) -> "AnnealedSettings":
+        return replace(self, levels=2, mala_levels=0)
+
+
+@dataclass
+class DDIMSettings:
+    """DDIM on a noise-predicting diffusion model (the baseline, `models.noise_predictor.DiffusionUNet`)."""
+    name: Literal["ddim"] = "ddim"
+    steps: int = 50                  # network evaluations per image
+    eta: float = 0.0                 # 0: deterministic DDIM; 1: DDPM-like ancestral noise
+
+    def validate(self) -> None:
+        require(self.steps >= 1 and 0 <= self.eta <= 1, "ddim steps must be >= 1, eta in [0, 1]")
+
+    def gradient_evaluations(self) -> int:
+        return self.steps  # forward evaluations of the noise predictor
+
+    def probe(self) -> "DDIMSettings":
+        return replace(self, steps=2)
+
+
+SETTINGS = {"langevin": LangevinSettings, "heun": AnnealedSettings, "ancestral": AnnealedSettings,
+            "ddim": DDIMSettings}
+SamplerSettings = LangevinSettings | AnnealedSettings | DDIMSettings
+
+
+def sampler_settings(values: dict) -> SamplerSettings:
+    """The settings dataclass a saved `sampler` dict names (no name: short-run Langevin, the original)."""
+    name = values.get("name", "langevin")
+    if name not in SETTINGS:
+        raise EbdError(f"unknown sampler {name!r} (known: {', '.join(SETTINGS)})")
+    return from_dict(SETTINGS[name], values | {"name": name})
+
+
+def with_overrides(settings: SamplerSettings, overrides: dict | None, owner: str | None = None) -> SamplerSettings:
+    """`settings` with some keys changed. Another `name` switches family (keys it does not know are refused), unless
+    `owner` (e.g. "objective cd") says the family is fixed: then a sampler of another family is one line."""
+    overrides = dict(overrides or {})
+    name = overrides.get("name", settings.name)
+    if owner is not None and SETTINGS.get(name) is not type(settings):
+        family = [n for n, cls in SETTINGS.items() if cls is type(settings)]
+        raise ConfigError(f"{owner} samples with {' or '.join(family)}, not {name!r}: set the sampler section's name "
+                          "to one of those, or leave it out")
+    return sampler_settings(asdict(settings) | overrides)

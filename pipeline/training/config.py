@@ -1,0 +1,168 @@
+"""The training job's config: the loop's own keys flat, the objective's and the sampler's in their own sections.
+
+    objective: {name: dsm, channels: [64, 128], sigma_min: 0.002}   # training/objectives/<name>.py: its Settings
+    sampler: {name: heun, levels: 25}                                # keys changed in the objective's default sampler
+    max_steps: 9000
+    lr: 0.0003
+
+Configs written before the sections existed (every key flat, `objective: dsm`, `sampler: heun`, `sampler_levels:
+25`, `langevin_steps: 40`, ...) load unchanged: `migrate` moves their keys into the sections (`FLAT_KEYS`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..common.config import ConfigError, JobConfig, require
+from .objectives import OBJECTIVES, objective_settings
+
+
+@dataclass
+class TrainConfig(JobConfig):
+    latents: str | None = None
+    output: str | None = None
+    run_name: str = "ebd-train"
+    storage_path: str | None = None          # Ray Train checkpoints; default OUTPUT/checkpoints (shared storage!)
+    # What is trained, and how it will be sampled: training/objectives/ (dsm: a noise-conditional energy by denoising
+    # score matching, the default; cd: short-run contrastive divergence; ddpm: the noise-prediction baseline).
+    objective: Any = "dsm"                   # a name, or {name: ..., its keys}: becomes the objective's Settings
+    sampler: dict[str, Any] = field(default_factory=dict)  # keys of the objective's default sampler to change
+    plugins: list[str] = field(default_factory=list)       # modules to import first: they register model kinds
+    # scale
+    num_workers: int = 1
+    use_gpu: bool = False                    # nccl on GPUs, gloo on CPUs
+    cpus_per_worker: float = 1.0
+    max_failures: int = 0                    # Ray Train restarts after a worker dies
+    # optimisation
+    max_steps: int = 2000
+    batch_size: int = 64                     # per worker
+    lr: float = 1e-4
+    beta1: float = 0.0                       # 0 suits CD's non-stationary negatives; 0.9 suits dsm
+    beta2: float = 0.999
+    warmup_steps: int = 0                    # linear learning-rate warm-up
+    param_grad_clip: float = 1.0             # max global norm of the parameter gradient
+    ema_decay: float = 0.999                 # with warm-up: min(decay, (1 + step) / (10 + step))
+    data_noise: float = 0.01                 # std of the noise added to positives
+    # data
+    holdout_shards: int = 0                  # the last N shards are never trained on (evaluation's reference)
+    # Latents never trained on, by their labels: [{shape: ring, background: checker}] drops every ring on a checker
+    # (a combination to generate later by composing the two conditions). Any objective.
+    exclude_labels: list[dict[str, str]] = field(default_factory=list)
+    use_moments: bool = True                 # draw z+ from stored posterior moments when the shards have them
+    shuffle_buffer: int = 4096               # streaming shuffle when a worker's share does not fit in memory
+    cache_bytes: int = 2 * 1024**3           # keep a worker's share in memory below this size
+    # bookkeeping
+    log_every: int = 20
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    max_rollbacks: int = 3                   # a non-finite or out-of-bounds step rolls back to the last checkpoint
+    rollback_lr_factor: float = 0.5
+    seed: int = 0
+    fault_nan_at_step: int | None = None     # testing: poison the loss once at this step to exercise rollback
+    # A run name resumes only the run it names: another config or other data is refused unless this is true.
+    allow_config_change: bool = False
+
+    @classmethod
+    def migrate(cls, values: dict) -> dict:
+        return migrate(values)
+
+    def validate(self) -> None:
+        for name in ("latents", "output"):
+            require(getattr(self, name) is not None, f"missing {name}: pass --{name} or set it in the config")
+        self.objective = objective_settings(self.objective)
+        require(self.num_workers >= 1 and self.batch_size >= 1 and self.max_steps >= 0,
+                "num_workers and batch_size must be >= 1, max_steps >= 0")
+        require(self.lr > 0 and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "lr must be > 0, betas in [0, 1)")
+        require(0 <= self.ema_decay < 1 and self.data_noise >= 0, "ema_decay must be in [0, 1), data_noise >= 0")
+        require(self.holdout_shards >= 0, "holdout_shards must be >= 0")
+        require(self.log_every >= 1 and self.checkpoint_every >= 1 and self.keep_checkpoints >= 1,
+                "log_every, checkpoint_every and keep_checkpoints must be >= 1")
+        require(self.max_rollbacks >= 0 and 0 < self.rollback_lr_factor < 1,
+                "max_rollbacks >= 0, rollback_lr_factor in (0, 1)")
+        require(self.run_name.replace("-", "").replace("_", "").isalnum(), "run_name may hold only [A-Za-z0-9_-]")
+        require(self.warmup_steps >= 0, "warmup_steps must be >= 0")
+        require(all(rule and all(isinstance(k, str) and isinstance(v, str) for k, v in rule.items())
+                    for rule in self.exclude_labels),
+                "exclude_labels must be a list of non-empty {field: value} mappings, e.g. [{shape: ring}]")
+        # The sampler as it will be saved (what the data decides, e.g. sigma_max, stands in as a placeholder).
+        objective = OBJECTIVES[self.objective.name]
+        objective.sampler_settings(self.objective, self.sampler, objective.placeholder(self.objective)).validate()
+
+    @property
+    def objective_name(self) -> str:
+        return self.objective.name
+
+
+# ------------------------------------------------------------------------------------------- migration
+
+# Keys of configs written before the sections: flat key -> (section, key in it). Objective keys move only into the
+# objective that read them (the others would have been refused then too).
+FLAT_KEYS = {
+    "dsm": {"channels": "channels", "layers_per_block": "layers_per_block", "norm_groups": "norm_groups",
+            "sigma_data": "sigma_data", "sigma_min": "sigma_min", "sigma_max": "sigma_max",
+            "sigma_sampling": "sigma_sampling", "sigma_p_mean": "sigma_p_mean", "sigma_p_std": "sigma_p_std",
+            "condition_on": "condition_on", "label_dropout": "label_dropout"},
+    "cd": {"channels": "channels", "spectral_norm": "spectral_norm", "sigma0": "sigma0", "init_rank": "init_rank",
+           "init_components": "init_components", "init_fit_samples": "init_fit_samples", "alpha": "alpha",
+           "buffer_size": "buffer_size", "reinit_prob": "reinit_prob",
+           "energy_bound_per_dim": "energy_bound_per_dim"},
+    "ddpm": {"channels": "channels", "layers_per_block": "layers_per_block", "norm_groups": "norm_groups",
+             "attention": "attention", "num_train_timesteps": "num_train_timesteps", "beta_schedule": "beta_schedule"},
+}
+FLAT_SAMPLER_KEYS = {
+    "dsm": {"sampler": "name", "sampler_levels": "levels", "sampler_rho": "rho", "mala_levels": "mala_levels",
+            "mala_steps": "mala_steps", "mala_step_scale": "mala_step_scale", "guidance": "guidance"},
+    "cd": {"langevin_steps": "steps", "langevin_step_size": "step_size", "langevin_noise_scale": "noise_scale",
+           "langevin_grad_clip": "grad_clip", "langevin_init_std": "init_std"},
+    "ddpm": {"ddim_steps": "steps", "ddim_eta": "eta"},
+}
+_ALL_FLAT = {k for table in (*FLAT_KEYS.values(), *FLAT_SAMPLER_KEYS.values()) for k in table}
+# Their defaults then: a record or config written out in full holds every flat key, the other objectives' ones at
+# these values, which mean "not set".
+FLAT_DEFAULTS = {
+    "channels": [64, 128, 256], "layers_per_block": 1, "norm_groups": 16, "sigma_data": None, "sigma_min": 0.002,
+    "sigma_max": None, "sigma_sampling": "lognormal", "sigma_p_mean": -0.5, "sigma_p_std": 1.2, "condition_on": [],
+    "label_dropout": 0.3, "sampler": "heun", "sampler_levels": 25, "sampler_rho": 7.0, "mala_levels": 0,
+    "mala_steps": 1, "mala_step_scale": 0.25, "guidance": 1.0, "attention": False, "num_train_timesteps": 1000,
+    "beta_schedule": "scaled_linear", "ddim_steps": 50, "ddim_eta": 0.0, "spectral_norm": False, "sigma0": 1.0,
+    "init_rank": None, "init_components": 1, "init_fit_samples": 10_000, "alpha": 0.001, "buffer_size": 0,
+    "reinit_prob": 0.05, "energy_bound_per_dim": 5.0, "langevin_steps": 40, "langevin_step_size": 0.1,
+    "langevin_noise_scale": 0.1, "langevin_grad_clip": None, "langevin_init_std": 1.0}
+
+
+def migrate(values: dict) -> dict:
+    """A config in today's shape: flat objective and sampler keys of an older config moved into their sections (a
+    flat key that belongs to another objective than the one named is one line, as it always was)."""
+    flat = {k: v for k, v in values.items() if k in _ALL_FLAT and not (k == "sampler" and isinstance(v, dict))}
+    if not flat:
+        return values
+    out = {k: v for k, v in values.items() if k not in flat}
+    objective = values.get("objective", "dsm")
+    section = {"name": objective} if isinstance(objective, str) else dict(objective)
+    name = section.get("name", "dsm")
+    sampler = dict(out.get("sampler") or {})
+    for key, value in flat.items():
+        if key in FLAT_KEYS.get(name, {}):
+            section.setdefault(FLAT_KEYS[name][key], value)
+        elif key in FLAT_SAMPLER_KEYS.get(name, {}):
+            sampler.setdefault(FLAT_SAMPLER_KEYS[name][key], value)
+        elif value != FLAT_DEFAULTS[key]:
+            owner = " or ".join(sorted(o for o in FLAT_KEYS if key in FLAT_KEYS[o] or key in FLAT_SAMPLER_KEYS[o]))
+            raise ConfigError(f"config key {key!r} applies to objective {owner}, not {name} "
+                              f"(set objective: {owner}, or drop the key)")
+    out["objective"] = section
+    if sampler:
+        out["sampler"] = sampler
+    return out
+
+
+def flat_record(cfg: TrainConfig) -> dict:
+    """The config as `key` and `section.key` values, with the sampler resolved from the objective's default (what
+    run records compare, key by key)."""
+    objective = OBJECTIVES[cfg.objective.name]
+    sampler = objective.sampler_settings(cfg.objective, cfg.sampler, objective.placeholder(cfg.objective))
+    out = {k: v for k, v in asdict(cfg).items() if k not in ("objective", "sampler")}
+    out |= {f"objective.{k}": v for k, v in asdict(cfg.objective).items()}
+    return out | {f"sampler.{k}": v for k, v in asdict(sampler).items()}
+
