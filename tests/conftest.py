@@ -1,4 +1,6 @@
-"""Shared fixtures: one real local Ray cluster (2 CPUs) per test session, tiny VAEs saved to disk, image makers."""
+"""Shared fixtures, built once per session and used across modules: one real local Ray cluster (2 CPUs), one S3 server,
+tiny VAEs saved to disk, one latent set (a two-mode mixture) and the models trained on it through Ray Train (a
+conditional noise-conditional energy with two workers, the diffusion baseline), and image makers."""
 
 from __future__ import annotations
 
@@ -24,6 +26,9 @@ from PIL import Image
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray 2.60's default for new clusters; every client sends the token
+# Every Ray instance the tests start runs ebd's local-instance settings (pipeline/distributed/local_ray.py).
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+os.environ.setdefault("RAY_num_workers_soft_limit", "8")
 
 
 def _session_auth_token() -> None:
@@ -108,7 +113,11 @@ def ray_cluster():
     cluster = LocalCluster(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}", env)
     try:
         _wait_for_http(cluster.dashboard_url + "/api/version", head)
-        ray.init(address=cluster.address, log_to_driver=False)
+        # the repository on every worker's path, as `ray job submit --working-dir` puts it there: the test-only model
+        # kind (tests/toy_kind.py) loads in Ray workers through `plugins`, as a user's own package would
+        ray.init(address=cluster.address, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO),
+                                                                                     os.environ.get("PYTHONPATH")]))}})
         yield cluster
     finally:
         ray.shutdown()
@@ -195,3 +204,105 @@ def png_header_only(width: int, height: int) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
             + chunk(b"IEND", b""))
+
+
+# ---------------------------------------------------------------------------------- one latent set, its models
+
+SHAPE = (4, 4, 4)  # decoded by the tiny test VAE (2x up-sampling) to 8 x 8 images
+WEIGHT_A, CENTER, STD = 0.7, 0.75, 0.3          # modes at +0.75 ("upper") and -0.75 ("lower") in every dimension
+MODE_DISTANCE = 2 * CENTER * np.sqrt(np.prod(SHAPE))  # = 12
+
+
+def mixture(n: int, seed: int) -> np.ndarray:
+    """Two well-separated modes (weights 0.7 / 0.3): a Gaussian with the same mean and covariance puts most of its
+    samples between them, where there is no data."""
+    rng = np.random.default_rng(seed)
+    in_a = rng.random(n) < WEIGHT_A
+    return (rng.normal(0, STD, (n, *SHAPE)) + np.where(in_a, CENTER, -CENTER)[:, None, None, None]).astype(np.float32)
+
+
+def mode_labels(latents: np.ndarray) -> list[str]:
+    return ["upper" if z.mean() > 0 else "lower" for z in latents]
+
+
+def mode_check(z, tolerance: float = 0.15) -> tuple[bool, dict]:
+    """Weights within `tolerance` of the truth and per-mode mean error under a quarter of the distance between
+    modes."""
+    in_a = z.flatten(1).mean(1) > 0
+    weight = in_a.float().mean().item()
+    err_a = (z[in_a].mean(0) - CENTER).norm().item() if in_a.any() else float("inf")
+    err_b = (z[~in_a].mean(0) + CENTER).norm().item() if (~in_a).any() else float("inf")
+    stats = {"weight_a": weight, "err_a": err_a, "err_b": err_b}
+    return abs(weight - WEIGHT_A) <= tolerance and max(err_a, err_b) < MODE_DISTANCE / 4, stats
+
+
+@pytest.fixture(scope="session")
+def mixture_latents(tmp_path_factory, sd_checkpoint) -> Path:
+    """2,048 i.i.d. draws of the mixture as a latents folder of 8 shards (any shard is a fair held-out sample),
+    labelled by mode and recorded as latents of the tiny test VAE."""
+    from pipeline.io.latent_shards import write_latent_dataset
+    from pipeline.vae.autoencoder import resolve_vae
+
+    folder = tmp_path_factory.mktemp("mixture") / "latents"
+    data = mixture(2048, seed=0)
+    write_latent_dataset(folder, data, shard_size=256, labels=mode_labels(data), shuffled=True,
+                         vae=resolve_vae(sd_checkpoint).identity(), scaling_factor=0.18215)
+    return folder
+
+
+ENERGY_RECIPE = dict(objective=dict(name="dsm", channels=[16], norm_groups=8, sigma_sampling="log_uniform",
+                                    condition_on=["label"]),
+                     sampler={"name": "ancestral"}, holdout_shards=2, batch_size=32, lr=1e-3, beta1=0.9,
+                     ema_decay=0.99, data_noise=0.0, max_steps=600, log_every=100, checkpoint_every=300)
+
+
+@pytest.fixture(scope="session")
+def trained_energy(ray_cluster, mixture_latents, tmp_path_factory) -> Path:
+    """The session's trained model, through Ray Train as users train: the noise-conditional energy of the mixture,
+    conditioned on its mode label, on two workers that stream their disjoint shares (cache_bytes 0) and average
+    their gradients; the last two shards held out. Returns the run's output folder (the model is in model/)."""
+    from pipeline.common.config import from_dict
+    from pipeline.distributed.training import run_training
+    from pipeline.training.config import TrainConfig
+
+    out = tmp_path_factory.mktemp("energy") / "run"
+    run_training(from_dict(TrainConfig, dict(latents=str(mixture_latents), output=str(out), num_workers=2,
+                                             cache_bytes=0, shuffle_buffer=64) | ENERGY_RECIPE))
+    return out
+
+
+BASELINE_RECIPE = dict(objective="ddpm", channels=[8], norm_groups=8, batch_size=16, log_every=4, checkpoint_every=4,
+                       run_name="baseline")
+
+
+@pytest.fixture(scope="session")
+def trained_baseline(ray_cluster, mixture_latents, tmp_path_factory) -> Path:
+    """The diffusion baseline: 4 steps, then the same run asked to go to 8 (a resume from its checkpoint)."""
+    from pipeline.common.config import from_dict
+    from pipeline.distributed.training import run_training
+    from pipeline.training.config import TrainConfig
+
+    out = tmp_path_factory.mktemp("baseline") / "run"
+    for steps in (4, 8):
+        run_training(from_dict(TrainConfig, dict(latents=str(mixture_latents), output=str(out), max_steps=steps)
+                               | BASELINE_RECIPE))
+    return out
+
+
+def run_job_here(capsys, module: str, *args: str) -> tuple[int, str]:
+    """`python -m MODULE ARGS` run in this process, as its entry point runs (`run_cli`): (exit code, stderr). For
+    the many one-line-error checks; tests/test_cli.py runs real subprocesses for the rest."""
+    import importlib
+
+    from pipeline.common.config import run_cli
+
+    job, argv = importlib.import_module(module), sys.argv
+    sys.argv = [f"python -m {module}", *args]
+    try:
+        run_cli(job.main)
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = argv
+    return code, capsys.readouterr().err

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, encode_image, rgb_image
+from tests.conftest import REPO, encode_image, rgb_image, run_job_here
 
 
 def run_job(*args, timeout=300, env=None) -> subprocess.CompletedProcess:
@@ -39,17 +39,7 @@ def test_precompute_cli_end_to_end_on_an_existing_cluster(ray_cluster, small_fol
     assert "6/6 images (100%)" in result.stderr and "images/s" in result.stderr
 
 
-def test_precompute_through_ray_job_submit(ray_cluster, small_folder, sd_checkpoint, tmp_path):
-    """As on a real cluster: the repo travels as the job's working dir; data lives on (shared) absolute paths."""
-    out = tmp_path / "latents"
-    result = subprocess.run(
-        ["ray", "job", "submit", "--address", ray_cluster.dashboard_url, "--working-dir", str(REPO), "--",
-         "python", "-m", "jobs.precompute", "--config", "configs/precompute.yaml", "--input", str(small_folder),
-         "--vae", str(sd_checkpoint), "--output", str(out), "--set", "resolution=16", "--set", "min_side=8"],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env=ray_cluster.env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "succeeded" in result.stdout + result.stderr
-    assert json.loads((out / "manifest.json").read_text())["totals"]["encoded"] == 6
+# `ray job submit` of precompute, train and generate, on a two-node cluster: tests/test_monitoring.py.
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -61,13 +51,13 @@ def test_precompute_through_ray_job_submit(ray_cluster, small_folder, sd_checkpo
     (["--set", "noequals"], "--set expects key=value"),
     (["--input-format", "parquet"], "no .parquet files under"),
 ])
-def test_config_errors_are_one_line_exit_2_and_write_nothing(small_folder, sd_checkpoint, tmp_path, extra, message):
+def test_config_errors_are_one_line_exit_2_and_write_nothing(small_folder, sd_checkpoint, tmp_path, extra, message,
+                                                            capsys):
     out = tmp_path / "out"
-    result = run_job("jobs.precompute", "--config", "configs/precompute.yaml", "--input", str(small_folder),
-                     "--vae", str(sd_checkpoint), "--output", str(out), *extra)
-    assert result.returncode == 2
-    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
-    assert message in result.stderr
+    code, err = run_job_here(capsys, "jobs.precompute", "--config", "configs/precompute.yaml", "--input",
+                             str(small_folder), "--vae", str(sd_checkpoint), "--output", str(out), *extra)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: ")
+    assert message in err
     assert not out.exists()
 
 
@@ -75,19 +65,21 @@ def test_config_errors_are_one_line_exit_2_and_write_nothing(small_folder, sd_ch
     ("stabilityai/sd-vae-ft-mse", "looks like a hub id: ebd never downloads weights"),
     ("/nonexistent/vae", "VAE not found at /nonexistent/vae"),
 ])
-def test_a_vae_that_is_not_on_disk_is_a_clear_error(small_folder, tmp_path, vae, message):
-    result = run_job("jobs.precompute", "--input", str(small_folder), "--vae", vae, "--output", str(tmp_path / "o"))
-    assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1
+def test_a_vae_that_is_not_on_disk_is_a_clear_error(small_folder, tmp_path, vae, message, capsys):
+    code, err = run_job_here(capsys, "jobs.precompute", "--input", str(small_folder), "--vae", vae, "--output",
+                             str(tmp_path / "o"))
+    assert code == 2 and message in err and err.count("\n") == 1
 
 
 def test_missing_required_and_bad_yaml(small_folder, sd_checkpoint, tmp_path):
+    """As real subprocesses: the exit code and the one line a shell sees."""
     result = run_job("jobs.precompute", "--input", str(small_folder), "--vae", str(sd_checkpoint))
-    assert result.returncode == 2 and "missing output" in result.stderr
+    assert result.returncode == 2 and result.stderr == "error: missing output: pass --output or set it in the config\n"
     bad = tmp_path / "bad.yaml"
     bad.write_text("resolution: [1, 2\n")
     result = run_job("jobs.precompute", "--config", str(bad), "--input", str(small_folder),
                      "--vae", str(sd_checkpoint), "--output", str(tmp_path / "o"))
-    assert result.returncode == 2 and "is not valid YAML" in result.stderr
+    assert result.returncode == 2 and "is not valid YAML" in result.stderr and result.stderr.count("\n") == 1
 
 
 def test_the_ebd_command_runs_a_job_from_another_working_directory(ray_cluster, tmp_path):

@@ -12,7 +12,7 @@ from pipeline.sampling.conditions import canonical, conditioned_energy, conditio
 from pipeline.sampling.core import SamplerStats, sample
 from pipeline.sampling.denoisers import EnergyGradient
 from pipeline.sampling.noise import initial_noise
-from pipeline.sampling.settings import AnnealedSettings
+from pipeline.sampling.settings import NoiseLevelSettings
 
 LABELS = {"x": ["left", "right"], "y": ["down", "up"]}
 
@@ -58,7 +58,7 @@ def quadrants(z: torch.Tensor) -> dict[str, float]:
 @pytest.mark.parametrize("mala_levels", [0, 4])
 def test_two_conditions_added_put_the_samples_in_the_intersection_of_their_supports(mala_levels):
     model, n = MixtureEnergy(), 400
-    settings = AnnealedSettings(levels=25, sigma_max=10.0, mala_levels=mala_levels, mala_steps=2)
+    settings = NoiseLevelSettings(levels=25, sigma_max=10.0, mala_levels=mala_levels, mala_steps=2)
     gens = [torch.Generator().manual_seed(i) for i in range(n)]
     stats = SamplerStats()
     both = sample(model, n, settings, gens, callback=stats, conditions=["x=left AND y=up"] * n)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -19,57 +20,41 @@ from pipeline.evaluation.features import ImageEvaluator
 from pipeline.evaluation.report import EvaluateConfig, run_evaluation
 from pipeline.io.latent_shards import write_latent_dataset
 from pipeline.training.config import TrainConfig
-from pipeline.vae.autoencoder import resolve_vae
-from tests.conftest import REPO
-
-SHAPE = (4, 4, 4)  # decoded by the tiny test VAE (2x up-sampling) to 8 x 8 images
+from tests.conftest import REPO, mixture
 
 
-def mixture(n: int, seed: int) -> np.ndarray:
-    """Two well-separated modes (weights 0.7 / 0.3): a Gaussian with the same mean and covariance puts most of its
-    samples between them, where there is no data."""
-    rng = np.random.default_rng(seed)
-    sign = np.where(rng.random(n) < 0.7, 1.0, -1.0)[:, None, None, None]
-    return (rng.normal(0, 0.3, (n, *SHAPE)) + 0.75 * sign).astype(np.float32)
-
-
-def mode_labels(latents: np.ndarray) -> list[str]:
-    return ["upper" if z.mean() > 0 else "lower" for z in latents]
+@dataclass
+class Run:
+    latents: Path        # the session's mixture latents (conftest), the last two shards held out
+    model: Path          # the session's trained conditional energy
+    root: Path           # gen/ (300 images), gen-heun/ (300, another sampler), gen-cond/ (40 per mode), evaluator/
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(ray_cluster, sd_checkpoint, tmp_path_factory):
+def pipeline_run(trained_energy, mixture_latents, sd_checkpoint, tmp_path_factory) -> Run:
     root = tmp_path_factory.mktemp("evaluate")
-    latents = root / "latents"
-    data = mixture(2048, seed=0)
-    write_latent_dataset(latents, data, shard_size=256, labels=mode_labels(data),
-                         vae=resolve_vae(sd_checkpoint).identity(), scaling_factor=0.18215, shuffled=True)
-    run_training(from_dict(TrainConfig, dict(latents=str(latents), output=str(root / "ebm"), holdout_shards=2,
-                                             objective="dsm", channels=[16], norm_groups=8, batch_size=64, lr=1e-3,
-                                             beta1=0.9, ema_decay=0.99, sigma_sampling="log_uniform",
-                                             sampler="ancestral", max_steps=400, log_every=100,
-                                             checkpoint_every=200, condition_on=["label"])))
+    model = trained_energy / "model"
     # the second: a row to --compare; the third asks the (label-conditional) energy for each mode
     for folder, extra in (("gen", {"num_images": 300}), ("gen-heun", {"num_images": 300, "sampler": {"name": "heun"}}),
                           ("gen-cond", {"conditions": {"label=upper": 40, "label=lower": 40},
-                                        "sampler": {"guidance": 5.0}})):  # 400 steps condition weakly: guide
-        run_generation(from_dict(GenerateConfig, dict(model=str(root / "ebm" / "model"), vae=str(sd_checkpoint),
+                                        "sampler": {"guidance": 5.0}})):  # a small energy conditions weakly: guide
+        run_generation(from_dict(GenerateConfig, dict(model=str(model), vae=str(sd_checkpoint),
                                                       output=str(root / folder), images_per_shard=100,
                                                       format="parquet", progress_interval_s=0.0) | extra))
     # The latents carry their mode as a label, so the evaluator is a classifier of the two modes, and has an
     # attribute classifier of that label for scoring conditions.
-    fit_evaluator(from_dict(FitEvaluatorConfig, dict(latents=str(latents), output=str(root / "evaluator"),
+    fit_evaluator(from_dict(FitEvaluatorConfig, dict(latents=str(mixture_latents), output=str(root / "evaluator"),
                                                      holdout_shards=2, resolution=8, widths=[8, 16], feature_dim=16,
                                                      steps=100, batch_size=32, shift=1, log_every=50,
                                                      attribute_fields=["label"], attribute_resolution=8,
                                                      attribute_widths=[8, 16], attribute_steps=100)))
-    return root
+    return Run(mixture_latents, model, root)
 
 
 def test_report_scores_the_model_against_held_out_shards_with_baselines(pipeline_run):
-    root = pipeline_run
+    run, root = pipeline_run, pipeline_run.root
     report = run_evaluation(from_dict(EvaluateConfig, dict(generated=str(root / "gen"),
-                                                           reference=str(root / "latents"),
+                                                           reference=str(run.latents),
                                                            evaluator=str(root / "evaluator"),
                                                            output=str(root / "report"), num_samples=256,
                                                            memorisation_pool=512, image_side=8,
@@ -124,9 +109,9 @@ def test_report_scores_the_model_against_held_out_shards_with_baselines(pipeline
 
 
 def test_a_conditional_run_is_scored_per_condition_by_the_evaluators_attribute_classifier(pipeline_run):
-    root = pipeline_run
+    run, root = pipeline_run, pipeline_run.root
     report = run_evaluation(from_dict(EvaluateConfig, dict(generated=str(root / "gen-cond"),
-                                                           reference=str(root / "latents"),
+                                                           reference=str(run.latents),
                                                            evaluator=str(root / "evaluator"),
                                                            output=str(root / "report-cond"), num_samples=80,
                                                            memorisation_pool=512, image_side=8)))
@@ -144,12 +129,12 @@ def test_a_conditional_run_is_scored_per_condition_by_the_evaluators_attribute_c
 
 
 def test_an_evaluator_of_another_vae_and_a_verdict_without_a_feature_space_are_refused(pipeline_run, tmp_path):
-    root = pipeline_run
+    run, root = pipeline_run, pipeline_run.root
     other = ImageEvaluator.from_pretrained(root / "evaluator")
     other.config["vae"] = {"weights_sha256": "0" * 64}
     other.save_pretrained(tmp_path / "other-evaluator")
     with pytest.raises(EbdError, match="fitted for another VAE"):
-        run_evaluation(from_dict(EvaluateConfig, dict(generated=str(root / "gen"), reference=str(root / "latents"),
+        run_evaluation(from_dict(EvaluateConfig, dict(generated=str(root / "gen"), reference=str(run.latents),
                                                       evaluator=str(tmp_path / "other-evaluator"),
                                                       output=str(tmp_path / "r"))))
     with pytest.raises(ConfigError, match="pass --evaluator DIR"):
@@ -172,10 +157,10 @@ def test_moment_matched_gaussian_has_the_data_mean_and_covariance():
 
 
 def test_check_flag_fails_the_job_in_one_line_when_a_threshold_is_missed(pipeline_run, tmp_path):
-    root = pipeline_run
+    run, root = pipeline_run, pipeline_run.root
     result = subprocess.run(
         [sys.executable, "-m", "jobs.evaluate", "--generated", str(root / "gen"), "--reference",
-         str(root / "latents"), "--output", str(tmp_path / "r"), "--num-samples", "100", "--check",
+         str(run.latents), "--output", str(tmp_path / "r"), "--num-samples", "100", "--check",
          "--set", "min_density=50", "--set", "check_space=latents"],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stderr[-2000:]
@@ -184,13 +169,13 @@ def test_check_flag_fails_the_job_in_one_line_when_a_threshold_is_missed(pipelin
 
 
 def test_refuses_runs_without_latents_and_references_of_another_vae(pipeline_run, sd_checkpoint, tmp_path):
-    root = pipeline_run
-    run_generation(from_dict(GenerateConfig, dict(model=str(root / "ebm" / "model"), vae=str(sd_checkpoint),
-                                                  output=str(tmp_path / "gen"), num_images=20, save_latents=False,
+    run, root = pipeline_run, pipeline_run.root
+    run_generation(from_dict(GenerateConfig, dict(model=str(run.model), vae=str(sd_checkpoint),
+                                                  output=str(tmp_path / "gen"), num_images=10, save_latents=False,
                                                   format="webdataset", progress_interval_s=0.0)))
     with pytest.raises(EbdError, match="without its latents"):
         run_evaluation(from_dict(EvaluateConfig, dict(generated=str(tmp_path / "gen"), check_space="latents",
-                                                      reference=str(root / "latents"), output=str(tmp_path / "r"))))
+                                                      reference=str(run.latents), output=str(tmp_path / "r"))))
     other = tmp_path / "other-latents"
     write_latent_dataset(other, mixture(64, seed=1), vae={"weights_sha256": "0" * 64})
     with pytest.raises(EbdError, match="another VAE"):
@@ -205,13 +190,13 @@ def test_only_the_chosen_rows_are_read_in_the_chosen_order(pipeline_run):
     from pipeline.io.image_shards import read_generated
 
     index = torch.tensor([250, 3, 101, 99, 0])
-    all_latents, all_images = read_generated(pipeline_run / "gen")
-    latents, images = read_generated(pipeline_run / "gen", index)
+    all_latents, all_images = read_generated(pipeline_run.root / "gen")
+    latents, images = read_generated(pipeline_run.root / "gen", index)
     assert len(all_latents) == 300
     assert torch.equal(latents, all_latents[index]) and torch.equal(images, all_images[index])
     files = ["latents-000000.tar", "latents-000001.tar"]
-    full, some = read_latents(pipeline_run / "latents", files), read_latents(pipeline_run / "latents", files, index)
+    full, some = read_latents(pipeline_run.latents, files), read_latents(pipeline_run.latents, files, index)
     assert torch.equal(some["latents"], full["latents"][index])
     assert some["keys"] == [full["keys"][i] for i in index.tolist()]
     with pytest.raises(EbdError, match="fewer rows than its manifest"):
-        read_latents(pipeline_run / "latents", files, torch.tensor([600]))
+        read_latents(pipeline_run.latents, files, torch.tensor([600]))

@@ -130,17 +130,6 @@ def test_a_shard_regenerated_alone_is_byte_identical(both_formats, ebm_dir, sd_c
     assert shards() == before
 
 
-def test_a_decoder_out_of_memory_halves_its_batch_and_loses_nothing(ray_cluster, ebm_dir, sd_checkpoint, tmp_path):
-    summary = generate(ebm_dir, sd_checkpoint, tmp_path, format="parquet", decode_batch_size=16,
-                       sampler_batch_size=16, simulate_oom_above=5)
-    assert summary["oom_shrinks"] >= 1
-    rows = parquet_rows(tmp_path)
-    assert len(rows) == 50 and len({r["key"] for r in rows}) == 50
-    markers = [json.loads(p.read_text()) for p in sorted((tmp_path / "stats").glob("*.json"))]
-    assert all(max(m["decode_chunks"]) <= 5 for m in markers)
-    assert sum(sum(m["decode_chunks"]) for m in markers) == 50
-
-
 def test_decoders_are_placed_on_the_advertised_gpu_and_fall_back_to_cpu(both_formats):
     out, summary = both_formats
     assert summary["decoder_gpus_per_actor"] == 1.0  # the cluster advertises a GPU: the pool asked for it
@@ -171,14 +160,21 @@ def tiny_decoder(sd_checkpoint, tmp_path_factory) -> Path:
                               num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1))
 
 
-def test_a_tiny_decoder_runs_through_the_dag_exactly_and_reproducibly(ray_cluster, ebm_dir, sd_checkpoint,
-                                                                      tiny_decoder, both_formats, tmp_path):
+def test_a_tiny_decoder_runs_through_the_dag_exactly_and_reproducibly_through_out_of_memory(
+        ray_cluster, ebm_dir, sd_checkpoint, tiny_decoder, both_formats, tmp_path):
+    """The tiny decoder in place of the VAE's, and a decoder that runs out of memory above 5 latents (the one fault
+    we cannot cause on a CPU: a test double of CUDA's out-of-memory error): it halves its batch and loses nothing,
+    and a shard regenerated alone, through the same shrinks, is byte-identical."""
     from pipeline.vae.autoencoder import decode, load_vae, resolve_decoder, to_uint8
 
     out = tmp_path / "tiny"
-    summary = generate(ebm_dir, sd_checkpoint, out, format="both", num_images=20, decoder=str(tiny_decoder),
-                       batch_size=8)
+    settings = dict(format="both", num_images=20, decoder=str(tiny_decoder), batch_size=8, simulate_oom_above=5)
+    summary = generate(ebm_dir, sd_checkpoint, out, **settings)
     assert summary["images"] == 20 and summary["decoder"] == "AutoencoderTiny"
+    assert summary["oom_shrinks"] >= 1
+    markers = [json.loads(p.read_text()) for p in sorted((out / "stats").glob("*.json"))]
+    assert all(max(m["decode_chunks"]) <= 5 for m in markers)
+    assert sum(sum(m["decode_chunks"]) for m in markers) == 20
     rows = parquet_rows(out)
     assert len(rows) == 20 and len({r["key"] for r in rows}) == 20
     assert len(list(wds.WebDataset(sorted(str(p) for p in out.glob("images-*.tar")), shardshuffle=False))) == 20
@@ -202,12 +198,11 @@ def test_a_tiny_decoder_runs_through_the_dag_exactly_and_reproducibly(ray_cluste
     before = file_sha256(out / "images-000000.parquet"), file_sha256(out / "images-000000.tar")
     (out / "images-000000.parquet").unlink()
     (out / "images-000000.tar").unlink()
-    again = generate(ebm_dir, sd_checkpoint, out, format="both", num_images=20, decoder=str(tiny_decoder),
-                     batch_size=8)
+    again = generate(ebm_dir, sd_checkpoint, out, **settings)
     assert again["images_this_run"] == 16 and again["images"] == 20
     assert (file_sha256(out / "images-000000.parquet"), file_sha256(out / "images-000000.tar")) == before
     with pytest.raises(EbdError, match="different decoder_weights_sha256"):
-        generate(ebm_dir, sd_checkpoint, out, format="both", num_images=20, batch_size=8)
+        generate(ebm_dir, sd_checkpoint, out, **(settings | {"decoder": None}))
 
 
 def test_a_tiny_decoder_for_another_vae_or_without_a_pairing_is_refused(ebm_dir, sd_checkpoint, tiny_decoder,
@@ -316,7 +311,7 @@ def test_a_noise_conditional_energy_at_4x32x32_trains_and_generates_through_the_
                                                   ("shape=b AND NOT colour=green", 3))]
     # the same command again finds every shard done; another plan, or flags of another kind of model, are refused
     assert generate(model_dir, sd_checkpoint, out, **settings)["images_this_run"] == 0
-    with pytest.raises(EbdError, match="unknown config key .steps. for AnnealedSettings"):
+    with pytest.raises(EbdError, match="unknown config key .steps. for NoiseLevelSettings"):
         generate(model_dir, sd_checkpoint, tmp_path / "o2", langevin_steps=5)
     with pytest.raises(EbdError, match="noise range this energy was trained on"):
         generate(model_dir, sd_checkpoint, tmp_path / "o3", sampler={"sigma_max": 1e4})
@@ -325,19 +320,11 @@ def test_a_noise_conditional_energy_at_4x32x32_trains_and_generates_through_the_
                                                               "condition": "shape=b"})
 
 
-def test_the_diffusion_baseline_trains_and_generates_exactly_n_through_the_dag(ray_cluster, sd_checkpoint, tmp_path):
-    # The seeds' recipe, as objective ddpm of the same job: a noise-predicting UNet, sampled by DDIM.
-    from pipeline.distributed.training import run_training
-    from pipeline.io.latent_shards import write_latent_dataset
-    from pipeline.training.config import TrainConfig
-
-    latents = np.random.default_rng(1).normal(size=(64, 4, 8, 8)).astype(np.float32)
-    write_latent_dataset(tmp_path / "latents", latents, shard_size=32,
-                         vae=resolve_vae(sd_checkpoint).identity())
-    run_training(from_dict(TrainConfig, dict(latents=str(tmp_path / "latents"), output=str(tmp_path / "train"),
-                                             objective="ddpm", channels=[8, 16], norm_groups=8, batch_size=8,
-                                             max_steps=3, log_every=3, checkpoint_every=3, ddim_steps=50)))
-    model_dir = tmp_path / "train" / "model"
+def test_the_diffusion_baseline_generates_exactly_n_through_the_dag_with_any_sampler(trained_baseline,
+                                                                                  sd_checkpoint, tmp_path):
+    """The session's baseline (conftest: objective ddpm of the same job, a noise-predicting UNet), through the same
+    DAG: DDIM along its own timesteps, and a noise-level solver on a Karras schedule in its trained range."""
+    model_dir = trained_baseline / "model"
     assert json.loads((model_dir / "config.json").read_text())["_class_name"] == "DiffusionUNet"
     summary = generate(model_dir, sd_checkpoint, tmp_path / "out", num_images=10, images_per_shard=4,
                        batch_size=4, sampler={"steps": 5}, format="both")
@@ -347,6 +334,8 @@ def test_the_diffusion_baseline_trains_and_generates_exactly_n_through_the_dag(r
     assert all(np.isnan(r["energy"]) for r in rows)  # a noise predictor has no energy
     assert len(list(wds.WebDataset(sorted(str(p) for p in (tmp_path / "out").glob("*.tar")),
                                    shardshuffle=False))) == 10
+    with pytest.raises(EbdError, match="must lie in this network's trained noise range"):
+        generate(model_dir, sd_checkpoint, tmp_path / "karras", sampler={"name": "dpmpp_2m", "schedule": "karras"})
 
 
 def test_a_folder_of_no_known_model_kind_is_refused_in_one_line(ebm_dir, sd_checkpoint, tmp_path):
@@ -363,40 +352,12 @@ def test_a_folder_of_no_known_model_kind_is_refused_in_one_line(ebm_dir, sd_chec
 def _generate_command(ray_cluster, ebm_dir, sd_checkpoint, out, *extra) -> list[str]:
     return [sys.executable, "-m", "jobs.generate", "--config", "configs/generate.yaml", "--model", str(ebm_dir),
             "--vae", str(sd_checkpoint), "--output", str(out), "--address", ray_cluster.address,
-            "--set", "images_per_shard=8", "--set", "batch_size=8", "--set", "langevin_steps=150",
+            "--set", "images_per_shard=8", "--set", "batch_size=8", "--set", "sampler.steps=150",
             "--set", "sampler_actors=1", *extra]  # one sampler actor: these runs test resumption and metrics
 
 
 # A driver SIGKILLed mid-run and re-run: tests/test_object_store.py (into a bucket, where it also checks that the
 # resumed run is byte-identical to an undisturbed one).
-
-
-def test_metrics_endpoint_counts_up_to_n_during_a_run(ray_cluster, ebm_dir, sd_checkpoint, tmp_path):
-    port = free_port()
-    command = _generate_command(ray_cluster, ebm_dir, sd_checkpoint, tmp_path, "--num-images", "40",
-                                "--metrics-port", str(port), "--set", "metrics_linger_s=5")
-    job = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    seen: list[float] = []
-    deadline = time.monotonic() + 300
-    while job.poll() is None and time.monotonic() < deadline:
-        try:
-            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
-        except OSError:
-            time.sleep(0.2)
-            continue
-        match = re.search(r"^ebd_images_generated_total ([0-9.e+]+)$", text, re.M)
-        if match:
-            seen.append(float(match.group(1)))
-            if seen[-1] == 40:
-                assert re.search(r"^ebd_gradient_evaluations_total [1-9]", text, re.M)
-                assert 'ebd_batch_seconds_count{stage="decode"}' in text
-                assert 'ebd_batch_size{stage="sampler"} 8.0' in text
-                break
-        time.sleep(0.2)
-    job.wait(timeout=120)
-    assert job.returncode == 0, job.stderr.read()[-3000:]
-    assert seen and seen[-1] == 40, seen
-    assert seen == sorted(seen) and min(seen) < 40  # watched it rise, not only the end state
 
 
 @pytest.fixture(scope="module")
@@ -419,12 +380,37 @@ def pushgateway():
     server.wait(10)
 
 
-def test_final_values_are_pushed_to_a_pushgateway(ray_cluster, ebm_dir, sd_checkpoint, tmp_path, pushgateway):
-    generate(ebm_dir, sd_checkpoint, tmp_path, format="parquet", num_images=20, batch_size=8,
-             pushgateway=pushgateway)
-    text = urllib.request.urlopen(pushgateway + "/metrics", timeout=5).read().decode()
-    assert re.search(r'^ebd_images_generated_total\{[^}]*job="ebd_generate"[^}]*\} 20$', text, re.M), text[-2000:]
-    assert re.search(r'^ebd_shards_written_total\{[^}]*\} 2$', text, re.M)
+def test_the_metrics_endpoint_counts_up_to_n_during_a_run_and_the_final_values_are_pushed(
+        ray_cluster, ebm_dir, sd_checkpoint, tmp_path, pushgateway):
+    port = free_port()
+    command = _generate_command(ray_cluster, ebm_dir, sd_checkpoint, tmp_path, "--num-images", "40",
+                                "--metrics-port", str(port), "--set", "metrics_linger_s=5",
+                                "--pushgateway", pushgateway)
+    job = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen: list[float] = []
+    deadline = time.monotonic() + 300
+    while job.poll() is None and time.monotonic() < deadline:
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+        except OSError:
+            time.sleep(0.2)
+            continue
+        match = re.search(r"^ebd_images_generated_total ([0-9.e+]+)$", text, re.M)
+        if match:
+            seen.append(float(match.group(1)))
+            if seen[-1] == 40:
+                assert re.search(r"^ebd_gradient_evaluations_total [1-9]", text, re.M)
+                assert 'ebd_batch_seconds_count{stage="decode"}' in text
+                assert 'ebd_batch_size{stage="sampler"} 8.0' in text
+                break
+        time.sleep(0.2)
+    job.wait(timeout=120)
+    assert job.returncode == 0, job.stderr.read()[-3000:]
+    assert seen and seen[-1] == 40, seen
+    assert seen == sorted(seen) and min(seen) < 40  # watched it rise, not only the end state
+    text = urllib.request.urlopen(pushgateway + "/metrics", timeout=5).read().decode()  # pushed when the job ended
+    assert re.search(r'^ebd_images_generated_total\{[^}]*job="ebd_generate"[^}]*\} 40$', text, re.M), text[-2000:]
+    assert re.search(r'^ebd_shards_written_total\{[^}]*\} 5$', text, re.M)
 
 
 def test_the_python_pipeline_gives_the_images_the_job_wrote(both_formats, ebm_dir, sd_checkpoint):

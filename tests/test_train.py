@@ -19,7 +19,6 @@ from safetensors.torch import save as safetensors_save
 from pipeline.common.config import EbdError, from_dict
 from pipeline.distributed.training import run_training
 from pipeline.io.files import file_sha256
-from pipeline.io.latent_shards import write_latent_dataset
 from pipeline.models import load_model
 from pipeline.models.short_run_energy import EnergyModel, EnergyModelConfig
 from pipeline.sampling.core import SamplerStats, sample
@@ -27,12 +26,19 @@ from pipeline.sampling.settings import LangevinSettings
 from pipeline.training.config import TrainConfig
 from pipeline.training.data import split_shards
 from pipeline.training.objectives import ContrastiveDivergence
-from tests.conftest import REPO
+from tests.conftest import (
+    BASELINE_RECIPE,
+    ENERGY_RECIPE,
+    MODE_DISTANCE,
+    REPO,
+    SHAPE,
+    WEIGHT_A,
+    mixture,
+    mode_check,
+    run_job_here,
+)
 
-SHAPE = (4, 4, 4)
-WEIGHT_A, CENTER, STD = 0.7, 0.75, 0.3          # modes at +0.75 and -0.75 in every dimension
-MODE_DISTANCE = 2 * CENTER * np.sqrt(np.prod(SHAPE))  # = 12
-FAST = dict(objective="cd", channels=[16, 32], batch_size=64, lr=1e-3, log_every=50, checkpoint_every=100,
+FAST = dict(objective="cd", channels=[16, 32], batch_size=32, lr=1e-3, log_every=50, checkpoint_every=100,
             max_steps=200)
 TINY = dict(objective="cd", channels=[8], batch_size=16, langevin_steps=5, log_every=5, checkpoint_every=5)
 TINY_DSM = dict(objective="dsm", channels=[8], norm_groups=8, batch_size=16, sampler_levels=5, log_every=5,
@@ -40,93 +46,64 @@ TINY_DSM = dict(objective="dsm", channels=[8], norm_groups=8, batch_size=16, sam
 START = LangevinSettings(init_std=1.0)
 
 
-def mixture(n: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    in_a = rng.random(n) < WEIGHT_A
-    return (rng.normal(0, STD, (n, *SHAPE)) + np.where(in_a, CENTER, -CENTER)[:, None, None, None]).astype(np.float32)
-
-
-def mode_check(z: torch.Tensor) -> tuple[bool, dict]:
-    """Weights within 0.15 of the truth and per-mode mean error under a quarter of the distance between modes."""
-    in_a = z.flatten(1).mean(1) > 0
-    weight = in_a.float().mean().item()
-    err_a = (z[in_a].mean(0) - CENTER).norm().item() if in_a.any() else float("inf")
-    err_b = (z[~in_a].mean(0) + CENTER).norm().item() if (~in_a).any() else float("inf")
-    stats = {"weight_a": weight, "err_a": err_a, "err_b": err_b}
-    return abs(weight - WEIGHT_A) <= 0.15 and max(err_a, err_b) < MODE_DISTANCE / 4, stats
-
-
-@pytest.fixture(scope="module")
-def mixture_latents(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("mixture")
-    # i.i.d. draws: any shard is a fair held-out sample (configs/train.yaml holds the last one out)
-    write_latent_dataset(folder, mixture(2048, seed=0), shard_size=256, shuffled=True)
-    return folder
-
-
 def train(latents, out, **overrides) -> dict:
     cfg = from_dict(TrainConfig, dict(latents=str(latents), output=str(out)) | overrides)
     return run_training(cfg)
 
 
-def test_learns_both_modes_of_a_gaussian_mixture_and_an_untrained_model_does_not(ray_cluster, mixture_latents,
-                                                                                  tmp_path):
-    metrics = train(mixture_latents, tmp_path, **FAST)
+def worker_records(out: Path, training_shards: set[str], samples: int, steps: int) -> None:
+    """Two workers read disjoint shares that cover the training shards once, and end with identical weights (their
+    gradients were averaged through DDP, not applied locally)."""
+    records = [json.loads((out / "workers" / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    shards_0, shards_1 = set(records[0]["shards"]), set(records[1]["shards"])
+    assert not shards_0 & shards_1 and {Path(p).name for p in shards_0 | shards_1} == training_shards
+    assert records[0]["samples"] + records[1]["samples"] == samples
+    assert records[0]["step"] == records[1]["step"] == steps
+    assert records[0]["weights_sha256"] == records[1]["weights_sha256"]
+
+
+def test_contrastive_divergence_on_two_workers_learns_both_modes_and_an_untrained_model_does_not(
+        ray_cluster, mixture_latents, tmp_path):
+    metrics = train(mixture_latents, tmp_path, num_workers=2, **FAST)
     assert metrics["step"] == 200 and metrics["rollbacks"] == 0
+    worker_records(tmp_path, {p.name for p in mixture_latents.glob("*.tar")}, 2048, 200)
 
     model = EnergyModel.from_pretrained(tmp_path / "model")  # plain safetensors + JSON: no Ray, no pickle
     cfg = from_dict(TrainConfig, dict(latents="x", output="y") | FAST)
     trained_with = ContrastiveDivergence.sampler_settings(cfg.objective, cfg.sampler, {})
     assert model.sampler == trained_with  # generation gets the training sampler
     assert model.metadata["latents"]["manifest_sha256"] == file_sha256(mixture_latents / "manifest.json")
-    assert model.metadata["training"]["steps"] == 200
+    assert model.metadata["training"]["steps"] == 200 and model.metadata["training"]["num_workers"] == 2
 
-    generator = torch.Generator().manual_seed(123)
-    ok, stats = mode_check(sample(model, 1000, model.sampler, generator))
+    ok, stats = mode_check(sample(model, 1000, model.sampler, torch.Generator().manual_seed(123)))
     assert ok, stats
-
     ok, stats = mode_check(sample(model.fresh_copy(0), 1000, model.sampler, torch.Generator().manual_seed(123)))
     assert not ok, stats
 
 
-def test_denoising_score_matching_learns_the_modes_and_their_weights_from_plain_noise(ray_cluster, mixture_latents,
-                                                                                     tmp_path):
-    # The noise-conditional energy: no MCMC while training, sampled from N(0, s^2 + sigma_max^2) with no fitted
-    # starts. Log-uniform noise levels give the levels where the two modes merge (sigma ~ 6) their share of training;
-    # the stochastic ancestral sampler corrects what a deterministic flow would carry over from score errors.
-    metrics = train(mixture_latents, tmp_path, objective="dsm", channels=[16], norm_groups=8, batch_size=64, lr=1e-3,
-                    beta1=0.9, ema_decay=0.99, data_noise=0.0, sigma_sampling="log_uniform", sampler="ancestral",
-                    max_steps=800, log_every=200, checkpoint_every=400)
-    assert metrics["step"] == 800 and metrics["rollbacks"] == 0
-    model = load_model(tmp_path / "model")
+def test_denoising_score_matching_learns_the_modes_and_their_weights_from_plain_noise(trained_energy,
+                                                                                     mixture_latents):
+    """The session's energy (conftest): no MCMC while training, sampled from N(0, s^2 + sigma_max^2) with no fitted
+    starts. Log-uniform noise levels give the levels where the two modes merge (sigma ~ 6) their share of training;
+    the stochastic ancestral sampler corrects what a deterministic flow would carry over from score errors. It was
+    trained on two workers streaming their shares through a shuffle buffer: dsm's double backward goes through DDP
+    like cd's single one."""
+    shards = sorted(p.name for p in mixture_latents.glob("*.tar"))
+    worker_records(trained_energy, set(shards[:-2]), 1536, ENERGY_RECIPE["max_steps"])
+    model = load_model(trained_energy / "model")
     config = model.config
     assert type(model).__name__ == "NoiseConditionalEnergy" and model.sampler.name == "ancestral"
+    assert [s["file"] for s in model.metadata["latents"]["held_out"]] == shards[-2:]
     assert config.sigma_data == pytest.approx(np.std(mixture(2048, seed=0)), rel=0.02)
     assert MODE_DISTANCE < config.sigma_max < 2 * MODE_DISTANCE  # the data's largest pairwise distance
 
     stats = SamplerStats()
     ok, found = mode_check(sample(model, 1000, model.sampler, torch.Generator().manual_seed(1), callback=stats))
-    assert ok and abs(found["weight_a"] - WEIGHT_A) <= 0.1, found
+    assert ok and abs(found["weight_a"] - WEIGHT_A) <= 0.1, found  # the unconditional energy (label dropped)
     assert stats.evaluations == model.sampler.gradient_evaluations() <= 50
 
     ok, found = mode_check(sample(model.fresh_copy(0), 1000, model.sampler, torch.Generator().manual_seed(1)))
     assert not ok, found  # the untrained energy is the Gaussian base: one blob between the modes
-
-
-@pytest.mark.parametrize("recipe", [TINY, TINY_DSM], ids=["cd", "dsm"])
-def test_two_workers_split_the_data_disjointly_and_keep_identical_weights(ray_cluster, mixture_latents, tmp_path,
-                                                                          recipe):
-    # cache_bytes=0 streams each worker's shards through a shuffle buffer instead of holding them in memory; dsm's
-    # double backward goes through DDP like cd's single one
-    metrics = train(mixture_latents, tmp_path, num_workers=2, max_steps=6, cache_bytes=0, shuffle_buffer=64, **recipe)
-    assert metrics["step"] == 6
-    records = [json.loads((tmp_path / "workers" / f"rank-{r}.json").read_text()) for r in (0, 1)]
-    shards_0, shards_1 = set(records[0]["shards"]), set(records[1]["shards"])
-    assert not shards_0 & shards_1
-    assert {Path(p).name for p in shards_0 | shards_1} == {p.name for p in mixture_latents.glob("*.tar")}
-    assert records[0]["samples"] + records[1]["samples"] == 2048
-    assert records[0]["step"] == records[1]["step"] == 6
-    assert records[0]["weights_sha256"] == records[1]["weights_sha256"]  # gradients were averaged, not local
 
 
 def test_split_shards_is_disjoint_and_complete():
@@ -137,24 +114,33 @@ def test_split_shards_is_disjoint_and_complete():
         assert sum(len(s) for s in shares) == len(paths)
 
 
-def test_an_injected_nan_rolls_back_to_the_last_checkpoint_with_a_lower_lr(ray_cluster, mixture_latents, tmp_path):
-    # The loop's rollback knows no objective (the divergence test below runs cd): the default objective here.
-    metrics = train(mixture_latents, tmp_path, max_steps=12, fault_nan_at_step=7, lr=1e-3, **TINY_DSM)
+def test_an_injected_nan_rolls_back_to_the_last_checkpoint_with_a_lower_lr_and_its_replay_buffer(
+        ray_cluster, mixture_latents, tmp_path):
+    # The loop's rollback knows no objective (the divergence test below runs dsm): cd here, with a replay buffer,
+    # the objective's own state that checkpoints carry and rollbacks restore.
+    metrics = train(mixture_latents, tmp_path, max_steps=12, fault_nan_at_step=7, lr=1e-3, buffer_size=100,
+                    reinit_prob=0.05, **TINY)
     assert metrics["step"] == 12 and metrics["rollbacks"] == 1
     assert metrics["lr"] == pytest.approx(5e-4)
     assert load_model(tmp_path / "model").metadata["training"]["rollbacks"] == 1
+    latest = max((tmp_path / "checkpoints" / "ebd-train").glob("step-*"))
+    state = json.loads((latest / "state.json").read_text())
+    buffer = load_file(str(latest / state["tensors_file"]))["objective.buffer"]
+    assert state["meta"]["state"]["step"] == 12 and state["meta"]["state"]["rollbacks"] == 1
+    assert tuple(buffer.shape) == (100, *SHAPE)  # 5 + 7 steps x 16 chains, capped at the buffer size
+    assert torch.isfinite(buffer.float()).all()
 
 
 def test_divergence_beyond_the_rollback_budget_stops_with_a_clear_message(ray_cluster, mixture_latents, tmp_path):
     with pytest.raises(EbdError, match="training diverged 1 times"):
-        train(mixture_latents, tmp_path, max_steps=12, fault_nan_at_step=3, max_rollbacks=0, **TINY)
+        train(mixture_latents, tmp_path, max_steps=12, fault_nan_at_step=3, max_rollbacks=0, **TINY_DSM)
 
 
 def test_killing_the_job_and_rerunning_the_command_resumes_from_the_checkpoint(ray_cluster, mixture_latents,
                                                                                tmp_path):
     tiny = TINY_DSM | {"log_every": 10, "checkpoint_every": 10}  # configs/train.yaml: the dsm objective
     command = [sys.executable, "-m", "jobs.train", "--config", "configs/train.yaml", "--latents",
-               str(mixture_latents), "--output", str(tmp_path), "--run-name", "resume-me", "--max-steps", "60",
+               str(mixture_latents), "--output", str(tmp_path), "--run-name", "resume-me", "--max-steps", "40",
                "--address", ray_cluster.address] + [f"--set={k}={json.dumps(v)}" for k, v in tiny.items()]
     snapshot = tmp_path / "checkpoints" / "resume-me" / "checkpoint_manager_snapshot.json"
     first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -173,27 +159,25 @@ def test_killing_the_job_and_rerunning_the_command_resumes_from_the_checkpoint(r
     assert second.returncode == 0, second.stderr[-3000:]
     resumed = [line for line in (second.stdout + second.stderr).splitlines() if "resumed from checkpoint" in line]
     assert resumed and int(resumed[0].rsplit(" ", 1)[1]) >= saved >= 10
-    assert load_model(tmp_path / "model").metadata["training"]["steps"] == 60
+    assert load_model(tmp_path / "model").metadata["training"]["steps"] == 40
 
 
-def test_the_diffusion_baseline_resumes_from_its_checkpoint_and_exports(ray_cluster, mixture_latents, tmp_path):
-    baseline = dict(objective="ddpm", channels=[8], norm_groups=8, batch_size=16, log_every=4, checkpoint_every=4,
-                    run_name="baseline")
-    assert train(mixture_latents, tmp_path, max_steps=4, **baseline)["step"] == 4
-    metrics = train(mixture_latents, tmp_path, max_steps=8, **baseline)  # the same run, asked to go further
-    assert metrics["step"] == 8
-    model = load_model(tmp_path / "model")
+def test_the_diffusion_baseline_resumes_from_its_checkpoint_and_exports(trained_baseline, mixture_latents):
+    """The session's baseline (conftest) was trained 4 steps, then resumed to 8."""
+    model = load_model(trained_baseline / "model")
     assert type(model).__name__ == "DiffusionUNet" and model.sampler.name == "ddim"
     assert model.metadata["training"] == model.metadata["training"] | {"steps": 8, "objective": "ddpm"}
     assert model.metadata["training"]["loop_seconds_this_run"] > 0
+    records = json.loads((trained_baseline / "workers" / "rank-0.json").read_text())
+    assert records["resumed_from_step"] == 4 and records["step"] == 8
     # The run name resumes only the run it names: another learning rate is refused before anything starts...
     with pytest.raises(EbdError, match=r"run 'baseline' .* another config or data \(lr: 0.0001 -> 0.002\)"):
-        train(mixture_latents, tmp_path, max_steps=12, **(baseline | {"lr": 2e-3}))
-    assert load_model(tmp_path / "model").metadata["training"]["steps"] == 8
+        train(mixture_latents, trained_baseline, max_steps=12, **(BASELINE_RECIPE | {"lr": 2e-3}))
+    assert load_model(trained_baseline / "model").metadata["training"]["steps"] == 8
     # ... and when told to resume anyway, a checkpoint of another objective still cannot be loaded.
     with pytest.raises(EbdError, match="trained with objective ddpm, this run asks for dsm"):
-        train(mixture_latents, tmp_path, max_steps=12, **(TINY_DSM | {"run_name": "baseline",
-                                                                      "allow_config_change": True}))
+        train(mixture_latents, trained_baseline, max_steps=12, **(TINY_DSM | {"run_name": "baseline",
+                                                                             "allow_config_change": True}))
 
 
 def _registered_steps(snapshot: Path) -> list[int]:
@@ -203,39 +187,19 @@ def _registered_steps(snapshot: Path) -> list[int]:
         return []
 
 
-def test_train_through_ray_job_submit(ray_cluster, mixture_latents, tmp_path):
-    result = subprocess.run(
-        ["ray", "job", "submit", "--address", ray_cluster.dashboard_url, "--working-dir", str(REPO), "--",
-         "python", "-m", "jobs.train", "--config", "configs/train.yaml", "--latents", str(mixture_latents),
-         "--output", str(tmp_path), "--max-steps", "5"] + [f"--set={k}={json.dumps(v)}" for k, v in TINY_DSM.items()],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env=ray_cluster.env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert load_model(tmp_path / "model").metadata["training"]["steps"] == 5
-
-
-def test_train_config_errors_are_one_line(tmp_path, mixture_latents):
-    result = subprocess.run([sys.executable, "-m", "jobs.train", "--latents", str(mixture_latents), "--output",
-                             str(tmp_path / "o"), "--set", "langevin_stpes=3"], cwd=REPO, capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 2 and result.stderr.count("\n") == 1
-    assert "unknown config key 'langevin_stpes'" in result.stderr
-    result = subprocess.run([sys.executable, "-m", "jobs.train", "--latents", str(mixture_latents), "--output",
-                             str(tmp_path / "o"), "--set", "langevin_steps=3"], cwd=REPO, capture_output=True,
-                            text=True, timeout=120)  # a cd key on the default (dsm) objective would be ignored
-    assert result.returncode == 2 and "'langevin_steps' applies to objective cd, not dsm" in result.stderr
-    result = subprocess.run([sys.executable, "-m", "jobs.train", "--latents", str(tmp_path), "--output",
-                             str(tmp_path / "o")], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "not a finished latents folder" in result.stderr
-
-
-def test_replay_buffer_is_filled_and_saved_in_the_checkpoint(ray_cluster, mixture_latents, tmp_path):
-    train(mixture_latents, tmp_path, max_steps=10, buffer_size=100, reinit_prob=0.05, **TINY)
-    latest = max((tmp_path / "checkpoints" / "ebd-train").glob("step-*"))
-    state = json.loads((latest / "state.json").read_text())
-    buffer = load_file(str(latest / state["tensors_file"]))["objective.buffer"]
-    assert state["meta"]["state"]["step"] == 10
-    assert tuple(buffer.shape) == (100, *SHAPE)  # 10 steps x 16 chains, capped at the buffer size
-    assert torch.isfinite(buffer.float()).all()
+def test_train_config_errors_are_one_line(tmp_path, mixture_latents, capsys):
+    code, err = run_job_here(capsys, "jobs.train", "--latents", str(mixture_latents), "--output", str(tmp_path / "o"),
+                             "--set", "langevin_stpes=3")
+    assert code == 2 and err.count("\n") == 1 and "unknown config key 'langevin_stpes'" in err
+    code, err = run_job_here(capsys, "jobs.train", "--latents", str(mixture_latents), "--output", str(tmp_path / "o"),
+                             "--set", "langevin_steps=3")  # a cd key on the default (dsm) objective would be ignored
+    assert code == 2 and "'langevin_steps' applies to objective cd, not dsm" in err
+    code, err = run_job_here(capsys, "jobs.train", "--latents", str(mixture_latents), "--output", str(tmp_path / "o"),
+                             "--set", "objective.sigma_mx=3")
+    assert code == 2 and "unknown config key 'sigma_mx' for DSMSettings" in err
+    code, err = run_job_here(capsys, "jobs.train", "--latents", str(tmp_path), "--output", str(tmp_path / "o"))
+    assert code == 2 and "not a finished latents folder" in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_the_chain_start_gaussian_matches_the_training_latents_and_travels_with_the_model(tmp_path):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib
 
-from .config import EbdError
+from .config import ConfigError
 
 
 def import_plugins(modules: list[str] | tuple[str, ...]) -> None:
@@ -16,4 +16,4 @@ def import_plugins(modules: list[str] | tuple[str, ...]) -> None:
         try:
             importlib.import_module(name)
         except ImportError as e:
-            raise EbdError(f"plugin {name!r} cannot be imported: {e}") from None
+            raise ConfigError(f"plugin {name!r} cannot be imported: {e}") from None

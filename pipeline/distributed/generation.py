@@ -23,6 +23,7 @@ import numpy as np
 
 from ..common.config import EbdError, JobConfig, require
 from ..common.logs import Progress, log_line
+from ..common.plugins import import_plugins
 from ..io import image_shards, storage
 from ..io.files import atomic_write, atomic_write_json, claim_run_folder, file_sha256
 from ..io.pictures import preview_grid
@@ -95,6 +96,7 @@ class GenerateConfig(JobConfig):
     def validate(self) -> None:
         for name in ("model", "vae", "output"):
             require(getattr(self, name) is not None, f"missing {name}: pass --{name} or set it in the config")
+        import_plugins(self.plugins)  # they may register the model kind the model folder names
         plan = load_plan(self.condition, self.conditions)
         if plan is not None and self.condition is None:  # a mix: its counts are the images
             self.conditions = dict(plan)
@@ -134,7 +136,6 @@ class SamplerStage:
         import torch
 
         from ..common.metrics import StageMetrics
-        from ..common.plugins import import_plugins
         from ..models import load_model
         from ..sampling.settings import sampler_settings
 
@@ -257,7 +258,6 @@ def probe_sampler_batch(model_dir: str, sampler: dict, budget_bytes: int, max_ba
     import torch
 
     from ..common.memory import probe_batch_size
-    from ..common.plugins import import_plugins
     from ..models import load_model
     from ..sampling.core import sample_latents
     from ..sampling.settings import sampler_settings
@@ -298,7 +298,6 @@ def run_generation(cfg: GenerateConfig, address: str | None = None) -> dict:
     import ray
 
     from ..common.metrics import DriverMetrics
-    from ..common.plugins import import_plugins
     from ..models import load_model
     from ..vae.autoencoder import resolve_decoder, resolve_vae
 

@@ -2,6 +2,8 @@
 
     noise_energy       NoiseConditionalEnergy: E(z, sigma), trained by denoising score matching (`objective: dsm`)
     short_run_energy   EnergyModel: U(z), trained by contrastive divergence with short-run Langevin (`cd`)
+    noise_score        NoiseConditionalScore: eps(z, sigma), the same network with a direct output (`dsm`, output
+                       score): the fair score-network baseline of the energy
     noise_predictor    DiffusionUNet: eps(z, t), the latent-diffusion baseline (`ddpm`), not an energy
     unet               the diffusers UNet2DModel the noise-level models share
     base               PretrainedModel: what every kind carries and answers
@@ -21,10 +23,12 @@ from ..io import storage
 from .base import PretrainedModel, read_model_config
 from .noise_energy import NoiseConditionalEnergy
 from .noise_predictor import DiffusionUNet
+from .noise_score import NoiseConditionalScore
 from .short_run_energy import EnergyModel
 
 KINDS: dict[str, type[PretrainedModel]] = {cls.__name__: cls for cls in (
     NoiseConditionalEnergy,
+    NoiseConditionalScore,
     EnergyModel,
     DiffusionUNet,
 )}

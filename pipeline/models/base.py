@@ -30,6 +30,7 @@ class PretrainedModel(nn.Module):
     CONFIG: type          # the architecture dataclass
     FORMAT: str           # config.json "format", checked on load
     EVALUATION_IS_GRADIENT = True   # its sampler takes input gradients: an evaluation is a forward and a backward
+    HAS_ENERGY = True               # a scalar energy: Metropolis tests, composition by adding energies
 
     def __init__(self, config, metadata: dict | None = None):
         super().__init__()
@@ -78,8 +79,16 @@ class PretrainedModel(nn.Module):
         self.check_sampler(asdict(settings))
         return settings
 
+    def initial_latents(self, num: int, settings, generator=None, device="cpu") -> torch.Tensor:
+        """Where `num` chains start under `settings` (one generator, or one per chain)."""
+        raise NotImplementedError
+
+    def energy(self, z: torch.Tensor) -> torch.Tensor:
+        """What generation records per image (B,): the energy, or NaN for a model without one."""
+        raise NotImplementedError
+
     def check_sampler(self, settings: dict) -> None:
-        """Refuses sampler settings this model cannot honour (a no-op unless a class has limits)."""
+        """Refuses sampler settings this model cannot honour (one line; a no-op unless a class has limits)."""
 
     def sampling_model(self, settings, conditions: list[str] | None = None):
         """The model as samplers evaluate it (`sampling.denoisers`); only conditional models take `conditions`."""

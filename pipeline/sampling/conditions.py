@@ -146,7 +146,9 @@ def encode(conditions: list[str], vocabulary: dict[str, list[str]], guidance: fl
 
 def conditioned_energy(model, conditions: list[str], guidance: float):
     """E(z, sigma) = (1 - sum_k s_k w) E_none + sum_k s_k w E(c_k), chain by chain, in one batched forward; the
-    unconditional energy is left out when no chain needs it (one term at w = 1 is exactly E(c))."""
+    unconditional energy is left out when no chain needs it (one term at w = 1 is exactly E(c)). `model` may also
+    output a noise prediction per chain (a score network): the same weighted sum is then classifier-free guidance
+    (Ho & Salimans 2022) of its scores."""
     labels, weights = encode(conditions, model.label_vocabulary, guidance)
     null_weight = 1 - weights.sum(1)
     if bool((null_weight.abs() > 1e-9).any()):
@@ -156,7 +158,9 @@ def conditioned_energy(model, conditions: list[str], guidance: float):
 
     def energy(z: torch.Tensor, sigma) -> torch.Tensor:
         rows = labels.to(z.device).transpose(0, 1).reshape(parts * chains, -1)  # part-major: part k, then chain i
-        e = model(z.repeat(parts, 1, 1, 1), sigma, rows).view(parts, chains)
-        return (weights.to(z.device).T * e).sum(0)
+        out = model(z.repeat(parts, *[1] * (z.dim() - 1)), sigma, rows)
+        out = out.view(parts, chains, *out.shape[1:])
+        w = weights.to(z.device).T.reshape(parts, chains, *[1] * (out.dim() - 2))
+        return (w * out).sum(0)
 
     return energy

@@ -5,15 +5,15 @@ Every sampler has one signature, and its settings are a dataclass saved with the
     z = sampler(model, z0, settings, generator=None, callback=None)
 
 `model` is a model wrapped for sampling (`denoisers.py`): `model(z, sigma)` -> (energy, grad_z E), sigma None for a
-clean-data energy (short-run `langevin`); `ddim` walks a noise predictor's own timesteps. `callback(info)` is called
-after every network evaluation with {"i", "z", "sigma", "energy", "grad_norm"}, "denoised" (the estimate of the clean
-latent at that point: Tweedie's z - sigma^2 grad E, or ddim's predicted x0; noise-level samplers only) and
-"accepted" (per chain, after a Metropolis test), so counting calls counts evaluations. `generator` is one
-torch.Generator for the batch or a list of one per chain: with a list, chain i depends on nothing but its own seed,
-whatever batch it shares.
+clean-data energy (short-run `langevin`), so every noise-level sampler runs every model kind: an energy (grad E by
+autograd), a score network or a noise predictor (grad = eps / sigma). In k-diffusion's terms the denoiser is
+D(z, sigma) = z - sigma^2 grad E and the probability-flow ODE is dz/dsigma = (z - D) / sigma = sigma grad E.
+Every noise-level sampler visits `noise_levels(model, settings)` and ends with the clean estimate at the last level.
 
-A short-run EBM is only valid under the sampler it was trained with (Nijkamp et al. 2019), which is why the settings
-travel with the weights; `core.sample_latents` runs the one a model names.
+`callback(info)` is called after every network evaluation with {"i", "z", "sigma", "energy", "grad_norm",
+"denoised"} (and "accepted", per chain, after a Metropolis test), so counting calls counts evaluations. `generator`
+is one torch.Generator for the batch or a list of one per chain: with a list, chain i depends on nothing but its own
+seed, whatever batch it shares. `core.sample_latents` runs the sampler a model's settings name.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import torch
 
 from .denoisers import denoised as tweedie
 from .noise import Generators, rand, randn
-from .schedules import karras_sigmas
-from .settings import AnnealedSettings, DDIMSettings, LangevinSettings
+from .schedules import noise_levels
+from .settings import LangevinSettings, NoiseLevelSettings
 
 Callback = Callable[[dict], None] | None
 
@@ -49,45 +49,114 @@ def langevin(model, z: torch.Tensor, settings: LangevinSettings, generator: Gene
     return z.detach()
 
 
-def heun(model, z: torch.Tensor, settings: AnnealedSettings, generator: Generators = None,
+def heun(model, z: torch.Tensor, settings: NoiseLevelSettings, generator: Generators = None,
          callback: Callback = None) -> torch.Tensor:
-    """Heun's 2nd-order method on the probability-flow ODE dz/dsigma = sigma grad E(z, sigma) (Karras et al. 2022,
-    Algorithm 1), ending with a Tweedie denoising step z - sigma_min^2 grad E; optional MALA corrector."""
-    sigmas = karras_sigmas(settings.levels, settings.sigma_min, settings.sigma_max, settings.rho)
+    """Heun's 2nd-order method on the probability-flow ODE (Karras et al. 2022, Algorithm 1), ending with a Tweedie
+    denoising step at the last level; optional MALA corrector."""
+    sigmas = noise_levels(model, settings)
     z = z.detach().clone()
-    for i, sigma in enumerate(sigmas.tolist()):
+    for i, sigma in enumerate(sigmas):
         u, grad = model(z, sigma)
         _report(callback, i, z, sigma, u, grad)
         if i == len(sigmas) - 1:
             return tweedie(z, sigma, grad).detach()
-        nxt = float(sigmas[i + 1])
+        nxt = sigmas[i + 1]
         slope = sigma * grad
-        euler = z + (nxt - sigma) * slope
-        u2, grad2 = model(euler, nxt)
-        _report(callback, i, euler, nxt, u2, grad2)
+        euler_z = z + (nxt - sigma) * slope
+        u2, grad2 = model(euler_z, nxt)
+        _report(callback, i, euler_z, nxt, u2, grad2)
         z = z + (nxt - sigma) * 0.5 * (slope + nxt * grad2)
         z = _corrector(model, z, nxt, i + 1, settings, generator, callback)
     return z.detach()
 
 
-def ancestral(model, z: torch.Tensor, settings: AnnealedSettings, generator: Generators = None,
+def euler(model, z: torch.Tensor, settings: NoiseLevelSettings, generator: Generators = None,
+          callback: Callback = None) -> torch.Tensor:
+    """Euler's method on the probability-flow ODE (Karras et al. 2022; DDIM, Song et al. 2021, is this method in
+    other coordinates), ending with a Tweedie denoising step; optional MALA corrector."""
+    return _euler_ancestral(model, z, settings, 0.0, generator, callback)
+
+
+def ddim(model, z: torch.Tensor, settings: NoiseLevelSettings, generator: Generators = None,
+         callback: Callback = None) -> torch.Tensor:
+    """DDIM (Song et al. 2021): Euler steps with a share `eta` of each step's variance drawn afresh (eta 0:
+    deterministic; 1: DDPM's ancestral sampling), usually on the network's own timesteps (`schedule: model`)."""
+    return _euler_ancestral(model, z, settings, settings.eta, generator, callback)
+
+
+def ancestral(model, z: torch.Tensor, settings: NoiseLevelSettings, generator: Generators = None,
               callback: Callback = None) -> torch.Tensor:
-    """Ancestral reverse diffusion (DDPM, Ho et al. 2020, in k-diffusion's Euler-ancestral form) on the score
-    -grad E(z, sigma), ending with a Tweedie denoising step z - sigma_min^2 grad E; optional MALA corrector."""
-    sigmas = karras_sigmas(settings.levels, settings.sigma_min, settings.sigma_max, settings.rho)
+    """Ancestral reverse diffusion (DDPM, Ho et al. 2020, in k-diffusion's Euler-ancestral form), ending with a
+    Tweedie denoising step; optional MALA corrector."""
+    return _euler_ancestral(model, z, settings, 1.0, generator, callback)
+
+
+def _euler_ancestral(model, z, settings: NoiseLevelSettings, eta: float, generator, callback) -> torch.Tensor:
+    sigmas = noise_levels(model, settings)
     z = z.detach().clone()
-    for i, sigma in enumerate(sigmas.tolist()):
+    for i, sigma in enumerate(sigmas):
         u, grad = model(z, sigma)
         _report(callback, i, z, sigma, u, grad)
         if i == len(sigmas) - 1:
             return tweedie(z, sigma, grad).detach()
-        nxt = float(sigmas[i + 1])
-        # The exact posterior step of a Gaussian transition from sigma to nxt: deterministic part down to
-        # sigma_down, fresh noise sigma_up, sigma_down^2 + sigma_up^2 = nxt^2.
-        sigma_up = math.sqrt(nxt ** 2 * (sigma ** 2 - nxt ** 2) / sigma ** 2)
+        nxt = sigmas[i + 1]
+        # The posterior step of a Gaussian transition from sigma to nxt: a deterministic part down to sigma_down and
+        # fresh noise sigma_up, sigma_down^2 + sigma_up^2 = nxt^2 (eta scales sigma_up; 0 is the Euler step).
+        sigma_up = min(nxt, eta * math.sqrt(nxt ** 2 * (sigma ** 2 - nxt ** 2) / sigma ** 2))
         sigma_down = math.sqrt(nxt ** 2 - sigma_up ** 2)
-        z = z + (sigma_down - sigma) * sigma * grad + sigma_up * randn(z, generator)
+        z = z + (sigma_down - sigma) * sigma * grad
+        if sigma_up:
+            z = z + sigma_up * randn(z, generator)
         z = _corrector(model, z, nxt, i + 1, settings, generator, callback)
+    return z.detach()
+
+
+def dpmpp_2m(model, z: torch.Tensor, settings: NoiseLevelSettings, generator: Generators = None,
+             callback: Callback = None) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022), a multistep solver of the probability-flow ODE in log sigma that reuses the
+    previous level's denoised estimate; one evaluation per level, the clean estimate at the last."""
+    sigmas = noise_levels(model, settings)
+    z = z.detach().clone()
+    previous = None
+    for i, sigma in enumerate(sigmas):
+        u, grad = model(z, sigma)
+        _report(callback, i, z, sigma, u, grad)
+        denoised = tweedie(z, sigma, grad)
+        if i == len(sigmas) - 1:
+            return denoised.detach()
+        nxt = sigmas[i + 1]
+        h = math.log(sigma / nxt)
+        if previous is not None:  # second order: extrapolate the denoised estimate along log sigma
+            r = math.log(sigmas[i - 1] / sigma) / h
+            estimate = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * previous
+        else:
+            estimate = denoised
+        z = (nxt / sigma) * z - math.expm1(-h) * estimate
+        previous = denoised
+        z = _corrector(model, z, nxt, i + 1, settings, generator, callback)
+    return z.detach()
+
+
+_IPNDM = ((1.0,), (3 / 2, -1 / 2), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
+
+
+def ipndm(model, z: torch.Tensor, settings: NoiseLevelSettings, generator: Generators = None,
+          callback: Callback = None) -> torch.Tensor:
+    """Improved pseudo linear multistep (iPNDM; Zhang & Chen 2023): Adams-Bashforth steps of up to 4th order on the
+    probability-flow ODE dz/dsigma = sigma grad E, reusing the last three slopes; one evaluation per level, the last
+    step down to sigma 0."""
+    sigmas = noise_levels(model, settings) + [0.0]
+    z = z.detach().clone()
+    slopes: list[torch.Tensor] = []
+    for i, sigma in enumerate(sigmas[:-1]):
+        u, grad = model(z, sigma)
+        _report(callback, i, z, sigma, u, grad)
+        slopes.insert(0, sigma * grad)
+        weights = _IPNDM[min(len(slopes), len(_IPNDM)) - 1]
+        z = z + (sigmas[i + 1] - sigma) * sum(w * s for w, s in zip(weights, slopes))
+        del slopes[len(_IPNDM) - 1:]
+        if i + 1 < len(sigmas) - 1:
+            z = _corrector(model, z, sigmas[i + 1], i + 1, settings, generator, callback)
     return z.detach()
 
 
@@ -110,32 +179,15 @@ def mala(model, z: torch.Tensor, sigma: float | None, step: float, steps: int, g
     return z.detach()
 
 
-def _corrector(model, z, sigma: float, level: int, settings: AnnealedSettings, generator, callback) -> torch.Tensor:
+def _corrector(model, z, sigma: float, level: int, settings: NoiseLevelSettings, generator, callback) -> torch.Tensor:
     if settings.mala_levels and level >= settings.levels - settings.mala_levels:
         z = mala(model, z, sigma, settings.mala_step_scale * sigma ** 2, settings.mala_steps, generator, callback,
                  level)
     return z
 
 
-def ddim(model, z: torch.Tensor, settings: DDIMSettings, generator: Generators = None,
-         callback: Callback = None) -> torch.Tensor:
-    """DDIM (Song et al. 2021) along a noise predictor's own schedule (diffusers' DDIMScheduler). With eta > 0 the
-    step's noise comes from each chain's own generator."""
-    scheduler = model.model.sampling_scheduler()
-    scheduler.set_timesteps(settings.steps)
-    z = z.detach().clone()
-    for i, t in enumerate(scheduler.timesteps):
-        eps = model.eps(z, t)
-        if callback is not None:  # its noise level in sigma terms, and its clean estimate
-            alpha = float(scheduler.alphas_cumprod[int(t)])
-            _report(callback, i, z, math.sqrt((1 - alpha) / alpha), torch.full((len(z),), float("nan")), eps,
-                    denoised=(z - math.sqrt(1 - alpha) * eps) / math.sqrt(alpha))
-        noise = randn(z, generator) if settings.eta else None
-        z = scheduler.step(eps, t, z, eta=settings.eta, variance_noise=noise).prev_sample
-    return z.detach()
-
-
-SAMPLERS = {"langevin": langevin, "heun": heun, "ancestral": ancestral, "ddim": ddim}
+SAMPLERS = {"langevin": langevin, "heun": heun, "euler": euler, "ancestral": ancestral, "ddim": ddim,
+            "dpmpp_2m": dpmpp_2m, "ipndm": ipndm}
 
 
 def _report(callback: Callback, i: int, z, sigma, u, grad, **extra) -> None:

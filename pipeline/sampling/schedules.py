@@ -1,8 +1,10 @@
-"""Noise-level schedules."""
+"""Noise-level schedules: the levels a noise-level sampler visits, from the top level down to the last."""
 
 from __future__ import annotations
 
 import torch
+
+from ..common.config import EbdError
 
 
 def karras_sigmas(levels: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
@@ -11,3 +13,15 @@ def karras_sigmas(levels: int, sigma_min: float, sigma_max: float, rho: float = 
     ramp = torch.linspace(0, 1, levels, dtype=torch.float64)
     top, bottom = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
     return (top + ramp * (bottom - top)) ** rho
+
+
+def noise_levels(model, settings) -> list[float]:
+    """The levels `settings` asks for on `model` (a model wrapped for sampling): the Karras schedule over
+    [sigma_min, sigma_max], or with `schedule: model` the network's own trained timesteps (`native_sigmas`)."""
+    if settings.schedule == "model":
+        native = getattr(model, "native_sigmas", None)
+        if native is None:
+            raise EbdError("sampler schedule 'model' needs a network trained on discrete timesteps (a DDPM noise "
+                           "predictor): use schedule: karras")
+        return native(settings.levels)
+    return karras_sigmas(settings.levels, settings.sigma_min, settings.sigma_max, settings.rho).tolist()

@@ -1,8 +1,12 @@
 """Sampler settings: one small dataclass per family of samplers, validated when built, saved with the model.
 
-A model folder's config.json names its sampler (`"sampler": {"name": "heun", "levels": 25, ...}`); a job changes
-keys of it (`--set sampler='{levels: 10}'`). `sampler_settings(values)` turns such a dict into the dataclass its
-`name` selects; an unknown name or key, or a value out of range, is one line.
+A model folder's config.json names its sampler (`"sampler": {"name": "dpmpp_2m", "levels": 10, ...}`); a job
+changes keys of it (`--set sampler='{levels: 13}'`). `sampler_settings(values)` turns such a dict into the
+dataclass its `name` selects; an unknown name or key, or a value out of range, is one line.
+
+    LangevinSettings     langevin: short-run Langevin on a clean-data energy U(z) (the contrastive-divergence models)
+    NoiseLevelSettings   heun, euler, ancestral, ddim, dpmpp_2m, ipndm: from noise to data along noise levels, on
+                         any noise-level model (an energy, a score network, a noise predictor)
 """
 
 from __future__ import annotations
@@ -11,6 +15,10 @@ from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 from ..common.config import ConfigError, EbdError, from_dict, require
+
+# Network evaluations per chain at n levels: Heun takes two per level but the last (its final step is a
+# denoising Euler step), every other noise-level sampler one.
+_TWO_PER_LEVEL = {"heun"}
 
 
 @dataclass
@@ -39,19 +47,23 @@ class LangevinSettings:
 
 
 @dataclass
-class AnnealedSettings:
-    """Noise-level annealing on a noise-conditional model, from N(0, (s^2 + sigma_max^2) I) to data."""
-    name: Literal["heun", "ancestral"] = "heun"
-    levels: int = 25                 # noise levels on the Karras schedule, sigma_max ... sigma_min
+class NoiseLevelSettings:
+    """From N(0, (s^2 + sigma_max^2) I) down a schedule of noise levels to the data, on a noise-level model."""
+    name: Literal["heun", "euler", "ancestral", "ddim", "dpmpp_2m", "ipndm"] = "heun"
+    levels: int = 25                 # noise levels of the schedule; network evaluations: levels (heun: 2 levels - 1)
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     rho: float = 7.0                 # Karras et al. 2022: rho = 7 spends the levels where detail forms
-    # Metropolis-adjusted Langevin corrector (uses E itself for the accept/reject test): `mala_steps` steps at each
-    # of the last `mala_levels` levels, step size mala_step_scale * sigma^2.
+    # karras: levels on the Karras schedule over [sigma_min, sigma_max]; model: the network's own trained timesteps
+    # (a DDPM noise predictor's, spaced as DDIM spaces them; sigma_min/sigma_max are then unused).
+    schedule: Literal["karras", "model"] = "karras"
+    eta: float = 0.0                 # ddim: 0 is deterministic DDIM, 1 DDPM-like ancestral noise
+    # Metropolis-adjusted Langevin corrector (uses E itself for the accept/reject test, so energies only):
+    # `mala_steps` steps at each of the last `mala_levels` levels, step size mala_step_scale * sigma^2.
     mala_levels: int = 0
     mala_steps: int = 1
     mala_step_scale: float = 0.25
-    # Conditional energies: each condition term's weight w in E_none + w (E_c - E_none) (conditions.py); 1 is plain
+    # Conditional models: each condition term's weight w in E_none + w (E_c - E_none) (conditions.py); 1 is plain
     # conditioning, more sharpens it (classifier-free guidance, Ho & Salimans 2022).
     guidance: float = 1.0
 
@@ -60,46 +72,34 @@ class AnnealedSettings:
         require(self.guidance >= 0, f"sampler guidance must be >= 0, got {self.guidance}")
         require(0 < self.sigma_min < self.sigma_max, "sampler needs 0 < sigma_min < sigma_max")
         require(self.rho > 0 and self.mala_step_scale > 0, "sampler rho and mala_step_scale must be > 0")
+        require(0 <= self.eta <= 1, "sampler eta must be in [0, 1]")
         require(0 <= self.mala_levels < self.levels and self.mala_steps >= 1,
                 "sampler mala_levels must be in [0, levels - 1] (no corrector at the top level), mala_steps >= 1")
 
     def gradient_evaluations(self) -> int:
-        """Per chain: Heun 2 per level but the last (which takes the final denoising Euler step), ancestral 1 per
-        level; each MALA level 1 to start plus 1 per step."""
-        base = 2 * self.levels - 1 if self.name == "heun" else self.levels
+        """Per chain; each MALA level adds 1 to start plus 1 per step."""
+        base = 2 * self.levels - 1 if self.name in _TWO_PER_LEVEL else self.levels
         return base + self.mala_levels * (1 + self.mala_steps)
 
-    def probe(self) -> "AnnealedSettings":
+    def probe(self) -> "NoiseLevelSettings":
         return replace(self, levels=2, mala_levels=0)
 
 
-@dataclass
-class DDIMSettings:
-    """DDIM on a noise-predicting diffusion model (the baseline, `models.noise_predictor.DiffusionUNet`)."""
-    name: Literal["ddim"] = "ddim"
-    steps: int = 50                  # network evaluations per image
-    eta: float = 0.0                 # 0: deterministic DDIM; 1: DDPM-like ancestral noise
-
-    def validate(self) -> None:
-        require(self.steps >= 1 and 0 <= self.eta <= 1, "ddim steps must be >= 1, eta in [0, 1]")
-
-    def gradient_evaluations(self) -> int:
-        return self.steps  # forward evaluations of the noise predictor
-
-    def probe(self) -> "DDIMSettings":
-        return replace(self, steps=2)
-
-
-SETTINGS = {"langevin": LangevinSettings, "heun": AnnealedSettings, "ancestral": AnnealedSettings,
-            "ddim": DDIMSettings}
-SamplerSettings = LangevinSettings | AnnealedSettings | DDIMSettings
+AnnealedSettings = NoiseLevelSettings  # the name before the family grew beyond annealing
+SETTINGS = {"langevin": LangevinSettings, **{name: NoiseLevelSettings for name in
+                                              ("heun", "euler", "ancestral", "ddim", "dpmpp_2m", "ipndm")}}
+SamplerSettings = LangevinSettings | NoiseLevelSettings
 
 
 def sampler_settings(values: dict) -> SamplerSettings:
-    """The settings dataclass a saved `sampler` dict names (no name: short-run Langevin, the original)."""
+    """The settings dataclass a saved `sampler` dict names (no name: short-run Langevin, the original). A DDIM dict
+    saved before DDIM joined the noise-level family ({name: ddim, steps, eta}) means the model's own timesteps."""
+    values = dict(values)
     name = values.get("name", "langevin")
     if name not in SETTINGS:
         raise EbdError(f"unknown sampler {name!r} (known: {', '.join(SETTINGS)})")
+    if name == "ddim" and "steps" in values:
+        values = {k: v for k, v in values.items() if k != "steps"} | {"levels": values["steps"], "schedule": "model"}
     return from_dict(SETTINGS[name], values | {"name": name})
 
 
@@ -112,4 +112,6 @@ def with_overrides(settings: SamplerSettings, overrides: dict | None, owner: str
         family = [n for n, cls in SETTINGS.items() if cls is type(settings)]
         raise ConfigError(f"{owner} samples with {' or '.join(family)}, not {name!r}: set the sampler section's name "
                           "to one of those, or leave it out")
+    if name == "ddim" and "steps" in overrides:  # DDIM's old key for its levels
+        overrides = {k: v for k, v in overrides.items() if k != "steps"} | {"levels": overrides["steps"]}
     return sampler_settings(asdict(settings) | overrides)

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..common.config import ConfigError, JobConfig, require
+from ..common.plugins import import_plugins
 from .objectives import OBJECTIVES, objective_settings
 
 
@@ -70,6 +71,7 @@ class TrainConfig(JobConfig):
     def validate(self) -> None:
         for name in ("latents", "output"):
             require(getattr(self, name) is not None, f"missing {name}: pass --{name} or set it in the config")
+        import_plugins(self.plugins)  # they may register the objective this config names
         self.objective = objective_settings(self.objective)
         require(self.num_workers >= 1 and self.batch_size >= 1 and self.max_steps >= 0,
                 "num_workers and batch_size must be >= 1, max_steps >= 0")

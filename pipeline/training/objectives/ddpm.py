@@ -1,5 +1,6 @@
 """The baseline, not an energy: a noise-predicting UNet (Ho et al. 2020; `models.noise_predictor.DiffusionUNet`),
-sampled by DDIM, to compare the energy models with a working peer.
+sampled by DDIM along its own timesteps (any noise-level sampler runs it), to compare the energy models with a
+working peer.
 
     loss = mean (eps_theta(z_t, t) - eps)^2,   t ~ U{0, ..., T - 1},   z_t = sqrt(abar_t) z + sqrt(1 - abar_t) eps
 """
@@ -13,7 +14,7 @@ import torch
 
 from ...common.config import require
 from ...models.noise_predictor import DiffusionUNet, DiffusionUNetConfig
-from ...sampling.settings import DDIMSettings, with_overrides
+from ...sampling.settings import NoiseLevelSettings, with_overrides
 
 
 @dataclass
@@ -58,9 +59,9 @@ class NoisePrediction:
                                    beta_schedule=settings.beta_schedule)
 
     @staticmethod
-    def sampler_settings(settings: DDPMSettings, overrides: dict, prepared: dict) -> DDIMSettings:
-        """DDIM in 50 steps, with the config's `sampler` keys changed."""
-        return with_overrides(DDIMSettings(), overrides, "objective ddpm")
+    def sampler_settings(settings: DDPMSettings, overrides: dict, prepared: dict) -> NoiseLevelSettings:
+        """DDIM in 50 steps along its own timesteps, with the config's `sampler` keys changed."""
+        return with_overrides(NoiseLevelSettings("ddim", 50, schedule="model"), overrides, "objective ddpm")
 
     @classmethod
     def build_model(cls, settings: DDPMSettings, latent_shape, prepared: dict, metadata: dict) -> DiffusionUNet:

@@ -1,9 +1,11 @@
 """Denoising score matching across noise levels (Vincent 2011; Song & Ermon 2019) on a noise-conditional energy
-E(z, sigma) (`models.noise_energy.NoiseConditionalEnergy`): no MCMC while training; samples come from plain
+E(z, sigma) (`models.noise_energy.NoiseConditionalEnergy`), or with `output: score` on the same network with a
+direct noise prediction (`models.noise_score.NoiseConditionalScore`): no MCMC while training; samples come from plain
 Gaussian noise along a Karras schedule (the sampler it names, `heun` by default).
 
-    loss = mean_d (sigma grad_z E(z + sigma eps, sigma) - eps)^2,   ln sigma ~ N(ln s + p_mean, p_std^2)
+    loss = mean_d (eps_hat(z + sigma eps, sigma) - eps)^2,   ln sigma ~ N(ln s + p_mean, p_std^2)
            (Karras et al. 2022's log-normal, relative to the data's std s) or log-uniform on [sigma_min, sigma_max]
+    eps_hat = sigma grad_z E (an energy: a double backward per step) or the network's output (a score network)
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import torch
 
 from ...common.config import require
 from ...models.noise_energy import NoiseConditionalEnergy, NoiseConditionalEnergyConfig
-from ...sampling.settings import AnnealedSettings, with_overrides
+from ...models.noise_score import NoiseConditionalScore
+from ...sampling.settings import NoiseLevelSettings, with_overrides
 
 
 @dataclass
@@ -36,6 +39,9 @@ class DSMSettings:
     # label_dropout, so the network also learns the unconditional energy and every single-field one.
     condition_on: list[str] = field(default_factory=list)
     label_dropout: float = 0.3
+    # energy: a scalar energy whose gradient is the score (Metropolis tests, composition, per-image energies); score:
+    # the same network predicting the noise directly (one forward per evaluation), the fair baseline of the energy.
+    output: Literal["energy", "score"] = "energy"
 
     def validate(self) -> None:
         require(self.sigma_min > 0, "objective sigma_min must be > 0")
@@ -81,14 +87,14 @@ class DenoisingScoreMatching:
                                             prepared["sigma_max"], prepared.get("labels"))
 
     @staticmethod
-    def sampler_settings(settings: DSMSettings, overrides: dict, prepared: dict) -> AnnealedSettings:
+    def sampler_settings(settings: DSMSettings, overrides: dict, prepared: dict) -> NoiseLevelSettings:
         """Heun on 25 Karras levels over the trained noise range, with the config's `sampler` keys changed."""
-        base = AnnealedSettings("heun", 25, settings.sigma_min, prepared["sigma_max"])
+        base = NoiseLevelSettings("heun", 25, settings.sigma_min, prepared["sigma_max"])
         return with_overrides(base, overrides, "objective dsm")
 
     @classmethod
     def build_model(cls, settings: DSMSettings, latent_shape, prepared: dict, metadata: dict) -> NoiseConditionalEnergy:
-        return NoiseConditionalEnergy(cls.model_config(settings, latent_shape, prepared), metadata)
+        return MODELS[settings.output](cls.model_config(settings, latent_shape, prepared), metadata)
 
     # worker side ------------------------------------------------------------------------------------------
     def sigmas(self, n: int, model: NoiseConditionalEnergy) -> torch.Tensor:
@@ -106,7 +112,7 @@ class DenoisingScoreMatching:
         if labels is not None:  # each field dropped on its own: the unconditional and single-field energies too
             dropped = torch.rand(labels.shape, generator=self.gen).to(labels.device) < self.settings.label_dropout
             labels = labels.masked_fill(dropped, 0)
-        per_sample = denoising_score_matching(forward, pos, sigma, eps, labels)
+        per_sample = denoising_score_matching(forward, pos, sigma, eps, labels, self.settings.output)
         loss = per_sample.mean()
         small = sigma < model.config.sigma_data   # the levels where detail forms vs where layout does
         metrics = {"loss_small_sigma": per_sample[small].mean().item() if small.any() else float("nan"),
@@ -121,12 +127,20 @@ class DenoisingScoreMatching:
         pass
 
 
+MODELS = {"energy": NoiseConditionalEnergy, "score": NoiseConditionalScore}
+
+
 def denoising_score_matching(model, z: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor,
-                             labels: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-sample loss mean_d (sigma grad_z E(z + sigma eps, sigma[, labels]) - eps)^2 (Vincent 2011, weighted by
-    sigma^2 so every level is an epsilon prediction), with the graph kept for the parameter update (double
-    backward)."""
-    noisy = (z + sigma.view(-1, 1, 1, 1) * eps).requires_grad_(True)
-    energy = model(noisy, sigma) if labels is None else model(noisy, sigma, labels)
-    (grad,) = torch.autograd.grad(energy.sum(), noisy, create_graph=True)
-    return (sigma.view(-1, 1, 1, 1) * grad - eps).flatten(1).pow(2).mean(1)
+                             labels: torch.Tensor | None = None, output: str = "energy") -> torch.Tensor:
+    """Per-sample loss mean_d (eps_hat(z + sigma eps, sigma[, labels]) - eps)^2 (Vincent 2011, weighted by sigma^2 so
+    every level is an epsilon prediction). For an energy eps_hat = sigma grad_z E, with the graph kept for the
+    parameter update (double backward); for a score network it is the network's output."""
+    noisy = z + sigma.view(-1, 1, 1, 1) * eps
+    if output == "score":
+        predicted = model(noisy, sigma) if labels is None else model(noisy, sigma, labels)
+    else:
+        noisy = noisy.requires_grad_(True)
+        energy = model(noisy, sigma) if labels is None else model(noisy, sigma, labels)
+        (grad,) = torch.autograd.grad(energy.sum(), noisy, create_graph=True)
+        predicted = sigma.view(-1, 1, 1, 1) * grad
+    return (predicted - eps).flatten(1).pow(2).mean(1)
