@@ -154,7 +154,7 @@ def _short(settings, gradients: int = 2):
     """The same sampler cut to about `gradients` gradient evaluations (memory and per-gradient speed do not depend
     on how many there are)."""
     from dataclasses import replace
-    return replace(settings, steps=gradients) if settings.name in ("langevin", "ddim") else \
+    return replace(settings, steps=gradients) if settings.name == "langevin" else \
         replace(settings, levels=max(2, gradients // 2 + 1), mala_levels=0)
 
 

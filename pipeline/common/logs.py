@@ -34,10 +34,11 @@ def log_line(name: str, message: str) -> None:
 
 
 class Progress:
-    def __init__(self, name: str, total: int, unit: str = "images", interval_s: float = 10.0, stream=None):
+    def __init__(self, name: str, total: int, unit: str = "images", interval_s: float = 10.0, stream=None,
+                 done: int = 0):
         self.name, self.total, self.unit, self.interval_s = name, total, unit, interval_s
         self.start = self.last_print = time.monotonic()
-        self.done = 0
+        self.done = self.done_at_start = done  # a resumed job's rate counts only what it did itself
         self.bar = None
         stream = stream or sys.stderr
         if total and interval_s > 0 and hasattr(stream, "isatty") and stream.isatty():
@@ -61,7 +62,7 @@ class Progress:
     @property
     def rate(self) -> float:
         elapsed = time.monotonic() - self.start
-        return self.done / elapsed if elapsed > 0 else 0.0
+        return (self.done - self.done_at_start) / elapsed if elapsed > 0 else 0.0
 
     def line(self, extra: str = "") -> str:
         pct = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""

@@ -111,7 +111,8 @@ class WorkerRun:
         self.last_good = self._snapshot()
         self.metrics = _Metrics(self.world, self.device)
         self.shown = ("loss", *self.objective.METRICS, "param_grad_norm", "samples_per_s")
-        self.log = Progress("train", total=cfg.max_steps, unit="steps", interval_s=0) if rank == 0 else None
+        self.log = Progress("train", total=cfg.max_steps, unit="steps", interval_s=0,
+                            done=self.state["step"]) if rank == 0 else None
         self.gauges = TrainingGauges(self.shown + ("step", "lr", "rollbacks")) if rank == 0 else None
         self.started = time.monotonic()
 
