@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# A two-node Ray cluster on one machine (head + one worker), bound to 127.0.0.1, metrics export ports set.
+# A two-node Ray cluster on one machine (head + one worker), listening on 127.0.0.1 only, with token auth, metrics
+# export ports set.
 #
 #   cluster/local.sh start      # head: GCS 6379, dashboard 8265, metrics 8080; worker: metrics 8081
 #   cluster/local.sh stop
 #
 # Then: export RAY_AUTH_MODE=token; ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m jobs...
+# Ray binds its servers to loopback only when its node address is loopback, and on Linux replaces 127.0.0.1 with
+# the machine's address unless told it is a single-machine cluster: hence RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0.
 # Prometheus finds both nodes through /tmp/ray/prom_metrics_service_discovery.json (cluster/prometheus/).
 set -euo pipefail
 RAY=${RAY:-$(dirname "$0")/../.venv/bin/ray}
@@ -12,7 +15,9 @@ HEAD_CPUS=${HEAD_CPUS:-1}
 WORKER_CPUS=${WORKER_CPUS:-1}
 case "${1:-}" in
   start)
-    if [ "${RAY_AUTH_MODE:-}" = token ]; then
+    export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+    export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}  # Ray's default for new clusters, made explicit
+    if [ "$RAY_AUTH_MODE" = token ]; then
       "$RAY" get-auth-token --generate >/dev/null  # `ray start` with token auth refuses to start without a token
     fi
     "$RAY" start --head --node-ip-address=127.0.0.1 --port=6379 --num-cpus="$HEAD_CPUS" \

@@ -37,7 +37,7 @@ def main() -> int:
                       output=args.output, format=args.format, seed=args.seed,
                       batch_size=args.batch_size, metrics_port=args.metrics_port, metrics_host=args.metrics_host,
                       pushgateway=args.pushgateway)
-    run_generation(cfg, address=args.address)
+    run_generation(cfg, address=args.address, dashboard=args.dashboard)
     return 0
 
 

@@ -20,7 +20,7 @@ def main() -> int:
     args = p.parse_args()
     cfg = load_config(PrecomputeConfig, args.config, args.set, input=args.input, vae=args.vae,
                       output=args.output, input_format=args.input_format)
-    run_precompute(cfg, address=args.address)
+    run_precompute(cfg, address=args.address, dashboard=args.dashboard)
     return 0
 
 

@@ -24,7 +24,7 @@ def main() -> int:
     args = p.parse_args()
     cfg = load_config(TrainConfig, args.config, args.set, latents=args.latents, output=args.output,
                       run_name=args.run_name, storage_path=args.storage_path, max_steps=args.max_steps)
-    metrics = run_training(cfg, address=args.address)
+    metrics = run_training(cfg, address=args.address, dashboard=args.dashboard)
     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
     print(f"[train] finished: {shown}; model in {cfg.output}/model")
     return 0

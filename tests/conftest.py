@@ -26,8 +26,12 @@ from PIL import Image
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray 2.60's default for new clusters; every client sends the token
-# Every Ray instance the tests start runs ebd's local-instance settings (pipeline/distributed/local_ray.py).
-os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# The session cluster runs ebd's local-instance settings (pipeline/distributed/cluster.py): on 127.0.0.1 only, no
+# preemption watcher. On top, more idle workers kept warm than CPUs: many short Ray runs start faster on 2 CPUs.
+from pipeline.distributed.cluster import LOCAL_ENV  # noqa: E402
+
+for _name, _value in LOCAL_ENV.items():
+    os.environ.setdefault(_name, _value)
 os.environ.setdefault("RAY_num_workers_soft_limit", "8")
 
 

@@ -50,6 +50,10 @@ def test_precompute_cli_end_to_end_on_an_existing_cluster(ray_cluster, small_fol
     (["--set", "resolution=15"], "not a multiple of the VAE's downscale factor 2"),
     (["--set", "noequals"], "--set expects key=value"),
     (["--input-format", "parquet"], "no .parquet files under"),
+    (["--set", "max_pixels=-5"], "max_pixels, min_side and max_file_bytes must be positive"),
+    (["--set", "progress_interval_s=.nan"], "must be a finite number"),
+    (["--set", "image_formats=[PNG, EPS]"], "EPS is never decoded"),
+    (["--config", "typo/precompute.yaml"], "config file not found: typo/precompute.yaml"),
 ])
 def test_config_errors_are_one_line_exit_2_and_write_nothing(small_folder, sd_checkpoint, tmp_path, extra, message,
                                                             capsys):
@@ -163,3 +167,16 @@ def test_pair_decoder_checks_shapes_and_generates_decoder_flag_is_checked_before
                      str(sd_checkpoint), "--decoder", str(decoder), "--output", str(tmp_path / "out"))
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
     assert "was made for another VAE's latents" in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_numbers_parse_as_yaml_1_2_and_senseless_values_are_refused():
+    from pipeline.common.config import ConfigError, load_config
+    from pipeline.training.config import TrainConfig
+
+    cfg = load_config(TrainConfig, "configs/train.yaml", ["lr=1e-4", "objective.sigma_min=5E-3"], latents="l",
+                      output="o")
+    assert cfg.lr == 1e-4 and isinstance(cfg.lr, float)
+    for setting, message in (("lr=.inf", "finite"), ("lr=inf", "must be float"), ("lr=-1e-4", "lr must be > 0"), ("cpus_per_worker=0",
+                             "cpus_per_worker must be > 0"), ("seed=-3", "seed must be >= 0")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(TrainConfig, "configs/train.yaml", [setting], latents="l", output="o")

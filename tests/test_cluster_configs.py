@@ -64,6 +64,7 @@ def test_cluster_manifests_parse_and_have_cpu_and_gpu_worker_groups():
         pods = [spec["headGroupSpec"]] + list(groups.values())
         assert all(pod["template"]["spec"]["containers"][0]["envFrom"] == [{"secretRef": {"name": "ebd-s3"}}]
                    for pod in pods)
+        assert spec["authOptions"] == {"mode": "token"}  # the dashboard listens on the pod address: token auth
         if "entrypoint" in doc["spec"]:
             paths = re.findall(r"--(?:model|vae|output) (\S+)", doc["spec"]["entrypoint"])
             assert len(paths) == 3 and all(p.startswith("s3://") for p in paths), paths

@@ -116,18 +116,27 @@ def test_summary_reports_throughput_stage_time_and_batch_sizes(both_formats):
     assert summary["sampler_actors"] == 2  # auto on the 2-CPU cluster: (2 - 0.25 decoder - 0.25 writer) / 0.75
 
 
-def test_a_shard_regenerated_alone_is_byte_identical(both_formats, ebm_dir, sd_checkpoint):
+def test_shards_lost_cut_short_or_altered_after_their_marker_are_regenerated_byte_identical(
+        both_formats, ebm_dir, sd_checkpoint):
     out, _ = both_formats
-    def shards():  # the data files (the *_stats.json beside them hold timings)
+    def shards():  # the data files (the stats/*.json markers beside them hold timings)
         return {p.name: file_sha256(p) for p in out.glob("images-*") if p.suffix in (".parquet", ".tar")}
 
     before = shards()
-    assert len(before) == 8
+    assert len(before) == 8  # 50 images in shards of 16, 16, 16 and 2, as parquet and tar
     (out / "images-000001.parquet").unlink()
     (out / "images-000001.tar").unlink()
+    cut = (out / "images-000002.tar").read_bytes()
+    (out / "images-000002.tar").write_bytes(cut[:len(cut) // 2])  # cut short after its marker was written
+    altered = bytearray((out / "images-000003.parquet").read_bytes())
+    altered[len(altered) // 2] ^= 0xFF  # same size, one byte changed
+    (out / "images-000003.parquet").write_bytes(bytes(altered))
+
     summary = generate(ebm_dir, sd_checkpoint, out, format="both")
-    assert summary["images_this_run"] == 16 and summary["images"] == 50
+    assert summary["images_this_run"] == 16 + 16 + 2 and summary["images"] == 50
     assert shards() == before
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {name: sha for shard in manifest["shards"] for name, sha in shard["files"].items()} == before
 
 
 def test_decoders_are_placed_on_the_advertised_gpu_and_fall_back_to_cpu(both_formats):
@@ -140,8 +149,12 @@ def test_decoders_are_placed_on_the_advertised_gpu_and_fall_back_to_cpu(both_for
     assert summary["batch_probes"]["decode"]["device"] == expected
 
 
-def test_webdataset_only_and_changed_config_refused(ray_cluster, ebm_dir, sd_checkpoint, tmp_path):
-    generate(ebm_dir, sd_checkpoint, tmp_path, format="webdataset", num_images=10, batch_size=4)
+def test_webdataset_only_and_changed_config_refused(ray_cluster, ebm_dir, sd_checkpoint, tmp_path, capsys):
+    nobody = f"http://127.0.0.1:{free_port()}"  # a pushgateway that is down: a warning, the run still succeeds
+    summary = generate(ebm_dir, sd_checkpoint, tmp_path, format="webdataset", num_images=10, batch_size=4,
+                       pushgateway=nobody)
+    assert summary["images"] == 10
+    assert f"warning: the final metrics were not pushed to {nobody}" in capsys.readouterr().err
     # the data files: one tar and no parquet (the img2dataset stats json beside the tar is not data)
     assert sorted(p.name for p in tmp_path.glob("images-*") if p.suffix in (".tar", ".parquet")) == [
         "images-000000.tar"]

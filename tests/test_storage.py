@@ -59,3 +59,28 @@ def test_a_model_folder_in_a_bucket_is_copied_once_and_again_when_it_changes(s3,
     assert second != first and (second / "config.json").read_bytes() == b'{"v": 22}'
     with pytest.raises(EbdError, match="cannot read s3://ebd-test/nothing-here"):  # one line, no traceback
         storage.local_copy(storage.join(s3, "nothing-here"))
+
+
+def test_a_cached_model_copy_changed_on_disk_is_fetched_again_not_trusted(s3, tmp_path, monkeypatch):
+    monkeypatch.setattr(storage, "CACHE_DIR", tmp_path / "cache")
+    model = storage.join(s3, f"model-{uuid.uuid4().hex[:8]}")
+    storage.write_bytes(storage.join(model, "model.safetensors"), b"weights" * 100)
+    copy = storage.local_copy(model)
+    (copy / "model.safetensors").write_bytes(b"WEIGHTS" * 100)  # same size, other bytes
+    monkeypatch.setattr(storage, "_VERIFIED", set())             # as a new process finds the cache
+    assert (storage.local_copy(model) / "model.safetensors").read_bytes() == b"weights" * 100
+
+
+@pytest.mark.parametrize("evil", ["../../escape.json", "sub/../../escape.json", "/abs.json"])
+def test_an_object_key_that_would_leave_the_model_cache_is_refused_in_one_line(s3, tmp_path, monkeypatch, evil):
+    import boto3
+
+    monkeypatch.setattr(storage, "CACHE_DIR", tmp_path / "cache")
+    prefix = f"model-{uuid.uuid4().hex[:8]}"
+    client = boto3.client("s3")  # the AWS_* environment conftest points at the local S3 server
+    client.put_object(Bucket="ebd-test", Key=f"{prefix}/config.json", Body=b"{}")
+    client.put_object(Bucket="ebd-test", Key=f"{prefix}/{evil}", Body=b"{}")
+    with pytest.raises(EbdError, match="would land outside the local cache") as err:
+        storage.local_copy(storage.join(s3, prefix))
+    assert "\n" not in str(err.value)
+    assert sorted(p.name for p in tmp_path.rglob("*.json")) == []  # nothing written, inside or outside the cache

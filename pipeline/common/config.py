@@ -9,6 +9,8 @@ stderr (exit code 2) and writes nothing:
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import sys
 import types
 import typing
@@ -16,6 +18,26 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
 import yaml
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's floats: `1e-4` is a number, not the string PyYAML 1.1 makes of it (a
+    mantissa without a dot)."""
+
+
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str):
+    """A YAML document (or one `--set` value) with YAML 1.2's numbers, through the safe loader."""
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 class EbdError(Exception):
@@ -57,7 +79,7 @@ def load_config(cls: type[C], path: str | Path | None = None, sets: list[str] | 
         if not sep or not key.strip():
             raise ConfigError(f"--set expects key=value, got {item!r}")
         section, dot, name = key.strip().partition(".")
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = parse_yaml(raw) if raw.strip() else None
         if dot:  # section.key: one key of a mapping-valued key (`--set objective.sigma_max=30`)
             current = values.get(section)
             if isinstance(current, str):  # a section given by its name alone, e.g. objective: dsm
@@ -103,18 +125,24 @@ def require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def require_at_least(config, minimum: float, *names: str, strictly: bool = False) -> None:
+    """One rule for several numeric keys: each set (not None) value must be >= minimum (> when `strictly`)."""
+    bad = [n for n in names if (v := getattr(config, n)) is not None and (v <= minimum if strictly else v < minimum)]
+    require(not bad, f"{', '.join(bad)} must be {'>' if strictly else '>='} {minimum:g}, got "
+                     f"{', '.join(repr(getattr(config, n)) for n in bad)}")
+
+
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # the project's shipped configs
 
 
 def find_config(path: Path) -> Path:
-    """`path` as given, else, for a relative path, the shipped config of that name (configs/NAME or NAME), so
-    `ebd train --config configs/train.yaml` works from any working directory."""
-    if path.is_file() or path.is_absolute():
+    """`path` as given, else the shipped config of that name when the path names one (`NAME.yaml` or
+    `configs/NAME.yaml`), so `ebd train --config configs/train.yaml` works from any working directory; a path in any
+    other folder is only ever itself (a typo in a folder name is an error, never another file)."""
+    if path.is_file() or path.is_absolute() or path.parent not in (Path("."), Path("configs")):
         return path
-    for candidate in (CONFIGS.parent / path, CONFIGS / path.name):
-        if candidate.is_file():
-            return candidate
-    return path
+    candidate = CONFIGS / path.name
+    return candidate if candidate.is_file() else path
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -122,7 +150,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = parse_yaml(path.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -174,6 +202,8 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
             return value
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"config key {name!r} must be a finite number, got {value!r}")
             return float(value)
     elif hint is str:
         if isinstance(value, str):
@@ -200,7 +230,11 @@ def job_parser(module: str, doc: str, address: bool = True):
     examples = sorted(p.name for p in CONFIGS.glob(f"{name}*.yaml"))
     parser.add_argument("--config", help="YAML config" + (f" (e.g. configs/{examples[0]})" if examples else ""))
     if address:
-        parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+        parser.add_argument("--address", help="Ray cluster address: host:port, or auto for the cluster `ray start` "
+                                              "left here (default: RAY_ADDRESS, else a new local instance on "
+                                              "127.0.0.1)")
+        parser.add_argument("--dashboard", action="store_true",
+                            help="start the Ray dashboard (on 127.0.0.1) with a local instance")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     return parser
 

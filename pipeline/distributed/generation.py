@@ -29,6 +29,7 @@ from ..io.files import atomic_write, atomic_write_json, claim_run_folder, file_s
 from ..io.pictures import preview_grid
 from ..sampling.conditions import check_condition, conditions_for, load_plan, parse_condition
 from ..sampling.noise import image_key
+from .cluster import connect
 
 RUN_FILE = "run.json"
 
@@ -293,9 +294,8 @@ def probe_decode_batch(decoder, dtype: str, use_gpu: bool, latent_shape: list, b
 
 # ------------------------------------------------------------------------------------------------ driver
 
-def run_generation(cfg: GenerateConfig, address: str | None = None) -> dict:
+def run_generation(cfg: GenerateConfig, address: str | None = None, dashboard: bool = False) -> dict:
     """Runs (or resumes) generation; returns the summary."""
-    import ray
 
     from ..common.metrics import DriverMetrics
     from ..models import load_model
@@ -318,8 +318,7 @@ def run_generation(cfg: GenerateConfig, address: str | None = None) -> dict:
     storage.check_writable(out)  # one line before any work: no such bucket, no permission
     num_shards = math.ceil(cfg.num_images / cfg.images_per_shard)
 
-    if not ray.is_initialized():
-        ray.init(address=address)
+    connect(address, dashboard=dashboard)
     gpus = resolve_decoder_gpus(cfg)
     run = _claim_output(out, cfg, sampler, model_id, vae_identity, decoder, plan)
     batch_sizes = _recorded_batch_sizes(run) or _choose_batch_sizes(cfg, sampler, decoder, latent_shape, gpus, plan)
@@ -334,8 +333,8 @@ def run_generation(cfg: GenerateConfig, address: str | None = None) -> dict:
     pending = [j for j in range(num_shards) if j not in done]
     metrics = DriverMetrics()
     port = metrics.serve(cfg.metrics_port, cfg.metrics_host) if cfg.metrics_port is not None else None
-    log = Progress("generate", total=cfg.num_images, unit="images", interval_s=cfg.progress_interval_s)
-    log.done = sum(s["count"] for s in done.values())
+    log = Progress("generate", total=cfg.num_images, unit="images", interval_s=cfg.progress_interval_s,
+                   done=sum(s["count"] for s in done.values()))
     samplers = resolve_sampler_actors(cfg, max(1, len(pending)))  # as decoded_shards will start them
     log.log(f"{cfg.num_images} images in {num_shards} shards -> {out}; {len(done)} complete, {len(pending)} to make; "
             f"batch sizes sampler={batch_sizes['sampler']} decode={batch_sizes['decode']}; "
@@ -363,7 +362,11 @@ def run_generation(cfg: GenerateConfig, address: str | None = None) -> dict:
         log.log(f"done: {summary['images']} images in {len(done)} shards; {summary['images_per_second']:.2f} images/s "
                 f"this run; preview {storage.join(out, 'preview.png')}")
         if cfg.pushgateway:
-            metrics.push(cfg.pushgateway)
+            try:
+                metrics.push(cfg.pushgateway)
+            except Exception as e:  # noqa: BLE001 - the images are safe: a monitoring fault does not fail the job
+                log.log(f"warning: the final metrics were not pushed to {cfg.pushgateway} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else ''}); the images are written and complete")
         if port is not None and cfg.metrics_linger_s > 0:
             time.sleep(cfg.metrics_linger_s)  # lets a scraper read the final values before the endpoint closes
         return summary

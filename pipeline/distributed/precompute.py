@@ -27,10 +27,11 @@ from ..common.metrics import record_precompute_shard
 from ..io import latent_shards as sh
 from ..io import storage
 from ..io.files import atomic_write_json, atomic_write_lines, claim_run_folder, read_json
-from ..io.images import Rejected, decode_image, to_model_input
+from ..io.images import DEFAULT_FORMATS, Rejected, decode_image, to_model_input
 from ..io.sources import Item, count_by_field, count_by_label, plan_items, read_items
 from ..io.tars import write_tar
 from ..vae.autoencoder import VaeSpec, resolve_vae
+from .cluster import connect
 
 RUN_FILE = "run.json"  # what this folder was started with; a resumed run must match it
 
@@ -57,6 +58,9 @@ class PrecomputeConfig(JobConfig):
     max_pixels: int = 89_478_485                 # larger images are rejected before decoding (bombs)
     min_side: int = 64                           # images whose shorter side is smaller are rejected
     max_file_bytes: int = 256 * 1024 * 1024
+    # Image formats decoded (Pillow names, told by signature before any decoder runs); others are rejects. Widen it
+    # knowingly: every decoder on the list parses untrusted bytes (TIFF, PPM, TGA, JPEG2000, ICO are safe picks).
+    image_formats: list[str] = field(default_factory=lambda: list(DEFAULT_FORMATS))
     image_column: str | None = None              # parquet: column with image bytes (auto-detected if null)
     key_column: str | None = None                # parquet: column with sample keys (row number if null)
     label_column: str | None = None              # parquet: column with labels ("label" if present)
@@ -75,6 +79,13 @@ class PrecomputeConfig(JobConfig):
         require(self.max_retries >= 0 and self.max_in_flight >= 0, "max_retries and max_in_flight must be >= 0")
         require(self.max_pixels > 0 and self.min_side >= 1 and self.max_file_bytes > 0,
                 "max_pixels, min_side and max_file_bytes must be positive")
+        from PIL import Image
+        Image.init()
+        unknown = [f for f in self.image_formats if f.upper() not in Image.OPEN]
+        require("EPS" not in [f.upper() for f in self.image_formats],
+                "image_formats: EPS is never decoded (Pillow hands PostScript to Ghostscript)")
+        require(bool(self.image_formats) and not unknown, f"image_formats: unknown format {unknown[0]!r} (Pillow "
+                f"knows {', '.join(sorted(Image.OPEN))})" if unknown else "image_formats must name a format")
         require(all(isinstance(f, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,64}", f) for f in self.label_fields)
                 and len(set(self.label_fields)) == len(self.label_fields),
                 f"label_fields must be distinct names of [A-Za-z0-9_-], got {self.label_fields!r}")
@@ -106,6 +117,7 @@ class ShardJob:
     use_gpu: bool
     num_threads: int
     label_fields: tuple[str, ...] = ()
+    image_formats: tuple[str, ...] = DEFAULT_FORMATS
 
 
 def prepare(cfg: PrecomputeConfig) -> tuple[VaeSpec, str, list[Item]]:
@@ -137,10 +149,10 @@ def shard_job(cfg: PrecomputeConfig, spec: VaeSpec, index: int, items: tuple[Ite
               num_threads: int) -> ShardJob:
     return ShardJob(index, items, storage.canonical(cfg.output), spec, cfg.resolution, cfg.batch_size, cfg.dtype,
                     cfg.seed, cfg.store_moments, cfg.max_pixels, cfg.min_side, cfg.max_file_bytes, use_gpu,
-                    max(1, num_threads), tuple(cfg.label_fields))
+                    max(1, num_threads), tuple(cfg.label_fields), tuple(f.upper() for f in cfg.image_formats))
 
 
-def run_precompute(cfg: PrecomputeConfig, address: str | None = None) -> dict:
+def run_precompute(cfg: PrecomputeConfig, address: str | None = None, dashboard: bool = False) -> dict:
     """Runs (or resumes) the whole job and returns the manifest."""
     import ray
 
@@ -160,8 +172,7 @@ def run_precompute(cfg: PrecomputeConfig, address: str | None = None) -> dict:
             f"{len(todo)} to encode")
 
     if todo:
-        if not ray.is_initialized():
-            ray.init(address=address, log_to_driver=True)
+        connect(address, dashboard=dashboard, log_to_driver=True)
         gpus = cfg.num_gpus_per_task
         if gpus == "auto":
             gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
@@ -227,10 +238,11 @@ def encode_shard(job: ShardJob) -> dict:
         try:
             if loaded.reject:
                 raise Rejected(*loaded.reject)
-            pixels, size = decode_image(loaded.data, job.resolution, job.max_pixels, job.min_side)
+            pixels, size = decode_image(loaded.data, job.resolution, job.max_pixels, job.min_side,
+                                        job.image_formats)
         except Rejected as r:
             rejects.append({"source": item.source, "key": item.key, "reason": r.reason, "detail": r.detail,
-                            "shard": job.index})
+                            "shard": job.index} | ({"exception": r.exception} if r.exception else {}))
             continue
         meta = {"source": item.source, "original_size": list(size), "seed": vae_lib.image_seed(job.seed, item.key)}
         label = loaded.label if loaded.label is not None else next(iter(loaded.fields.values()), None)
@@ -266,8 +278,9 @@ def _stats_path(out: str, index: int) -> str:
 
 
 def _completed_shard(out: str, index: int) -> dict | None:
-    """A shard is complete when its done marker exists and its tar has the recorded size; anything else (a tar
-    without a marker, from a run killed between the two) is encoded again, never read."""
+    """A shard is complete when its done marker exists and its tar has the size and sha256 the marker records;
+    anything else (a tar without a marker, from a run killed between the two; a tar cut short or changed after its
+    marker) is encoded again, never trusted."""
     stats_path, tar_path = _stats_path(out, index), storage.join(out, sh.SHARD_NAME.format(index))
     if not storage.is_file(stats_path) or not storage.is_file(tar_path):
         return None
@@ -275,7 +288,9 @@ def _completed_shard(out: str, index: int) -> dict | None:
         stats = read_json(stats_path)
     except ValueError:
         return None
-    return stats if stats.get("bytes") == storage.size(tar_path) else None
+    if stats.get("bytes") != storage.size(tar_path) or stats.get("sha256") != storage.file_sha256(tar_path):
+        return None
+    return stats
 
 
 def _claim_output(out: str, cfg: PrecomputeConfig, vae_identity: dict, items: list[Item]) -> None:
@@ -284,6 +299,8 @@ def _claim_output(out: str, cfg: PrecomputeConfig, vae_identity: dict, items: li
     config = {k: getattr(cfg, k) for k in _CONTENT_KEYS}
     if cfg.label_fields:  # recorded only when used, so folders started before the setting existed still resume
         config["label_fields"] = list(cfg.label_fields)
+    if [f.upper() for f in cfg.image_formats] != list(DEFAULT_FORMATS):  # likewise
+        config["image_formats"] = [f.upper() for f in cfg.image_formats]
     run = {"config": config, "vae_weights_sha256": vae_identity["weights_sha256"], "inputs": len(items),
            "inputs_sha256": listing}
     claim_run_folder(out, run, RUN_FILE)

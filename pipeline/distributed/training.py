@@ -24,11 +24,11 @@ from ..training.config import TrainConfig, flat_record, migrate
 from ..training.data import excluded
 from ..training.loop import train_loop_per_worker
 from ..training.objectives import OBJECTIVES
+from .cluster import connect
 
 
-def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
+def run_training(cfg: TrainConfig, address: str | None = None, dashboard: bool = False) -> dict:
     """Runs (or resumes) training under Ray Train; returns the final reported metrics."""
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -77,8 +77,7 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
     cfg_dict = asdict(cfg) | {"output": output}
     claim_run(checkpoints_at, cfg, manifest_sha)
 
-    if not ray.is_initialized():
-        ray.init(address=address)
+    connect(address, dashboard=dashboard)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg_dict, "shards": paths, "shard_counts": {p: counts[p] for p in paths},

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from ..common.config import EbdError, JobConfig, require
+from ..common.config import EbdError, JobConfig, require, require_at_least
 from ..common.logs import Progress
 from ..common.optim import adam, learning_rate, set_learning_rate
 from ..io import latent_shards as sh
@@ -75,6 +75,8 @@ class FitEvaluatorConfig(JobConfig):
     def validate(self) -> None:
         for name in ("latents", "output"):
             require(getattr(self, name) is not None, f"missing {name}: pass --{name} or set it in the config")
+        require_at_least(self, 1, "projection_dim", "log_every")
+        require_at_least(self, 0, "weight_decay", "warmup_steps", "seed", "threads")
         require(self.holdout_shards >= 1, "holdout_shards must be >= 1: the evaluator's accuracy is measured there")
         require(self.steps >= 1 and self.batch_size >= 2 and self.lr > 0 and self.max_images >= 2,
                 "steps >= 1, batch_size >= 2, lr > 0, max_images >= 2")

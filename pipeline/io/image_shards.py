@@ -82,7 +82,7 @@ def write_image_shard(out: str, shard: int, fmt: str, keys: list[str], images: n
     pngs = [png_bytes(img) for img in images]
     height, width = images.shape[1:3]
     npys = None if latents is None else [npy_bytes(z.astype(np.float16)) for z in latents]
-    files, sizes = {}, 0
+    files, file_bytes = {}, {}
     if fmt in ("parquet", "both"):
         columns = {"key": keys, "image": [{"bytes": png, "path": f"{k}.png"} for k, png in zip(keys, pngs)],
                    "width": [width] * len(keys), "height": [height] * len(keys), "seed": seeds,
@@ -96,7 +96,7 @@ def write_image_shard(out: str, shard: int, fmt: str, keys: list[str], images: n
             pq.write_table(table, f, compression="zstd", row_group_size=len(keys) or 1)
         written = atomic_write(storage.join(out, PARQUET_NAME.format(shard)), write_parquet)
         files[PARQUET_NAME.format(shard)] = written["sha256"]
-        sizes += written["bytes"]
+        file_bytes[PARQUET_NAME.format(shard)] = written["bytes"]
     if fmt in ("webdataset", "both"):
         asked = conditions or [None] * len(keys)
         samples = [{"__key__": k, "png": png,
@@ -109,8 +109,9 @@ def write_image_shard(out: str, shard: int, fmt: str, keys: list[str], images: n
                 sample["latent.npy"] = npy
         written = write_tar(storage.join(out, TAR_NAME.format(shard)), samples)
         files[TAR_NAME.format(shard)] = written["sha256"]
-        sizes += written["bytes"]
-    stats = {"shard": shard, "count": len(keys), "files": files, "bytes": sizes, **extra_stats,
+        file_bytes[TAR_NAME.format(shard)] = written["bytes"]
+    stats = {"shard": shard, "count": len(keys), "files": files, "file_bytes": file_bytes,
+             "bytes": sum(file_bytes.values()), **extra_stats,
              "write_batch_seconds": [time.perf_counter() - tick]}
     seconds = sum(sum(stage_seconds(stats, stage)) for stage in STAGES)
     atomic_write_json(storage.join(out, IMG2DATASET_STATS.format(shard)), {  # for tools that read img2dataset output
@@ -136,15 +137,29 @@ def shard_pngs(out: str, shard: int, fmt: str) -> list[bytes]:
 
 
 def completed_shard(out: str, shard: int, fmt: str) -> dict | None:
-    """The done marker of a shard whose files are all present, else None (the shard must be (re)generated): a
-    shard's files without a marker (a run killed between the two) are written again, never trusted."""
+    """The done marker of a shard whose files all match the sizes and sha256 the marker records, else None (the
+    shard must be (re)generated): files without a marker (a run killed between the two) and files cut short or
+    changed after their marker are written again, never trusted."""
     marker = stats_path(out, shard)
-    if not storage.is_file(marker) or not all(storage.is_file(p) for p in shard_files(out, shard, fmt)):
+    if not storage.is_file(marker):
         return None
     try:
-        return read_json(marker)
+        stats = read_json(marker)
     except ValueError:
         return None
+    expected = {storage.name(p) for p in shard_files(out, shard, fmt)}
+    if set(stats.get("files", {})) != expected:
+        return None
+    for name, sha256 in stats["files"].items():
+        path = storage.join(out, name)
+        if not storage.is_file(path):
+            return None
+        size = (stats.get("file_bytes") or {}).get(name)
+        if size is not None and storage.size(path) != size:
+            return None
+        if storage.file_sha256(path) != sha256:
+            return None
+    return stats
 
 
 # ------------------------------------------------------------------------------------------------ reading

@@ -1,74 +1,157 @@
 """Image decoding and preprocessing: bytes -> RGB uint8 array of `resolution` x `resolution`, or a rejection.
 
-Order matters: the pixel limit is checked from the header, before any pixel is decoded, so a decompression bomb
-costs nothing; EXIF orientation is applied before the crop; transparency is composited on white.
+Every input is untrusted. In order:
+1. the format must be on the allow-list (`DEFAULT_FORMATS`, widened by precompute's `image_formats`), told from the
+   first bytes before any decoder runs: Pillow only tries the allowed plugins (a PostScript file named .png never
+   reaches Ghostscript; a format Pillow knows but the list leaves out is `format_not_allowed`);
+2. the pixel count is checked from the header, before any pixel is decoded, so a decompression bomb costs nothing;
+3. JPEGs decode at the smallest DCT scale that still covers the output (Pillow's draft), and high-bit-depth images are
+   brought to 8 bits in integer arithmetic: decoding holds about max_pixels x 4 bytes at most, plus one 8-bit copy;
+4. EXIF orientation is applied before the crop; transparency is composited on white.
+Whatever a decoder raises on one file (Pillow raises many types on hostile bytes) is that file's rejection, with the
+exception's type in its detail; nothing escapes to fail the shard.
 """
 
 from __future__ import annotations
 
 import io
+import sys
 import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+DEFAULT_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
+
 
 class Rejected(Exception):
-    """An input the pipeline skips and records: `reason` is a stable code, `detail` a human sentence."""
+    """An input the pipeline skips and records: `reason` is a stable code, `detail` a human sentence, `exception` the
+    type of the error a decoder or reader raised (None when ebd refused the input itself)."""
 
-    def __init__(self, reason: str, detail: str):
+    def __init__(self, reason: str, detail: str, exception: str | None = None):
         super().__init__(f"{reason}: {detail}")
-        self.reason, self.detail = reason, detail
+        self.reason, self.detail, self.exception = reason, detail, exception
 
 
-def decode_image(data: bytes, resolution: int, max_pixels: int, min_side: int) -> tuple[np.ndarray, tuple[int, int]]:
+def sniff_format(head: bytes) -> str | None:
+    """The format whose signature `head` (the first bytes) carries, by Pillow's own signature checks (no plugin
+    parses anything); None when no format claims it."""
+    Image.init()
+    for name in Image.ID:
+        accept = Image.OPEN[name][1]
+        try:
+            if accept is not None and accept(head):
+                return name
+        except Exception:  # noqa: BLE001 - a signature check that cannot read a short header claims nothing
+            continue
+    return None
+
+
+def decode_image(data: bytes, resolution: int, max_pixels: int, min_side: int,
+                 formats: tuple[str, ...] | list[str] = DEFAULT_FORMATS) -> tuple[np.ndarray, tuple[int, int]]:
     """Returns (resolution x resolution x 3 uint8 array, original (width, height) as displayed, after EXIF)."""
     if not data:
         raise Rejected("empty_file", "zero bytes")
+    allowed = tuple(f.upper() for f in formats)
+    found = sniff_format(data[:64])
+    if found is None:
+        # a few formats (TGA) carry no signature: when allowed, only their readers try bytes no signature claims
+        readers = tuple(f for f in allowed if f in Image.OPEN and Image.OPEN[f][1] is None)
+        if not readers:
+            raise Rejected("not_an_image", "no image format's signature")
+    elif found in allowed or (found == "MPO" and "JPEG" in allowed):
+        readers = (found,)
+    else:
+        raise Rejected("format_not_allowed", f"{found} is not an allowed image format (allowed: "
+                                             f"{', '.join(allowed)}; precompute's image_formats widens the list)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            width, height = img.size
-            if width * height > max_pixels:
-                raise Rejected("too_many_pixels", f"{width}x{height} exceeds max_pixels={max_pixels}")
-            img.seek(0)  # first frame of animated GIF/WebP
-            img.load()
+        return _decode(data, resolution, max_pixels, min_side, readers)
     except Rejected:
         raise
-    except UnidentifiedImageError:
-        raise Rejected("not_an_image", "not a decodable image format") from None
+    except UnidentifiedImageError:  # the reader could not even parse the header
+        if found is None:  # no signature, and no signature-less reader made sense of it
+            raise Rejected("not_an_image", "no image format's signature") from None
+        raise Rejected("corrupt_image", f"a {found} signature, but its header does not parse",
+                       "UnidentifiedImageError") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise Rejected("too_many_pixels", str(e)) from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:  # truncated or corrupt data
-        raise Rejected("corrupt_image", f"{type(e).__name__}: {e}") from None
-    if min(width, height) < min_side:
-        raise Rejected("too_small", f"{width}x{height} is under min_side={min_side}")
-    try:
-        img = ImageOps.exif_transpose(img)
-    except Exception:  # a broken EXIF block costs the orientation, not the image  # noqa: BLE001
-        pass
-    rgb = to_rgb(img)
-    fitted = ImageOps.fit(rgb, (resolution, resolution), method=Image.Resampling.BICUBIC, centering=(0.5, 0.5))
-    return np.asarray(fitted, dtype=np.uint8), rgb.size
+    except MemoryError:
+        raise Rejected("too_large_to_decode", "decoding ran out of memory", "MemoryError") from None
+    except Exception as e:  # noqa: BLE001 - any decoder failure on one file is that file's rejection
+        raise Rejected("corrupt_image", f"{type(e).__name__}: {_first_line(e)}", type(e).__name__) from None
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB: alpha composited on white, palette/CMYK/16-bit/float/grayscale converted."""
+def _decode(data: bytes, resolution: int, max_pixels: int, min_side: int, readers: tuple[str, ...]):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # decoders warn about what is odd in a hostile file: it decodes or not
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        img = Image.open(io.BytesIO(data), formats=readers)
+        width, height = img.size
+        if width * height > max_pixels:
+            raise Rejected("too_many_pixels", f"{width}x{height} exceeds max_pixels={max_pixels}")
+        if min(width, height) < min_side:
+            raise Rejected("too_small", f"{width}x{height} is under min_side={min_side}")
+        img.seek(0)  # first frame of animated GIF/WebP
+        if img.format in ("JPEG", "MPO"):
+            img.draft("RGB", (resolution, resolution))  # decode at 1/2, 1/4 or 1/8 scale when that still covers it
+        img.load()
+        try:
+            ImageOps.exif_transpose(img, in_place=True)  # in place: without an orientation tag it would copy
+        except Exception:  # a broken EXIF block costs the orientation, not the image  # noqa: BLE001
+            pass
+    shown = _displayed_size(img, (width, height))
+    img = to_8bit(img)  # the full-size image at 8 bits (L, RGB): the high-bit-depth original can go
+    fitted = ImageOps.fit(img, (resolution, resolution), method=Image.Resampling.BICUBIC, centering=(0.5, 0.5))
+    return np.asarray(fitted.convert("RGB"), dtype=np.uint8), shown
+
+
+def _displayed_size(img: Image.Image, header: tuple[int, int]) -> tuple[int, int]:
+    """The original size as displayed: the header's, swapped when EXIF rotated the image by 90 degrees (the draft
+    scale is not a size the user ever saw)."""
+    w, h = header
+    rotated = img.size[0] != img.size[1] and (img.size[0] > img.size[1]) != (w > h)
+    return (h, w) if rotated else (w, h)
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit L (grayscale stays one channel until after the resize) or RGB: alpha composited on
+    white, palettes and CMYK converted, 16-bit and float brought to 8 bits without a wider copy (the top byte of a
+    16-bit sample, float32 arithmetic for float data)."""
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = arr.max(initial=0)
-        peak = 1.0 if img.mode == "F" and top <= 1.0 else (255.0 if top <= 255 else 65535.0)
-        img = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+        arr = np.asarray(img)
+        top = float(arr.max(initial=0))
+        if img.mode == "F":
+            scale = 255.0 if top <= 1.0 else (1.0 if top <= 255 else 255.0 / 65535.0)
+            eight = np.clip(arr.astype(np.float32) * scale + 0.5, 0, 255).astype(np.uint8)
+        elif top <= 255:  # 8-bit values in a wider container
+            eight = np.clip(arr, 0, 255).astype(np.uint8)
+        elif arr.dtype.itemsize == 2:  # 16-bit samples: a view of their high bytes, copied once as uint8
+            big_endian = arr.dtype.byteorder == ">" or (arr.dtype.byteorder == "=" and sys.byteorder == "big")
+            eight = np.ascontiguousarray(arr.view(np.uint8).reshape(*arr.shape, 2)[..., 0 if big_endian else 1])
+        else:  # 32-bit integers ("I"): clipped to 16 bits, then the top byte
+            eight = (np.clip(arr, 0, 65535) >> 8).astype(np.uint8)
+        del arr
+        return Image.fromarray(eight)
+    if img.mode == "L":
+        return img
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        img = img.convert("RGBA")
-        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, img)
-    return img.convert("RGB")
+    if img.mode in ("LA", "La", "PA"):
+        img = img.convert("RGBA") if img.mode == "PA" else img
+    if img.mode in ("RGBA", "RGBa", "LA", "La"):  # pasted through its own alpha onto white: one 8-bit copy
+        grey = img.mode in ("LA", "La")
+        background = Image.new("L" if grey else "RGB", img.size, 255 if grey else (255, 255, 255))
+        background.paste(img if img.mode in ("RGBA", "LA") else img.convert("LA" if grey else "RGBA"), (0, 0),
+                         img.getchannel("A"))
+        return background
+    return img if img.mode == "RGB" else img.convert("RGB")  # convert() to the same mode would copy it
 
 
 def to_model_input(pixels: np.ndarray) -> np.ndarray:
     """uint8 H x W x 3 -> float32 3 x H x W in [-1, 1], the range Stable Diffusion's VAE was trained on."""
     return (pixels.astype(np.float32).transpose(2, 0, 1) / 127.5) - 1.0
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:200] if lines else ""

@@ -7,7 +7,16 @@ byte range of a tar (offsets found while planning), or one row group's image col
 
 Everything taken from inputs (file names, tar keys, parquet keys and labels) is untrusted: output keys are
 sanitised to `[A-Za-z0-9_-]` (no dots, no path separators), made unique while planning, and labels are only
-ever stored as JSON strings, never used as paths.
+ever stored as JSON strings, never used as paths. Nothing one input does stops the job: a bad item is an Item with
+a `reject` reason (recorded in rejects.jsonl), and so is a container that cannot be read whole (a tar that is not a
+tar or is cut short, a file that is not parquet): one reject line for it, and the job goes on with the rest.
+
+    folder trees   regular files only: a symlink is followed only to a regular file inside the input root; links
+                   out of it, devices, FIFOs and sockets are rejects (and a file is opened without following links
+                   and checked again, so it cannot be swapped for one between planning and reading)
+    tars           regular members only (links, directories and devices are rejects), no absolute or `..` names,
+                   one member per KEY.EXT (a later duplicate is a reject), sidecars of bounded size and depth
+    parquet        per row: image cells of the wrong type are rejects; per file: no image column, or not parquet
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import json
 import os
 import posixpath
 import re
+import stat
 import tarfile
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
@@ -30,7 +40,9 @@ from webdataset.tariterators import base_plus_ext
 from ..common.config import ConfigError
 from . import storage
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "tga", "jp2", "ico")
+SIDECAR_MAX_BYTES = 64 * 1024    # a KEY.json sidecar: larger, or nested deeper, is a reject
+SIDECAR_MAX_DEPTH = 32
 LABEL_MAX_CHARS = 200
 KEY_MAX_CHARS = 80
 OPEN_TARS = 16  # tars a reader keeps open at once
@@ -47,6 +59,7 @@ class Item:
     locator: tuple
     reject: str | None = None    # a reason known at planning time (e.g. an unsupported file type)
     fields: tuple[tuple[str, str], ...] = ()  # named labels known at planning (folder levels, parquet columns)
+    detail: str | None = None    # what the planning reject saw
 
 
 @dataclass
@@ -54,7 +67,7 @@ class Loaded:
     item: Item
     data: bytes | None
     label: str | None
-    reject: tuple[str, str] | None = None  # (reason, detail)
+    reject: tuple[str, str, str | None] | None = None  # (reason, detail, the exception's type if one was raised)
     fields: dict[str, str] = field(default_factory=dict)  # every named label: {"shape": "ring", "background": ...}
 
 
@@ -101,24 +114,27 @@ def plan_items(path: str | Path, fmt: str = "auto", image_column: str | None = N
     if fmt == "webdataset":
         return fmt, [it for f in files for it in _plan_tar(f, root, keys, label_fields)]
     if fmt == "parquet":
-        return fmt, [it for f in files for it in _plan_parquet(f, root, keys, image_column, key_column,
-                                                               label_column, label_fields)]
+        items = [it for f in files for it in _plan_parquet(f, root, keys, image_column, key_column, label_column,
+                                                           label_fields)]
+        columns = [it for it in items if it.reject == "missing_column"]
+        if columns and len(columns) == len(items):  # a column the config names is in none of the files
+            raise ConfigError(columns[0].detail)
+        return fmt, items
     raise ConfigError(f"unknown input format {fmt!r}")
 
 
 def _data_files(root: str, suffix: str) -> list[str]:
     files = [root] if storage.is_file(root) else storage.list_files(root, suffix)  # sorted, hidden names skipped
-    for f in files:
-        if f.endswith((".tar.gz", ".tgz")) or (suffix == ".tar" and not _is_tar(f)):
-            raise ConfigError(f"{f} is not an uncompressed tar file (compressed tars are not supported)")
     if not files:
         raise ConfigError(f"no {suffix} files under {root}")
     return files
 
 
-def _is_tar(path: str) -> bool:
-    with _open(path) as f:
-        return tarfile.is_tarfile(f)
+def _container_reject(path: str, root: str, keys: "_KeyMaker", reason: str, detail: str) -> Item:
+    """One reject line for a whole input file that cannot be read (the job goes on with the others)."""
+    source = _relative(path, root)
+    return Item(source=source, key=keys.make(f"container_{source}", source), label=None, locator=("none",),
+                reject=reason, detail=detail[:300])
 
 
 def _open(path: str):
@@ -135,13 +151,17 @@ def _plan_folder(root: str, keys: "_KeyMaker", label_fields: tuple[str, ...]) ->
         for path in storage.list_files(root):
             yield _folder_item(posixpath.relpath(path, root), path, keys, label_fields)
         return
-    for dirpath, dirnames, filenames in os.walk(root):
+    real_root = os.path.realpath(root)
+    for dirpath, dirnames, filenames in os.walk(root):  # symlinked folders are listed, never walked into
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
+        for name in sorted(filenames) + sorted(d for d in dirnames if os.path.islink(os.path.join(dirpath, d))):
             if name.startswith("."):
                 continue
             path = Path(dirpath) / name
-            yield _folder_item(path.relative_to(root).as_posix(), str(path), keys, label_fields)
+            rel = path.relative_to(root).as_posix()
+            target, problem = _regular_file(path, real_root)
+            item = _folder_item(rel, target or str(path), keys, label_fields)
+            yield item if problem is None else _replace(item, reject=problem[0], detail=f"{rel}: {problem[1]}")
 
 
 def _folder_item(rel: str, path: str, keys: "_KeyMaker", label_fields: tuple[str, ...]) -> Item:
@@ -157,18 +177,54 @@ def _folder_item(rel: str, path: str, keys: "_KeyMaker", label_fields: tuple[str
                 locator=("file", path), reject=reject, fields=fields)
 
 
+def _regular_file(path: Path, real_root: str) -> tuple[str | None, tuple[str, str] | None]:
+    """(the real path to read, None) for a regular file inside the input root (through symlinks that stay inside),
+    else (None, (reason, detail))."""
+    try:
+        real = os.path.realpath(path)
+        info = os.stat(real)
+    except OSError as e:
+        return None, ("read_error", f"{type(e).__name__}: {e.strerror or e}")
+    if os.path.commonpath([real, real_root]) != real_root:
+        return None, ("outside_input", "a symlink to a file outside the input folder")
+    if not stat.S_ISREG(info.st_mode):
+        kind = ("a directory" if stat.S_ISDIR(info.st_mode) else "a FIFO" if stat.S_ISFIFO(info.st_mode)
+                else "a socket" if stat.S_ISSOCK(info.st_mode) else "a device")
+        return None, ("not_a_regular_file", f"{kind}, not a regular file")
+    return real, None
+
+
+def _replace(item: Item, **changes) -> Item:
+    from dataclasses import replace
+    return replace(item, **changes)
+
+
 def _plan_tar(path: str, root: str, keys: "_KeyMaker", label_fields: tuple[str, ...]) -> Iterator[Item]:
-    """Groups tar members into webdataset samples (`KEY.EXT`, split on the first dot of the basename)."""
+    """Groups tar members into webdataset samples (`KEY.EXT`, split on the first dot of the basename); members that
+    cannot be samples are rejects, and a tar that is not one, or is cut short, is one reject line (the samples read
+    before the cut are kept)."""
     rel = _relative(path, root)
     samples: dict[str, dict[str, tuple[int, int]]] = {}
-    with _open(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            base, ext = base_plus_ext(member.name)
-            if base is None:
-                continue
-            samples.setdefault(base, {})[ext.lower()] = (member.offset_data, member.size)
+    rejects: list[Item] = []
+    problem = None
+    if path.endswith((".tar.gz", ".tgz")):
+        yield _container_reject(path, root, keys, "not_a_tar", "a compressed tar (only uncompressed tars are read)")
+        return
+    try:
+        with _open(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            for member in tar:
+                reason = _member_problem(member, samples)
+                if reason is not None:
+                    source = f"{rel}::{member.name[:200]}"
+                    rejects.append(Item(source=source, key=keys.make(f"member_{member.name}", source), label=None,
+                                        locator=("none",), reject=reason[0], detail=f"{source}: {reason[1]}"))
+                    continue
+                base, ext = base_plus_ext(member.name)
+                samples.setdefault(base, {})[ext.lower()] = (member.offset_data, member.size)
+    except (tarfile.ReadError, EOFError) as e:
+        problem = ("not_a_tar" if not samples and not rejects else "truncated_container", f"{type(e).__name__}: {e}")
+    except OSError as e:
+        problem = ("read_error", f"{type(e).__name__}: {e}")
     for base, members in samples.items():
         image_ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
         wanted = [e for e in (image_ext, "cls", "json") if e in members]
@@ -176,6 +232,26 @@ def _plan_tar(path: str, root: str, keys: "_KeyMaker", label_fields: tuple[str, 
         yield Item(source=source, key=keys.make(base, source), label=None,
                    locator=("tar", str(path), tuple((e, *members[e]) for e in wanted)),
                    reject=None if image_ext else "no_image_member")  # its named labels: in KEY.json, read with it
+    yield from rejects
+    if problem is not None:
+        yield _container_reject(path, root, keys, problem[0], f"{rel}: {problem[1]}")
+
+
+def _member_problem(member: tarfile.TarInfo, samples: dict) -> tuple[str, str] | None:
+    """Why a tar member cannot be part of a sample (None when it can)."""
+    if not member.isfile():
+        kind = ("a directory" if member.isdir() else "a link" if member.issym() or member.islnk() else
+                "a device or FIFO")
+        return "not_a_regular_file", f"{kind}, not a file"
+    name = member.name
+    if name.startswith("/") or ".." in PurePosixPath(name).parts:
+        return "unsafe_member_name", "an absolute name or one with '..'"
+    base, ext = base_plus_ext(name)
+    if base is None:
+        return "not_a_sample", "a name without KEY.EXT"
+    if ext.lower() in samples.get(base, {}):
+        return "duplicate_member", f"a second {ext.lower()} for key {base!r} (the first is kept)"
+    return None
 
 
 def _plan_parquet(path: str, root: str, keys: "_KeyMaker", image_column: str | None,
@@ -184,7 +260,8 @@ def _plan_parquet(path: str, root: str, keys: "_KeyMaker", image_column: str | N
     try:
         f = _open(path)
     except OSError as e:
-        raise ConfigError(f"cannot read parquet file {path}: {e}") from None
+        yield _container_reject(path, root, keys, "read_error", f"{type(e).__name__}: {e}")
+        return
     with f:  # closed once its rows are planned
         yield from _plan_parquet_file(f, path, root, keys, image_column, key_column, label_column, label_fields)
 
@@ -195,45 +272,53 @@ def _plan_parquet_file(f, path: str, root: str, keys: "_KeyMaker", image_column:
     rel = _relative(path, root)
     try:
         pf = pq.ParquetFile(f)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise ConfigError(f"cannot read parquet file {path}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - whatever pyarrow says about a file that is not parquet
+        yield _container_reject(path, root, keys, "not_parquet", f"{rel}: {type(e).__name__}: {e}")
+        return
     schema = pf.schema_arrow
-    column = image_column or _auto_image_column(schema, path)
-    for name, what in ((column, "image_column"), (key_column, "key_column")):
-        if name is not None and name not in schema.names:
-            raise ConfigError(f"{what} {name!r} not in {path} (columns: {', '.join(schema.names)})")
+    column = image_column or _auto_image_column(schema)
+    named = [("image_column", column), ("key_column", key_column), ("label_column", label_column),
+             *(("label field", n) for n in label_fields)]
+    absent = [(what, name) for what, name in named if name is not None and name not in schema.names]
+    if column is None or absent:
+        what, name = absent[0] if absent else ("image_column", None)
+        detail = (f"{what} {name!r} is not a column of {path} (columns: {', '.join(schema.names)})" if name else
+                  f"no image-bytes column in {path}: set image_column (columns: {', '.join(schema.names)})")
+        yield _container_reject(path, root, keys, "missing_column", detail)
+        return
     if not _is_image_column(schema.field(column).type):
-        raise ConfigError(f"column {column!r} of {path} holds {schema.field(column).type}, "
-                          "not image bytes (binary or struct<bytes, path>)")
-    if label_column is not None and label_column not in schema.names:
-        raise ConfigError(f"label_column {label_column!r} not in {path} (columns: {', '.join(schema.names)})")
-    missing = [name for name in label_fields if name not in schema.names]
-    if missing:
-        raise ConfigError(f"label field {missing[0]!r} is not a column of {path} (columns: {', '.join(schema.names)})")
+        yield _container_reject(path, root, keys, "missing_column",
+                                f"column {column!r} of {path} holds {schema.field(column).type}, not image bytes "
+                                "(binary or struct<bytes, path>)")
+        return
     label_column = label_column or ("label" if "label" in schema.names else None)
     side = list(dict.fromkeys(c for c in (key_column, label_column, *label_fields) if c))
     stem = _sanitize(PurePosixPath(rel).with_suffix("").as_posix())
     row_index = 0
-    for rg in range(pf.num_row_groups):
-        table = pf.read_row_group(rg, columns=side) if side else None
-        for row in range(pf.metadata.row_group(rg).num_rows):
-            source = f"{rel}#{row_index}"
-            hint = str(table.column(key_column)[row].as_py()) if key_column else f"{stem}_{row_index:09d}"
-            label = table.column(label_column)[row].as_py() if label_column else None
-            values = ((name, _clean_label(table.column(name)[row].as_py())) for name in label_fields)
-            yield Item(source=source, key=keys.make(hint, source), label=_clean_label(label),
-                       locator=("parquet", path, rg, row, column), fields=tuple((n, v) for n, v in values if v))
-            row_index += 1
+    try:
+        for rg in range(pf.num_row_groups):
+            table = pf.read_row_group(rg, columns=side) if side else None
+            for row in range(pf.metadata.row_group(rg).num_rows):
+                source = f"{rel}#{row_index}"
+                hint = str(table.column(key_column)[row].as_py()) if key_column else f"{stem}_{row_index:09d}"
+                label = table.column(label_column)[row].as_py() if label_column else None
+                values = ((name, _clean_label(table.column(name)[row].as_py())) for name in label_fields)
+                yield Item(source=source, key=keys.make(hint, source), label=_clean_label(label),
+                           locator=("parquet", path, rg, row, column), fields=tuple((n, v) for n, v in values if v))
+                row_index += 1
+    except Exception as e:  # noqa: BLE001 - a row group that cannot be read: the rest of the file is lost
+        yield _container_reject(path, root, keys, "truncated_container",
+                                f"{rel}: after {row_index} rows, {type(e).__name__}: {e}")
 
 
-def _auto_image_column(schema: pa.Schema, path: str) -> str:
+def _auto_image_column(schema: pa.Schema) -> str | None:
     for name in AUTO_IMAGE_COLUMNS:
         if name in schema.names and _is_image_column(schema.field(name).type):
             return name
     for column in schema:
         if _is_image_column(column.type):
             return column.name
-    raise ConfigError(f"no image-bytes column in {path}: set image_column (columns: {', '.join(schema.names)})")
+    return None
 
 
 def _is_image_column(t: pa.DataType) -> bool:
@@ -288,8 +373,7 @@ def read_items(items: list[Item], max_file_bytes: int, label_fields: tuple[str, 
 def _read_item(item: Item, max_file_bytes: int, label_fields: tuple[str, ...], row_groups: dict,
                tars: OrderedDict) -> Loaded:
     if item.reject:
-        return Loaded(item, None, item.label, (item.reject, f"{item.source}: {item.reject.replace('_', ' ')}"),
-                      dict(item.fields))
+        return _reject(item, item.reject, item.detail or f"{item.source}: {item.reject.replace('_', ' ')}")
     try:
         kind = item.locator[0]
         if kind == "file":
@@ -309,14 +393,17 @@ def _read_item(item: Item, max_file_bytes: int, label_fields: tuple[str, ...], r
                 table = pq.ParquetFile(f).read_row_group(rg, columns=[column])
             row_groups[(path, rg, column)] = table.column(column).combine_chunks()
         return _parquet_value(item, row_groups[(path, rg, column)][row].as_py(), max_file_bytes)
-    except OSError as e:
-        return Loaded(item, None, item.label, ("read_error", f"{type(e).__name__}: {e}"), dict(item.fields))
+    except Exception as e:  # noqa: BLE001 - whatever reading one item raises is that item's rejection
+        return _reject(item, "read_error", f"{type(e).__name__}: {str(e)[:200]}", type(e).__name__)
+
+
+def _reject(item: Item, reason: str, detail: str, exception: str | None = None) -> Loaded:
+    return Loaded(item, None, item.label, (reason, detail, exception), dict(item.fields))
 
 
 def _too_big(item: Item, size: int, limit: int) -> Loaded | None:
     if size > limit:
-        return Loaded(item, None, item.label, ("file_too_large", f"{size} bytes > max_file_bytes={limit}"),
-                      dict(item.fields))
+        return _reject(item, "file_too_large", f"{size} bytes > max_file_bytes={limit}")
     return None
 
 
@@ -324,9 +411,20 @@ def _read_file(item: Item, limit: int) -> Loaded:
     path = item.locator[1]
     if storage.is_remote(path):
         data = _too_big(item, storage.size(path), limit) or storage.read_bytes(path)
-    else:
-        data = _too_big(item, os.path.getsize(path), limit) or Path(path).read_bytes()
-    return data if isinstance(data, Loaded) else Loaded(item, data, item.label, fields=dict(item.fields))
+        return data if isinstance(data, Loaded) else Loaded(item, data, item.label, fields=dict(item.fields))
+    # Opened without following a link and without blocking, then checked on the open descriptor: a file swapped
+    # for a link, a FIFO or a device after planning is refused, never read (or waited on) forever.
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            return _reject(item, "not_a_regular_file", f"{item.source}: not a regular file when read")
+        if (big := _too_big(item, info.st_size, limit)) is not None:
+            return big
+        data = f.read(limit + 1)
+    if len(data) > limit:  # it grew while being read
+        return _reject(item, "file_too_large", f"more than max_file_bytes={limit} bytes")
+    return Loaded(item, data, item.label, fields=dict(item.fields))
 
 
 def _read_tar_sample(item: Item, limit: int, f, label_fields: tuple[str, ...]) -> Loaded:
@@ -337,26 +435,53 @@ def _read_tar_sample(item: Item, limit: int, f, label_fields: tuple[str, ...]) -
             return big
         f.seek(offset)
         parts[ext] = f.read(size)
-    label, fields, meta = None, {}, None
+        if len(parts[ext]) != size:
+            return _reject(item, "truncated_container", f"{item.source}: {ext} member cut short")
+    label, fields = None, {}
     if "json" in parts:
-        try:
-            meta = json.loads(parts["json"])
-        except ValueError:
-            pass  # a broken sidecar costs the labels, not the image
-    if isinstance(meta, dict):
-        fields = {name: v for name in label_fields if (v := _clean_label(meta.get(name))) is not None}
-        label = meta.get("label")
+        meta, problem = _sidecar(parts["json"])
+        if problem is not None:
+            return _reject(item, "bad_sidecar", f"{item.source}.json: {problem}")
+        if isinstance(meta, dict):
+            fields = {name: v for name in label_fields if (v := _clean_label(meta.get(name))) is not None}
+            label = meta.get("label")
     if "cls" in parts:
-        label = parts["cls"].decode("utf-8", "replace")
+        label = parts["cls"][:LABEL_MAX_CHARS * 4].decode("utf-8", "replace")
     image_ext = members[0][0]
     return Loaded(item, parts[image_ext], _clean_label(label), fields=fields)
+
+
+def _sidecar(data: bytes) -> tuple[object, str | None]:
+    """A KEY.json sidecar parsed within its limits: (value, None), or (None, why not)."""
+    if len(data) > SIDECAR_MAX_BYTES:
+        return None, f"{len(data)} bytes > {SIDECAR_MAX_BYTES}"
+    depth = deepest = 0
+    quoted = escaped = False
+    for byte in data:  # nesting counted before parsing: a deep document never reaches the recursive parser
+        if quoted:
+            escaped, quoted = (False, True) if escaped else (byte == 0x5C, byte != 0x22)
+        elif byte == 0x22:
+            quoted = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    if deepest > SIDECAR_MAX_DEPTH:
+        return None, f"nested {deepest} deep > {SIDECAR_MAX_DEPTH}"
+    try:
+        return json.loads(data), None
+    except ValueError as e:
+        return None, f"not JSON ({e})"
 
 
 def _parquet_value(item: Item, value, limit: int) -> Loaded:
     if isinstance(value, dict):
         value = value.get("bytes")
     if value is None:
-        return Loaded(item, None, item.label, ("missing_bytes", "image cell holds no bytes"), dict(item.fields))
+        return _reject(item, "missing_bytes", "image cell holds no bytes")
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        return _reject(item, "wrong_type", f"image cell holds {type(value).__name__}, not bytes")
     return _too_big(item, len(value), limit) or Loaded(item, bytes(value), item.label, fields=dict(item.fields))
 
 

@@ -19,6 +19,7 @@ import fcntl
 import functools
 import hashlib
 import io
+import json
 import os
 import posixpath
 import shutil
@@ -239,36 +240,71 @@ def check_writable(location) -> None:
 def local_copy(location) -> Path:
     """A local folder holding `location`'s files: the folder itself when local, else a cached download (keyed by
     the URI and every file's size and modification time, so a changed object is fetched again). Model folders go
-    through here because from_pretrained and safetensors read local files."""
+    through here because from_pretrained and safetensors read local files. A cached copy is used only when every
+    file still has the size and sha256 recorded when it was downloaded; an object key that would land outside the
+    cache folder (`..`, an absolute name) is refused in one line."""
     if not is_remote(location):
         return Path(str(location).removeprefix("file://"))
     fs, root, infos = _remote_files(location, allow_not_found=False, failure="cannot read")
     if not infos:
         raise EbdError(f"{location} holds no files")
+    files = {_cache_name(location, i.path[len(root.rstrip("/")) + 1:]): i for i in infos}  # as named, not normalised
     key = hashlib.sha256("\n".join([str(location)] + [f"{i.path}\t{i.size}\t{i.mtime_ns}" for i in infos]).encode())
     name = key.hexdigest()[:24]
     target = CACHE_DIR / "objects" / name
-    if (target / ".complete").is_file():
+    if _verified(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f"{name}.lock", "wb") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one download per node: the other actors wait for it, then share it
-        if (target / ".complete").is_file():
+        if _verified(target):
             return target
         staging = target.parent / f"{name}.partial"  # a download killed midway is thrown away here
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(target, ignore_errors=True)
-        for info in infos:
-            local = staging / posixpath.relpath(info.path, root)
+        record = {}
+        for rel, info in files.items():
+            local = staging / rel
             local.parent.mkdir(parents=True, exist_ok=True)
             with fs.open_input_stream(info.path) as src, open(local, "wb") as dst:
                 shutil.copyfileobj(src, dst, 8 << 20)
             if local.stat().st_size != info.size:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise EbdError(f"{location} changed while it was being copied: run again once it is complete")
-        (staging / ".complete").write_text(str(location))
+            record[rel] = {"bytes": info.size, "sha256": file_sha256(local)}
+        (staging / COMPLETE).write_text(json.dumps({"location": str(location), "files": record}, sort_keys=True))
         os.replace(staging, target)
     return target
+
+
+COMPLETE = ".complete"  # a cached copy's record: its location and every file's size and sha256
+
+
+def _cache_name(location, rel: str) -> str:
+    """An object's path inside the cache folder, refused (one line) when it would leave it."""
+    parts = rel.split("/")
+    if rel.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise EbdError(f"{location} holds an object named {rel!r}, which would land outside the local cache: "
+                       "refused (object names must not hold '..' or empty parts)")
+    return rel
+
+
+_VERIFIED: set[Path] = set()  # cached copies this process checked (hashing a model once per process is enough)
+
+
+def _verified(target: Path) -> bool:
+    """Whether a cached copy is whole: its record is there and every file has the recorded size and sha256."""
+    if target in _VERIFIED:
+        return True
+    try:
+        record = json.loads((target / COMPLETE).read_text())
+        whole = all((target / rel).is_file() and (target / rel).stat().st_size == f["bytes"]
+                    and file_sha256(target / rel) == f["sha256"] for rel, f in record["files"].items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if whole:
+        _VERIFIED.add(target)
+    return whole
 
 
 def _first_line(error: BaseException) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..common.config import ConfigError, JobConfig, require
+from ..common.config import ConfigError, JobConfig, require, require_at_least
 from ..common.plugins import import_plugins
 from .objectives import OBJECTIVES, objective_settings
 
@@ -84,6 +84,9 @@ class TrainConfig(JobConfig):
                 "max_rollbacks >= 0, rollback_lr_factor in (0, 1)")
         require(self.run_name.replace("-", "").replace("_", "").isalnum(), "run_name may hold only [A-Za-z0-9_-]")
         require(self.warmup_steps >= 0, "warmup_steps must be >= 0")
+        require_at_least(self, 0, "cpus_per_worker", "param_grad_clip", strictly=True)
+        require_at_least(self, 0, "shuffle_buffer", "cache_bytes", "seed", "fault_nan_at_step")
+        require_at_least(self, -1, "max_failures")  # -1: Ray Train retries forever
         require(all(rule and all(isinstance(k, str) and isinstance(v, str) for k, v in rule.items())
                     for rule in self.exclude_labels),
                 "exclude_labels must be a list of non-empty {field: value} mappings, e.g. [{shape: ring}]")

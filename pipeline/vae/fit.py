@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..common.config import EbdError, JobConfig, require
+from ..common.config import EbdError, JobConfig, require, require_at_least
 from ..common.logs import Progress, log_line
 from ..common.optim import adam, learning_rate, set_learning_rate
 from ..io.checkpoints import has_training_state, load_training_state, save_training_state
@@ -81,6 +81,10 @@ class FitVaeConfig(JobConfig):
     def validate(self) -> None:
         for name in ("input", "output"):
             require(getattr(self, name) is not None, f"missing {name}: pass --{name} or set it in the config")
+        require_at_least(self, 1, "resolution", "latent_channels", "layers_per_block", "norm_num_groups", "max_images",
+                         "min_side")
+        require_at_least(self, 0, "warmup_steps", "seed", "threads")
+        require_at_least(self, 0, "grad_clip", strictly=True)
         factor = 2 ** (len(self.block_out_channels) - 1)
         require(len(self.block_out_channels) >= 1 and min(self.block_out_channels) >= 1,
                 "block_out_channels must be a non-empty list of positive ints")
@@ -160,8 +164,7 @@ def fit_vae(cfg: FitVaeConfig) -> dict:
     elif out.exists() and any(out.iterdir()) and not (out / RECORD_FILE).is_file():
         raise EbdError(f"{out} is not empty and was not written by fit_vae: choose a new --output")
 
-    log = Progress("fit_vae", total=cfg.steps, unit="steps", interval_s=30)
-    log.done = state["step"]
+    log = Progress("fit_vae", total=cfg.steps, unit="steps", interval_s=30, done=state["step"])
     log.log(f"{len(train)} training images, {len(held_out)} held out, {len(rejects)} reject reasons {rejects}; "
             f"{sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M parameters; {cfg.steps} steps of {cfg.batch_size}")
     vae.train()

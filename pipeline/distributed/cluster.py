@@ -1,0 +1,52 @@
+"""Connecting a job to Ray: the cluster it is given, or a local instance that only this machine can reach.
+
+    connect(None)             -> RAY_ADDRESS when set (`ray job submit` sets it), else a new local instance
+    connect("auto")           -> the cluster `ray start` left running on this machine
+    connect("10.0.0.5:6379")  -> that cluster
+
+A local instance listens on 127.0.0.1 only (GCS, raylets, workers, agents), keeps Ray's token authentication on
+and starts no dashboard unless asked (`--dashboard`, then on 127.0.0.1 too). Ray binds its gRPC servers to
+loopback only when its node address is loopback, and on Linux it replaces 127.0.0.1 with the machine's external
+address unless told this is a single-machine instance (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, the mode Ray uses on
+laptops), so that is what a local start sets.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from ..common.logs import log_line
+
+LOCAL_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # single-machine mode: the node address stays 127.0.0.1
+    # Ray Train's preemption watcher is for cloud spot nodes; locally it is one more actor and an ERROR line
+    # about its constructor arguments at every start
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
+
+
+def connect(address: str | None = None, *, dashboard: bool = False, **init_kwargs) -> None:
+    """Connects this process to Ray once (a no-op when already connected); see the module docstring."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is not None:
+        ray.init(address=address, **init_kwargs)
+        return
+    for name, value in LOCAL_ENV.items():  # inherited by the raylet and every worker it starts
+        os.environ.setdefault(name, value)
+    if os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0":
+        # Ray read the variable when this process imported it: the driver's copy of the setting is updated too
+        from ray._private import ray_constants
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    # Ray's own warning about token auth is one more alarming line for a setting that is on and wanted
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    context = ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1", **init_kwargs)
+    loopback = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
+    auth = "off" if os.environ.get("RAY_AUTH_MODE") == "disabled" else "on"
+    board = f"dashboard at http://{context.dashboard_url}" if dashboard else "no dashboard (--dashboard starts one)"
+    log_line("ray", f"started a local Ray instance listening on {'127.0.0.1 only' if loopback else 'every interface'}"
+                    f", token auth {auth}, {board}; --address auto joins a cluster from `ray start` instead")

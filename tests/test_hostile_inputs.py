@@ -1,0 +1,318 @@
+"""Hostile inputs, made in the test: every bad file is a recorded reject, never a failed shard or a file read from
+outside the input; and a running job listens on loopback only."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline.io.images import DEFAULT_FORMATS, Rejected, decode_image, sniff_format
+from pipeline.io.latent_shards import iter_latents, shard_paths
+from tests.conftest import REPO, encode_image, png_header_only, rgb_image
+from tests.test_precompute import RES, precompute, tar_digests
+
+POSTSCRIPT = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n(/etc/passwd) (r) file\nshowpage\n"
+DDS = encode_image(rgb_image(40), "DDS")
+TEXT = b"<html><body>404 not found</body></html>\n"
+
+
+def good(seed: int, fmt: str = "PNG") -> bytes:
+    return encode_image(rgb_image(seed, (24, 20)), fmt)
+
+
+# ----------------------------------------------------------------------------------------- decoding, no Ray
+
+@pytest.mark.parametrize("data, reason", [
+    (POSTSCRIPT, "format_not_allowed"),  # never handed to the EPS reader (Ghostscript)
+    (DDS, "format_not_allowed"),         # a format Pillow opens but the allow-list leaves out
+    (good(41, "TIFF"), "format_not_allowed"),
+    (TEXT, "not_an_image"),
+    (gzip.compress(good(42)), "not_an_image"),
+    (good(43)[:40], "corrupt_image"),    # a PNG cut inside its first chunk
+])
+def test_formats_off_the_allow_list_never_reach_a_decoder(data, reason):
+    with pytest.raises(Rejected) as err:
+        decode_image(data, RES, 10_000_000, 8)
+    assert err.value.reason == reason
+    assert sniff_format(POSTSCRIPT) == "EPS" and sniff_format(DDS) == "DDS"  # told apart before any decoding
+
+
+def test_widening_the_allow_list_decodes_the_added_format():
+    pixels, size = decode_image(good(44, "TIFF"), RES, 10_000_000, 8, formats=(*DEFAULT_FORMATS, "TIFF"))
+    assert pixels.shape == (RES, RES, 3) and size == (24, 20)
+
+
+# Each decoder's peak memory on a 4000 x 4000 image, in a fresh process (ru_maxrss is a process-wide peak).
+# Before ebd decoded to 8 bits in integer steps, the 16-bit PNG cost about 430 MB (float64 copies).
+MEMORY_PROBE = """
+import resource, sys
+from pipeline.io.images import decode_image
+decode_image(open(sys.argv[2], "rb").read(), 16, 10**8, 8)  # plugins loaded, allocator warm
+data = open(sys.argv[1], "rb").read()
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+pixels, size = decode_image(data, 256, 89_478_485, 64)
+assert pixels.shape == (256, 256, 3) and size == (4000, 4000)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
+"""
+
+
+@pytest.mark.parametrize("mode, bytes_per_pixel", [("I;16", 7), ("RGBA", 10), ("RGB", 6)])
+def test_decoding_a_large_image_holds_a_few_bytes_per_pixel(tmp_path, mode, bytes_per_pixel):
+    side = 4000
+    ramp = (np.arange(side, dtype=np.uint32)[:, None] * 16 + np.arange(side, dtype=np.uint32)[None, :]) % 65536
+    if mode == "I;16":
+        img = Image.fromarray(ramp.astype(np.uint16))
+    else:
+        img = Image.fromarray(np.stack([(ramp >> 8).astype(np.uint8)] * len(mode), axis=-1), mode)
+    img.save(tmp_path / "big.png")
+    Image.new("RGB", (20, 20)).save(tmp_path / "small.png")
+    del img, ramp
+    result = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(tmp_path / "big.png"),
+                             str(tmp_path / "small.png")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert int(result.stdout) < bytes_per_pixel * side * side
+
+
+FUZZ_FORMATS = {"PNG": {}, "JPEG": {"quality": 90}, "WEBP": {}, "BMP": {}, "GIF": {}, "TIFF": {}, "PPM": {},
+                "TGA": {"compression": "tga_rle"}, "ICO": {}, "JPEG2000": {}, "DDS": {}, "PCX": {}, "SGI": {},
+                "QOI": {}}
+
+
+def mutate(data: bytes, rng: random.Random) -> bytes:
+    """One hostile variant of a valid file: header bytes flipped, a size field maxed, cut short, or bytes spliced."""
+    b = bytearray(data)
+    kind = rng.randrange(5)
+    if kind == 0:    # a few header bytes flipped
+        for _ in range(rng.randint(1, 4)):
+            b[rng.randrange(min(64, len(b)))] ^= 1 << rng.randrange(8)
+    elif kind == 1:  # a 2- or 4-byte header field set to its maximum (sizes, counts, offsets)
+        at, width = rng.randrange(max(1, min(48, len(b) - 4))), rng.choice((2, 4))
+        b[at:at + width] = b"\xff" * width
+    elif kind == 2:  # cut short anywhere
+        del b[rng.randrange(1, len(b)):]
+    elif kind == 3:  # bytes anywhere replaced with noise
+        at = rng.randrange(len(b))
+        b[at:at + 8] = rng.randbytes(8)
+    else:            # a chunk duplicated or dropped
+        at, n = rng.randrange(len(b)), rng.randint(1, 32)
+        b[at:at] = b[at:at + n] if rng.random() < 0.5 else b""
+        if rng.random() >= 0.5:
+            del b[at:at + n]
+    return bytes(b)
+
+
+def test_mutated_files_of_fourteen_formats_either_decode_or_are_rejected():
+    """3500 seeded mutations: each one decodes to an image or is a Rejected with a reason; no other exception
+    escapes, whatever the decoder raises."""
+    rng = random.Random(1234)
+    outcomes: dict[str, Counter] = {}
+    for fmt, options in FUZZ_FORMATS.items():
+        base = encode_image(Image.new("RGB", (24, 20), (200, 40, 90)).convert("RGB"), fmt, **options)
+        seen = outcomes.setdefault(fmt, Counter())
+        for _ in range(250):
+            data = mutate(base, rng)
+            try:
+                pixels, _ = decode_image(data, RES, 1_000_000, 8, formats=tuple(FUZZ_FORMATS))
+            except Rejected as r:
+                assert r.reason in {"not_an_image", "corrupt_image", "too_many_pixels", "too_small", "empty_file",
+                                    "format_not_allowed", "too_large_to_decode"}, (fmt, r)
+                seen[r.reason] += 1
+            else:
+                assert pixels.shape == (RES, RES, 3) and pixels.dtype == np.uint8
+                seen["decoded"] += 1
+    for fmt, seen in outcomes.items():  # the fuzz reached both sides of every decoder
+        assert seen["decoded"] > 0 and sum(seen.values()) - seen["decoded"] > 0, (fmt, seen)
+
+
+# ------------------------------------------------------------------- precompute over hostile inputs, on Ray
+
+def add_member(tar: tarfile.TarFile, name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE, link: str = ""):
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.size, info.mtime = kind, link, len(data) if kind == tarfile.REGTYPE else 0, 0
+    tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+
+
+def hostile_tars(root: Path, outside: Path) -> tuple[int, Counter]:
+    """Tars mixing good samples with every kind of bad member and container. Returns (good count, reasons)."""
+    root.mkdir()
+    deep = b"[" * 5000 + b"]" * 5000
+    with tarfile.open(root / "00000.tar", "w", format=tarfile.GNU_FORMAT) as tar:
+        add_member(tar, "000001.jpg", good(1, "JPEG"))
+        add_member(tar, "000001.cls", b"7")
+        add_member(tar, "000002.png", good(2))
+        add_member(tar, "000002.json", json.dumps({"label": "dog"}).encode())
+        add_member(tar, "000003.webp", good(3, "WEBP"))
+        add_member(tar, "000003.json", b'{"label": "x", "nested": ' + deep + b"}")          # bad_sidecar
+        add_member(tar, "000004.png", good(4))
+        add_member(tar, "000004.json", b'{"pad": "' + b"x" * 70_000 + b'"}')               # bad_sidecar
+        add_member(tar, "000005.png", TEXT)                                                 # not_an_image
+        add_member(tar, "000006.png", POSTSCRIPT)                                           # format_not_allowed
+        add_member(tar, "000007.png", DDS)                                                  # format_not_allowed
+        add_member(tar, "000008.png", png_header_only(100_000, 100_000))                    # too_many_pixels
+        add_member(tar, "000009.jpg", b"")                                                  # empty_file
+        add_member(tar, "000010.txt", b"a caption and no image")                            # no_image_member
+        add_member(tar, "000001.jpg", good(11, "JPEG"))                                     # duplicate_member
+        add_member(tar, f"{outside}/abs.png", good(12))                                     # unsafe_member_name
+        add_member(tar, "../../escape.png", good(13))                                       # unsafe_member_name
+        add_member(tar, "link.png", kind=tarfile.SYMTYPE, link="/etc/passwd")               # not_a_regular_file
+        add_member(tar, "hard.png", kind=tarfile.LNKTYPE, link="000002.png")                # not_a_regular_file
+        add_member(tar, "somedir", kind=tarfile.DIRTYPE)                                    # not_a_regular_file
+        add_member(tar, "fifo.png", kind=tarfile.FIFOTYPE)                                  # not_a_regular_file
+        add_member(tar, "noextension", b"x")                                                # not_a_sample
+        add_member(tar, "000011.gif", good(14, "GIF"))
+    (root / "00001.tar").write_bytes(gzip.compress((root / "00000.tar").read_bytes()))  # not_a_tar
+    (root / "00002.tar").write_bytes(b"")                                                # not_a_tar
+    whole = io.BytesIO()
+    with tarfile.open(fileobj=whole, mode="w") as tar:
+        for i in range(3):
+            add_member(tar, f"cut{i}.png", good(20 + i))
+    (root / "00003.tar").write_bytes(whole.getvalue()[:2 * 512 + len(good(20)) + 700])  # truncated_container
+    reasons = Counter(bad_sidecar=2, not_an_image=1, format_not_allowed=2, too_many_pixels=1, empty_file=1,
+                      no_image_member=1, duplicate_member=1, unsafe_member_name=2, not_a_regular_file=4,
+                      not_a_sample=1, not_a_tar=2, truncated_container=2)  # cut1 read short + the container line
+    return 4, reasons  # 000001, 000002, 000011 and cut0 (read before the cut)
+
+
+def hostile_folder(root: Path, outside: Path) -> tuple[int, Counter]:
+    """A folder tree mixing good images with links out of it, special files and mislabelled bytes."""
+    (root / "cats").mkdir(parents=True)
+    (root / "dogs" / "deeper").mkdir(parents=True)
+    (root / "cats" / "a.png").write_bytes(good(1))
+    (root / "cats" / "b.jpg").write_bytes(good(2, "JPEG"))
+    (root / "dogs" / "c.webp").write_bytes(good(3, "WEBP"))
+    (root / "dogs" / "deeper" / "d.bmp").write_bytes(good(4, "BMP"))
+    (root / "dogs" / "inside.png").symlink_to(root / "cats" / "a.png")   # a link that stays inside: read
+    (outside / "secret.png").write_bytes(good(5))
+    (root / "cats" / "out.png").symlink_to(outside / "secret.png")      # outside_input
+    (root / "cats" / "zero.png").symlink_to("/dev/zero")                # outside_input (never read)
+    (root / "cats" / "etc").symlink_to("/etc")                          # outside_input (a folder link)
+    (root / "cats" / "dangling.png").symlink_to(root / "nowhere.png")   # read_error
+    os.mkfifo(root / "cats" / "fifo.png")                               # not_a_regular_file
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(root / "dogs" / "sock.png"))                        # not_a_regular_file
+    server.close()
+    (root / "dogs" / "text.png").write_bytes(TEXT)                      # not_an_image
+    (root / "dogs" / "ps.png").write_bytes(POSTSCRIPT)                  # format_not_allowed
+    (root / "dogs" / "dds.png").write_bytes(DDS)                        # format_not_allowed
+    (root / "dogs" / "empty.jpg").write_bytes(b"")                      # empty_file
+    (root / "dogs" / "cut.jpg").write_bytes(good(6, "JPEG")[:200])      # corrupt_image
+    (root / "dogs" / "bomb.png").write_bytes(png_header_only(100_000, 100_000))  # too_many_pixels
+    (root / "dogs" / "notes.txt").write_text("not an image")           # unsupported_extension
+    reasons = Counter(outside_input=3, read_error=1, not_a_regular_file=2, not_an_image=1, format_not_allowed=2,
+                      empty_file=1, corrupt_image=1, too_many_pixels=1, unsupported_extension=1)
+    return 5, reasons
+
+
+def hostile_parquet(root: Path, outside: Path) -> tuple[int, Counter]:
+    """Parquet files with good rows, wrongly typed cells, duplicate keys, and a file that is not parquet."""
+    root.mkdir()
+    pq.write_table(pa.table({"key": ["../x", "../x", "/abs", "k4", "k5"],
+                             "image": [good(1), good(2), None, TEXT, POSTSCRIPT],
+                             "label": ["cat", "dog", "cat", None, "dog"]}), root / "part-0.parquet")
+    ints = pa.array([{"bytes": 5, "path": "a.png"}, {"bytes": 7, "path": "b.png"}],
+                    type=pa.struct([("bytes", pa.int64()), ("path", pa.string())]))
+    pq.write_table(pa.table({"key": ["i1", "i2"], "image": ints}), root / "part-1.parquet")
+    strings = pa.array([{"bytes": "not bytes", "path": "a.png"}],
+                       type=pa.struct([("bytes", pa.string()), ("path", pa.string())]))
+    pq.write_table(pa.table({"key": ["s1"], "image": strings}), root / "part-2.parquet")
+    pq.write_table(pa.table({"key": ["g1"], "image": [good(3, "WEBP")]}), root / "part-3.parquet")
+    (root / "part-4.parquet").write_bytes(b"PAR1 this is not really parquet")
+    reasons = Counter(missing_bytes=1, not_an_image=1, format_not_allowed=1, wrong_type=3, not_parquet=1)
+    return 3, reasons
+
+
+def tree(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.lstat().st_size for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("build, options", [
+    (hostile_tars, {}),
+    (hostile_folder, {}),
+    (hostile_parquet, {"key_column": "key", "image_column": "image"}),
+], ids=["webdataset", "folder", "parquet"])
+def test_precompute_over_hostile_inputs_encodes_the_good_and_records_each_bad_item(
+        ray_cluster, vae_only_dir, tmp_path, build, options):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    n_good, reasons = build(tmp_path / "in", outside)
+    before = tree(tmp_path)
+
+    manifest = precompute(tmp_path / "in", vae_only_dir, tmp_path / "out", **options)
+    assert manifest["totals"]["encoded"] == n_good
+    assert manifest["rejects_by_reason"] == dict(reasons)
+    rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert Counter(r["reason"] for r in rejects) == reasons  # one line per bad item, each with a reason
+    assert all(r["detail"] and r["source"] for r in rejects)
+    latents = list(iter_latents(shard_paths(tmp_path / "out")))
+    assert len(latents) == n_good and all(np.isfinite(s["latent"]).all() for s in latents)
+    # nothing was written anywhere but the output folder
+    assert {k: v for k, v in tree(tmp_path).items() if k.split("/")[0] != "out"} == before
+
+    # a re-run into a new folder is byte-identical, and a resume in place rewrites nothing
+    again = precompute(tmp_path / "in", vae_only_dir, tmp_path / "out2", **options)
+    assert tar_digests(tmp_path / "out2") == tar_digests(tmp_path / "out")
+    assert (tmp_path / "out2" / "rejects.jsonl").read_bytes() == (tmp_path / "out" / "rejects.jsonl").read_bytes()
+    assert again["totals"] == manifest["totals"]
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()}
+    precompute(tmp_path / "in", vae_only_dir, tmp_path / "out", **options)
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir() if p.name in stamps
+            and p.suffix == ".tar"} == {k: v for k, v in stamps.items() if k.endswith(".tar")}
+
+
+# ------------------------------------------------------------------------------------- listening sockets
+
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+
+
+def listening(root: psutil.Process) -> set[tuple[str, str, int]]:
+    """(process name, address, port) of every listening TCP socket of `root` and its descendants."""
+    found = set()
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            name = proc.name()
+            found |= {(name, c.laddr.ip, c.laddr.port) for c in proc.net_connections("tcp")
+                      if c.status == psutil.CONN_LISTEN}
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def test_a_generation_job_on_its_own_local_ray_listens_on_loopback_only(tmp_path):
+    """The job as a user runs it on a laptop: no --address, no RAY_ADDRESS, so it starts its own Ray instance.
+    Every socket any of its processes listens on (GCS, raylet, workers, agents, ebd's metrics endpoint) is
+    loopback."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    job = subprocess.Popen(
+        [sys.executable, "-m", "jobs.generate", "--config", "configs/generate.yaml", "--model", "models/demo/ebm",
+         "--vae", "models/demo", "--num-images", "16", "--output", str(tmp_path / "out"), "--metrics-port", "0",
+         "--set", "sampler_actors=1"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen: set[tuple[str, str, int]] = set()
+    root = psutil.Process(job.pid)
+    while job.poll() is None:
+        seen |= listening(root)
+        time.sleep(0.2)
+    output = job.stdout.read()
+    assert job.returncode == 0, output[-3000:]
+    names = {name for name, _, _ in seen}
+    assert {"gcs_server", "raylet"} <= names and len(seen) >= 5, seen  # the check saw Ray's servers come up
+    assert {(n, ip, port) for n, ip, port in seen if ip not in LOOPBACK} == set()
+    assert "listening on 127.0.0.1 only, token auth on, no dashboard" in output
+    assert "Token authentication is enabled" not in output and "ERROR" not in output
