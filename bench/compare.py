@@ -64,7 +64,7 @@ def main() -> None:
             model=str(demo / folder), vae=str(demo), output=str(out), num_images=args.images, images_per_shard=125,
             format="parquet", sampler=overrides, progress_interval_s=1e9)))
         seconds = time.perf_counter() - tick
-        finished = sorted(f.stat().st_mtime for f in out.glob("images-*.parquet"))
+        finished = sorted(f.stat().st_mtime for f in (out / "parquet").glob("images-*.parquet"))
         steady = (len(finished) - 1) * 125 / (finished[-1] - finished[0]) if len(finished) > 1 else None
         stage = sampler_stage(demo / folder, overrides, peak)
         rows.append({"method": name, "model": folder, "sampler": summary["sampler"], **stage,

@@ -96,7 +96,7 @@ def bench_model(model_dir: Path, args, work: Path, peak: float) -> dict:
     start = time.perf_counter()
     summary = run_generation(cfg)
     ray_s = time.perf_counter() - start
-    finished = sorted(Path(work / "ray").glob("images-*.parquet"), key=lambda f: f.stat().st_mtime)
+    finished = sorted(Path(work / "ray" / "parquet").glob("images-*.parquet"), key=lambda f: f.stat().st_mtime)
     times = [f.stat().st_mtime for f in finished]
     steady = (len(times) - 1) * per_shard / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else None
 

@@ -167,8 +167,8 @@ def _generate(model: str, vae, out: str, **overrides) -> dict:
 
 
 def _shard_hashes(out: str) -> dict[str, str]:
-    return {storage.name(p): storage.file_sha256(p) for p in storage.list_files(out)
-            if p.endswith((".parquet", ".tar"))}
+    return {p[len(out) + 1:]: storage.file_sha256(p) for p in storage.list_files(out)
+            if p.endswith((".parquet", ".tar"))}  # "parquet/images-000000.parquet": ...
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +260,7 @@ def test_a_shard_object_without_its_done_marker_is_rewritten_never_trusted(clean
     for path in storage.list_files(clean_run):  # a copy of the finished run, in another prefix
         storage.write_bytes(path.replace(clean_run, out), storage.read_bytes(path))
     # As a run killed between a shard's files and its marker leaves it: shard 2 half there, no marker, no manifest.
-    storage.write_bytes(storage.join(out, "images-000002.parquet"), b"PAR1 truncated")
+    storage.write_bytes(storage.join(out, "parquet", "images-000002.parquet"), b"PAR1 truncated")
     storage.delete(storage.join(out, "stats", "images-000002.json"))
     storage.delete(storage.join(out, "manifest.json"))
     summary = _generate(model, bucket_vae, out)

@@ -1,15 +1,23 @@
-"""Generated-image shards: parquet and/or webdataset tars, written atomically with a done marker last.
+"""Generated-image shards: parquet and/or webdataset tars in sibling folders, written atomically, done marker last.
 
-    OUT/images-000000.parquet   columns key, image ({bytes: PNG, path: KEY.png}: Hugging Face datasets' Image
-                                struct, declared in the schema metadata, so `datasets` decodes it as images),
-                                width, height, seed, energy, model[, latent][, condition]
-    OUT/images-000000.tar       KEY.png, KEY.json (key, seed, energy, model, width, height[, condition])
-                                [, KEY.latent.npy]
-    OUT/stats/images-000000.json   done marker: counts, files, sha256, chosen batch sizes, stage seconds
-    OUT/images-000000_stats.json   the same shard in img2dataset's stats shape (count, successes, duration, ...)
+    OUT/parquet/images-000000.parquet   columns key, image ({bytes: PNG, path: KEY.png}: Hugging Face datasets'
+                                        Image struct, declared in the schema metadata, so `datasets` decodes it),
+                                        width, height, seed, energy, model[, latent][, condition]
+    OUT/webdataset/images-000000.tar    KEY.png, KEY.json (key, seed, energy, model, width, height[, condition])
+                                        [, KEY.latent.npy]
+    OUT/stats/images-000000.json        done marker: counts, files, sizes, sha256, batch sizes, stage seconds
+    OUT/stats/img2dataset/images-000000_stats.json   the shard in img2dataset's stats shape
+    OUT/run.json, manifest.json, summary.json, preview.png
 
-`latent` / KEY.latent.npy (when the run saves latents) is the image's scaled latent as float16 .npy bytes, the
-encoding of the precompute job's latent shards: evaluation compares generated and real latents directly.
+Each data folder holds its shards and nothing else, so every reader opens it by its path:
+`pandas.read_parquet(OUT/parquet)`, `pyarrow.dataset.dataset(OUT/parquet)`, `duckdb.read_parquet(...)`,
+`ray.data.read_parquet`, `datasets.load_dataset("parquet", data_dir=...)`, `ray.data.read_webdataset(OUT/webdataset)`
+(webdataset itself takes the manifest's brace pattern, `webdataset_urls`).
+
+`latent` (when the run saves latents) is the image's scaled latent as a fixed-size float32 array of C*H*W values in
+(C, H, W) order (the schema metadata `ebd.latent_shape` and the manifest hold the shape), which every reader turns
+into numpy without a decoder: `np.stack(df["latent"]).reshape(-1, C, H, W)`. KEY.latent.npy in the tars (float16
+.npy, webdataset's convention) holds the same latent.
 `condition` (a conditional run only) is what the image was asked for, e.g. "shape=ring AND background=checker".
 
 Shard j holds images [j * images_per_shard, ...) in order, so a shard is defined by its index alone.
@@ -34,24 +42,41 @@ from .files import atomic_write, atomic_write_json, npy_array, npy_bytes, read_j
 from .latent_shards import STATS_DIR, pick_rows
 from .tars import read_tar_samples, write_tar
 
-PARQUET_NAME, TAR_NAME = "images-{:06d}.parquet", "images-{:06d}.tar"
-IMG2DATASET_STATS = "images-{:06d}_stats.json"
+PARQUET_DIR, TAR_DIR = "parquet", "webdataset"
+PARQUET_NAME, TAR_NAME = f"{PARQUET_DIR}/images-{{:06d}}.parquet", f"{TAR_DIR}/images-{{:06d}}.tar"
+IMG2DATASET_STATS = f"{STATS_DIR}/img2dataset/images-{{:06d}}_stats.json"
+LAYOUT = 2  # 1: shards beside run.json (before the sibling folders); run.json records it
 STAGES = ("sampler", "decode", "write")
 FORMATS = {"parquet": (PARQUET_NAME,), "webdataset": (TAR_NAME,), "both": (PARQUET_NAME, TAR_NAME)}
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # Hugging Face datasets' Image
 COLUMNS = [("key", pa.string()), ("image", IMAGE_TYPE), ("width", pa.int32()), ("height", pa.int32()),
-           ("seed", pa.int64()), ("energy", pa.float32()), ("model", pa.string()), ("latent", pa.binary()),
+           ("seed", pa.int64()), ("energy", pa.float32()), ("model", pa.string()), ("latent", None),
            ("condition", pa.string())]
 HF_TYPES = {"key": "string", "width": "int32", "height": "int32", "seed": "int64", "energy": "float32",
-            "model": "string", "latent": "binary", "condition": "string"}
+            "model": "string", "condition": "string"}
 
 
-def parquet_schema(with_latent: bool, with_condition: bool = False) -> pa.Schema:
-    """The shard schema, with the `huggingface` metadata that makes `datasets` decode `image` as an Image."""
-    columns = [c for c in COLUMNS if (with_latent or c[0] != "latent") and (with_condition or c[0] != "condition")]
-    features = {name: {"_type": "Image"} if name == "image" else {"dtype": HF_TYPES[name], "_type": "Value"}
+def parquet_schema(latent_shape: list[int] | None, with_condition: bool = False) -> pa.Schema:
+    """The shard schema, with the `huggingface` metadata that makes `datasets` decode `image` as an Image and read
+    `latent` as a fixed-length float32 sequence."""
+    size = int(np.prod(latent_shape)) if latent_shape else 0
+    columns = [(name, pa.list_(pa.float32(), size) if name == "latent" else t) for name, t in COLUMNS
+               if (latent_shape or name != "latent") and (with_condition or name != "condition")]
+    features = {name: ({"_type": "Image"} if name == "image" else
+                       {"_type": "Sequence", "feature": {"dtype": "float32", "_type": "Value"}, "length": size}
+                       if name == "latent" else {"dtype": HF_TYPES[name], "_type": "Value"})
                 for name, _ in columns}
-    return pa.schema(columns, metadata={"huggingface": json.dumps({"info": {"features": features}})})
+    metadata = {"huggingface": json.dumps({"info": {"features": features}})}
+    if latent_shape:
+        metadata["ebd.latent_shape"] = json.dumps(list(latent_shape))
+    return pa.schema(columns, metadata=metadata)
+
+
+def latent_of(value, shape: list[int] | tuple[int, ...]) -> np.ndarray:
+    """A row's latent as float32 (C, H, W): a fixed-size array cell, or the .npy bytes runs before LAYOUT 2 wrote."""
+    if isinstance(value, (bytes, bytearray)):
+        return npy_array(value).astype(np.float32)
+    return np.asarray(value, dtype=np.float32).reshape(shape)
 
 
 def png_of(value) -> bytes:
@@ -81,22 +106,23 @@ def write_image_shard(out: str, shard: int, fmt: str, keys: list[str], images: n
     tick = time.perf_counter()
     pngs = [png_bytes(img) for img in images]
     height, width = images.shape[1:3]
-    npys = None if latents is None else [npy_bytes(z.astype(np.float16)) for z in latents]
     files, file_bytes = {}, {}
     if fmt in ("parquet", "both"):
         columns = {"key": keys, "image": [{"bytes": png, "path": f"{k}.png"} for k, png in zip(keys, pngs)],
                    "width": [width] * len(keys), "height": [height] * len(keys), "seed": seeds,
                    "energy": energies.astype(np.float32), "model": [model_id] * len(keys)}
-        if npys is not None:
-            columns["latent"] = npys
+        schema = parquet_schema(None if latents is None else list(latents.shape[1:]), conditions is not None)
+        if latents is not None:
+            flat = np.ascontiguousarray(latents, dtype=np.float32).reshape(len(keys), -1)
+            columns["latent"] = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
         if conditions is not None:
             columns["condition"] = conditions
-        table = pa.table(columns, schema=parquet_schema(npys is not None, conditions is not None))
+        table = pa.table(columns, schema=schema)
         def write_parquet(f):
             pq.write_table(table, f, compression="zstd", row_group_size=len(keys) or 1)
-        written = atomic_write(storage.join(out, PARQUET_NAME.format(shard)), write_parquet)
-        files[PARQUET_NAME.format(shard)] = written["sha256"]
-        file_bytes[PARQUET_NAME.format(shard)] = written["bytes"]
+        name = PARQUET_NAME.format(shard)
+        written = atomic_write(storage.join(out, name), write_parquet)
+        files[name], file_bytes[name] = written["sha256"], written["bytes"]
     if fmt in ("webdataset", "both"):
         asked = conditions or [None] * len(keys)
         samples = [{"__key__": k, "png": png,
@@ -104,12 +130,12 @@ def write_image_shard(out: str, shard: int, fmt: str, keys: list[str], images: n
                                         "width": width, "height": height}
                                        | ({"condition": c} if c is not None else {}), sort_keys=True).encode()}
                    for k, png, s, e, c in zip(keys, pngs, seeds, energies, asked)]
-        if npys is not None:
-            for sample, npy in zip(samples, npys):
-                sample["latent.npy"] = npy
-        written = write_tar(storage.join(out, TAR_NAME.format(shard)), samples)
-        files[TAR_NAME.format(shard)] = written["sha256"]
-        file_bytes[TAR_NAME.format(shard)] = written["bytes"]
+        if latents is not None:
+            for sample, z in zip(samples, latents):
+                sample["latent.npy"] = npy_bytes(z.astype(np.float16))
+        name = TAR_NAME.format(shard)
+        written = write_tar(storage.join(out, name), samples)
+        files[name], file_bytes[name] = written["sha256"], written["bytes"]
     stats = {"shard": shard, "count": len(keys), "files": files, "file_bytes": file_bytes,
              "bytes": sum(file_bytes.values()), **extra_stats,
              "write_batch_seconds": [time.perf_counter() - tick]}
@@ -147,8 +173,7 @@ def completed_shard(out: str, shard: int, fmt: str) -> dict | None:
         stats = read_json(marker)
     except ValueError:
         return None
-    expected = {storage.name(p) for p in shard_files(out, shard, fmt)}
-    if set(stats.get("files", {})) != expected:
+    if set(stats.get("files", {})) != {name.format(shard) for name in FORMATS[fmt]}:
         return None
     for name, sha256 in stats["files"].items():
         path = storage.join(out, name)
@@ -199,10 +224,10 @@ def _generated_rows(folder: str, manifest: dict, columns: list[str], from_tar) -
 def read_generated(folder: str, index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(latents (N, C, h, w) float32, images (N, 3, H, W) uint8) of the rows `index` names (all if None), in that
     order, of a finished generation run (a folder or a bucket's URI)."""
-    rows = _generated_rows(folder, generated_manifest(folder), ["image", "latent"],
-                           lambda s: (s["png"], s["latent.npy"]))
+    manifest = generated_manifest(folder)
+    rows = _generated_rows(folder, manifest, ["image", "latent"], lambda s: (s["png"], s["latent.npy"]))
     picked = pick_rows(rows, index)
-    latents = [npy_array(npy).astype(np.float32) for _, npy in picked]
+    latents = [latent_of(value, manifest["latents"]["shape"]) for _, value in picked]
     images = [np.asarray(Image.open(io.BytesIO(png_of(png))).convert("RGB")) for png, _ in picked]
     return (torch.from_numpy(np.stack(latents)),
             torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous())

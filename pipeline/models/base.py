@@ -38,6 +38,14 @@ class PretrainedModel(nn.Module):
         self.config = config
         self.metadata = metadata or {}   # sampler, latents (scaling factor, VAE identity, manifest), training
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
     # -------------------------------------------------------------------------------------------- folders
 
     def save_pretrained(self, folder: str | Path, state_dict: dict | None = None) -> Path | str:
@@ -48,7 +56,10 @@ class PretrainedModel(nn.Module):
         return save_weights_folder(folder, config, state_dict or self.state_dict())
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, device: torch.device | str = "cpu") -> "PretrainedModel":
+    def from_pretrained(cls, folder: str | Path, device: torch.device | str = "cpu",
+                        **_loader_options) -> "PretrainedModel":
+        """`_loader_options`: what diffusers' pipeline loader passes every torch module (torch_dtype, ...); a model
+        loads in float32, the precision its samplers need."""
         data, tensors = load_weights_folder(folder)
         if data.get("format") != cls.FORMAT:
             raise EbdError(f"{Path(folder) / 'config.json'} has format {data.get('format')!r}, expected {cls.FORMAT!r}")
