@@ -8,6 +8,7 @@
 `--config configs/NAME.yaml` finds the shipped configs from any working directory.
 """
 
+import difflib
 import importlib
 import sys
 
@@ -22,10 +23,19 @@ JOBS = {"precompute": "precompute images into latent shards", "train": "fit a mo
 
 def main() -> None:
     args = sys.argv[1:]
+    if args and args[0] in ("--version", "-V"):
+        from importlib.metadata import version
+
+        print(f"ebd {version('ebd')}")
+        return
     if not args or args[0] in ("-h", "--help") or args[0] not in JOBS:
         lines = [__doc__.strip().splitlines()[0], "", "jobs:"] + [f"  {name:<14} {what}" for name, what in JOBS.items()]
+        lines += ["", "ebd JOB --help: its flags; ebd JOB --show-config [--config FILE]: its config keys and values",
+                  "ebd --version"]
         if args and args[0] not in ("-h", "--help"):
-            print(f"error: unknown job {args[0]!r}; one of {', '.join(JOBS)}", file=sys.stderr)
+            close = difflib.get_close_matches(args[0], JOBS, n=1)
+            print(f"error: unknown job {args[0]!r}" + (f": did you mean {close[0]!r}?" if close else "")
+                  + f" (jobs: {', '.join(JOBS)})", file=sys.stderr)
             sys.exit(2)
         print("\n".join(lines))
         return

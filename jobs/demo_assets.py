@@ -15,10 +15,10 @@ from pipeline.demo import write_demo_images
 
 def main() -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.demo_assets", description=__doc__.splitlines()[0])
-    p.add_argument("--output", required=True)
-    p.add_argument("--num-images", type=int, default=10000)
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", required=True, help="folder for the images and their labels")
+    p.add_argument("--num-images", type=int, default=10000, help="images to render (default 10000)")
+    p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     args = p.parse_args()
     if args.num_images < 1 or args.size < 16:
         raise EbdError("--num-images must be >= 1 and --size >= 16")

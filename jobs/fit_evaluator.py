@@ -13,8 +13,8 @@ from pipeline.evaluation.evaluator_fit import FitEvaluatorConfig, fit_evaluator
 
 def main() -> int:
     p = job_parser("jobs.fit_evaluator", __doc__, address=False)
-    p.add_argument("--latents", help="latents folder (jobs.precompute output) with labels")
-    p.add_argument("--output", help="evaluator folder (config.json + model.safetensors)")
+    p.add_argument("--latents", help="(required) latents folder (jobs.precompute output) with labels")
+    p.add_argument("--output", help="(required) evaluator folder (config.json + model.safetensors)")
     p.add_argument("--vae", help="VAE folder, if not the one the latents' manifest records")
     p.add_argument("--steps", type=int, help="optimisation steps (overrides the config)")
     args = p.parse_args()

@@ -12,8 +12,8 @@ from pipeline.vae.fit import FitVaeConfig, fit_vae
 
 def main() -> int:
     p = job_parser("jobs.fit_vae", __doc__, address=False)
-    p.add_argument("--input", help="images: a folder tree, webdataset tars or parquet files")
-    p.add_argument("--output", help="checkpoint folder (gets vae/ and model_index.json)")
+    p.add_argument("--input", help="(required) images: a folder tree, webdataset tars or parquet files")
+    p.add_argument("--output", help="(required) checkpoint folder (gets vae/ and model_index.json)")
     p.add_argument("--steps", type=int, help="optimisation steps (overrides the config)")
     args = p.parse_args()
     cfg = load_config(FitVaeConfig, args.config, args.set, input=args.input, output=args.output, steps=args.steps)

@@ -13,10 +13,11 @@ from pipeline.distributed.precompute import PrecomputeConfig, run_precompute
 
 def main() -> int:
     p = job_parser("jobs.precompute", __doc__)
-    p.add_argument("--input", help="image folder, tar shard(s) or parquet file(s)")
-    p.add_argument("--vae", help="local Stable Diffusion checkpoint folder (with vae/) or AutoencoderKL folder")
-    p.add_argument("--output", help="output folder for shards and manifest")
-    p.add_argument("--input-format", choices=["auto", "folder", "webdataset", "parquet"])
+    p.add_argument("--input", help="(required) image folder, tar shard(s) or parquet file(s)")
+    p.add_argument("--vae", help="(required) Stable Diffusion checkpoint folder (with vae/) or AutoencoderKL folder")
+    p.add_argument("--output", help="(required) output folder for shards and manifest")
+    p.add_argument("--input-format", choices=["auto", "folder", "webdataset", "parquet"],
+                   help="how to read --input (default auto: by what it holds)")
     args = p.parse_args()
     cfg = load_config(PrecomputeConfig, args.config, args.set, input=args.input, vae=args.vae,
                       output=args.output, input_format=args.input_format)

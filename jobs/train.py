@@ -15,8 +15,8 @@ from pipeline.training.config import TrainConfig
 
 def main() -> int:
     p = job_parser("jobs.train", __doc__)
-    p.add_argument("--latents", help="output folder of the precompute job")
-    p.add_argument("--output", help="folder for the model export and worker records")
+    p.add_argument("--latents", help="(required) output folder of the precompute job")
+    p.add_argument("--output", help="(required) folder for the model export and worker records")
     p.add_argument("--run-name", help="Ray Train run name; the same name resumes")
     p.add_argument("--storage-path",
                    help="checkpoint storage (shared on a multi-node cluster); default OUTPUT/checkpoints")

@@ -34,6 +34,11 @@ for _name, _value in LOCAL_ENV.items():
     os.environ.setdefault(_name, _value)
 os.environ.setdefault("RAY_num_workers_soft_limit", "8")
 
+# The jobs' log lines on stderr, as `run_cli` sets them up: tests that call the library in-process read them there.
+from pipeline.common.logs import configure_logging  # noqa: E402
+
+configure_logging()
+
 
 def _session_auth_token() -> None:
     """`ray start` with token auth refuses to start without a token (a fresh machine has no ~/.ray/auth_token):

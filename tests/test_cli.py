@@ -102,6 +102,42 @@ def test_the_ebd_command_runs_a_job_from_another_working_directory(ray_cluster, 
     assert usage.returncode == 0 and usage.stdout.startswith("usage: ebd generate")
 
 
+def test_the_cli_gives_its_version_suggests_names_and_lists_the_effective_config(tmp_path):
+    ebd = str(Path(sys.executable).with_name("ebd"))
+
+    def run(*args):
+        return subprocess.run([ebd, *args], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+
+    from importlib.metadata import version
+    assert run("--version").stdout.strip() == f"ebd {version('ebd')}"
+    typo = run("generte")
+    assert typo.returncode == 2 and "did you mean 'generate'?" in typo.stderr
+    key = run("train", "--config", "train.yaml", "--latents", "l", "--output", "o", "--set", "max_step=3")
+    assert key.returncode == 2 and key.stderr.count("\n") == 1 and "did you mean 'max_steps'?" in key.stderr
+    shown = run("generate", "--show-config", "--config", "configs/generate.yaml", "--set", "sampler_device=gpu",
+                "--num-images", "7")
+    assert shown.returncode == 0, shown.stderr
+    lines = {line.split(":")[0]: line for line in shown.stdout.splitlines() if not line.startswith("#")}
+    assert lines["num_images"].startswith("num_images: 7") and lines["sampler_device"].startswith("sampler_device: gpu")
+    assert lines["images_per_shard"].startswith("images_per_shard: 256")  # the file's value, as the job would use
+    assert "# auto: 1 per decoder actor" in lines["decoder_gpus"] and "simulate_oom_above" not in shown.stdout
+    usage = run("generate", "--help").stdout
+    assert "(required) trained EBM folder" in usage and "run seed" in usage and "--show-config" in usage
+
+
+def test_a_built_wheel_carries_the_shipped_configs(tmp_path):
+    """`--config NAME.yaml` after `pip install ebd`: the wheel holds pipeline/configs/*.yaml."""
+    import zipfile
+
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                             "-w", str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (wheel,) = tmp_path.glob("ebd-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = {f"pipeline/configs/{p.name}" for p in (REPO / "configs").glob("*.yaml")}
+    assert shipped and shipped <= names
+
+
 def test_every_shipped_config_validates_for_its_job():
     """configs/NAME*.yaml loads into its job's config with the paths the command line gives; a key renamed in code
     but not in a shipped config would fail here, not in a user's run."""
@@ -176,7 +212,7 @@ def test_numbers_parse_as_yaml_1_2_and_senseless_values_are_refused():
     cfg = load_config(TrainConfig, "configs/train.yaml", ["lr=1e-4", "objective.sigma_min=5E-3"], latents="l",
                       output="o")
     assert cfg.lr == 1e-4 and isinstance(cfg.lr, float)
-    for setting, message in (("lr=.inf", "finite"), ("lr=inf", "must be float"), ("lr=-1e-4", "lr must be > 0"), ("cpus_per_worker=0",
-                             "cpus_per_worker must be > 0"), ("seed=-3", "seed must be >= 0")):
+    for setting, message in (("lr=.inf", "finite"), ("lr=inf", "must be float"), ("lr=-1e-4", "lr must be > 0"),
+                             ("cpus_per_worker=0", "cpus_per_worker must be > 0"), ("seed=-3", "seed must be >= 0")):
         with pytest.raises(ConfigError, match=message):
             load_config(TrainConfig, "configs/train.yaml", [setting], latents="l", output="o")

@@ -9,6 +9,7 @@ stderr (exit code 2) and writes nothing:
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 import sys
@@ -88,7 +89,54 @@ def load_config(cls: type[C], path: str | Path | None = None, sets: list[str] | 
         else:
             values[key.strip()] = value
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if SHOW_CONFIG:
+        print(describe_config(cls, values))
+        raise SystemExit(0)
     return from_dict(cls, values)
+
+
+SHOW_CONFIG = False  # set by run_cli for `--show-config`: load_config prints the effective config and exits
+HIDDEN_KEYS = ("simulate_oom_above",)  # test hooks: accepted, never listed
+
+
+def describe_config(cls: type, values: dict[str, Any]) -> str:
+    """The effective config of a job: each key's value (from the file, --set and flags, else the default), with
+    the comment its dataclass gives it."""
+    comments = _field_comments(cls)
+    lines = [f"# {cls.__name__}: the effective config (defaults where nothing set a key)"]
+    for f in dataclasses.fields(cls):
+        if f.name in HIDDEN_KEYS:
+            continue
+        if f.name in values:
+            value = values[f.name]
+        elif f.default is not dataclasses.MISSING:
+            value = f.default
+        else:
+            value = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        text = yaml.safe_dump({f.name: value}, default_flow_style=True, width=10**6).strip()[1:-1]
+        note = comments.get(f.name, "")
+        lines.append(f"{text:<40}  # {note}" if note else text)
+    return "\n".join(lines)
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """name -> the comment on its line, or the comment block just above it, in the dataclass's source."""
+    import inspect
+
+    comments: dict[str, str] = {}
+    above: list[str] = []
+    for line in inspect.getsource(cls).splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            above.append(stripped.lstrip("# "))
+            continue
+        name = stripped.split(":", 1)[0]
+        if name.isidentifier() and ":" in stripped:
+            code, _, trailing = stripped.partition("  #")
+            block = " ".join(above)
+            comments[name] = trailing.strip() or (block.split(". ")[0].rstrip(".") + "." if block else "")
+        above = []
+    return comments
 
 
 def from_dict(cls: type[C], values: dict[str, Any]) -> C:
@@ -100,8 +148,10 @@ def from_dict(cls: type[C], values: dict[str, Any]) -> C:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ConfigError(f"unknown config key {unknown[0]!r} for {cls.__name__} "
-                          f"(known: {', '.join(sorted(fields))})")
+        close = difflib.get_close_matches(unknown[0], fields, n=1)
+        raise ConfigError(f"unknown config key {unknown[0]!r} for {cls.__name__}"
+                          + (f": did you mean {close[0]!r}?" if close else "")
+                          + " (--show-config lists every key)")
     hints = typing.get_type_hints(cls)
     checked = {name: _coerce(name, value, hints[name]) for name, value in values.items()}
     try:
@@ -132,7 +182,9 @@ def require_at_least(config, minimum: float, *names: str, strictly: bool = False
                      f"{', '.join(repr(getattr(config, n)) for n in bad)}")
 
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # the project's shipped configs
+# The shipped configs: pipeline/configs links to the repository's configs/ and a built wheel holds the files, so
+# `--config NAME.yaml` works from a checkout and after `pip install` alike.
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def find_config(path: Path) -> Path:
@@ -236,6 +288,8 @@ def job_parser(module: str, doc: str, address: bool = True):
         parser.add_argument("--dashboard", action="store_true",
                             help="start the Ray dashboard (on 127.0.0.1) with a local instance")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    parser.add_argument("--show-config", action="store_true",
+                        help="print the effective config (defaults, then --config, --set and flags) and exit")
     return parser
 
 
@@ -243,6 +297,8 @@ def run_cli(main) -> None:
     """Runs a job's `main()`, turning EbdError into one line on stderr and exit code 2 (no traceback wall)."""
     from .logs import configure_logging
 
+    global SHOW_CONFIG
+    SHOW_CONFIG = "--show-config" in sys.argv[1:]
     configure_logging()
     try:
         code = main()

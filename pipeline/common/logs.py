@@ -17,10 +17,22 @@ LOGGER = logging.getLogger("ebd")
 LOGGER.addHandler(logging.NullHandler())  # a library stays silent until its user configures logging
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a message is logged: notebooks and pytest swap it after set-up."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def configure_logging(level: int = logging.INFO) -> None:
     """Messages to stderr as plain lines (idempotent): for the jobs and for Ray worker processes."""
     if not any(getattr(h, "_ebd", False) for h in LOGGER.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         handler._ebd = True
         LOGGER.addHandler(handler)
