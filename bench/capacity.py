@@ -134,30 +134,19 @@ def stage_costs(model_dir: Path, vae_dir: str, decoder_dir: str | None = None, b
             "sampler": settings.name, "latent_shape": list(model.config.latent_shape)}
 
 
-def decoder_flops(decoder, latent_shape) -> float:
-    """FLOPs of decoding one latent (torch's count: direct convolution)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from pipeline.vae.autoencoder import decode
-
-    with FlopCounterMode(display=False) as counter:
-        decode(decoder, torch.zeros(1, *latent_shape))
-    return float(counter.get_total_flops())
-
-
 # --------------------------------------------------------------------------------------------- the model
 
 def pipeline_shape(cpus: float, gpus: int = 0, config: str | Path = REPO / "configs" / "generate.yaml") -> dict:
     """The DAG jobs.generate builds from `config` (sampler_actors: auto) on `cpus` CPUs and `gpus` decoder GPUs:
     its thread counts per stage."""
     from pipeline.common.config import load_config
-    from pipeline.distributed.generation import GenerateConfig, auto_sampler_actors
+    from pipeline.distributed.generation import GenerateConfig
+    from pipeline.distributed.placement import plan_placement
 
     cfg = load_config(GenerateConfig, config, model="m", vae="v", output="o")
     decoders = max(cfg.decoder_actors, gpus)
     cfg.decoder_actors = decoders
-    samplers = auto_sampler_actors(cfg, cpus) if cfg.sampler_actors == "auto" else cfg.sampler_actors
+    samplers = plan_placement(cfg, cpus, gpus, shards=10**6).sampler_actors
     leftover = cpus - samplers * cfg.sampler_cpus - decoders * cfg.decoder_cpus
     return {"cpus": cpus, "gpus": gpus, "sampler_actors": samplers,
             "sampler_threads": samplers * max(1, int(cfg.sampler_cpus)),
@@ -190,11 +179,12 @@ def sd_table(args) -> list[dict]:
 
     import torch
     from diffusers import AutoencoderKL, AutoencoderTiny
-    from torch.utils.flop_counter import FlopCounterMode
 
     from pipeline.common.config import load_config
+    from pipeline.sampling.cost import sampling_flops
     from pipeline.training.config import TrainConfig
     from pipeline.training.objectives import OBJECTIVES
+    from pipeline.vae.autoencoder import decode_flops
 
     sys.path.insert(0, str(REPO / "bench"))
     from sd_scale import sd_vae_config
@@ -209,12 +199,11 @@ def sd_table(args) -> list[dict]:
         metadata = {"sampler": asdict(objective.sampler_settings(cfg, prepared))}
         energy = objective.build_model(cfg, list(latent_shape), prepared, metadata).eval()
         sampler_s, evaluations = _sampler_seconds_per_image(energy, batch=2)
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            energy.evaluation_forward(torch.randn(1, *latent_shape))
-        sampler_flops = 2 * counter.get_total_flops() * evaluations  # a gradient: a forward and a backward
+        sampler_flops = sampling_flops(energy)  # a gradient: a forward and a backward, counted
+        assert energy.sampler.gradient_evaluations() == evaluations
         write_s = 3 * (px / 64) ** 2 * 1e-4  # PNG + shard write scales with pixels (demo: ~1e-4 s at 64 px)
         for name, decoder in decoders.items():
-            flops = decoder_flops(decoder, latent_shape)
+            flops = decode_flops(decoder, latent_shape)
             gpu_rate = peak / flops
             costs = {"sampler_s": sampler_s, "write_s": write_s, "decode_cpu_s": float("nan")}
             for gpus in (1, 2, 4, 8):
@@ -265,7 +254,7 @@ def validate(address: str, model_dir: Path, args, sampler: dict | None = None) -
             tick = time.perf_counter()
             summary = run_generation(cfg)
             seconds = time.perf_counter() - tick
-            finished = sorted(f.stat().st_mtime for f in (Path(work) / "out").glob("images-*.parquet"))
+            finished = sorted(f.stat().st_mtime for f in (Path(work) / "out" / "parquet").glob("images-*.parquet"))
         finally:
             ray.shutdown()
     steady = (len(finished) - 1) * args.images_per_shard / (finished[-1] - finished[0])

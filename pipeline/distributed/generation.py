@@ -1,8 +1,11 @@
 """Bulk generation: a streaming Ray Data DAG of sampler actors -> decoder actors -> shard writers.
 
-    shards to make --> SamplerStage  (CPU actor pool)  the model's own sampler (sampling.core): one shard's latents
+    shards to make --> SamplerStage  (CPU actors, or GPU shares)  the model's own sampler (sampling.core): latents
                    --> DecodeStage   (GPU actors when the cluster has GPUs, else CPU)  uint8 images
                    --> write_shard   (tasks)  PNG -> parquet and/or tar, atomically, then a done marker
+
+With the sampler on GPUs (`sampler_device`, placement.py) the first two stages may be one: SampleDecodeStage
+samples a shard and decodes it on the same GPU.
 
 One row is one output shard (images [j * S, (j + 1) * S)). Ray Data's streaming executor runs the stages
 concurrently with backpressure, so no stage holds more than a few shards. Image i's key and noise seed derive
@@ -14,6 +17,7 @@ run reuses it. Re-running the same command skips complete shards and ends with e
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,7 +29,7 @@ from ..common.config import EbdError, JobConfig, require
 from ..common.logs import Progress, log_line
 from ..common.plugins import import_plugins
 from ..io import image_shards, storage
-from ..io.files import atomic_write, atomic_write_json, claim_run_folder, file_sha256
+from ..io.files import atomic_write, atomic_write_json, claim_run_folder, file_sha256, read_json
 from ..io.pictures import preview_grid
 from ..sampling.conditions import check_condition, conditions_for, load_plan, parse_condition
 from ..sampling.noise import image_key
@@ -50,7 +54,7 @@ class GenerateConfig(JobConfig):
     seed: int = 0
     format: Literal["parquet", "webdataset", "both"] = "both"
     images_per_shard: int = 256
-    save_latents: bool = True                    # store each image's latent (float16 .npy) for evaluation/reuse
+    save_latents: bool = True                    # each latent too (parquet: float32 array, tar: float16 .npy)
     # Sampler: the model's saved settings, with these keys changed (e.g. {levels: 10} or {mala_levels: 3}; a
     # short-run (cd) model is only valid under its training settings, so change those knowingly).
     sampler: dict[str, Any] = field(default_factory=dict)
@@ -63,6 +67,17 @@ class GenerateConfig(JobConfig):
     decoder_cpus: float = 0.5
     decoder_gpus: float | Literal["auto"] = "auto"  # auto: 1 per decoder actor when the cluster has GPUs
     writer_cpus: float = 0.25
+    # Where the sampler runs (placement.py): cpu (actors of sampler_cpus feed the decoders), gpu (actors of
+    # sampler_gpus, a share of a GPU; gpu_stage fused: each also decodes its shards, separate: decoder actors of
+    # their own), or auto (whichever the predicted images/s favours, from the model's FLOPs per image and the two
+    # assumed rates below; the summary records the choice and why). Samples are reproducible within a device type.
+    sampler_device: Literal["auto", "cpu", "gpu"] = "cpu"
+    sampler_gpus: float = 1.0
+    gpu_stage: Literal["fused", "separate"] = "fused"
+    # The sampler's arithmetic on CUDA: float32, or autocast to bfloat16/float16 (CPUs always run float32).
+    sampler_precision: Literal["float32", "bfloat16", "float16"] = "float32"
+    cpu_gflops: float = 90.0                     # auto: GFLOP/s one CPU thread samples at (bench/capacity.md)
+    gpu_tflops: float = 300.0                    # auto: TFLOP/s a GPU achieves (30% of an H100's fp16 peak)
     # Batch sizes: null probes each stage's memory once per run; --batch-size sets both.
     batch_size: int | None = None
     sampler_batch_size: int | None = None
@@ -111,6 +126,8 @@ class GenerateConfig(JobConfig):
                 "actor counts must be >= 1 (sampler_actors may be auto)")
         require(self.sampler_cpus > 0 and self.decoder_cpus > 0 and self.writer_cpus > 0, "CPU shares must be > 0")
         require(self.decoder_gpus == "auto" or self.decoder_gpus >= 0, "decoder_gpus must be >= 0 or auto")
+        require(self.sampler_gpus > 0 and self.cpu_gflops > 0 and self.gpu_tflops > 0,
+                "sampler_gpus, cpu_gflops and gpu_tflops must be > 0")
         for name in ("batch_size", "sampler_batch_size", "decode_batch_size", "simulate_oom_above"):
             require(getattr(self, name) is None or getattr(self, name) >= 1, f"{name} must be >= 1 or null")
         require(self.ram_budget_gb > 0 and 0 < self.gpu_memory_fraction <= 1 and self.max_batch_size >= 1,
@@ -130,19 +147,29 @@ def _threads(cpus: float) -> int:
 
 
 class SamplerStage:
-    """Sampler actor: one shard's latents through the one sampling core (`sampling.core.sample_latents`)."""
+    """Sampler actor: one shard's latents through the one sampling core (`sampling.core.sample_latents`), on CUDA
+    when the actor got a GPU share and CUDA exists, else on CPU tensors (one log line says so)."""
 
     def __init__(self, model_dir: str, sampler: dict, seed: int, images_per_shard: int, num_images: int,
-                 batch_size: int, threads: int, plan: list | None = None, plugins: list[str] | None = None):
+                 batch_size: int, threads: int, plan: list | None = None, plugins: list[str] | None = None,
+                 use_gpu: bool = False, precision: str = "float32"):
+        import ray
         import torch
 
         from ..common.metrics import StageMetrics
         from ..models import load_model
         from ..sampling.settings import sampler_settings
+        from ..vae.autoencoder import pick_device
 
         torch.set_num_threads(threads)
         import_plugins(plugins or [])
-        self.model = load_model(model_dir)
+        self.device = pick_device(use_gpu)
+        self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+        if use_gpu and self.device.type == "cpu":
+            log_line("generate", f"sampler actor on GPU {','.join(self.gpu_ids) or '?'}: torch sees no CUDA here, "
+                                 "so it samples on CPU tensors")
+        self.precision = precision if self.device.type == "cuda" else "float32"
+        self.model = load_model(model_dir, self.device)
         self.sampler = sampler_settings(sampler)
         self.seed, self.per_shard, self.num_images, self.batch_size = seed, images_per_shard, num_images, batch_size
         self.plan = plan  # [[condition, count], ...] of a conditional run, else None
@@ -158,16 +185,18 @@ class SamplerStage:
             conditions = conditions_for(self.plan, start, count) if self.plan else None
             self.metrics.busy(1)
             samples = sample_latents(self.model, range(start, start + count), self.seed, self.sampler, conditions,
-                                     self.batch_size, on_chunk=self.metrics.batch)
+                                     self.batch_size, device=self.device, on_chunk=self.metrics.batch,
+                                     precision=self.precision)
             self.metrics.busy(0)
-            z = samples.latents.numpy()
+            z = samples.latents.cpu().numpy()
             rows["shard"].append(int(shard))
             rows["latents"].append(z.tobytes())
             rows["info"].append(json.dumps({
                 "count": count, "latent_shape": list(z.shape[1:]), "seeds": samples.seeds,
-                "energy": samples.energies.tolist(), "sampler_batch_seconds": samples.chunk_seconds,
+                "energy": samples.energies.cpu().tolist(), "sampler_batch_seconds": samples.chunk_seconds,
                 "sampler_chunks": samples.chunk_sizes, "sampler_batch_size": self.batch_size,
-                "gradient_evaluations": samples.evaluations,
+                "gradient_evaluations": samples.evaluations, "sampler_device": self.device.type,
+                "sampler_gpu_ids": self.gpu_ids, "sampler_precision": self.precision,
                 "mala_accepted": samples.accepted, "mala_proposed": samples.proposed}
                 | ({"conditions": conditions} if conditions else {})))
         return {"shard": np.array(rows["shard"]), "latents": np.array(rows["latents"], dtype=object),
@@ -230,6 +259,17 @@ class DecodeStage:
                 "latents": batch["latents"], "info": np.array(infos, dtype=object)}
 
 
+class SampleDecodeStage:
+    """GPU actor (`gpu_stage: fused`): samples a shard and decodes it on the same GPU, so its latents never leave
+    the process."""
+
+    def __init__(self, sampler: dict, decoder: dict):
+        self.sample, self.decode = SamplerStage(**sampler), DecodeStage(**decoder)
+
+    def __call__(self, batch: dict) -> dict:
+        return self.decode(self.sample(batch))
+
+
 def write_shard(batch: dict, output: str, fmt: str, seed: int, images_per_shard: int, model_id: str,
                 save_latents: bool) -> dict:
     """Writer task: PNG-encodes one shard's images and writes its files, then its done marker."""
@@ -253,23 +293,28 @@ def write_shard(batch: dict, output: str, fmt: str, seed: int, images_per_shard:
 # ------------------------------------------------------------------------------------------ batch probes
 
 def probe_sampler_batch(model_dir: str, sampler: dict, budget_bytes: int, max_batch: int, threads: int,
-                        condition: str | None = None, plugins: list[str] | None = None) -> dict:
-    """Ray task (the sampler actors' resources): the largest chain batch that fits the RAM budget (under the run's
-    widest condition: each term is one more forward per gradient)."""
+                        condition: str | None = None, plugins: list[str] | None = None, use_gpu: bool = False,
+                        gpu_fraction: float = 0.8, precision: str = "float32") -> dict:
+    """Ray task (the sampler actors' resources): the largest chain batch that fits the RAM budget, or free GPU
+    memory on CUDA (under the run's widest condition: each term is one more forward per gradient)."""
     import torch
 
     from ..common.memory import probe_batch_size
     from ..models import load_model
     from ..sampling.core import sample_latents
     from ..sampling.settings import sampler_settings
+    from ..vae.autoencoder import pick_device
 
     torch.set_num_threads(threads)
     import_plugins(plugins or [])
-    model = load_model(model_dir)
+    device = pick_device(use_gpu)
+    model = load_model(model_dir, device)
     probe = sampler_settings(sampler).probe()  # memory per step does not grow with the number of steps or levels
+    precision = precision if device.type == "cuda" else "float32"
     return probe_batch_size(lambda n: sample_latents(model, range(n), 0, probe,
-                                                     None if condition is None else [condition] * n),
-                            torch.device("cpu"), budget_bytes, max_batch=max_batch)
+                                                     None if condition is None else [condition] * n, device=device,
+                                                     precision=precision),
+                            device, budget_bytes, gpu_fraction, max_batch=max_batch)
 
 
 def probe_decode_batch(decoder, dtype: str, use_gpu: bool, latent_shape: list, budget_bytes: int,
@@ -318,32 +363,33 @@ def run_generation(cfg: GenerateConfig, address: str | None = None, dashboard: b
     storage.check_writable(out)  # one line before any work: no such bucket, no permission
     num_shards = math.ceil(cfg.num_images / cfg.images_per_shard)
 
+    run = _claim_output(out, cfg, sampler, model_id, vae_identity, decoder, plan)  # refusals before Ray starts
     connect(address, dashboard=dashboard)
-    gpus = resolve_decoder_gpus(cfg)
-    run = _claim_output(out, cfg, sampler, model_id, vae_identity, decoder, plan)
-    batch_sizes = _recorded_batch_sizes(run) or _choose_batch_sizes(cfg, sampler, decoder, latent_shape, gpus, plan)
+    done = {j: s for j in range(num_shards) if (s := image_shards.completed_shard(out, j, cfg.format)) is not None}
+    pending = [j for j in range(num_shards) if j not in done]
+    placement = place_stages(cfg, model, decoder, max(1, len(pending)), run.get("sampler_device"))
+    batch_sizes = _recorded_batch_sizes(run) or _choose_batch_sizes(cfg, sampler, decoder, latent_shape, placement,
+                                                                    plan)
     if "batch_sizes" not in run:
-        atomic_write_json(storage.join(out, RUN_FILE), run | {"batch_sizes": batch_sizes})
+        atomic_write_json(storage.join(out, RUN_FILE), run | {"batch_sizes": batch_sizes,
+                                                             "sampler_device": placement.sampler_device})
     asked = cfg.batch_size or cfg.sampler_batch_size or cfg.decode_batch_size
     if "batch_sizes" in run and asked and asked not in (batch_sizes["sampler"], batch_sizes["decode"]):
         log_line("generate", f"resuming with this folder's batch sizes {batch_sizes['sampler']}/"
                  f"{batch_sizes['decode']}, not {asked}: shards stay byte-identical that way")
 
-    done = {j: s for j in range(num_shards) if (s := image_shards.completed_shard(out, j, cfg.format)) is not None}
-    pending = [j for j in range(num_shards) if j not in done]
     metrics = DriverMetrics()
     port = metrics.serve(cfg.metrics_port, cfg.metrics_host) if cfg.metrics_port is not None else None
     log = Progress("generate", total=cfg.num_images, unit="images", interval_s=cfg.progress_interval_s,
                    done=sum(s["count"] for s in done.values()))
-    samplers = resolve_sampler_actors(cfg, max(1, len(pending)))  # as decoded_shards will start them
     log.log(f"{cfg.num_images} images in {num_shards} shards -> {out}; {len(done)} complete, {len(pending)} to make; "
-            f"batch sizes sampler={batch_sizes['sampler']} decode={batch_sizes['decode']}; "
-            f"{samplers} sampler actors; decoder GPUs per actor {gpus:g}"
+            f"batch sizes sampler={batch_sizes['sampler']} decode={batch_sizes['decode']}; {placement.describe()} "
+            f"({placement.reason})"
             + (f"; metrics on http://{cfg.metrics_host}:{port}/metrics" if port is not None else ""))
     start = time.monotonic()
     try:
         if pending:
-            dataset = _build_dag(cfg, pending, sampler, decoder, gpus, batch_sizes, model_id, plan)
+            dataset = _build_dag(cfg, pending, sampler, decoder, placement, batch_sizes, model_id, plan)
             in_flight = len(pending)
             metrics.set_in_flight(in_flight)
             for batch in dataset.iter_batches(batch_size=1, batch_format="numpy"):
@@ -356,9 +402,9 @@ def run_generation(cfg: GenerateConfig, address: str | None = None, dashboard: b
                     log.update(stats["count"], extra=f"shards {len(done)}/{num_shards}",
                                force=len(done) == num_shards)
         seconds = time.monotonic() - start
-        summary = _finish(out, cfg, done, num_shards, sampler, model_id, vae_identity, batch_sizes, gpus, seconds,
-                          made=sum(done[j]["count"] for j in pending), latent_shape=latent_shape, decoder=decoder,
-                          samplers=samplers, plan=plan)
+        summary = _finish(out, cfg, done, num_shards, sampler, model_id, vae_identity, batch_sizes, placement,
+                          seconds, made=sum(done[j]["count"] for j in pending), latent_shape=latent_shape,
+                          decoder=decoder, plan=plan)
         log.log(f"done: {summary['images']} images in {len(done)} shards; {summary['images_per_second']:.2f} images/s "
                 f"this run; preview {storage.join(out, 'preview.png')}")
         if cfg.pushgateway:
@@ -396,55 +442,61 @@ def run_plan(cfg: GenerateConfig, model) -> list[list] | None:
     return plan
 
 
-def resolve_sampler_actors(cfg: GenerateConfig, shards: int) -> int:
-    """Sampler actors: the configured count, or with `auto` as many as the cluster's CPUs hold (at most one per
-    shard)."""
+def place_stages(cfg: GenerateConfig, model, decoder, shards: int, recorded: str | None = None):
+    """The DAG's shape on the connected cluster (placement.plan_placement); `auto` on a cluster with GPUs weighs the
+    model's and the decoder's FLOPs per image, counted here once."""
     import ray
 
-    if cfg.sampler_actors != "auto":
-        return cfg.sampler_actors
-    return min(shards, auto_sampler_actors(cfg, ray.cluster_resources().get("CPU", 0)))
+    from .placement import plan_placement
+
+    def costs() -> dict:
+        import torch
+
+        from ..sampling.cost import sampling_flops
+        from ..vae.autoencoder import decode_flops, load_vae
+
+        vae = load_vae(decoder, torch.device("cpu"), torch.float32)
+        return {"sampler_gflop": sampling_flops(model, model.resolve_sampler(cfg.sampler)) / 1e9,
+                "decoder_gflop": decode_flops(vae, model.config.latent_shape) / 1e9}
+
+    resources = ray.cluster_resources()
+    return plan_placement(cfg, resources.get("CPU", 0), resources.get("GPU", 0), shards, costs, recorded)
 
 
-def auto_sampler_actors(cfg: GenerateConfig, cpus: float) -> int:
-    """`sampler_actors: auto` on `cpus` CPUs: what is left once the decoder actors and one writer task have their
-    shares, in sampler actors of `sampler_cpus` each; at least one."""
-    free = cpus - cfg.decoder_actors * cfg.decoder_cpus - cfg.writer_cpus
-    return max(1, int(free / cfg.sampler_cpus + 1e-9))
-
-
-def resolve_decoder_gpus(cfg: GenerateConfig) -> float:
-    """GPUs per decoder actor: the configured share, or with `auto` one when the cluster has GPUs, else none."""
-    import ray
-
-    if cfg.decoder_gpus != "auto":
-        return float(cfg.decoder_gpus)
-    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-
-
-def decoded_shards(cfg: GenerateConfig, shards: list[int], sampler: dict, decoder, gpus: float, batch_sizes: dict,
+def decoded_shards(cfg: GenerateConfig, shards: list[int], sampler: dict, decoder, placement, batch_sizes: dict,
                    plan: list | None = None):
     """The DAG's first two stages as a Ray Dataset: one row per shard {shard, latents, images, info}. `decoder`: the
-    VaeSpec to decode with (the VAE, or a tiny decoder paired with it); `plan`: a conditional run's conditions."""
+    VaeSpec to decode with (the VAE, or a tiny decoder paired with it); `placement`: where they run (placement.py);
+    `plan`: a conditional run's conditions."""
     import ray
     from ray.data import ActorPoolStrategy
 
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # the job prints its own progress lines
+    ctx.enable_progress_bars = False  # the job prints its own progress (a bar on a terminal, else lines) ...
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # ... so Ray's "bars disabled" is noise
     items = ray.data.from_items([{"shard": j} for j in shards], override_num_blocks=len(shards))
-    samplers = resolve_sampler_actors(cfg, len(shards))
-    latents = items.map_batches(
-        SamplerStage, batch_size=1, compute=ActorPoolStrategy(size=samplers), num_cpus=cfg.sampler_cpus,
-        fn_constructor_kwargs=dict(model_dir=storage.canonical(cfg.model), sampler=sampler, seed=cfg.seed,
-                                   images_per_shard=cfg.images_per_shard, num_images=cfg.num_images,
-                                   batch_size=batch_sizes["sampler"], threads=_threads(cfg.sampler_cpus),
-                                   plan=plan, plugins=cfg.plugins))
+    on_gpu = placement.sampler_device == "gpu"
+    sampling = dict(model_dir=storage.canonical(cfg.model), sampler=sampler, seed=cfg.seed,
+                    images_per_shard=cfg.images_per_shard, num_images=cfg.num_images,
+                    batch_size=batch_sizes["sampler"], threads=_threads(cfg.sampler_cpus), plan=plan,
+                    plugins=cfg.plugins, use_gpu=on_gpu, precision=cfg.sampler_precision)
+    decoding = dict(decoder=_absolute(decoder), dtype=cfg.vae_dtype, batch_size=batch_sizes["decode"],
+                    simulate_oom_above=cfg.simulate_oom_above)
+    samplers = ActorPoolStrategy(size=placement.sampler_actors)
+    if placement.fused:
+        return items.map_batches(
+            SampleDecodeStage, batch_size=1, compute=samplers, num_cpus=cfg.sampler_cpus,
+            num_gpus=placement.sampler_gpus,
+            fn_constructor_kwargs=dict(sampler=sampling, decoder=decoding | dict(use_gpu=True,
+                                                                                threads=_threads(cfg.sampler_cpus))))
+    latents = items.map_batches(SamplerStage, batch_size=1, compute=samplers, num_cpus=cfg.sampler_cpus,
+                                num_gpus=placement.sampler_gpus if on_gpu else None,
+                                fn_constructor_kwargs=sampling)
     return latents.map_batches(
-        DecodeStage, batch_size=1, compute=ActorPoolStrategy(size=cfg.decoder_actors), num_cpus=cfg.decoder_cpus,
-        num_gpus=gpus,
-        fn_constructor_kwargs=dict(decoder=_absolute(decoder), dtype=cfg.vae_dtype, use_gpu=gpus > 0,
-                                   batch_size=batch_sizes["decode"],
-                                   threads=_threads(cfg.decoder_cpus), simulate_oom_above=cfg.simulate_oom_above))
+        DecodeStage, batch_size=1, compute=ActorPoolStrategy(size=placement.decoder_actors),
+        num_cpus=cfg.decoder_cpus, num_gpus=placement.decoder_gpus,
+        fn_constructor_kwargs=decoding | dict(use_gpu=placement.decoder_gpus > 0,
+                                              threads=_threads(cfg.decoder_cpus)))
 
 
 def _absolute(spec):
@@ -453,31 +505,38 @@ def _absolute(spec):
     return replace(spec, path=storage.canonical(spec.path))
 
 
-def _build_dag(cfg: GenerateConfig, pending: list[int], sampler: dict, decoder, gpus: float, batch_sizes: dict,
+def _build_dag(cfg: GenerateConfig, pending: list[int], sampler: dict, decoder, placement, batch_sizes: dict,
                model_id: str, plan: list | None):
-    return decoded_shards(cfg, pending, sampler, decoder, gpus, batch_sizes, plan).map_batches(
+    return decoded_shards(cfg, pending, sampler, decoder, placement, batch_sizes, plan).map_batches(
         write_shard, batch_size=1, num_cpus=cfg.writer_cpus,
         fn_kwargs=dict(output=storage.canonical(cfg.output), fmt=cfg.format, seed=cfg.seed,
                        images_per_shard=cfg.images_per_shard, model_id=model_id, save_latents=cfg.save_latents))
 
 
-def _choose_batch_sizes(cfg: GenerateConfig, sampler: dict, decoder, latent_shape: list, gpus: float,
+def _choose_batch_sizes(cfg: GenerateConfig, sampler: dict, decoder, latent_shape: list, placement,
                         plan: list | None = None) -> dict:
-    """Configured sizes, or one probe per stage run with that stage's own resources."""
+    """Configured sizes, or one probe per stage run with that stage's own resources (a fused GPU actor's two
+    stages share its GPU memory: each probes against half of gpu_memory_fraction)."""
     import ray
 
     sampler_size = cfg.sampler_batch_size or cfg.batch_size
     decode = cfg.decode_batch_size or cfg.batch_size
     budget = int(cfg.ram_budget_gb * 1024**3)
     probes = {}
+    on_gpu = placement.sampler_device == "gpu"
+    fraction = cfg.gpu_memory_fraction / (2 if placement.fused else 1)
     if sampler_size is None:
-        probes["sampler"] = ray.remote(probe_sampler_batch).options(num_cpus=cfg.sampler_cpus).remote(
+        probes["sampler"] = ray.remote(probe_sampler_batch).options(
+            num_cpus=cfg.sampler_cpus, num_gpus=placement.sampler_gpus if on_gpu else None).remote(
             storage.canonical(cfg.model), sampler, budget, cfg.max_batch_size, _threads(cfg.sampler_cpus),
-            max((text for text, _ in plan), key=lambda t: len(parse_condition(t))) if plan else None, cfg.plugins)
+            max((text for text, _ in plan), key=lambda t: len(parse_condition(t))) if plan else None, cfg.plugins,
+            on_gpu, fraction, cfg.sampler_precision)
     if decode is None:
-        probes["decode"] = ray.remote(probe_decode_batch).options(num_cpus=cfg.decoder_cpus, num_gpus=gpus).remote(
+        gpus = placement.sampler_gpus if placement.fused else placement.decoder_gpus
+        probes["decode"] = ray.remote(probe_decode_batch).options(
+            num_cpus=cfg.sampler_cpus if placement.fused else cfg.decoder_cpus, num_gpus=gpus).remote(
             _absolute(decoder), cfg.vae_dtype, gpus > 0, latent_shape, budget,
-            cfg.gpu_memory_fraction, cfg.max_batch_size, _threads(cfg.decoder_cpus), cfg.simulate_oom_above)
+            fraction, cfg.max_batch_size, _threads(cfg.decoder_cpus), cfg.simulate_oom_above)
     found = {name: ray.get(ref) for name, ref in probes.items()}
     return {"sampler": sampler_size or found["sampler"]["batch_size"],
             "decode": decode or found["decode"]["batch_size"],
@@ -485,7 +544,8 @@ def _choose_batch_sizes(cfg: GenerateConfig, sampler: dict, decoder, latent_shap
 
 
 # Config keys that change the images: a resumed run must agree with the folder on all of them.
-_CONTENT_KEYS = ("num_images", "seed", "format", "images_per_shard", "vae_dtype", "save_latents")
+_CONTENT_KEYS = ("num_images", "seed", "format", "images_per_shard", "vae_dtype", "save_latents",
+                 "sampler_precision")
 
 
 def _claim_output(out: str, cfg: GenerateConfig, sampler: dict, model_id: str, vae_identity: dict,
@@ -497,13 +557,19 @@ def _claim_output(out: str, cfg: GenerateConfig, sampler: dict, model_id: str, v
         sampler = {k: v for k, v in sampler.items() if k != "guidance"}
     run = {"config": {k: getattr(cfg, k) for k in _CONTENT_KEYS}, "sampler": sampler, "model": model_id,
            "vae_weights_sha256": vae_identity["weights_sha256"], "decoder_weights_sha256": tiny_decoder,
-           "conditions": plan}  # None (absent in older folders) for an unconditional run
+           "conditions": plan,  # None (absent in older folders) for an unconditional run
+           "layout": image_shards.LAYOUT}
+    recorded = storage.join(out, RUN_FILE)
+    if storage.is_file(recorded) and read_json(recorded).get("layout") != image_shards.LAYOUT:
+        raise EbdError(f"{out} holds a run written before ebd put shards in parquet/ and webdataset/ folders: it "
+                       "stays readable (evaluate, inspect), but resume it with the ebd that wrote it or generate "
+                       "into a new --output")
     return claim_run_folder(out, run, RUN_FILE)
 
 
 def _finish(out: str, cfg: GenerateConfig, done: dict, num_shards: int, sampler: dict, model_id: str,
-            vae_identity: dict, batch_sizes: dict, gpus: float, seconds: float, made: int,
-            latent_shape: list[int], decoder, samplers: int, plan: list | None = None) -> dict:
+            vae_identity: dict, batch_sizes: dict, placement, seconds: float, made: int,
+            latent_shape: list[int], decoder, plan: list | None = None) -> dict:
     shards = [done[j] for j in range(num_shards)]
     images = sum(s["count"] for s in shards)
     if images != cfg.num_images:
@@ -521,13 +587,22 @@ def _finish(out: str, cfg: GenerateConfig, done: dict, num_shards: int, sampler:
                "images_per_second": made / seconds if seconds > 0 else 0.0, "stage_busy_seconds": busy,
                "batch_sizes": {k: v for k, v in batch_sizes.items() if k != "probes"},
                "batch_probes": batch_sizes.get("probes", {}), "decoder": decoder.class_name,
-               "sampler_actors": samplers,
-               "decoder_gpus_per_actor": gpus,
+               "sampler_actors": placement.sampler_actors,
+               "decoder_gpus_per_actor": placement.sampler_gpus if placement.fused else placement.decoder_gpus,
+               "placement": placement.to_dict(),
+               "sampler_devices": sorted({s.get("sampler_device", "cpu") for s in shards}),
                "oom_shrinks": sum(len(s.get("decode_oom_shrinks", [])) for s in shards)}
     atomic_write_json(storage.join(out, "summary.json"), summary)
-    manifest = {"format": "ebd.images/1", "images": images, "num_shards": num_shards, "output_format": cfg.format,
+    folders = {"parquet": image_shards.PARQUET_DIR if cfg.format in ("parquet", "both") else None,
+               "webdataset": image_shards.TAR_DIR if cfg.format in ("webdataset", "both") else None}
+    manifest = {"format": "ebd.images/1", "layout": image_shards.LAYOUT, "images": images, "num_shards": num_shards,
+                "output_format": cfg.format, "folders": folders,
+                # webdataset.WebDataset(manifest["webdataset_urls"]) reads every tar, in order
+                "webdataset_urls": (storage.join(out, image_shards.TAR_NAME.replace("{:06d}", "{%06d..%06d}")
+                                                 % (0, num_shards - 1)) if folders["webdataset"] else None),
                 "seed": cfg.seed, "model": {"id": model_id, "path": storage.canonical(cfg.model)},
-                "latents": {"saved": cfg.save_latents, "shape": latent_shape, "dtype": "float16", "scaled": True},
+                "latents": {"saved": cfg.save_latents, "shape": latent_shape, "scaled": True,
+                            "dtype": {"parquet": "float32", "webdataset": "float16"}},
                 "vae": vae_identity, "sampler": sampler, "images_per_shard": cfg.images_per_shard,
                 "decoder": {"class": decoder.class_name, "path": storage.canonical(decoder.path),
                             "weights_sha256": decoder.weights_sha256()},

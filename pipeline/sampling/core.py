@@ -12,6 +12,7 @@ results on a re-run (float rounding depends on the batch's shape, not on the oth
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -19,7 +20,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..common.memory import run_in_chunks
-from .noise import chain_generators
+from .noise import chain_generators, chain_seed
 from .samplers import SAMPLERS
 
 
@@ -60,16 +61,21 @@ class SamplerStats:
         return self.accepted / self.proposed if self.proposed else None
 
 
-def sample_latents(model, indices: Sequence[int], seed: int, settings, conditions: Sequence[str] | None = None,
+def sample_latents(model, indices: Sequence[int], seed: int | Sequence[int], settings,
+                   conditions: Sequence[str] | None = None,
                    batch_size: int | None = None, callback: Callable[[dict], None] | None = None,
                    device: torch.device | str = "cpu",
-                   on_chunk: Callable[[int, float], None] | None = None) -> Samples:
+                   on_chunk: Callable[[int, float], None] | None = None, precision: str = "float32") -> Samples:
     """The latents of images `indices` of run `seed`: the model's own chain starts, then the sampler `settings`
     names, on the model's energy or, with `conditions` (one per image), on the energy it composes for them.
-    `callback` sees every evaluation; `on_chunk(size, seconds)` every finished chunk."""
+    `callback` sees every evaluation; `on_chunk(size, seconds)` every finished chunk. `seed` may also be one run
+    seed per image. `precision` "bfloat16"/"float16" runs the network under CUDA autocast (the chains stay float32);
+    chains on one device type and precision are reproducible, across them they differ by floating-point rounding."""
     indices = list(indices)
-    generators = chain_generators(seed, indices)
-    seeds = [int(g.initial_seed()) for g in generators]
+    run_seeds = [seed] * len(indices) if isinstance(seed, int) else list(seed)
+    if len(run_seeds) != len(indices):
+        raise ValueError(f"{len(run_seeds)} run seeds for {len(indices)} images")
+    seeds = [chain_seed(s, i) for s, i in zip(run_seeds, indices)]
     totals = {"evaluations": 0, "accepted": 0, "proposed": 0}
     seconds: list[float] = []
 
@@ -78,9 +84,10 @@ def sample_latents(model, indices: Sequence[int], seed: int, settings, condition
         chunk = list(conditions[a:b]) if conditions is not None else None
         gens = [torch.Generator().manual_seed(s) for s in seeds[a:b]]  # fresh: a chunk retried after OOM starts over
         stats = SamplerStats(callback)
-        z = sample(model, b - a, settings, gens, stats, chunk, device)
-        with torch.no_grad():
-            energy = model.energy(z)
+        with _autocast(device, precision):
+            z = sample(model, b - a, settings, gens, stats, chunk, device)
+            with torch.no_grad():
+                energy = model.energy(z)
         seconds.append(time.perf_counter() - tick)
         if on_chunk is not None:
             on_chunk(b - a, seconds[-1])
@@ -94,6 +101,13 @@ def sample_latents(model, indices: Sequence[int], seed: int, settings, condition
     latents = torch.cat([c[0] for c in chunks]) if chunks else torch.empty(0)
     energies = torch.cat([c[1] for c in chunks]) if chunks else torch.empty(0)
     return Samples(latents.float(), energies.float(), seeds, chunk_sizes=sizes, chunk_seconds=seconds, **totals)
+
+
+def _autocast(device: torch.device | str, precision: str):
+    """CUDA autocast to `precision`, or nothing (float32, or a CPU: its half-precision kernels are slower)."""
+    if precision == "float32" or torch.device(device).type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=getattr(torch, precision))
 
 
 def sample(model, num: int, settings, generator=None, callback: Callable[[dict], None] | None = None,

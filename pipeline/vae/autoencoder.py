@@ -264,6 +264,15 @@ def decode(vae, latents: torch.Tensor) -> torch.Tensor:
     return vae.decode(z).sample.clamp(-1, 1)
 
 
+def decode_flops(vae, latent_shape) -> float:
+    """FLOPs of decoding one latent of `latent_shape` (torch's FlopCounterMode: direct convolution)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        decode(vae, torch.zeros(1, *latent_shape))
+    return float(counter.get_total_flops())
+
+
 def decode_images(vae, latents: torch.Tensor, batch: int = 256) -> torch.Tensor:
     """Scaled latents -> uint8 images (N, 3, H, W) on the CPU, in batches, as the generation job's decoder makes
     them (evaluation and the evaluator's training decode real latents exactly so)."""
@@ -288,9 +297,7 @@ def save_sd_checkpoint(vae, folder: str | Path) -> Path:
     the layout `resolve_vae` reads. The folder is staged and renamed, so a reader never sees half of it."""
     import shutil
 
-    import diffusers
-
-    from ..io.files import atomic_write_json
+    from ..io.pipeline_folder import write_pipeline_index
 
     folder = Path(folder)
     export, staging = folder / "vae", folder / ".vae.tmp"
@@ -300,8 +307,5 @@ def save_sd_checkpoint(vae, folder: str | Path) -> Path:
     staging.replace(export)
     # An ebd pipeline folder (pipeline.api.EBDPipeline), not a StableDiffusionPipeline: it has no UNet or text
     # encoder. Components already listed (e.g. the model in ebm/) are kept.
-    index_path = folder / "model_index.json"
-    index = json.loads(index_path.read_text()) if index_path.is_file() else {}
-    atomic_write_json(index_path, index | {"_class_name": "EBDPipeline", "_diffusers_version": diffusers.__version__,
-                                           "vae": ["diffusers", "AutoencoderKL"]})
+    write_pipeline_index(folder, vae=["diffusers", "AutoencoderKL"])
     return export

@@ -1,0 +1,37 @@
+"""What sampling an image costs, in FLOPs (torch's FlopCounterMode), for placement decisions and the benchmarks.
+
+    evaluation_flops(model)      # one network evaluation of one image, under the model's own sampler
+    sampling_flops(model)        # one image: x the evaluations that sampler takes
+
+An energy's evaluation is its gradient, a forward and a backward (counted, not assumed: FlopCounterMode follows
+`backward`, not `autograd.grad`, so the count runs the same graph through `backward`); a score or noise-prediction
+network's is one forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .denoisers import EnergyGradient
+
+
+def evaluation_flops(model, settings=None) -> float:
+    """FLOPs of one sampler evaluation of one image on `model` (any kind) under `settings` (default: its own)."""
+    settings = settings if settings is not None else model.sampler
+    evaluate = model.sampling_model(settings)
+    z = torch.zeros(1, *model.config.latent_shape, device=next(model.parameters()).device)
+    sigma = 1.0 if hasattr(settings, "sigma_max") else None  # a short-run energy takes no noise level
+    with FlopCounterMode(display=False) as counter:
+        if isinstance(evaluate, EnergyGradient):  # what energy_grad runs, through backward (see above)
+            x = z.requires_grad_(True)
+            (evaluate.energy(x) if sigma is None else evaluate.energy(x, sigma)).sum().backward(inputs=[x])
+        else:
+            evaluate(z, sigma)
+    return float(counter.get_total_flops())
+
+
+def sampling_flops(model, settings=None) -> float:
+    """FLOPs of sampling one image with `settings` (default: the model's own): evaluations x one evaluation."""
+    settings = settings if settings is not None else model.sampler
+    return evaluation_flops(model, settings) * settings.gradient_evaluations()
