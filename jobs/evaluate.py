@@ -11,14 +11,14 @@ model fails it.
 import sys
 
 from pipeline.common.config import job_parser, load_config, run_cli
-from pipeline.evaluation.report import EvaluateConfig, run_evaluation
+from pipeline.evaluation.report import EvaluateConfig, plain_summary, run_evaluation
 
 
 def main() -> int:
     p = job_parser("jobs.evaluate", __doc__, address=False)
-    p.add_argument("--generated", help="output folder of jobs.generate")
-    p.add_argument("--reference", help="latents folder (jobs.precompute output) holding the held-out shards")
-    p.add_argument("--output", help="folder for report.json, report.md and the pictures")
+    p.add_argument("--generated", help="(required) output folder of jobs.generate")
+    p.add_argument("--reference", help="(required) latents folder (jobs.precompute output) holding the held-out shards")
+    p.add_argument("--output", help="(required) folder for report.json, report.md and the pictures")
     p.add_argument("--evaluator", help="evaluator folder (jobs.fit_evaluator) fitted for the run's VAE")
     p.add_argument("--inception-weights", help="local FID Inception weights file (pt_inception-2015-12-05)")
     p.add_argument("--train-latents", help="training latents, when they are not in --reference")
@@ -42,8 +42,8 @@ def main() -> int:
         print(text + f", copy share {gen['copy_share']:.3f}")
     for space, checks in report["checks"].items():
         print(f"[evaluate] {space}: {sum(checks.values())}/{len(checks)} checks pass")
-    print(f"[evaluate] verdict on {report['check_space']}: {'passed' if report['passed'] else 'FAILED'}; "
-          f"report in {cfg.output}/report.md")
+    for line in plain_summary(report, cfg.output):
+        print(f"[evaluate] {line}")
     if args.check and not report["passed"]:
         failed = [name for name, ok in report["checks"][report["check_space"]].items() if not ok]
         print(f"error: quality check failed: {'; '.join(failed)}", file=sys.stderr)

@@ -126,6 +126,15 @@ def test_a_conditional_run_is_scored_per_condition_by_the_evaluators_attribute_c
     assert "## Conditions" in text and f"| label=lower | 40 | label=lower {lower:.3f}" in text
     from PIL import Image
     assert Image.open(root / "report-cond" / "conditions.png").height >= 4 * 8  # two rows of samples per condition
+    # the asked-for 40/40 mix is not the data's 70/30: class proportions are not judged, each condition is
+    verdict = report["checks"][report["check_space"]]
+    assert not any(name.startswith("class TV") for name in verdict)
+    assert verdict["label=lower: meets every term in >= 0.5 of its images"] is True
+    from pipeline.evaluation.report import plain_summary
+    words = plain_summary(report, "R")
+    assert words[0].startswith(f"verdict in the {report['check_space']} space: ")
+    assert words[-1] == "  details: R/report.md"
+    assert any("judged per condition" in line for line in words)
 
 
 def test_an_evaluator_of_another_vae_and_a_verdict_without_a_feature_space_are_refused(pipeline_run, tmp_path):

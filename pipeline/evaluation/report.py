@@ -67,7 +67,7 @@ from .baselines import blurred, chain_starts, compared_runs, moment_matched_gaus
 from .features import ImageEvaluator, InceptionFeatures
 from .markdown import BASELINES, POOLED_METRICS, extra_rows, render_markdown
 from .references import read_latents, read_raw_images, reference_sets
-from .scoring import condition_scores, pooled_checks, score_feature_space
+from .scoring import condition_checks, condition_scores, pooled_checks, score_feature_space
 
 REPORT_FORMAT = "ebd.report/2"
 
@@ -93,6 +93,7 @@ class EvaluateConfig(JobConfig):
     max_fd_ratio: float = 0.5                    # FD at most this share of the moment-matched Gaussian's
     min_recognisable_ratio: float = 0.8          # recognisable share at least this share of the reference's
     max_class_tv: float = 0.1                    # class histogram total-variation distance to the reference's
+    min_condition_match: float = 0.5             # a conditional run: share of each condition's images meeting it
     max_copy_share: float = 0.1                  # held-out real images score 0.05 by construction
     min_density: float = 0.7                     # density and coverage thresholds (feature and pooled spaces)
     min_coverage: float = 0.7
@@ -123,8 +124,9 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
     rows = read_rows(cfg, run)
     images = decode_sets(cfg, run, rows)
     scored = {k: images[k] for k in ("generated", *BASELINES, *extra_rows(rows["sets"])) if k in images}
+    conditional = bool(run["manifest"].get("conditions"))
     feature_spaces = {name: score_feature_space(extractor, name, images["reference"], rows["held_labels"], scored,
-                                                images["pool"], cfg)
+                                                images["pool"], cfg, conditional)
                       for name, extractor in run["extractors"].items()}
     if "evaluator" in run["extractors"]:
         evaluator_held = set(run["extractors"]["evaluator"].config.get("held_out", {}).get("files", []))
@@ -272,6 +274,8 @@ def assemble_report(cfg: EvaluateConfig, run: dict, rows: dict, feature_spaces: 
     checks = {f"features ({name})": space["checks"]["generated"] for name, space in feature_spaces.items()}
     checks |= {name: space["checks"] for name, space in pooled_spaces.items()}
     verdict_key = f"features ({main_space['extractor']})" if cfg.check_space == "features" else cfg.check_space
+    if conditions is not None:  # judged per condition too: what was asked for, in the verdict's space
+        checks[verdict_key] = checks[verdict_key] | condition_checks(conditions["scores"], cfg)
     return {"format": REPORT_FORMAT, "samples": rows["n"], "generated": run["dir"],
             "reference": storage.canonical(cfg.reference), "model": manifest["model"],
             "sampler": manifest["sampler"], "held_out_shards": refs["held_out_files"],
@@ -317,3 +321,32 @@ def per_class_grid(space: dict, reference: torch.Tensor, generated: torch.Tensor
         rows += [(f"{name}: real", reference[ref_pred == c]),
                  (f"{name}: generated ({shares[c]:.0%})", generated[gen_pred == c])]
     return labelled_rows(rows)
+
+
+# What each check failing means, in words a user can act on (the keys start the check names of scoring.py).
+_MEANING = {
+    "FD": "the samples' feature distribution is far from the real images'",
+    "density": "fewer samples sit where real images are dense: they are usually softer or less detailed than real "
+               "decodes",
+    "coverage": "parts of the real distribution have no samples near them (missing modes)",
+    "recognisable": "fewer samples are confidently recognised as a class than real images are",
+    "class TV": "the classes come in other proportions than in the real data",
+    "copy share": "too many samples are near-copies of training images",
+}
+
+
+def plain_summary(report: dict, output: str) -> list[str]:
+    """The verdict in words: which checks pass, which fail and what that means, and where to look."""
+    checks = report["checks"][report["check_space"]]
+    failed = [name for name, ok in checks.items() if not ok]
+    lines = [f"verdict in the {report['check_space']} space: {len(checks) - len(failed)} of {len(checks)} checks "
+             f"pass" + (" - the samples pass every check" if not failed else "")]
+    for name in failed:
+        meaning = next((text for key, text in _MEANING.items() if name.startswith(key)),
+                       "the images asked for this condition mostly do not show it" if ": meets" in name else "")
+        lines.append(f"  failed: {name}" + (f" ({meaning})" if meaning else ""))
+    if report.get("conditions"):
+        lines.append("  a conditional run: judged per condition (class proportions against the reference do not "
+                     "apply to a mix of conditions)")
+    lines.append(f"  details: {output}/report.md")
+    return lines

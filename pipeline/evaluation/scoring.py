@@ -12,7 +12,7 @@ from . import quality
 
 
 def score_feature_space(extractor, name: str, reference: torch.Tensor, reference_labels: list, sets: dict,
-                        pool: torch.Tensor, cfg) -> dict:
+                        pool: torch.Tensor, cfg, conditional: bool = False) -> dict:
     """Every set's metrics against the reference in one extractor's feature space, with label metrics when the
     extractor is a classifier, memorisation against `pool` (decoded training images), and the per-set checks."""
     ref_features = extractor.features(reference)
@@ -45,7 +45,8 @@ def score_feature_space(extractor, name: str, reference: torch.Tensor, reference
         if known:
             reference_row["accuracy"] = round((ref_probs[known].argmax(1) == torch.tensor(truth)[known])
                                               .double().mean().item(), 5)
-    checks = {key: feature_checks(m, metrics.get("gaussian"), reference_row, cfg) for key, m in metrics.items()}
+    checks = {key: feature_checks(m, metrics.get("gaussian"), reference_row, cfg, conditional and key == "generated")
+              for key, m in metrics.items()}
     return {"extractor": name, "description": describe_extractor(extractor, name), "classes": classes,
             "reference": reference_row, "metrics": metrics, "checks": checks, "_nearest": nearest,
             "_predicted": predicted | ({"reference": _labels_or_predictions(reference_labels, classes, ref_probs)}
@@ -59,7 +60,9 @@ def _labels_or_predictions(labels: list, classes: list[str], probs: torch.Tensor
                          for i, label in enumerate(labels)])
 
 
-def feature_checks(m: dict, gaussian: dict | None, reference: dict, cfg) -> dict[str, bool]:
+def feature_checks(m: dict, gaussian: dict | None, reference: dict, cfg, conditional: bool = False) -> dict[str, bool]:
+    """The verdict's checks for one set. A conditional run asked for its own mix of classes, so comparing its class
+    histogram with the reference's does not apply: it is judged per condition instead (condition_checks)."""
     checks = {}
     if gaussian is not None:
         checks[f"FD <= {cfg.max_fd_ratio} x the Gaussian's"] = m["fd"] <= cfg.max_fd_ratio * gaussian["fd"]
@@ -68,9 +71,16 @@ def feature_checks(m: dict, gaussian: dict | None, reference: dict, cfg) -> dict
     if "recognisable" in m:
         checks[f"recognisable >= {cfg.min_recognisable_ratio} x real's"] = (
             m["recognisable"] >= cfg.min_recognisable_ratio * reference["recognisable"])
-        checks[f"class TV <= {cfg.max_class_tv}"] = m["class_tv"] <= cfg.max_class_tv
+        if not conditional:
+            checks[f"class TV <= {cfg.max_class_tv}"] = m["class_tv"] <= cfg.max_class_tv
     checks[f"copy share <= {cfg.max_copy_share}"] = m["copy_share"] <= cfg.max_copy_share
     return checks
+
+
+def condition_checks(scores: dict, cfg) -> dict[str, bool]:
+    """Per condition: the share of its images the evaluator's attribute classifiers find meeting every term."""
+    return {f"{text}: meets every term in >= {cfg.min_condition_match:g} of its images": score["all_terms"] >=
+            cfg.min_condition_match for text, score in scores.items() if score["all_terms"] is not None}
 
 
 def describe_extractor(extractor, name: str) -> str:
