@@ -534,8 +534,8 @@ def test_the_metrics_endpoint_counts_up_to_n_during_a_run_and_the_final_values_a
             continue
         match = re.search(r"^ebd_images_generated_total ([0-9.e+]+)$", text, re.M)
         if match:
-            seen.append(float(match.group(1)))
-            if seen[-1] == 40:
+            seen.append(float(match.group(1)))  # counted per decoded batch, ahead of the shard writes
+            if seen[-1] == 40 and re.search(r"^ebd_shards_written_total 5\.0$", text, re.M):
                 assert re.search(r"^ebd_gradient_evaluations_total [1-9]", text, re.M)
                 assert 'ebd_batch_seconds_count{stage="decode"}' in text
                 assert 'ebd_batch_size{stage="sampler"} 8.0' in text

@@ -298,7 +298,9 @@ def test_a_generation_job_on_its_own_local_ray_listens_on_loopback_only(tmp_path
     """The job as a user runs it on a laptop: no --address, no RAY_ADDRESS, so it starts its own Ray instance.
     Every socket any of its processes listens on (GCS, raylet, workers, agents, ebd's metrics endpoint) is
     loopback."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    env["HOME"] = str(tmp_path / "home")  # a user without a Ray token yet: Ray makes one, and the job says where
     job = subprocess.Popen(
         [sys.executable, "-m", "jobs.generate", "--config", "configs/generate.yaml", "--model", "models/demo/ebm",
          "--vae", "models/demo", "--num-images", "16", "--output", str(tmp_path / "out"), "--metrics-port", "0",
@@ -316,3 +318,5 @@ def test_a_generation_job_on_its_own_local_ray_listens_on_loopback_only(tmp_path
     assert {(n, ip, port) for n, ip, port in seen if ip not in LOOPBACK} == set()
     assert "listening on 127.0.0.1 only, token auth on, no dashboard" in output
     assert "Token authentication is enabled" not in output and "ERROR" not in output
+    token = tmp_path / "home" / ".ray" / "auth_token"
+    assert token.is_file() and f"created Ray's auth token in {token}" in output

@@ -26,7 +26,7 @@ class DriverMetrics:
     def __init__(self, window_s: float = 30.0):
         self.registry = CollectorRegistry()
         r = self.registry
-        self.images = Counter("ebd_images_generated", "Images written to complete shards", registry=r)
+        self.images = Counter("ebd_images_generated", "Images decoded, counted per decoded batch", registry=r)
         self.gradient_evaluations = Counter("ebd_gradient_evaluations", "Energy-gradient evaluations by the sampler, "
                                             "summed over chains", registry=r)
         self.shards = Counter("ebd_shards_written", "Output shards completed", registry=r)
@@ -50,10 +50,20 @@ class DriverMetrics:
             self._server.shutdown()
             self._server = None
 
+    def record_decoded(self, count: int) -> None:
+        """Images the decoders finished since the last call (the images counter and the recent rate move per batch,
+        not per written shard)."""
+        self.images.inc(count)
+        now = time.monotonic()
+        self._recent.append((now, count))
+        while self._recent and now - self._recent[0][0] > self.window_s:
+            self._recent.popleft()
+        span = max(now - self._recent[0][0], 1e-9) if len(self._recent) > 1 else None
+        if span:
+            self.images_per_second.set(sum(c for _, c in list(self._recent)[1:]) / span)
+
     def record_shard(self, stats: dict) -> None:
         """Folds one finished shard's report into the metrics."""
-        count = stats["count"]
-        self.images.inc(count)
         self.shards.inc()
         if stats.get("gradient_evaluations"):
             self.gradient_evaluations.inc(stats["gradient_evaluations"])
@@ -62,13 +72,6 @@ class DriverMetrics:
                 self.batch_seconds.labels(stage).observe(seconds)
             if f"{stage}_batch_size" in stats:
                 self.batch_size.labels(stage).set(stats[f"{stage}_batch_size"])
-        now = time.monotonic()
-        self._recent.append((now, count))
-        while self._recent and now - self._recent[0][0] > self.window_s:
-            self._recent.popleft()
-        span = max(now - self._recent[0][0], 1e-9) if len(self._recent) > 1 else None
-        if span:
-            self.images_per_second.set(sum(c for _, c in list(self._recent)[1:]) / span)
 
     def set_in_flight(self, shards: int) -> None:
         self.in_flight.labels("pipeline").set(shards)

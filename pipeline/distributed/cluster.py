@@ -44,9 +44,24 @@ def connect(address: str | None = None, *, dashboard: bool = False, **init_kwarg
         ray_constants.ENABLE_RAY_CLUSTER = False
     # Ray's own warning about token auth is one more alarming line for a setting that is on and wanted
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    token = _token_path()
+    new_token = token is not None and not token.exists()
     context = ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1", **init_kwargs)
     loopback = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
     auth = "off" if os.environ.get("RAY_AUTH_MODE") == "disabled" else "on"
+    if new_token and token.exists():
+        log_line("ray", f"created Ray's auth token in {token} (every client of a local instance sends it; Ray reuses "
+                        "it next time; RAY_AUTH_MODE=disabled turns token auth off)")
     board = f"dashboard at http://{context.dashboard_url}" if dashboard else "no dashboard (--dashboard starts one)"
     log_line("ray", f"started a local Ray instance listening on {'127.0.0.1 only' if loopback else 'every interface'}"
                     f", token auth {auth}, {board}; --address auto joins a cluster from `ray start` instead")
+
+
+def _token_path():
+    """Where Ray writes the token of a new local instance (None: token auth off, or the user gives the token)."""
+    from pathlib import Path
+
+    if os.environ.get("RAY_AUTH_MODE") == "disabled" or os.environ.get("RAY_AUTH_TOKEN") \
+            or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return None
+    return Path.home() / ".ray" / "auth_token"

@@ -92,7 +92,7 @@ class GenerateConfig(JobConfig):
     metrics_host: str = "127.0.0.1"
     pushgateway: str | None = None               # push final values here when the job ends
     metrics_linger_s: float = 0.0                # keep the endpoint up this long after the end (one scrape)
-    progress_interval_s: float = 10.0
+    progress_interval_s: float = 5.0
     simulate_oom_above: int | None = None        # testing: the decoder raises out-of-memory above this batch
 
     @classmethod
@@ -208,7 +208,7 @@ class DecodeStage:
     `decoder` is the VAE's spec, or a tiny decoder's (resolve_decoder checked it on the driver)."""
 
     def __init__(self, decoder, dtype: str, use_gpu: bool, batch_size: int, threads: int,
-                 simulate_oom_above: int | None):
+                 simulate_oom_above: int | None, decoded=None):
         import ray
         import torch
 
@@ -221,6 +221,7 @@ class DecodeStage:
         self.batch_size, self.simulate_oom_above = batch_size, simulate_oom_above
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
         self.metrics = StageMetrics("decode")
+        self.decoded = decoded  # the run's DecodedCounter actor (None outside jobs.generate)
 
     def __call__(self, batch: dict) -> dict:
         import torch
@@ -243,6 +244,8 @@ class DecodeStage:
                 out = to_uint8(decode(self.vae, z[a:b])).permute(0, 2, 3, 1).cpu().numpy()
                 seconds.append(time.perf_counter() - tick)
                 self.metrics.batch(b - a, seconds[-1])
+                if self.decoded is not None:
+                    self.decoded.add.remote(b - a)  # fire and forget: the driver's progress moves per batch
                 return out
 
             self.metrics.busy(1)
@@ -257,6 +260,20 @@ class DecodeStage:
         # The latents ride along to the writer, which stores them beside the images when save_latents is on.
         return {"shard": batch["shard"], "images": np.array(images, dtype=object),
                 "latents": batch["latents"], "info": np.array(infos, dtype=object)}
+
+
+class DecodedCounter:
+    """Ray actor (no CPU): images decoded so far in this run, added to per batch by the decoders, read by the driver
+    every second, so progress lines and ebd_images_generated_total move per decoded batch, not per written shard."""
+
+    def __init__(self):
+        self.count = 0
+
+    def add(self, n: int) -> None:
+        self.count += n
+
+    def total(self) -> int:
+        return self.count
 
 
 class SampleDecodeStage:
@@ -387,9 +404,14 @@ def run_generation(cfg: GenerateConfig, address: str | None = None, dashboard: b
             f"({placement.reason})"
             + (f"; metrics on http://{cfg.metrics_host}:{port}/metrics" if port is not None else ""))
     start = time.monotonic()
+    watcher = None
     try:
         if pending:
-            dataset = _build_dag(cfg, pending, sampler, decoder, placement, batch_sizes, model_id, plan)
+            import ray
+
+            counter = ray.remote(num_cpus=0)(DecodedCounter).remote()
+            watcher = _DecodingWatcher(counter, metrics, log, lambda: f"shards {len(done)}/{num_shards}")
+            dataset = _build_dag(cfg, pending, sampler, decoder, placement, batch_sizes, model_id, plan, counter)
             in_flight = len(pending)
             metrics.set_in_flight(in_flight)
             for batch in dataset.iter_batches(batch_size=1, batch_format="numpy"):
@@ -399,8 +421,7 @@ def run_generation(cfg: GenerateConfig, address: str | None = None, dashboard: b
                     metrics.record_shard(stats)
                     in_flight -= 1
                     metrics.set_in_flight(in_flight)
-                    log.update(stats["count"], extra=f"shards {len(done)}/{num_shards}",
-                               force=len(done) == num_shards)
+            watcher.finish(made=sum(done[j]["count"] for j in pending))
         seconds = time.monotonic() - start
         summary = _finish(out, cfg, done, num_shards, sampler, model_id, vae_identity, batch_sizes, placement,
                           seconds, made=sum(done[j]["count"] for j in pending), latent_shape=latent_shape,
@@ -417,7 +438,43 @@ def run_generation(cfg: GenerateConfig, address: str | None = None, dashboard: b
             time.sleep(cfg.metrics_linger_s)  # lets a scraper read the final values before the endpoint closes
         return summary
     finally:
+        if watcher is not None:
+            watcher.stop()
         metrics.shutdown()
+
+
+class _DecodingWatcher:
+    """A driver thread that reads the DecodedCounter every second into the progress lines and the metrics."""
+
+    def __init__(self, counter, metrics, log: Progress, extra):
+        import threading
+
+        self.counter, self.metrics, self.log, self.extra, self.seen = counter, metrics, log, extra, 0
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="ebd-progress", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopping.wait(1.0):
+            self._poll()
+
+    def _poll(self, floor: int = 0, force: bool = False) -> None:
+        import ray
+
+        total = max(int(ray.get(self.counter.total.remote())), floor)
+        if total > self.seen or force:
+            self.metrics.record_decoded(total - self.seen)
+            self.log.update(total - self.seen, extra=self.extra(), force=force)
+            self.seen = total
+
+    def finish(self, made: int) -> None:
+        """The last reading, at least the images written this run (an increment still in flight counts too)."""
+        self.stop()
+        self._poll(floor=made, force=True)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=5)
 
 
 def _recorded_batch_sizes(run: dict) -> dict | None:
@@ -464,7 +521,7 @@ def place_stages(cfg: GenerateConfig, model, decoder, shards: int, recorded: str
 
 
 def decoded_shards(cfg: GenerateConfig, shards: list[int], sampler: dict, decoder, placement, batch_sizes: dict,
-                   plan: list | None = None):
+                   plan: list | None = None, decoded=None):
     """The DAG's first two stages as a Ray Dataset: one row per shard {shard, latents, images, info}. `decoder`: the
     VaeSpec to decode with (the VAE, or a tiny decoder paired with it); `placement`: where they run (placement.py);
     `plan`: a conditional run's conditions."""
@@ -481,7 +538,7 @@ def decoded_shards(cfg: GenerateConfig, shards: list[int], sampler: dict, decode
                     batch_size=batch_sizes["sampler"], threads=_threads(cfg.sampler_cpus), plan=plan,
                     plugins=cfg.plugins, use_gpu=on_gpu, precision=cfg.sampler_precision)
     decoding = dict(decoder=_absolute(decoder), dtype=cfg.vae_dtype, batch_size=batch_sizes["decode"],
-                    simulate_oom_above=cfg.simulate_oom_above)
+                    simulate_oom_above=cfg.simulate_oom_above, decoded=decoded)
     samplers = ActorPoolStrategy(size=placement.sampler_actors)
     if placement.fused:
         return items.map_batches(
@@ -506,8 +563,8 @@ def _absolute(spec):
 
 
 def _build_dag(cfg: GenerateConfig, pending: list[int], sampler: dict, decoder, placement, batch_sizes: dict,
-               model_id: str, plan: list | None):
-    return decoded_shards(cfg, pending, sampler, decoder, placement, batch_sizes, plan).map_batches(
+               model_id: str, plan: list | None, decoded=None):
+    return decoded_shards(cfg, pending, sampler, decoder, placement, batch_sizes, plan, decoded).map_batches(
         write_shard, batch_size=1, num_cpus=cfg.writer_cpus,
         fn_kwargs=dict(output=storage.canonical(cfg.output), fmt=cfg.format, seed=cfg.seed,
                        images_per_shard=cfg.images_per_shard, model_id=model_id, save_latents=cfg.save_latents))
