@@ -15,9 +15,10 @@ DEMO_EBM_CD ?= models/demo/ebm-cd
 DEMO_UNET ?= models/demo/unet
 DEMO_EVALUATOR ?= models/demo/evaluator
 DEMO_EBM_COMPOSE ?= models/demo/ebm-compose
-# Output folders are keyed by the shipped weights, so pulling new models never meets a folder the old ones filled.
+# Output folders are keyed by the shipped weights (and the energy's config: its sampler), so pulling new models never
+# meets a folder the old ones filled.
 VAE_ID := $(shell sha256sum $(DEMO_VAE)/vae/diffusion_pytorch_model.safetensors 2>/dev/null | cut -c1-12)
-EBM_ID := $(shell sha256sum $(DEMO_EBM)/model.safetensors 2>/dev/null | cut -c1-12)
+EBM_ID := $(shell cat $(DEMO_EBM)/config.json $(DEMO_EBM)/model.safetensors 2>/dev/null | sha256sum | cut -c1-12)
 EBM_CD_ID := $(shell sha256sum $(DEMO_EBM_CD)/model.safetensors 2>/dev/null | cut -c1-12)
 EBM_COMPOSE_ID := $(shell sha256sum $(DEMO_EBM_COMPOSE)/model.safetensors 2>/dev/null | cut -c1-12)
 # ... and the precompute config: a folder made under another config is refused on resume, never mixed.
@@ -27,11 +28,14 @@ GENERATED ?= $(DEMO_DIR)/generated-$(EBM_ID)
 GENERATED_CD ?= $(DEMO_DIR)/generated-cd-$(EBM_CD_ID)
 GENERATED_COMPOSE ?= $(DEMO_DIR)/conditional-$(EBM_COMPOSE_ID)
 
-.PHONY: install demo demo-conditional demo-train demo-generate demo-models demo-refit-dependants test lint bench capacity compare clean cluster-up cluster-down
+.PHONY: install install-run pareto demo demo-conditional demo-train demo-generate demo-models demo-refit-dependants test lint bench capacity compare clean cluster-up cluster-down
 
+# `install`: the library, the jobs and what the tests use (make test, make lint). `install-run`: the library and the
+# jobs alone (cluster, inspect extras), all the demo and the benchmarks need.
 install: $(VENV)/.installed
+install-run: $(VENV)/.installed-run
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(VENV)/.torch:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	@if $(BIN)/python -c "import torch" 2>/dev/null; then \
 		echo "keeping installed torch $$($(BIN)/python -c 'import torch; print(torch.__version__)')"; \
@@ -41,7 +45,14 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 		echo "no NVIDIA GPU: installing the CPU build $(TORCH_CPU)"; \
 		$(BIN)/pip install $(TORCH_PIP_ARGS) "$(TORCH_CPU)"; \
 	fi
+	touch $@
+
+$(VENV)/.installed: pyproject.toml constraints.txt $(VENV)/.torch
 	$(BIN)/pip install -c constraints.txt -e '.[test]'
+	touch $@ $(VENV)/.installed-run
+
+$(VENV)/.installed-run: pyproject.toml constraints.txt $(VENV)/.torch
+	$(BIN)/pip install -c constraints.txt -e '.[all]'
 	touch $@
 
 # The demo: 10k procedural images -> latents with the shipped demo VAE -> 1000 images from the shipped
@@ -51,7 +62,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 # about 70 minutes on 2 CPUs; DEMO_TRAIN_ARGS="--max-steps 3000" for a 25-minute version) and generates from that.
 # `make demo-models` refits every shipped model (VAE, evaluator, the energies, the diffusion baseline, the
 # conditional energy): about 5 hours.
-demo: install
+demo: install-run
 	$(BIN)/python -m jobs.demo_assets --output $(DEMO_DIR)
 	$(BIN)/python -m jobs.precompute --config configs/precompute-demo.yaml \
 		--input $(DEMO_DIR)/images --vae $(DEMO_VAE) --output $(LATENTS)
@@ -73,7 +84,7 @@ demo-conditional:
 		--evaluator $(DEMO_EVALUATOR) --output $(GENERATED_COMPOSE)-report
 	@echo "conditional run: $(GENERATED_COMPOSE)-report/report.md (conditions.png: 16 samples per condition)"
 
-demo-train: install
+demo-train: install-run
 	$(BIN)/python -m jobs.demo_assets --output $(DEMO_DIR)
 	$(BIN)/python -m jobs.precompute --config configs/precompute-demo.yaml \
 		--input $(DEMO_DIR)/images --vae $(DEMO_VAE) --output $(LATENTS)
@@ -95,7 +106,7 @@ demo-generate:
 # Refits the shipped demo models in order, into models/demo: the VAE (about 70 minutes on 2 CPUs), then latents
 # with it, the evaluator that reads its decoder's images, both energies and the DDIM baseline (`git diff models/`
 # shows what changed).
-demo-models: install
+demo-models: install-run
 	$(BIN)/python -m jobs.demo_assets --output $(DEMO_DIR)
 	$(BIN)/python -m jobs.fit_vae --config configs/fit-vae-demo.yaml --input $(DEMO_DIR)/images \
 		--output $(DEMO_DIR)/vae-fit
@@ -136,24 +147,31 @@ lint: install
 
 # Writes bench/out/*.json, then bench/results.json and the table bench/results.md; `make capacity` writes
 # bench/capacity.md (stage costs, the prediction for a cluster shape, checked on a local two-node cluster).
-bench: install
+bench: install-run
 	$(BIN)/python bench/precompute.py --images 1920
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/generate.py
 	$(BIN)/python bench/kernels.py
 	$(BIN)/python bench/report.py
 
-capacity: install
+capacity: install-run
 	$(BIN)/python bench/capacity.py
 
 # One table: the energy models beside the DDIM baseline, images/s and quality on the same latents, decoder and
 # cores (bench/compare.md and bench/out/compare.json; about 15 minutes on 2 CPUs after `make demo`).
-compare: install
+compare: install-run
 	test -f $(LATENTS)/manifest.json || $(MAKE) --no-print-directory demo
 	$(BIN)/python bench/compare.py --latents $(LATENTS)
 
+# Quality against compute: every model x solver at 5-50 network evaluations per image, scored in one evaluation
+# (bench/pareto.md, bench/pareto.png; hours on 2 CPUs: points land in build/bench/pareto-rows.jsonl, so a re-run
+# resumes; PARETO_ARGS="--evaluations 10,15 --solvers dpmpp_2m" narrows it).
+pareto: install-run
+	test -f $(LATENTS)/manifest.json || $(MAKE) --no-print-directory demo
+	$(BIN)/python bench/pareto.py --latents $(LATENTS) $(PARETO_ARGS)
+
 # A two-node Ray cluster on this machine (head + worker on 127.0.0.1, metrics export ports 8080/8081).
-cluster-up: install
+cluster-up: install-run
 	cluster/local.sh start
 
 cluster-down:

@@ -1,4 +1,4 @@
-"""Train the EBM on latent shards with Ray Train (contrastive divergence, Langevin negatives).
+"""Train a model on latent shards with Ray Train (the objective the config names; dsm: a noise-conditional energy).
 
     python -m jobs.train --config configs/train.yaml --latents LATENTS_DIR --output DIR [--run-name NAME]
                          [--storage-path PATH] [--max-steps N] [--set key=value ...]

@@ -122,7 +122,7 @@ def test_the_feature_space_sees_shape(evaluator, unseen):
         recognised
 
 
-@pytest.mark.parametrize("folder, kind, sampler", [("ebm", "NoiseConditionalEnergy", "heun"),
+@pytest.mark.parametrize("folder, kind, sampler", [("ebm", "NoiseConditionalEnergy", "ipndm"),
                                                    ("ebm-cd", "EnergyModel", "langevin"),
                                                    ("ebm-compose", "NoiseConditionalEnergy", "heun")])
 def test_the_demo_energies_belong_to_the_shipped_vae_and_sample_deterministically(folder, kind, sampler):

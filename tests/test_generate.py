@@ -417,7 +417,7 @@ def test_a_noise_conditional_energy_at_4x32x32_trains_and_generates_through_the_
                                              exclude_labels=[{"shape": "a", "colour": "red"}])))
     model_dir = tmp_path / "train" / "model"
     config = json.loads((model_dir / "config.json").read_text())
-    assert config["_class_name"] == "NoiseConditionalEnergy" and config["sampler"]["name"] == "heun"
+    assert config["_class_name"] == "NoiseConditionalEnergy" and config["sampler"]["name"] == "ipndm"
     assert config["model"]["labels"] == {"shape": ["a", "b"], "colour": ["blue", "green", "red"]}
     assert config["latents"]["excluded_labels"] == [{"shape": "a", "colour": "red"}]
     worker = json.loads((tmp_path / "train" / "workers" / "rank-0.json").read_text())

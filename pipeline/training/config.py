@@ -1,7 +1,7 @@
 """The training job's config: the loop's own keys flat, the objective's and the sampler's in their own sections.
 
     objective: {name: dsm, channels: [64, 128], sigma_min: 0.002}   # training/objectives/<name>.py: its Settings
-    sampler: {name: heun, levels: 25}                                # keys changed in the objective's default sampler
+    sampler: {name: ipndm, levels: 12}                              # keys changed in the objective's default sampler
     max_steps: 9000
     lr: 0.0003
 

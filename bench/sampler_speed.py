@@ -1,0 +1,68 @@
+"""Benchmark: sampler images/s of a model's shipped sampler against other settings, interleaved in one process.
+
+    .venv/bin/python bench/sampler_speed.py --model models/demo/ebm \
+        --against '{"name": "heun", "levels": 25}' [--images 256] [--repeats 3]
+
+Each setting samples the same images (0..N-1 of seed 0) through the one sampling core on every core, alternately,
+`repeats` times; the best time of each counts (the machine's other load only ever slows a run). Reported: images/s
+of each, network evaluations per image and the speed ratio, measured in this one run. Writes
+bench/out/sampler_speed.json and bench/sampler_speed.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+from common import REPO, write_result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=str(REPO / "models" / "demo" / "ebm"))
+    p.add_argument("--against", action="append", default=None,
+                   help="sampler overrides as JSON (repeatable; default: the 25-level Heun sampler shipped before)")
+    p.add_argument("--images", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+
+    import torch
+
+    from pipeline.models import load_model
+    from pipeline.sampling.core import sample_latents
+
+    torch.set_num_threads(os.cpu_count())
+    model = load_model(args.model)
+    settings = {"shipped": model.sampler}
+    for text in args.against or ['{"name": "heun", "levels": 25}']:
+        settings[text] = model.resolve_sampler(json.loads(text))
+    best = {name: float("inf") for name in settings}
+    for _ in range(args.repeats):
+        for name, s in settings.items():
+            tick = time.perf_counter()
+            sample_latents(model, range(args.images), 0, s, batch_size=args.images)
+            best[name] = min(best[name], time.perf_counter() - tick)
+    rows = [{"settings": name, "sampler": s.name, "levels": s.levels, "evaluations": s.gradient_evaluations(),
+             "images_per_s": round(args.images / best[name], 2)} for name, s in settings.items()]
+    shipped = rows[0]["images_per_s"]
+    for row in rows:
+        row["shipped_speedup"] = round(shipped / row["images_per_s"], 2)
+    result = {"benchmark": "sampler_speed", "model": str(Path(args.model).resolve().relative_to(REPO)),
+              "images": args.images, "repeats": args.repeats, "threads": os.cpu_count(), "rows": rows}
+    write_result(REPO / "bench" / "out" / "sampler_speed.json", result)
+    lines = ["# Sampler speed (`bench/sampler_speed.py`)", "",
+             f"{result['model']}: {args.images} images (one batch), best of {args.repeats} interleaved runs on "
+             f"{result['threads']} threads, in one process.", "",
+             "| settings | sampler | evaluations/image | images/s | shipped sampler's speed-up |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['settings']} | {r['sampler']} | {r['evaluations']} | {r['images_per_s']} | "
+              f"{r['shipped_speedup']}x |" for r in rows]
+    (REPO / "bench" / "sampler_speed.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
