@@ -55,3 +55,31 @@ def test_every_readme_command_names_a_job_flags_it_takes_and_configs_that_exist(
             assert re.search(rf"{re.escape(flag)}\b", text), f"jobs.{job} takes no {flag} (README: {args})"
         for config in (b for a, b in zip(args, args[1:]) if a == "--config"):
             assert (REPO / config).is_file(), f"the README's {config} does not exist"
+
+
+def markdown_links(text: str) -> list[str]:
+    """The targets of the inline markdown links `[text](target)` and images `![alt](target)` in `text`, outside code
+    blocks and code spans (a link's text may span lines)."""
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    text = re.sub(r"`[^`\n]*`", "", text)
+    return [target.split()[0] for target in re.findall(r"\]\(([^)\s]+(?:\s+\"[^\"]*\")?)\)", text)]
+
+
+def test_every_relative_link_in_the_readme_and_docs_points_to_something_that_exists():
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    checked, broken = 0, []
+    for page in pages:
+        for target in markdown_links(page.read_text()):
+            if re.match(r"[a-z][a-z0-9+.-]*:", target) or target.startswith("#"):  # http(s):, mailto:, in-page
+                continue
+            path = target.split("#")[0]
+            checked += 1
+            if not (page.parent / path).resolve().exists():
+                broken.append(f"{page.relative_to(REPO)}: {target}")
+    assert checked >= 20, f"only {checked} relative links found: is the link pattern still right?"
+    assert not broken, "links to files that do not exist:\n" + "\n".join(broken)
+
+
+def test_the_readme_stays_a_short_front_door():
+    lines = (REPO / "README.md").read_text().splitlines()
+    assert len(lines) < 230, f"README.md has {len(lines)} lines: move details into docs/ (the limit is 230)"
