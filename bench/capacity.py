@@ -63,7 +63,7 @@ def main() -> None:
     shape = pipeline_shape(cpus=2)
     result = {"benchmark": "capacity", "gpu_assumption": {"tflops_fp16": args.gpu_tflops,
                                                           "efficiency": args.gpu_efficiency},
-              "models": [], "table": sd_table(args)}
+              "models": [], "table": gpu_table(args)}
     costs = {m: loaded_stage_costs(Path(m), args.vae, args.batch_size, os.cpu_count()) for m in args.models}
     if args.no_validate:
         result["models"] = [{"model": Path(m).name, "costs": c, "shape": shape,
@@ -171,50 +171,61 @@ def cpus_per_gpu(costs: dict, gpu_images_per_s: float) -> float:
     return gpu_images_per_s * (costs["sampler_s"] + costs["write_s"])
 
 
-def sd_table(args) -> list[dict]:
-    """Predicted rows for Stable Diffusion sizes: the SD 1.x decoder and TAESD on 1-8 GPUs, fed by the energy of
-    configs/train-sd.yaml (random weights: its cost, not its quality) sampling on CPU threads, with the CPUs that keep
-    the decoders busy; and the images/s if the sampler ran on the same GPUs instead."""
+def gpu_table(args) -> list[dict]:
+    """Predicted rows, per GPU: the shipped demo energy with the demo VAE's decoder, and configs/train-sd.yaml's
+    energy (random weights: its cost, not its quality) at 256 and 512 px with SD 1.x's VAE decoder and TAESD. For
+    each: the sampler on CPU threads feeding a GPU decoder (the CPUs that keep one GPU busy), the sampler on the GPU
+    fused with its decoder (placement.predicted_images_per_s, the rate `sampler_device: auto` weighs), and what auto
+    picks on a node of 64 CPUs and 8 GPUs."""
     from dataclasses import asdict
 
     import torch
     from diffusers import AutoencoderKL, AutoencoderTiny
 
     from pipeline.common.config import load_config
+    from pipeline.distributed.placement import predicted_images_per_s
+    from pipeline.models import load_model
     from pipeline.sampling.cost import sampling_flops
     from pipeline.training.config import TrainConfig
     from pipeline.training.objectives import OBJECTIVES
-    from pipeline.vae.autoencoder import decode_flops
+    from pipeline.vae.autoencoder import decode_flops, load_vae, resolve_vae
 
     sys.path.insert(0, str(REPO / "bench"))
     from sd_scale import sd_vae_config
 
     torch.set_num_threads(1)  # a sampler actor's thread
+    tflops = args.gpu_tflops * args.gpu_efficiency
     cfg = load_config(TrainConfig, REPO / "configs" / "train-sd.yaml", latents="x", output="y")
+    objective, prepared = OBJECTIVES[cfg.objective.name], {"sigma_data": 1.0, "sigma_max": 80.0}
+    metadata = {"sampler": asdict(objective.sampler_settings(cfg.objective, cfg.sampler, prepared))}
+    sd_decoders = {"SD 1.x VAE": AutoencoderKL(**sd_vae_config()).eval(), "TAESD": AutoencoderTiny().eval()}
+    cases = [("demo energy (models/demo/ebm)", 64, load_model(REPO / "models" / "demo" / "ebm"),
+              {"demo VAE": load_vae(resolve_vae(REPO / "models" / "demo"), torch.device("cpu"), torch.float32)})]
+    cases += [("configs/train-sd.yaml energy", px,
+               objective.build_model(cfg.objective, list(shape), prepared, metadata).eval(), sd_decoders)
+              for px, shape in SD_LATENT.items()]
     rows = []
-    decoders = {"SD 1.x VAE": AutoencoderKL(**sd_vae_config()).eval(), "TAESD": AutoencoderTiny().eval()}
-    peak = args.gpu_tflops * 1e12 * args.gpu_efficiency
-    for px, latent_shape in SD_LATENT.items():
-        objective, prepared = OBJECTIVES[cfg.objective], {"sigma_data": 1.0, "sigma_max": 80.0}
-        metadata = {"sampler": asdict(objective.sampler_settings(cfg, prepared))}
-        energy = objective.build_model(cfg, list(latent_shape), prepared, metadata).eval()
+    for name, px, energy, decoders in cases:
+        latent_shape = list(energy.config.latent_shape)
         sampler_s, evaluations = _sampler_seconds_per_image(energy, batch=2)
-        sampler_flops = sampling_flops(energy)  # a gradient: a forward and a backward, counted
-        assert energy.sampler.gradient_evaluations() == evaluations
+        sampler_gflop = sampling_flops(energy) / 1e9  # an energy's gradient: a forward and a backward, counted
         write_s = 3 * (px / 64) ** 2 * 1e-4  # PNG + shard write scales with pixels (demo: ~1e-4 s at 64 px)
-        for name, decoder in decoders.items():
-            flops = decode_flops(decoder, latent_shape)
-            gpu_rate = peak / flops
+        for decoder_name, decoder in decoders.items():
+            decoder_gflop = decode_flops(decoder, latent_shape) / 1e9
+            gpu_decode = tflops * 1e3 / decoder_gflop
             costs = {"sampler_s": sampler_s, "write_s": write_s, "decode_cpu_s": float("nan")}
-            for gpus in (1, 2, 4, 8):
-                rows.append({"resolution": px, "decoder": name, "gpus": gpus,
-                             "decoder_gflop_per_image": round(flops / 1e9, 1),
-                             "sampler_gflop_per_image": round(sampler_flops / 1e9, 1),
-                             "gpu_decode_images_per_s": round(gpu_rate * gpus, 1),
-                             "sampler_cpu_s_per_image": round(sampler_s, 2),
-                             "cpus_to_keep_gpus_busy": round(cpus_per_gpu(costs, gpu_rate) * gpus),
-                             "images_per_s_with_64_cpus": round(min(gpu_rate * gpus, 64 / (sampler_s + write_s)), 1),
-                             "images_per_s_sampler_on_gpus": round(gpus * peak / (sampler_flops + flops), 1)})
+            rates = {d: predicted_images_per_s(d, 64, 8, sampler_gflop, decoder_gflop, sampler_gflop / sampler_s,
+                                               tflops) for d in ("cpu", "gpu")}
+            rows.append({"model": name, "resolution": px, "decoder": decoder_name, "sampler": energy.sampler.name,
+                         "evaluations": evaluations, "sampler_gflop_per_image": round(sampler_gflop, 2),
+                         "decoder_gflop_per_image": round(decoder_gflop, 2),
+                         "sampler_cpu_s_per_image": round(sampler_s, 3),
+                         "gpu_decode_images_per_s": round(gpu_decode, 1),
+                         "cpus_to_keep_one_gpu_busy": round(cpus_per_gpu(costs, gpu_decode)),
+                         "images_per_s_per_gpu_sampler_on_gpu": round(
+                             predicted_images_per_s("gpu", 0, 1, sampler_gflop, decoder_gflop, 1, tflops), 1),
+                         "node_64_cpus_8_gpus": {d: round(r, 1) for d, r in rates.items()},
+                         "auto_picks": "gpu" if rates["gpu"] > rates["cpu"] else "cpu"})
     return rows
 
 
@@ -355,18 +366,23 @@ def markdown(result: dict) -> str:
                      f"{error} | "
                      f"{v.get('startup_s', '-')} |")
     g = result["gpu_assumption"]
-    lines += ["", f"## Predicted, not measured: Stable Diffusion sizes on GPUs ({g['efficiency']:.0%} of a "
+    lines += ["", f"## Predicted, not measured: the sampler on GPUs ({g['efficiency']:.0%} of a "
               f"{g['tflops_fp16']:g} TFLOP/s fp16 peak per GPU)", "",
-              "The energy is configs/train-sd.yaml's network (random weights: its cost, not its quality) with its "
-              "own sampler on CPU threads; decoders are SD 1.x's VAE and TAESD (AutoencoderTiny).", "",
-              "| px | decoder | GPUs | decoder GFLOP/image | GPU decode images/s | sampler GFLOP/image | sampler "
-              "CPU-s/image | CPUs to keep the GPUs busy | images/s, sampler on 64 CPUs | images/s, sampler on the "
-              "GPUs |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "No GPU has run these: the GPU rates are FLOPs per image (torch's count) over the assumed rate; the CPU "
+              "rates are measured here (one thread). `sampler_device: auto` weighs the same two rates on the cluster "
+              "it runs on. Rows scale linearly with GPUs. The SD energy is configs/train-sd.yaml's network with "
+              "random weights (its cost, not its quality).", "",
+              "| model | px | decoder | sampler (evaluations) | sampler GFLOP/image | decoder GFLOP/image | sampler "
+              "CPU-s/image | GPU decode images/s | CPUs to keep one GPU decoder busy | images/s per GPU, sampler on "
+              "the GPU (fused) | 64 CPUs + 8 GPUs: sampler on CPUs / on GPUs | auto picks |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["table"]:
-        lines.append(f"| {r['resolution']} | {r['decoder']} | {r['gpus']} | {r['decoder_gflop_per_image']} | "
-                     f"{r['gpu_decode_images_per_s']} | {r['sampler_gflop_per_image']} | "
-                     f"{r['sampler_cpu_s_per_image']} | {r['cpus_to_keep_gpus_busy']} | "
-                     f"{r['images_per_s_with_64_cpus']} | {r['images_per_s_sampler_on_gpus']} |")
+        node = r["node_64_cpus_8_gpus"]
+        lines.append(f"| {r['model']} | {r['resolution']} | {r['decoder']} | {r['sampler']} ({r['evaluations']}) | "
+                     f"{r['sampler_gflop_per_image']} | {r['decoder_gflop_per_image']} | "
+                     f"{r['sampler_cpu_s_per_image']} | {r['gpu_decode_images_per_s']} | "
+                     f"{r['cpus_to_keep_one_gpu_busy']} | {r['images_per_s_per_gpu_sampler_on_gpu']} | "
+                     f"{node['cpu']} / {node['gpu']} | {r['auto_picks']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -93,6 +93,8 @@ def main() -> None:
     p.add_argument("--only", default=None, help="comma-separated model names (default: all)")
     p.add_argument("--variant", default=None, metavar="KEY=VALUE,...",
                    help="sampler settings changed for these points (e.g. sigma_min=0.02), recorded with each point")
+    p.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
+                   help="the network's arithmetic while sampling (autocast); other than float32 it is a variant")
     p.add_argument("--report-only", action="store_true",
                    help="write pareto.md/.png from the rows file's points (and this run's cost measurements) alone")
     p.add_argument("--solvers", default=",".join(SOLVERS), help="comma-separated solvers (ddim: the UNet only)")
@@ -134,6 +136,8 @@ def main() -> None:
 
     variant = {k: parse_yaml(v) for k, v in (item.split("=", 1) for item in args.variant.split(","))} \
         if args.variant else {}
+    if args.precision != "float32":
+        args.variant = ",".join(filter(None, [args.variant, f"precision={args.precision}"]))
     rows_file = Path(args.rows)
     rows_file.parent.mkdir(parents=True, exist_ok=True)
     done = {}
@@ -158,7 +162,8 @@ def main() -> None:
                     continue
                 settings = model.resolve_sampler(overrides | variant)
                 tick = time.perf_counter()
-                samples = sample_latents(model, range(args.num_samples), 0, settings, batch_size=args.batch_size)
+                samples = sample_latents(model, range(args.num_samples), 0, settings, batch_size=args.batch_size,
+                                         precision=args.precision)
                 seconds = time.perf_counter() - tick
                 row = {"model": name, "solver": solver, "budget": evaluations, "levels": settings.levels,
                        **({"variant": args.variant} if args.variant else {}),
@@ -188,7 +193,9 @@ def markdown(result: dict) -> str:
     rows, costs = result["rows"], result["costs"]
     lines = ["# Quality against compute (`make pareto`)", "",
              f"{result['num_samples']} samples per point (images 0..{result['num_samples'] - 1} of seed 0), "
-             f"{result['threads']} threads, one run (bench/pareto.py); quality in the demo evaluator's feature space "
+             f"{result['threads']} threads, the same code, latents, decoder and cores for every point "
+             "(bench/pareto.py; points made by several invocations, resumed from its rows file); quality in the "
+             "demo evaluator's feature space "
              f"against the held-out shard (held-out real images: recognisable {result['reference_recognisable']:.3f}).",
              "", "Cost of one network evaluation, measured in the same run (batch 256):", "",
              "| model | forward GFLOP | evaluation GFLOP | evaluation / forward, FLOPs | evaluation / forward, time |",

@@ -4,8 +4,10 @@
         --against '{"name": "heun", "levels": 25}' [--images 256] [--repeats 3]
 
 Each setting samples the same images (0..N-1 of seed 0) through the one sampling core on every core, alternately,
-`repeats` times; the best time of each counts (the machine's other load only ever slows a run). Reported: images/s
-of each, network evaluations per image and the speed ratio, measured in this one run. Writes
+`repeats` times; the best time of each counts (the machine's other load only ever slows a run). Also the shipped
+sampler under bfloat16 autocast (`sampler_precision: bfloat16`). Reported: images/s of each, network evaluations
+per image, the speed ratio and how far each moves the latents (RMS against the shipped sampler's, latents of std
+about 1), measured in this one run; the quality of those changes is bench/pareto.md's to judge. Writes
 bench/out/sampler_speed.json and bench/sampler_speed.md.
 """
 
@@ -26,6 +28,7 @@ def main() -> None:
     p.add_argument("--against", action="append", default=None,
                    help="sampler overrides as JSON (repeatable; default: the 25-level Heun sampler shipped before)")
     p.add_argument("--images", type=int, default=256)
+    p.add_argument("--no-bfloat16", action="store_true", help="skip the shipped sampler under bfloat16 autocast")
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
 
@@ -36,17 +39,23 @@ def main() -> None:
 
     torch.set_num_threads(os.cpu_count())
     model = load_model(args.model)
-    settings = {"shipped": model.sampler}
+    settings = {"shipped": (model.sampler, "float32")}
+    if not args.no_bfloat16:  # the network under bfloat16 autocast on this CPU (sampler_precision: bfloat16)
+        settings["shipped, bfloat16 autocast"] = (model.sampler, "bfloat16")
     for text in args.against or ['{"name": "heun", "levels": 25}']:
-        settings[text] = model.resolve_sampler(json.loads(text))
-    best = {name: float("inf") for name in settings}
+        settings[text] = (model.resolve_sampler(json.loads(text)), "float32")
+    best, latents = {name: float("inf") for name in settings}, {}
     for _ in range(args.repeats):
-        for name, s in settings.items():
+        for name, (s, precision) in settings.items():
             tick = time.perf_counter()
-            sample_latents(model, range(args.images), 0, s, batch_size=args.images)
+            latents[name] = sample_latents(model, range(args.images), 0, s, batch_size=args.images,
+                                           precision=precision).latents
             best[name] = min(best[name], time.perf_counter() - tick)
+    reference = latents["shipped"]
     rows = [{"settings": name, "sampler": s.name, "levels": s.levels, "evaluations": s.gradient_evaluations(),
-             "images_per_s": round(args.images / best[name], 2)} for name, s in settings.items()]
+             "images_per_s": round(args.images / best[name], 2),
+             "rms_latent_change_vs_shipped": round((latents[name] - reference).pow(2).mean().sqrt().item(), 4)}
+            for name, (s, _) in settings.items()]
     shipped = rows[0]["images_per_s"]
     for row in rows:
         row["shipped_speedup"] = round(shipped / row["images_per_s"], 2)
@@ -56,10 +65,10 @@ def main() -> None:
     lines = ["# Sampler speed (`bench/sampler_speed.py`)", "",
              f"{result['model']}: {args.images} images (one batch), best of {args.repeats} interleaved runs on "
              f"{result['threads']} threads, in one process.", "",
-             "| settings | sampler | evaluations/image | images/s | shipped sampler's speed-up |",
-             "|---|---|---|---|---|"]
+             "| settings | sampler | evaluations/image | images/s | shipped sampler's speed-up | RMS latent change "
+             "against the shipped sampler's |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['settings']} | {r['sampler']} | {r['evaluations']} | {r['images_per_s']} | "
-              f"{r['shipped_speedup']}x |" for r in rows]
+              f"{r['shipped_speedup']}x | {r['rms_latent_change_vs_shipped']} |" for r in rows]
     (REPO / "bench" / "sampler_speed.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from ..common.logs import log_line
 
@@ -32,6 +33,8 @@ def connect(address: str | None = None, *, dashboard: bool = False, **init_kwarg
 
     if ray.is_initialized():
         return
+    if not sys.stderr.isatty():  # worker lines Ray relays to this driver: no colour codes in a log file or CI
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is not None:
         ray.init(address=address, **init_kwargs)

@@ -74,7 +74,7 @@ class GenerateConfig(JobConfig):
     sampler_device: Literal["auto", "cpu", "gpu"] = "cpu"
     sampler_gpus: float = 1.0
     gpu_stage: Literal["fused", "separate"] = "fused"
-    # The sampler's arithmetic on CUDA: float32, or autocast to bfloat16/float16 (CPUs always run float32).
+    # The sampler's arithmetic: float32, or autocast to bfloat16 (CUDA or CPU) / float16 (CUDA; float32 on a CPU).
     sampler_precision: Literal["float32", "bfloat16", "float16"] = "float32"
     cpu_gflops: float = 90.0                     # auto: GFLOP/s one CPU thread samples at (bench/capacity.md)
     gpu_tflops: float = 300.0                    # auto: TFLOP/s a GPU achieves (30% of an H100's fp16 peak)
@@ -168,7 +168,7 @@ class SamplerStage:
         if use_gpu and self.device.type == "cpu":
             log_line("generate", f"sampler actor on GPU {','.join(self.gpu_ids) or '?'}: torch sees no CUDA here, "
                                  "so it samples on CPU tensors")
-        self.precision = precision if self.device.type == "cuda" else "float32"
+        self.precision = precision if self.device.type == "cuda" or precision == "bfloat16" else "float32"
         self.model = load_model(model_dir, self.device)
         self.sampler = sampler_settings(sampler)
         self.seed, self.per_shard, self.num_images, self.batch_size = seed, images_per_shard, num_images, batch_size
@@ -327,7 +327,7 @@ def probe_sampler_batch(model_dir: str, sampler: dict, budget_bytes: int, max_ba
     device = pick_device(use_gpu)
     model = load_model(model_dir, device)
     probe = sampler_settings(sampler).probe()  # memory per step does not grow with the number of steps or levels
-    precision = precision if device.type == "cuda" else "float32"
+    precision = precision if device.type == "cuda" or precision == "bfloat16" else "float32"
     return probe_batch_size(lambda n: sample_latents(model, range(n), 0, probe,
                                                      None if condition is None else [condition] * n, device=device,
                                                      precision=precision),

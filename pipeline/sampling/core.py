@@ -69,7 +69,7 @@ def sample_latents(model, indices: Sequence[int], seed: int | Sequence[int], set
     """The latents of images `indices` of run `seed`: the model's own chain starts, then the sampler `settings`
     names, on the model's energy or, with `conditions` (one per image), on the energy it composes for them.
     `callback` sees every evaluation; `on_chunk(size, seconds)` every finished chunk. `seed` may also be one run
-    seed per image. `precision` "bfloat16"/"float16" runs the network under CUDA autocast (the chains stay float32);
+    seed per image. `precision` "bfloat16"/"float16" runs the network under autocast (the chains stay float32);
     chains on one device type and precision are reproducible, across them they differ by floating-point rounding."""
     indices = list(indices)
     run_seeds = [seed] * len(indices) if isinstance(seed, int) else list(seed)
@@ -104,10 +104,12 @@ def sample_latents(model, indices: Sequence[int], seed: int | Sequence[int], set
 
 
 def _autocast(device: torch.device | str, precision: str):
-    """CUDA autocast to `precision`, or nothing (float32, or a CPU: its half-precision kernels are slower)."""
-    if precision == "float32" or torch.device(device).type != "cuda":
+    """Autocast to `precision` on CUDA, and to bfloat16 on a CPU (float16 on a CPU runs float32: its kernels there
+    are slower); nothing for float32."""
+    kind = torch.device(device).type
+    if precision == "float32" or (kind == "cpu" and precision != "bfloat16"):
         return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=getattr(torch, precision))
+    return torch.autocast(kind, dtype=getattr(torch, precision))
 
 
 def sample(model, num: int, settings, generator=None, callback: Callable[[dict], None] | None = None,

@@ -1,7 +1,7 @@
 """Denoising score matching across noise levels (Vincent 2011; Song & Ermon 2019) on a noise-conditional energy
 E(z, sigma) (`models.noise_energy.NoiseConditionalEnergy`), or with `output: score` on the same network with a
 direct noise prediction (`models.noise_score.NoiseConditionalScore`): no MCMC while training; samples come from plain
-Gaussian noise along a Karras schedule (the sampler it names, `heun` by default).
+Gaussian noise along a Karras schedule (the sampler it names, `ipndm` by default).
 
     loss = mean_d (eps_hat(z + sigma eps, sigma) - eps)^2,   ln sigma ~ N(ln s + p_mean, p_std^2)
            (Karras et al. 2022's log-normal, relative to the data's std s) or log-uniform on [sigma_min, sigma_max]
