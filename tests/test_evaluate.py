@@ -35,7 +35,8 @@ def pipeline_run(trained_energy, mixture_latents, sd_checkpoint, tmp_path_factor
     root = tmp_path_factory.mktemp("evaluate")
     model = trained_energy / "model"
     # the second: a row to --compare; the third asks the (label-conditional) energy for each mode
-    for folder, extra in (("gen", {"num_images": 300}), ("gen-heun", {"num_images": 300, "sampler": {"name": "heun"}}),
+    heun = {"num_images": 300, "sampler": {"name": "heun", "levels": 25}}
+    for folder, extra in (("gen", {"num_images": 300}), ("gen-heun", heun),
                           ("gen-cond", {"conditions": {"label=upper": 40, "label=lower": 40},
                                         "sampler": {"guidance": 5.0}})):  # a small energy conditions weakly: guide
         run_generation(from_dict(GenerateConfig, dict(model=str(model), vae=str(sd_checkpoint),

@@ -430,7 +430,7 @@ def test_a_noise_conditional_energy_at_4x32x32_trains_and_generates_through_the_
     plan.write_text("shape=a AND colour=red: 4\nshape=b: 3\nshape=b AND NOT colour=green: 3\n")
     out = tmp_path / "out"
     settings = dict(num_images=None, conditions=str(plan), images_per_shard=5, decode_batch_size=4, max_batch_size=8,
-                    sampler={"levels": 4, "mala_levels": 1, "guidance": 2.0})
+                    sampler={"name": "heun", "levels": 4, "mala_levels": 1, "guidance": 2.0})
     summary = generate(model_dir, sd_checkpoint, out, **settings)
     assert summary["images"] == 10 and summary["sampler"] == "heun" and summary["batch_sizes"]["sampler"] >= 1
     assert summary["gradient_evaluations_per_image"] == 2 * 4 - 1 + 2  # 4 Heun levels, one MALA level of 1 step

@@ -90,8 +90,8 @@ def test_the_chains_are_recorded_as_run_and_their_steps_shrink_to_the_data(dsm_p
     assert chains["sigmas"][0] == pytest.approx(chains["sampler"]["sigma_max"])
     assert chains["sigmas"][-1] == pytest.approx(chains["sampler"]["sigma_min"])
     steps = chains["curves"]["step"]["median"]
-    assert len(steps) == 24 and steps[-1] < 0.01 * steps[0]
-    assert chains["frames"][0] == 0 and chains["frames"][-1] == 48
+    assert len(steps) == 11 and steps[-1] < 0.01 * steps[0]  # one step between each two of the 12 levels
+    assert chains["frames"][0] == 0 and chains["frames"][-1] == 11  # the first and the last evaluation
 
 
 def test_a_trained_energy_falls_along_its_chains(tmp_path, latents_folder):

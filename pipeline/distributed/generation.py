@@ -152,7 +152,7 @@ class SamplerStage:
 
     def __init__(self, model_dir: str, sampler: dict, seed: int, images_per_shard: int, num_images: int,
                  batch_size: int, threads: int, plan: list | None = None, plugins: list[str] | None = None,
-                 use_gpu: bool = False, precision: str = "float32"):
+                 use_gpu: bool = False, precision: str = "float32", progress=None):
         import ray
         import torch
 
@@ -170,6 +170,7 @@ class SamplerStage:
                                  "so it samples on CPU tensors")
         self.precision = precision if self.device.type == "cuda" or precision == "bfloat16" else "float32"
         self.model = load_model(model_dir, self.device)
+        self.progress = progress  # the run's ProgressCounter actor (None outside jobs.generate)
         self.sampler = sampler_settings(sampler)
         self.seed, self.per_shard, self.num_images, self.batch_size = seed, images_per_shard, num_images, batch_size
         self.plan = plan  # [[condition, count], ...] of a conditional run, else None
@@ -185,7 +186,7 @@ class SamplerStage:
             conditions = conditions_for(self.plan, start, count) if self.plan else None
             self.metrics.busy(1)
             samples = sample_latents(self.model, range(start, start + count), self.seed, self.sampler, conditions,
-                                     self.batch_size, device=self.device, on_chunk=self.metrics.batch,
+                                     self.batch_size, device=self.device, on_chunk=self._sampled,
                                      precision=self.precision)
             self.metrics.busy(0)
             z = samples.latents.cpu().numpy()
@@ -203,12 +204,18 @@ class SamplerStage:
                 "info": np.array(rows["info"], dtype=object)}
 
 
+    def _sampled(self, size: int, seconds: float) -> None:
+        self.metrics.batch(size, seconds)
+        if self.progress is not None:
+            self.progress.add.remote("sampled", size)
+
+
 class DecodeStage:
     """Decoder actor: `vae.decode(z / scaling_factor)` on CUDA when the actor got a GPU and CUDA exists, else CPU.
     `decoder` is the VAE's spec, or a tiny decoder's (resolve_decoder checked it on the driver)."""
 
     def __init__(self, decoder, dtype: str, use_gpu: bool, batch_size: int, threads: int,
-                 simulate_oom_above: int | None, decoded=None):
+                 simulate_oom_above: int | None, progress=None):
         import ray
         import torch
 
@@ -221,7 +228,7 @@ class DecodeStage:
         self.batch_size, self.simulate_oom_above = batch_size, simulate_oom_above
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
         self.metrics = StageMetrics("decode")
-        self.decoded = decoded  # the run's DecodedCounter actor (None outside jobs.generate)
+        self.progress = progress  # the run's ProgressCounter actor (None outside jobs.generate)
 
     def __call__(self, batch: dict) -> dict:
         import torch
@@ -244,8 +251,8 @@ class DecodeStage:
                 out = to_uint8(decode(self.vae, z[a:b])).permute(0, 2, 3, 1).cpu().numpy()
                 seconds.append(time.perf_counter() - tick)
                 self.metrics.batch(b - a, seconds[-1])
-                if self.decoded is not None:
-                    self.decoded.add.remote(b - a)  # fire and forget: the driver's progress moves per batch
+                if self.progress is not None:
+                    self.progress.add.remote("decoded", b - a)  # fire and forget: progress moves per batch
                 return out
 
             self.metrics.busy(1)
@@ -262,18 +269,19 @@ class DecodeStage:
                 "latents": batch["latents"], "info": np.array(infos, dtype=object)}
 
 
-class DecodedCounter:
-    """Ray actor (no CPU): images decoded so far in this run, added to per batch by the decoders, read by the driver
-    every second, so progress lines and ebd_images_generated_total move per decoded batch, not per written shard."""
+class ProgressCounter:
+    """Ray actor (no CPU): images sampled and decoded so far in this run, added to per batch by the stages, read by
+    the driver every second, so progress lines and ebd_images_generated_total move per batch, not per written shard
+    (a shard of 256 images can take minutes)."""
 
     def __init__(self):
-        self.count = 0
+        self.counts = {"sampled": 0, "decoded": 0}
 
-    def add(self, n: int) -> None:
-        self.count += n
+    def add(self, stage: str, n: int) -> None:
+        self.counts[stage] += n
 
-    def total(self) -> int:
-        return self.count
+    def totals(self) -> dict:
+        return dict(self.counts)
 
 
 class SampleDecodeStage:
@@ -409,8 +417,9 @@ def run_generation(cfg: GenerateConfig, address: str | None = None, dashboard: b
         if pending:
             import ray
 
-            counter = ray.remote(num_cpus=0)(DecodedCounter).remote()
-            watcher = _DecodingWatcher(counter, metrics, log, lambda: f"shards {len(done)}/{num_shards}")
+            counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
+            watcher = _ProgressWatcher(counter, metrics, log, lambda: f"shards {len(done)}/{num_shards}",
+                                       cfg.num_images - sum(s["count"] for s in done.values()))
             dataset = _build_dag(cfg, pending, sampler, decoder, placement, batch_sizes, model_id, plan, counter)
             in_flight = len(pending)
             metrics.set_in_flight(in_flight)
@@ -443,13 +452,14 @@ def run_generation(cfg: GenerateConfig, address: str | None = None, dashboard: b
         metrics.shutdown()
 
 
-class _DecodingWatcher:
-    """A driver thread that reads the DecodedCounter every second into the progress lines and the metrics."""
+class _ProgressWatcher:
+    """A driver thread that reads the ProgressCounter every second into the progress lines and the metrics."""
 
-    def __init__(self, counter, metrics, log: Progress, extra):
+    def __init__(self, counter, metrics, log: Progress, extra, to_make: int):
         import threading
 
         self.counter, self.metrics, self.log, self.extra, self.seen = counter, metrics, log, extra, 0
+        self.to_make, self.sampled = to_make, 0
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name="ebd-progress", daemon=True)
         self.thread.start()
@@ -461,10 +471,13 @@ class _DecodingWatcher:
     def _poll(self, floor: int = 0, force: bool = False) -> None:
         import ray
 
-        total = max(int(ray.get(self.counter.total.remote())), floor)
-        if total > self.seen or force:
+        totals = ray.get(self.counter.totals.remote())
+        total = max(int(totals["decoded"]), floor)
+        if total > self.seen or totals["sampled"] > self.sampled or force:
+            self.sampled = totals["sampled"]
             self.metrics.record_decoded(total - self.seen)
-            self.log.update(total - self.seen, extra=self.extra(), force=force)
+            sampling = f"sampled {self.sampled}/{self.to_make}; " if total < self.to_make else ""
+            self.log.update(total - self.seen, extra=sampling + self.extra(), force=force)
             self.seen = total
 
     def finish(self, made: int) -> None:
@@ -521,7 +534,7 @@ def place_stages(cfg: GenerateConfig, model, decoder, shards: int, recorded: str
 
 
 def decoded_shards(cfg: GenerateConfig, shards: list[int], sampler: dict, decoder, placement, batch_sizes: dict,
-                   plan: list | None = None, decoded=None):
+                   plan: list | None = None, progress=None):
     """The DAG's first two stages as a Ray Dataset: one row per shard {shard, latents, images, info}. `decoder`: the
     VaeSpec to decode with (the VAE, or a tiny decoder paired with it); `placement`: where they run (placement.py);
     `plan`: a conditional run's conditions."""
@@ -536,9 +549,9 @@ def decoded_shards(cfg: GenerateConfig, shards: list[int], sampler: dict, decode
     sampling = dict(model_dir=storage.canonical(cfg.model), sampler=sampler, seed=cfg.seed,
                     images_per_shard=cfg.images_per_shard, num_images=cfg.num_images,
                     batch_size=batch_sizes["sampler"], threads=_threads(cfg.sampler_cpus), plan=plan,
-                    plugins=cfg.plugins, use_gpu=on_gpu, precision=cfg.sampler_precision)
+                    plugins=cfg.plugins, use_gpu=on_gpu, precision=cfg.sampler_precision, progress=progress)
     decoding = dict(decoder=_absolute(decoder), dtype=cfg.vae_dtype, batch_size=batch_sizes["decode"],
-                    simulate_oom_above=cfg.simulate_oom_above, decoded=decoded)
+                    simulate_oom_above=cfg.simulate_oom_above, progress=progress)
     samplers = ActorPoolStrategy(size=placement.sampler_actors)
     if placement.fused:
         return items.map_batches(
@@ -563,8 +576,8 @@ def _absolute(spec):
 
 
 def _build_dag(cfg: GenerateConfig, pending: list[int], sampler: dict, decoder, placement, batch_sizes: dict,
-               model_id: str, plan: list | None, decoded=None):
-    return decoded_shards(cfg, pending, sampler, decoder, placement, batch_sizes, plan, decoded).map_batches(
+               model_id: str, plan: list | None, progress=None):
+    return decoded_shards(cfg, pending, sampler, decoder, placement, batch_sizes, plan, progress).map_batches(
         write_shard, batch_size=1, num_cpus=cfg.writer_cpus,
         fn_kwargs=dict(output=storage.canonical(cfg.output), fmt=cfg.format, seed=cfg.seed,
                        images_per_shard=cfg.images_per_shard, model_id=model_id, save_latents=cfg.save_latents))
