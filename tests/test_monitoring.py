@@ -37,6 +37,9 @@ def two_nodes():
     """Head (1 CPU) + worker (1 CPU) on 127.0.0.1, with their own temp dir and ports beside the session cluster."""
     temp = Path(tempfile.mkdtemp(prefix="ebdray", dir="/tmp"))  # short: Ray's socket paths have a length limit
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    # Two nodes need Ray's multi-node mode: its single-machine mode (the session's local instances) refuses `ray start
+    # --address`, and in multi-node mode Ray puts its nodes on the machine's address, token auth on.
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
     gcs, dashboard = free_port(), free_port()
     metrics_ports = [free_port(), free_port()]
     head = _ray_start(["--head", f"--temp-dir={temp}", f"--port={gcs}", "--num-cpus=1", "--include-dashboard=true",
