@@ -18,6 +18,7 @@ from pipeline.sampling.noise import initial_noise
 from pipeline.sampling.samplers import SAMPLERS, langevin, mala
 from pipeline.sampling.schedules import karras_sigmas
 from pipeline.sampling.settings import LangevinSettings, NoiseLevelSettings, sampler_settings
+from tests.conftest import REPO
 
 
 def gaussian_energy(z: torch.Tensor, sigma: float | None = None) -> torch.Tensor:
@@ -215,3 +216,19 @@ def test_per_chain_noise_is_diffusers_randn_tensor():
              ((1, 4, 3, 2), lambda: gens([7])), ((6,), lambda: gens(range(6)))]
     for shape, generators in cases:
         assert torch.equal(initial_noise(shape, 1.0, generators()), randn_tensor(shape, generator=generators()))
+
+
+def test_bfloat16_autocast_runs_on_a_cpu_and_float16_there_runs_as_float32():
+    """sampler_precision: bfloat16 changes a CPU chain by rounding only; float16 has no fast CPU kernels, so a CPU
+    runs it as float32, byte for byte (and records float32)."""
+    from pipeline.sampling.core import effective_precision
+
+    model = load_model(REPO / "models" / "demo" / "ebm")
+    settings = model.resolve_sampler({"levels": 6})
+    exact = sample_latents(model, range(8), 0, settings).latents
+    half = sample_latents(model, range(8), 0, settings, precision="float16").latents
+    brain = sample_latents(model, range(8), 0, settings, precision="bfloat16").latents
+    assert torch.equal(half, exact) and not torch.equal(brain, exact)
+    assert (brain - exact).pow(2).mean().sqrt() < 0.05 * exact.std()  # rounding, not another sample
+    assert [effective_precision("cpu", p) for p in ("float16", "bfloat16")] == ["float32", "bfloat16"]
+    assert effective_precision("cuda", "float16") == "float16"

@@ -158,6 +158,7 @@ class SamplerStage:
 
         from ..common.metrics import StageMetrics
         from ..models import load_model
+        from ..sampling.core import effective_precision
         from ..sampling.settings import sampler_settings
         from ..vae.autoencoder import pick_device
 
@@ -168,7 +169,7 @@ class SamplerStage:
         if use_gpu and self.device.type == "cpu":
             log_line("generate", f"sampler actor on GPU {','.join(self.gpu_ids) or '?'}: torch sees no CUDA here, "
                                  "so it samples on CPU tensors")
-        self.precision = precision if self.device.type == "cuda" or precision == "bfloat16" else "float32"
+        self.precision = effective_precision(self.device, precision)  # what the shard's stats record
         self.model = load_model(model_dir, self.device)
         self.progress = progress  # the run's ProgressCounter actor (None outside jobs.generate)
         self.sampler = sampler_settings(sampler)
@@ -335,7 +336,6 @@ def probe_sampler_batch(model_dir: str, sampler: dict, budget_bytes: int, max_ba
     device = pick_device(use_gpu)
     model = load_model(model_dir, device)
     probe = sampler_settings(sampler).probe()  # memory per step does not grow with the number of steps or levels
-    precision = precision if device.type == "cuda" or precision == "bfloat16" else "float32"
     return probe_batch_size(lambda n: sample_latents(model, range(n), 0, probe,
                                                      None if condition is None else [condition] * n, device=device,
                                                      precision=precision),

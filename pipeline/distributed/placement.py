@@ -61,10 +61,12 @@ def plan_placement(cfg, cpus: float, gpus: float, shards: int,
         raise EbdError("sampler_device: gpu, but the cluster has no GPUs: use cpu (or auto), or add GPU nodes")
     if device == "cpu":
         decoder_gpus = _decoder_share(cfg, gpus)
-        free = cpus - cfg.decoder_actors * cfg.decoder_cpus - cfg.writer_cpus
-        actors = cfg.sampler_actors if cfg.sampler_actors != "auto" else max(1, int(free / cfg.sampler_cpus + 1e-9))
-        return Placement("cpu", False, min(actors, shards) if cfg.sampler_actors == "auto" else actors, 0.0,
-                         cfg.decoder_actors, decoder_gpus, reason)
+        if cfg.sampler_actors == "auto":  # what the CPUs hold beside the decoders and one writer, one per shard at most
+            free = cpus - cfg.decoder_actors * cfg.decoder_cpus - cfg.writer_cpus
+            actors = min(max(1, int(free / cfg.sampler_cpus + 1e-9)), shards)
+        else:
+            actors = cfg.sampler_actors
+        return Placement("cpu", False, actors, 0.0, cfg.decoder_actors, decoder_gpus, reason)
     fused = cfg.gpu_stage == "fused"
     decoder_actors = 0 if fused else cfg.decoder_actors
     decoder_gpus = 0.0 if fused else (cfg.sampler_gpus if cfg.decoder_gpus == "auto" else float(cfg.decoder_gpus))

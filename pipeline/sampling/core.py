@@ -103,13 +103,18 @@ def sample_latents(model, indices: Sequence[int], seed: int | Sequence[int], set
     return Samples(latents.float(), energies.float(), seeds, chunk_sizes=sizes, chunk_seconds=seconds, **totals)
 
 
+def effective_precision(device: torch.device | str, precision: str) -> str:
+    """The precision chains on `device` really run in: `precision` on CUDA; on a CPU bfloat16 or float32 (float16
+    runs as float32 there: its CPU kernels are slower)."""
+    return precision if torch.device(device).type == "cuda" or precision == "bfloat16" else "float32"
+
+
 def _autocast(device: torch.device | str, precision: str):
-    """Autocast to `precision` on CUDA, and to bfloat16 on a CPU (float16 on a CPU runs float32: its kernels there
-    are slower); nothing for float32."""
-    kind = torch.device(device).type
-    if precision == "float32" or (kind == "cpu" and precision != "bfloat16"):
+    """Autocast to the effective precision, or nothing for float32."""
+    precision = effective_precision(device, precision)
+    if precision == "float32":
         return contextlib.nullcontext()
-    return torch.autocast(kind, dtype=getattr(torch, precision))
+    return torch.autocast(torch.device(device).type, dtype=getattr(torch, precision))
 
 
 def sample(model, num: int, settings, generator=None, callback: Callable[[dict], None] | None = None,
