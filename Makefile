@@ -28,7 +28,7 @@ GENERATED ?= $(DEMO_DIR)/generated-$(EBM_ID)
 GENERATED_CD ?= $(DEMO_DIR)/generated-cd-$(EBM_CD_ID)
 GENERATED_COMPOSE ?= $(DEMO_DIR)/conditional-$(EBM_COMPOSE_ID)
 
-.PHONY: install install-run pareto demo demo-conditional demo-train demo-generate demo-models demo-refit-dependants test lint bench capacity compare clean cluster-up cluster-down
+.PHONY: install install-run pareto demo demo-conditional demo-train demo-generate demo-models demo-refit-dependants test test-integration test-all lint bench capacity compare clean cluster-up cluster-down
 
 # `install`: the library, the jobs and what the tests use (make test, make lint). `install-run`: the library and the
 # jobs alone (cluster, inspect extras), all the demo and the benchmarks need.
@@ -137,7 +137,14 @@ demo-refit-dependants:
 	mkdir -p $(DEMO_EBM_COMPOSE) && cp $(DEMO_DIR)/ebm-compose-$(VAE_ID)/model/config.json \
 		$(DEMO_DIR)/ebm-compose-$(VAE_ID)/model/model.safetensors $(DEMO_EBM_COMPOSE)/
 
+# `test`: the suite but its long end-to-end tier (pytest -m integration), under 10 minutes on 2 CPUs; CI runs both.
 test: install
+	$(BIN)/python -m pytest -m "not integration" $(PYTEST_ARGS)
+
+test-integration: install
+	$(BIN)/python -m pytest -m integration $(PYTEST_ARGS)
+
+test-all: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The layer contracts of pipeline/ (pyproject.toml [tool.importlinter]) and the lint; CI runs it before the tests.

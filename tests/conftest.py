@@ -33,6 +33,9 @@ from pipeline.distributed.cluster import LOCAL_ENV  # noqa: E402
 for _name, _value in LOCAL_ENV.items():
     os.environ.setdefault(_name, _value)
 os.environ.setdefault("RAY_num_workers_soft_limit", "8")
+# Ray Train's controller checks its workers every 2 s by default, so a run's end is seen up to 2 s late: the suite's
+# dozen short training runs poll faster.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 # The jobs' log lines on stderr, as `run_cli` sets them up: tests that call the library in-process read them there.
 from pipeline.common.logs import configure_logging  # noqa: E402

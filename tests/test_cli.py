@@ -86,6 +86,7 @@ def test_missing_required_and_bad_yaml(small_folder, sd_checkpoint, tmp_path):
     assert result.returncode == 2 and "is not valid YAML" in result.stderr and result.stderr.count("\n") == 1
 
 
+@pytest.mark.integration
 def test_the_ebd_command_runs_a_job_from_another_working_directory(ray_cluster, tmp_path):
     """`ebd generate` (the installed console script) from a folder outside the repository: the shipped config is
     found by its usual relative name, and the run ends with exactly N images."""

@@ -398,6 +398,7 @@ def test_conditions_a_model_cannot_honour_are_refused_in_one_line_before_any_wor
     assert not any((tmp_path / name).exists() for name in "abc")
 
 
+@pytest.mark.integration
 def test_a_noise_conditional_energy_at_4x32x32_trains_and_generates_through_the_dag(ray_cluster, sd_checkpoint,
                                                                                    tmp_path):
     # Stable Diffusion's latent layout at a small side: train a tiny dsm model, conditioned on two label fields with
@@ -517,6 +518,7 @@ def pushgateway():
     server.wait(10)
 
 
+@pytest.mark.integration
 def test_the_metrics_endpoint_counts_up_to_n_during_a_run_and_the_final_values_are_pushed(
         ray_cluster, ebm_dir, sd_checkpoint, tmp_path, pushgateway):
     port = free_port()

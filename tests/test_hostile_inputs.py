@@ -294,6 +294,7 @@ def listening(root: psutil.Process) -> set[tuple[str, str, int]]:
     return found
 
 
+@pytest.mark.integration
 def test_a_generation_job_on_its_own_local_ray_listens_on_loopback_only(tmp_path):
     """The job as a user runs it on a laptop: no --address, no RAY_ADDRESS, so it starts its own Ray instance.
     Every socket any of its processes listens on (GCS, raylet, workers, agents, ebd's metrics endpoint) is

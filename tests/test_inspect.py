@@ -57,6 +57,7 @@ def folder_latents(folder) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (CI's .ci/run installs it)")
+@pytest.mark.integration
 def test_the_page_opens_in_a_real_browser_with_every_image_and_no_errors(dsm_page, tmp_path):
     from PIL import Image
     from playwright.sync_api import sync_playwright

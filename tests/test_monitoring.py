@@ -25,6 +25,8 @@ import pytest
 from pipeline.demo import write_demo_images
 from tests.conftest import REPO, _wait_for_http, debian_binary, free_port
 
+pytestmark = pytest.mark.integration  # the long end-to-end tier: `make test-integration`, CI
+
 
 def _ray_start(args: list[str], env: dict) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--disable-usage-stats",

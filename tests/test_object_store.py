@@ -36,6 +36,8 @@ from pipeline.models import load_model
 from pipeline.training.config import TrainConfig
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.integration  # the long end-to-end tier: `make test-integration`, CI
+
 IMAGES, SHARD = 48, 12
 
 

@@ -62,6 +62,7 @@ def worker_records(out: Path, training_shards: set[str], samples: int, steps: in
     assert records[0]["weights_sha256"] == records[1]["weights_sha256"]
 
 
+@pytest.mark.integration
 def test_contrastive_divergence_on_two_workers_learns_both_modes_and_an_untrained_model_does_not(
         ray_cluster, mixture_latents, tmp_path):
     metrics = train(mixture_latents, tmp_path, num_workers=2, **FAST)
@@ -136,6 +137,7 @@ def test_divergence_beyond_the_rollback_budget_stops_with_a_clear_message(ray_cl
         train(mixture_latents, tmp_path, max_steps=12, fault_nan_at_step=3, max_rollbacks=0, **TINY_DSM)
 
 
+@pytest.mark.integration
 def test_killing_the_job_and_rerunning_the_command_resumes_from_the_checkpoint(ray_cluster, mixture_latents,
                                                                                tmp_path):
     tiny = TINY_DSM | {"log_every": 10, "checkpoint_every": 10}  # configs/train.yaml: the dsm objective

@@ -56,6 +56,7 @@ def test_fit_writes_a_stable_diffusion_layout_vae_with_unit_variance_latents(ima
     assert (spec.directory / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == before  # nothing redone
 
 
+@pytest.mark.integration
 def test_a_killed_fit_resumes_to_the_same_weights_as_an_uninterrupted_one(images, tmp_path):
     steps = 120  # checkpoints every 20: the kill lands at the first, far from the end
     reference = fit(images, tmp_path / "straight", steps=steps)
