@@ -83,3 +83,32 @@ def test_every_relative_link_in_the_readme_and_docs_points_to_something_that_exi
 def test_the_readme_stays_a_short_front_door():
     lines = (REPO / "README.md").read_text().splitlines()
     assert len(lines) < 230, f"README.md has {len(lines)} lines: move details into docs/ (the limit is 230)"
+
+
+def integration_tier() -> set[str]:
+    """The tests marked `integration`, read from the sources: a module's `pytestmark` names the file, a decorator
+    the test."""
+    import ast
+
+    found = set()
+    for path in sorted((REPO / "tests").glob("test_*.py")):
+        tree = ast.parse(path.read_text())
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and "pytestmark" in [getattr(t, "id", None) for t in node.targets] \
+                    and "integration" in ast.unparse(node.value):
+                found.add(path.name)
+            elif isinstance(node, ast.FunctionDef) and any(ast.unparse(d) == "pytest.mark.integration"
+                                                           for d in node.decorator_list):
+                found.add(f"{path.name}::{node.name}")
+    return found
+
+
+def test_the_integration_tier_is_the_one_docs_list_and_ci_runs_both_tiers():
+    """`make test` leaves the integration tier out: the table in docs/install.md is what it leaves, and CI runs it."""
+    text = (REPO / "docs" / "install.md").read_text()
+    listed = set(re.findall(r"^\| `(test_[^`]+)` \|", text, re.M))
+    assert listed == integration_tier() and len(listed) >= 10
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "make test " in ci and "make test-integration" in ci
+    makefile = (REPO / "Makefile").read_text()
+    assert '-m "not integration"' in makefile and "-m integration" in makefile

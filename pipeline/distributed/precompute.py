@@ -265,7 +265,7 @@ def encode_shard(job: ShardJob) -> dict:
              "labels": count_by_label(labels), "label_fields": count_by_field(fields), "rejects": rejects,
              "seconds": round(time.monotonic() - start, 3),
              "worker": {"pid": os.getpid(), "device": device.type,
-                        "vae_loads_in_process": vae_lib.vae_loads_in_this_process()}}
+                        "vae_loads_in_process": vae_lib.vae_loads_in_this_process(job.vae, device, job.dtype)}}
     atomic_write_json(_stats_path(job.output, job.index), stats)  # the done marker: written after the tar
     record_precompute_shard(len(samples), rejects)
     return stats

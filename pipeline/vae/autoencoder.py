@@ -216,14 +216,20 @@ def cached_vae(spec: VaeSpec, device: torch.device, dtype_name: str):
     return _cached_vae(spec.path, spec.subfolder, device.type, dtype_name)
 
 
+_LOADS: dict[tuple, int] = {}  # (path, subfolder, device type, dtype) -> loads in this process
+
+
 @functools.lru_cache(maxsize=2)
 def _cached_vae(path: str, subfolder: str | None, device_type: str, dtype_name: str):
+    key = (path, subfolder, device_type, dtype_name)
+    _LOADS[key] = _LOADS.get(key, 0) + 1
     device, spec = torch.device(device_type), resolve_vae(path, subfolder)
     return load_vae(spec, device, resolve_dtype(dtype_name, device, spec))
 
 
-def vae_loads_in_this_process() -> int:
-    return _cached_vae.cache_info().misses
+def vae_loads_in_this_process(spec: VaeSpec, device: torch.device, dtype_name: str) -> int:
+    """How often this process loaded this VAE (1 when the cache works; a reused worker may hold others too)."""
+    return _LOADS.get((spec.path, spec.subfolder, device.type, dtype_name), 0)
 
 
 def image_seed(run_seed: int, key: str) -> int:
