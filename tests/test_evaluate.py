@@ -52,6 +52,7 @@ def pipeline_run(trained_energy, mixture_latents, sd_checkpoint, tmp_path_factor
     return Run(mixture_latents, model, root)
 
 
+@pytest.mark.integration
 def test_report_scores_the_model_against_held_out_shards_with_baselines(pipeline_run):
     run, root = pipeline_run, pipeline_run.root
     report = run_evaluation(from_dict(EvaluateConfig, dict(generated=str(root / "gen"),
@@ -109,6 +110,7 @@ def test_report_scores_the_model_against_held_out_shards_with_baselines(pipeline
     assert Image.open(root / "report" / "per-class.png").height >= 4 * 8  # a real and a generated row per class
 
 
+@pytest.mark.integration
 def test_a_conditional_run_is_scored_per_condition_by_the_evaluators_attribute_classifier(pipeline_run):
     run, root = pipeline_run, pipeline_run.root
     report = run_evaluation(from_dict(EvaluateConfig, dict(generated=str(root / "gen-cond"),
@@ -138,6 +140,7 @@ def test_a_conditional_run_is_scored_per_condition_by_the_evaluators_attribute_c
     assert any("judged per condition" in line for line in words)
 
 
+@pytest.mark.integration
 def test_an_evaluator_of_another_vae_and_a_verdict_without_a_feature_space_are_refused(pipeline_run, tmp_path):
     run, root = pipeline_run, pipeline_run.root
     other = ImageEvaluator.from_pretrained(root / "evaluator")
@@ -166,6 +169,7 @@ def test_moment_matched_gaussian_has_the_data_mean_and_covariance():
     assert torch.allclose(torch.cov(samples.T), torch.cov(data.T), atol=0.08)
 
 
+@pytest.mark.integration
 def test_check_flag_fails_the_job_in_one_line_when_a_threshold_is_missed(pipeline_run, tmp_path):
     run, root = pipeline_run, pipeline_run.root
     result = subprocess.run(
@@ -178,6 +182,7 @@ def test_check_flag_fails_the_job_in_one_line_when_a_threshold_is_missed(pipelin
     assert json.loads((tmp_path / "r" / "report.json").read_text())["passed"] is False
 
 
+@pytest.mark.integration
 def test_refuses_runs_without_latents_and_references_of_another_vae(pipeline_run, sd_checkpoint, tmp_path):
     run, root = pipeline_run, pipeline_run.root
     run_generation(from_dict(GenerateConfig, dict(model=str(run.model), vae=str(sd_checkpoint),
@@ -193,6 +198,7 @@ def test_refuses_runs_without_latents_and_references_of_another_vae(pipeline_run
                                                       check_space="latents", output=str(tmp_path / "r"))))
 
 
+@pytest.mark.integration
 def test_only_the_chosen_rows_are_read_in_the_chosen_order(pipeline_run):
     """Evaluation reads the rows it samples, shard by shard, not the whole run: a picked subset equals the full
     read indexed the same way, for generated runs and latent shards alike."""

@@ -120,6 +120,10 @@ def claim_run(checkpoints_at: str, cfg: TrainConfig, manifest_sha: str) -> None:
         changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
         if old["latents_manifest_sha256"] != manifest_sha:
             changed.append("the latents (another manifest)")
+        if before.get("objective.name") != now.get("objective.name"):  # no override helps: the weights cannot load
+            raise EbdError(f"run {cfg.run_name!r} in {checkpoints_at} was trained with objective "
+                           f"{before.get('objective.name')}, this run asks for {now.get('objective.name')}: use a "
+                           "new --run-name (or the same objective)")
         if changed and not cfg.allow_config_change:
             first = changed[0]
             detail = f"{first}: {before.get(first)!r} -> {now.get(first)!r}" if first in before or first in now \
