@@ -53,13 +53,13 @@ def test_prometheus_config_and_alert_rules_use_exported_metrics():
 
 def test_cluster_manifests_parse_and_have_cpu_and_gpu_worker_groups():
     ray_up = yaml.safe_load((CLUSTER / "ray-cluster.yaml").read_text())
-    assert {"cpu_langevin", "gpu_decoder"} <= set(ray_up["available_node_types"])
+    assert {"cpu_sampler", "gpu_decoder"} <= set(ray_up["available_node_types"])
     for name in ("raycluster.yaml", "rayjob.yaml"):
         doc = yaml.safe_load((CLUSTER / "kuberay" / name).read_text())
         spec = doc["spec"].get("rayClusterSpec", doc["spec"])
         groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
         gpu_limits = groups["gpu-decoder"]["template"]["spec"]["containers"][0]["resources"]["limits"]
-        assert "cpu-langevin" in groups and gpu_limits["nvidia.com/gpu"] == "1"
+        assert "cpu-sampler" in groups and gpu_limits["nvidia.com/gpu"] == "1"
         # object storage by default: every pod gets the bucket's endpoint and credentials from the Secret
         pods = [spec["headGroupSpec"]] + list(groups.values())
         assert all(pod["template"]["spec"]["containers"][0]["envFrom"] == [{"secretRef": {"name": "ebd-s3"}}]
