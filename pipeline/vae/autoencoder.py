@@ -213,23 +213,27 @@ def load_vae(spec: VaeSpec, device: torch.device, dtype: torch.dtype):
 
 def cached_vae(spec: VaeSpec, device: torch.device, dtype_name: str):
     """One load per worker process: Ray reuses worker processes across tasks, and this cache lives in them."""
-    return _cached_vae(spec.path, spec.subfolder, device.type, dtype_name)
-
-
-_LOADS: dict[tuple, int] = {}  # (path, subfolder, device type, dtype) -> loads in this process
-
-
-@functools.lru_cache(maxsize=2)
-def _cached_vae(path: str, subfolder: str | None, device_type: str, dtype_name: str):
-    key = (path, subfolder, device_type, dtype_name)
-    _LOADS[key] = _LOADS.get(key, 0) + 1
-    device, spec = torch.device(device_type), resolve_vae(path, subfolder)
-    return load_vae(spec, device, resolve_dtype(dtype_name, device, spec))
+    return _cached_vae(*_cache_key(spec, device, dtype_name))
 
 
 def vae_loads_in_this_process(spec: VaeSpec, device: torch.device, dtype_name: str) -> int:
     """How often this process loaded this VAE (1 when the cache works; a reused worker may hold others too)."""
-    return _LOADS.get((spec.path, spec.subfolder, device.type, dtype_name), 0)
+    return _LOADS.get(_cache_key(spec, device, dtype_name), 0)
+
+
+def _cache_key(spec: VaeSpec, device: torch.device, dtype_name: str) -> tuple:
+    return spec.path, spec.subfolder, device.type, dtype_name
+
+
+_LOADS: dict[tuple, int] = {}  # _cache_key -> loads in this process
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_vae(path: str, subfolder: str | None, device_type: str, dtype_name: str):
+    key = (path, subfolder, device_type, dtype_name)  # _cache_key's order: the cache's own arguments
+    _LOADS[key] = _LOADS.get(key, 0) + 1
+    device, spec = torch.device(device_type), resolve_vae(path, subfolder)
+    return load_vae(spec, device, resolve_dtype(dtype_name, device, spec))
 
 
 def image_seed(run_seed: int, key: str) -> int:
