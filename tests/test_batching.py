@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.common.memory import SimulatedOutOfMemory, probe_batch_size, run_in_chunks
+from pipeline.common.memory import (ProbeOutOfMemory, SimulatedOutOfMemory, gpu_budget_bytes, is_out_of_memory,
+                                    probe_batch_size, run_in_chunks)
 
 MIB = 1024 * 1024
 
@@ -17,27 +18,57 @@ def allocate(n: int) -> None:
 
 @pytest.mark.parametrize("budget_mib, low, high", [(64, 16, 64), (256, 64, 256)])
 def test_probe_picks_the_largest_batch_that_fits_the_ram_budget(budget_mib, low, high):
-    found = probe_batch_size(allocate, torch.device("cpu"), budget_mib * MIB, max_batch=4096, min_gain=None)
+    found = probe_batch_size(allocate, torch.device("cpu"), budget_mib * MIB, max_batch=4096)
     assert low <= found["batch_size"] <= high
     assert found["batch_size"] * found["bytes_per_sample"] <= budget_mib * MIB
     assert 0.5 * MIB < found["bytes_per_sample"] < 2 * MIB
 
 
-def test_probe_stops_growing_when_a_doubling_no_longer_pays():
+def test_probe_uses_no_timing_slow_work_grows_to_the_cap():
+    """The size depends on memory and the cap alone: work whose time per sample never improves still grows to the
+    cap (a timing rule stopped it early, and at a size that moved with the machine's load)."""
     import time
 
-    def work(n):  # 20 ms fixed cost + 1 ms per sample: per-sample time improves less than 5% past 256
-        time.sleep(0.02 + 0.001 * n)
-    found = probe_batch_size(work, torch.device("cpu"), 1 << 40, max_batch=4096)
-    assert 64 <= found["batch_size"] <= 512
+    def work(n):
+        time.sleep(0.0005 * n)
+    assert probe_batch_size(work, torch.device("cpu"), 1 << 40, max_batch=64)["batch_size"] == 64
 
 
 def test_probe_stops_at_the_first_out_of_memory():
     def work(n):
         if n > 8:
             raise SimulatedOutOfMemory(n, 8)
-    # min_gain=None: memory alone decides; `work` costs nothing, so timing noise must not stop the growth first.
-    assert probe_batch_size(work, torch.device("cpu"), 1 << 40, min_gain=None)["batch_size"] == 8
+    assert probe_batch_size(work, torch.device("cpu"), 1 << 40)["batch_size"] == 8
+
+
+def test_out_of_memory_at_the_first_doubling_gives_one_not_the_largest_batch():
+    def work(n):
+        if n > 1:
+            raise SimulatedOutOfMemory(n, 1)
+    assert probe_batch_size(work, torch.device("cpu"), 1 << 40, max_batch=512)["batch_size"] == 1
+    with pytest.raises(ProbeOutOfMemory, match="one item"):
+        probe_batch_size(lambda n: (_ for _ in ()).throw(SimulatedOutOfMemory(n, 0)), torch.device("cpu"), 1 << 40)
+    with pytest.raises(ProbeOutOfMemory, match="over the budget"):
+        probe_batch_size(lambda n: allocate(64 * n), torch.device("cpu"), 16 * MIB)
+
+
+def test_gpu_shares_split_one_budget_and_library_allocation_failures_count_as_out_of_memory():
+    total = 80 * 1024**3
+    fused_half = gpu_budget_bytes(total, 0.5, 0.8, stages=2)   # two fused actors of half a GPU, two stages each
+    assert 2 * 2 * fused_half <= 0.8 * total
+    assert gpu_budget_bytes(total, 0.5, 0.8) + gpu_budget_bytes(total, 0.5, 0.8) <= 0.8 * total  # separate stages
+    assert gpu_budget_bytes(total, 2.0, 0.8) == int(0.8 * total)  # more than one GPU's share: one GPU's memory
+    assert is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
+    assert is_out_of_memory(RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"))
+    assert not is_out_of_memory(RuntimeError("CUDA error: an illegal memory access was encountered"))
+
+
+def test_recorded_chunks_cut_a_shard_the_same_way_even_when_memory_would_now_allow_more():
+    seen = []
+    results, sizes = run_in_chunks(10, 16, lambda a, b: seen.append((a, b)) or b - a, chunks=[4, 4, 2])
+    assert sizes == [4, 4, 2] and seen == [(0, 4), (4, 8), (8, 10)]
+    _, sizes = run_in_chunks(10, 16, lambda a, b: b - a, chunks=[4, 4])  # a record that does not add up: ignored
+    assert sizes == [10]
 
 
 def test_out_of_memory_halves_the_chunk_and_processes_every_item_once():

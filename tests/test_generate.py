@@ -259,6 +259,65 @@ def test_a_gpu_sampled_run_resumes_on_its_device_and_regenerates_a_lost_shard_by
     assert {p.name: file_sha256(p) for p in (out / "parquet").iterdir()} == before
 
 
+def test_actors_sharing_a_gpu_size_for_at_most_its_budget_together(ray_cluster, ebm_dir, sd_checkpoint, tmp_path):
+    """Two fused actors of half a GPU each (2 GiB of simulated GPU memory): every stage probes against its own share
+    of the GPU's total memory, so the four budgets (two actors x sampler and decoder) add up to at most the
+    fraction of one GPU, and each chosen batch fits its budget."""
+    summary = generate(ebm_dir, sd_checkpoint, tmp_path, num_images=16, images_per_shard=8, sampler_device="gpu",
+                       sampler_gpus=0.5, sampler_actors="auto", sampler_cpus=0.75, simulate_gpu_memory_gb=2.0)
+    probes, total = summary["batch_probes"], 2.0 * 1024**3
+    assert summary["placement"]["sampler_actors"] == 2 and summary["placement"]["fused"]
+    assert probes["sampler"]["budget_bytes"] == probes["decode"]["budget_bytes"] == int(total * 0.5 * 0.8 / 2)
+    assert 2 * (probes["sampler"]["budget_bytes"] + probes["decode"]["budget_bytes"]) <= 0.8 * total
+    for stage in ("sampler", "decode"):
+        assert summary["batch_sizes"][stage] * probes[stage]["bytes_per_sample"] <= probes[stage]["budget_bytes"]
+    assert summary["images"] == 16
+
+
+def test_a_stage_that_cannot_fit_one_item_ends_the_job_in_one_line_before_any_shard(ebm_dir, sd_checkpoint,
+                                                                                      tmp_path):
+    with pytest.raises(EbdError, match=r"^the decode stage cannot fit one item in its memory budget .* give it a "
+                                       r"larger share") as failed:
+        generate(ebm_dir, sd_checkpoint, tmp_path, num_images=8, sampler_batch_size=4, simulate_oom_above=0)
+    assert "\n" not in str(failed.value) and not list(tmp_path.glob("parquet/*.parquet"))
+
+
+def test_two_fresh_runs_of_one_command_under_different_load_write_byte_identical_shards(
+        ray_cluster, ebm_dir, sd_checkpoint, tmp_path):
+    """Probed batch sizes (nothing set) depend on memory and the cap alone, not on how busy the machine is: the
+    second run shares the CPUs with two busy processes and still writes the same bytes."""
+    def run(out):
+        return generate(ebm_dir, sd_checkpoint, out, num_images=24, images_per_shard=24, format="parquet")
+
+    quiet = run(tmp_path / "quiet")
+    burners = [subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 120\n"
+                                 "while time.time() < end: sum(i * i for i in range(10000))"]) for _ in range(2)]
+    try:
+        busy = run(tmp_path / "busy")
+    finally:
+        for p in burners:
+            p.kill()
+    assert quiet["batch_sizes"] == busy["batch_sizes"]
+    assert file_sha256(tmp_path / "quiet/parquet/images-000000.parquet") == \
+        file_sha256(tmp_path / "busy/parquet/images-000000.parquet")
+
+
+def test_non_finite_latents_fail_the_run_in_one_line_and_never_reach_a_png(ebm_dir, sd_checkpoint, tmp_path):
+    """A model that makes NaN (here: one poisoned weight) fails its chunk loudly; nothing is decoded or written."""
+    from pipeline.models import load_model
+
+    model = load_model(ebm_dir)
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    poisoned = model.save_pretrained(tmp_path / "poisoned")
+    for precision in ("float32", "auto"):  # in the sampler actors; with auto, already in the probe that resolves it
+        with pytest.raises(EbdError, match=r"chains \(images 0\.\.\d+\) ended non-finite") as failed:
+            generate(poisoned, sd_checkpoint, tmp_path / precision, num_images=8, images_per_shard=8, batch_size=8,
+                     sampler_precision=precision)
+        assert "\n" not in str(failed.value)
+        assert not list((tmp_path / precision).glob("*/*.parquet")) and not list((tmp_path / precision).glob("*/*.tar"))
+
+
 def test_auto_on_a_cluster_with_a_gpu_runs_separate_gpu_sampler_and_decoder_pools(ray_cluster, ebm_dir,
                                                                                   sd_checkpoint, tmp_path):
     summary = generate(ebm_dir, sd_checkpoint, tmp_path, num_images=12, images_per_shard=4, batch_size=4,
@@ -330,13 +389,18 @@ def test_a_tiny_decoder_runs_through_the_dag_exactly_and_reproducibly_through_ou
     by_vae_pixels = np.asarray(Image.open(io.BytesIO(by_vae["image"])).convert("RGB")).astype(int)
     assert np.abs(here - written).mean() < 1.0 < np.abs(by_vae_pixels - written).mean()
 
-    # A shard regenerated alone is byte-identical; the folder refuses the VAE's own decoder (other pixels).
+    # A shard regenerated alone is byte-identical, cut into the chunks it was first made with although memory now
+    # allows the whole batch (an out-of-memory on a GPU need not happen again); the folder refuses the VAE's own
+    # decoder (other pixels).
     parquet, tar = out / "parquet" / "images-000000.parquet", out / "webdataset" / "images-000000.tar"
     before = file_sha256(parquet), file_sha256(tar)
+    first_chunks = json.loads((out / "stats" / "images-000000.json").read_text())["decode_chunks"]
+    assert first_chunks == [4, 4, 4, 4]  # 8 ran out of memory: halved, and kept for the rest of the shard
     parquet.unlink()
     tar.unlink()
-    again = generate(ebm_dir, sd_checkpoint, out, **settings)
-    assert again["images_this_run"] == 16 and again["images"] == 20
+    again = generate(ebm_dir, sd_checkpoint, out, **{k: v for k, v in settings.items() if k != "simulate_oom_above"})
+    assert again["images_this_run"] == 16 and again["images"] == 20 and again["oom_shrinks"] == 0
+    assert json.loads((out / "stats" / "images-000000.json").read_text())["decode_chunks"] == first_chunks
     assert (file_sha256(parquet), file_sha256(tar)) == before
     with pytest.raises(EbdError, match="different decoder_weights_sha256"):
         generate(ebm_dir, sd_checkpoint, out, **(settings | {"decoder": None}))

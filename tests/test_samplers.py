@@ -4,6 +4,7 @@ the noise-conditional energy's Gaussian start."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -220,15 +221,39 @@ def test_per_chain_noise_is_diffusers_randn_tensor():
 
 def test_bfloat16_autocast_runs_on_a_cpu_and_float16_there_runs_as_float32():
     """sampler_precision: bfloat16 changes a CPU chain by rounding only; float16 has no fast CPU kernels, so a CPU
-    runs it as float32, byte for byte (and records float32)."""
-    from pipeline.sampling.core import effective_precision
+    runs it as float32, byte for byte (and records float32). The recorded energies are float32 whatever sampled."""
+    from pipeline.common.precision import native_bfloat16, resolve_precision
 
     model = load_model(REPO / "models" / "demo" / "ebm")
     settings = model.resolve_sampler({"levels": 6})
     exact = sample_latents(model, range(8), 0, settings).latents
     half = sample_latents(model, range(8), 0, settings, precision="float16").latents
-    brain = sample_latents(model, range(8), 0, settings, precision="bfloat16").latents
-    assert torch.equal(half, exact) and not torch.equal(brain, exact)
-    assert (brain - exact).pow(2).mean().sqrt() < 0.05 * exact.std()  # rounding, not another sample
-    assert [effective_precision("cpu", p) for p in ("float16", "bfloat16")] == ["float32", "bfloat16"]
-    assert effective_precision("cuda", "float16") == "float16"
+    brain = sample_latents(model, range(8), 0, settings, precision="bfloat16")
+    assert torch.equal(half, exact) and not torch.equal(brain.latents, exact)
+    assert (brain.latents - exact).pow(2).mean().sqrt() < 0.05 * exact.std()  # rounding, not another sample
+    with torch.no_grad():
+        assert torch.equal(brain.energies, model.energy(brain.latents))  # float32, not the autocast's rounding
+    assert [resolve_precision("cpu", p) for p in ("float16", "tf32", "bfloat16")] == ["float32", "float32", "bfloat16"]
+    assert resolve_precision("cuda", "float16") == "float16" and resolve_precision("cuda", "tf32") == "tf32"
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    native = "avx512_bf16" in flags or "amx_bf16" in flags
+    assert native_bfloat16("cpu") == native
+    assert resolve_precision("cpu", "auto") == ("bfloat16" if native else "float32")
+
+
+def test_a_metropolis_test_under_bfloat16_weighs_float32_energies():
+    """bfloat16 energies at small sigma are rounded by tens of nats; the MALA corrector's accept/reject uses energies
+    recomputed in float32, so every energy it reports equals the float32 energy of its chain."""
+    model = load_model(REPO / "models" / "demo" / "ebm")
+    settings = model.resolve_sampler({"levels": 6, "mala_levels": 2})
+    seen = []
+
+    def record(info):
+        if "accepted" in info:
+            seen.append((info["z"].clone(), info["sigma"], info["energy"].clone()))
+
+    sample_latents(model, range(8), 0, settings, precision="bfloat16", callback=record)
+    assert seen
+    with torch.no_grad():
+        for z, sigma, energy in seen:
+            assert torch.allclose(energy, model(z, sigma), rtol=0, atol=1e-3)

@@ -96,7 +96,7 @@ def load_config(cls: type[C], path: str | Path | None = None, sets: list[str] | 
 
 
 SHOW_CONFIG = False  # set by run_cli for `--show-config`: load_config prints the effective config and exits
-HIDDEN_KEYS = ("simulate_oom_above",)  # test hooks: accepted, never listed
+HIDDEN_KEYS = ("simulate_oom_above", "simulate_gpu_memory_gb")  # test hooks: accepted, never listed
 
 
 def describe_config(cls: type, values: dict[str, Any]) -> str:

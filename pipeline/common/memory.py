@@ -2,19 +2,21 @@
 
 `probe_batch_size` runs a stage's work on growing probe batches, measures peak memory per sample (CUDA's peak
 allocator statistics on a GPU, the process's peak RSS on a CPU, its high-water mark reset before each probe) and
-returns the largest power of two that fits the
-budget: free GPU memory x a fraction, or a RAM budget. A run sizes each stage once, before any shard, and records
-the sizes: shards are then chunked the same way on every run, which keeps regenerated shards byte-identical.
+returns the largest power of two that fits the budget and a cap: no timing enters the choice, so the same command
+on the same machine picks the same size whatever else runs. A GPU stage's budget is its share of the GPU's memory
+(`gpu_budget_bytes`: total x share x fraction, never what happens to be free), which the stage's process also
+enforces on itself (`limit_gpu_memory`). A run sizes each stage once, before any shard, and records the sizes:
+shards are then chunked the same way on every run, which keeps regenerated shards byte-identical.
 
-`run_in_chunks` processes items in chunks of that size; on an out-of-memory error it halves the chunk and
-retries it, so every item is still processed exactly once.
+`run_in_chunks` processes items in chunks of that size; on an out-of-memory error it frees the failed chunk's
+memory, halves the chunk and retries it, so every item is still processed exactly once; the caller keeps the
+smaller size for later work and records the chunks, so a shard regenerated later is cut the same way.
 """
 
 from __future__ import annotations
 
 import gc
 import resource
-import time
 from typing import Callable, TypeVar
 
 import torch
@@ -22,10 +24,20 @@ import torch
 T = TypeVar("T")
 
 
+# What CUDA libraries say when an allocation fails inside them rather than in PyTorch's allocator.
+_OOM_MESSAGES = ("out of memory", "cublas_status_alloc_failed", "cudnn_status_alloc_failed",
+                 "cudnn_status_not_enough_workspace", "cudaerrormemoryallocation", "cufft_alloc_failed")
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     if isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)):
         return True
-    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and any(m in text for m in _OOM_MESSAGES)
+
+
+class ProbeOutOfMemory(RuntimeError):
+    """Even one item does not fit a stage's memory budget."""
 
 
 class SimulatedOutOfMemory(RuntimeError):
@@ -36,23 +48,30 @@ class SimulatedOutOfMemory(RuntimeError):
 
 
 def run_in_chunks(items: int, batch_size: int, work: Callable[[int, int], T],
-                  on_oom: Callable[[int], None] | None = None) -> tuple[list[T], list[int]]:
-    """Calls work(start, end) over [0, items) in chunks of at most `batch_size`; returns (results, chunk sizes).
+                  on_oom: Callable[[int], None] | None = None,
+                  chunks: list[int] | None = None) -> tuple[list[T], list[int]]:
+    """Calls work(start, end) over [0, items) in chunks of at most `batch_size`, or exactly the sizes `chunks` lists
+    (a shard's recorded cut, so it is remade the same way); returns (results, chunk sizes).
 
-    On an out-of-memory error the failing chunk is retried at half the size (down to 1, then the error stands);
-    the smaller size is kept for the rest of the items.
+    On an out-of-memory error the failing chunk's memory is freed (after the error and its frames are released) and
+    the chunk is retried at half the size (down to 1, then the error stands); the smaller size is kept for the rest
+    of the items.
     """
     results, sizes, start = [], [], 0
     size = max(1, batch_size)
+    planned = list(chunks) if chunks and sum(chunks) == items and min(chunks) >= 1 else None
     while start < items:
-        end = min(items, start + size)
+        end = min(items, start + (planned[len(sizes)] if planned else size))
+        failed = False
         try:
             results.append(work(start, end))
         except BaseException as e:  # noqa: BLE001 - only out-of-memory is handled, the rest is re-raised
             if not is_out_of_memory(e) or end - start == 1:
                 raise
+            failed = True
+        if failed:  # outside the handler: the traceback no longer pins the failed chunk's tensors and graph
             _free_memory()
-            size = max(1, (end - start) // 2)
+            size, planned = max(1, (end - start) // 2), None
             if on_oom is not None:
                 on_oom(size)
             continue
@@ -61,42 +80,57 @@ def run_in_chunks(items: int, batch_size: int, work: Callable[[int, int], T],
     return results, sizes
 
 
-def probe_batch_size(work: Callable[[int], None], device: torch.device, budget_bytes: int | None = None,
-                     gpu_memory_fraction: float = 0.8, start: int = 2, max_batch: int = 1024,
-                     min_gain: float | None = 0.05) -> dict:
-    """Largest power-of-two batch whose measured peak memory fits the budget, grown only while each doubling
-    still cuts the time per sample by `min_gain` (None: memory alone decides). `work(n)` runs one batch of n.
+def gpu_budget_bytes(total_bytes: int, share: float, fraction: float, stages: int = 1) -> int:
+    """A GPU stage's memory budget: its actor's share of the GPU's total memory x `fraction`, split evenly among the
+    `stages` one actor runs (a fused actor samples and decodes). Actors holding shares that sum to one GPU together
+    size for at most `fraction` of it, whatever each sees free when it probes."""
+    return int(total_bytes * min(1.0, share) * fraction / stages)
+
+
+def limit_gpu_memory(device: torch.device, share: float, fraction: float) -> None:
+    """Caps this process's CUDA allocations at its share of the GPU x `fraction` (Ray's fractional GPUs do not limit
+    memory): an actor that outgrows its share fails with out-of-memory, which `run_in_chunks` recovers from, rather
+    than starving the actor beside it."""
+    if device.type == "cuda":
+        torch.cuda.set_per_process_memory_fraction(min(1.0, share) * fraction, device)
+
+
+def probe_batch_size(work: Callable[[int], None], device: torch.device, budget_bytes: int,
+                     max_batch: int = 1024, start: int = 2) -> dict:
+    """Largest power-of-two batch up to `max_batch` whose measured peak memory fits `budget_bytes`. `work(n)` runs
+    one batch of n. No timing enters the choice: the same work, budget and cap give the same size under any load.
+    One item that does not fit raises ProbeOutOfMemory; out of memory at a larger probe keeps the last size that ran.
 
     Returns {"batch_size", "bytes_per_sample", "budget_bytes", "device"}.
     """
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = int(free * gpu_memory_fraction)
-    else:
-        budget = int(budget_bytes or 2 * 1024**3)
-    work(1)  # warm-up: one-time allocations (kernel caches, thread pools) are not a per-sample cost
-    size, per_sample, best, best_time = start, 0.0, 0, float("inf")
+    budget = int(budget_bytes)
+    try:  # warm-up: one-time allocations (kernel caches, thread pools) are not a per-sample cost
+        peak_one = _peak_during(lambda: work(1), device)
+    except BaseException as e:  # noqa: BLE001
+        if not is_out_of_memory(e):
+            raise
+        raise ProbeOutOfMemory(f"one item runs out of memory ({str(e).splitlines()[0][:160] if str(e) else e!r})")
+    if peak_one > budget:
+        raise ProbeOutOfMemory(f"one item needs {peak_one / 2**20:.0f} MiB, over the budget of {budget / 2**20:.0f} "
+                               "MiB")
+    size, per_sample, best = start, peak_one, 1
     while size <= max_batch:
+        failed = False
         try:
-            tick = time.perf_counter()
             peak = _peak_during(lambda n=size: work(n), device)
-            time_per_sample = (time.perf_counter() - tick) / size
         except BaseException as e:  # noqa: BLE001
             if not is_out_of_memory(e):
                 raise
+            failed = True
+        if failed:
             _free_memory()
             break
-        per_sample = peak / size  # the largest probe so far: fixed costs weigh least there
         if peak > budget:
             break
-        if min_gain is not None and best and time_per_sample > best_time * (1 - min_gain):
-            break  # a bigger batch no longer pays (CPUs saturate long before memory runs out)
-        best, best_time = size, time_per_sample
+        per_sample, best = peak / size, size  # the largest probe so far: fixed costs weigh least there
         if per_sample * size * 2 > budget:  # the next doubling would not fit
             break
         size *= 2
-    if best == 0:  # even the smallest probe did not fit: fall back to what the budget allows, at least 1
-        best = max(1, int(budget // max(per_sample, 1.0)))
     return {"batch_size": min(best, max_batch), "bytes_per_sample": int(per_sample), "budget_bytes": budget,
             "device": device.type}
 

@@ -74,17 +74,23 @@ class GenerateConfig(JobConfig):
     sampler_device: Literal["auto", "cpu", "gpu"] = "cpu"
     sampler_gpus: float = 1.0
     gpu_stage: Literal["fused", "separate"] = "fused"
-    # The sampler's arithmetic: float32, or autocast to bfloat16 (CUDA or CPU) / float16 (CUDA; float32 on a CPU).
-    sampler_precision: Literal["float32", "bfloat16", "float16"] = "float32"
+    # The sampler's arithmetic (common/precision.py): auto (bfloat16 where the device has it natively: a CUDA GPU
+    # with bf16, a CPU with AVX512-BF16 or AMX; else float32), float32 (exact on CUDA too: no TF32), tf32 (CUDA),
+    # bfloat16, or float16 (CUDA; float32 on a CPU). The run records what auto chose, so a resume keeps it.
+    sampler_precision: Literal["auto", "float32", "tf32", "bfloat16", "float16"] = "auto"
     cpu_gflops: float = 90.0                     # auto: GFLOP/s one CPU thread samples at (bench/capacity.md)
     gpu_tflops: float = 300.0                    # auto: TFLOP/s a GPU achieves (30% of an H100's fp16 peak)
-    # Batch sizes: null probes each stage's memory once per run; --batch-size sets both.
+    # Batch sizes: null probes each stage's memory once per run (no timing: the same command picks the same size on
+    # the same machine under any load); --batch-size sets both.
     batch_size: int | None = None
     sampler_batch_size: int | None = None
     decode_batch_size: int | None = None
     ram_budget_gb: float = 2.0                   # per CPU actor
-    gpu_memory_fraction: float = 0.8             # of free GPU memory, per decoder actor
-    max_batch_size: int = 512
+    # Of each actor's GPU share (sampler_gpus, decoder_gpus) of the GPU's total memory, enforced in the actor; a fused
+    # actor splits it evenly between sampling and decoding.
+    gpu_memory_fraction: float = 0.8
+    max_batch_size: int = 512                    # the largest probed batch on a GPU
+    cpu_max_batch_size: int = 64                 # ... on a CPU, where bigger ones stop paying (bench/sampler_speed.md)
     vae_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     # Metrics
     plugins: list[str] = field(default_factory=list)  # modules to import first: they register model kinds
@@ -93,7 +99,8 @@ class GenerateConfig(JobConfig):
     pushgateway: str | None = None               # push final values here when the job ends
     metrics_linger_s: float = 0.0                # keep the endpoint up this long after the end (one scrape)
     progress_interval_s: float = 5.0
-    simulate_oom_above: int | None = None        # testing: the decoder raises out-of-memory above this batch
+    simulate_oom_above: int | None = None        # testing: the decoder runs out of memory above this batch (0: always)
+    simulate_gpu_memory_gb: float | None = None  # testing: a GPU stage on a CPU sizes against this much "GPU memory"
 
     @classmethod
     def migrate(cls, values: dict) -> dict:
@@ -128,10 +135,14 @@ class GenerateConfig(JobConfig):
         require(self.decoder_gpus == "auto" or self.decoder_gpus >= 0, "decoder_gpus must be >= 0 or auto")
         require(self.sampler_gpus > 0 and self.cpu_gflops > 0 and self.gpu_tflops > 0,
                 "sampler_gpus, cpu_gflops and gpu_tflops must be > 0")
-        for name in ("batch_size", "sampler_batch_size", "decode_batch_size", "simulate_oom_above"):
+        for name in ("batch_size", "sampler_batch_size", "decode_batch_size"):
             require(getattr(self, name) is None or getattr(self, name) >= 1, f"{name} must be >= 1 or null")
-        require(self.ram_budget_gb > 0 and 0 < self.gpu_memory_fraction <= 1 and self.max_batch_size >= 1,
-                "ram_budget_gb > 0, gpu_memory_fraction in (0, 1], max_batch_size >= 1")
+        require(self.simulate_oom_above is None or self.simulate_oom_above >= 0, "simulate_oom_above must be >= 0")
+        require(self.ram_budget_gb > 0 and 0 < self.gpu_memory_fraction <= 1 and self.max_batch_size >= 1
+                and self.cpu_max_batch_size >= 1, "ram_budget_gb > 0, gpu_memory_fraction in (0, 1], max_batch_size "
+                "and cpu_max_batch_size >= 1")
+        require(self.simulate_gpu_memory_gb is None or self.simulate_gpu_memory_gb > 0,
+                "simulate_gpu_memory_gb must be > 0")
         require(self.metrics_port is None or 0 <= self.metrics_port < 65536, "metrics_port must be a port number")
 
 
@@ -152,24 +163,28 @@ class SamplerStage:
 
     def __init__(self, model_dir: str, sampler: dict, seed: int, images_per_shard: int, num_images: int,
                  batch_size: int, threads: int, plan: list | None = None, plugins: list[str] | None = None,
-                 use_gpu: bool = False, precision: str = "float32", progress=None):
+                 use_gpu: bool = False, precision: str = "float32", progress=None, gpu_share: float = 0.0,
+                 gpu_fraction: float = 0.8, shard_chunks: dict | None = None):
         import ray
         import torch
 
+        from ..common.memory import limit_gpu_memory
         from ..common.metrics import StageMetrics
+        from ..common.precision import resolve_precision
         from ..models import load_model
-        from ..sampling.core import effective_precision
         from ..sampling.settings import sampler_settings
         from ..vae.autoencoder import pick_device
 
         torch.set_num_threads(threads)
         import_plugins(plugins or [])
         self.device = pick_device(use_gpu)
+        limit_gpu_memory(self.device, gpu_share, gpu_fraction)  # Ray's GPU shares do not limit memory: this does
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
         if use_gpu and self.device.type == "cpu":
             log_line("generate", f"sampler actor on GPU {','.join(self.gpu_ids) or '?'}: torch sees no CUDA here, "
                                  "so it samples on CPU tensors")
-        self.precision = effective_precision(self.device, precision)  # what the shard's stats record
+        self.precision = resolve_precision(self.device, precision)  # what the shard's stats record
+        self.shard_chunks = shard_chunks or {}  # shard -> the chunk sizes it was made with (a remade shard's)
         self.model = load_model(model_dir, self.device)
         self.progress = progress  # the run's ProgressCounter actor (None outside jobs.generate)
         self.sampler = sampler_settings(sampler)
@@ -186,9 +201,13 @@ class SamplerStage:
             count = min(self.per_shard, self.num_images - start)
             conditions = conditions_for(self.plan, start, count) if self.plan else None
             self.metrics.busy(1)
+            shrinks: list[int] = []
             samples = sample_latents(self.model, range(start, start + count), self.seed, self.sampler, conditions,
                                      self.batch_size, device=self.device, on_chunk=self._sampled,
-                                     precision=self.precision)
+                                     precision=self.precision,
+                                     chunks=self.shard_chunks.get(str(int(shard)), {}).get("sampler"),
+                                     on_oom=shrinks.append)
+            self.batch_size = min([self.batch_size, *shrinks])  # out of memory once: the smaller size from now on
             self.metrics.busy(0)
             z = samples.latents.cpu().numpy()
             rows["shard"].append(int(shard))
@@ -197,6 +216,7 @@ class SamplerStage:
                 "count": count, "latent_shape": list(z.shape[1:]), "seeds": samples.seeds,
                 "energy": samples.energies.cpu().tolist(), "sampler_batch_seconds": samples.chunk_seconds,
                 "sampler_chunks": samples.chunk_sizes, "sampler_batch_size": self.batch_size,
+                "sampler_oom_shrinks": shrinks,
                 "gradient_evaluations": samples.evaluations, "sampler_device": self.device.type,
                 "sampler_gpu_ids": self.gpu_ids, "sampler_precision": self.precision,
                 "mala_accepted": samples.accepted, "mala_proposed": samples.proposed}
@@ -216,15 +236,20 @@ class DecodeStage:
     `decoder` is the VAE's spec, or a tiny decoder's (resolve_decoder checked it on the driver)."""
 
     def __init__(self, decoder, dtype: str, use_gpu: bool, batch_size: int, threads: int,
-                 simulate_oom_above: int | None, progress=None):
+                 simulate_oom_above: int | None, progress=None, gpu_share: float = 0.0, gpu_fraction: float = 0.8,
+                 shard_chunks: dict | None = None):
         import ray
         import torch
 
+        from ..common.memory import limit_gpu_memory
         from ..common.metrics import StageMetrics
         from ..vae.autoencoder import load_vae, pick_device, resolve_dtype
 
         torch.set_num_threads(threads)
         self.device = pick_device(use_gpu)
+        if gpu_share:  # a fused actor's sampler set the same process-wide cap already
+            limit_gpu_memory(self.device, gpu_share, gpu_fraction)
+        self.shard_chunks = shard_chunks or {}
         self.vae = load_vae(decoder, self.device, resolve_dtype(dtype, self.device, decoder))
         self.batch_size, self.simulate_oom_above = batch_size, simulate_oom_above
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
@@ -235,10 +260,11 @@ class DecodeStage:
         import torch
 
         from ..common.memory import SimulatedOutOfMemory, run_in_chunks
+        from ..common.precision import exact_float32
         from ..vae.autoencoder import decode, to_uint8
 
         infos, images = [], []
-        for latents, info_text in zip(batch["latents"], batch["info"]):
+        for shard, latents, info_text in zip(batch["shard"], batch["latents"], batch["info"]):
             info = json.loads(info_text)
             z = torch.from_numpy(np.frombuffer(latents, dtype=np.float32).copy()).reshape(info["count"],
                                                                                          *info["latent_shape"])
@@ -249,7 +275,8 @@ class DecodeStage:
                 if self.simulate_oom_above is not None and b - a > self.simulate_oom_above:
                     raise SimulatedOutOfMemory(b - a, self.simulate_oom_above)
                 tick = time.perf_counter()
-                out = to_uint8(decode(self.vae, z[a:b])).permute(0, 2, 3, 1).cpu().numpy()
+                with exact_float32(self.device, "float32"):  # a float32 VAE decodes in float32, not TF32
+                    out = to_uint8(decode(self.vae, z[a:b])).permute(0, 2, 3, 1).cpu().numpy()
                 seconds.append(time.perf_counter() - tick)
                 self.metrics.batch(b - a, seconds[-1])
                 if self.progress is not None:
@@ -257,7 +284,9 @@ class DecodeStage:
                 return out
 
             self.metrics.busy(1)
-            chunks, sizes = run_in_chunks(info["count"], self.batch_size, work, on_oom=shrinks.append)
+            chunks, sizes = run_in_chunks(info["count"], self.batch_size, work, on_oom=shrinks.append,
+                                          chunks=self.shard_chunks.get(str(int(shard)), {}).get("decode"))
+            self.batch_size = min([self.batch_size, *shrinks])  # out of memory once: the smaller size from now on
             self.metrics.busy(0)
             pixels = np.concatenate(chunks)
             info |= {"image_shape": list(pixels.shape[1:]), "decode_batch_seconds": seconds, "decode_chunks": sizes,
@@ -320,12 +349,14 @@ def write_shard(batch: dict, output: str, fmt: str, seed: int, images_per_shard:
 
 def probe_sampler_batch(model_dir: str, sampler: dict, budget_bytes: int, max_batch: int, threads: int,
                         condition: str | None = None, plugins: list[str] | None = None, use_gpu: bool = False,
-                        gpu_fraction: float = 0.8, precision: str = "float32") -> dict:
-    """Ray task (the sampler actors' resources): the largest chain batch that fits the RAM budget, or free GPU
-    memory on CUDA (under the run's widest condition: each term is one more forward per gradient)."""
+                        gpu_share: float = 0.0, gpu_fraction: float = 0.8, stages: int = 1,
+                        precision: str = "float32", simulated_gpu_bytes: int | None = None) -> dict:
+    """Ray task (the sampler actors' resources): the largest chain batch that fits the stage's budget (RAM on a CPU,
+    its share of the GPU on CUDA), under the run's widest condition (each term is one more forward per gradient),
+    and the precision `precision` resolves to on that device."""
     import torch
 
-    from ..common.memory import probe_batch_size
+    from ..common.precision import resolve_precision
     from ..models import load_model
     from ..sampling.core import sample_latents
     from ..sampling.settings import sampler_settings
@@ -336,18 +367,20 @@ def probe_sampler_batch(model_dir: str, sampler: dict, budget_bytes: int, max_ba
     device = pick_device(use_gpu)
     model = load_model(model_dir, device)
     probe = sampler_settings(sampler).probe()  # memory per step does not grow with the number of steps or levels
-    return probe_batch_size(lambda n: sample_latents(model, range(n), 0, probe,
-                                                     None if condition is None else [condition] * n, device=device,
-                                                     precision=precision),
-                            device, budget_bytes, gpu_fraction, max_batch=max_batch)
+    resolved = resolve_precision(device, precision)
+    found = _probe(lambda n: sample_latents(model, range(n), 0, probe, None if condition is None else [condition] * n,
+                                            device=device, precision=resolved),
+                   device, budget_bytes, max_batch, gpu_share, gpu_fraction, stages, simulated_gpu_bytes)
+    return found | {"precision": resolved}
 
 
-def probe_decode_batch(decoder, dtype: str, use_gpu: bool, latent_shape: list, budget_bytes: int,
-                       gpu_fraction: float, max_batch: int, threads: int, simulate_oom_above: int | None) -> dict:
-    """Ray task (a decoder actor's resources): the largest decode batch that fits free GPU memory or RAM."""
+def probe_decode_batch(decoder, dtype: str, use_gpu: bool, latent_shape: list, budget_bytes: int, max_batch: int,
+                       threads: int, simulate_oom_above: int | None, gpu_share: float = 0.0,
+                       gpu_fraction: float = 0.8, stages: int = 1, simulated_gpu_bytes: int | None = None) -> dict:
+    """Ray task (a decoder actor's resources): the largest decode batch that fits the stage's budget."""
     import torch
 
-    from ..common.memory import SimulatedOutOfMemory, probe_batch_size
+    from ..common.memory import SimulatedOutOfMemory
     from ..vae.autoencoder import decode, load_vae, pick_device, resolve_dtype
 
     torch.set_num_threads(threads)
@@ -357,9 +390,28 @@ def probe_decode_batch(decoder, dtype: str, use_gpu: bool, latent_shape: list, b
     def work(n: int):
         if simulate_oom_above is not None and n > simulate_oom_above:
             raise SimulatedOutOfMemory(n, simulate_oom_above)
-        decode(vae, torch.randn(n, *latent_shape))
+        decode(vae, torch.randn(n, *latent_shape, device=device))
 
-    return probe_batch_size(work, device, budget_bytes, gpu_fraction, max_batch=max_batch)
+    return _probe(work, device, budget_bytes, max_batch, gpu_share, gpu_fraction, stages, simulated_gpu_bytes)
+
+
+def _probe(work, device, budget_bytes: int, max_batch: int, gpu_share: float, gpu_fraction: float, stages: int,
+           simulated_gpu_bytes: int | None) -> dict:
+    """`probe_batch_size` against the stage's budget: its share of the GPU's total memory (of `simulated_gpu_bytes`
+    in tests) x the fraction, split among the actor's stages, or `budget_bytes` of RAM; {"out_of_memory": why}
+    when one item does not fit."""
+    import torch
+
+    from ..common.memory import ProbeOutOfMemory, gpu_budget_bytes, limit_gpu_memory, probe_batch_size
+
+    if gpu_share and (device.type == "cuda" or simulated_gpu_bytes):
+        total = simulated_gpu_bytes or torch.cuda.mem_get_info(device)[1]
+        budget_bytes = gpu_budget_bytes(total, gpu_share, gpu_fraction, stages)
+        limit_gpu_memory(device, gpu_share, gpu_fraction)  # as the actor will run
+    try:
+        return probe_batch_size(work, device, budget_bytes, max_batch=max_batch)
+    except ProbeOutOfMemory as e:
+        return {"out_of_memory": str(e), "budget_bytes": int(budget_bytes)}
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -398,6 +450,8 @@ def run_generation(cfg: GenerateConfig, address: str | None = None, dashboard: b
     if "batch_sizes" not in run:
         atomic_write_json(storage.join(out, RUN_FILE), run | {"batch_sizes": batch_sizes,
                                                              "sampler_device": placement.sampler_device})
+    # A shard remade (cut short or changed after its marker) is cut into the chunks it was first made with.
+    shard_chunks = {str(j): c for j in pending if (c := image_shards.recorded_chunks(out, j)) is not None}
     asked = cfg.batch_size or cfg.sampler_batch_size or cfg.decode_batch_size
     if "batch_sizes" in run and asked and asked not in (batch_sizes["sampler"], batch_sizes["decode"]):
         log_line("generate", f"resuming with this folder's batch sizes {batch_sizes['sampler']}/"
@@ -420,16 +474,20 @@ def run_generation(cfg: GenerateConfig, address: str | None = None, dashboard: b
             counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
             watcher = _ProgressWatcher(counter, metrics, log, lambda: f"shards {len(done)}/{num_shards}",
                                        cfg.num_images - sum(s["count"] for s in done.values()))
-            dataset = _build_dag(cfg, pending, sampler, decoder, placement, batch_sizes, model_id, plan, counter)
+            dataset = _build_dag(cfg, pending, sampler, decoder, placement, batch_sizes, model_id, plan, counter,
+                                 shard_chunks)
             in_flight = len(pending)
             metrics.set_in_flight(in_flight)
-            for batch in dataset.iter_batches(batch_size=1, batch_format="numpy"):
-                for text in batch["stats"]:
-                    stats = json.loads(text)
-                    done[stats["shard"]] = stats
-                    metrics.record_shard(stats)
-                    in_flight -= 1
-                    metrics.set_in_flight(in_flight)
+            try:
+                for batch in dataset.iter_batches(batch_size=1, batch_format="numpy"):
+                    for text in batch["stats"]:
+                        stats = json.loads(text)
+                        done[stats["shard"]] = stats
+                        metrics.record_shard(stats)
+                        in_flight -= 1
+                        metrics.set_in_flight(in_flight)
+            except Exception as e:  # a stage's own EbdError (e.g. non-finite chains) as its one line
+                raise _stage_error(e) or e
             watcher.finish(made=sum(done[j]["count"] for j in pending))
         seconds = time.monotonic() - start
         summary = _finish(out, cfg, done, num_shards, sampler, model_id, vae_identity, batch_sizes, placement,
@@ -534,7 +592,7 @@ def place_stages(cfg: GenerateConfig, model, decoder, shards: int, recorded: str
 
 
 def decoded_shards(cfg: GenerateConfig, shards: list[int], sampler: dict, decoder, placement, batch_sizes: dict,
-                   plan: list | None = None, progress=None):
+                   plan: list | None = None, progress=None, shard_chunks: dict | None = None):
     """The DAG's first two stages as a Ray Dataset: one row per shard {shard, latents, images, info}. `decoder`: the
     VaeSpec to decode with (the VAE, or a tiny decoder paired with it); `placement`: where they run (placement.py);
     `plan`: a conditional run's conditions."""
@@ -543,15 +601,19 @@ def decoded_shards(cfg: GenerateConfig, shards: list[int], sampler: dict, decode
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the job prints its own progress (a bar on a terminal, else lines) ...
+    ctx.raise_original_map_exception = True  # a stage's own EbdError reaches the driver as itself (one line)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # ... so Ray's "bars disabled" is noise
     items = ray.data.from_items([{"shard": j} for j in shards], override_num_blocks=len(shards))
     on_gpu = placement.sampler_device == "gpu"
     sampling = dict(model_dir=storage.canonical(cfg.model), sampler=sampler, seed=cfg.seed,
                     images_per_shard=cfg.images_per_shard, num_images=cfg.num_images,
                     batch_size=batch_sizes["sampler"], threads=_threads(cfg.sampler_cpus), plan=plan,
-                    plugins=cfg.plugins, use_gpu=on_gpu, precision=cfg.sampler_precision, progress=progress)
+                    plugins=cfg.plugins, use_gpu=on_gpu, progress=progress, gpu_share=placement.sampler_gpus,
+                    precision=batch_sizes.get("sampler_precision", cfg.sampler_precision),
+                    gpu_fraction=cfg.gpu_memory_fraction, shard_chunks=shard_chunks)
     decoding = dict(decoder=_absolute(decoder), dtype=cfg.vae_dtype, batch_size=batch_sizes["decode"],
-                    simulate_oom_above=cfg.simulate_oom_above, progress=progress)
+                    simulate_oom_above=cfg.simulate_oom_above, progress=progress, gpu_fraction=cfg.gpu_memory_fraction,
+                    shard_chunks=shard_chunks)
     samplers = ActorPoolStrategy(size=placement.sampler_actors)
     if placement.fused:
         return items.map_batches(
@@ -559,6 +621,7 @@ def decoded_shards(cfg: GenerateConfig, shards: list[int], sampler: dict, decode
             num_gpus=placement.sampler_gpus,
             fn_constructor_kwargs=dict(sampler=sampling, decoder=decoding | dict(use_gpu=True,
                                                                                 threads=_threads(cfg.sampler_cpus))))
+    decoding["gpu_share"] = placement.decoder_gpus
     latents = items.map_batches(SamplerStage, batch_size=1, compute=samplers, num_cpus=cfg.sampler_cpus,
                                 num_gpus=placement.sampler_gpus if on_gpu else None,
                                 fn_constructor_kwargs=sampling)
@@ -576,8 +639,9 @@ def _absolute(spec):
 
 
 def _build_dag(cfg: GenerateConfig, pending: list[int], sampler: dict, decoder, placement, batch_sizes: dict,
-               model_id: str, plan: list | None, progress=None):
-    return decoded_shards(cfg, pending, sampler, decoder, placement, batch_sizes, plan, progress).map_batches(
+               model_id: str, plan: list | None, progress=None, shard_chunks: dict | None = None):
+    return decoded_shards(cfg, pending, sampler, decoder, placement, batch_sizes, plan, progress,
+                          shard_chunks).map_batches(
         write_shard, batch_size=1, num_cpus=cfg.writer_cpus,
         fn_kwargs=dict(output=storage.canonical(cfg.output), fmt=cfg.format, seed=cfg.seed,
                        images_per_shard=cfg.images_per_shard, model_id=model_id, save_latents=cfg.save_latents))
@@ -585,32 +649,66 @@ def _build_dag(cfg: GenerateConfig, pending: list[int], sampler: dict, decoder, 
 
 def _choose_batch_sizes(cfg: GenerateConfig, sampler: dict, decoder, latent_shape: list, placement,
                         plan: list | None = None) -> dict:
-    """Configured sizes, or one probe per stage run with that stage's own resources (a fused GPU actor's two
-    stages share its GPU memory: each probes against half of gpu_memory_fraction)."""
+    """Configured sizes, or one probe per stage run with that stage's own resources, against its own budget (a
+    fused GPU actor's two stages split its share), one after another where they share a GPU; and the precision
+    `sampler_precision` resolves to where the samplers run. Probes on GPUs run in workers that exit afterwards
+    (max_calls=1), so no idle process keeps GPU memory while the actors run."""
     import ray
 
     sampler_size = cfg.sampler_batch_size or cfg.batch_size
     decode = cfg.decode_batch_size or cfg.batch_size
     budget = int(cfg.ram_budget_gb * 1024**3)
-    probes = {}
+    simulated = int(cfg.simulate_gpu_memory_gb * 1024**3) if cfg.simulate_gpu_memory_gb else None
     on_gpu = placement.sampler_device == "gpu"
-    fraction = cfg.gpu_memory_fraction / (2 if placement.fused else 1)
-    if sampler_size is None:
-        probes["sampler"] = ray.remote(probe_sampler_batch).options(
-            num_cpus=cfg.sampler_cpus, num_gpus=placement.sampler_gpus if on_gpu else None).remote(
-            storage.canonical(cfg.model), sampler, budget, cfg.max_batch_size, _threads(cfg.sampler_cpus),
+    sampler_gpus = placement.sampler_gpus if on_gpu else 0.0
+    decode_gpus = placement.sampler_gpus if placement.fused else placement.decoder_gpus
+    stages = 2 if placement.fused else 1
+    found = {}
+
+    def cap(gpus: float) -> int:
+        return cfg.max_batch_size if gpus else min(cfg.max_batch_size, cfg.cpu_max_batch_size)
+
+    def run(fn, cpus: float, gpus: float, *args):  # max_calls goes in the decorator: Ray refuses it in .options()
+        task = ray.remote(max_calls=1)(fn) if gpus else ray.remote(fn)
+        try:
+            return ray.get(task.options(num_cpus=cpus, num_gpus=gpus or None).remote(*args))
+        except Exception as e:  # the probe's own EbdError (e.g. non-finite chains) as its one line
+            raise _stage_error(e) or e
+
+    if sampler_size is None or cfg.sampler_precision == "auto":
+        found["sampler"] = run(
+            probe_sampler_batch, cfg.sampler_cpus, sampler_gpus, storage.canonical(cfg.model), sampler, budget,
+            cap(sampler_gpus) if sampler_size is None else 1, _threads(cfg.sampler_cpus),
             max((text for text, _ in plan), key=lambda t: len(parse_condition(t))) if plan else None, cfg.plugins,
-            on_gpu, fraction, cfg.sampler_precision)
-    if decode is None:
-        gpus = placement.sampler_gpus if placement.fused else placement.decoder_gpus
-        probes["decode"] = ray.remote(probe_decode_batch).options(
-            num_cpus=cfg.sampler_cpus if placement.fused else cfg.decoder_cpus, num_gpus=gpus).remote(
-            _absolute(decoder), cfg.vae_dtype, gpus > 0, latent_shape, budget,
-            fraction, cfg.max_batch_size, _threads(cfg.decoder_cpus), cfg.simulate_oom_above)
-    found = {name: ray.get(ref) for name, ref in probes.items()}
+            on_gpu, sampler_gpus, cfg.gpu_memory_fraction, stages, cfg.sampler_precision, simulated)
+    if decode is None:  # after the sampler's probe: on a shared GPU each probe sees only its own memory
+        found["decode"] = run(
+            probe_decode_batch, cfg.sampler_cpus if placement.fused else cfg.decoder_cpus, decode_gpus,
+            _absolute(decoder), cfg.vae_dtype, decode_gpus > 0, latent_shape, budget, cap(decode_gpus),
+            _threads(cfg.decoder_cpus), cfg.simulate_oom_above, decode_gpus, cfg.gpu_memory_fraction, stages, simulated)
+    for stage, probe in found.items():
+        if "out_of_memory" in probe:
+            raise EbdError(f"the {stage} stage cannot fit one item in its memory budget "
+                           f"({probe['budget_bytes'] / 2**20:.0f} MiB): {probe['out_of_memory']}; give it a larger "
+                           "share (sampler_gpus / decoder_gpus, gpu_memory_fraction, ram_budget_gb), a smaller "
+                           "resolution or vae_dtype float16")
     return {"sampler": sampler_size or found["sampler"]["batch_size"],
             "decode": decode or found["decode"]["batch_size"],
+            "sampler_precision": found["sampler"]["precision"] if "sampler" in found else cfg.sampler_precision,
             "probes": found}
+
+
+def _stage_error(error: BaseException) -> EbdError | None:
+    """The EbdError a stage or probe raised, from the exception Ray ends the run with (None if there is none): its
+    own one line, not the Ray traceback around it."""
+    for _ in range(10):
+        if error is None:
+            return None
+        cause = getattr(error, "cause", None)  # a RayTaskError's original exception
+        if isinstance(error, EbdError) and not isinstance(cause, BaseException):  # Ray appends retry advice
+            return EbdError(str(error).splitlines()[0] if str(error) else type(error).__name__)
+        error = cause if isinstance(cause, BaseException) else (error.__cause__ or error.__context__)
+    return None
 
 
 # Config keys that change the images: a resumed run must agree with the folder on all of them.

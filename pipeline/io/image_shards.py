@@ -187,6 +187,24 @@ def completed_shard(out: str, shard: int, fmt: str) -> dict | None:
     return stats
 
 
+def recorded_chunks(out: str, shard: int) -> dict[str, list[int]] | None:
+    """The chunk sizes a shard's done marker says it was sampled and decoded in ({"sampler": [...], "decode":
+    [...]}), even when its files no longer match: remade in the same chunks, it comes out byte-identical. None
+    without a readable marker; a list of the wrong shape is left out (the stage's batch size then applies)."""
+    marker = stats_path(out, shard)
+    try:
+        stats = read_json(marker) if storage.is_file(marker) else None
+    except ValueError:
+        return None
+    if not isinstance(stats, dict):
+        return None
+    chunks = {stage: sizes for stage in ("sampler", "decode")
+              if isinstance(sizes := stats.get(f"{stage}_chunks"), list) and sizes
+              and all(isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 1 << 20 for n in sizes)
+              and sum(sizes) == stats.get("count")}
+    return chunks or None
+
+
 # ------------------------------------------------------------------------------------------------ reading
 
 def generated_manifest(folder: str) -> dict:

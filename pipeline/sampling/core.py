@@ -12,14 +12,15 @@ results on a re-run (float rounding depends on the batch's shape, not on the oth
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 
+from ..common.config import EbdError
 from ..common.memory import run_in_chunks
+from ..common.precision import exact_float32, precision_context, resolve_precision
 from .noise import chain_generators, chain_seed
 from .samplers import SAMPLERS
 
@@ -65,12 +66,16 @@ def sample_latents(model, indices: Sequence[int], seed: int | Sequence[int], set
                    conditions: Sequence[str] | None = None,
                    batch_size: int | None = None, callback: Callable[[dict], None] | None = None,
                    device: torch.device | str = "cpu",
-                   on_chunk: Callable[[int, float], None] | None = None, precision: str = "float32") -> Samples:
+                   on_chunk: Callable[[int, float], None] | None = None, precision: str = "float32",
+                   chunks: list[int] | None = None, on_oom: Callable[[int], None] | None = None) -> Samples:
     """The latents of images `indices` of run `seed`: the model's own chain starts, then the sampler `settings`
     names, on the model's energy or, with `conditions` (one per image), on the energy it composes for them.
-    `callback` sees every evaluation; `on_chunk(size, seconds)` every finished chunk. `seed` may also be one run
-    seed per image. `precision` "bfloat16"/"float16" runs the network under autocast (the chains stay float32);
-    chains on one device type and precision are reproducible, across them they differ by floating-point rounding."""
+    `callback` sees every evaluation; `on_chunk(size, seconds)` every finished chunk; `on_oom(size)` every halving
+    after an out-of-memory. `seed` may also be one run seed per image. `precision` (`common.precision`): "bfloat16" /
+    "float16" run the network under autocast (the chains stay float32, and the recorded energies are computed in
+    float32 afterwards); "float32" is exact on CUDA too (no TF32). Chains on one device type, precision and cut into
+    chunks (`batch_size`, or exactly the sizes `chunks` lists) are reproducible; across them they differ by
+    floating-point rounding. Chains that end non-finite raise EbdError: they never reach a decoder."""
     indices = list(indices)
     run_seeds = [seed] * len(indices) if isinstance(seed, int) else list(seed)
     if len(run_seeds) != len(indices):
@@ -84,37 +89,28 @@ def sample_latents(model, indices: Sequence[int], seed: int | Sequence[int], set
         chunk = list(conditions[a:b]) if conditions is not None else None
         gens = [torch.Generator().manual_seed(s) for s in seeds[a:b]]  # fresh: a chunk retried after OOM starts over
         stats = SamplerStats(callback)
-        with _autocast(device, precision):
+        with precision_context(device, precision):
             z = sample(model, b - a, settings, gens, stats, chunk, device)
-            with torch.no_grad():
-                energy = model.energy(z)
+        bad = int((~torch.isfinite(z.flatten(1)).all(1)).sum())
+        if bad:
+            raise EbdError(f"{bad} of {b - a} chains (images {indices[a]}..{indices[b - 1]}) ended non-finite under "
+                           f"{resolve_precision(device, precision)} on {torch.device(device).type}: nothing of them "
+                           "is decoded; sample in float32 (sampler_precision), with more levels, or check the model")
+        with torch.no_grad(), exact_float32(device, "float32"):  # the recorded energy: float32, whatever sampled
+            energy = model.energy(z.float())
         seconds.append(time.perf_counter() - tick)
         if on_chunk is not None:
             on_chunk(b - a, seconds[-1])
         return z, energy, stats
 
-    chunks, sizes = run_in_chunks(len(indices), batch_size or max(1, len(indices)), work)
-    for (_, _, stats), n in zip(chunks, sizes):
+    results, sizes = run_in_chunks(len(indices), batch_size or max(1, len(indices)), work, on_oom, chunks)
+    for (_, _, stats), n in zip(results, sizes):
         totals["evaluations"] += stats.evaluations * n
         totals["accepted"] += stats.accepted
         totals["proposed"] += stats.proposed
-    latents = torch.cat([c[0] for c in chunks]) if chunks else torch.empty(0)
-    energies = torch.cat([c[1] for c in chunks]) if chunks else torch.empty(0)
+    latents = torch.cat([c[0] for c in results]) if results else torch.empty(0)
+    energies = torch.cat([c[1] for c in results]) if results else torch.empty(0)
     return Samples(latents.float(), energies.float(), seeds, chunk_sizes=sizes, chunk_seconds=seconds, **totals)
-
-
-def effective_precision(device: torch.device | str, precision: str) -> str:
-    """The precision chains on `device` really run in: `precision` on CUDA; on a CPU bfloat16 or float32 (float16
-    runs as float32 there: its CPU kernels are slower)."""
-    return precision if torch.device(device).type == "cuda" or precision == "bfloat16" else "float32"
-
-
-def _autocast(device: torch.device | str, precision: str):
-    """Autocast to the effective precision, or nothing for float32."""
-    precision = effective_precision(device, precision)
-    if precision == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=getattr(torch, precision))
 
 
 def sample(model, num: int, settings, generator=None, callback: Callable[[dict], None] | None = None,

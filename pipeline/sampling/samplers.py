@@ -163,12 +163,18 @@ def ipndm(model, z: torch.Tensor, settings: NoiseLevelSettings, generator: Gener
 def mala(model, z: torch.Tensor, sigma: float | None, step: float, steps: int, generator: Generators = None,
          callback: Callback = None, i: int = 0) -> torch.Tensor:
     """Metropolis-adjusted Langevin (Roberts & Tweedie 1996) on exp(-E(., sigma)): each proposal
-    z' = z - h grad E + sqrt(2h) xi is accepted per chain with probability min(1, p(z') q(z | z') / p(z) q(z' | z))."""
+    z' = z - h grad E + sqrt(2h) xi is accepted per chain with probability min(1, p(z') q(z | z') / p(z) q(z' | z)).
+    Under a low-precision autocast the test's energies are recomputed in float32: bfloat16 energies carry rounding
+    of tens of nats at small sigma, which would swamp the log-ratio."""
     u, grad = model(z, sigma)
+    if torch.is_autocast_enabled(z.device.type):
+        u = _float32_energy(model, z, sigma)
     _report(callback, i, z, sigma, u, grad)
     for _ in range(steps):
         proposal = z - step * grad + math.sqrt(2 * step) * randn(z, generator)
         u_new, grad_new = model(proposal, sigma)
+        if torch.is_autocast_enabled(z.device.type):
+            u_new = _float32_energy(model, proposal, sigma)
         forward = (proposal - z + step * grad).flatten(1).pow(2).sum(1)
         backward = (z - proposal + step * grad_new).flatten(1).pow(2).sum(1)
         log_ratio = u - u_new - (backward - forward) / (4 * step)
@@ -177,6 +183,12 @@ def mala(model, z: torch.Tensor, sigma: float | None, step: float, steps: int, g
         z, u, grad = torch.where(keep, proposal, z), torch.where(accept, u_new, u), torch.where(keep, grad_new, grad)
         _report(callback, i, z, sigma, u, grad, accepted=accept)
     return z.detach()
+
+
+def _float32_energy(model, z: torch.Tensor, sigma: float | None) -> torch.Tensor:
+    """E(z, sigma) in float32, outside any autocast (for a Metropolis test under a low precision)."""
+    with torch.autocast(z.device.type, enabled=False), torch.no_grad():
+        return model.energy(z.float()) if sigma is None else model.energy(z.float(), sigma)
 
 
 def _corrector(model, z, sigma: float, level: int, settings: NoiseLevelSettings, generator, callback) -> torch.Tensor:
