@@ -4,8 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.common.memory import (ProbeOutOfMemory, SimulatedOutOfMemory, gpu_budget_bytes, is_out_of_memory,
-                                    probe_batch_size, run_in_chunks)
+from pipeline.common.memory import (
+    ProbeOutOfMemory,
+    SimulatedOutOfMemory,
+    gpu_budget_bytes,
+    is_out_of_memory,
+    probe_batch_size,
+    run_in_chunks,
+)
 
 MIB = 1024 * 1024
 
