@@ -29,6 +29,21 @@ def learning_rate(step: int, lr: float, warmup_steps: int = 0, total_steps: int 
     return final_lr + (lr - final_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def power_ema_gamma(sigma_rel: float) -> float:
+    """The exponent of EDM2's power-function EMA whose relative standard deviation is `sigma_rel` (Karras et al.
+    2024, eq. 3: sigma_rel^2 = (g + 1) / ((g + 2)^2 (g + 3)), solved for its real root)."""
+    import numpy as np
+
+    roots = np.roots([1, 7, 16 - sigma_rel ** -2, 12 - sigma_rel ** -2])
+    return float(max(r.real for r in roots if abs(r.imag) < 1e-9))
+
+
+def power_ema_decay(step: int, gamma: float) -> float:
+    """The power-function EMA's decay at 1-based `step`: (1 - 1/step)^(gamma + 1), so the average always spans the
+    same share of the steps so far (EDM2)."""
+    return (1 - 1 / step) ** (gamma + 1)
+
+
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr

@@ -45,6 +45,10 @@ class NoiseConditionalEnergyConfig:
     sigma_min: float = 0.002         # the noise range trained on; the sampler's schedule spans it
     sigma_max: float = 80.0
     labels: dict[str, list[str]] | None = None   # conditioning: each label field's values, in embedding order
+    # How the network's part of sigma grad E is scaled per level: "epsilon" at unit scale (the first energies), "edm"
+    # by c_out / sigma = s / sqrt(s^2 + sigma^2) (Karras et al. 2022's preconditioning: the network's target has unit
+    # variance at every level, and its errors are not amplified at high noise).
+    preconditioning: str = "epsilon"
 
     def validate(self) -> None:
         validate_latent_unet(self.latent_shape, self.channels, self.layers_per_block, self.norm_groups)
@@ -52,6 +56,7 @@ class NoiseConditionalEnergyConfig:
             self.labels = dict(sorted(self.labels.items()))
         require(self.sigma_data > 0 and 0 < self.sigma_min < self.sigma_max, "need sigma_data > 0 and "
                 "0 < sigma_min < sigma_max")
+        require(self.preconditioning in ("epsilon", "edm"), "preconditioning must be epsilon or edm")
         require(self.labels is None or (len(self.labels) >= 1 and all(
             re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name) and isinstance(values, list) and values
             and all(isinstance(v, str) for v in values) and len(set(values)) == len(values)
@@ -107,13 +112,17 @@ class NoiseConditionalEnergy(PretrainedModel):
         lo, hi = math.log(self.config.sigma_min), math.log(self.config.sigma_max)
         return 1000 * (sigma.log() - lo) / (hi - lo)
 
+    def output_scale(self, var: torch.Tensor) -> torch.Tensor | float:
+        """The factor on the network's part of the noise prediction (`preconditioning`); var = s^2 + sigma^2."""
+        return self.config.sigma_data / var.sqrt() if self.config.preconditioning == "edm" else 1.0
+
     def forward(self, z: torch.Tensor, sigma: float | torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """E(z, sigma[, labels]), shape (B,); sigma a number or one per sample; labels as `context` takes them."""
         sigma = torch.as_tensor(sigma, dtype=z.dtype, device=z.device).expand(len(z))
         var = self.config.sigma_data ** 2 + sigma ** 2
         u = z / var.sqrt().view(-1, 1, 1, 1)
         g = self.net(u, self.noise_embedding_input(sigma), class_labels=self.context(labels, len(z), z.device)).sample
-        residual = (u * g).flatten(1).sum(1) * var.sqrt() / sigma
+        residual = (u * g).flatten(1).sum(1) * var.sqrt() / sigma * self.output_scale(var)
         return z.flatten(1).pow(2).sum(1) / (2 * var) + residual
 
     def energy(self, z: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ class NoiseConditionalScore(NoiseConditionalEnergy):
         var = (self.config.sigma_data ** 2 + sigma ** 2).view(-1, 1, 1, 1)
         u = z / var.sqrt()
         g = self.net(u, self.noise_embedding_input(sigma), class_labels=self.context(labels, len(z), z.device)).sample
-        return sigma.view(-1, 1, 1, 1) * z / var + g
+        return sigma.view(-1, 1, 1, 1) * z / var + g * self.output_scale(var)
 
     def energy(self, z: torch.Tensor) -> torch.Tensor:
         """A score network has no energy: NaN per sample (the energy column stays, empty)."""

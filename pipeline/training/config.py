@@ -12,7 +12,7 @@ Configs written before the sections existed (every key flat, `objective: dsm`, `
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from ..common.config import ConfigError, JobConfig, require, require_at_least
 from ..common.plugins import import_plugins
@@ -42,8 +42,12 @@ class TrainConfig(JobConfig):
     beta1: float = 0.0                       # 0 suits CD's non-stationary negatives; 0.9 suits dsm
     beta2: float = 0.999
     warmup_steps: int = 0                    # linear learning-rate warm-up
+    lr_schedule: Literal["constant", "cosine"] = "constant"   # after warm-up: constant, or cosine to 0 at max_steps
     param_grad_clip: float = 1.0             # max global norm of the parameter gradient
     ema_decay: float = 0.999                 # with warm-up: min(decay, (1 + step) / (10 + step))
+    # EDM2's power-function EMA (Karras et al. 2024): its length a fixed share of the steps so far (sigma_rel, e.g.
+    # 0.05-0.10) rather than a fixed number of steps; replaces ema_decay when set.
+    ema_length: float | None = None
     data_noise: float = 0.01                 # std of the noise added to positives
     # data
     holdout_shards: int = 0                  # the last N shards are never trained on (evaluation's reference)
@@ -77,6 +81,7 @@ class TrainConfig(JobConfig):
                 "num_workers and batch_size must be >= 1, max_steps >= 0")
         require(self.lr > 0 and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "lr must be > 0, betas in [0, 1)")
         require(0 <= self.ema_decay < 1 and self.data_noise >= 0, "ema_decay must be in [0, 1), data_noise >= 0")
+        require(self.ema_length is None or 0 < self.ema_length < 0.28, "ema_length (sigma_rel) must be in (0, 0.28)")
         require(self.holdout_shards >= 0, "holdout_shards must be >= 0")
         require(self.log_every >= 1 and self.checkpoint_every >= 1 and self.keep_checkpoints >= 1,
                 "log_every, checkpoint_every and keep_checkpoints must be >= 1")

@@ -26,7 +26,7 @@ import torch
 from ..common.config import EbdError, from_dict
 from ..common.logs import Progress, configure_logging, log_line
 from ..common.metrics import TrainingGauges
-from ..common.optim import adam, learning_rate, set_learning_rate
+from ..common.optim import adam, learning_rate, power_ema_decay, power_ema_gamma, set_learning_rate
 from ..common.plugins import import_plugins
 from ..io import storage
 from ..io.checkpoints import load_training_state, save_training_state
@@ -74,6 +74,7 @@ class WorkerRun:
                                            metadata).to(self.device)
         self.optimizer = adam(self.model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
         self.ema = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.ema_gamma = power_ema_gamma(cfg.ema_length) if cfg.ema_length is not None else None
         self.state = {"step": 0, "lr": cfg.lr, "rollbacks": 0, "fault_injected": False}
 
     # ------------------------------------------------------------------------------------------ set up
@@ -130,16 +131,23 @@ class WorkerRun:
         if _diverged(healthy, self.world, self.device):
             self._roll_back()
             return
-        set_learning_rate(self.optimizer, learning_rate(state["step"], state["lr"], cfg.warmup_steps))
+        set_learning_rate(self.optimizer, learning_rate(state["step"], state["lr"], cfg.warmup_steps,
+                                                        cfg.max_steps if cfg.lr_schedule == "cosine" else None))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.param_grad_clip)
         self.optimizer.step()
-        _update_ema(self.ema, self.model, min(cfg.ema_decay, (1 + state["step"]) / (10 + state["step"])))
+        _update_ema(self.ema, self.model, self.ema_decay(state["step"]))
         state["step"] += 1
         self.metrics.add(values | {"loss": loss.item(), "param_grad_norm": grad_norm.item()}, len(pos),
                          time.perf_counter() - tick)
         self._report()
+
+    def ema_decay(self, step: int) -> float:
+        """EDM2's power-function decay with `ema_length`, else `ema_decay` with a warm-up (step 0-based)."""
+        if self.cfg.ema_length is not None:
+            return power_ema_decay(step + 1, self.ema_gamma)
+        return min(self.cfg.ema_decay, (1 + step) / (10 + step))
 
     def _roll_back(self) -> None:
         """Every worker back to the last good snapshot, with a lower learning rate."""

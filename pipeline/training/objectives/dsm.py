@@ -3,9 +3,15 @@ E(z, sigma) (`models.noise_energy.NoiseConditionalEnergy`), or with `output: sco
 direct noise prediction (`models.noise_score.NoiseConditionalScore`): no MCMC while training; samples come from plain
 Gaussian noise along a Karras schedule (the sampler it names, `ipndm` by default).
 
-    loss = mean_d (eps_hat(z + sigma eps, sigma) - eps)^2,   ln sigma ~ N(ln s + p_mean, p_std^2)
+    loss = w(sigma) mean_d (eps_hat(z + sigma eps, sigma) - eps)^2,   ln sigma ~ N(ln s + p_mean, p_std^2)
            (Karras et al. 2022's log-normal, relative to the data's std s) or log-uniform on [sigma_min, sigma_max]
     eps_hat = sigma grad_z E (an energy: a double backward per step) or the network's output (a score network)
+    w       = 1 (epsilon), 1 + sigma^2 / s^2 (edm: Karras et al. 2022's weight on the denoised image, in epsilon
+              units) or min(1, gamma sigma^2 / s^2) (min_snr: Hang et al. 2023's min(SNR, gamma) / SNR, SNR = s^2 /
+              sigma^2)
+
+`preconditioning: edm` scales the network's part of eps_hat by s / sqrt(s^2 + sigma^2) (the model's config keeps it).
+bench/recipe.md measures each of these at equal training time.
 """
 
 from __future__ import annotations
@@ -34,6 +40,9 @@ class DSMSettings:
     sigma_sampling: Literal["lognormal", "log_uniform"] = "lognormal"
     sigma_p_mean: float = -0.5               # lognormal: ln sigma ~ N(ln sigma_data + p_mean, p_std^2)
     sigma_p_std: float = 1.2
+    loss_weighting: Literal["epsilon", "edm", "min_snr"] = "epsilon"   # w(sigma) above
+    min_snr_gamma: float = 5.0
+    preconditioning: Literal["epsilon", "edm"] = "epsilon"            # the network's output scale per level
     # Conditioning (sampling/conditions.py): the label fields the energy takes ("label" is the single label; named
     # fields come from precompute's label_fields). Each field is dropped independently with probability
     # label_dropout, so the network also learns the unconditional energy and every single-field one.
@@ -48,6 +57,7 @@ class DSMSettings:
         require(self.sigma_max is None or self.sigma_max > self.sigma_min, "objective sigma_max must exceed sigma_min")
         require(self.sigma_data is None or self.sigma_data > 0, "objective sigma_data must be > 0 or null")
         require(self.sigma_p_std > 0, "objective sigma_p_std must be > 0")
+        require(self.min_snr_gamma > 0, "objective min_snr_gamma must be > 0")
         require(0 <= self.label_dropout < 1, "objective label_dropout must be in [0, 1)")
         require(len(set(self.condition_on)) == len(self.condition_on), "objective condition_on lists a field twice")
 
@@ -84,7 +94,8 @@ class DenoisingScoreMatching:
     def model_config(settings: DSMSettings, latent_shape, prepared: dict) -> NoiseConditionalEnergyConfig:
         return NoiseConditionalEnergyConfig(list(latent_shape), settings.channels, settings.layers_per_block,
                                             settings.norm_groups, prepared["sigma_data"], settings.sigma_min,
-                                            prepared["sigma_max"], prepared.get("labels"))
+                                            prepared["sigma_max"], prepared.get("labels"),
+                                            settings.preconditioning)
 
     @staticmethod
     def sampler_settings(settings: DSMSettings, overrides: dict, prepared: dict) -> NoiseLevelSettings:
@@ -114,12 +125,22 @@ class DenoisingScoreMatching:
             dropped = torch.rand(labels.shape, generator=self.gen).to(labels.device) < self.settings.label_dropout
             labels = labels.masked_fill(dropped, 0)
         per_sample = denoising_score_matching(forward, pos, sigma, eps, labels, self.settings.output)
-        loss = per_sample.mean()
+        loss = (self.weights(sigma, model.config.sigma_data) * per_sample).mean()
         small = sigma < model.config.sigma_data   # the levels where detail forms vs where layout does
         metrics = {"loss_small_sigma": per_sample[small].mean().item() if small.any() else float("nan"),
                    "loss_large_sigma": per_sample[~small].mean().item() if (~small).any() else float("nan")}
-        healthy = bool(torch.isfinite(loss)) and loss.item() <= self.MAX_HEALTHY_LOSS
+        # health is judged on the unweighted epsilon error, whatever the weighting: the same bound for every recipe
+        healthy = bool(torch.isfinite(loss)) and per_sample.mean().item() <= self.MAX_HEALTHY_LOSS
         return loss, metrics, healthy
+
+    def weights(self, sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
+        """w(sigma) of `loss_weighting`, per sample."""
+        inverse_snr = (sigma / sigma_data) ** 2
+        if self.settings.loss_weighting == "edm":
+            return 1 + inverse_snr
+        if self.settings.loss_weighting == "min_snr":
+            return (self.settings.min_snr_gamma * inverse_snr).clamp(max=1.0)
+        return torch.ones_like(sigma)
 
     def state_tensors(self) -> dict:
         return {}
