@@ -17,9 +17,11 @@
    - each stage's own threads: sampler threads / sampler seconds, decoder threads / decoder seconds (or the GPUs'
      images/s), writer slots / writer seconds.
    The CPUs per GPU that keep a decoder busy: GPU images/s x (sampler + writer) CPU-seconds per image.
-3. GPU decode rates are predicted from the decoder's FLOPs per image (torch's FlopCounterMode) at an assumed share
-   of a GPU's dense fp16 peak (--gpu-tflops, --gpu-efficiency), unless CUDA is here to measure them. Marked
-   "predicted" in the table; nothing here measured a GPU.
+3. GPU rows use the capacity model `sampler_device: auto` weighs (placement.predicted_images_per_s): FLOPs per image
+   (torch's FlopCounterMode) at an assumed GPU rate per precision (placement.ASSUMED_GPU_TFLOPS, or --gpu-tflops),
+   never faster than a per-evaluation latency floor over the batch (--gpu-latency-ms, assumed), plus the writer's
+   CPU time per image; the CPU rate is this machine's own, measured. Marked "predicted" in the table; nothing here
+   measured a GPU (bench/gpu_check.py does, where one is lent). `--gpu-table-only` rewrites that table alone.
 4. Validation: a two-node Ray cluster on this machine (head + worker, 1 CPU each, 127.0.0.1, as cluster/local.sh),
    jobs.generate's DAG with configs/generate.yaml's shape (sampler_actors: auto), steady-state images/s from the
    shards' finish times against the prediction for that shape, in the same run; the error is reported. The
@@ -54,16 +56,30 @@ def main() -> None:
     p.add_argument("--images", type=int, default=1024, help="images per validation run")
     p.add_argument("--images-per-shard", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=32, help="both stages' batch, in costs and validation")
-    p.add_argument("--gpu-tflops", type=float, default=989.0, help="dense fp16 peak per GPU (H100 SXM: 989)")
-    p.add_argument("--gpu-efficiency", type=float, default=0.3, help="assumed share of that peak a decoder reaches")
+    p.add_argument("--gpu-tflops", type=float, default=None,
+                   help="TFLOP/s a GPU reaches (default: placement.ASSUMED_GPU_TFLOPS at --precision)")
+    p.add_argument("--precision", default="bfloat16", help="the GPU samplers' precision (auto on a bf16 GPU)")
+    p.add_argument("--gpu-latency-ms", type=float, default=1.0, help="a GPU evaluation's floor per batch (assumed)")
+    p.add_argument("--gpu-batch", type=int, default=256, help="chains per GPU evaluation (a shard's worth)")
     p.add_argument("--no-validate", action="store_true")
+    p.add_argument("--gpu-table-only", action="store_true", help="rewrite only the GPU table of bench/capacity.md")
     p.add_argument("--output", default=str(REPO / "bench" / "out" / "capacity.json"))
     args = p.parse_args()
 
+    from pipeline.distributed.placement import ASSUMED_GPU_TFLOPS
+
     shape = pipeline_shape(cpus=2)
-    result = {"benchmark": "capacity", "gpu_assumption": {"tflops_fp16": args.gpu_tflops,
-                                                          "efficiency": args.gpu_efficiency},
-              "models": [], "table": gpu_table(args)}
+    tflops = args.gpu_tflops or ASSUMED_GPU_TFLOPS[args.precision]
+    result = {"benchmark": "capacity", "gpu_assumption": {"tflops": tflops, "precision": args.precision,
+                                                          "assumed": args.gpu_tflops is None,
+                                                          "latency_ms": args.gpu_latency_ms, "batch": args.gpu_batch},
+              "models": [], "table": gpu_table(args, tflops)}
+    if args.gpu_table_only:  # the measured CPU section of the last full run stays as it is
+        page = REPO / "bench" / "capacity.md"
+        kept = page.read_text().split(GPU_HEADING)[0].rstrip("\n") + "\n"
+        write_result(Path(args.output).with_name("capacity-gpu.json"), result)
+        page.write_text(kept + gpu_markdown(result))
+        return
     costs = {m: loaded_stage_costs(Path(m), args.vae, args.batch_size, os.cpu_count()) for m in args.models}
     if args.no_validate:
         result["models"] = [{"model": Path(m).name, "costs": c, "shape": shape,
@@ -171,7 +187,7 @@ def cpus_per_gpu(costs: dict, gpu_images_per_s: float) -> float:
     return gpu_images_per_s * (costs["sampler_s"] + costs["write_s"])
 
 
-def gpu_table(args) -> list[dict]:
+def gpu_table(args, tflops: float) -> list[dict]:
     """Predicted rows, per GPU: the shipped demo energy with the demo VAE's decoder, and configs/train-sd.yaml's
     energy (random weights: its cost, not its quality) at 256 and 512 px with SD 1.x's VAE decoder and TAESD. For
     each: the sampler on CPU threads feeding a GPU decoder (the CPUs that keep one GPU busy), the sampler on the GPU
@@ -183,7 +199,7 @@ def gpu_table(args) -> list[dict]:
     from diffusers import AutoencoderKL, AutoencoderTiny
 
     from pipeline.common.config import load_config
-    from pipeline.distributed.placement import predicted_images_per_s
+    from pipeline.distributed.placement import WRITE_CPU_S_PER_PIXEL, predicted_images_per_s
     from pipeline.models import load_model
     from pipeline.sampling.cost import sampling_flops
     from pipeline.training.config import TrainConfig
@@ -194,7 +210,7 @@ def gpu_table(args) -> list[dict]:
     from sd_scale import sd_vae_config
 
     torch.set_num_threads(1)  # a sampler actor's thread
-    tflops = args.gpu_tflops * args.gpu_efficiency
+    latency = args.gpu_latency_ms / 1e3
     cfg = load_config(TrainConfig, REPO / "configs" / "train-sd.yaml", latents="x", output="y")
     objective, prepared = OBJECTIVES[cfg.objective.name], {"sigma_data": 1.0, "sigma_max": 80.0}
     metadata = {"sampler": asdict(objective.sampler_settings(cfg.objective, cfg.sampler, prepared))}
@@ -209,13 +225,15 @@ def gpu_table(args) -> list[dict]:
         latent_shape = list(energy.config.latent_shape)
         sampler_s, evaluations = _sampler_seconds_per_image(energy, batch=2)
         sampler_gflop = sampling_flops(energy) / 1e9  # an energy's gradient: a forward and a backward, counted
-        write_s = 3 * (px / 64) ** 2 * 1e-4  # PNG + shard write scales with pixels (demo: ~1e-4 s at 64 px)
+        write_s = px * px * WRITE_CPU_S_PER_PIXEL  # PNG + shard write scales with pixels
+        model_args = dict(evaluations=evaluations, gpu_latency_s=latency, gpu_batch=args.gpu_batch,
+                          write_cpu_s=write_s)
         for decoder_name, decoder in decoders.items():
             decoder_gflop = decode_flops(decoder, latent_shape) / 1e9
             gpu_decode = tflops * 1e3 / decoder_gflop
             costs = {"sampler_s": sampler_s, "write_s": write_s, "decode_cpu_s": float("nan")}
             rates = {d: predicted_images_per_s(d, 64, 8, sampler_gflop, decoder_gflop, sampler_gflop / sampler_s,
-                                               tflops) for d in ("cpu", "gpu")}
+                                               tflops, **model_args) for d in ("cpu", "gpu")}
             rows.append({"model": name, "resolution": px, "decoder": decoder_name, "sampler": energy.sampler.name,
                          "evaluations": evaluations, "sampler_gflop_per_image": round(sampler_gflop, 2),
                          "decoder_gflop_per_image": round(decoder_gflop, 2),
@@ -223,7 +241,8 @@ def gpu_table(args) -> list[dict]:
                          "gpu_decode_images_per_s": round(gpu_decode, 1),
                          "cpus_to_keep_one_gpu_busy": round(cpus_per_gpu(costs, gpu_decode)),
                          "images_per_s_per_gpu_sampler_on_gpu": round(
-                             predicted_images_per_s("gpu", 0, 1, sampler_gflop, decoder_gflop, 1, tflops), 1),
+                             predicted_images_per_s("gpu", 8, 1, sampler_gflop, decoder_gflop, 1, tflops,
+                                                    **model_args), 1),
                          "node_64_cpus_8_gpus": {d: round(r, 1) for d, r in rates.items()},
                          "auto_picks": "gpu" if rates["gpu"] > rates["cpu"] else "cpu"})
     return rows
@@ -365,13 +384,25 @@ def markdown(result: dict) -> str:
                      f"{m['predicted_images_per_s']} | {v.get('steady_images_per_s', '-')} | "
                      f"{error} | "
                      f"{v.get('startup_s', '-')} |")
+    return "\n".join(lines) + "\n" + gpu_markdown(result)
+
+
+GPU_HEADING = "\n## Predicted, not measured"
+
+
+def gpu_markdown(result: dict) -> str:
     g = result["gpu_assumption"]
-    lines += ["", f"## Predicted, not measured: the sampler on GPUs ({g['efficiency']:.0%} of a "
-              f"{g['tflops_fp16']:g} TFLOP/s fp16 peak per GPU)", "",
-              "No GPU has run these: the GPU rates are FLOPs per image (torch's count) over the assumed rate; the CPU "
-              "rates are measured here (one thread). `sampler_device: auto` weighs the same two rates on the cluster "
-              "it runs on. Rows scale linearly with GPUs. The SD energy is configs/train-sd.yaml's network with "
-              "random weights (its cost, not its quality).", "",
+    lines = [GPU_HEADING.strip("\n") + f": the sampler on GPUs ({g['tflops']:g} TFLOP/s per GPU at "
+             f"{g['precision']}{', assumed' if g['assumed'] else ''}; {g['latency_ms']:g} ms per evaluation of a "
+             f"batch of {g['batch']}, assumed)", "",
+             "No GPU has run these. Assumed: the GPU rate (placement.ASSUMED_GPU_TFLOPS: about a third of an H100's "
+             "fp32 peak, an eighth of its dense bf16 peak, for an autograd UNet with GroupNorm) and the "
+             "per-evaluation latency floor (kernel launches), which caps tiny latents such as the demo's. Measured "
+             "here: FLOPs per image (torch's count), the CPU rates (one thread) and the writer's CPU time per pixel. "
+              "`sampler_device: auto` weighs the same model on the cluster it runs on; bench/gpu_check.py measures "
+              "the assumed figures on a GPU. Rows scale linearly with GPUs up to the writer's CPU cap (8 CPUs per "
+              "GPU here). The SD energy is configs/train-sd.yaml's network with random weights (its cost, not its "
+              "quality).", "",
               "| model | px | decoder | sampler (evaluations) | sampler GFLOP/image | decoder GFLOP/image | sampler "
               "CPU-s/image | GPU decode images/s | CPUs to keep one GPU decoder busy | images/s per GPU, sampler on "
               "the GPU (fused) | 64 CPUs + 8 GPUs: sampler on CPUs / on GPUs | auto picks |",

@@ -5,10 +5,11 @@
 
 Each setting samples the same images (0..N-1 of seed 0) through the one sampling core on every core, alternately,
 `repeats` times; the best time of each counts (the machine's other load only ever slows a run). Also the shipped
-sampler under bfloat16 autocast (`sampler_precision: bfloat16`). Reported: images/s of each, network evaluations
-per image, the speed ratio and how far each moves the latents (RMS against the shipped sampler's, latents of std
-about 1), measured in this one run; the quality of those changes is bench/pareto.md's to judge. Writes
-bench/out/sampler_speed.json and bench/sampler_speed.md.
+sampler under bfloat16 autocast (`sampler_precision: bfloat16`) and under `auto` (the default: bfloat16 only where
+this CPU computes it natively, AVX512-BF16 or AMX, else float32; the table says which it resolved to). Reported:
+images/s of each, network evaluations per image, the speed ratio and how far each moves the latents (RMS against the
+shipped sampler's, latents of std about 1), measured in this one run; the quality of those changes is
+bench/pareto.md's to judge. Writes bench/out/sampler_speed.json and bench/sampler_speed.md.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def main() -> None:
 
     import torch
 
+    from pipeline.common.precision import native_bfloat16, resolve_precision
     from pipeline.models import load_model
     from pipeline.sampling.core import sample_latents
 
@@ -42,6 +44,7 @@ def main() -> None:
     settings = {"shipped": (model.sampler, "float32")}
     if not args.no_bfloat16:  # the network under bfloat16 autocast on this CPU (sampler_precision: bfloat16)
         settings["shipped, bfloat16 autocast"] = (model.sampler, "bfloat16")
+    settings[f"shipped, auto ({resolve_precision('cpu', 'auto')} here)"] = (model.sampler, "auto")
     for text in args.against or ['{"name": "heun", "levels": 25}']:
         settings[text] = (model.resolve_sampler(json.loads(text)), "float32")
     best, latents = {name: float("inf") for name in settings}, {}
@@ -60,11 +63,13 @@ def main() -> None:
     for row in rows:
         row["shipped_speedup"] = round(shipped / row["images_per_s"], 2)
     result = {"benchmark": "sampler_speed", "model": str(Path(args.model).resolve().relative_to(REPO)),
-              "images": args.images, "repeats": args.repeats, "threads": os.cpu_count(), "rows": rows}
+              "images": args.images, "repeats": args.repeats, "threads": os.cpu_count(),
+              "native_bfloat16": native_bfloat16("cpu"), "rows": rows}
     write_result(REPO / "bench" / "out" / "sampler_speed.json", result)
     lines = ["# Sampler speed (`bench/sampler_speed.py`)", "",
              f"{result['model']}: {args.images} images (one batch), best of {args.repeats} interleaved runs on "
-             f"{result['threads']} threads, in one process.", "",
+             f"{result['threads']} threads, in one process; this CPU "
+             f"{'computes' if result['native_bfloat16'] else 'does not compute'} bfloat16 natively.", "",
              "| settings | sampler | evaluations/image | images/s | shipped sampler's speed-up | RMS latent change "
              "against the shipped sampler's |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['settings']} | {r['sampler']} | {r['evaluations']} | {r['images_per_s']} | "

@@ -199,13 +199,18 @@ def test_auto_puts_the_sampler_where_the_predicted_images_per_second_are_higher(
     def never() -> dict:
         raise AssertionError("costs are only weighed on a cluster with GPUs")
 
-    sd_256 = lambda: {"sampler_gflop": 1120.4, "decoder_gflop": 620.0}  # noqa: E731 - bench/capacity.md's figures
-    cheap = lambda: {"sampler_gflop": 0.35, "decoder_gflop": 0.05}  # noqa: E731 - the demo's short-run energy
+    # bench/capacity.md's figures: the SD-size energy at 256 px, and the demo's short-run energy
+    sd_256 = lambda: {"sampler_gflop": 274.3, "decoder_gflop": 620.0, "evaluations": 12,  # noqa: E731
+                      "cpu_gflops": 60.0, "write_cpu_s": 0.0328}
+    cheap = lambda: {"sampler_gflop": 0.35, "decoder_gflop": 0.05, "evaluations": 40,  # noqa: E731
+                     "cpu_gflops": 40.0, "write_cpu_s": 0.002}
     none = plan_placement(config(), cpus=64, gpus=0, shards=100, costs=never)
     assert (none.sampler_device, none.reason) == ("cpu", "auto: the cluster has no GPUs")
     sd = plan_placement(config(), cpus=64, gpus=8, shards=100, costs=sd_256)
     assert (sd.sampler_device, sd.fused, sd.sampler_actors, sd.decoder_actors) == ("gpu", True, 8, 0)
-    assert sd.reason.startswith("auto: predicted 1379 images/s with the sampler on 8 GPUs against 5.141 on 64 CPUs")
+    # 8 GPUs / (274.3 / 120e3 + 620 / 120e3 s) = 1073 images/s; 64 CPUs / (274.3 / 60 + 0.0328 s) = 13.9
+    assert sd.reason.startswith("auto: predicted 1073 images/s with the sampler on 8 GPUs against 13.9 on 64 CPUs")
+    assert "120 TFLOP/s per GPU at bfloat16 assumed" in sd.reason and "60 GFLOP/s per CPU measured here" in sd.reason
     many_cpus = plan_placement(config(), cpus=10_000, gpus=1, shards=100, costs=cheap)
     assert many_cpus.sampler_device == "cpu" and many_cpus.decoder_gpus == 1.0
     shared = plan_placement(config(sampler_device="gpu", gpu_stage="separate", sampler_gpus=0.5), cpus=8, gpus=2,
@@ -215,6 +220,18 @@ def test_auto_puts_the_sampler_where_the_predicted_images_per_second_are_higher(
     assert resumed.sampler_device == "cpu" and resumed.reason.startswith("resuming a run started with the sampler")
     with pytest.raises(EbdError, match="the cluster has no GPUs"):
         plan_placement(config(sampler_device="gpu"), cpus=8, gpus=0, shards=1)
+
+
+def test_the_capacity_model_has_a_gpu_latency_floor_and_a_writer_cost():
+    """A tiny latent is launch-bound on a GPU, not FLOP-bound, and every image costs the writer CPU time."""
+    from pipeline.distributed.placement import predicted_images_per_s
+
+    flop_bound = predicted_images_per_s("gpu", 64, 1, 2.88, 0.49, 23.0, 120.0)
+    floored = predicted_images_per_s("gpu", 64, 1, 2.88, 0.49, 23.0, 120.0, evaluations=12, gpu_latency_s=1e-3,
+                                     gpu_batch=8)
+    assert floored < 1 / (12 * 1e-3 / 8) < flop_bound  # at most one batch of 8 per 12 ms
+    assert predicted_images_per_s("gpu", 2, 1, 2.88, 0.49, 23.0, 120.0, write_cpu_s=0.002) == pytest.approx(1000)
+    assert predicted_images_per_s("cpu", 2, 0, 2.88, 0.49, 23.0, 120.0, write_cpu_s=0.002) < 2 * 23.0 / 3.37
 
 
 @pytest.fixture(scope="module")

@@ -78,8 +78,12 @@ class GenerateConfig(JobConfig):
     # with bf16, a CPU with AVX512-BF16 or AMX; else float32), float32 (exact on CUDA too: no TF32), tf32 (CUDA),
     # bfloat16, or float16 (CUDA; float32 on a CPU). The run records what auto chose, so a resume keeps it.
     sampler_precision: Literal["auto", "float32", "tf32", "bfloat16", "float16"] = "auto"
-    cpu_gflops: float = 90.0                     # auto: GFLOP/s one CPU thread samples at (bench/capacity.md)
-    gpu_tflops: float = 300.0                    # auto: TFLOP/s a GPU achieves (30% of an H100's fp16 peak)
+    # The capacity model `auto` weighs (placement.py): null measures a CPU thread on the driver with the model's own
+    # evaluation, and takes the GPU rate for the run's precision from placement.ASSUMED_GPU_TFLOPS (an assumption
+    # until bench/gpu_check.py measures a GPU: set the figure bench/gpu.md gives).
+    cpu_gflops: float | None = None
+    gpu_tflops: float | None = None
+    gpu_latency_ms: float = 1.0                  # a GPU evaluation's floor (kernel launches), whatever the batch
     # Batch sizes: null probes each stage's memory once per run (no timing: the same command picks the same size on
     # the same machine under any load); --batch-size sets both.
     batch_size: int | None = None
@@ -133,8 +137,9 @@ class GenerateConfig(JobConfig):
                 "actor counts must be >= 1 (sampler_actors may be auto)")
         require(self.sampler_cpus > 0 and self.decoder_cpus > 0 and self.writer_cpus > 0, "CPU shares must be > 0")
         require(self.decoder_gpus == "auto" or self.decoder_gpus >= 0, "decoder_gpus must be >= 0 or auto")
-        require(self.sampler_gpus > 0 and self.cpu_gflops > 0 and self.gpu_tflops > 0,
-                "sampler_gpus, cpu_gflops and gpu_tflops must be > 0")
+        require(self.sampler_gpus > 0 and (self.cpu_gflops or 1) > 0 and (self.gpu_tflops or 1) > 0
+                and self.gpu_latency_ms >= 0, "sampler_gpus, cpu_gflops and gpu_tflops must be > 0 (or null), "
+                "gpu_latency_ms >= 0")
         for name in ("batch_size", "sampler_batch_size", "decode_batch_size"):
             require(getattr(self, name) is None or getattr(self, name) >= 1, f"{name} must be >= 1 or null")
         require(self.simulate_oom_above is None or self.simulate_oom_above >= 0, "simulate_oom_above must be >= 0")
@@ -580,12 +585,18 @@ def place_stages(cfg: GenerateConfig, model, decoder, shards: int, recorded: str
     def costs() -> dict:
         import torch
 
-        from ..sampling.cost import sampling_flops
+        from ..sampling.cost import cpu_gflops, evaluation_flops
         from ..vae.autoencoder import decode_flops, load_vae
+        from .placement import WRITE_CPU_S_PER_PIXEL
 
         vae = load_vae(decoder, torch.device("cpu"), torch.float32)
-        return {"sampler_gflop": sampling_flops(model, model.resolve_sampler(cfg.sampler)) / 1e9,
-                "decoder_gflop": decode_flops(vae, model.config.latent_shape) / 1e9}
+        settings = model.resolve_sampler(cfg.sampler)
+        evaluations = settings.gradient_evaluations()
+        pixels = math.prod(model.config.latent_shape[1:]) * decoder.downscale_factor ** 2
+        return {"sampler_gflop": evaluation_flops(model, settings) * evaluations / 1e9, "evaluations": evaluations,
+                "decoder_gflop": decode_flops(vae, model.config.latent_shape) / 1e9,
+                "cpu_gflops": cfg.cpu_gflops or cpu_gflops(model, settings),
+                "write_cpu_s": pixels * WRITE_CPU_S_PER_PIXEL}
 
     resources = ray.cluster_resources()
     return plan_placement(cfg, resources.get("CPU", 0), resources.get("GPU", 0), shards, costs, recorded)

@@ -10,10 +10,14 @@ Shapes:
   where it is, so latents never cross a process or a node and the decoder's weights share the GPU with the energy.
 - `gpu`, separate (`gpu_stage: separate`): sampler actors and decoder actors hold their own GPU shares (a cluster
   whose decoders must sit on other GPUs than the sampler, e.g. a different GPU type).
-`auto` chooses by predicted images/s: the sampler's FLOPs per image (`sampling.cost`) over `cpu_gflops` per CPU,
-capped by the GPU decoders, against the GPUs sampling and decoding at `gpu_tflops` each. Both rates are
-assumptions (the config's, with bench/capacity.md's measured CPU figure as the default), stated in the reason the
-run's summary records.
+`auto` chooses by predicted images/s (`predicted_images_per_s`, the capacity model bench/capacity.md tabulates):
+- CPU samplers: CPUs x `cpu_gflops` (measured on the driver from the model's own evaluation on one thread, unless
+  set) over the sampler's FLOPs per image (`sampling.cost`), capped by the GPU decoders and by the writer's CPU time.
+- GPU samplers: per GPU, the sampler's FLOPs at the GPU's rate for the run's precision, but never faster than a
+  per-evaluation latency floor (kernel launches: a tiny latent is launch-bound, not FLOP-bound) over the batch, plus
+  the decoder's FLOPs; capped by the CPUs the writer needs per image.
+The GPU rates are assumptions (`ASSUMED_GPU_TFLOPS`, `gpu_latency_ms`) until bench/gpu_check.py measures them on a
+GPU; the reason each run records says which figures were assumed.
 """
 
 from __future__ import annotations
@@ -79,28 +83,53 @@ def plan_placement(cfg, cpus: float, gpus: float, shards: int,
     return Placement("gpu", fused, actors, cfg.sampler_gpus, decoder_actors, decoder_gpus, reason)
 
 
+# TFLOP/s an H100-class GPU is assumed to reach on an energy's autograd UNet (GroupNorm, small convolutions, forward +
+# backward) per precision: about a third of the fp32 peak (67) without tensor cores, an eighth of the dense tensor
+# peak (989) with them. Assumed, not measured: bench/gpu_check.py measures them where a GPU is lent (bench/gpu.md).
+ASSUMED_GPU_TFLOPS = {"float32": 20.0, "tf32": 60.0, "bfloat16": 120.0, "float16": 120.0}
+WRITE_CPU_S_PER_PIXEL = 5e-7   # PNG + parquet + tar per output pixel on one CPU thread (bench/capacity.md: 64 px)
+
+
 def predicted_images_per_s(device: str, cpus: float, gpus: float, sampler_gflop: float, decoder_gflop: float,
-                           cpu_gflops: float, gpu_tflops: float) -> float:
-    """The capacity model's rate for a shape: CPU samplers capped by the GPU decoders (or the CPUs decoding too,
-    without GPUs), or GPUs that sample and decode."""
+                           cpu_gflops: float, gpu_tflops: float, evaluations: int = 1, gpu_latency_s: float = 0.0,
+                           gpu_batch: int = 1, write_cpu_s: float = 0.0) -> float:
+    """The capacity model's images/s for a shape: CPU samplers capped by the GPU decoders (or the CPUs decoding
+    too, without GPUs), or GPUs that sample and decode, each no faster than `evaluations` x `gpu_latency_s` per batch
+    of `gpu_batch` allows; both capped by the CPUs the writer needs (`write_cpu_s` per image)."""
+    writer_cap = cpus / write_cpu_s if write_cpu_s > 0 and cpus > 0 else float("inf")
     if device == "gpu":
-        return gpus * gpu_tflops * 1e3 / (sampler_gflop + decoder_gflop)
+        sampler_s = max(sampler_gflop / (gpu_tflops * 1e3), evaluations * gpu_latency_s / max(1, gpu_batch))
+        return min(gpus / (sampler_s + decoder_gflop / (gpu_tflops * 1e3)), writer_cap)
     if gpus <= 0:
-        return cpus * cpu_gflops / (sampler_gflop + decoder_gflop)
-    return min(cpus * cpu_gflops / sampler_gflop, gpus * gpu_tflops * 1e3 / decoder_gflop)
+        return cpus / ((sampler_gflop + decoder_gflop) / cpu_gflops + write_cpu_s)
+    return min(cpus / (sampler_gflop / cpu_gflops + write_cpu_s), gpus * gpu_tflops * 1e3 / decoder_gflop)
+
+
+def gpu_rate(cfg, precision: str) -> tuple[float, bool]:
+    """(TFLOP/s, assumed?) for the GPU samplers at `precision`: the config's `gpu_tflops`, else the assumed table."""
+    if cfg.gpu_tflops is not None:
+        return cfg.gpu_tflops, False
+    return ASSUMED_GPU_TFLOPS.get(precision, ASSUMED_GPU_TFLOPS["float32"]), True
 
 
 def _auto(cfg, cpus: float, gpus: float, costs: Callable[[], dict] | None) -> tuple[str, str]:
     if gpus <= 0:
         return "cpu", "auto: the cluster has no GPUs"
     c = costs()
-    rates = {device: predicted_images_per_s(device, cpus, gpus, c["sampler_gflop"], c["decoder_gflop"],
-                                            cfg.cpu_gflops, cfg.gpu_tflops) for device in ("cpu", "gpu")}
+    precision = "bfloat16" if cfg.sampler_precision == "auto" else cfg.sampler_precision  # CUDA GPUs with bf16
+    tflops, assumed = gpu_rate(cfg, precision)
+    cpu_gflops = cfg.cpu_gflops or c["cpu_gflops"]
+    batch = min(cfg.max_batch_size, cfg.images_per_shard)
+    rates = {device: predicted_images_per_s(device, cpus, gpus, c["sampler_gflop"], c["decoder_gflop"], cpu_gflops,
+                                            tflops, c["evaluations"], cfg.gpu_latency_ms / 1e3, batch,
+                                            c["write_cpu_s"]) for device in ("cpu", "gpu")}
     device = "gpu" if rates["gpu"] > rates["cpu"] else "cpu"
     return device, (f"auto: predicted {rates['gpu']:.4g} images/s with the sampler on {gpus:g} GPUs against "
-                    f"{rates['cpu']:.4g} on {cpus:g} CPUs ({c['sampler_gflop']:.4g} GFLOP per image to sample, "
-                    f"{c['decoder_gflop']:.4g} to decode; assuming {cfg.cpu_gflops:g} GFLOP/s per CPU and "
-                    f"{cfg.gpu_tflops:g} TFLOP/s per GPU)")
+                    f"{rates['cpu']:.4g} on {cpus:g} CPUs ({c['sampler_gflop']:.4g} GFLOP per image to sample in "
+                    f"{c['evaluations']} evaluations, {c['decoder_gflop']:.4g} to decode; "
+                    f"{cpu_gflops:.3g} GFLOP/s per CPU {'set' if cfg.cpu_gflops else 'measured here'}, "
+                    f"{tflops:g} TFLOP/s per GPU at {precision} {'assumed' if assumed else 'set'}, "
+                    f"{cfg.gpu_latency_ms:g} ms per GPU evaluation assumed)")
 
 
 def _decoder_share(cfg, gpus: float) -> float:
