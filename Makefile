@@ -28,7 +28,7 @@ GENERATED ?= $(DEMO_DIR)/generated-$(EBM_ID)
 GENERATED_CD ?= $(DEMO_DIR)/generated-cd-$(EBM_CD_ID)
 GENERATED_COMPOSE ?= $(DEMO_DIR)/conditional-$(EBM_COMPOSE_ID)
 
-.PHONY: install install-run pareto demo demo-conditional demo-train demo-generate demo-models demo-refit-dependants test test-integration test-all lint bench capacity compare clean cluster-up cluster-down
+.PHONY: install install-run data-emoji emoji-dev recipe pareto demo demo-conditional demo-train demo-generate demo-models demo-refit-dependants test test-integration test-all lint bench capacity compare clean cluster-up cluster-down
 
 # `install`: the library, the jobs and what the tests use (make test, make lint). `install-run`: the library and the
 # jobs alone (cluster, inspect extras), all the demo and the benchmarks need.
@@ -146,6 +146,32 @@ test-integration: install
 
 test-all: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# A real image set to develop training recipes on (bench/emoji_data.py): Google's Noto emoji (Apache-2.0), 64 px PNGs
+# from the npm package emoji-datasource-google@16.0.0, one folder per category; `make test` never needs it.
+EMOJI_DIR ?= build/emoji
+data-emoji: install-run
+	$(BIN)/python bench/emoji_data.py --output $(EMOJI_DIR)/images
+
+# The emoji set made ready for recipe work, with the default configs: a VAE fitted with the demo VAE's recipe (about
+# 70 minutes on 2 CPUs), latents in 10 shards (the last, a random 10%, held out) and an evaluator of its categories.
+emoji-dev: data-emoji
+	$(BIN)/python -m jobs.fit_vae --config configs/fit-vae-demo.yaml --input $(EMOJI_DIR)/images --output $(EMOJI_DIR)/vae
+	$(BIN)/python -m jobs.precompute --config configs/precompute.yaml --input $(EMOJI_DIR)/images \
+		--vae $(EMOJI_DIR)/vae --output $(EMOJI_DIR)/latents --set resolution=64 --set min_side=32 --set shard_size=379
+	$(BIN)/python -m jobs.fit_evaluator --config configs/fit-evaluator.yaml --latents $(EMOJI_DIR)/latents \
+		--output $(EMOJI_DIR)/evaluator
+
+# Training recipes at equal training time (bench/recipe.md): each recipe change against today's on the shapes and,
+# after `make emoji-dev`, on the emoji set. RECIPE_ARGS narrows it, e.g. RECIPE_ARGS="--recipes baseline,edm".
+RECIPE_STEPS ?= 1000
+recipe: install-run
+	test -f $(LATENTS)/manifest.json || $(MAKE) --no-print-directory demo
+	$(BIN)/python bench/recipe.py --data shapes --latents $(LATENTS) --vae $(DEMO_VAE) --evaluator $(DEMO_EVALUATOR) \
+		--steps $(RECIPE_STEPS) $(RECIPE_ARGS)
+	if test -f $(EMOJI_DIR)/evaluator/config.json; then $(BIN)/python bench/recipe.py --data emoji \
+		--latents $(EMOJI_DIR)/latents --vae $(EMOJI_DIR)/vae --evaluator $(EMOJI_DIR)/evaluator \
+		--steps $(RECIPE_STEPS) $(RECIPE_ARGS); fi
 
 # The layer contracts of pipeline/ (pyproject.toml [tool.importlinter]) and the lint; CI runs it before the tests.
 lint: install
