@@ -299,6 +299,7 @@ def test_a_stage_that_cannot_fit_one_item_ends_the_job_in_one_line_before_any_sh
     assert "\n" not in str(failed.value) and not list(tmp_path.glob("parquet/*.parquet"))
 
 
+@pytest.mark.integration
 def test_two_fresh_runs_of_one_command_under_different_load_write_byte_identical_shards(
         ray_cluster, ebm_dir, sd_checkpoint, tmp_path):
     """Probed batch sizes (nothing set) depend on memory and the cap alone, not on how busy the machine is: the
@@ -319,6 +320,7 @@ def test_two_fresh_runs_of_one_command_under_different_load_write_byte_identical
         file_sha256(tmp_path / "busy/parquet/images-000000.parquet")
 
 
+@pytest.mark.integration
 def test_non_finite_latents_fail_the_run_in_one_line_and_never_reach_a_png(ebm_dir, sd_checkpoint, tmp_path):
     """A model that makes NaN (here: one poisoned weight) fails its chunk loudly; nothing is decoded or written."""
     from pipeline.models import load_model

@@ -173,7 +173,8 @@ class WorkerRun:
         save = step % cfg.checkpoint_every == 0 or step == cfg.max_steps
         if not (step % cfg.log_every == 0 or save):
             return
-        values = self.metrics.reduce() | {"step": step, "lr": self.state["lr"], "rollbacks": self.state["rollbacks"],
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate in use: warm-up and schedule applied
+        values = self.metrics.reduce() | {"step": step, "lr": lr, "rollbacks": self.state["rollbacks"],
                                           "epoch": self.data.epoch}
         if self.log:
             self.log.done = step
