@@ -37,6 +37,24 @@ def good(seed: int, fmt: str = "PNG") -> bytes:
     return encode_image(rgb_image(seed, (24, 20)), fmt)
 
 
+def scan_bomb(scans: int = 500) -> bytes:
+    """A progressive JPEG whose last scan is repeated: small, valid to a decoder, and each scan costs a full pass."""
+    buffer = io.BytesIO()
+    rgb_image(9, (64, 48)).save(buffer, format="JPEG", progressive=True)
+    data = buffer.getvalue()
+    last = data.rfind(b"\xff\xda")
+    return data[:-2] + data[last:-2] * scans + data[-2:]
+
+
+def test_a_jpeg_of_thousands_of_scans_is_refused_before_decoding_and_a_normal_progressive_one_decodes():
+    with pytest.raises(Rejected) as err:
+        decode_image(scan_bomb(), RES, 10_000_000, 8)
+    assert err.value.reason == "too_many_scans"
+    buffer = io.BytesIO()
+    rgb_image(9, (64, 48)).save(buffer, format="JPEG", progressive=True)
+    assert decode_image(buffer.getvalue(), RES, 10_000_000, 8)[0].shape == (RES, RES, 3)
+
+
 # ----------------------------------------------------------------------------------------- decoding, no Ray
 
 @pytest.mark.parametrize("data, reason", [
@@ -177,6 +195,8 @@ def hostile_tars(root: Path, outside: Path) -> tuple[int, Counter]:
         add_member(tar, "fifo.png", kind=tarfile.FIFOTYPE)                                  # not_a_regular_file
         add_member(tar, "noextension", b"x")                                                # not_a_sample
         add_member(tar, "000011.gif", good(14, "GIF"))
+        add_member(tar, "caf\udce9-\udcff.png", good(15))                                   # any bytes: read
+        add_member(tar, "000012.jpg", scan_bomb())                                          # too_many_scans
     (root / "00001.tar").write_bytes(gzip.compress((root / "00000.tar").read_bytes()))  # not_a_tar
     (root / "00002.tar").write_bytes(b"")                                                # not_a_tar
     whole = io.BytesIO()
@@ -184,10 +204,20 @@ def hostile_tars(root: Path, outside: Path) -> tuple[int, Counter]:
         for i in range(3):
             add_member(tar, f"cut{i}.png", good(20 + i))
     (root / "00003.tar").write_bytes(whole.getvalue()[:2 * 512 + len(good(20)) + 700])  # truncated_container
+    with tarfile.open(outside / "elsewhere.tar", "w") as tar:
+        add_member(tar, "secret.png", good(16))
+    (root / "00004.tar").symlink_to(outside / "elsewhere.tar")                          # outside_input
+    os.mkfifo(root / "00005.tar")                                                       # not_a_regular_file
+    nested = root / "a"
+    for _ in range(70):
+        nested = nested / "a"
+    nested.mkdir(parents=True)
+    (nested / "deep.tar").write_bytes((root / "00000.tar").read_bytes())                # too_deep (its folder)
     reasons = Counter(bad_sidecar=2, not_an_image=1, format_not_allowed=2, too_many_pixels=1, empty_file=1,
-                      no_image_member=1, duplicate_member=1, unsafe_member_name=2, not_a_regular_file=4,
-                      not_a_sample=1, not_a_tar=2, truncated_container=2)  # cut1 read short + the container line
-    return 4, reasons  # 000001, 000002, 000011 and cut0 (read before the cut)
+                      no_image_member=1, duplicate_member=1, unsafe_member_name=2, not_a_regular_file=5,
+                      not_a_sample=1, not_a_tar=2, truncated_container=2,  # cut1 read short + the container line
+                      too_many_scans=1, outside_input=1, too_deep=1)
+    return 5, reasons  # 000001, 000002, 000011, the non-UTF-8 name and cut0 (read before the cut)
 
 
 def hostile_folder(root: Path, outside: Path) -> tuple[int, Counter]:
@@ -215,9 +245,19 @@ def hostile_folder(root: Path, outside: Path) -> tuple[int, Counter]:
     (root / "dogs" / "cut.jpg").write_bytes(good(6, "JPEG")[:200])      # corrupt_image
     (root / "dogs" / "bomb.png").write_bytes(png_header_only(100_000, 100_000))  # too_many_pixels
     (root / "dogs" / "notes.txt").write_text("not an image")           # unsupported_extension
+    (root / "dogs" / "scans.jpg").write_bytes(scan_bomb())              # too_many_scans
+    os.mkdir(os.fsencode(root) + b"/caf\xe9s")                          # names are bytes, not always UTF-8
+    (Path(os.fsdecode(os.fsencode(root) + b"/caf\xe9s")) / "\udcff\udcfe.png").write_bytes(good(7))
+    (root / "cats" / "new\nline\x1b[31m.png").write_bytes(good(8))      # a name that would forge log lines
+    deep = root / "deep"
+    for _ in range(70):
+        deep = deep / "d"
+    deep.mkdir(parents=True)
+    (deep / "far.png").write_bytes(good(9))                             # too_deep (its folder, one line)
     reasons = Counter(outside_input=3, read_error=1, not_a_regular_file=2, not_an_image=1, format_not_allowed=2,
-                      empty_file=1, corrupt_image=1, too_many_pixels=1, unsupported_extension=1)
-    return 5, reasons
+                      empty_file=1, corrupt_image=1, too_many_pixels=1, unsupported_extension=1, too_many_scans=1,
+                      too_deep=1)
+    return 7, reasons
 
 
 def hostile_parquet(root: Path, outside: Path) -> tuple[int, Counter]:
@@ -234,7 +274,10 @@ def hostile_parquet(root: Path, outside: Path) -> tuple[int, Counter]:
     pq.write_table(pa.table({"key": ["s1"], "image": strings}), root / "part-2.parquet")
     pq.write_table(pa.table({"key": ["g1"], "image": [good(3, "WEBP")]}), root / "part-3.parquet")
     (root / "part-4.parquet").write_bytes(b"PAR1 this is not really parquet")
-    reasons = Counter(missing_bytes=1, not_an_image=1, format_not_allowed=1, wrong_type=3, not_parquet=1)
+    pq.write_table(pa.table({"key": ["o1"], "image": [good(4)]}), outside / "elsewhere.parquet")
+    (root / "part-5.parquet").symlink_to(outside / "elsewhere.parquet")  # outside_input: never read
+    reasons = Counter(missing_bytes=1, not_an_image=1, format_not_allowed=1, wrong_type=3, not_parquet=1,
+                      outside_input=1)
     return 3, reasons
 
 
@@ -260,6 +303,7 @@ def test_precompute_over_hostile_inputs_encodes_the_good_and_records_each_bad_it
     rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
     assert Counter(r["reason"] for r in rejects) == reasons  # one line per bad item, each with a reason
     assert all(r["detail"] and r["source"] for r in rejects)
+    assert all(r["source"].isprintable() and len(r["source"]) <= 300 and r["detail"].isprintable() for r in rejects)
     latents = list(iter_latents(shard_paths(tmp_path / "out")))
     assert len(latents) == n_good and all(np.isfinite(s["latent"]).all() for s in latents)
     # nothing was written anywhere but the output folder
@@ -321,3 +365,24 @@ def test_a_generation_job_on_its_own_local_ray_listens_on_loopback_only(tmp_path
     assert "Token authentication is enabled" not in output and "ERROR" not in output
     token = tmp_path / "home" / ".ray" / "auth_token"
     assert token.is_file() and f"created Ray's auth token in {token}" in output
+
+
+def test_folders_of_any_depth_are_walked_without_recursion_and_the_too_deep_become_one_reject(tmp_path):
+    """1,200 levels: Python's recursive walks (os.walk, rglob in 3.11) die at about 1,000 with RecursionError."""
+    from pipeline.io import storage
+    from pipeline.io.sources import plan_items
+
+    deep = tmp_path / "in"
+    deep.mkdir()
+    for _ in range(1200):  # one level at a time: pathlib's mkdir(parents=True) itself recurses
+        deep = deep / "d"
+        deep.mkdir()
+    (deep / "x.png").write_bytes(good(1))
+    (tmp_path / "in" / "top.png").write_bytes(good(2))
+    walked = list(storage.walk_local(str(tmp_path / "in")))
+    assert [p for p, problem in walked if problem is None] == [str(tmp_path / "in" / "top.png")]
+    assert [problem for _, problem in walked if problem] == ["too_deep"]
+    _, items = plan_items(tmp_path / "in")
+    assert [(it.source, it.reject) for it in items][0] == ("top.png", None)
+    assert items[1].reject == "too_deep" and len(items[1].source) <= 300 and len(items) == 2
+    assert storage.list_files(str(tmp_path / "in"), ".png") == [str(tmp_path / "in" / "top.png")]

@@ -45,6 +45,7 @@ SIDECAR_MAX_BYTES = 64 * 1024    # a KEY.json sidecar: larger, or nested deeper,
 SIDECAR_MAX_DEPTH = 32
 LABEL_MAX_CHARS = 200
 KEY_MAX_CHARS = 80
+SOURCE_MAX_CHARS = 300  # a file, member or column name as logs and reject lines show it
 OPEN_TARS = 16  # tars a reader keeps open at once
 AUTO_IMAGE_COLUMNS = ("image", "jpg", "png", "webp", "img", "image_bytes", "bytes")
 
@@ -110,12 +111,13 @@ def plan_items(path: str | Path, fmt: str = "auto", image_column: str | None = N
         if not storage.is_dir(root):
             raise ConfigError(f"input format 'folder' needs a directory, got {root}")
         return fmt, list(_plan_folder(root, keys, label_fields))
-    files = _data_files(root, ".tar" if fmt == "webdataset" else ".parquet")
+    files, rejects = _data_files(root, ".tar" if fmt == "webdataset" else ".parquet", keys)
+    root = os.path.realpath(root) if not storage.is_remote(root) and not storage.is_file(root) else root
     if fmt == "webdataset":
-        return fmt, [it for f in files for it in _plan_tar(f, root, keys, label_fields)]
+        return fmt, [it for f in files for it in _plan_tar(f, root, keys, label_fields)] + rejects
     if fmt == "parquet":
         items = [it for f in files for it in _plan_parquet(f, root, keys, image_column, key_column, label_column,
-                                                           label_fields)]
+                                                           label_fields)] + rejects
         columns = [it for it in items if it.reject == "missing_column"]
         if columns and len(columns) == len(items):  # a column the config names is in none of the files
             raise ConfigError(columns[0].detail)
@@ -123,27 +125,63 @@ def plan_items(path: str | Path, fmt: str = "auto", image_column: str | None = N
     raise ConfigError(f"unknown input format {fmt!r}")
 
 
-def _data_files(root: str, suffix: str) -> list[str]:
-    files = [root] if storage.is_file(root) else storage.list_files(root, suffix)  # sorted, hidden names skipped
-    if not files:
+def _data_files(root: str, suffix: str, keys: "_KeyMaker") -> tuple[list[str], list[Item]]:
+    """The container files to read (sorted, hidden names skipped) and a reject for each one that must not be read: a
+    link out of the input folder, something not a regular file, a folder too deep to walk."""
+    if storage.is_file(root) or storage.is_remote(root):
+        files = [root] if storage.is_file(root) else storage.list_files(root, suffix)
+        rejects = []
+    else:
+        real_root, files, rejects = os.path.realpath(root), [], []
+        for path, walk_problem in storage.walk_local(root):
+            if walk_problem is not None:
+                rejects.append(_container_reject(path, root, keys, "too_deep" if walk_problem == "too_deep"
+                                                 else "read_error", f"{_relative(path, root)}: {walk_problem}"))
+            elif path.endswith(suffix):
+                target, problem = _regular_file(Path(path), real_root)
+                if problem is None:
+                    files.append(target)
+                else:
+                    rejects.append(_container_reject(path, root, keys, problem[0],
+                                                     f"{_relative(path, root)}: {problem[1]}"))
+        files.sort(key=lambda path: Path(path).relative_to(real_root).parts)
+    if not files and not rejects:
         raise ConfigError(f"no {suffix} files under {root}")
-    return files
+    return files, rejects
 
 
 def _container_reject(path: str, root: str, keys: "_KeyMaker", reason: str, detail: str) -> Item:
     """One reject line for a whole input file that cannot be read (the job goes on with the others)."""
     source = _relative(path, root)
     return Item(source=source, key=keys.make(f"container_{source}", source), label=None, locator=("none",),
-                reject=reason, detail=detail[:300])
+                reject=reason, detail=printable(detail))
 
 
 def _open(path: str):
-    """A seekable binary file for a local path or an object-store URI."""
-    return storage.open_input(path) if storage.is_remote(path) else open(path, "rb")
+    """A seekable binary file for a local path or an object-store URI. A local one is opened without following a
+    link and without blocking, and must be a regular file when open: a container swapped for a link, a FIFO or a
+    device after planning is refused, never followed or waited on."""
+    if storage.is_remote(path):
+        return storage.open_input(path)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{printable(path)} is not a regular file")
+    return os.fdopen(fd, "rb")
 
 
 def _relative(path: str, root: str) -> str:
-    return storage.name(path) if path == root else posixpath.relpath(path, root)
+    return printable(storage.name(path) if path == root else posixpath.relpath(path, root))
+
+
+def printable(text: str, limit: int = SOURCE_MAX_CHARS) -> str:
+    """Text taken from an input (a file, member or column name) as logs and reject lines may show it: bytes that are
+    not UTF-8 (file systems and tars carry any) and control characters escaped (\\xff, \\n), at most `limit`
+    characters, so it can neither break a line nor fail to encode."""
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _plan_folder(root: str, keys: "_KeyMaker", label_fields: tuple[str, ...]) -> Iterator[Item]:
@@ -152,16 +190,17 @@ def _plan_folder(root: str, keys: "_KeyMaker", label_fields: tuple[str, ...]) ->
             yield _folder_item(posixpath.relpath(path, root), path, keys, label_fields)
         return
     real_root = os.path.realpath(root)
-    for dirpath, dirnames, filenames in os.walk(root):  # symlinked folders are listed, never walked into
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames) + sorted(d for d in dirnames if os.path.islink(os.path.join(dirpath, d))):
-            if name.startswith("."):
-                continue
-            path = Path(dirpath) / name
-            rel = path.relative_to(root).as_posix()
-            target, problem = _regular_file(path, real_root)
-            item = _folder_item(rel, target or str(path), keys, label_fields)
-            yield item if problem is None else _replace(item, reject=problem[0], detail=f"{rel}: {problem[1]}")
+    for path, walk_problem in storage.walk_local(root):  # symlinked folders are listed, never walked into
+        rel = Path(path).relative_to(root).as_posix()
+        if walk_problem is not None:  # a folder too deep to walk, or one that cannot be listed: one reject
+            reason = "too_deep" if walk_problem == "too_deep" else "read_error"
+            detail = (f"a folder more than {storage.FOLDER_MAX_DEPTH} levels deep: not read"
+                      if reason == "too_deep" else walk_problem)
+            yield _replace(_folder_item(rel, path, keys, ()), reject=reason, detail=f"{printable(rel)}: {detail}")
+            continue
+        target, problem = _regular_file(Path(path), real_root)
+        item = _folder_item(rel, target or path, keys, label_fields)
+        yield item if problem is None else _replace(item, reject=problem[0], detail=f"{item.source}: {problem[1]}")
 
 
 def _folder_item(rel: str, path: str, keys: "_KeyMaker", label_fields: tuple[str, ...]) -> Item:
@@ -173,7 +212,8 @@ def _folder_item(rel: str, path: str, keys: "_KeyMaker", label_fields: tuple[str
     ext = parts.suffix.lower().lstrip(".")
     reject = None if ext in IMAGE_EXTENSIONS else "unsupported_extension"
     fields = tuple((name, value) for name, value in zip(label_fields, map(_clean_label, folders)) if value)
-    return Item(source=rel, key=keys.make(parts.with_suffix("").as_posix(), rel), label=label,
+    source = printable(rel)
+    return Item(source=source, key=keys.make(parts.with_suffix("").as_posix(), source), label=_clean_label(label),
                 locator=("file", path), reject=reject, fields=fields)
 
 
@@ -215,7 +255,7 @@ def _plan_tar(path: str, root: str, keys: "_KeyMaker", label_fields: tuple[str, 
             for member in tar:
                 reason = _member_problem(member, samples)
                 if reason is not None:
-                    source = f"{rel}::{member.name[:200]}"
+                    source = printable(f"{rel}::{member.name}")
                     rejects.append(Item(source=source, key=keys.make(f"member_{member.name}", source), label=None,
                                         locator=("none",), reject=reason[0], detail=f"{source}: {reason[1]}"))
                     continue
@@ -228,7 +268,7 @@ def _plan_tar(path: str, root: str, keys: "_KeyMaker", label_fields: tuple[str, 
     for base, members in samples.items():
         image_ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
         wanted = [e for e in (image_ext, "cls", "json") if e in members]
-        source = f"{rel}::{base}"
+        source = printable(f"{rel}::{base}")
         yield Item(source=source, key=keys.make(base, source), label=None,
                    locator=("tar", str(path), tuple((e, *members[e]) for e in wanted)),
                    reject=None if image_ext else "no_image_member")  # its named labels: in KEY.json, read with it
@@ -350,8 +390,8 @@ def _sanitize(text: str) -> str:
 def _clean_label(label) -> str | None:
     if label is None:
         return None
-    text = str(label).strip()
-    return text[:LABEL_MAX_CHARS] if text else None
+    text = printable(str(label).strip(), LABEL_MAX_CHARS)
+    return text if text else None
 
 
 # ------------------------------------------------------------------------------------------------ reading

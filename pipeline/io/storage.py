@@ -121,14 +121,44 @@ def _remote_files(location, allow_not_found: bool = True,
 def list_files(location, suffix: str = "") -> list[str]:
     """Files under a folder whose names end in `suffix`, recursively, skipping hidden names and temporaries, sorted
     by path components (`a/b` before `a-x/c`), as locations of the same kind."""
-    if not is_remote(location):  # pathlib's walk: no symlinked folders followed (a loop would never end)
-        root = Path(str(location).removeprefix("file://"))
-        return [str(p) for p in sorted(root.rglob(f"*{suffix}"))
-                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    if not is_remote(location):
+        root = str(location).removeprefix("file://")
+        found = [path for path, problem in walk_local(root) if problem is None and path.endswith(suffix)
+                 and os.path.isfile(path)]
+        return sorted(found, key=lambda path: Path(path).relative_to(root).parts)
     _, root, infos = _remote_files(location)
     found = [rel for rel in (posixpath.relpath(i.path, root) for i in infos)
              if rel.endswith(suffix) and not any(p.startswith(".") for p in rel.split("/"))]
     return [join(location, rel) for rel in sorted(found, key=lambda rel: rel.split("/"))]
+
+
+FOLDER_MAX_DEPTH = 64  # folders deeper under a root than this are not walked into (a reject where inputs are read)
+
+
+def walk_local(root: str, max_depth: int = FOLDER_MAX_DEPTH):
+    """(path, None) for every non-hidden entry that is not a folder under local `root` (links included, never
+    followed into), in a fixed order: a folder's files sorted by name, then its links to folders, then its
+    sub-folders in name order, each walked the same way; (folder, "too_deep") for a folder below `max_depth` and
+    (folder, "unreadable: why") for one that cannot be listed, instead of their contents. Iterative: any depth of
+    nesting costs a list, never Python's recursion limit."""
+    stack = [(root, 0)]
+    while stack:
+        folder, depth = stack.pop()
+        try:
+            with os.scandir(folder) as listing:
+                entries = [e for e in listing if not e.name.startswith(".")]
+        except OSError as e:
+            yield folder, f"unreadable: {type(e).__name__}: {e.strerror or e}"
+            continue
+        folders = sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
+        linked = sorted(e.name for e in entries if e.is_symlink() and e.is_dir())
+        others = sorted(e.name for e in entries if not e.is_dir(follow_symlinks=False) and e.name not in linked)
+        for name in others + linked:
+            yield os.path.join(folder, name), None
+        if depth + 1 > max_depth:
+            yield from ((os.path.join(folder, name), "too_deep") for name in folders)
+        else:
+            stack.extend((os.path.join(folder, name), depth + 1) for name in reversed(folders))
 
 
 def is_empty(location) -> bool:
