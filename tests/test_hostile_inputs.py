@@ -372,17 +372,66 @@ def test_folders_of_any_depth_are_walked_without_recursion_and_the_too_deep_beco
     from pipeline.io import storage
     from pipeline.io.sources import plan_items
 
-    deep = tmp_path / "in"
-    deep.mkdir()
+    levels = [tmp_path / "in"]
+    levels[0].mkdir()
     for _ in range(1200):  # one level at a time: pathlib's mkdir(parents=True) itself recurses
-        deep = deep / "d"
-        deep.mkdir()
-    (deep / "x.png").write_bytes(good(1))
+        levels.append(levels[-1] / "d")
+        levels[-1].mkdir()
+    (levels[-1] / "x.png").write_bytes(good(1))
     (tmp_path / "in" / "top.png").write_bytes(good(2))
-    walked = list(storage.walk_local(str(tmp_path / "in")))
-    assert [p for p, problem in walked if problem is None] == [str(tmp_path / "in" / "top.png")]
-    assert [problem for _, problem in walked if problem] == ["too_deep"]
-    _, items = plan_items(tmp_path / "in")
-    assert [(it.source, it.reject) for it in items][0] == ("top.png", None)
-    assert items[1].reject == "too_deep" and len(items[1].source) <= 300 and len(items) == 2
-    assert storage.list_files(str(tmp_path / "in"), ".png") == [str(tmp_path / "in" / "top.png")]
+    try:
+        walked = list(storage.walk_local(str(tmp_path / "in")))
+        assert [p for p, problem in walked if problem is None] == [str(tmp_path / "in" / "top.png")]
+        assert [problem for _, problem in walked if problem] == ["too_deep"]
+        _, items = plan_items(tmp_path / "in")
+        assert [(it.source, it.reject) for it in items][0] == ("top.png", None)
+        assert items[1].reject == "too_deep" and len(items[1].source) <= 300 and len(items) == 2
+        assert storage.list_files(str(tmp_path / "in"), ".png") == [str(tmp_path / "in" / "top.png")]
+    finally:  # removed here, deepest first: pytest's own clean-up (shutil.rmtree) recurses and would die on it
+        (levels[-1] / "x.png").unlink()
+        for level in reversed(levels[1:]):
+            level.rmdir()
+
+
+@pytest.mark.integration
+def test_resume_files_of_the_wrong_shape_are_redone_and_an_output_inside_its_input_resumes(
+        ray_cluster, vae_only_dir, tmp_path):
+    from pipeline.common.config import EbdError
+    from tests.test_precompute import precompute
+
+    images = tmp_path / "in"
+    images.mkdir()
+    for i in range(6):
+        (images / f"{i}.png").write_bytes(good(i))
+    out = images / "latents"  # inside its own input: a resume must not plan its own shards as inputs
+    first = precompute(images, vae_only_dir, out)
+    assert first["totals"] == {"seen": 6, "encoded": 6, "rejected": 0, "shards": 2}
+    again = precompute(images, vae_only_dir, out)
+    assert again["totals"] == first["totals"]
+
+    markers = sorted((out / "stats").glob("latents-*.json"))
+    forged = json.loads(markers[1].read_text()) | {"count": 1014, "seen": 1014}  # counts that add up, but lie
+    markers[0].write_text("[]")
+    markers[1].write_text(json.dumps(forged))
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("latents-*.tar")}
+    redone = precompute(images, vae_only_dir, out)
+    assert redone["totals"] == first["totals"]  # 6 encoded of 6, from the shards, not the markers
+    assert all(p.stat().st_mtime_ns != before[p.name] for p in out.glob("latents-*.tar"))  # both encoded again
+    marker = json.loads(markers[0].read_text())
+    del marker["rejects"]
+    markers[0].write_text(json.dumps(marker))
+    assert precompute(images, vae_only_dir, out)["totals"] == first["totals"]
+
+    (out / "run.json").write_text("{garbage")
+    with pytest.raises(EbdError, match=r"run.json is damaged"):
+        precompute(images, vae_only_dir, out)
+    elsewhere, linked = tmp_path / "elsewhere", tmp_path / "linked"
+    elsewhere.mkdir()
+    precompute(images, vae_only_dir, linked, shard_size=3)  # a run of ours, whose stats/ is then swapped for a link
+    import shutil
+    shutil.rmtree(linked / "stats")
+    (linked / "stats").symlink_to(elsewhere)
+    (linked / "latents-000001.tar").unlink()  # a shard to redo: its marker would land outside the folder
+    with pytest.raises(EbdError, match=r"holds links \(stats\)"):
+        precompute(images, vae_only_dir, linked, shard_size=3)
+    assert not list(elsewhere.iterdir())

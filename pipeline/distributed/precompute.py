@@ -28,7 +28,7 @@ from ..io import latent_shards as sh
 from ..io import storage
 from ..io.files import atomic_write_json, atomic_write_lines, claim_run_folder, read_json
 from ..io.images import DEFAULT_FORMATS, Rejected, decode_image, to_model_input
-from ..io.sources import Item, count_by_field, count_by_label, plan_items, read_items
+from ..io.sources import Item, count_by_field, count_by_label, plan_items, printable, read_items
 from ..io.tars import write_tar
 from ..vae.autoencoder import VaeSpec, resolve_vae
 from .cluster import connect
@@ -127,6 +127,10 @@ def prepare(cfg: PrecomputeConfig) -> tuple[VaeSpec, str, list[Item]]:
             f"resolution {cfg.resolution} is not a multiple of the VAE's downscale factor {spec.downscale_factor}")
     fmt, items = plan_items(cfg.input, cfg.input_format, cfg.image_column, cfg.key_column, cfg.label_column,
                             cfg.label_fields)
+    inside = _output_inside_input(cfg)
+    if inside is not None:  # the job's own shards and markers are never its inputs (a resume plans what it planned)
+        items = [it for it in items if it.source != inside and not it.source.startswith((f"{inside}/", f"{inside}::",
+                                                                                         f"{inside}#"))]
     if not items:
         raise ConfigError(f"no input files under {cfg.input}")
     storage.check_writable(cfg.output)
@@ -273,6 +277,32 @@ def encode_shard(job: ShardJob) -> dict:
 
 # --------------------------------------------------------------------------------------- driver helpers
 
+def _output_inside_input(cfg: PrecomputeConfig) -> str | None:
+    """The output folder's path relative to a local input folder that holds it (None when it is elsewhere)."""
+    if storage.is_remote(cfg.input) or storage.is_remote(cfg.output) or not storage.is_dir(cfg.input):
+        return None
+    root, out = os.path.realpath(storage.canonical(cfg.input)), os.path.realpath(storage.canonical(cfg.output))
+    if out == root or os.path.commonpath([root, out]) != root:
+        return None
+    return printable(Path(out).relative_to(root).as_posix())  # as item sources spell it
+
+
+# A done marker as encode_shard writes it: anything else is a shard to encode again, never trusted.
+_MARKER_TYPES = {"file": str, "count": int, "seen": int, "rejected": int, "bytes": int, "sha256": str,
+                 "rejects": list, "labels": dict}
+
+
+def _valid_marker(stats) -> bool:
+    if not isinstance(stats, dict) or not all(isinstance(stats.get(k), t) and not isinstance(stats.get(k), bool)
+                                              for k, t in _MARKER_TYPES.items()):
+        return False
+    counts_ok = min(stats["count"], stats["seen"], stats["rejected"]) >= 0 and \
+        stats["seen"] == stats["count"] + stats["rejected"] == stats["count"] + len(stats["rejects"])
+    return counts_ok and all(isinstance(r, dict) and isinstance(r.get("reason"), str) for r in stats["rejects"]) \
+        and all(isinstance(k, str) and isinstance(v, int) and v >= 0 for k, v in stats["labels"].items()) \
+        and sum(stats["labels"].values()) <= stats["count"]
+
+
 def _stats_path(out: str, index: int) -> str:
     return storage.join(out, sh.STATS_DIR, Path(sh.SHARD_NAME.format(index)).stem + ".json")
 
@@ -288,7 +318,11 @@ def _completed_shard(out: str, index: int) -> dict | None:
         stats = read_json(stats_path)
     except ValueError:
         return None
-    if stats.get("bytes") != storage.size(tar_path) or stats.get("sha256") != storage.file_sha256(tar_path):
+    if not _valid_marker(stats):  # of the wrong shape, or counts that do not add up: encoded again
+        return None
+    if stats["bytes"] != storage.size(tar_path) or stats["sha256"] != storage.file_sha256(tar_path):
+        return None
+    if stats["count"] != sh.count_samples(tar_path):  # the count is the shard's own, not the marker's word
         return None
     return stats
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -44,8 +45,18 @@ def claim_run_folder(out: str | Path, run: dict, run_file: str = "run.json") -> 
     any key of `run` differs, or when the folder is non-empty and was not started by such a job: runs never mix.
     """
     path = storage.join(out, run_file)
-    if storage.is_file(path):
-        previous = read_json(path)
+    if not storage.is_remote(out) and os.path.isdir(out):  # markers and shards land in the folder, nowhere else
+        linked = sorted(e.name for e in os.scandir(out) if e.is_symlink())
+        if linked:
+            raise EbdError(f"{out} holds links ({', '.join(linked[:3])}): outputs are written only into the folder "
+                           "itself; remove them or choose a new --output")
+    try:
+        previous = read_json(path) if storage.is_file(path) else None
+    except ValueError:
+        previous = ""
+    if previous is not None and not isinstance(previous, dict):  # never trusted, never a traceback
+        raise EbdError(f"{path} is damaged (not a run record): delete the folder or choose a new --output")
+    if previous is not None:
         changed = sorted(k for k in run if previous.get(k) != run[k])
         if changed:
             raise EbdError(f"{out} holds a run started with a different {', '.join(changed)}: "

@@ -45,6 +45,11 @@ def shard_paths(folder: str | Path) -> list[str]:
     return [storage.join(folder, s["file"]) for s in read_manifest(folder)["shards"]]
 
 
+def count_samples(path: str) -> int:
+    """The samples a latent shard holds, counted from the shard itself (its KEY.latent.npy members)."""
+    return sum(1 for sample in read_tar_samples(path) if "latent.npy" in sample)
+
+
 def iter_latents(paths: list[str]) -> Iterator[dict]:
     """Yields {"key", "latent" (float32 C x h x w), "moments" or None, "meta"} from latent shards, in order.
 
