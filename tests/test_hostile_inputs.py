@@ -435,3 +435,35 @@ def test_resume_files_of_the_wrong_shape_are_redone_and_an_output_inside_its_inp
     with pytest.raises(EbdError, match=r"holds links \(stats\)"):
         precompute(images, vae_only_dir, linked, shard_size=3)
     assert not list(elsewhere.iterdir())
+
+
+def test_configs_that_validate_but_would_misbehave_are_refused_in_one_line(tmp_path):
+    """Sense, not only type: a resolution that reserves gigabytes per image, a CPU share Ray cannot count, a pixel
+    bound past what decoding can hold; and a max_pixels above Pillow's own bomb limit really applies."""
+    from pipeline.common.config import ConfigError, from_dict
+    from pipeline.distributed.precompute import PrecomputeConfig
+
+    base = dict(input=str(tmp_path), vae=str(tmp_path), output=str(tmp_path / "o"))
+    for bad, match in [({"resolution": 100_000}, "resolution must be in"),
+                       ({"num_cpus_per_task": 0.00001}, "num_cpus_per_task must be in"),
+                       ({"max_pixels": 10 ** 12}, "max_pixels must be at most")]:
+        with pytest.raises(ConfigError, match=match) as err:
+            from_dict(PrecomputeConfig, base | bad)
+        assert "\n" not in str(err.value)
+    with pytest.raises(Rejected) as err:  # 100 megapixels: past Pillow's 89.5, within the max_pixels asked for
+        decode_image(png_header_only(10_000, 10_000), RES, 200_000_000, 8)
+    assert err.value.reason == "corrupt_image"  # the header passed; the missing pixels did not
+    with pytest.raises(Rejected) as err:
+        decode_image(png_header_only(10_000, 10_000), RES, 50_000_000, 8)
+    assert err.value.reason == "too_many_pixels"
+
+
+def test_a_task_asking_more_gpus_than_the_cluster_has_is_refused_not_left_waiting(ray_cluster, vae_only_dir,
+                                                                                    tmp_path):
+    from pipeline.common.config import EbdError
+    from tests.test_precompute import precompute
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(good(1))
+    with pytest.raises(EbdError, match="num_gpus_per_task is 2 but the cluster has 1 GPUs"):
+        precompute(tmp_path / "in", vae_only_dir, tmp_path / "out", num_gpus_per_task=2)

@@ -71,14 +71,18 @@ class PrecomputeConfig(JobConfig):
     def validate(self) -> None:
         for name in ("input", "vae", "output"):
             require(getattr(self, name) is not None, f"missing {name}: pass --{name} or set it in the config")
-        require(self.resolution >= 8, f"resolution must be >= 8, got {self.resolution}")
+        require(8 <= self.resolution <= MAX_RESOLUTION, f"resolution must be in [8, {MAX_RESOLUTION}] (each image "
+                f"reserves resolution^2 x 4 floats), got {self.resolution}")
         require(self.shard_size >= 1, f"shard_size must be >= 1, got {self.shard_size}")
         require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        require(self.num_cpus_per_task > 0, "num_cpus_per_task must be > 0")
+        require(0.01 <= self.num_cpus_per_task <= 1024, "num_cpus_per_task must be in [0.01, 1024] (Ray counts CPU "
+                f"shares in hundredths), got {self.num_cpus_per_task}")
         require(self.num_gpus_per_task == "auto" or self.num_gpus_per_task >= 0, "num_gpus_per_task must be >= 0")
         require(self.max_retries >= 0 and self.max_in_flight >= 0, "max_retries and max_in_flight must be >= 0")
         require(self.max_pixels > 0 and self.min_side >= 1 and self.max_file_bytes > 0,
                 "max_pixels, min_side and max_file_bytes must be positive")
+        require(self.max_pixels <= MAX_PIXELS_LIMIT, f"max_pixels must be at most {MAX_PIXELS_LIMIT} (a 16k x 16k "
+                f"image: decoding holds about 4 bytes a pixel), got {self.max_pixels}")
         from PIL import Image
         Image.init()
         unknown = [f for f in self.image_formats if f.upper() not in Image.OPEN]
@@ -89,6 +93,10 @@ class PrecomputeConfig(JobConfig):
         require(all(isinstance(f, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,64}", f) for f in self.label_fields)
                 and len(set(self.label_fields)) == len(self.label_fields),
                 f"label_fields must be distinct names of [A-Za-z0-9_-], got {self.label_fields!r}")
+
+
+MAX_RESOLUTION = 4096           # a 4096 px image as float32 RGB is 200 MB per batch item before the VAE
+MAX_PIXELS_LIMIT = 16384 ** 2
 
 
 # Keys that change what lands in the shards: a resumed run must agree with the folder on all of them.
@@ -177,9 +185,15 @@ def run_precompute(cfg: PrecomputeConfig, address: str | None = None, dashboard:
 
     if todo:
         connect(address, dashboard=dashboard, log_to_driver=True)
-        gpus = cfg.num_gpus_per_task
+        gpus, have = cfg.num_gpus_per_task, ray.cluster_resources().get("GPU", 0)
         if gpus == "auto":
-            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+            gpus = 1.0 if have > 0 else 0.0
+        if gpus > have:  # Ray would wait for them forever
+            raise EbdError(f"num_gpus_per_task is {gpus:g} but the cluster has {have:g} GPUs: use auto or 0, or add "
+                           "GPU nodes")
+        if cfg.num_cpus_per_task > ray.cluster_resources().get("CPU", 0):
+            raise EbdError(f"num_cpus_per_task is {cfg.num_cpus_per_task:g} but the cluster has "
+                           f"{ray.cluster_resources().get('CPU', 0):g} CPUs")
         task = encode_shard_task().options(num_cpus=cfg.num_cpus_per_task, num_gpus=gpus,
                                            max_retries=cfg.max_retries, retry_exceptions=False)
         slots = max(1, int(ray.cluster_resources().get("CPU", 1) // cfg.num_cpus_per_task))

@@ -90,6 +90,8 @@ def decode_image(data: bytes, resolution: int, max_pixels: int, min_side: int,
 
 
 def _decode(data: bytes, resolution: int, max_pixels: int, min_side: int, readers: tuple[str, ...]):
+    # Pillow's own bomb limit (89.5 megapixels by default) would otherwise refuse what a larger max_pixels allows
+    Image.MAX_IMAGE_PIXELS = max(max_pixels, 1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # decoders warn about what is odd in a hostile file: it decodes or not
         warnings.simplefilter("error", Image.DecompressionBombWarning)
