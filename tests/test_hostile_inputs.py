@@ -260,6 +260,23 @@ def hostile_folder(root: Path, outside: Path) -> tuple[int, Counter]:
     return 7, reasons
 
 
+def lying_parquet(rows_claimed: int) -> bytes:
+    """A one-row parquet file whose footer (and row group) claims `rows_claimed` rows: the Thrift-encoded num_rows
+    fields (field header 0x16, then a zigzag varint) rewritten, the footer length fixed."""
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"image": [good(5)]}), buffer)
+    data = buffer.getvalue()
+    length = int.from_bytes(data[-8:-4], "little")
+    footer, value, varint = data[-8 - length:-8], rows_claimed * 2, b""
+    while True:
+        varint += bytes([(value & 0x7F) | (0x80 if value >> 7 else 0)])
+        value >>= 7
+        if not value:
+            break
+    lie = footer.replace(b"\x16\x02", b"\x16" + varint)
+    return data[:-8 - length] + lie + len(lie).to_bytes(4, "little") + b"PAR1"
+
+
 def hostile_parquet(root: Path, outside: Path) -> tuple[int, Counter]:
     """Parquet files with good rows, wrongly typed cells, duplicate keys, and a file that is not parquet."""
     root.mkdir()
@@ -276,9 +293,15 @@ def hostile_parquet(root: Path, outside: Path) -> tuple[int, Counter]:
     (root / "part-4.parquet").write_bytes(b"PAR1 this is not really parquet")
     pq.write_table(pa.table({"key": ["o1"], "image": [good(4)]}), outside / "elsewhere.parquet")
     (root / "part-5.parquet").symlink_to(outside / "elsewhere.parquet")  # outside_input: never read
+    (root / "part-6.parquet").write_bytes(lying_parquet(2 ** 62))        # implausible_row_count, one line
+    (root / "part-7.parquet").write_bytes(lying_parquet(100_000))        # implausible_row_count, one line
+    zeros = bytes(3_000_000)  # compresses to a few KB: only its decoded size shows what it costs
+    pq.write_table(pa.table({"key": ["z1", "z2", "z3"], "image": [zeros, good(6), zeros],
+                             "label": ["ok", "x" * 3_000_000, "ok"]}), root / "part-8.parquet",
+                   compression="zstd")                                  # 2 x file_too_large; z2 kept, label cut
     reasons = Counter(missing_bytes=1, not_an_image=1, format_not_allowed=1, wrong_type=3, not_parquet=1,
-                      outside_input=1)
-    return 3, reasons
+                      outside_input=1, implausible_row_count=2, file_too_large=2)
+    return 4, reasons
 
 
 def tree(root: Path) -> dict[str, int]:
@@ -288,7 +311,7 @@ def tree(root: Path) -> dict[str, int]:
 @pytest.mark.parametrize("build, options", [
     (hostile_tars, {}),
     (hostile_folder, {}),
-    (hostile_parquet, {"key_column": "key", "image_column": "image"}),
+    (hostile_parquet, {"key_column": "key", "image_column": "image", "max_file_bytes": 1_000_000}),
 ], ids=["webdataset", "folder", "parquet"])
 def test_precompute_over_hostile_inputs_encodes_the_good_and_records_each_bad_item(
         ray_cluster, vae_only_dir, tmp_path, build, options):
@@ -467,3 +490,25 @@ def test_a_task_asking_more_gpus_than_the_cluster_has_is_refused_not_left_waitin
     (tmp_path / "in" / "a.png").write_bytes(good(1))
     with pytest.raises(EbdError, match="num_gpus_per_task is 2 but the cluster has 1 GPUs"):
         precompute(tmp_path / "in", vae_only_dir, tmp_path / "out", num_gpus_per_task=2)
+
+
+def test_a_shuffled_shard_reads_each_parquet_row_group_once(tmp_path, monkeypatch):
+    """8 row groups of 16 rows, shuffled into one shard: its rows are read in file order, one pass per row group
+    (before, a shuffled shard re-read its row group for almost every row)."""
+    from pipeline.distributed.precompute import shard_order, split_into_shards
+    from pipeline.io.sources import plan_items, read_items
+
+    pq.write_table(pa.table({"image": [good(i) for i in range(128)]}), tmp_path / "a.parquet", row_group_size=16)
+    _, items = plan_items(tmp_path / "a.parquet")
+    shard = split_into_shards(shard_order(items, seed=0), 128)[0]
+    assert [it.locator[2:4] for it in shard] == sorted(it.locator[2:4] for it in items)
+    passes = []
+    real = pq.ParquetFile.iter_batches
+
+    def counted(self, *args, **kwargs):  # a spy: counts the passes, reads as before
+        passes.append(kwargs.get("row_groups"))
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", counted)
+    loaded = list(read_items(list(shard), 1 << 20))
+    assert len(passes) == 8 and sorted(p[0] for p in passes) == list(range(8))
+    assert [x.data for x in loaded] == [good(it.locator[3] + 16 * it.locator[2]) for it in shard]

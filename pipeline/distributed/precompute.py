@@ -28,7 +28,7 @@ from ..io import latent_shards as sh
 from ..io import storage
 from ..io.files import atomic_write_json, atomic_write_lines, claim_run_folder, read_json
 from ..io.images import DEFAULT_FORMATS, Rejected, decode_image, to_model_input
-from ..io.sources import Item, count_by_field, count_by_label, plan_items, printable, read_items
+from ..io.sources import Item, count_by_field, count_by_label, plan_items, printable, read_items, reading_order
 from ..io.tars import write_tar
 from ..vae.autoencoder import VaeSpec, resolve_vae
 from .cluster import connect
@@ -154,7 +154,10 @@ def shard_order(items: list[Item], seed: int) -> list[Item]:
 
 
 def split_into_shards(items: list[Item], shard_size: int) -> list[tuple[Item, ...]]:
-    return [tuple(items[i:i + shard_size]) for i in range(0, len(items), shard_size)]
+    """Consecutive runs of `shard_size` items; within a shard, parquet rows in file and row order, so a worker reads
+    each row group once, front to back (a shuffled shard's rows would otherwise re-read their row group almost every
+    time). Which items a shard holds is the shuffle's; only the order inside it changes."""
+    return [tuple(sorted(items[i:i + shard_size], key=reading_order)) for i in range(0, len(items), shard_size)]
 
 
 def shard_job(cfg: PrecomputeConfig, spec: VaeSpec, index: int, items: tuple[Item, ...], use_gpu: bool,

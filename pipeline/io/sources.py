@@ -47,6 +47,8 @@ LABEL_MAX_CHARS = 200
 KEY_MAX_CHARS = 80
 SOURCE_MAX_CHARS = 300  # a file, member or column name as logs and reject lines show it
 OPEN_TARS = 16  # tars a reader keeps open at once
+ROWS_PER_BYTE = 8  # a parquet footer may claim at most this many rows per byte of its file (one bit per row)
+PARQUET_BATCH_ROWS = 64  # rows decoded at once while reading a parquet row group (bounds memory to a few cells)
 AUTO_IMAGE_COLUMNS = ("image", "jpg", "png", "webp", "img", "image_bytes", "bytes")
 
 
@@ -316,6 +318,14 @@ def _plan_parquet_file(f, path: str, root: str, keys: "_KeyMaker", image_column:
         yield _container_reject(path, root, keys, "not_parquet", f"{rel}: {type(e).__name__}: {e}")
         return
     schema = pf.schema_arrow
+    f.seek(0, os.SEEK_END)
+    file_bytes = f.tell()
+    claimed = [pf.metadata.row_group(rg).num_rows for rg in range(pf.num_row_groups)]
+    if sum(claimed) != pf.metadata.num_rows or sum(claimed) > ROWS_PER_BYTE * file_bytes or min(claimed, default=0) < 0:
+        yield _container_reject(path, root, keys, "implausible_row_count",
+                                f"{rel}: its footer claims {pf.metadata.num_rows} rows ({sum(claimed)} in its row "
+                                f"groups) in {file_bytes} bytes: not read")
+        return
     column = image_column or _auto_image_column(schema)
     named = [("image_column", column), ("key_column", key_column), ("label_column", label_column),
              *(("label field", n) for n in label_fields)]
@@ -337,18 +347,29 @@ def _plan_parquet_file(f, path: str, root: str, keys: "_KeyMaker", image_column:
     row_index = 0
     try:
         for rg in range(pf.num_row_groups):
-            table = pf.read_row_group(rg, columns=side) if side else None
-            for row in range(pf.metadata.row_group(rg).num_rows):
+            # Side columns (keys, labels) are streamed a few rows at a time, each value cut as it is read: a huge
+            # compressed label cell costs one batch, never a whole row group on the driver.
+            rows = _side_rows(pf, rg, side) if side else ({} for _ in range(claimed[rg]))
+            for row, values in enumerate(rows):
                 source = f"{rel}#{row_index}"
-                hint = str(table.column(key_column)[row].as_py()) if key_column else f"{stem}_{row_index:09d}"
-                label = table.column(label_column)[row].as_py() if label_column else None
-                values = ((name, _clean_label(table.column(name)[row].as_py())) for name in label_fields)
+                hint = values[key_column] if key_column else f"{stem}_{row_index:09d}"
+                label = values.get(label_column) if label_column else None
+                named = ((name, _clean_label(values[name])) for name in label_fields)
                 yield Item(source=source, key=keys.make(hint, source), label=_clean_label(label),
-                           locator=("parquet", path, rg, row, column), fields=tuple((n, v) for n, v in values if v))
+                           locator=("parquet", path, rg, row, column), fields=tuple((n, v) for n, v in named if v))
                 row_index += 1
     except Exception as e:  # noqa: BLE001 - a row group that cannot be read: the rest of the file is lost
         yield _container_reject(path, root, keys, "truncated_container",
                                 f"{rel}: after {row_index} rows, {type(e).__name__}: {e}")
+
+
+def _side_rows(pf: pq.ParquetFile, rg: int, columns: list[str]) -> Iterator[dict]:
+    """{column: its value as text, cut to LABEL_MAX_CHARS} for each row of row group `rg`, a batch at a time."""
+    for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[rg], columns=columns):
+        texts = {c: [None if v is None else str(v)[:LABEL_MAX_CHARS * 4] for v in batch.column(c).to_pylist()]
+                 for c in columns}
+        for i in range(batch.num_rows):
+            yield {c: texts[c][i] for c in columns}
 
 
 def _auto_image_column(schema: pa.Schema) -> str | None:
@@ -396,17 +417,23 @@ def _clean_label(label) -> str | None:
 
 # ------------------------------------------------------------------------------------------------ reading
 
+def reading_order(item: Item) -> tuple:
+    """A sort key that puts parquet rows in file, row-group and row order and leaves every other item where it is
+    (Python's sort is stable)."""
+    return (item.locator[1], item.locator[2], item.locator[3]) if item.locator[0] == "parquet" else ("",)
+
+
 def read_items(items: list[Item], max_file_bytes: int, label_fields: tuple[str, ...] = ()) -> Iterator[Loaded]:
     """Yields the raw bytes (or a rejection) of each item, in order, reading each parquet row group once and
     keeping the last few tars open (a shuffled shard draws from many; on S3 each open costs a request).
     `label_fields`: the named labels to take from a tar sample's KEY.json (others were found while planning)."""
-    row_groups: dict[tuple[str, int, str], pa.Array] = {}
+    row_groups: dict[tuple[str, int, str], _ParquetCells] = {}
     tars: OrderedDict[str, object] = OrderedDict()
     try:
         for item in items:
             yield _read_item(item, max_file_bytes, label_fields, row_groups, tars)
     finally:
-        for f in tars.values():
+        for f in [*tars.values(), *(cells.file for cells in row_groups.values())]:
             f.close()
 
 
@@ -427,12 +454,13 @@ def _read_item(item: Item, max_file_bytes: int, label_fields: tuple[str, ...], r
             tars.move_to_end(path)
             return _read_tar_sample(item, max_file_bytes, tars[path], label_fields)
         _, path, rg, row, column = item.locator
-        if (path, rg, column) not in row_groups:
-            row_groups.clear()  # keep one row group in memory at a time
-            with _open(path) as f:
-                table = pq.ParquetFile(f).read_row_group(rg, columns=[column])
-            row_groups[(path, rg, column)] = table.column(column).combine_chunks()
-        return _parquet_value(item, row_groups[(path, rg, column)][row].as_py(), max_file_bytes)
+        cells = row_groups.get((path, rg, column))
+        if cells is None or (row < cells.next_row and row not in cells.cached):  # rows come in order: one pass
+            for old in row_groups.values():
+                old.file.close()
+            row_groups.clear()
+            cells = row_groups[(path, rg, column)] = _ParquetCells(path, rg, column, max_file_bytes)
+        return _parquet_value(item, cells.value(row), max_file_bytes)
     except Exception as e:  # noqa: BLE001 - whatever reading one item raises is that item's rejection
         return _reject(item, "read_error", f"{type(e).__name__}: {str(e)[:200]}", type(e).__name__)
 
@@ -515,7 +543,46 @@ def _sidecar(data: bytes) -> tuple[object, str | None]:
         return None, f"not JSON ({e})"
 
 
+class _ParquetCells:
+    """One row group's image column, read forward a few rows at a time: a cell over `limit` bytes is dropped as soon
+    as its batch is decoded (its row becomes a file_too_large reject), so memory holds one batch, not the group."""
+
+    def __init__(self, path: str, rg: int, column: str, limit: int):
+        self.file = _open(path)
+        self.batches = pq.ParquetFile(self.file).iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[rg],
+                                                              columns=[column])
+        self.column, self.limit, self.next_row, self.cached = column, limit, 0, {}
+
+    def value(self, row: int):
+        while row not in self.cached:
+            batch = next(self.batches, None)
+            if batch is None:
+                self.file.close()
+                raise EOFError(f"row {row} is not in its row group: the file holds fewer rows than it claims")
+            self.cached = {self.next_row + i: v for i, v in enumerate(_bounded_cells(batch.column(0), self.limit))}
+            self.next_row += batch.num_rows
+        return self.cached.pop(row)
+
+
+def _bounded_cells(cells: pa.Array, limit: int) -> list:
+    """The cells as Python values, each larger than `limit` bytes replaced by its size (never copied out)."""
+    if pa.types.is_struct(cells.type):
+        cells = cells.field("bytes") if cells.type.get_field_index("bytes") >= 0 else cells
+    if pa.types.is_binary(cells.type) or pa.types.is_large_binary(cells.type) or pa.types.is_string(cells.type):
+        import pyarrow.compute as pc
+        sizes = pc.binary_length(cells).to_pylist()
+        return [_TooBig(n) if n is not None and n > limit else cells[i].as_py() for i, n in enumerate(sizes)]
+    return cells.to_pylist()
+
+
+@dataclass(frozen=True)
+class _TooBig:
+    size: int
+
+
 def _parquet_value(item: Item, value, limit: int) -> Loaded:
+    if isinstance(value, _TooBig):
+        return _reject(item, "file_too_large", f"{value.size} bytes > max_file_bytes={limit}")
     if isinstance(value, dict):
         value = value.get("bytes")
     if value is None:
