@@ -28,7 +28,7 @@ GENERATED ?= $(DEMO_DIR)/generated-$(EBM_ID)
 GENERATED_CD ?= $(DEMO_DIR)/generated-cd-$(EBM_CD_ID)
 GENERATED_COMPOSE ?= $(DEMO_DIR)/conditional-$(EBM_COMPOSE_ID)
 
-.PHONY: install install-run data-emoji emoji-dev recipe pareto demo demo-conditional demo-train demo-generate demo-models demo-refit-dependants test test-integration test-all lint bench capacity compare clean cluster-up cluster-down
+.PHONY: install install-run data-emoji emoji-dev recipe hostile pareto demo demo-conditional demo-train demo-generate demo-models demo-refit-dependants test test-integration test-all lint bench capacity compare clean cluster-up cluster-down
 
 # `install`: the library, the jobs and what the tests use (make test, make lint). `install-run`: the library and the
 # jobs alone (cluster, inspect extras), all the demo and the benchmarks need.
@@ -186,6 +186,11 @@ bench: install-run
 	$(BIN)/python bench/generate.py
 	$(BIN)/python bench/kernels.py
 	$(BIN)/python bench/report.py
+
+# What each hostile input costs the real precompute job (tests/hostile_corpus.py at a larger scale): outcome, wall time
+# and the job's peak memory against 20 good images, and each decoder's bytes per pixel (bench/hostile.md).
+hostile: install-run
+	$(BIN)/python bench/hostile.py
 
 capacity: install-run
 	$(BIN)/python bench/capacity.py

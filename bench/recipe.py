@@ -11,8 +11,8 @@ the time each took). Each trained energy generates 1,000 images with the config'
 range for every row: the range comes from the data) and is scored by jobs.evaluate against the held-out shard in the
 evaluator's feature space: FD, recognisable share against held-out real's, class TV, density, coverage and copy share.
 
-Rows land in build/bench/recipe/<data>/rows.jsonl as they finish (a re-run skips them), and the table is rewritten
-into bench/recipe.md between that data set's markers each time.
+Rows land in build/bench/recipe/<data>/rows.jsonl as they finish (a re-run skips them; runs of other recipes may
+go on at the same time), and the table is rewritten into bench/recipe.md between that data set's markers each time.
 """
 
 from __future__ import annotations
@@ -139,7 +139,8 @@ def main() -> None:
             out.write(json.dumps(row) + "\n")
         print(f"[recipe] {args.data} {name}: FD {row['fd']:.2f}, recognisable {row['recognisable']}, "
               f"density {row['density']}", flush=True)
-        write_markdown(args.data, [r for r in rows if r["steps"] == args.steps], args)
+        every = [json.loads(line) for line in rows_file.read_text().splitlines()]  # other runs' rows too
+        write_markdown(args.data, [r for r in every if r["steps"] == args.steps], args)
 
 
 if __name__ == "__main__":

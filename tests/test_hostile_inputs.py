@@ -26,6 +26,7 @@ from PIL import Image
 from pipeline.io.images import DEFAULT_FORMATS, Rejected, decode_image, sniff_format
 from pipeline.io.latent_shards import iter_latents, shard_paths
 from tests.conftest import REPO, encode_image, png_header_only, rgb_image
+from tests.hostile_corpus import DECODE_MEMORY_PROBE, lying_parquet, scan_bomb
 from tests.test_precompute import RES, precompute, tar_digests
 
 POSTSCRIPT = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n(/etc/passwd) (r) file\nshowpage\n"
@@ -37,18 +38,9 @@ def good(seed: int, fmt: str = "PNG") -> bytes:
     return encode_image(rgb_image(seed, (24, 20)), fmt)
 
 
-def scan_bomb(scans: int = 500) -> bytes:
-    """A progressive JPEG whose last scan is repeated: small, valid to a decoder, and each scan costs a full pass."""
-    buffer = io.BytesIO()
-    rgb_image(9, (64, 48)).save(buffer, format="JPEG", progressive=True)
-    data = buffer.getvalue()
-    last = data.rfind(b"\xff\xda")
-    return data[:-2] + data[last:-2] * scans + data[-2:]
-
-
 def test_a_jpeg_of_thousands_of_scans_is_refused_before_decoding_and_a_normal_progressive_one_decodes():
     with pytest.raises(Rejected) as err:
-        decode_image(scan_bomb(), RES, 10_000_000, 8)
+        decode_image(scan_bomb(500), RES, 10_000_000, 8)
     assert err.value.reason == "too_many_scans"
     buffer = io.BytesIO()
     rgb_image(9, (64, 48)).save(buffer, format="JPEG", progressive=True)
@@ -77,18 +69,8 @@ def test_widening_the_allow_list_decodes_the_added_format():
     assert pixels.shape == (RES, RES, 3) and size == (24, 20)
 
 
-# Each decoder's peak memory on a 4000 x 4000 image, in a fresh process (ru_maxrss is a process-wide peak).
+# Each decoder's peak memory on a 4000 x 4000 image, in a fresh process (tests/hostile_corpus.DECODE_MEMORY_PROBE).
 # Before ebd decoded to 8 bits in integer steps, the 16-bit PNG cost about 430 MB (float64 copies).
-MEMORY_PROBE = """
-import resource, sys
-from pipeline.io.images import decode_image
-decode_image(open(sys.argv[2], "rb").read(), 16, 10**8, 8)  # plugins loaded, allocator warm
-data = open(sys.argv[1], "rb").read()
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-pixels, size = decode_image(data, 256, 89_478_485, 64)
-assert pixels.shape == (256, 256, 3) and size == (4000, 4000)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
-"""
 
 
 @pytest.mark.parametrize("mode, bytes_per_pixel", [("I;16", 7), ("RGBA", 10), ("RGB", 6)])
@@ -102,10 +84,12 @@ def test_decoding_a_large_image_holds_a_few_bytes_per_pixel(tmp_path, mode, byte
     img.save(tmp_path / "big.png")
     Image.new("RGB", (20, 20)).save(tmp_path / "small.png")
     del img, ramp
-    result = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(tmp_path / "big.png"),
-                             str(tmp_path / "small.png")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", DECODE_MEMORY_PROBE, str(tmp_path / "big.png"),
+                             str(tmp_path / "small.png"), "PNG"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert int(result.stdout) < bytes_per_pixel * side * side
+    peak, width, height = map(int, result.stdout.split())
+    assert (width, height) == (side, side)
+    assert side * side < peak < bytes_per_pixel * side * side  # measured (at least a byte a pixel), and bounded
 
 
 FUZZ_FORMATS = {"PNG": {}, "JPEG": {"quality": 90}, "WEBP": {}, "BMP": {}, "GIF": {}, "TIFF": {}, "PPM": {},
@@ -196,7 +180,7 @@ def hostile_tars(root: Path, outside: Path) -> tuple[int, Counter]:
         add_member(tar, "noextension", b"x")                                                # not_a_sample
         add_member(tar, "000011.gif", good(14, "GIF"))
         add_member(tar, "caf\udce9-\udcff.png", good(15))                                   # any bytes: read
-        add_member(tar, "000012.jpg", scan_bomb())                                          # too_many_scans
+        add_member(tar, "000012.jpg", scan_bomb(500))                                          # too_many_scans
     (root / "00001.tar").write_bytes(gzip.compress((root / "00000.tar").read_bytes()))  # not_a_tar
     (root / "00002.tar").write_bytes(b"")                                                # not_a_tar
     whole = io.BytesIO()
@@ -245,7 +229,7 @@ def hostile_folder(root: Path, outside: Path) -> tuple[int, Counter]:
     (root / "dogs" / "cut.jpg").write_bytes(good(6, "JPEG")[:200])      # corrupt_image
     (root / "dogs" / "bomb.png").write_bytes(png_header_only(100_000, 100_000))  # too_many_pixels
     (root / "dogs" / "notes.txt").write_text("not an image")           # unsupported_extension
-    (root / "dogs" / "scans.jpg").write_bytes(scan_bomb())              # too_many_scans
+    (root / "dogs" / "scans.jpg").write_bytes(scan_bomb(500))              # too_many_scans
     os.mkdir(os.fsencode(root) + b"/caf\xe9s")                          # names are bytes, not always UTF-8
     (Path(os.fsdecode(os.fsencode(root) + b"/caf\xe9s")) / "\udcff\udcfe.png").write_bytes(good(7))
     (root / "cats" / "new\nline\x1b[31m.png").write_bytes(good(8))      # a name that would forge log lines
@@ -258,23 +242,6 @@ def hostile_folder(root: Path, outside: Path) -> tuple[int, Counter]:
                       empty_file=1, corrupt_image=1, too_many_pixels=1, unsupported_extension=1, too_many_scans=1,
                       too_deep=1)
     return 7, reasons
-
-
-def lying_parquet(rows_claimed: int) -> bytes:
-    """A one-row parquet file whose footer (and row group) claims `rows_claimed` rows: the Thrift-encoded num_rows
-    fields (field header 0x16, then a zigzag varint) rewritten, the footer length fixed."""
-    buffer = io.BytesIO()
-    pq.write_table(pa.table({"image": [good(5)]}), buffer)
-    data = buffer.getvalue()
-    length = int.from_bytes(data[-8:-4], "little")
-    footer, value, varint = data[-8 - length:-8], rows_claimed * 2, b""
-    while True:
-        varint += bytes([(value & 0x7F) | (0x80 if value >> 7 else 0)])
-        value >>= 7
-        if not value:
-            break
-    lie = footer.replace(b"\x16\x02", b"\x16" + varint)
-    return data[:-8 - length] + lie + len(lie).to_bytes(4, "little") + b"PAR1"
 
 
 def hostile_parquet(root: Path, outside: Path) -> tuple[int, Counter]:
@@ -512,3 +479,46 @@ def test_a_shuffled_shard_reads_each_parquet_row_group_once(tmp_path, monkeypatc
     loaded = list(read_items(list(shard), 1 << 20))
     assert len(passes) == 8 and sorted(p[0] for p in passes) == list(range(8))
     assert [x.data for x in loaded] == [good(it.locator[3] + 16 * it.locator[2]) for it in shard]
+
+
+@pytest.mark.parametrize("fmt, mode, side, bound_mib, reason", [
+    ("WEBP", "RGB", 2000, 40, "too_large_to_decode"),   # 17 B/px x 4 Mpx = 65 MiB > 40
+    ("PNG", "RGB", 2000, 40, None),                     # 5 B/px x 4 Mpx = 19 MiB: decoded
+    ("PNG", "RGBA", 2000, 30, "too_large_to_decode"),   # 10 B/px x 4 Mpx = 38 MiB > 30
+])
+def test_the_memory_a_decoder_will_take_is_bounded_per_format_from_the_header(fmt, mode, side, bound_mib, reason):
+    data = encode_image(Image.new(mode, (side, side), (10, 20, 30, 255)[:len(mode)]), fmt)
+    if reason is None:
+        assert decode_image(data, RES, 10 ** 8, 8, max_decode_bytes=bound_mib * 2 ** 20)[0].shape == (RES, RES, 3)
+        return
+    with pytest.raises(Rejected) as err:
+        decode_image(data, RES, 10 ** 8, 8, max_decode_bytes=bound_mib * 2 ** 20)
+    assert err.value.reason == reason and "MiB to decode" in err.value.detail
+
+
+@pytest.mark.parametrize("case", list(__import__("tests.hostile_corpus", fromlist=["CASES"]).CASES))
+def test_every_case_of_the_hostile_corpus_is_its_rejects_within_its_time(tmp_path, case):
+    """The standing corpus (tests/hostile_corpus.py), small: planned, read and decoded as a precompute worker does,
+    each case gives exactly its rejects, the rest decodes, and nothing takes more than a few seconds."""
+    from pipeline.io.sources import plan_items, read_items
+    from tests.hostile_corpus import CASES, SETTINGS
+
+    root, outside = tmp_path / "in", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    expected = CASES[case](root, outside)
+    started = time.monotonic()
+    _, items = plan_items(root)
+    seen = Counter()
+    for loaded in read_items(items, SETTINGS["max_file_bytes"]):
+        tick = time.monotonic()
+        try:
+            if loaded.reject:
+                raise Rejected(*loaded.reject)
+            decode_image(loaded.data, RES, 89_478_485, 8, max_decode_bytes=SETTINGS["max_decode_bytes"])
+        except Rejected as r:
+            seen[r.reason] += 1
+        assert time.monotonic() - tick < 5, loaded.item.source
+    assert seen == expected
+    assert all(it.source.isprintable() and len(it.source) <= 300 for it in items)
+    assert time.monotonic() - started < 20

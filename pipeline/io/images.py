@@ -4,7 +4,9 @@ Every input is untrusted. In order:
 1. the format must be on the allow-list (`DEFAULT_FORMATS`, widened by precompute's `image_formats`), told from the
    first bytes before any decoder runs: Pillow only tries the allowed plugins (a PostScript file named .png never
    reaches Ghostscript; a format Pillow knows but the list leaves out is `format_not_allowed`);
-2. the pixel count is checked from the header, before any pixel is decoded, so a decompression bomb costs nothing;
+2. the pixel count is checked from the header, before any pixel is decoded, so a decompression bomb costs nothing,
+   and so is the memory decoding will take: pixels x the decoder's measured bytes per pixel for that format and mode
+   (`DECODE_BYTES_PER_PIXEL`, bench/hostile.md) against `max_decode_bytes`;
 3. JPEGs decode at the smallest DCT scale that still covers the output (Pillow's draft), and high-bit-depth images are
    brought to 8 bits in integer arithmetic: decoding holds about max_pixels x 4 bytes at most, plus one 8-bit copy;
 4. a JPEG of more than `MAX_JPEG_SCANS` scans is refused before decoding: a progressive JPEG decodes every scan over
@@ -26,6 +28,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
 MAX_JPEG_SCANS = 100  # libjpeg's progressive encoders write about 10; a real file never needs 100
+MAX_DECODE_BYTES = 1024 ** 3  # the memory one image's decoding may take (precompute's max_decode_bytes)
+# Peak bytes per pixel while decoding and converting to 8-bit RGB, measured on 3000 x 3000 images in a fresh process
+# (bench/hostile.py writes the table to bench/hostile.md), rounded up: Pillow's WebP decoder holds several RGBA
+# copies; palettes with transparency and RGBA are composited on white; JPEGs decode at a draft scale, often far less.
+DECODE_BYTES_PER_PIXEL = {"WEBP": 17.0, "transparent": 11.0, "alpha": 10.0, "wide": 8.0, "rgb": 5.0, "grey": 2.0}
 
 
 class Rejected(Exception):
@@ -52,7 +59,8 @@ def sniff_format(head: bytes) -> str | None:
 
 
 def decode_image(data: bytes, resolution: int, max_pixels: int, min_side: int,
-                 formats: tuple[str, ...] | list[str] = DEFAULT_FORMATS) -> tuple[np.ndarray, tuple[int, int]]:
+                 formats: tuple[str, ...] | list[str] = DEFAULT_FORMATS,
+                 max_decode_bytes: int = MAX_DECODE_BYTES) -> tuple[np.ndarray, tuple[int, int]]:
     """Returns (resolution x resolution x 3 uint8 array, original (width, height) as displayed, after EXIF)."""
     if not data:
         raise Rejected("empty_file", "zero bytes")
@@ -73,7 +81,7 @@ def decode_image(data: bytes, resolution: int, max_pixels: int, min_side: int,
         raise Rejected("format_not_allowed", f"{found} is not an allowed image format (allowed: "
                                              f"{', '.join(allowed)}; precompute's image_formats widens the list)")
     try:
-        return _decode(data, resolution, max_pixels, min_side, readers)
+        return _decode(data, resolution, max_pixels, min_side, readers, max_decode_bytes)
     except Rejected:
         raise
     except UnidentifiedImageError:  # the reader could not even parse the header
@@ -89,7 +97,25 @@ def decode_image(data: bytes, resolution: int, max_pixels: int, min_side: int,
         raise Rejected("corrupt_image", f"{type(e).__name__}: {_first_line(e)}", type(e).__name__) from None
 
 
-def _decode(data: bytes, resolution: int, max_pixels: int, min_side: int, readers: tuple[str, ...]):
+def decode_bytes_estimate(img: Image.Image) -> float:
+    """The peak memory decoding `img` (opened, not loaded) will take, from its format, mode and size."""
+    if img.format == "WEBP":
+        per_pixel = DECODE_BYTES_PER_PIXEL["WEBP"]
+    elif img.mode in ("P", "PA") and ("transparency" in img.info or img.mode == "PA"):
+        per_pixel = DECODE_BYTES_PER_PIXEL["transparent"]
+    elif img.mode in ("RGBA", "RGBa", "LA", "La", "CMYK", "YCbCr", "LAB", "HSV"):
+        per_pixel = DECODE_BYTES_PER_PIXEL["alpha"]
+    elif img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        per_pixel = DECODE_BYTES_PER_PIXEL["wide"]
+    elif img.mode in ("L", "1"):
+        per_pixel = DECODE_BYTES_PER_PIXEL["grey"]
+    else:
+        per_pixel = DECODE_BYTES_PER_PIXEL["rgb"]
+    return per_pixel * img.size[0] * img.size[1]
+
+
+def _decode(data: bytes, resolution: int, max_pixels: int, min_side: int, readers: tuple[str, ...],
+            max_decode_bytes: int = MAX_DECODE_BYTES):
     # Pillow's own bomb limit (89.5 megapixels by default) would otherwise refuse what a larger max_pixels allows
     Image.MAX_IMAGE_PIXELS = max(max_pixels, 1)
     with warnings.catch_warnings():
@@ -101,6 +127,10 @@ def _decode(data: bytes, resolution: int, max_pixels: int, min_side: int, reader
             raise Rejected("too_many_pixels", f"{width}x{height} exceeds max_pixels={max_pixels}")
         if min(width, height) < min_side:
             raise Rejected("too_small", f"{width}x{height} is under min_side={min_side}")
+        if (need := decode_bytes_estimate(img)) > max_decode_bytes:
+            raise Rejected("too_large_to_decode", f"a {width}x{height} {img.format} {img.mode} image takes about "
+                                                  f"{need / 2**20:.0f} MiB to decode > max_decode_bytes="
+                                                  f"{max_decode_bytes / 2**20:.0f} MiB")
         img.seek(0)  # first frame of animated GIF/WebP
         if img.format in ("JPEG", "MPO"):
             img.draft("RGB", (resolution, resolution))  # decode at 1/2, 1/4 or 1/8 scale when that still covers it
