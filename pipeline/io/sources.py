@@ -114,7 +114,7 @@ def plan_items(path: str | Path, fmt: str = "auto", image_column: str | None = N
             raise ConfigError(f"input format 'folder' needs a directory, got {root}")
         return fmt, list(_plan_folder(root, keys, label_fields))
     files, rejects = _data_files(root, ".tar" if fmt == "webdataset" else ".parquet", keys)
-    root = os.path.realpath(root) if not storage.is_remote(root) and not storage.is_file(root) else root
+    root = root if storage.is_remote(root) else os.path.realpath(root)  # the real paths _data_files returns
     if fmt == "webdataset":
         return fmt, [it for f in files for it in _plan_tar(f, root, keys, label_fields)] + rejects
     if fmt == "parquet":
@@ -130,9 +130,10 @@ def plan_items(path: str | Path, fmt: str = "auto", image_column: str | None = N
 def _data_files(root: str, suffix: str, keys: "_KeyMaker") -> tuple[list[str], list[Item]]:
     """The container files to read (sorted, hidden names skipped) and a reject for each one that must not be read: a
     link out of the input folder, something not a regular file, a folder too deep to walk."""
-    if storage.is_file(root) or storage.is_remote(root):
-        files = [root] if storage.is_file(root) else storage.list_files(root, suffix)
-        rejects = []
+    if storage.is_remote(root):
+        files, rejects = [root] if storage.is_file(root) else storage.list_files(root, suffix), []
+    elif storage.is_file(root):  # the input named on the command line: a link to it is the user's own choice
+        files, rejects = [os.path.realpath(root)], []
     else:
         real_root, files, rejects = os.path.realpath(root), [], []
         for path, walk_problem in storage.walk_local(root):
