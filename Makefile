@@ -1,4 +1,4 @@
-# The two commands a user needs: `make demo` and `make test`. See README.md.
+# The two commands a user needs: `make install` and `make demo` (README.md); `make test` runs the suite.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -59,7 +59,7 @@ $(VENV)/.installed-run: pyproject.toml constraints.txt $(VENV)/.torch
 # noise-conditional energy (from plain noise) and 1000 from the short-run CD model it replaced -> one evaluation in
 # the shipped evaluator's feature space against the latent shard neither model trained on.
 # `make demo-train` first retrains the energy with the recipe the shipped one came from (configs/train-demo.yaml,
-# about 70 minutes on 2 CPUs; DEMO_TRAIN_ARGS="--max-steps 3000" for a 25-minute version) and generates from that.
+# about 78 minutes on 2 CPUs; DEMO_TRAIN_ARGS="--max-steps 3000" for a 25-minute version) and generates from that.
 # `make demo-models` refits every shipped model (VAE, evaluator, the energies, the diffusion baseline, the
 # conditional energy): about 5 hours.
 demo: install-run
@@ -103,7 +103,7 @@ demo-generate:
 	@echo "preview:                       $(GENERATED)/preview.png"
 	@echo "evaluation report:             $(GENERATED)-report/report.md (samples-vs-real.png, per-class.png beside it)"
 
-# Refits the shipped demo models in order, into models/demo: the VAE (about 70 minutes on 2 CPUs), then latents
+# Refits the shipped demo models in order, into models/demo: the VAE (about 35 minutes on 2 CPUs), then latents
 # with it, the evaluator that reads its decoder's images, both energies and the DDIM baseline (`git diff models/`
 # shows what changed).
 demo-models: install-run
