@@ -531,7 +531,9 @@ def test_a_noise_conditional_energy_at_4x32x32_trains_and_generates_through_the_
         {"condition": c, "count": n} for c, n in (("shape=a AND colour=red", 4), ("shape=b", 3),
                                                   ("shape=b AND NOT colour=green", 3))]
     # the same command again finds every shard done; another plan, or flags of another kind of model, are refused
+    kept = (out / "summary.json").read_bytes()
     assert generate(model_dir, sd_checkpoint, out, **settings)["images_this_run"] == 0
+    assert (out / "summary.json").read_bytes() == kept  # a no-op resume leaves the run's own timings alone
     with pytest.raises(EbdError, match="unknown config key .steps. for NoiseLevelSettings"):
         generate(model_dir, sd_checkpoint, tmp_path / "o2", langevin_steps=5)
     with pytest.raises(EbdError, match="noise range this energy was trained on"):

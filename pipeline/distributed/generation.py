@@ -495,6 +495,10 @@ def run_generation(cfg: GenerateConfig, address: str | None = None, dashboard: b
                 raise _stage_error(e) or e
             watcher.finish(made=sum(done[j]["count"] for j in pending))
         seconds = time.monotonic() - start
+        finished = storage.join(out, "summary.json")
+        if not pending and storage.is_file(finished) and storage.is_file(storage.join(out, "manifest.json")):
+            log.log("every shard is complete: nothing to do (summary.json keeps the run that made them)")
+            return read_json(finished) | {"images_this_run": 0}
         summary = _finish(out, cfg, done, num_shards, sampler, model_id, vae_identity, batch_sizes, placement,
                           seconds, made=sum(done[j]["count"] for j in pending), latent_shape=latent_shape,
                           decoder=decoder, plan=plan)
