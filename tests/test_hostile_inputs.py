@@ -522,3 +522,19 @@ def test_every_case_of_the_hostile_corpus_is_its_rejects_within_its_time(tmp_pat
     assert seen == expected
     assert all(it.source.isprintable() and len(it.source) <= 300 for it in items)
     assert time.monotonic() - started < 20
+
+
+def test_text_from_inputs_cannot_forge_a_line_of_an_error_or_a_reject(tmp_path):
+    """A parquet column named with a newline and escape codes, in a file with no image column: the one-line error
+    names it escaped; a 100,000-character tar member name is cut in its source."""
+    from pipeline.common.config import ConfigError
+    from pipeline.io.sources import plan_items
+
+    pq.write_table(pa.table({"evil\nerror: forged line\x1b[31m": ["x"]}), tmp_path / "a.parquet")
+    with pytest.raises(ConfigError) as err:
+        plan_items(tmp_path / "a.parquet")
+    assert "\n" not in str(err.value) and "\x1b" not in str(err.value) and "evil\\nerror" in str(err.value)
+    with tarfile.open(tmp_path / "b.tar", "w", format=tarfile.GNU_FORMAT) as tar:
+        add_member(tar, "k" * 100_000 + ".png", good(1))
+    _, items = plan_items(tmp_path / "b.tar")
+    assert len(items) == 1 and len(items[0].source) <= 300 and len(items[0].key) <= 80
