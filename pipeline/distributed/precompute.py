@@ -80,8 +80,9 @@ class PrecomputeConfig(JobConfig):
                 f"shares in hundredths), got {self.num_cpus_per_task}")
         require(self.num_gpus_per_task == "auto" or self.num_gpus_per_task >= 0, "num_gpus_per_task must be >= 0")
         require(self.max_retries >= 0 and self.max_in_flight >= 0, "max_retries and max_in_flight must be >= 0")
-        require(self.max_pixels > 0 and self.min_side >= 1 and self.max_file_bytes > 0 and self.max_decode_bytes > 0,
-                "max_pixels, min_side, max_file_bytes and max_decode_bytes must be positive")
+        require(self.max_pixels > 0 and self.min_side >= 1 and self.max_file_bytes > 0,
+                "max_pixels, min_side and max_file_bytes must be positive")
+        require(self.max_decode_bytes > 0, "max_decode_bytes must be positive")
         require(self.max_pixels <= MAX_PIXELS_LIMIT, f"max_pixels must be at most {MAX_PIXELS_LIMIT} (a 16k x 16k "
                 f"image: decoding holds about 4 bytes a pixel), got {self.max_pixels}")
         from PIL import Image
