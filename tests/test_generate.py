@@ -339,8 +339,9 @@ def test_non_finite_latents_fail_the_run_in_one_line_and_never_reach_a_png(ebm_d
 
 def test_auto_on_a_cluster_with_a_gpu_runs_separate_gpu_sampler_and_decoder_pools(ray_cluster, ebm_dir,
                                                                                   sd_checkpoint, tmp_path):
+    # gpu_latency_ms 0: at this model's size and 4-image shards the launch floor would rightly keep it on the CPUs
     summary = generate(ebm_dir, sd_checkpoint, tmp_path, num_images=12, images_per_shard=4, batch_size=4,
-                       sampler_device="auto", gpu_stage="separate", sampler_gpus=0.5)
+                       sampler_device="auto", gpu_stage="separate", sampler_gpus=0.5, gpu_latency_ms=0.0)
     placement = summary["placement"]
     assert placement["reason"].startswith("auto: predicted") and placement["sampler_device"] == "gpu"
     assert (placement["sampler_actors"], placement["decoder_actors"], placement["decoder_gpus"]) == (1, 1, 0.5)
