@@ -276,6 +276,7 @@ def test_a_gpu_sampled_run_resumes_on_its_device_and_regenerates_a_lost_shard_by
     assert {p.name: file_sha256(p) for p in (out / "parquet").iterdir()} == before
 
 
+@pytest.mark.integration
 def test_actors_sharing_a_gpu_size_for_at_most_its_budget_together(ray_cluster, ebm_dir, sd_checkpoint, tmp_path):
     """Two fused actors of half a GPU each (2 GiB of simulated GPU memory): every stage probes against its own share
     of the GPU's total memory, so the four budgets (two actors x sampler and decoder) add up to at most the
