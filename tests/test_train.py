@@ -263,3 +263,19 @@ def test_models_saved_with_a_single_chain_start_gaussian_still_load(tmp_path):
     loaded = EnergyModel.from_pretrained(folder)
     g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
     assert torch.equal(loaded.initial_latents(8, START, g()), model.initial_latents(8, START, g()))
+
+
+@pytest.mark.integration
+def test_a_training_job_on_its_own_local_ray_logs_no_state_api_warnings(mixture_latents, tmp_path):
+    """A job that starts its own local instance (no dashboard, so no State API) used to print Ray Train's
+    placement-group cleaner warning every second of the run."""
+    tiny = TINY_DSM | {"log_every": 10, "checkpoint_every": 20}
+    done = subprocess.run([sys.executable, "-m", "jobs.train", "--config", "configs/train.yaml", "--latents",
+                           str(mixture_latents), "--output", str(tmp_path), "--max-steps", "20"]
+                          + [f"--set={k}={json.dumps(v)}" for k, v in tiny.items()],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "started a local Ray instance" in done.stderr
+    assert "Failed to query Ray Train Controller" not in done.stdout + done.stderr
+    assert load_model(tmp_path / "model").metadata["training"]["steps"] == 20

@@ -49,6 +49,10 @@ def connect(address: str | None = None, *, dashboard: bool = False, **init_kwarg
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     token = _token_path()
     new_token = token is not None and not token.exists()
+    if not dashboard:  # no dashboard, no State API: Ray Train's placement-group cleaner would warn every second
+        runtime_env = dict(init_kwargs.pop("runtime_env", None) or {})
+        runtime_env.setdefault("worker_process_setup_hook", "pipeline.distributed.cluster.quiet_workers")
+        init_kwargs["runtime_env"] = runtime_env
     context = ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1", **init_kwargs)
     loopback = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
     auth = "off" if os.environ.get("RAY_AUTH_MODE") == "disabled" else "on"
@@ -58,6 +62,14 @@ def connect(address: str | None = None, *, dashboard: bool = False, **init_kwarg
     board = f"dashboard at http://{context.dashboard_url}" if dashboard else "no dashboard (--dashboard starts one)"
     log_line("ray", f"started a local Ray instance listening on {'127.0.0.1 only' if loopback else 'every interface'}"
                     f", token auth {auth}, {board}; --address auto joins a cluster from `ray start` instead")
+
+
+def quiet_workers() -> None:
+    """Runs as every worker of a local instance without a dashboard starts: Ray Train's placement-group cleaner asks
+    the State API (served by the dashboard) whether the run's controller lives, and logs a warning each second it
+    cannot, 80 lines in a healthy run. Its warnings are dropped; the cleaner still removes a dead run's groups when
+    the controller actor is gone (Ray also frees them with the job)."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def _token_path():
