@@ -90,3 +90,14 @@ def test_a_dsm_run_with_every_recipe_key_trains_and_exports_them(ray_cluster, mi
     assert metrics["lr"] < 1e-4
     model = load_model(tmp_path / "model")
     assert model.config.preconditioning == "edm"
+
+
+def test_the_default_recipe_for_real_images_trains_with_edm_preconditioning_and_weighting():
+    """configs/train.yaml (the README's recipe) and configs/train-sd.yaml use what bench/recipe.md measured to help on
+    real images; configs/train-demo.yaml keeps the recipe the shipped demo energy was trained with."""
+    from pipeline.common.config import load_config
+    from tests.conftest import REPO
+
+    for name, expected in (("train.yaml", "edm"), ("train-sd.yaml", "edm"), ("train-demo.yaml", "epsilon")):
+        cfg = load_config(TrainConfig, REPO / "configs" / name, latents="l", output="o")
+        assert (cfg.objective.preconditioning, cfg.objective.loss_weighting) == (expected, expected), name
