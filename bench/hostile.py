@@ -15,7 +15,6 @@ Writes bench/hostile.md and bench/out/hostile.json.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from pathlib import Path
 from common import REPO, write_result
 
 sys.path.insert(0, str(REPO))
-from tests.hostile_corpus import CASES, DECODE_MEMORY_PROBE, SETTINGS, good_png  # noqa: E402
+from tests.hostile_corpus import CASES, DECODE_MEMORY_PROBE, SETTINGS, good_png, write_tar  # noqa: E402
 
 FORMATS = [("PNG", "RGB", "rgb"), ("PNG", "RGBA", "alpha"), ("PNG", "P", "transparent"), ("GIF", "P", "transparent"),
            ("BMP", "RGB", "rgb"), ("JPEG", "RGB", "rgb"), ("PNG", "L", "grey"), ("PNG", "I;16", "wide"),
@@ -74,18 +73,12 @@ def run_job(folder: Path, out: Path) -> dict:
 
 def add_good_images(root: Path) -> None:
     """20 good images in the case's own input kind: a tar or a parquet file beside its containers, else PNGs."""
-    import tarfile
-
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     images = [good_png(100 + i) for i in range(20)]
     if any(root.glob("*.tar")):
-        with tarfile.open(root / "zz-good.tar", "w") as tar:
-            for i, data in enumerate(images):
-                info = tarfile.TarInfo(f"good-{i}.png")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+        write_tar(root / "zz-good.tar", {f"good-{i}.png": data for i, data in enumerate(images)})
     elif any(root.glob("*.parquet")):
         pq.write_table(pa.table({"image": images}), root / "zz-good.parquet")
     else:

@@ -72,7 +72,7 @@ def lying_parquet(rows_claimed: int) -> bytes:
     return data[:-8 - length] + lie + len(lie).to_bytes(4, "little") + b"PAR1"
 
 
-def _tar(path: Path, members: dict[str, bytes]) -> None:
+def write_tar(path: Path, members: dict[str, bytes]) -> None:
     with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
         for name, data in members.items():
             info = tarfile.TarInfo(name)
@@ -114,15 +114,15 @@ def deep_folder(root: Path, outside: Path, scale: int = 1) -> Counter:
 
 
 def linked_containers(root: Path, outside: Path, scale: int = 1) -> Counter:
-    _tar(outside / "elsewhere.tar", {"secret.png": good_png(4)})
-    _tar(root / "00000.tar", {"a.png": good_png(5)})
+    write_tar(outside / "elsewhere.tar", {"secret.png": good_png(4)})
+    write_tar(root / "00000.tar", {"a.png": good_png(5)})
     (root / "00001.tar").symlink_to(outside / "elsewhere.tar")
     os.mkfifo(root / "00002.tar")
     return Counter(outside_input=1, not_a_regular_file=1)
 
 
 def long_member_name(root: Path, outside: Path, scale: int = 1) -> Counter:
-    _tar(root / "00000.tar", {"k" * (100_000 * scale) + ".png": good_png(6), "fine.png": good_png(7)})
+    write_tar(root / "00000.tar", {"k" * (100_000 * scale) + ".png": good_png(6), "fine.png": good_png(7)})
     return Counter()
 
 

@@ -138,8 +138,8 @@ def _data_files(root: str, suffix: str, keys: "_KeyMaker") -> tuple[list[str], l
         real_root, files, rejects = os.path.realpath(root), [], []
         for path, walk_problem in storage.walk_local(root):
             if walk_problem is not None:
-                rejects.append(_container_reject(path, root, keys, "too_deep" if walk_problem == "too_deep"
-                                                 else "read_error", f"{_relative(path, root)}: {walk_problem}"))
+                reason, detail = _walk_reject(walk_problem)
+                rejects.append(_container_reject(path, root, keys, reason, f"{_relative(path, root)}: {detail}"))
             elif path.endswith(suffix):
                 target, problem = _regular_file(Path(path), real_root)
                 if problem is None:
@@ -196,9 +196,7 @@ def _plan_folder(root: str, keys: "_KeyMaker", label_fields: tuple[str, ...]) ->
     for path, walk_problem in storage.walk_local(root):  # symlinked folders are listed, never walked into
         rel = Path(path).relative_to(root).as_posix()
         if walk_problem is not None:  # a folder too deep to walk, or one that cannot be listed: one reject
-            reason = "too_deep" if walk_problem == "too_deep" else "read_error"
-            detail = (f"a folder more than {storage.FOLDER_MAX_DEPTH} levels deep: not read"
-                      if reason == "too_deep" else walk_problem)
+            reason, detail = _walk_reject(walk_problem)
             yield _replace(_folder_item(rel, path, keys, ()), reject=reason, detail=f"{printable(rel)}: {detail}")
             continue
         target, problem = _regular_file(Path(path), real_root)
@@ -218,6 +216,13 @@ def _folder_item(rel: str, path: str, keys: "_KeyMaker", label_fields: tuple[str
     source = printable(rel)
     return Item(source=source, key=keys.make(parts.with_suffix("").as_posix(), source), label=_clean_label(label),
                 locator=("file", path), reject=reject, fields=fields)
+
+
+def _walk_reject(problem: str) -> tuple[str, str]:
+    """(reason, detail) of a folder `storage.walk_local` did not walk: too deep, or unreadable."""
+    if problem == "too_deep":
+        return "too_deep", f"a folder more than {storage.FOLDER_MAX_DEPTH} levels deep: not read"
+    return "read_error", problem
 
 
 def _regular_file(path: Path, real_root: str) -> tuple[str | None, tuple[str, str] | None]:
