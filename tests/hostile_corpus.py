@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-SETTINGS = {"max_file_bytes": 1_000_000, "max_decode_bytes": 40 * 2 ** 20}
+SETTINGS = {"max_file_bytes": 1_000_000, "max_decode_bytes": 40 * 2 ** 20, "max_decode_seconds": 2.0}
 
 # Peak memory of decoding one file, in a fresh process: `python -c DECODE_MEMORY_PROBE BIG SMALL FORMATS` prints the
 # peak bytes above the process's resident set before decoding, then the image's width and height. The peak is VmHWM
@@ -87,6 +87,12 @@ def jpeg_scans(root: Path, outside: Path, scale: int = 1) -> Counter:
     return Counter(too_many_scans=1)
 
 
+def jpeg_slow_scans(root: Path, outside: Path, scale: int = 1) -> Counter:
+    """Scans under the cap over enough pixels that decoding would outlast the time limit (predicted from its header)."""
+    (root / "slow.jpg").write_bytes(scan_bomb(80, 2400))  # 90 scans x 5.8 megapixels: about 2.6 s > 2
+    return Counter(too_slow_to_decode=1)
+
+
 def webp_pixels(root: Path, outside: Path, scale: int = 1) -> Counter:
     """A small WebP of many pixels (Pillow decodes it at about 16 bytes a pixel)."""
     side = 2000 * scale
@@ -141,5 +147,5 @@ def parquet_cells(root: Path, outside: Path, scale: int = 1) -> Counter:
     return Counter(file_too_large=2)
 
 
-CASES = {fn.__name__: fn for fn in (jpeg_scans, webp_pixels, any_file_name, deep_folder, linked_containers,
+CASES = {fn.__name__: fn for fn in (jpeg_scans, jpeg_slow_scans, webp_pixels, any_file_name, deep_folder, linked_containers,
                                     long_member_name, parquet_footer, parquet_cells)}

@@ -47,6 +47,28 @@ def test_a_jpeg_of_thousands_of_scans_is_refused_before_decoding_and_a_normal_pr
     assert decode_image(buffer.getvalue(), RES, 10_000_000, 8)[0].shape == (RES, RES, 3)
 
 
+def test_a_jpeg_too_slow_for_the_time_limit_is_refused_from_its_header_and_fits_a_longer_limit():
+    # 90 scans pass the scan cap; over 2800 x 2800 pixels they predict seconds of decoding, which libjpeg would spend
+    # after reading the last byte, where no clock check can reach
+    bomb = scan_bomb(80, 2800)  # 10 scans of its own and 80 repeats
+    with pytest.raises(Rejected) as err:
+        decode_image(bomb, RES, 10 ** 8, 8, max_decode_seconds=1.0)
+    assert err.value.reason == "too_slow_to_decode" and "2800x2800" in err.value.detail
+    assert decode_image(bomb, RES, 10 ** 8, 8, max_decode_seconds=30.0)[0].shape == (RES, RES, 3)
+
+
+def test_a_decode_past_its_time_limit_stops_inside_the_decode_not_after_it():
+    # a PNG of noise is megabytes of compressed rows the decoder pulls block by block: the clock stops it part way
+    noise = np.random.default_rng(3).integers(0, 256, (1200, 1200, 3), dtype=np.uint8)
+    data = encode_image(Image.fromarray(noise), "PNG")
+    with pytest.raises(Rejected) as err:
+        decode_image(data, RES, 10 ** 8, 8, max_decode_seconds=1e-9)
+    assert err.value.reason == "decode_too_slow"
+    read = int(err.value.detail.split(" bytes read")[0].split(", ")[-1].split(" of ")[0])
+    assert read < len(data) // 2, err.value.detail
+    assert decode_image(data, RES, 10 ** 8, 8)[0].shape == (RES, RES, 3)  # the default limit decodes it
+
+
 # ----------------------------------------------------------------------------------------- decoding, no Ray
 
 @pytest.mark.parametrize("data, reason", [
@@ -230,6 +252,7 @@ def hostile_folder(root: Path, outside: Path) -> tuple[int, Counter]:
     (root / "dogs" / "bomb.png").write_bytes(png_header_only(100_000, 100_000))  # too_many_pixels
     (root / "dogs" / "notes.txt").write_text("not an image")           # unsupported_extension
     (root / "dogs" / "scans.jpg").write_bytes(scan_bomb(500))              # too_many_scans
+    (root / "dogs" / "slow.jpg").write_bytes(scan_bomb(80, 2000))          # too_slow_to_decode: 1.8 s predicted > 1
     os.mkdir(os.fsencode(root) + b"/caf\xe9s")                          # names are bytes, not always UTF-8
     (Path(os.fsdecode(os.fsencode(root) + b"/caf\xe9s")) / "\udcff\udcfe.png").write_bytes(good(7))
     (root / "cats" / "new\nline\x1b[31m.png").write_bytes(good(8))      # a name that would forge log lines
@@ -240,7 +263,7 @@ def hostile_folder(root: Path, outside: Path) -> tuple[int, Counter]:
     (deep / "far.png").write_bytes(good(9))                             # too_deep (its folder, one line)
     reasons = Counter(outside_input=3, read_error=1, not_a_regular_file=2, not_an_image=1, format_not_allowed=2,
                       empty_file=1, corrupt_image=1, too_many_pixels=1, unsupported_extension=1, too_many_scans=1,
-                      too_deep=1)
+                      too_deep=1, too_slow_to_decode=1)
     return 7, reasons
 
 
@@ -277,7 +300,7 @@ def tree(root: Path) -> dict[str, int]:
 
 @pytest.mark.parametrize("build, options", [
     (hostile_tars, {}),
-    (hostile_folder, {}),
+    (hostile_folder, {"max_decode_seconds": 1.0}),
     (hostile_parquet, {"key_column": "key", "image_column": "image", "max_file_bytes": 1_000_000}),
 ], ids=["webdataset", "folder", "parquet"])
 def test_precompute_over_hostile_inputs_encodes_the_good_and_records_each_bad_item(
@@ -515,7 +538,8 @@ def test_every_case_of_the_hostile_corpus_is_its_rejects_within_its_time(tmp_pat
         try:
             if loaded.reject:
                 raise Rejected(*loaded.reject)
-            decode_image(loaded.data, RES, 89_478_485, 8, max_decode_bytes=SETTINGS["max_decode_bytes"])
+            decode_image(loaded.data, RES, 89_478_485, 8, max_decode_bytes=SETTINGS["max_decode_bytes"],
+                         max_decode_seconds=SETTINGS["max_decode_seconds"])
         except Rejected as r:
             seen[r.reason] += 1
         assert time.monotonic() - tick < 5, loaded.item.source

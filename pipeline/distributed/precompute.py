@@ -27,7 +27,7 @@ from ..common.metrics import record_precompute_shard
 from ..io import latent_shards as sh
 from ..io import storage
 from ..io.files import atomic_write_json, atomic_write_lines, claim_run_folder, read_json
-from ..io.images import DEFAULT_FORMATS, MAX_DECODE_BYTES, Rejected, decode_image, to_model_input
+from ..io.images import DEFAULT_FORMATS, MAX_DECODE_BYTES, MAX_DECODE_SECONDS, Rejected, decode_image, to_model_input
 from ..io.sources import Item, count_by_field, count_by_label, plan_items, printable, read_items, reading_order
 from ..io.tars import write_tar
 from ..vae.autoencoder import VaeSpec, resolve_vae
@@ -59,6 +59,7 @@ class PrecomputeConfig(JobConfig):
     min_side: int = 64                           # images whose shorter side is smaller are rejected
     max_file_bytes: int = 256 * 1024 * 1024
     max_decode_bytes: int = MAX_DECODE_BYTES     # one image's decoding memory, from its header (bench/hostile.md)
+    max_decode_seconds: float = MAX_DECODE_SECONDS  # one image's decoding time, checked inside the decode
     # Image formats decoded (Pillow names, told by signature before any decoder runs); others are rejects. Widen it
     # knowingly: every decoder on the list parses untrusted bytes (TIFF, PPM, TGA, JPEG2000, ICO are safe picks).
     image_formats: list[str] = field(default_factory=lambda: list(DEFAULT_FORMATS))
@@ -83,6 +84,8 @@ class PrecomputeConfig(JobConfig):
         require(self.max_pixels > 0 and self.min_side >= 1 and self.max_file_bytes > 0,
                 "max_pixels, min_side and max_file_bytes must be positive")
         require(self.max_decode_bytes > 0, "max_decode_bytes must be positive")
+        require(0 < self.max_decode_seconds <= 3600, "max_decode_seconds must be in (0, 3600], got "
+                f"{self.max_decode_seconds}")
         require(self.max_pixels <= MAX_PIXELS_LIMIT, f"max_pixels must be at most {MAX_PIXELS_LIMIT} (a 16k x 16k "
                 f"image: decoding holds about 4 bytes a pixel), got {self.max_pixels}")
         from PIL import Image
@@ -129,6 +132,7 @@ class ShardJob:
     label_fields: tuple[str, ...] = ()
     image_formats: tuple[str, ...] = DEFAULT_FORMATS
     max_decode_bytes: int = MAX_DECODE_BYTES
+    max_decode_seconds: float = MAX_DECODE_SECONDS
 
 
 def prepare(cfg: PrecomputeConfig) -> tuple[VaeSpec, str, list[Item]]:
@@ -168,7 +172,7 @@ def shard_job(cfg: PrecomputeConfig, spec: VaeSpec, index: int, items: tuple[Ite
     return ShardJob(index, items, storage.canonical(cfg.output), spec, cfg.resolution, cfg.batch_size, cfg.dtype,
                     cfg.seed, cfg.store_moments, cfg.max_pixels, cfg.min_side, cfg.max_file_bytes, use_gpu,
                     max(1, num_threads), tuple(cfg.label_fields), tuple(f.upper() for f in cfg.image_formats),
-                    cfg.max_decode_bytes)
+                    cfg.max_decode_bytes, cfg.max_decode_seconds)
 
 
 def run_precompute(cfg: PrecomputeConfig, address: str | None = None, dashboard: bool = False) -> dict:
@@ -264,7 +268,7 @@ def encode_shard(job: ShardJob) -> dict:
             if loaded.reject:
                 raise Rejected(*loaded.reject)
             pixels, size = decode_image(loaded.data, job.resolution, job.max_pixels, job.min_side,
-                                        job.image_formats, job.max_decode_bytes)
+                                        job.image_formats, job.max_decode_bytes, job.max_decode_seconds)
         except Rejected as r:
             rejects.append({"source": item.source, "key": item.key, "reason": r.reason, "detail": r.detail,
                             "shard": job.index} | ({"exception": r.exception} if r.exception else {}))

@@ -9,9 +9,12 @@ Every input is untrusted. In order:
    (`DECODE_BYTES_PER_PIXEL`, bench/hostile.md) against `max_decode_bytes`;
 3. JPEGs decode at the smallest DCT scale that still covers the output (Pillow's draft), and high-bit-depth images are
    brought to 8 bits in integer arithmetic: decoding holds about max_pixels x 4 bytes at most, plus one 8-bit copy;
-4. a JPEG of more than `MAX_JPEG_SCANS` scans is refused before decoding: a progressive JPEG decodes every scan over
-   the whole image, so a small file of thousands of repeated scans would take minutes to hours (each 118-byte scan
-   cost about 5.5 ms at 2.7 megapixels); with the pixel bound, this bounds a JPEG's decode time;
+4. decode time is bounded by `max_decode_seconds` in two ways. A JPEG's time is predicted from its header before any
+   pixel is decoded: a progressive JPEG decodes every scan over the whole image, and libjpeg does that work after its
+   last byte is read, so scans x pixels x `JPEG_SECONDS_PER_SCAN_PIXEL` (measured, rounded up) must fit the limit, and
+   more than `MAX_JPEG_SCANS` scans is refused outright (a real encoder writes about 10). Every other decoder pulls
+   its input in blocks of 64 KiB through a reader that checks the clock before each block, so a slow item stops
+   within one block of its limit (`decode_too_slow`);
 5. EXIF orientation is applied before the crop; transparency is composited on white.
 Whatever a decoder raises on one file (Pillow raises many types on hostile bytes) is that file's rejection, with the
 exception's type in its detail; nothing escapes to fail the shard.
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import io
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -28,7 +32,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
 MAX_JPEG_SCANS = 100  # libjpeg's progressive encoders write about 10; a real file never needs 100
+# One scan over one pixel, on a busy 2-CPU machine: 0.4-4 ns measured (scan-repeating JPEGs of 2-8 megapixels), and
+# 3 ns for a real 10-scan progressive photo; rounded up so a prediction never falls short.
+JPEG_SECONDS_PER_SCAN_PIXEL = 5e-9
 MAX_DECODE_BYTES = 1024 ** 3  # the memory one image's decoding may take (precompute's max_decode_bytes)
+MAX_DECODE_SECONDS = 30.0  # the time one image's decoding may take (precompute's max_decode_seconds)
 # Peak bytes per pixel while decoding and converting to 8-bit RGB, measured on 3000 x 3000 images in a fresh process
 # (bench/hostile.py writes the table to bench/hostile.md), rounded up: Pillow's WebP decoder holds several RGBA
 # copies; palettes with transparency and RGBA are composited on white; JPEGs decode at a draft scale, often far less.
@@ -42,6 +50,21 @@ class Rejected(Exception):
     def __init__(self, reason: str, detail: str, exception: str | None = None):
         super().__init__(f"{reason}: {detail}")
         self.reason, self.detail, self.exception = reason, detail, exception
+
+
+class _DeadlineReader(io.BytesIO):
+    """The image's bytes, handed to the decoder only while its time lasts: Pillow's decoders pull their input block
+    by block through `read`, so the clock is checked between blocks, inside the decode."""
+
+    def __init__(self, data: bytes, seconds: float):
+        super().__init__(data)
+        self.size, self.seconds, self.deadline = len(data), seconds, time.monotonic() + seconds
+
+    def read(self, n: int | None = -1) -> bytes:
+        if time.monotonic() > self.deadline:
+            raise Rejected("decode_too_slow", f"still decoding after {self.seconds:g} s (max_decode_seconds), "
+                                              f"{self.tell()} of {self.size} bytes read")
+        return super().read(n)
 
 
 def sniff_format(head: bytes) -> str | None:
@@ -60,12 +83,14 @@ def sniff_format(head: bytes) -> str | None:
 
 def decode_image(data: bytes, resolution: int, max_pixels: int, min_side: int,
                  formats: tuple[str, ...] | list[str] = DEFAULT_FORMATS,
-                 max_decode_bytes: int = MAX_DECODE_BYTES) -> tuple[np.ndarray, tuple[int, int]]:
+                 max_decode_bytes: int = MAX_DECODE_BYTES,
+                 max_decode_seconds: float = MAX_DECODE_SECONDS) -> tuple[np.ndarray, tuple[int, int]]:
     """Returns (resolution x resolution x 3 uint8 array, original (width, height) as displayed, after EXIF)."""
     if not data:
         raise Rejected("empty_file", "zero bytes")
     allowed = tuple(f.upper() for f in formats)
     found = sniff_format(data[:64])
+    scans = 0
     if found is None:
         # a few formats (TGA) carry no signature: when allowed, only their readers try bytes no signature claims
         readers = tuple(f for f in allowed if f in Image.OPEN and Image.OPEN[f][1] is None)
@@ -81,7 +106,8 @@ def decode_image(data: bytes, resolution: int, max_pixels: int, min_side: int,
         raise Rejected("format_not_allowed", f"{found} is not an allowed image format (allowed: "
                                              f"{', '.join(allowed)}; precompute's image_formats widens the list)")
     try:
-        return _decode(data, resolution, max_pixels, min_side, readers, max_decode_bytes)
+        return _decode(_DeadlineReader(data, max_decode_seconds), resolution, max_pixels, min_side, readers,
+                       max_decode_bytes, scans)
     except Rejected:
         raise
     except UnidentifiedImageError:  # the reader could not even parse the header
@@ -114,19 +140,22 @@ def decode_bytes_estimate(img: Image.Image) -> float:
     return per_pixel * img.size[0] * img.size[1]
 
 
-def _decode(data: bytes, resolution: int, max_pixels: int, min_side: int, readers: tuple[str, ...],
-            max_decode_bytes: int = MAX_DECODE_BYTES):
+def _decode(source: _DeadlineReader, resolution: int, max_pixels: int, min_side: int, readers: tuple[str, ...],
+            max_decode_bytes: int = MAX_DECODE_BYTES, jpeg_scans: int = 0):
     # Pillow's own bomb limit (89.5 megapixels by default) would otherwise refuse what a larger max_pixels allows
     Image.MAX_IMAGE_PIXELS = max(max_pixels, 1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # decoders warn about what is odd in a hostile file: it decodes or not
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        img = Image.open(io.BytesIO(data), formats=readers)
+        img = Image.open(source, formats=readers)
         width, height = img.size
         if width * height > max_pixels:
             raise Rejected("too_many_pixels", f"{width}x{height} exceeds max_pixels={max_pixels}")
         if min(width, height) < min_side:
             raise Rejected("too_small", f"{width}x{height} is under min_side={min_side}")
+        if (need_s := JPEG_SECONDS_PER_SCAN_PIXEL * jpeg_scans * width * height) > source.seconds:
+            raise Rejected("too_slow_to_decode", f"a {width}x{height} JPEG of {jpeg_scans} scans takes about "
+                                                 f"{need_s:.1f} s to decode > max_decode_seconds={source.seconds:g}")
         if (need := decode_bytes_estimate(img)) > max_decode_bytes:
             raise Rejected("too_large_to_decode", f"a {width}x{height} {img.format} {img.mode} image takes about "
                                                   f"{need / 2**20:.0f} MiB to decode > max_decode_bytes="
