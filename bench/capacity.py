@@ -66,7 +66,7 @@ def main() -> None:
     p.add_argument("--output", default=str(REPO / "bench" / "out" / "capacity.json"))
     args = p.parse_args()
 
-    from pipeline.distributed.placement import ASSUMED_GPU_TFLOPS
+    from pipeline.generation.placement import ASSUMED_GPU_TFLOPS
 
     shape = pipeline_shape(cpus=2)
     tflops = args.gpu_tflops or ASSUMED_GPU_TFLOPS[args.precision]
@@ -156,8 +156,8 @@ def pipeline_shape(cpus: float, gpus: int = 0, config: str | Path = REPO / "conf
     """The DAG jobs.generate builds from `config` (sampler_actors: auto) on `cpus` CPUs and `gpus` decoder GPUs:
     its thread counts per stage."""
     from pipeline.common.config import load_config
-    from pipeline.distributed.generation import GenerateConfig
-    from pipeline.distributed.placement import plan_placement
+    from pipeline.generation import GenerateConfig
+    from pipeline.generation.placement import plan_placement
 
     cfg = load_config(GenerateConfig, config, model="m", vae="v", output="o")
     decoders = max(cfg.decoder_actors, gpus)
@@ -199,7 +199,7 @@ def gpu_table(args, tflops: float) -> list[dict]:
     from diffusers import AutoencoderKL, AutoencoderTiny
 
     from pipeline.common.config import load_config
-    from pipeline.distributed.placement import WRITE_CPU_S_PER_PIXEL, predicted_images_per_s
+    from pipeline.generation.placement import WRITE_CPU_S_PER_PIXEL, predicted_images_per_s
     from pipeline.models import load_model
     from pipeline.sampling.cost import sampling_flops
     from pipeline.training.config import TrainConfig
@@ -272,7 +272,7 @@ def validate(address: str, model_dir: Path, args, sampler: dict | None = None) -
     import ray
 
     from pipeline.common.config import load_config
-    from pipeline.distributed.generation import GenerateConfig, run_generation
+    from pipeline.generation import GenerateConfig, run_generation
 
     with tempfile.TemporaryDirectory() as work:
         ray.init(address=address, log_to_driver=False)

@@ -43,8 +43,8 @@ def main() -> None:
     from generate import matmul_peak, sampler_stage  # bench/generate.py
 
     from pipeline.common.config import from_dict
-    from pipeline.distributed.generation import GenerateConfig, run_generation
     from pipeline.evaluation.report import EvaluateConfig, run_evaluation
+    from pipeline.generation import GenerateConfig, run_generation
     from pipeline.sampling.settings import sampler_settings
     from pipeline.vae.autoencoder import resolve_vae
 

@@ -59,7 +59,7 @@ def bench_model(model_dir: Path, args, work: Path, peak: float) -> dict:
 
     from pipeline.common.config import load_config
     from pipeline.common.memory import probe_batch_size
-    from pipeline.distributed.generation import GenerateConfig, run_generation
+    from pipeline.generation import GenerateConfig, run_generation
     from pipeline.io import image_shards as sinks
     from pipeline.models import load_model
     from pipeline.sampling.core import sample

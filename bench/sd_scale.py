@@ -50,9 +50,9 @@ def main() -> None:
 
     from pipeline.common.config import from_dict, load_config
     from pipeline.demo import render_shape_image
-    from pipeline.distributed.generation import GenerateConfig, run_generation
     from pipeline.distributed.precompute import PrecomputeConfig, run_precompute
     from pipeline.distributed.training import run_training
+    from pipeline.generation import GenerateConfig, run_generation
     from pipeline.models import load_model
     from pipeline.training.config import TrainConfig
     from pipeline.training.objectives.dsm import denoising_score_matching

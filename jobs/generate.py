@@ -11,7 +11,7 @@ image's row and sidecar carry its condition.
 """
 
 from pipeline.common.config import job_parser, load_config, run_cli
-from pipeline.distributed.generation import GenerateConfig, run_generation
+from pipeline.generation import GenerateConfig, run_generation
 
 
 def main() -> int:

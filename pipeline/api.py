@@ -161,7 +161,9 @@ def generated_dataset(model: str, vae: str, num_images: int, seed: int = 0, **se
     are jobs.generate's config keys (images_per_shard, sampler, batch_size, sampler_actors, decoder_actors, ...);
     batch sizes default to 64 rather than a memory probe. Runs on the connected Ray cluster (ray.init first)."""
     from .common.config import from_dict
-    from .distributed.generation import GenerateConfig, decoded_shards, place_stages, run_plan
+    from .generation import GenerateConfig
+    from .generation.dag import decoded_shards, place_stages
+    from .generation.job import run_plan
     from .models import load_model
     from .vae.autoencoder import resolve_decoder, resolve_vae
 

@@ -147,5 +147,5 @@ def parquet_cells(root: Path, outside: Path, scale: int = 1) -> Counter:
     return Counter(file_too_large=2)
 
 
-CASES = {fn.__name__: fn for fn in (jpeg_scans, jpeg_slow_scans, webp_pixels, any_file_name, deep_folder, linked_containers,
-                                    long_member_name, parquet_footer, parquet_cells)}
+CASES = {fn.__name__: fn for fn in (jpeg_scans, jpeg_slow_scans, webp_pixels, any_file_name, deep_folder,
+                                    linked_containers, long_member_name, parquet_footer, parquet_cells)}

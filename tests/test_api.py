@@ -11,7 +11,7 @@ import pytest
 
 from pipeline import EBDPipeline
 from pipeline.common.config import ConfigError, EbdError
-from pipeline.distributed.generation import GenerateConfig
+from pipeline.generation import GenerateConfig
 from pipeline.sampling.noise import image_key
 from pipeline.training.config import TrainConfig
 from tests.conftest import REPO
@@ -111,7 +111,7 @@ def test_configs_built_in_python_validate_on_construction():
 
 def test_importing_the_package_leaves_the_environment_unchanged():
     code = ("import os; before = dict(os.environ); "
-            "import pipeline, pipeline.api, pipeline.vae.autoencoder, pipeline.distributed.generation, "
+            "import pipeline, pipeline.api, pipeline.vae.autoencoder, pipeline.generation, "
             "pipeline.distributed.training, pipeline.evaluation.report, pipeline.evaluation.inspection, "
             "pipeline.distributed.precompute; from pipeline import EBDPipeline; "
             "changed = sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)); "

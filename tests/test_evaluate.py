@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from pipeline.common.config import ConfigError, EbdError, from_dict
-from pipeline.distributed.generation import GenerateConfig, run_generation
 from pipeline.distributed.training import run_training
 from pipeline.evaluation.baselines import moment_matched_gaussian
 from pipeline.evaluation.evaluator_fit import FitEvaluatorConfig, fit_evaluator
 from pipeline.evaluation.features import ImageEvaluator
 from pipeline.evaluation.report import EvaluateConfig, run_evaluation
+from pipeline.generation import GenerateConfig, run_generation
 from pipeline.io.latent_shards import write_latent_dataset
 from pipeline.training.config import TrainConfig
 from tests.conftest import REPO, mixture

@@ -22,7 +22,7 @@ from PIL import Image
 
 from pipeline.api import EBDPipeline, generated_dataset
 from pipeline.common.config import EbdError, from_dict
-from pipeline.distributed.generation import GenerateConfig, run_generation
+from pipeline.generation import GenerateConfig, run_generation
 from pipeline.io.files import file_sha256
 from pipeline.models.short_run_energy import EnergyModel, EnergyModelConfig
 from pipeline.sampling.noise import image_key
@@ -191,7 +191,7 @@ def test_decoders_are_placed_on_the_advertised_gpu_and_fall_back_to_cpu(both_for
 
 
 def test_auto_puts_the_sampler_where_the_predicted_images_per_second_are_higher():
-    from pipeline.distributed.placement import plan_placement
+    from pipeline.generation.placement import plan_placement
 
     def config(**keys):
         return from_dict(GenerateConfig, dict(model="m", vae="v", output="o", sampler_device="auto",
@@ -225,7 +225,7 @@ def test_auto_puts_the_sampler_where_the_predicted_images_per_second_are_higher(
 
 def test_the_capacity_model_has_a_gpu_latency_floor_and_a_writer_cost():
     """A tiny latent is launch-bound on a GPU, not FLOP-bound, and every image costs the writer CPU time."""
-    from pipeline.distributed.placement import predicted_images_per_s
+    from pipeline.generation.placement import predicted_images_per_s
 
     flop_bound = predicted_images_per_s("gpu", 64, 1, 2.88, 0.49, 23.0, 120.0)
     floored = predicted_images_per_s("gpu", 64, 1, 2.88, 0.49, 23.0, 120.0, evaluations=12, gpu_latency_s=1e-3,

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from pipeline.common.config import ConfigError, from_dict
-from pipeline.distributed.generation import GenerateConfig, run_generation
 from pipeline.distributed.training import run_training
 from pipeline.evaluation.report import EvaluateConfig, run_evaluation
+from pipeline.generation import GenerateConfig, run_generation
 from pipeline.io.image_shards import read_generated
 from pipeline.models import KINDS, load_model
 from pipeline.models.base import PretrainedModel

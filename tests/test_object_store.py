@@ -25,9 +25,9 @@ import pytest
 
 from pipeline.common.config import EbdError, from_dict
 from pipeline.demo import write_demo_images
-from pipeline.distributed.generation import GenerateConfig, run_generation
 from pipeline.distributed.precompute import PrecomputeConfig, run_precompute
 from pipeline.distributed.training import run_training
+from pipeline.generation import GenerateConfig, run_generation
 from pipeline.io import storage
 from pipeline.io.files import read_json
 from pipeline.io.latent_shards import iter_latents, shard_paths
