@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -171,12 +171,12 @@ def generated_dataset(model: str, vae: str, num_images: int, seed: int = 0, **se
                                      "num_images": num_images, "seed": seed} | settings)
     spec, loaded = resolve_vae(cfg.vae), load_model(cfg.model)
     loaded.check_vae(spec, cfg.vae)
-    sampler = asdict(loaded.resolve_sampler(cfg.sampler))
+    sampler = loaded.resolve_sampler(cfg.sampler)
     size = cfg.batch_size or 64
     batch_sizes = {"sampler": cfg.sampler_batch_size or size, "decode": cfg.decode_batch_size or size}
     shards = list(range((num_images + cfg.images_per_shard - 1) // cfg.images_per_shard))
     decoder = resolve_decoder(cfg.decoder, spec)
-    decoded = decoded_shards(cfg, shards, sampler, decoder, place_stages(cfg, loaded, decoder, len(shards)),
+    decoded = decoded_shards(cfg, shards, sampler, decoder, place_stages(cfg, loaded, sampler, decoder, len(shards)),
                              batch_sizes, run_plan(cfg, loaded))
     return decoded.flat_map(lambda row: _image_rows(row, cfg.seed, cfg.images_per_shard))
 

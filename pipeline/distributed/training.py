@@ -10,6 +10,7 @@ command with the same run name and storage path resumes from the last checkpoint
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict
 
@@ -74,13 +75,14 @@ def run_training(cfg: TrainConfig, address: str | None = None, dashboard: bool =
                                            for p in paths],
                             "held_out": held_out,
                             "excluded_labels": cfg.exclude_labels}}
-    cfg_dict = asdict(cfg) | {"output": output}
+    worker_cfg = copy.copy(cfg)  # validated once, here: workers take it as it is (no re-parsing, no re-checks)
+    worker_cfg.output = output
     claim_run(checkpoints_at, cfg, manifest_sha)
 
     connect(address, dashboard=dashboard)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg_dict, "shards": paths, "shard_counts": {p: counts[p] for p in paths},
+        train_loop_config={"cfg": worker_cfg, "shards": paths, "shard_counts": {p: counts[p] for p in paths},
                            "latent_shape": manifest["latent"]["shape"], "metadata": metadata,
                            "prepared": prepared},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,

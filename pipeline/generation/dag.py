@@ -7,11 +7,13 @@ import logging
 import math
 
 from ..io import storage
+from ..sampling.settings import SamplerSettings
 from .config import GenerateConfig
 from .stages import DecodeStage, SampleDecodeStage, SamplerStage, absolute_spec, stage_threads, write_shard
 
 
-def place_stages(cfg: GenerateConfig, model, decoder, shards: int, recorded: str | None = None):
+def place_stages(cfg: GenerateConfig, model, sampler: SamplerSettings, decoder, shards: int,
+                 recorded: str | None = None):
     """The DAG's shape on the connected cluster (placement.plan_placement); `auto` on a cluster with GPUs weighs the
     model's and the decoder's FLOPs per image, counted here once."""
     import ray
@@ -26,20 +28,19 @@ def place_stages(cfg: GenerateConfig, model, decoder, shards: int, recorded: str
         from .placement import WRITE_CPU_S_PER_PIXEL
 
         vae = load_vae(decoder, torch.device("cpu"), torch.float32)
-        settings = model.resolve_sampler(cfg.sampler)
-        evaluations = settings.gradient_evaluations()
+        evaluations = sampler.gradient_evaluations()
         pixels = math.prod(model.config.latent_shape[1:]) * decoder.downscale_factor ** 2
-        return {"sampler_gflop": evaluation_flops(model, settings) * evaluations / 1e9, "evaluations": evaluations,
+        return {"sampler_gflop": evaluation_flops(model, sampler) * evaluations / 1e9, "evaluations": evaluations,
                 "decoder_gflop": decode_flops(vae, model.config.latent_shape) / 1e9,
-                "cpu_gflops": cfg.cpu_gflops or cpu_gflops(model, settings),
+                "cpu_gflops": cfg.cpu_gflops or cpu_gflops(model, sampler),
                 "write_cpu_s": pixels * WRITE_CPU_S_PER_PIXEL}
 
     resources = ray.cluster_resources()
     return plan_placement(cfg, resources.get("CPU", 0), resources.get("GPU", 0), shards, costs, recorded)
 
 
-def decoded_shards(cfg: GenerateConfig, shards: list[int], sampler: dict, decoder, placement, batch_sizes: dict,
-                   plan: list | None = None, progress=None, shard_chunks: dict | None = None):
+def decoded_shards(cfg: GenerateConfig, shards: list[int], sampler: SamplerSettings, decoder, placement,
+                   batch_sizes: dict, plan: list | None = None, progress=None, shard_chunks: dict | None = None):
     """The DAG's first two stages as a Ray Dataset: one row per shard {shard, latents, images, info}. `decoder`: the
     VaeSpec to decode with (the VAE, or a tiny decoder paired with it); `placement`: where they run (placement.py);
     `plan`: a conditional run's conditions."""
@@ -79,7 +80,7 @@ def decoded_shards(cfg: GenerateConfig, shards: list[int], sampler: dict, decode
                                               threads=stage_threads(cfg.decoder_cpus)))
 
 
-def build_dag(cfg: GenerateConfig, pending: list[int], sampler: dict, decoder, placement, batch_sizes: dict,
+def build_dag(cfg: GenerateConfig, pending: list[int], sampler: SamplerSettings, decoder, placement, batch_sizes: dict,
                model_id: str, plan: list | None, progress=None, shard_chunks: dict | None = None):
     return decoded_shards(cfg, pending, sampler, decoder, placement, batch_sizes, plan, progress,
                           shard_chunks).map_batches(

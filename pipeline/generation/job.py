@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict
 
 from ..common.logs import Progress, log_line
 from ..common.plugins import import_plugins
@@ -37,7 +36,7 @@ def run_generation(cfg: GenerateConfig, address: str | None = None, dashboard: b
     decoder = resolve_decoder(cfg.decoder, spec)  # the VAE itself, or a tiny decoder made for its latents
     latent_shape = list(model.config.latent_shape)
     vae_identity = spec.identity()
-    sampler = asdict(model.resolve_sampler(cfg.sampler))  # validated: one line if not
+    sampler = model.resolve_sampler(cfg.sampler)  # validated once, here (one line if not); stages take it as it is
     plan = run_plan(cfg, model)  # conditions checked against the model's labels: one line, before any work
     model_dir = storage.canonical(cfg.model)
     weights = storage.local_copy(model_dir) / "model.safetensors"  # load_model's cached copy: not fetched twice
@@ -50,7 +49,7 @@ def run_generation(cfg: GenerateConfig, address: str | None = None, dashboard: b
     connect(address, dashboard=dashboard)
     done = {j: s for j in range(num_shards) if (s := image_shards.completed_shard(out, j, cfg.format)) is not None}
     pending = [j for j in range(num_shards) if j not in done]
-    placement = place_stages(cfg, model, decoder, max(1, len(pending)), run.get("sampler_device"))
+    placement = place_stages(cfg, model, sampler, decoder, max(1, len(pending)), run.get("sampler_device"))
     batch_sizes = recorded_batch_sizes(run) or choose_batch_sizes(cfg, sampler, decoder, latent_shape, placement,
                                                                     plan)
     if "batch_sizes" not in run:

@@ -3,12 +3,15 @@ summary.json (how this run went), manifest.json (written last: the run is comple
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import numpy as np
 
 from ..common.config import EbdError
 from ..io import image_shards, storage
 from ..io.files import atomic_write, atomic_write_json, claim_run_folder, read_json
 from ..io.pictures import preview_grid
+from ..sampling.settings import SamplerSettings
 from .config import GenerateConfig
 
 RUN_FILE = "run.json"
@@ -18,8 +21,9 @@ CONTENT_KEYS = ("num_images", "seed", "format", "images_per_shard", "vae_dtype",
                  "sampler_precision")
 
 
-def claim_output(out: str, cfg: GenerateConfig, sampler: dict, model_id: str, vae_identity: dict,
-                  decoder, plan: list | None = None) -> dict:
+def claim_output(out: str, cfg: GenerateConfig, settings: SamplerSettings, model_id: str, vae_identity: dict,
+                 decoder, plan: list | None = None) -> dict:
+    sampler = asdict(settings)
     # A tiny decoder makes other pixels. None for the VAE's own decoder, which a folder from before the key
     # existed also reads as (absent), so old runs still resume.
     tiny_decoder = decoder.weights_sha256() if decoder.class_name != "AutoencoderKL" else None
@@ -37,9 +41,10 @@ def claim_output(out: str, cfg: GenerateConfig, sampler: dict, model_id: str, va
     return claim_run_folder(out, run, RUN_FILE)
 
 
-def finish(out: str, cfg: GenerateConfig, done: dict, num_shards: int, sampler: dict, model_id: str,
-            vae_identity: dict, batch_sizes: dict, placement, seconds: float, made: int,
-            latent_shape: list[int], decoder, plan: list | None = None) -> dict:
+def finish(out: str, cfg: GenerateConfig, done: dict, num_shards: int, settings: SamplerSettings, model_id: str,
+           vae_identity: dict, batch_sizes: dict, placement, seconds: float, made: int,
+           latent_shape: list[int], decoder, plan: list | None = None) -> dict:
+    sampler = asdict(settings)
     shards = [done[j] for j in range(num_shards)]
     images = sum(s["count"] for s in shards)
     if images != cfg.num_images:

@@ -7,12 +7,13 @@ from ..common.config import EbdError
 from ..common.plugins import import_plugins
 from ..io import storage
 from ..sampling.conditions import parse_condition
+from ..sampling.settings import SamplerSettings
 from .config import GenerateConfig
 from .stages import absolute_spec, stage_error, stage_threads
 
 # ------------------------------------------------------------------------------------------ batch probes
 
-def probe_sampler_batch(model_dir: str, sampler: dict, budget_bytes: int, max_batch: int, threads: int,
+def probe_sampler_batch(model_dir: str, sampler: SamplerSettings, budget_bytes: int, max_batch: int, threads: int,
                         condition: str | None = None, plugins: list[str] | None = None, use_gpu: bool = False,
                         gpu_share: float = 0.0, gpu_fraction: float = 0.8, stages: int = 1,
                         precision: str = "float32", simulated_gpu_bytes: int | None = None) -> dict:
@@ -24,14 +25,13 @@ def probe_sampler_batch(model_dir: str, sampler: dict, budget_bytes: int, max_ba
     from ..common.precision import resolve_precision
     from ..models import load_model
     from ..sampling.core import sample_latents
-    from ..sampling.settings import sampler_settings
     from ..vae.autoencoder import pick_device
 
     torch.set_num_threads(threads)
     import_plugins(plugins or [])
     device = pick_device(use_gpu)
     model = load_model(model_dir, device)
-    probe = sampler_settings(sampler).probe()  # memory per step does not grow with the number of steps or levels
+    probe = sampler.probe()  # memory per step does not grow with the number of steps or levels
     resolved = resolve_precision(device, precision)
     found = _probe(lambda n: sample_latents(model, range(n), 0, probe, None if condition is None else [condition] * n,
                                             device=device, precision=resolved),
@@ -88,7 +88,7 @@ def recorded_batch_sizes(run: dict) -> dict | None:
     return sizes
 
 
-def choose_batch_sizes(cfg: GenerateConfig, sampler: dict, decoder, latent_shape: list, placement,
+def choose_batch_sizes(cfg: GenerateConfig, sampler: SamplerSettings, decoder, latent_shape: list, placement,
                         plan: list | None = None) -> dict:
     """Configured sizes, or one probe per stage run with that stage's own resources, against its own budget (a
     fused GPU actor's two stages split its share), one after another where they share a GPU; and the precision

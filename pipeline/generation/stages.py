@@ -14,6 +14,7 @@ from ..common.plugins import import_plugins
 from ..io import image_shards, storage
 from ..sampling.conditions import conditions_for
 from ..sampling.noise import image_key
+from ..sampling.settings import SamplerSettings
 
 
 def stage_threads(cpus: float) -> int:
@@ -30,7 +31,7 @@ class SamplerStage:
     """Sampler actor: one shard's latents through the one sampling core (`sampling.core.sample_latents`), on CUDA
     when the actor got a GPU share and CUDA exists, else on CPU tensors (one log line says so)."""
 
-    def __init__(self, model_dir: str, sampler: dict, seed: int, images_per_shard: int, num_images: int,
+    def __init__(self, model_dir: str, sampler: SamplerSettings, seed: int, images_per_shard: int, num_images: int,
                  batch_size: int, threads: int, plan: list | None = None, plugins: list[str] | None = None,
                  use_gpu: bool = False, precision: str = "float32", progress=None, gpu_share: float = 0.0,
                  gpu_fraction: float = 0.8, shard_chunks: dict | None = None):
@@ -41,7 +42,6 @@ class SamplerStage:
         from ..common.metrics import StageMetrics
         from ..common.precision import resolve_precision
         from ..models import load_model
-        from ..sampling.settings import sampler_settings
         from ..vae.autoencoder import pick_device
 
         torch.set_num_threads(threads)
@@ -56,7 +56,7 @@ class SamplerStage:
         self.shard_chunks = shard_chunks or {}  # shard -> the chunk sizes it was made with (a remade shard's)
         self.model = load_model(model_dir, self.device)
         self.progress = progress  # the run's ProgressCounter actor (None outside jobs.generate)
-        self.sampler = sampler_settings(sampler)
+        self.sampler = sampler  # resolved once on the driver
         self.seed, self.per_shard, self.num_images, self.batch_size = seed, images_per_shard, num_images, batch_size
         self.plan = plan  # [[condition, count], ...] of a conditional run, else None
         self.metrics = StageMetrics("sampler")

@@ -21,7 +21,7 @@ from ..common.config import ConfigError, EbdError, from_dict, require
 _TWO_PER_LEVEL = {"heun"}
 
 
-@dataclass
+@dataclass(frozen=True)
 class LangevinSettings:
     """Short-run Langevin on a clean-data energy U(z) (the contrastive-divergence models)."""
     name: Literal["langevin"] = "langevin"
@@ -46,7 +46,7 @@ class LangevinSettings:
         return replace(self, steps=2)
 
 
-@dataclass
+@dataclass(frozen=True)
 class NoiseLevelSettings:
     """From N(0, (s^2 + sigma_max^2) I) down a schedule of noise levels to the data, on a noise-level model."""
     name: Literal["heun", "euler", "ancestral", "ddim", "dpmpp_2m", "ipndm"] = "heun"

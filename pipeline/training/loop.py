@@ -19,11 +19,12 @@ import hashlib
 import math
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from ..common.config import EbdError, from_dict
+from ..common.config import EbdError
 from ..common.logs import Progress, configure_logging, log_line
 from ..common.metrics import TrainingGauges
 from ..common.optim import adam, learning_rate, power_ema_decay, power_ema_gamma, set_learning_rate
@@ -41,7 +42,7 @@ WORKERS_DIR = "workers"   # OUTPUT/workers/rank-N.json: each worker's share of t
 def train_loop_per_worker(loop_config: dict) -> None:
     """Runs on every Ray Train worker: set up (or resume), step until max_steps, export."""
     configure_logging()  # a Ray worker process: progress lines to its stderr (ray job logs)
-    import_plugins(loop_config["cfg"].get("plugins", []))
+    import_plugins(loop_config["cfg"].plugins)  # what its model kinds and objectives register, in this process
     run = WorkerRun(loop_config)
     run.resume()
     run.start()
@@ -58,7 +59,8 @@ class WorkerRun:
         import ray.train.torch
 
         self.loop_config = loop_config
-        self.cfg = cfg = from_dict(TrainConfig, loop_config["cfg"])
+        self.cfg: TrainConfig = loop_config["cfg"]  # validated on the driver
+        cfg = self.cfg
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
@@ -229,7 +231,7 @@ class WorkerRun:
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         tensors |= {f"ema.{k}": v for k, v in self.ema.items()}
         tensors |= {f"objective.{k}": v for k, v in self.objective.state_tensors().items()}
-        save_training_state(folder, tensors, {"state": self.state, "config": self.loop_config["cfg"]}, self.optimizer)
+        save_training_state(folder, tensors, {"state": self.state, "config": asdict(self.cfg)}, self.optimizer)
 
     def _load(self, folder: Path) -> None:
         tensors, meta = load_training_state(folder, self.optimizer, self.device)
