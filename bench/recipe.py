@@ -53,12 +53,15 @@ def train_and_score(args, name: str, work: Path) -> dict:
     """Trains recipe `name`, generates 1,000 images and evaluates them; returns the table row."""
     out, log = work / name, work / f"{name}.log"
     sets = [f"cpus_per_worker={args.threads}", *RECIPES[name], *(args.set or [])]
-    tick = time.monotonic()
-    run([PYTHON, "-m", "jobs.train", "--config", args.config, "--latents", args.latents, "--output", str(out / "train"),
-         "--run-name", f"recipe-{args.data}-{name}", "--max-steps", str(args.steps),
-         *[a for s in sets for a in ("--set", s)]], log)
-    train_wall = time.monotonic() - tick
     model = out / "train" / "model"
+    trained = json.loads((model / "config.json").read_text())["training"] if (model / "config.json").exists() else {}
+    train_wall = None
+    if trained.get("steps") != args.steps:  # a row whose scoring failed keeps its model (and its training time)
+        tick = time.monotonic()
+        run([PYTHON, "-m", "jobs.train", "--config", args.config, "--latents", args.latents, "--output",
+             str(out / "train"), "--run-name", f"recipe-{args.data}-{name}", "--max-steps", str(args.steps),
+             *[a for s in sets for a in ("--set", s)]], log)
+        train_wall = round(time.monotonic() - tick, 1)
     training = json.loads((model / "config.json").read_text())["training"]
     run([PYTHON, "-m", "jobs.generate", "--config", "configs/generate.yaml", "--model", str(model), "--vae", args.vae,
          "--num-images", str(args.images), "--output", str(out / "generated")], log)
@@ -68,7 +71,7 @@ def train_and_score(args, name: str, work: Path) -> dict:
     space = next(iter(report["features"].values()))
     gen, ref, metrics = space["metrics"]["generated"], space["reference"], space["metrics"]
     return {"recipe": name, "changes": RECIPES[name], "steps": training["steps"],
-            "train_loop_s": training["loop_seconds_this_run"], "train_wall_s": round(train_wall, 1),
+            "train_loop_s": training["loop_seconds_this_run"], "train_wall_s": train_wall,
             "fd": gen["fd"], "fd_blurred": metrics.get("blurred", {}).get("fd"),
             "recognisable": gen.get("recognisable"), "recognisable_real": ref.get("recognisable"),
             "class_tv": gen.get("class_tv"), "density": gen.get("density"), "coverage": gen.get("coverage"),
