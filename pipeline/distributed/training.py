@@ -16,12 +16,13 @@ from dataclasses import asdict
 
 import torch
 
+from ..common import migrations
 from ..common.config import EbdError, from_dict, require
 from ..common.plugins import import_plugins
 from ..io import latent_shards as sh
 from ..io import storage
 from ..io.files import atomic_write, file_sha256, read_json
-from ..training.config import TrainConfig, flat_record, migrate
+from ..training.config import TrainConfig, flat_record
 from ..training.data import excluded
 from ..training.loop import train_loop_per_worker
 from ..training.objectives import OBJECTIVES
@@ -111,7 +112,7 @@ RUN_RECORD = "ebd-run.json"
 def claim_run(checkpoints_at: str, cfg: TrainConfig, manifest_sha: str) -> None:
     """Records the run's config and data beside its checkpoints, or refuses (one line) a run name whose recorded
     config or data differ, unless `allow_config_change`; local or in an object store (s3://, gs://). Records
-    written before the config had sections compare by what they meant (`training.config.migrate`)."""
+    written before the config had sections compare by what they meant (`common.migrations.train_config`)."""
     path = storage.join(checkpoints_at, cfg.run_name, RUN_RECORD)
     record = {"config": {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_KEYS},
               "latents_manifest_sha256": manifest_sha}
@@ -141,7 +142,7 @@ def claim_run(checkpoints_at: str, cfg: TrainConfig, manifest_sha: str) -> None:
 def _comparable(config: dict) -> dict:
     """A recorded config as `key` / `section.key` values with every default filled in and the sampler resolved."""
     known = set(TrainConfig.__dataclass_fields__)
-    values = {k: v for k, v in migrate(dict(config)).items() if k in known and k not in RESUMABLE_KEYS}
+    values = {k: v for k, v in migrations.train_config(dict(config)).items() if k in known and k not in RESUMABLE_KEYS}
     return {k: v for k, v in flat_record(from_dict(TrainConfig, values | {"output": "-"})).items()
             if k not in RESUMABLE_KEYS}
 

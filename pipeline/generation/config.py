@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ..common import migrations
 from ..common.config import JobConfig, require
 from ..common.plugins import import_plugins
 from ..sampling.conditions import load_plan
@@ -80,17 +81,8 @@ class GenerateConfig(JobConfig):
 
     @classmethod
     def migrate(cls, values: dict) -> dict:
-        """Keys of older configs: langevin_actors, langevin_cpus, langevin_batch_size (the sampler stage ran only
-        Langevin once), and langevin_steps / _step_size / _noise_scale (now keys of `sampler`)."""
-        values = dict(values)
-        for old, new in RENAMED.items():
-            if old in values:
-                values.setdefault(new, values.pop(old))
-        short_run = {new: values.pop(old) for old, new in SHORT_RUN.items() if old in values}
-        short_run = {k: v for k, v in short_run.items() if v is not None}
-        if short_run:
-            values["sampler"] = short_run | dict(values.get("sampler") or {})
-        return values
+        """Keys of older configs in today's names (common/migrations.py)."""
+        return migrations.generate_config(values)
 
     def validate(self) -> None:
         for name in ("model", "vae", "output"):
@@ -121,9 +113,3 @@ class GenerateConfig(JobConfig):
         require(self.simulate_gpu_memory_gb is None or self.simulate_gpu_memory_gb > 0,
                 "simulate_gpu_memory_gb must be > 0")
         require(self.metrics_port is None or 0 <= self.metrics_port < 65536, "metrics_port must be a port number")
-
-
-RENAMED = {"langevin_actors": "sampler_actors", "langevin_cpus": "sampler_cpus",
-           "langevin_batch_size": "sampler_batch_size"}
-SHORT_RUN = {"langevin_steps": "steps", "langevin_step_size": "step_size", "langevin_noise_scale": "noise_scale"}
-

@@ -3,6 +3,7 @@ folder's run.json recorded (a resumed run keeps them, so its shards stay byte-id
 
 from __future__ import annotations
 
+from ..common import migrations
 from ..common.config import EbdError
 from ..common.plugins import import_plugins
 from ..io import storage
@@ -80,12 +81,8 @@ def _probe(work, device, budget_bytes: int, max_batch: int, gpu_share: float, gp
 
 
 def recorded_batch_sizes(run: dict) -> dict | None:
-    """The batch sizes a folder's run.json records (folders written before the sampler stage had its name call its
-    size langevin)."""
-    sizes = run.get("batch_sizes")
-    if sizes and "langevin" in sizes:
-        sizes = {("sampler" if k == "langevin" else k): v for k, v in sizes.items()}
-    return sizes
+    """The batch sizes a folder's run.json records, in today's keys."""
+    return migrations.batch_sizes(run.get("batch_sizes"))
 
 
 def choose_batch_sizes(cfg: GenerateConfig, sampler: SamplerSettings, decoder, latent_shape: list, placement,

@@ -14,8 +14,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
+from ..common import migrations
 from ..common.config import ConfigError, EbdError, from_dict, require
 
+# The one list of the noise-level samplers' names (each a function in samplers.SAMPLERS).
+NOISE_LEVEL_SAMPLERS = ("heun", "euler", "ancestral", "ddim", "dpmpp_2m", "ipndm")
 # Network evaluations per chain at n levels: Heun takes two per level but the last (its final step is a
 # denoising Euler step), every other noise-level sampler one.
 _TWO_PER_LEVEL = {"heun"}
@@ -49,7 +52,7 @@ class LangevinSettings:
 @dataclass(frozen=True)
 class NoiseLevelSettings:
     """From N(0, (s^2 + sigma_max^2) I) down a schedule of noise levels to the data, on a noise-level model."""
-    name: Literal["heun", "euler", "ancestral", "ddim", "dpmpp_2m", "ipndm"] = "heun"
+    name: Literal[NOISE_LEVEL_SAMPLERS] = "heun"
     levels: int = 25                 # noise levels of the schedule; network evaluations: levels (heun: 2 levels - 1)
     sigma_min: float = 0.002
     sigma_max: float = 80.0
@@ -86,8 +89,7 @@ class NoiseLevelSettings:
 
 
 AnnealedSettings = NoiseLevelSettings  # the name before the family grew beyond annealing
-SETTINGS = {"langevin": LangevinSettings, **{name: NoiseLevelSettings for name in
-                                              ("heun", "euler", "ancestral", "ddim", "dpmpp_2m", "ipndm")}}
+SETTINGS = {"langevin": LangevinSettings, **{name: NoiseLevelSettings for name in NOISE_LEVEL_SAMPLERS}}
 SamplerSettings = LangevinSettings | NoiseLevelSettings
 
 
@@ -98,9 +100,7 @@ def sampler_settings(values: dict) -> SamplerSettings:
     name = values.get("name", "langevin")
     if name not in SETTINGS:
         raise EbdError(f"unknown sampler {name!r} (known: {', '.join(SETTINGS)})")
-    if name == "ddim" and "steps" in values:
-        values = {k: v for k, v in values.items() if k != "steps"} | {"levels": values["steps"], "schedule": "model"}
-    return from_dict(SETTINGS[name], values | {"name": name})
+    return from_dict(SETTINGS[name], migrations.sampler_record(values) | {"name": name})
 
 
 def with_overrides(settings: SamplerSettings, overrides: dict | None, owner: str | None = None) -> SamplerSettings:
@@ -112,6 +112,4 @@ def with_overrides(settings: SamplerSettings, overrides: dict | None, owner: str
         family = [n for n, cls in SETTINGS.items() if cls is type(settings)]
         raise ConfigError(f"{owner} samples with {' or '.join(family)}, not {name!r}: set the sampler section's name "
                           "to one of those, or leave it out")
-    if name == "ddim" and "steps" in overrides:  # DDIM's old key for its levels
-        overrides = {k: v for k, v in overrides.items() if k != "steps"} | {"levels": overrides["steps"]}
-    return sampler_settings(asdict(settings) | overrides)
+    return sampler_settings(asdict(settings) | migrations.sampler_overrides(overrides, name))

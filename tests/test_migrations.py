@@ -1,0 +1,37 @@
+"""Configs and records from older versions load as today's, through the one migrations module, and nothing past
+loading sees an old key."""
+
+from __future__ import annotations
+
+from pipeline.common import migrations
+from pipeline.common.config import from_dict
+from pipeline.generation import GenerateConfig
+from pipeline.sampling.settings import NoiseLevelSettings, sampler_settings, with_overrides
+from pipeline.training.config import TrainConfig
+
+
+def test_an_old_generate_config_loads_with_its_langevin_keys_in_todays_places():
+    cfg = from_dict(GenerateConfig, {"model": "m", "vae": "v", "output": "o", "langevin_actors": 3,
+                                     "langevin_cpus": 2.0, "langevin_steps": 60, "langevin_step_size": 0.05})
+    assert (cfg.sampler_actors, cfg.sampler_cpus) == (3, 2.0)
+    assert cfg.sampler == {"steps": 60, "step_size": 0.05}
+
+
+def test_an_old_flat_train_config_loads_into_its_objective_and_sampler_sections():
+    cfg = from_dict(TrainConfig, {"latents": "l", "output": "o", "objective": "dsm", "channels": [32, 64],
+                                  "sampler": "ipndm", "sampler_levels": 12})
+    assert cfg.objective.name == "dsm" and list(cfg.objective.channels) == [32, 64]
+    assert cfg.sampler == {"name": "ipndm", "levels": 12}
+
+
+def test_a_saved_ddim_record_means_the_models_timesteps_and_an_override_of_steps_means_levels():
+    saved = sampler_settings({"name": "ddim", "steps": 30, "eta": 0.5})
+    assert (saved.levels, saved.schedule, saved.eta) == (30, "model", 0.5)
+    karras = NoiseLevelSettings("ddim", 20)
+    changed = with_overrides(karras, {"steps": 8})
+    assert (changed.levels, changed.schedule) == (8, "karras")  # the schedule stays the model's saved one
+
+
+def test_a_run_folders_langevin_batch_size_reads_as_the_sampler_stages():
+    assert migrations.batch_sizes({"langevin": 32, "decode": 8}) == {"sampler": 32, "decode": 8}
+    assert migrations.batch_sizes(None) is None
