@@ -10,28 +10,19 @@ model fails it.
 
 import sys
 
-from pipeline.common.config import job_parser, load_config, run_cli
+from pipeline.common.config import job_parser, load_job_config, run_cli
 from pipeline.evaluation.report import EvaluateConfig, plain_summary, run_evaluation
 
 
 def main() -> int:
-    p = job_parser("jobs.evaluate", __doc__, address=False)
-    p.add_argument("--generated", help="(required) output folder of jobs.generate")
-    p.add_argument("--reference", help="(required) latents folder (jobs.precompute output) holding the held-out shards")
-    p.add_argument("--output", help="(required) folder for report.json, report.md and the pictures")
-    p.add_argument("--evaluator", help="evaluator folder (jobs.fit_evaluator) fitted for the run's VAE")
-    p.add_argument("--inception-weights", help="local FID Inception weights file (pt_inception-2015-12-05)")
-    p.add_argument("--train-latents", help="training latents, when they are not in --reference")
-    p.add_argument("--model", help="the model folder, when it moved since generation")
+    p = job_parser("jobs.evaluate", __doc__, address=False, config=EvaluateConfig,
+                   flags=("generated", "reference", "output", "evaluator", "inception_weights", "train_latents",
+                          "model", "num_samples"), required=("generated", "reference", "output"))
     p.add_argument("--compare", action="append", metavar="GEN_DIR",
                    help="another generation run of the same VAE to score as an extra row (repeatable)")
-    p.add_argument("--num-samples", type=int, help="samples per set (default 1000)")
     p.add_argument("--check", action="store_true", help="exit 1 unless every check of the verdict passes")
     args = p.parse_args()
-    cfg = load_config(EvaluateConfig, args.config, args.set, generated=args.generated, reference=args.reference,
-                      output=args.output, evaluator=args.evaluator, inception_weights=args.inception_weights,
-                      train_latents=args.train_latents, model=args.model, num_samples=args.num_samples,
-                      compare=args.compare)
+    cfg = load_job_config(args, compare=args.compare)
     report = run_evaluation(cfg)
     for name, space in report["features"].items():
         gen, ref = space["metrics"]["generated"], space["reference"]

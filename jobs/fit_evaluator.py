@@ -7,19 +7,15 @@ evaluator in models/demo/evaluator/ was made by:
 Trains on the latents' training shards decoded by their VAE; measures accuracy on the held-out shards.
 """
 
-from pipeline.common.config import job_parser, load_config, run_cli
+from pipeline.common.config import job_parser, load_job_config, run_cli
 from pipeline.evaluation.evaluator_fit import FitEvaluatorConfig, fit_evaluator
 
 
 def main() -> int:
-    p = job_parser("jobs.fit_evaluator", __doc__, address=False)
-    p.add_argument("--latents", help="(required) latents folder (jobs.precompute output) with labels")
-    p.add_argument("--output", help="(required) evaluator folder (config.json + model.safetensors)")
-    p.add_argument("--vae", help="VAE folder, if not the one the latents' manifest records")
-    p.add_argument("--steps", type=int, help="optimisation steps (overrides the config)")
+    p = job_parser("jobs.fit_evaluator", __doc__, address=False, config=FitEvaluatorConfig,
+                   flags=("latents", "output", "vae", "steps"), required=("latents", "output"))
     args = p.parse_args()
-    cfg = load_config(FitEvaluatorConfig, args.config, args.set, latents=args.latents, output=args.output,
-                      vae=args.vae, steps=args.steps)
+    cfg = load_job_config(args)
     config = fit_evaluator(cfg)
     held = config["held_out"]
     extra = (f"; held-out decoded latents: accuracy {held['accuracy']:.3f}, recognised {held['recognised']:.3f}"

@@ -6,17 +6,15 @@ pipeline/vae/fit.py). The demo's VAE in models/demo/ was made by:
 Re-running the same command resumes from OUTPUT/checkpoint/, or does nothing when the fit is complete.
 """
 
-from pipeline.common.config import job_parser, load_config, run_cli
+from pipeline.common.config import job_parser, load_job_config, run_cli
 from pipeline.vae.fit import FitVaeConfig, fit_vae
 
 
 def main() -> int:
-    p = job_parser("jobs.fit_vae", __doc__, address=False)
-    p.add_argument("--input", help="(required) images: a folder tree, webdataset tars or parquet files")
-    p.add_argument("--output", help="(required) checkpoint folder (gets vae/ and model_index.json)")
-    p.add_argument("--steps", type=int, help="optimisation steps (overrides the config)")
+    p = job_parser("jobs.fit_vae", __doc__, address=False, config=FitVaeConfig, flags=("input", "output", "steps"),
+                   required=("input", "output"))
     args = p.parse_args()
-    cfg = load_config(FitVaeConfig, args.config, args.set, input=args.input, output=args.output, steps=args.steps)
+    cfg = load_job_config(args)
     record = fit_vae(cfg)
     print(f"[fit_vae] {record['steps']} steps in {record['train_seconds']} s; held-out PSNR "
           f"{record['held_out_psnr_db']} dB; scaling_factor {record['scaling_factor']}; VAE in {cfg.output}/vae")

@@ -8,21 +8,15 @@ behind the pictures). Runs on CPU, in process, without Ray (see pipeline/evaluat
 section shows).
 """
 
-from pipeline.common.config import job_parser, load_config, run_cli
+from pipeline.common.config import job_parser, load_job_config, run_cli
 from pipeline.evaluation.inspection import PAGE, InspectConfig, run_inspection
 
 
 def main() -> int:
-    p = job_parser("jobs.inspect", __doc__, address=False)
-    p.add_argument("--model", help="model folder (config.json + model.safetensors); omit for the data alone")
-    p.add_argument("--vae", help="(required) Stable Diffusion checkpoint folder (with vae/) or AutoencoderKL folder")
-    p.add_argument("--latents", help="latents folder (jobs.precompute output): the real data to compare with")
-    p.add_argument("--output", help="(required) folder for index.html, the PNGs and inspect.json")
-    p.add_argument("--chains", type=int, help="chains behind the curves and histograms (default 64)")
-    p.add_argument("--seed", type=int, help="run seed of the chains shown (default 0)")
+    p = job_parser("jobs.inspect", __doc__, address=False, config=InspectConfig,
+                   flags=("model", "vae", "latents", "output", "chains", "seed"), required=("vae", "output"))
     args = p.parse_args()
-    cfg = load_config(InspectConfig, args.config, args.set, model=args.model, vae=args.vae, latents=args.latents,
-                      output=args.output, chains=args.chains, seed=args.seed)
+    cfg = load_job_config(args)
     data = run_inspection(cfg)
     print(f"[inspect] page: {cfg.output}/{PAGE} ({data['seconds']:.0f} s)")
     return 0

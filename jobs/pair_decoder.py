@@ -8,24 +8,20 @@ DIR/ebd_pairs_with.json. Whether the pixels agree is yours to judge: TAESD is ma
 for SDXL's; a decoder paired with the wrong family decodes garbage.
 """
 
-import argparse
 import logging
-import sys
 
-from pipeline.common.config import run_cli
-from pipeline.vae.autoencoder import pair_decoder, resolve_vae
+from pipeline.common.config import job_parser, load_job_config, run_cli
+from pipeline.vae.autoencoder import PairDecoderConfig, pair_decoder, resolve_vae
 
 log = logging.getLogger("ebd")
 
 
 def main() -> int:
-    prog = sys.argv[0] if sys.argv[0].startswith("ebd ") else "python -m jobs.pair_decoder"
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.strip().splitlines()[0])
-    p.add_argument("--decoder", required=True, help="AutoencoderTiny folder (config.json + safetensors)")
-    p.add_argument("--vae", required=True, help="the VAE whose latents it decodes (SD checkpoint or VAE folder)")
-    args = p.parse_args()
-    path = pair_decoder(args.decoder, resolve_vae(args.vae))
-    log.info("%s: %s now decodes the latents of the VAE in %s", path, args.decoder, args.vae)
+    p = job_parser("jobs.pair_decoder", __doc__, address=False, config=PairDecoderConfig, flags=("decoder", "vae"),
+                   required=("decoder", "vae"))
+    cfg = load_job_config(p.parse_args())
+    path = pair_decoder(cfg.decoder, resolve_vae(cfg.vae))
+    log.info("%s: %s now decodes the latents of the VAE in %s", path, cfg.decoder, cfg.vae)
     return 0
 
 

@@ -14,10 +14,13 @@ random one (`write_sd_style_vae`); the demo ships one fitted to these images (`j
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from .common.config import JobConfig, require
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond")
 BACKGROUNDS = ("flat", "gradient", "stripes", "checker")
@@ -83,6 +86,18 @@ def _has_labels(path: Path) -> bool:
         return False
     with tarfile.open(path) as tar:
         return any(name.endswith(".json") for name in tar.getnames())
+
+
+@dataclass
+class DemoAssetsConfig(JobConfig):
+    output: str | None = None                    # folder for the images (OUTPUT/images) and their labels
+    num_images: int = 10000                      # images to render
+    size: int = 64                               # image side in pixels
+    seed: int = 0                                # random seed
+
+    def validate(self) -> None:
+        require(self.output is not None, "missing output: pass --output or set it in the config")
+        require(self.num_images >= 1 and self.size >= 16, "num_images must be >= 1 and size >= 16")
 
 
 def write_demo_images(folder: str | Path, count: int, size: int = 64, seed: int = 0,

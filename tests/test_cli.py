@@ -217,3 +217,40 @@ def test_numbers_parse_as_yaml_1_2_and_senseless_values_are_refused():
                              ("cpus_per_worker=0", "cpus_per_worker must be > 0"), ("seed=-3", "seed must be >= 0")):
         with pytest.raises(ConfigError, match=message):
             load_config(TrainConfig, "configs/train.yaml", [setting], latents="l", output="o")
+
+
+JOBS = sorted(p.stem for p in (REPO / "jobs").glob("*.py") if p.stem not in ("__init__", "cli"))
+
+
+@pytest.mark.parametrize("job", JOBS)
+def test_every_job_shows_its_effective_config_and_names_a_mistyped_key(job, capsys):
+    """The same front for every job (flags made from its config): --show-config lists the keys with a flag's value
+    applied, and a mistyped --set key is one line with a suggestion, exit 2."""
+    import importlib
+
+    module = importlib.import_module(f"jobs.{job}")
+    parser_args = {"generate": ["--num-images", "7"], "demo_assets": ["--size", "32"], "train": ["--max-steps", "7"]}
+    argv = sys.argv
+    try:
+        sys.argv = [f"python -m jobs.{job}", "--show-config", *parser_args.get(job, [])]
+        from pipeline.common import config as config_module
+        config_module.SHOW_CONFIG = True
+        with pytest.raises(SystemExit) as shown:
+            module.main()
+        assert shown.value.code == 0
+        listing = capsys.readouterr().out
+        assert listing.startswith("# ") and "the effective config" in listing
+        if job in parser_args:
+            key = parser_args[job][0][2:].replace("-", "_")
+            assert f"\n{key}: {parser_args[job][1]}" in listing
+        config_module.SHOW_CONFIG = False
+        first_key = listing.splitlines()[1].split(":")[0]
+        sys.argv = [f"python -m jobs.{job}", "--set", f"{first_key}x=1"]
+        with pytest.raises(SystemExit) as wrong:
+            config_module.run_cli(module.main)
+        assert wrong.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"did you mean '{first_key}'?" in err
+    finally:
+        sys.argv = argv
+        config_module.SHOW_CONFIG = False

@@ -271,9 +271,11 @@ def _describe(hint: Any) -> str:
     return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
 
 
-def job_parser(module: str, doc: str, address: bool = True):
-    """An argparse parser with the flags every job shares: --config, --set KEY=VALUE and, for jobs that run on a
-    Ray cluster, --address."""
+def job_parser(module: str, doc: str, address: bool = True, config: type | None = None, flags: tuple[str, ...] = (),
+               required: tuple[str, ...] = ()):
+    """An argparse parser with the flags every job shares: --config, --set KEY=VALUE, --show-config and, for jobs
+    that run on a Ray cluster, --address; plus a `--key` flag for each config key in `flags` (its type and choices
+    from the field, its help from the field's comment; `required` ones say so). `load_job_config` reads them."""
     import argparse
 
     prog = sys.argv[0] if sys.argv[0].startswith("ebd ") else f"python -m {module}"  # the `ebd` command, or -m
@@ -290,7 +292,34 @@ def job_parser(module: str, doc: str, address: bool = True):
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     parser.add_argument("--show-config", action="store_true",
                         help="print the effective config (defaults, then --config, --set and flags) and exit")
+    if config is not None:
+        hints, comments = typing.get_type_hints(config), _field_comments(config)
+        for key in flags:
+            kind, choices = _flag_type(hints[key])
+            note = ("(required) " if key in required else "") + (comments.get(key) or f"the config key {key}")
+            parser.add_argument(f"--{key.replace('_', '-')}", dest=key, type=kind, choices=choices,
+                                help=note.replace("%", "%%"))
+        parser.set_defaults(config_class=config, config_flags=tuple(flags))
     return parser
+
+
+def load_job_config(args, **more: Any):
+    """The job's config from a `job_parser` parser's arguments: the file, then --set, then the config flags given
+    (and `more` keys a job reads its own way, e.g. a repeatable flag)."""
+    flags = {k: getattr(args, k) for k in args.config_flags}
+    return load_config(args.config_class, args.config, args.set, **flags, **more)
+
+
+def _flag_type(hint: Any) -> tuple[type, list | None]:
+    """A config field's command-line type: its Literal's choices, else int, float or str (a mapping is a file)."""
+    options = [h for h in typing.get_args(hint) if h is not type(None)] \
+        if typing.get_origin(hint) in (Union, types.UnionType) else [hint]
+    for option in options:
+        if typing.get_origin(option) is Literal:
+            return str, list(typing.get_args(option))
+        if option in (int, float):
+            return option, None
+    return str, None
 
 
 def run_cli(main) -> None:

@@ -38,10 +38,10 @@ RUN_FILE = "run.json"  # what this folder was started with; a resumed run must m
 
 @dataclass
 class PrecomputeConfig(JobConfig):
-    input: str | None = None
-    vae: str | None = None
-    output: str | None = None
-    input_format: Literal["auto", "folder", "webdataset", "parquet"] = "auto"
+    input: str | None = None                     # image folder, tar shard(s) or parquet file(s)
+    vae: str | None = None                       # a Stable Diffusion checkpoint (with vae/) or AutoencoderKL folder
+    output: str | None = None                    # folder for the latent shards and their manifest
+    input_format: Literal["auto", "folder", "webdataset", "parquet"] = "auto"  # auto: by what --input holds
     vae_subfolder: str | None = "auto"           # "auto": PATH/vae if it exists (an SD checkpoint), else PATH
     resolution: int = 512                        # pixels; a multiple of the VAE's downscale factor
     shard_size: int = 1000                       # input items per output shard (rejects included)

@@ -44,7 +44,7 @@ from .features import ImageEvaluator, to_network_input
 @dataclass
 class FitEvaluatorConfig(JobConfig):
     latents: str | None = None                   # precompute output: latents and their labels
-    output: str | None = None
+    output: str | None = None                    # evaluator folder (config.json + model.safetensors)
     vae: str | None = None                       # default: the VAE the latents' manifest records
     kind: Literal["auto", "classifier", "contrastive"] = "auto"
     holdout_shards: int = 1                      # as jobs.train: the last N shards are the held-out measurement
@@ -53,7 +53,7 @@ class FitEvaluatorConfig(JobConfig):
     widths: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
     feature_dim: int = 128                       # the feature space (penultimate layer)
     projection_dim: int = 64                     # contrastive head
-    steps: int = 3000
+    steps: int = 3000                            # optimisation steps
     batch_size: int = 64
     lr: float = 2e-3                             # AdamW peak; linear warm-up, cosine decay
     weight_decay: float = 1e-4

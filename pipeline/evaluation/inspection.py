@@ -47,7 +47,7 @@ PAGE = "index.html"
 
 @dataclass
 class InspectConfig(JobConfig):
-    output: str = ""
+    output: str = ""                  # folder for index.html, the PNGs and inspect.json
     vae: str = ""                     # the VAE folder (Stable Diffusion layout) that decodes the latents
     model: str | None = None          # a model folder; without it, an x-ray of --latents alone
     latents: str | None = None        # a latents folder (jobs.precompute output): the real data to compare with
@@ -61,7 +61,7 @@ class InspectConfig(JobConfig):
     neighbours: int = 6               # samples shown beside their nearest training latents
     neighbours_k: int = 4
     max_latents: int = 4096           # real latents read, per split
-    seed: int = 0
+    seed: int = 0                     # run seed of the chains shown
 
     def validate(self) -> None:
         require(bool(self.output), "--output is required")

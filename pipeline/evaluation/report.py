@@ -76,13 +76,13 @@ REPORT_FORMAT = "ebd.report/2"
 class EvaluateConfig(JobConfig):
     generated: str | None = None                 # output folder of jobs.generate (needs save_latents: true)
     reference: str | None = None                 # latents folder (precompute output) with the held-out shards
-    output: str | None = None
+    output: str | None = None                    # folder for report.json, report.md and the pictures
     evaluator: str | None = None                 # ImageEvaluator folder (jobs.fit_evaluator) for this VAE
     inception_weights: str | None = None         # local FID Inception weights file (never downloaded)
     train_latents: str | None = None             # where the training latents are, if not in `reference`
     model: str | None = None                     # the model folder, if it moved since generation
     compare: list[str] = field(default_factory=list)  # other generation runs (same VAE) scored as extra rows
-    num_samples: int = 1000
+    num_samples: int = 1000                      # samples per set
     memorisation_pool: int = 5000                # training latents decoded for the nearest-neighbour search
     raw_images: bool = True                      # also score the raw held-out images (read from the inputs)
     pool: int = 4                                # latents are pooled to C x pool x pool

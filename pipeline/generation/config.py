@@ -13,19 +13,19 @@ from ..sampling.conditions import load_plan
 
 @dataclass
 class GenerateConfig(JobConfig):
-    model: str | None = None                     # a trained model folder (config.json + model.safetensors), any kind
-    vae: str | None = None                       # local SD checkpoint folder or AutoencoderKL folder
+    model: str | None = None                     # trained EBM folder (config.json + model.safetensors), any kind
+    vae: str | None = None                       # a Stable Diffusion checkpoint (with vae/) or AutoencoderKL folder
     # A tiny decoder (AutoencoderTiny folder paired with the VAE, see `ebd pair-decoder`) to decode with instead of
     # the VAE's own decoder: about 18x fewer FLOPs at Stable Diffusion's sizes, softer images.
     decoder: str | None = None
-    output: str | None = None
-    num_images: int | None = None                # null: 1000, or the conditions' total
+    output: str | None = None                    # folder for the shards, manifest, preview and summary
+    num_images: int | None = None                # images to make (null: 1000, or the conditions' total)
     # Conditional models (conditions.py): one condition for every image ("shape=ring AND background=checker"), or a
     # mix, condition -> count (a mapping, or the path of a YAML/JSON file of one; read once, when the config loads).
     condition: str | None = None
-    conditions: dict[str, int] | str | None = None
-    seed: int = 0
-    format: Literal["parquet", "webdataset", "both"] = "both"
+    conditions: dict[str, int] | str | None = None  # condition -> count, or a YAML/JSON file of it: a mix
+    seed: int = 0                                # run seed: image i's key and noise derive from (seed, i)
+    format: Literal["parquet", "webdataset", "both"] = "both"  # shards to write: parquet/, webdataset/ or both
     images_per_shard: int = 256
     save_latents: bool = True                    # each latent too (parquet: float32 array, tar: float16 .npy)
     # Sampler: the model's saved settings, with these keys changed (e.g. {levels: 10} or {mala_levels: 3}; a
@@ -72,7 +72,7 @@ class GenerateConfig(JobConfig):
     # Metrics
     plugins: list[str] = field(default_factory=list)  # modules to import first: they register model kinds
     metrics_port: int | None = None              # serve ebd_* metrics on this port (0: any free port)
-    metrics_host: str = "127.0.0.1"
+    metrics_host: str = "127.0.0.1"              # bind address of the metrics endpoint
     pushgateway: str | None = None               # push final values here when the job ends
     metrics_linger_s: float = 0.0                # keep the endpoint up this long after the end (one scrape)
     progress_interval_s: float = 5.0

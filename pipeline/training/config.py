@@ -22,9 +22,9 @@ from .objectives import OBJECTIVES, objective_settings
 
 @dataclass
 class TrainConfig(JobConfig):
-    latents: str | None = None
-    output: str | None = None
-    run_name: str = "ebd-train"
+    latents: str | None = None               # output folder of the precompute job
+    output: str | None = None                # folder for the model export and worker records
+    run_name: str = "ebd-train"              # Ray Train run name: the same name resumes
     storage_path: str | None = None          # Ray Train checkpoints; default OUTPUT/checkpoints (shared storage!)
     # What is trained, and how it will be sampled: training/objectives/ (dsm: a noise-conditional energy by denoising
     # score matching, the default; cd: short-run contrastive divergence; ddpm: the noise-prediction baseline).
@@ -37,7 +37,7 @@ class TrainConfig(JobConfig):
     cpus_per_worker: float = 1.0
     max_failures: int = 0                    # Ray Train restarts after a worker dies
     # optimisation
-    max_steps: int = 2000
+    max_steps: int = 2000                    # optimisation steps
     batch_size: int = 64                     # per worker
     lr: float = 1e-4
     beta1: float = 0.0                       # 0 suits CD's non-stationary negatives; 0.9 suits dsm

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..common.config import ConfigError
+from ..common.config import ConfigError, JobConfig, require
 from ..io import storage
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -151,6 +151,16 @@ def resolve_decoder(path: str | Path | None, vae: VaeSpec) -> VaeSpec:
                           f"{', '.join(h[:12] + '...' for h in pairs_with) or 'none'}), not {vae.path}")
     _check_decoder_shapes(spec, vae)
     return spec
+
+
+@dataclass
+class PairDecoderConfig(JobConfig):
+    decoder: str | None = None                   # AutoencoderTiny folder (config.json + safetensors)
+    vae: str | None = None                       # the VAE whose latents it decodes (SD checkpoint or VAE folder)
+
+    def validate(self) -> None:
+        for name in ("decoder", "vae"):
+            require(getattr(self, name) is not None, f"missing {name}: pass --{name} or set it in the config")
 
 
 def pair_decoder(decoder_dir: str | Path, vae: VaeSpec) -> Path:

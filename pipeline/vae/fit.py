@@ -52,7 +52,7 @@ RECORD_FILE = "fit_vae.json"
 @dataclass
 class FitVaeConfig(JobConfig):
     input: str | None = None                     # any image source precompute reads (folder, tars, parquet)
-    output: str | None = None
+    output: str | None = None                    # checkpoint folder (gets vae/ and model_index.json)
     resolution: int = 64
     # AutoencoderKL architecture: 2 ** (len(block_out_channels) - 1) is the down-sampling factor (8, as in SD)
     block_out_channels: list[int] = field(default_factory=lambda: [8, 16, 32, 64])
@@ -60,7 +60,7 @@ class FitVaeConfig(JobConfig):
     layers_per_block: int = 1
     norm_num_groups: int = 8
     # optimisation
-    steps: int = 3000
+    steps: int = 3000                            # optimisation steps
     batch_size: int = 32
     lr: float = 2e-3                             # peak; linear warm-up, then cosine decay to lr / 20
     warmup_steps: int = 100
