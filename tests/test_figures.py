@@ -1,0 +1,81 @@
+"""Figures quoted in the README, docs, Makefile comments and model cards agree with the record they come from: a
+model folder's own training record (config.json, fit_vae.json) or the bench table it links (bench/pareto.md). A
+figure retold in prose and then changed at its source fails here, not in a reader's hands."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from tests.conftest import REPO
+
+DEMO = REPO / "models" / "demo"
+
+
+def minutes(seconds: float) -> str:
+    return str(round(seconds / 60))
+
+
+def training_seconds(folder: str) -> float:
+    return json.loads((DEMO / folder / "config.json").read_text())["training"]["loop_seconds_this_run"]
+
+
+def pareto_row(solver: str, evaluations: int, model: str = "energy") -> dict:
+    """One row of bench/pareto.md's table, by its model, solver and evaluations."""
+    lines = (REPO / "bench" / "pareto.md").read_text().splitlines()
+    header = next(line for line in lines if line.startswith("| model | solver |"))
+    names = [c.strip() for c in header.strip("|").split("|")]
+    for line in lines:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == len(names) and cells[:3] == [model, solver, str(evaluations)]:
+            return {name: cell for name, cell in zip(names, cells)}
+    raise AssertionError(f"bench/pareto.md has no row {model} {solver} {evaluations}")
+
+
+def rounded(text: str, places: int) -> str:
+    return f"{float(text):.{places}f}"
+
+
+VAE = json.loads((DEMO / "fit_vae.json").read_text())
+IPNDM, HEUN = pareto_row("ipndm", 12), pareto_row("heun", 49)
+BF16 = pareto_row("ipndm (precision=bfloat16)", 12)
+
+# (file, pattern whose group is the quoted figure, the figure its source gives)
+QUOTES = [
+    # the demo energy's training time: its config.json
+    ("Makefile", r"about (\d+) minutes on 2 CPUs; DEMO_TRAIN_ARGS", minutes(training_seconds("ebm"))),
+    ("docs/demo.md", r"configs/train-demo.yaml`, about (\d+) minutes", minutes(training_seconds("ebm"))),
+    ("docs/demo.md", r"first 9 latent shards \((\d+) minutes\)", minutes(training_seconds("ebm"))),
+    ("models/demo/ebm/README.md", r"Training loop [\d,]+ s \((\d+) minutes\)", minutes(training_seconds("ebm"))),
+    ("models/demo/unet/README.md", r"took 9,000 steps in (\d+) minutes", minutes(training_seconds("ebm"))),
+    ("models/demo/unet/README.md", r"Training loop [\d,]+ s \((\d+) minutes\)", minutes(training_seconds("unet"))),
+    ("docs/demo.md", r"sampled by DDIM;\s+(\d+) minutes", minutes(training_seconds("unet"))),
+    ("docs/demo.md", r"it replaced \((\d+) minutes", minutes(training_seconds("ebm-cd"))),
+    # the demo VAE: fit_vae.json
+    ("Makefile", r"the VAE \(about (\d+) minutes on 2 CPUs\)", minutes(VAE["train_seconds"])),
+    ("Makefile", r"the demo VAE's recipe \(about\s+#\s+(\d+) minutes", minutes(VAE["train_seconds"])),
+    ("docs/demo.md", r"\((\d+) minutes on 2 CPUs; \[fit-vae.md", minutes(VAE["train_seconds"])),
+    ("models/demo/README.md", r"Wall time: [\d,]+ s \((\d+) minutes\)", minutes(VAE["train_seconds"])),
+    ("docs/demo.md", r"held-out PSNR (\d+\.\d) dB", f"{VAE['held_out_psnr_db']:.1f}"),
+    # sample quality: bench/pareto.md
+    ("README.md", r"iPNDM with 12 gradients \([\d.]+ GFLOP/image\): FD (\d+\.\d\d)", rounded(IPNDM["FD"], 2)),
+    ("README.md", r"iPNDM with 12 gradients \([\d.]+ GFLOP/image\): FD [\d.]+, class TV (\d\.\d+)",
+     rounded(IPNDM["class TV"], 3)),
+    ("README.md", r"\((\d+\.\d) GFLOP/image\): FD", rounded(IPNDM["GFLOP/image"], 1)),
+    ("README.md", r"Heun with 49\s+gradients \([\d.]+ GFLOP\): FD (\d+\.\d\d)", rounded(HEUN["FD"], 2)),
+    ("README.md", r"density check, (\d\.\d\d) against 0.7", rounded(IPNDM["density"], 2)),
+    ("models/demo/ebm/README.md", r"iPNDM-12: FD (\d+\.\d\d)", rounded(IPNDM["FD"], 2)),
+    ("models/demo/ebm/README.md", r"iPNDM-12: FD [\d.]+, recognisable [\d.]+, class TV [\d.]+, density\s+(\d\.\d+)",
+     IPNDM["density"]),
+    ("docs/generation.md", r"faster at FD (\d\.\d\d) against", rounded(BF16["FD"], 2)),
+    ("docs/generation.md", r"faster at FD [\d.]+ against (\d\.\d\d)", rounded(IPNDM["FD"], 2)),
+]
+
+
+@pytest.mark.parametrize("path, pattern, expected", QUOTES, ids=[f"{q[0]}:{q[1][:30]}" for q in QUOTES])
+def test_a_quoted_figure_agrees_with_its_source(path, pattern, expected):
+    found = re.findall(pattern, (REPO / path).read_text())
+    assert found, f"{path} no longer quotes /{pattern}/: update QUOTES with the new wording"
+    assert set(found) == {expected}, f"{path} quotes {found}, its source says {expected}"
