@@ -1,7 +1,7 @@
 """Generate images in bulk: sampler actors (CPUs or GPUs) -> decoder actors (GPUs when present) -> parquet/tar shards.
 
     python -m jobs.generate --config configs/generate.yaml --model EBM_DIR --vae SD_OR_VAE_DIR --num-images N
-                            --output DIR [--decoder TINY_DIR] [--format parquet|webdataset|both] [--seed S]
+                            --output DIR [--decoder TINY_DIR] [--formats parquet webdataset] [--seed S]
                             [--batch-size B] [--condition "shape=ring AND background=checker" | --conditions FILE]
                             [--metrics-port P] [--metrics-host H] [--pushgateway URL] [--address ADDR]
 
@@ -16,9 +16,12 @@ from pipeline.generation import GenerateConfig, run_generation
 
 def main() -> int:
     p = job_parser("jobs.generate", __doc__, config=GenerateConfig, required=("model", "vae", "output"),
-                   flags=("model", "vae", "decoder", "num_images", "condition", "conditions", "output", "format",
+                   flags=("model", "vae", "decoder", "num_images", "condition", "conditions", "output", "formats",
                           "seed", "batch_size", "metrics_port", "metrics_host", "pushgateway"))
+    p.add_argument("--format", choices=["parquet", "webdataset", "both"], help="the older one-word --formats")
     args = p.parse_args()
+    if args.format and not args.formats:
+        args.formats = ["parquet", "webdataset"] if args.format == "both" else [args.format]
     cfg = load_job_config(args)
     run_generation(cfg, address=args.address, dashboard=args.dashboard)
     return 0

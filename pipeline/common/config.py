@@ -295,10 +295,12 @@ def job_parser(module: str, doc: str, address: bool = True, config: type | None 
     if config is not None:
         hints, comments = typing.get_type_hints(config), _field_comments(config)
         for key in flags:
-            kind, choices = _flag_type(hints[key])
+            hint = hints[key]
+            many = typing.get_origin(hint) is list  # a list key takes its values after one flag
+            kind, choices = _flag_type(typing.get_args(hint)[0] if many else hint)
             note = ("(required) " if key in required else "") + (comments.get(key) or f"the config key {key}")
             parser.add_argument(f"--{key.replace('_', '-')}", dest=key, type=kind, choices=choices,
-                                help=note.replace("%", "%%"))
+                                nargs="+" if many else None, help=note.replace("%", "%%"))
         parser.set_defaults(config_class=config, config_flags=tuple(flags))
     return parser
 

@@ -2,7 +2,8 @@
 saved record is loaded (`JobConfig.migrate`, `sampling.settings.sampler_settings`), so nothing past loading ever
 sees an old key.
 
-    generate_config    jobs.generate: langevin_* pipeline keys (the sampler stage ran only Langevin once)
+    generate_config    jobs.generate: langevin_* pipeline keys (the sampler stage ran only Langevin once), and
+                       `format` (one word: parquet, webdataset or both) before `formats` was a list
     train_config       jobs.train: flat objective and sampler keys, from before the config had sections
     sampler_record     a model's saved sampler: a DDIM record of {name: ddim, steps, eta}
     sampler_overrides  a job's sampler overrides: DDIM's `steps` for its levels
@@ -27,6 +28,9 @@ def generate_config(values: dict) -> dict:
     for old, new in RENAMED.items():
         if old in values:
             values.setdefault(new, values.pop(old))
+    if "format" in values:  # one word before formats was a list: parquet, webdataset or both
+        old = values.pop("format")
+        values.setdefault("formats", ["parquet", "webdataset"] if old == "both" else [old])
     short_run = {new: values.pop(old) for old, new in SHORT_RUN.items() if old in values}
     short_run = {k: v for k, v in short_run.items() if v is not None}
     if short_run:

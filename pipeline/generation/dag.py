@@ -85,7 +85,7 @@ def build_dag(cfg: GenerateConfig, pending: list[int], sampler: SamplerSettings,
     return decoded_shards(cfg, pending, sampler, decoder, placement, batch_sizes, plan, progress,
                           shard_chunks).map_batches(
         write_shard, batch_size=1, num_cpus=cfg.writer_cpus,
-        fn_kwargs=dict(output=storage.canonical(cfg.output), fmt=cfg.format, seed=cfg.seed,
+        fn_kwargs=dict(output=storage.canonical(cfg.output), formats=tuple(cfg.formats), seed=cfg.seed,
                        images_per_shard=cfg.images_per_shard, model_id=model_id, save_latents=cfg.save_latents))
 
 

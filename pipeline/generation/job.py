@@ -47,7 +47,8 @@ def run_generation(cfg: GenerateConfig, address: str | None = None, dashboard: b
 
     run = claim_output(out, cfg, sampler, model_id, vae_identity, decoder, plan)  # refusals before Ray starts
     connect(address, dashboard=dashboard)
-    done = {j: s for j in range(num_shards) if (s := image_shards.completed_shard(out, j, cfg.format)) is not None}
+    formats = tuple(cfg.formats)
+    done = {j: s for j in range(num_shards) if (s := image_shards.completed_shard(out, j, formats)) is not None}
     pending = [j for j in range(num_shards) if j not in done]
     placement = place_stages(cfg, model, sampler, decoder, max(1, len(pending)), run.get("sampler_device"))
     batch_sizes = recorded_batch_sizes(run) or choose_batch_sizes(cfg, sampler, decoder, latent_shape, placement,

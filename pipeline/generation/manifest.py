@@ -17,8 +17,8 @@ from .config import GenerateConfig
 RUN_FILE = "run.json"
 
 # Config keys that change the images: a resumed run must agree with the folder on all of them.
-CONTENT_KEYS = ("num_images", "seed", "format", "images_per_shard", "vae_dtype", "save_latents",
-                 "sampler_precision")
+# (And the formats, recorded as the one word run.json has always held, so folders of every version resume.)
+CONTENT_KEYS = ("num_images", "seed", "images_per_shard", "vae_dtype", "save_latents", "sampler_precision")
 
 
 def claim_output(out: str, cfg: GenerateConfig, settings: SamplerSettings, model_id: str, vae_identity: dict,
@@ -29,7 +29,8 @@ def claim_output(out: str, cfg: GenerateConfig, settings: SamplerSettings, model
     tiny_decoder = decoder.weights_sha256() if decoder.class_name != "AutoencoderKL" else None
     if plan is None:  # guidance changes nothing without a condition (and folders from before it lack the key)
         sampler = {k: v for k, v in sampler.items() if k != "guidance"}
-    run = {"config": {k: getattr(cfg, k) for k in CONTENT_KEYS}, "sampler": sampler, "model": model_id,
+    config = {k: getattr(cfg, k) for k in CONTENT_KEYS} | {"format": image_shards.format_label(tuple(cfg.formats))}
+    run = {"config": config, "sampler": sampler, "model": model_id,
            "vae_weights_sha256": vae_identity["weights_sha256"], "decoder_weights_sha256": tiny_decoder,
            "conditions": plan,  # None (absent in older folders) for an unconditional run
            "layout": image_shards.LAYOUT}
@@ -68,10 +69,11 @@ def finish(out: str, cfg: GenerateConfig, done: dict, num_shards: int, settings:
                "sampler_devices": sorted({s.get("sampler_device", "cpu") for s in shards}),
                "oom_shrinks": sum(len(s.get("decode_oom_shrinks", [])) for s in shards)}
     atomic_write_json(storage.join(out, "summary.json"), summary)
-    folders = {"parquet": image_shards.PARQUET_DIR if cfg.format in ("parquet", "both") else None,
-               "webdataset": image_shards.TAR_DIR if cfg.format in ("webdataset", "both") else None}
+    folders = {"parquet": image_shards.PARQUET_DIR if "parquet" in cfg.formats else None,
+               "webdataset": image_shards.TAR_DIR if "webdataset" in cfg.formats else None}
     manifest = {"format": "ebd.images/1", "layout": image_shards.LAYOUT, "images": images, "num_shards": num_shards,
-                "output_format": cfg.format, "folders": folders,
+                "output_format": image_shards.format_label(tuple(cfg.formats)), "formats": list(cfg.formats),
+                "folders": folders,
                 # webdataset.WebDataset(manifest["webdataset_urls"]) reads every tar, in order
                 "webdataset_urls": (storage.join(out, image_shards.TAR_NAME.replace("{:06d}", "{%06d..%06d}")
                                                  % (0, num_shards - 1)) if folders["webdataset"] else None),
@@ -98,6 +100,6 @@ def _preview(out: str, cfg: GenerateConfig, shards: list[dict]):
     for s in shards:
         if len(images) >= 64:
             break
-        pngs = image_shards.shard_pngs(out, s["shard"], cfg.format)
+        pngs = image_shards.shard_pngs(out, s["shard"], tuple(cfg.formats))
         images += [np.asarray(Image.open(io.BytesIO(p)).convert("RGB")) for p in pngs[: 64 - len(images)]]
     return preview_grid(images)

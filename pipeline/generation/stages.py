@@ -194,7 +194,7 @@ class SampleDecodeStage:
         return self.decode(self.sample(batch))
 
 
-def write_shard(batch: dict, output: str, fmt: str, seed: int, images_per_shard: int, model_id: str,
+def write_shard(batch: dict, output: str, formats: tuple[str, ...], seed: int, images_per_shard: int, model_id: str,
                 save_latents: bool) -> dict:
     """Writer task: PNG-encodes one shard's images and writes its files, then its done marker."""
     stats = []
@@ -207,7 +207,7 @@ def write_shard(batch: dict, output: str, fmt: str, seed: int, images_per_shard:
         keys = [image_key(seed, i) for i in range(start, start + info["count"])]
         extra = {k: v for k, v in info.items()
                  if k not in ("seeds", "energy", "latent_shape", "image_shape", "conditions")}
-        result = image_shards.write_image_shard(output, int(shard), fmt, keys, pixels, info["seeds"],
+        result = image_shards.write_image_shard(output, int(shard), formats, keys, pixels, info["seeds"],
                                          np.asarray(info["energy"]), model_id, extra, latents=z,
                                          conditions=info.get("conditions"))
         stats.append(json.dumps(result))

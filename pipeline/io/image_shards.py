@@ -20,7 +20,9 @@ into numpy without a decoder: `np.stack(df["latent"]).reshape(-1, C, H, W)`. KEY
 .npy, webdataset's convention) holds the same latent.
 `condition` (a conditional run only) is what the image was asked for, e.g. "shape=ring AND background=checker".
 
-Shard j holds images [j * images_per_shard, ...) in order, so a shard is defined by its index alone.
+Shard j holds images [j * images_per_shard, ...) in order, so a shard is defined by its index alone. Each output
+format is one writer class in `WRITERS` (write a shard's rows to one file, read its PNGs back); a run's `formats`
+lists which of them it writes.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -47,7 +50,6 @@ PARQUET_NAME, TAR_NAME = f"{PARQUET_DIR}/images-{{:06d}}.parquet", f"{TAR_DIR}/i
 IMG2DATASET_STATS = f"{STATS_DIR}/img2dataset/images-{{:06d}}_stats.json"
 LAYOUT = 2  # 1: shards beside run.json (before the sibling folders); run.json records it
 STAGES = ("sampler", "decode", "write")
-FORMATS = {"parquet": (PARQUET_NAME,), "webdataset": (TAR_NAME,), "both": (PARQUET_NAME, TAR_NAME)}
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # Hugging Face datasets' Image
 COLUMNS = [("key", pa.string()), ("image", IMAGE_TYPE), ("width", pa.int32()), ("height", pa.int32()),
            ("seed", pa.int64()), ("energy", pa.float32()), ("model", pa.string()), ("latent", None),
@@ -95,47 +97,106 @@ def stats_path(out: str, shard: int) -> str:
     return storage.join(out, STATS_DIR, f"images-{shard:06d}.json")
 
 
-def shard_files(out: str, shard: int, fmt: str) -> list[str]:
-    return [storage.join(out, name.format(shard)) for name in FORMATS[fmt]]
+def shard_files(out: str, shard: int, formats: tuple[str, ...]) -> list[str]:
+    return [storage.join(out, WRITERS[name].file.format(shard)) for name in output_formats(formats)]
 
 
-def write_image_shard(out: str, shard: int, fmt: str, keys: list[str], images: np.ndarray, seeds: list[int],
-                      energies: np.ndarray, model_id: str, extra_stats: dict,
-                      latents: np.ndarray | None = None, conditions: list[str] | None = None) -> dict:
-    """Encodes PNGs, writes the shard's files atomically, then its done marker. Returns the marker's content."""
-    tick = time.perf_counter()
-    pngs = [png_bytes(img) for img in images]
-    height, width = images.shape[1:3]
-    files, file_bytes = {}, {}
-    if fmt in ("parquet", "both"):
-        columns = {"key": keys, "image": [{"bytes": png, "path": f"{k}.png"} for k, png in zip(keys, pngs)],
-                   "width": [width] * len(keys), "height": [height] * len(keys), "seed": seeds,
-                   "energy": energies.astype(np.float32), "model": [model_id] * len(keys)}
-        schema = parquet_schema(None if latents is None else list(latents.shape[1:]), conditions is not None)
-        if latents is not None:
-            flat = np.ascontiguousarray(latents, dtype=np.float32).reshape(len(keys), -1)
+@dataclass(frozen=True)
+class ShardRows:
+    """One shard's images as every writer takes them: PNG bytes and what each row records."""
+    keys: list[str]
+    pngs: list[bytes]
+    width: int
+    height: int
+    seeds: list[int]
+    energies: np.ndarray
+    model_id: str
+    latents: np.ndarray | None = None
+    conditions: list[str] | None = None
+
+
+class ParquetShards:
+    """OUT/parquet/images-NNNNNN.parquet: one row group, zstd; Hugging Face's Image struct for `image`."""
+    name, file = "parquet", PARQUET_NAME
+
+    def write(self, path: str, rows: ShardRows) -> dict:
+        n = len(rows.keys)
+        columns = {"key": rows.keys,
+                   "image": [{"bytes": png, "path": f"{k}.png"} for k, png in zip(rows.keys, rows.pngs)],
+                   "width": [rows.width] * n, "height": [rows.height] * n, "seed": rows.seeds,
+                   "energy": rows.energies.astype(np.float32), "model": [rows.model_id] * n}
+        schema = parquet_schema(None if rows.latents is None else list(rows.latents.shape[1:]),
+                                rows.conditions is not None)
+        if rows.latents is not None:
+            flat = np.ascontiguousarray(rows.latents, dtype=np.float32).reshape(n, -1)
             columns["latent"] = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
-        if conditions is not None:
-            columns["condition"] = conditions
+        if rows.conditions is not None:
+            columns["condition"] = rows.conditions
         table = pa.table(columns, schema=schema)
-        def write_parquet(f):
-            pq.write_table(table, f, compression="zstd", row_group_size=len(keys) or 1)
-        name = PARQUET_NAME.format(shard)
-        written = atomic_write(storage.join(out, name), write_parquet)
-        files[name], file_bytes[name] = written["sha256"], written["bytes"]
-    if fmt in ("webdataset", "both"):
-        asked = conditions or [None] * len(keys)
+        return atomic_write(path, lambda f: pq.write_table(table, f, compression="zstd", row_group_size=n or 1))
+
+    def pngs(self, path: str) -> list[bytes]:
+        with storage.open_input(path) as f:
+            column = pq.read_table(f, columns=["image"]).column("image")
+        return [png_of(v.as_py()) for v in column]
+
+
+class WebDatasetShards:
+    """OUT/webdataset/images-NNNNNN.tar: KEY.png, KEY.json[, KEY.latent.npy (float16)]."""
+    name, file = "webdataset", TAR_NAME
+
+    def write(self, path: str, rows: ShardRows) -> dict:
+        asked = rows.conditions or [None] * len(rows.keys)
         samples = [{"__key__": k, "png": png,
-                    "json": json.dumps({"key": k, "seed": s, "energy": float(e), "model": model_id,
-                                        "width": width, "height": height}
+                    "json": json.dumps({"key": k, "seed": s, "energy": float(e), "model": rows.model_id,
+                                        "width": rows.width, "height": rows.height}
                                        | ({"condition": c} if c is not None else {}), sort_keys=True).encode()}
-                   for k, png, s, e, c in zip(keys, pngs, seeds, energies, asked)]
-        if latents is not None:
-            for sample, z in zip(samples, latents):
+                   for k, png, s, e, c in zip(rows.keys, rows.pngs, rows.seeds, rows.energies, asked)]
+        if rows.latents is not None:
+            for sample, z in zip(samples, rows.latents):
                 sample["latent.npy"] = npy_bytes(z.astype(np.float16))
-        name = TAR_NAME.format(shard)
-        written = write_tar(storage.join(out, name), samples)
-        files[name], file_bytes[name] = written["sha256"], written["bytes"]
+        return write_tar(path, samples)
+
+    def pngs(self, path: str) -> list[bytes]:
+        return [x["png"] for x in read_tar_samples(path)]
+
+
+# Output formats by name, in the order they are written and read back; a new format is one class here.
+WRITERS = {w.name: w for w in (ParquetShards(), WebDatasetShards())}
+
+
+def output_formats(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """A run's formats in WRITERS' order, from a list or an older config's one value (`both`: every format)."""
+    names = [value] if isinstance(value, str) else list(value)
+    if "both" in names:
+        names = list(WRITERS)
+    unknown = [n for n in names if n not in WRITERS]
+    if unknown or not names:
+        raise EbdError(f"unknown output format {unknown[0]!r} (known: {', '.join(WRITERS)})" if unknown
+                       else "formats must name at least one output format")
+    return tuple(n for n in WRITERS if n in names)
+
+
+def format_label(formats: tuple[str, ...]) -> str:
+    """The one word run.json and manifest.json have always recorded: a format's name, or `both`."""
+    return "both" if set(formats) == {"parquet", "webdataset"} else "+".join(formats)
+
+
+def write_image_shard(out: str, shard: int, formats: str | tuple[str, ...], keys: list[str], images: np.ndarray,
+                      seeds: list[int], energies: np.ndarray, model_id: str, extra_stats: dict,
+                      latents: np.ndarray | None = None, conditions: list[str] | None = None) -> dict:
+    """Encodes PNGs, writes the shard's files (one per format) atomically, then its done marker. Returns the
+    marker's content."""
+    tick = time.perf_counter()
+    height, width = images.shape[1:3]
+    rows = ShardRows(keys, [png_bytes(img) for img in images], width, height, seeds, energies, model_id, latents,
+                     conditions)
+    files, file_bytes = {}, {}
+    for name in output_formats(formats):
+        writer = WRITERS[name]
+        file = writer.file.format(shard)
+        written = writer.write(storage.join(out, file), rows)
+        files[file], file_bytes[file] = written["sha256"], written["bytes"]
     stats = {"shard": shard, "count": len(keys), "files": files, "file_bytes": file_bytes,
              "bytes": sum(file_bytes.values()), **extra_stats,
              "write_batch_seconds": [time.perf_counter() - tick]}
@@ -153,16 +214,13 @@ def stage_seconds(stats: dict, stage: str) -> list[float]:
     return stats.get(f"{stage}_batch_seconds", stats.get("langevin_batch_seconds", []) if stage == "sampler" else [])
 
 
-def shard_pngs(out: str, shard: int, fmt: str) -> list[bytes]:
-    """The PNG bytes of one written shard's images, in order (from its parquet file, else its tar)."""
-    if fmt in ("parquet", "both"):
-        with storage.open_input(storage.join(out, PARQUET_NAME.format(shard))) as f:
-            column = pq.read_table(f, columns=["image"]).column("image")
-        return [png_of(v.as_py()) for v in column]
-    return [x["png"] for x in read_tar_samples(storage.join(out, TAR_NAME.format(shard)))]
+def shard_pngs(out: str, shard: int, formats: tuple[str, ...]) -> list[bytes]:
+    """The PNG bytes of one written shard's images, in order (from its first format's file)."""
+    writer = WRITERS[output_formats(formats)[0]]
+    return writer.pngs(storage.join(out, writer.file.format(shard)))
 
 
-def completed_shard(out: str, shard: int, fmt: str) -> dict | None:
+def completed_shard(out: str, shard: int, formats: tuple[str, ...]) -> dict | None:
     """The done marker of a shard whose files all match the sizes and sha256 the marker records, else None (the
     shard must be (re)generated): files without a marker (a run killed between the two) and files cut short or
     changed after their marker are written again, never trusted."""
@@ -173,7 +231,7 @@ def completed_shard(out: str, shard: int, fmt: str) -> dict | None:
         stats = read_json(marker)
     except ValueError:
         return None
-    if set(stats.get("files", {})) != {name.format(shard) for name in FORMATS[fmt]}:
+    if set(stats.get("files", {})) != {WRITERS[name].file.format(shard) for name in output_formats(formats)}:
         return None
     for name, sha256 in stats["files"].items():
         path = storage.join(out, name)
