@@ -27,7 +27,11 @@ from common import REPO, write_result
 INPUT_PATH = """
 import sys, time
 from pipeline.io.images import decode_image
-from pipeline.io.sources import plan_items, read_items
+try:
+    from pipeline.io.reading import read_items
+except ImportError:  # a tree from before reading had its own module
+    from pipeline.io.sources import read_items
+from pipeline.io.sources import plan_items
 start = time.perf_counter()
 decoded = 0
 for folder in sys.argv[1:]:

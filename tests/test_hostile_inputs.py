@@ -486,7 +486,8 @@ def test_a_shuffled_shard_reads_each_parquet_row_group_once(tmp_path, monkeypatc
     """8 row groups of 16 rows, shuffled into one shard: its rows are read in file order, one pass per row group
     (before, a shuffled shard re-read its row group for almost every row)."""
     from pipeline.distributed.precompute import shard_order, split_into_shards
-    from pipeline.io.sources import plan_items, read_items
+    from pipeline.io.reading import read_items
+    from pipeline.io.sources import plan_items
 
     pq.write_table(pa.table({"image": [good(i) for i in range(128)]}), tmp_path / "a.parquet", row_group_size=16)
     _, items = plan_items(tmp_path / "a.parquet")
@@ -523,7 +524,8 @@ def test_the_memory_a_decoder_will_take_is_bounded_per_format_from_the_header(fm
 def test_every_case_of_the_hostile_corpus_is_its_rejects_within_its_time(tmp_path, case):
     """The standing corpus (tests/hostile_corpus.py), small: planned, read and decoded as a precompute worker does,
     each case gives exactly its rejects, the rest decodes, and nothing takes more than a few seconds."""
-    from pipeline.io.sources import plan_items, read_items
+    from pipeline.io.reading import read_items
+    from pipeline.io.sources import plan_items
     from tests.hostile_corpus import CASES, SETTINGS
 
     root, outside = tmp_path / "in", tmp_path / "outside"

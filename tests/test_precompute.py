@@ -264,7 +264,8 @@ def test_shard_order_depends_on_the_inputs_not_on_how_they_were_listed():
 
 def test_every_named_label_is_kept_from_sidecars_folder_levels_and_parquet_columns(tmp_path):
     from pipeline.demo import demo_labels, write_demo_images
-    from pipeline.io.sources import plan_items, read_items
+    from pipeline.io.reading import read_items
+    from pipeline.io.sources import plan_items
 
     both = ["shape", "background"]
     write_demo_images(tmp_path / "tars", 12, size=16, images_per_shard=5)

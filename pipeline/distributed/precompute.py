@@ -28,7 +28,8 @@ from ..io import latent_shards as sh
 from ..io import storage
 from ..io.files import atomic_write_json, atomic_write_lines, claim_run_folder, read_json
 from ..io.images import DEFAULT_FORMATS, MAX_DECODE_BYTES, MAX_DECODE_SECONDS, Rejected, decode_image, to_model_input
-from ..io.sources import Item, count_by_field, count_by_label, plan_items, printable, read_items, reading_order
+from ..io.reading import read_items, reading_order
+from ..io.sources import Item, count_by_field, count_by_label, plan_items, printable
 from ..io.tars import write_tar
 from ..vae.autoencoder import VaeSpec, resolve_vae
 from .cluster import connect

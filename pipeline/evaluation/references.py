@@ -72,7 +72,8 @@ def read_raw_images(manifest: dict, keys: list[str]) -> torch.Tensor | None:
     """The original images behind `keys`, preprocessed as precompute did (uint8, N x 3 x H x W), read from the
     latents' recorded input; None when the input is gone or any key cannot be read back."""
     from ..io.images import Rejected, decode_image
-    from ..io.sources import plan_items, read_items
+    from ..io.reading import read_items
+    from ..io.sources import plan_items
 
     source = manifest.get("input") or {}
     conf = manifest.get("config") or {}

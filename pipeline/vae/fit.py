@@ -42,7 +42,8 @@ from ..io.checkpoints import has_training_state, load_training_state, save_train
 from ..io.files import atomic_write, atomic_write_json, file_sha256
 from ..io.images import Rejected, decode_image
 from ..io.pictures import preview_grid
-from ..io.sources import plan_items, read_items
+from ..io.reading import read_items
+from ..io.sources import plan_items
 from .autoencoder import autoencoder_config, save_sd_checkpoint, to_uint8
 
 CHECKPOINT_DIR = "checkpoint"
