@@ -670,3 +670,22 @@ def test_generated_dataset_streams_the_dags_image_rows(ray_cluster, both_formats
         assert r["image"].shape == (SIDE, SIDE, 3) and r["latent"].shape == (4, 8, 8)
         png = np.asarray(Image.open(io.BytesIO(written[r["key"]]["image"])).convert("RGB")).astype(int)
         assert np.abs(png - r["image"].astype(int)).max() <= 1
+
+
+def test_a_sampler_setting_is_parsed_once_on_the_driver_and_the_stages_take_it_as_it_is(
+        ray_cluster, ebm_dir, sd_checkpoint, tmp_path, monkeypatch):
+    parsed = []
+    validate = LangevinSettings.validate
+
+    def counted(self):  # every parse of a sampler dict (from_dict) validates once; copies (replace) do not
+        parsed.append(self.steps)
+        validate(self)
+
+    monkeypatch.setattr(LangevinSettings, "validate", counted)
+    generate(ebm_dir, sd_checkpoint, tmp_path / "out", num_images=4, images_per_shard=4, batch_size=4,
+             sampler={"steps": 7}, formats=["parquet"])
+    assert parsed.count(7) == 1  # the user's setting: parsed once, between the CLI and the sampler
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["sampler"]["steps"] == 7 and manifest["formats"] == ["parquet"]
+    stages = [REPO / "pipeline" / "generation" / f"{m}.py" for m in ("stages", "probes", "dag")]
+    assert not any(call in p.read_text() for p in stages for call in ("sampler_settings(", "resolve_sampler("))

@@ -52,7 +52,7 @@ def run_generation(cfg: GenerateConfig, address: str | None = None, dashboard: b
     pending = [j for j in range(num_shards) if j not in done]
     placement = place_stages(cfg, model, sampler, decoder, max(1, len(pending)), run.get("sampler_device"))
     batch_sizes = recorded_batch_sizes(run) or choose_batch_sizes(cfg, sampler, decoder, latent_shape, placement,
-                                                                    plan)
+                                                                  plan)
     if "batch_sizes" not in run:
         atomic_write_json(storage.join(out, RUN_FILE), run | {"batch_sizes": batch_sizes,
                                                              "sampler_device": placement.sampler_device})
@@ -82,18 +82,7 @@ def run_generation(cfg: GenerateConfig, address: str | None = None, dashboard: b
                                        cfg.num_images - sum(s["count"] for s in done.values()))
             dataset = build_dag(cfg, pending, sampler, decoder, placement, batch_sizes, model_id, plan, counter,
                                  shard_chunks)
-            in_flight = len(pending)
-            metrics.set_in_flight(in_flight)
-            try:
-                for batch in dataset.iter_batches(batch_size=1, batch_format="numpy"):
-                    for text in batch["stats"]:
-                        stats = json.loads(text)
-                        done[stats["shard"]] = stats
-                        metrics.record_shard(stats)
-                        in_flight -= 1
-                        metrics.set_in_flight(in_flight)
-            except Exception as e:  # a stage's own EbdError (e.g. non-finite chains) as its one line
-                raise stage_error(e) or e
+            _record_written(dataset, len(pending), done, metrics)
             watcher.finish(made=sum(done[j]["count"] for j in pending))
         seconds = time.monotonic() - start
         finished = storage.join(out, "summary.json")
@@ -101,16 +90,12 @@ def run_generation(cfg: GenerateConfig, address: str | None = None, dashboard: b
             log.log("every shard is complete: nothing to do (summary.json keeps the run that made them)")
             return read_json(finished) | {"images_this_run": 0}
         summary = finish(out, cfg, done, num_shards, sampler, model_id, vae_identity, batch_sizes, placement,
-                          seconds, made=sum(done[j]["count"] for j in pending), latent_shape=latent_shape,
-                          decoder=decoder, plan=plan)
+                         seconds, made=sum(done[j]["count"] for j in pending), latent_shape=latent_shape,
+                         decoder=decoder, plan=plan)
         log.log(f"done: {summary['images']} images in {len(done)} shards; {summary['images_per_second']:.2f} images/s "
                 f"this run; preview {storage.join(out, 'preview.png')}")
         if cfg.pushgateway:
-            try:
-                metrics.push(cfg.pushgateway)
-            except Exception as e:  # noqa: BLE001 - the images are safe: a monitoring fault does not fail the job
-                log.log(f"warning: the final metrics were not pushed to {cfg.pushgateway} ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200] if str(e) else ''}); the images are written and complete")
+            _push_final(metrics, cfg.pushgateway, log)
         if port is not None and cfg.metrics_linger_s > 0:
             time.sleep(cfg.metrics_linger_s)  # lets a scraper read the final values before the endpoint closes
         return summary
@@ -118,6 +103,30 @@ def run_generation(cfg: GenerateConfig, address: str | None = None, dashboard: b
         if watcher is not None:
             watcher.stop()
         metrics.shutdown()
+
+
+def _record_written(dataset, pending: int, done: dict, metrics) -> None:
+    """Streams the DAG: each written shard's done marker into `done` and the metrics, as the writers finish."""
+    metrics.set_in_flight(pending)
+    try:
+        for batch in dataset.iter_batches(batch_size=1, batch_format="numpy"):
+            for text in batch["stats"]:
+                stats = json.loads(text)
+                done[stats["shard"]] = stats
+                metrics.record_shard(stats)
+                pending -= 1
+                metrics.set_in_flight(pending)
+    except Exception as e:  # a stage's own EbdError (e.g. non-finite chains) as its one line
+        raise stage_error(e) or e
+
+
+def _push_final(metrics, pushgateway: str, log: Progress) -> None:
+    """The final values to a pushgateway; a monitoring fault costs one warning line, never the (written) run."""
+    try:
+        metrics.push(pushgateway)
+    except Exception as e:  # noqa: BLE001 - the images are safe: a monitoring fault does not fail the job
+        log.log(f"warning: the final metrics were not pushed to {pushgateway} ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:200] if str(e) else ''}); the images are written and complete")
 
 
 class _ProgressWatcher:
