@@ -7,8 +7,10 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
+import os
 import re
 import shlex
+import subprocess
 import sys
 
 import pytest
@@ -112,3 +114,18 @@ def test_the_integration_tier_is_the_one_docs_list_and_ci_runs_both_tiers():
     assert "make test " in ci and "make test-integration" in ci
     makefile = (REPO / "Makefile").read_text()
     assert '-m "not integration"' in makefile and "-m integration" in makefile
+
+
+def test_the_readme_commands_run_as_written_in_a_fresh_shell_after_make_install():
+    """What the README says to type before its job commands (activating .venv) makes both spellings work in a shell
+    that has nothing of this session: no .venv on PATH, no PYTHONPATH."""
+    text = (REPO / "README.md").read_text()
+    activate = re.search(r"`(source \.venv/bin/activate)`", text)
+    assert activate, "the README no longer says how its commands find the venv"
+    assert (REPO / ".venv" / "bin" / "activate").is_file(), "make install makes .venv"
+    script = f"{activate.group(1)} && ebd --version && python -m jobs.generate --help >/dev/null && ebd train --help"
+    env = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp"), "LANG": "C.UTF-8"}
+    result = subprocess.run(["bash", "--noprofile", "--norc", "-c", script], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("ebd ") and "usage: ebd train" in result.stdout
