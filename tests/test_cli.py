@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -220,6 +221,9 @@ def test_numbers_parse_as_yaml_1_2_and_senseless_values_are_refused():
 
 
 JOBS = sorted(p.stem for p in (REPO / "jobs").glob("*.py") if p.stem not in ("__init__", "cli"))
+FLAG_OF = {"generate": "--formats", "precompute": "--input-format", "train": "--max-steps", "fit_vae": "--steps",
+           "fit_evaluator": "--latents", "inspect": "--chains", "evaluate": "--num-samples",
+           "pair_decoder": "--decoder", "demo_assets": "--num-images"}
 
 
 @pytest.mark.parametrize("job", JOBS)
@@ -251,6 +255,13 @@ def test_every_job_shows_its_effective_config_and_names_a_mistyped_key(job, caps
         assert wrong.value.code == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"did you mean '{first_key}'?" in err
+        sys.argv = [f"python -m jobs.{job}", "--help"]
+        with pytest.raises(SystemExit) as helped:
+            module.main()
+        usage = capsys.readouterr().out
+        assert helped.value.code == 0 and usage.startswith("usage: ") and "--show-config" in usage
+        flag = FLAG_OF[job]  # made from the config field, with the field's comment as its help
+        assert re.search(rf"{flag} \S+\s+\S", usage), usage
     finally:
         sys.argv = argv
         config_module.SHOW_CONFIG = False

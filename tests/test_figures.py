@@ -79,3 +79,19 @@ def test_a_quoted_figure_agrees_with_its_source(path, pattern, expected):
     found = re.findall(pattern, (REPO / path).read_text())
     assert found, f"{path} no longer quotes /{pattern}/: update QUOTES with the new wording"
     assert set(found) == {expected}, f"{path} quotes {found}, its source says {expected}"
+
+
+def test_the_two_commands_and_the_saved_latents_dtypes_are_told_the_same_everywhere():
+    """Claims about the tool itself, beside the figures: the README's two commands are the Makefile's, and what
+    configs/generate.yaml says of the saved latents is what the manifest records."""
+    readme = (REPO / "README.md").read_text()
+    block = readme[readme.index("## Two commands"):].split("```")[1]
+    commands = re.findall(r"^(make \w+)", block, flags=re.M)
+    makefile = (REPO / "Makefile").read_text().splitlines()[0]
+    assert commands and re.findall(r"`(make \w+)`", makefile.split(";")[0]) == commands
+
+    manifest = (REPO / "pipeline" / "generation" / "manifest.py").read_text()
+    dtypes = dict(re.findall(r'"(parquet|webdataset)": "(float\d+)"', manifest))
+    comment = next(line for line in (REPO / "configs" / "generate.yaml").read_text().splitlines()
+                   if line.startswith("save_latents:"))
+    assert f"parquet: {dtypes['parquet']}" in comment and f"tar: {dtypes['webdataset']}" in comment
