@@ -37,6 +37,7 @@ RECIPES = {
     "cosine_lr": ["lr_schedule=cosine"],
     "power_ema": ["ema_length=0.1"],
     "lr_2x": ["lr=0.0006"],
+    "edm_lr_2x": ["objective.preconditioning=edm", "objective.loss_weighting=edm", "lr=0.0006"],
 }
 
 
