@@ -101,3 +101,5 @@ def test_the_default_recipe_for_real_images_trains_with_edm_preconditioning_and_
     for name, expected in (("train.yaml", "edm"), ("train-sd.yaml", "edm"), ("train-demo.yaml", "epsilon")):
         cfg = load_config(TrainConfig, REPO / "configs" / name, latents="l", output="o")
         assert (cfg.objective.preconditioning, cfg.objective.loss_weighting) == (expected, expected), name
+    # and the rate of bench/recipe.md's edm_lr_2x row (twice the demo recipe's), the best row on the real images
+    assert load_config(TrainConfig, REPO / "configs" / "train.yaml", latents="l", output="o").lr == 0.0006
