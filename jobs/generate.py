@@ -10,6 +10,7 @@ conditional model takes --condition (every image) or --conditions (a YAML/JSON f
 image's row and sidecar carry its condition.
 """
 
+from pipeline.common import migrations
 from pipeline.common.config import job_parser, load_job_config, run_cli
 from pipeline.generation import GenerateConfig, run_generation
 
@@ -20,8 +21,8 @@ def main() -> int:
                           "seed", "batch_size", "metrics_port", "metrics_host", "pushgateway"))
     p.add_argument("--format", choices=["parquet", "webdataset", "both"], help="the older one-word --formats")
     args = p.parse_args()
-    if args.format and not args.formats:
-        args.formats = ["parquet", "webdataset"] if args.format == "both" else [args.format]
+    if args.format and not args.formats:  # the older spelling, read as an older config's key is
+        args.formats = migrations.generate_config({"format": args.format})["formats"]
     cfg = load_job_config(args)
     run_generation(cfg, address=args.address, dashboard=args.dashboard)
     return 0

@@ -97,10 +97,6 @@ def stats_path(out: str, shard: int) -> str:
     return storage.join(out, STATS_DIR, f"images-{shard:06d}.json")
 
 
-def shard_files(out: str, shard: int, formats: tuple[str, ...]) -> list[str]:
-    return [storage.join(out, WRITERS[name].file.format(shard)) for name in output_formats(formats)]
-
-
 @dataclass(frozen=True)
 class ShardRows:
     """One shard's images as every writer takes them: PNG bytes and what each row records."""
