@@ -278,4 +278,6 @@ def test_a_training_job_on_its_own_local_ray_logs_no_state_api_warnings(mixture_
     assert done.returncode == 0, done.stderr[-3000:]
     assert "started a local Ray instance" in done.stderr
     assert "Failed to query Ray Train Controller" not in done.stdout + done.stderr
+    assert "Reporting training result" not in done.stdout + done.stderr  # the loop's own progress line says it
+    assert "[train] 20/20 steps" in done.stdout + done.stderr
     assert load_model(tmp_path / "model").metadata["training"]["steps"] == 20

@@ -68,8 +68,14 @@ def quiet_workers() -> None:
     """Runs as every worker of a local instance without a dashboard starts: Ray Train's placement-group cleaner asks
     the State API (served by the dashboard) whether the run's controller lives, and logs a warning each second it
     cannot, 80 lines in a healthy run. Its warnings are dropped; the cleaner still removes a dead run's groups when
-    the controller actor is gone (Ray also frees them with the job)."""
+    the controller actor is gone (Ray also frees them with the job). The train worker's "Reporting training result"
+    line, a dump of every report's metrics beside the loop's own progress line, is dropped too (its logger is named
+    after its file, so the name is built from Ray's path rather than importing Ray Train into every worker)."""
+    import ray
+
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    context = os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py")
+    logging.getLogger(context).setLevel(logging.WARNING)
 
 
 def _token_path():
