@@ -25,7 +25,8 @@ from pipeline.sampling.core import SamplerStats, sample
 from pipeline.sampling.settings import LangevinSettings
 from pipeline.training.config import TrainConfig
 from pipeline.training.data import split_shards
-from pipeline.training.objectives import ContrastiveDivergence
+from pipeline.training.cost import training_flops_per_sample
+from pipeline.training.objectives import OBJECTIVES, ContrastiveDivergence
 from tests.conftest import (
     BASELINE_RECIPE,
     ENERGY_RECIPE,
@@ -280,4 +281,12 @@ def test_a_training_job_on_its_own_local_ray_logs_no_state_api_warnings(mixture_
     assert "Failed to query Ray Train Controller" not in done.stdout + done.stderr
     assert "Reporting training result" not in done.stdout + done.stderr  # the loop's own progress line says it
     assert "[train] 20/20 steps" in done.stdout + done.stderr
-    assert load_model(tmp_path / "model").metadata["training"]["steps"] == 20
+    training = load_model(tmp_path / "model").metadata["training"]
+    assert training["steps"] == 20
+    # the compute it records: 20 steps x 16 latents x one latent's step, counted on a model of the same config
+    cfg = from_dict(TrainConfig, dict(latents="x", output="y") | TINY_DSM)
+    objective = OBJECTIVES["dsm"]
+    model = objective.build_model(cfg.objective, SHAPE, objective.placeholder(cfg.objective), {})
+    per_sample = training_flops_per_sample(objective(cfg.objective, None, SHAPE, torch.Generator()), model,
+                                           torch.randn(2, *SHAPE))
+    assert training["flops"] == pytest.approx(20 * 16 * per_sample, rel=1e-3)

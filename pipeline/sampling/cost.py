@@ -1,20 +1,18 @@
-"""What sampling an image costs, in FLOPs (torch's FlopCounterMode), for placement decisions and the benchmarks.
+"""What sampling an image costs, in FLOPs (counted as it runs), for placement decisions and the benchmarks.
 
     evaluation_flops(model)      # one network evaluation of one image, under the model's own sampler
     sampling_flops(model)        # one image: x the evaluations that sampler takes
     cpu_gflops(model)            # GFLOP/s one CPU thread evaluates it at, timed here (the capacity model's CPU rate)
 
-An energy's evaluation is its gradient, a forward and a backward (counted, not assumed: FlopCounterMode follows
-`backward`, not `autograd.grad`, so the count runs the same graph through `backward`); a score or noise-prediction
-network's is one forward.
+An energy's evaluation is its gradient, a forward and a backward; a score or noise-prediction network's is one
+forward. Both are counted as they run (`common.flops.FlopCount`), not assumed.
 """
 
 from __future__ import annotations
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from .denoisers import EnergyGradient
+from ..common.flops import FlopCount
 
 
 def evaluation_flops(model, settings=None) -> float:
@@ -23,13 +21,9 @@ def evaluation_flops(model, settings=None) -> float:
     evaluate = model.sampling_model(settings)
     z = torch.zeros(1, *model.config.latent_shape, device=next(model.parameters()).device)
     sigma = 1.0 if hasattr(settings, "sigma_max") else None  # a short-run energy takes no noise level
-    with FlopCounterMode(display=False) as counter:
-        if isinstance(evaluate, EnergyGradient):  # what energy_grad runs, through backward (see above)
-            x = z.requires_grad_(True)
-            (evaluate.energy(x) if sigma is None else evaluate.energy(x, sigma)).sum().backward(inputs=[x])
-        else:
-            evaluate(z, sigma)
-    return float(counter.get_total_flops())
+    with FlopCount() as count:
+        evaluate(z, sigma)
+    return float(count.flops)
 
 
 def sampling_flops(model, settings=None) -> float:

@@ -33,6 +33,7 @@ from ..io import storage
 from ..io.checkpoints import load_training_state, save_training_state
 from ..io.files import atomic_write_json
 from .config import TrainConfig
+from .cost import training_flops_per_sample
 from .data import LatentBatches, split_shards
 from .objectives import OBJECTIVES
 
@@ -202,7 +203,12 @@ class WorkerRun:
                                                            "excluded_per_epoch": self.data.excluded})
         if self.rank == 0:
             export = type(self.model)(self.model.config, dict(self.model.metadata))
+            pos, labels = next(self.batches)  # a real batch: its share of a step's FLOPs, counted (training.cost)
+            per_sample = training_flops_per_sample(self.objective, self.model, pos[:2].to(self.device),
+                                                   None if labels is None else labels[:2].to(self.device))
+            flops = per_sample * cfg.batch_size * self.world * state["step"]
             export.metadata["training"] = {"objective": cfg.objective.name, "steps": state["step"],
+                                           "flops": float(f"{flops:.4g}"),
                                            "rollbacks": state["rollbacks"], "final_lr": state["lr"],
                                            "num_workers": self.world, "run_name": cfg.run_name,
                                            "loop_seconds_this_run": round(time.monotonic() - self.started, 1)}
