@@ -24,8 +24,8 @@ from pipeline.models.short_run_energy import EnergyModel, EnergyModelConfig
 from pipeline.sampling.core import SamplerStats, sample
 from pipeline.sampling.settings import LangevinSettings
 from pipeline.training.config import TrainConfig
-from pipeline.training.data import split_shards
 from pipeline.training.cost import training_flops_per_sample
+from pipeline.training.data import split_shards
 from pipeline.training.objectives import OBJECTIVES, ContrastiveDivergence
 from tests.conftest import (
     BASELINE_RECIPE,
