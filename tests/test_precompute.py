@@ -6,6 +6,7 @@ import io
 import json
 import re
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -240,13 +241,20 @@ def test_a_folder_sorted_by_label_gives_held_out_shards_with_the_whole_sets_labe
         for i in range(40):
             (tmp_path / "in" / label / f"{i:03d}.png").write_bytes(encode_image(rgb_image(100 * index + i), "PNG"))
     manifest = precompute(tmp_path / "in", sd_checkpoint, tmp_path / "out", shard_size=40)
-    assert manifest["order"] == "shuffled" and manifest["totals"]["encoded"] == 160
-    last = [r["meta"]["label"] for r in iter_latents(shard_paths(tmp_path / "out")[-1:])]
-    share = {label: last.count(label) / len(last) for label in labels}
-    assert 0.5 * sum(abs(share[label] - 0.25) for label in labels) < 0.25, share  # input order: 0.75
-    assert min(share.values()) > 0, share
+    assert manifest["order"] == "shuffled" and manifest["stratified_by_label"] and manifest["totals"]["encoded"] == 160
+    for shard in shard_paths(tmp_path / "out"):  # stratified: every shard, the held-out one too, 10 of each label
+        assert Counter(r["meta"]["label"] for r in iter_latents([shard])) == dict.fromkeys(labels, 10)
     keys = [r["key"] for r in iter_latents(shard_paths(tmp_path / "out"))]
     assert sorted(keys) != keys and len(set(keys)) == 160  # every input once, not in listing order
+
+    plain = precompute(tmp_path / "in", sd_checkpoint, tmp_path / "plain", shard_size=40, stratify=False)
+    assert not plain["stratified_by_label"]
+    last = [r["meta"]["label"] for r in iter_latents(shard_paths(tmp_path / "plain")[-1:])]
+    share = {label: last.count(label) / len(last) for label in labels}
+    assert 0.5 * sum(abs(share[label] - 0.25) for label in labels) < 0.25, share  # input order: 0.75
+    assert share != dict.fromkeys(labels, 0.25), share  # a random sample, not the stratified one
+    with pytest.raises(EbdError, match="different config"):  # and a folder is never resumed in the other order
+        precompute(tmp_path / "in", sd_checkpoint, tmp_path / "plain", shard_size=40)
 
     in_order = precompute(tmp_path / "in", sd_checkpoint, tmp_path / "ordered", shard_size=40, shuffle=False)
     assert in_order["order"] == "input"
@@ -260,6 +268,17 @@ def test_shard_order_depends_on_the_inputs_not_on_how_they_were_listed():
     items = [Item(f"img{i}.png", f"k{i}", None, ("file", f"img{i}.png")) for i in range(50)]
     assert shard_order(items, seed=0) == shard_order(items[::-1], seed=0)
     assert shard_order(items, seed=0) != shard_order(items, seed=1)
+    assert shard_order(items, seed=0) == shard_order(items, seed=0, stratify=False)  # no labels: one stratum
+
+    # a rare label: 7 of 207 items. Every run of 20 consecutive items holds each label's share to within one
+    labelled = [Item(f"{label}/{i}.png", f"{label}{i}", label, ("file", "x"))
+                for label, n in (("common", 150), ("middling", 50), ("rare", 7)) for i in range(n)]
+    order = shard_order(labelled, seed=3)
+    assert sorted(order, key=lambda it: it.key) == sorted(labelled, key=lambda it: it.key)
+    for start in range(0, len(order) - 20):
+        counts = Counter(it.label for it in order[start:start + 20])
+        for label, n in (("common", 150), ("middling", 50), ("rare", 7)):
+            assert abs(counts[label] - 20 * n / 207) < 1.01 + 1e-9, (start, counts)
 
 
 def test_every_named_label_is_kept_from_sidecars_folder_levels_and_parquet_columns(tmp_path):

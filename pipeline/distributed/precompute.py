@@ -52,6 +52,8 @@ class PrecomputeConfig(JobConfig):
     store_moments: bool = False                  # also store posterior mean and log-variance (scaled units)
     shuffle: bool = True                         # shards hold a seeded random sample of the inputs, so any
                                                  # shard (the held-out ones) is representative of the whole set
+    stratify: bool = True                        # with shuffle: every shard holds the same share of each label
+                                                 # known at planning (folder, parquet column), +-1 image
     num_cpus_per_task: float = 1.0
     num_gpus_per_task: float | Literal["auto"] = "auto"  # auto: 1 if the cluster has GPUs, else 0
     max_retries: int = 3                         # retries of a task whose worker died
@@ -153,12 +155,28 @@ def prepare(cfg: PrecomputeConfig) -> tuple[VaeSpec, str, list[Item]]:
     return spec, fmt, items
 
 
-def shard_order(items: list[Item], seed: int) -> list[Item]:
+def shard_order(items: list[Item], seed: int, stratify: bool = True) -> list[Item]:
     """The inputs in a seeded random order that depends only on (seed, source, key): listing order, and so a
-    folder tree sorted by label, has no say in which shard an input lands in."""
+    folder tree sorted by label, has no say in which shard an input lands in.
+
+    Stratified (systematic sampling within each label): a label's n items, in their random order, sit at positions
+    (i + u) / n on [0, 1), u a seeded offset per label, and all items are sorted by position. Any run of consecutive
+    items, and so any shard (the held-out one), then holds each label in its share of the whole set to within one
+    item: a random 10% stratified by label, where a plain random order leaves a rare label's held-out count to
+    chance. Items without a label at planning (tars: their .cls is read later) form one stratum, in plain order."""
     def rank(item: Item) -> str:
         return hashlib.sha256(f"{seed}\t{item.source}\t{item.key}".encode()).hexdigest()
-    return sorted(items, key=rank)
+    if not stratify:
+        return sorted(items, key=rank)
+    strata: dict[str | None, list[Item]] = {}
+    for item in items:
+        strata.setdefault(item.label, []).append(item)
+    placed = []
+    for label, group in strata.items():
+        group.sort(key=rank)
+        offset = int(hashlib.sha256(f"{seed}\tstratum\t{label}".encode()).hexdigest()[:12], 16) / 16 ** 12
+        placed += [((i + offset) / len(group), rank(item), item) for i, item in enumerate(group)]
+    return [item for _, _, item in sorted(placed, key=lambda p: p[:2])]
 
 
 def split_into_shards(items: list[Item], shard_size: int) -> list[tuple[Item, ...]]:
@@ -182,7 +200,7 @@ def run_precompute(cfg: PrecomputeConfig, address: str | None = None, dashboard:
 
     spec, fmt, items = prepare(cfg)
     if cfg.shuffle:
-        items = shard_order(items, cfg.seed)
+        items = shard_order(items, cfg.seed, cfg.stratify)
     out = storage.canonical(cfg.output)
     vae_identity = spec.identity()
     chunks = split_into_shards(items, cfg.shard_size)
@@ -357,6 +375,8 @@ def _claim_output(out: str, cfg: PrecomputeConfig, vae_identity: dict, items: li
     """Records what this folder is being filled with; refuses to resume a folder started differently."""
     listing = hashlib.sha256("\n".join(f"{it.source}\t{it.key}" for it in items).encode()).hexdigest()
     config = {k: getattr(cfg, k) for k in _CONTENT_KEYS}
+    if cfg.shuffle and cfg.stratify:  # likewise (below); an older shuffled folder resumes with stratify: false
+        config["stratify"] = True
     if cfg.label_fields:  # recorded only when used, so folders started before the setting existed still resume
         config["label_fields"] = list(cfg.label_fields)
     if cfg.max_decode_bytes != MAX_DECODE_BYTES:  # likewise
@@ -395,6 +415,7 @@ def _write_manifest(out: str, cfg: PrecomputeConfig, fmt: str, spec: VaeSpec, va
         "seed": cfg.seed,
         # "shuffled": every shard is a seeded random sample of the inputs (train's holdout_shards relies on it)
         "order": "shuffled" if cfg.shuffle else "input",
+        "stratified_by_label": cfg.shuffle and cfg.stratify,
         "input": {"path": str(cfg.input), "format": fmt},
         "config": {k: v for k, v in to_dict(cfg).items() if k not in ("input", "output", "vae")},
         "shards": [{"file": s["file"], "count": s["count"], "seen": s["seen"], "rejected": s["rejected"],
