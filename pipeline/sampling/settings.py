@@ -88,7 +88,6 @@ class NoiseLevelSettings:
         return replace(self, levels=2, mala_levels=0)
 
 
-AnnealedSettings = NoiseLevelSettings  # the name before the family grew beyond annealing
 SETTINGS = {"langevin": LangevinSettings, **{name: NoiseLevelSettings for name in NOISE_LEVEL_SAMPLERS}}
 SamplerSettings = LangevinSettings | NoiseLevelSettings
 
