@@ -35,7 +35,9 @@ def test_precompute_cli_end_to_end_on_an_existing_cluster(ray_cluster, small_fol
                      "--set", "resolution=16", "--set", "min_side=8", "--set", "shard_size=4")
     assert result.returncode == 0, result.stderr
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["totals"] == {"seen": 6, "encoded": 6, "rejected": 0, "shards": 2}
+    # configs/precompute.yaml holds 10% out: 1 of 6 in a shard of its own, written last
+    assert manifest["totals"] == {"seen": 6, "encoded": 6, "rejected": 0, "shards": 3}
+    assert manifest["held_out"] == {"share": 0.1, "files": ["latents-000002.tar"], "images": 1}
     assert manifest["labels"] == {"a": 3, "b": 3}
     assert "6/6 images (100%)" in result.stderr and "images/s" in result.stderr
 

@@ -97,7 +97,7 @@ def latents(ray_cluster, bucket, sd_checkpoint, tmp_path_factory) -> str:
     out = storage.join(bucket, "latents")
     cfg = from_dict(PrecomputeConfig, dict(input=storage.join(bucket, "images"), vae=str(sd_checkpoint), output=out,
                                            resolution=16, min_side=8, shard_size=SHARD, batch_size=2,
-                                           progress_interval_s=0.0))
+                                           progress_interval_s=0.0, holdout=0.0))
     with Killer("encode_shard") as killer:
         manifest = run_precompute(cfg)
     assert killer.killed, "no encode worker was seen running"

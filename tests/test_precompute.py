@@ -17,6 +17,7 @@ import torch
 
 from pipeline.common.config import ConfigError, EbdError, from_dict
 from pipeline.distributed.precompute import PrecomputeConfig, run_precompute
+from pipeline.io import latent_shards as sh
 from pipeline.io.files import file_sha256
 from pipeline.io.images import decode_image, to_model_input
 from pipeline.io.latent_shards import iter_latents, read_manifest, shard_paths
@@ -29,7 +30,8 @@ KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 
 def precompute(input, vae, out, **overrides) -> dict:
     cfg = from_dict(PrecomputeConfig, dict(input=str(input), vae=str(vae), output=str(out), resolution=RES,
-                                           shard_size=4, batch_size=3, min_side=8, progress_interval_s=0.0)
+                                           shard_size=4, batch_size=3, min_side=8, progress_interval_s=0.0,
+                                           holdout=0.0)  # shard layouts below count every input; the split: its test
                     | overrides)
     return run_precompute(cfg)
 
@@ -247,6 +249,18 @@ def test_a_folder_sorted_by_label_gives_held_out_shards_with_the_whole_sets_labe
     keys = [r["key"] for r in iter_latents(shard_paths(tmp_path / "out"))]
     assert sorted(keys) != keys and len(set(keys)) == 160  # every input once, not in listing order
 
+    # the default split: 10% of each label (4 of 40) in a held-out shard written last, listed in the manifest
+    split = precompute(tmp_path / "in", sd_checkpoint, tmp_path / "split", shard_size=40, holdout=0.1)
+    assert [s["count"] for s in split["shards"]] == [40, 40, 40, 24, 16]
+    assert split["held_out"] == {"share": 0.1, "files": ["latents-000004.tar"], "images": 16}
+    held = [r["meta"]["label"] for r in iter_latents(shard_paths(tmp_path / "split")[-1:])]
+    assert Counter(held) == dict.fromkeys(labels, 4)
+    assert sh.split_held_out(split, "auto") == ([f"latents-00000{i}.tar" for i in range(4)], ["latents-000004.tar"])
+    assert sh.split_held_out(split, 2)[1] == ["latents-000003.tar", "latents-000004.tar"]
+    assert sh.split_held_out(manifest, "auto")[1] == []  # holdout: 0 recorded: nothing held out
+    older = {k: v for k, v in manifest.items() if k != "held_out"}  # a folder from before the split was recorded
+    assert sh.split_held_out(older, "auto")[1] == ["latents-000003.tar"]
+
     plain = precompute(tmp_path / "in", sd_checkpoint, tmp_path / "plain", shard_size=40, stratify=False)
     assert not plain["stratified_by_label"]
     last = [r["meta"]["label"] for r in iter_latents(shard_paths(tmp_path / "plain")[-1:])]
@@ -262,13 +276,16 @@ def test_a_folder_sorted_by_label_gives_held_out_shards_with_the_whole_sets_labe
 
 
 def test_shard_order_depends_on_the_inputs_not_on_how_they_were_listed():
-    from pipeline.distributed.precompute import shard_order
+    from pipeline.distributed.precompute import held_out_count, shard_order
     from pipeline.io.sources import Item
 
     items = [Item(f"img{i}.png", f"k{i}", None, ("file", f"img{i}.png")) for i in range(50)]
     assert shard_order(items, seed=0) == shard_order(items[::-1], seed=0)
     assert shard_order(items, seed=0) != shard_order(items, seed=1)
     assert shard_order(items, seed=0) == shard_order(items, seed=0, stratify=False)  # no labels: one stratum
+    split = from_dict(PrecomputeConfig, dict(input="x", vae="y", output="z", holdout=0.1, max_holdout_images=50))
+    assert [held_out_count(split, n) for n in (1, 2, 5, 1000, 10_000)] == [0, 1, 1, 50, 50]  # one at least, never all
+    assert held_out_count(from_dict(PrecomputeConfig, dict(input="x", vae="y", output="z", holdout=0)), 1000) == 0
 
     # a rare label: 7 of 207 items. Every run of 20 consecutive items holds each label's share to within one
     labelled = [Item(f"{label}/{i}.png", f"{label}{i}", label, ("file", "x"))

@@ -2,8 +2,9 @@
 
 The driver plans every input item, puts them in a seeded random order (`shuffle`, on by default: sources list
 folder trees sorted by label, so without it the last shards, which training holds out, would hold only the last
-labels), cuts the list into shards of `shard_size` items and
-runs one Ray task per missing shard. Each task reads its own inputs, rejects bad ones (recorded, never fatal),
+labels; stratified by label where labels are known), sets the last `holdout` of it apart, cuts the training part
+and then the held-out part into shards of `shard_size` items (the manifest lists the held-out ones) and runs one Ray
+task per missing shard. Each task reads its own inputs, rejects bad ones (recorded, never fatal),
 encodes in batches with the VAE it loaded once per worker process, and writes its tar then its done marker
 atomically. The manifest is written last, once every shard is done. Re-running the same command skips complete
 shards; a different config or input into the same folder is refused.
@@ -54,6 +55,10 @@ class PrecomputeConfig(JobConfig):
                                                  # shard (the held-out ones) is representative of the whole set
     stratify: bool = True                        # with shuffle: every shard holds the same share of each label
                                                  # known at planning (folder, parquet column), +-1 image
+    holdout: float = 0.1                         # share of the inputs in held-out shards of their own, written
+                                                 # last and listed in the manifest: training and the evaluator
+                                                 # never read them (evaluation's reference); 0: none
+    max_holdout_images: int = 10_000             # at most this many held out (evaluation reads a few thousand)
     num_cpus_per_task: float = 1.0
     num_gpus_per_task: float | Literal["auto"] = "auto"  # auto: 1 if the cluster has GPUs, else 0
     max_retries: int = 3                         # retries of a task whose worker died
@@ -87,6 +92,8 @@ class PrecomputeConfig(JobConfig):
         require(self.max_pixels > 0 and self.min_side >= 1 and self.max_file_bytes > 0,
                 "max_pixels, min_side and max_file_bytes must be positive")
         require(self.max_decode_bytes > 0, "max_decode_bytes must be positive")
+        require(0 <= self.holdout < 1 and self.max_holdout_images >= 1,
+                f"holdout must be in [0, 1) and max_holdout_images >= 1, got {self.holdout}, {self.max_holdout_images}")
         require(0 < self.max_decode_seconds <= 3600, "max_decode_seconds must be in (0, 3600], got "
                 f"{self.max_decode_seconds}")
         require(self.max_pixels <= MAX_PIXELS_LIMIT, f"max_pixels must be at most {MAX_PIXELS_LIMIT} (a 16k x 16k "
@@ -179,11 +186,23 @@ def shard_order(items: list[Item], seed: int, stratify: bool = True) -> list[Ite
     return [item for _, _, item in sorted(placed, key=lambda p: p[:2])]
 
 
-def split_into_shards(items: list[Item], shard_size: int) -> list[tuple[Item, ...]]:
-    """Consecutive runs of `shard_size` items; within a shard, parquet rows in file and row order, so a worker reads
-    each row group once, front to back (a shuffled shard's rows would otherwise re-read their row group almost every
-    time). Which items a shard holds is the shuffle's; only the order inside it changes."""
-    return [tuple(sorted(items[i:i + shard_size], key=reading_order)) for i in range(0, len(items), shard_size)]
+def held_out_count(cfg: PrecomputeConfig, inputs: int) -> int:
+    """How many of `inputs` go to the held-out shards: `holdout` of them (at least one when holdout > 0, at most
+    `max_holdout_images`), and never all of them."""
+    if cfg.holdout <= 0 or inputs < 2:
+        return 0
+    return min(max(1, round(cfg.holdout * inputs)), cfg.max_holdout_images, inputs - 1)
+
+
+def split_into_shards(items: list[Item], shard_size: int, held_out: int = 0) -> list[tuple[Item, ...]]:
+    """Consecutive runs of `shard_size` items, the training items first and the last `held_out` items in shards of
+    their own after them; within a shard, parquet rows in file and row order, so a worker reads each row group once,
+    front to back (a shuffled shard's rows would otherwise re-read their row group almost every time). Which items a
+    shard holds is the shuffle's; only the order inside it changes."""
+    def runs(part: list[Item]) -> list[tuple[Item, ...]]:
+        return [tuple(sorted(part[i:i + shard_size], key=reading_order)) for i in range(0, len(part), shard_size)]
+    cut = len(items) - held_out
+    return runs(items[:cut]) + runs(items[cut:])
 
 
 def shard_job(cfg: PrecomputeConfig, spec: VaeSpec, index: int, items: tuple[Item, ...], use_gpu: bool,
@@ -203,7 +222,9 @@ def run_precompute(cfg: PrecomputeConfig, address: str | None = None, dashboard:
         items = shard_order(items, cfg.seed, cfg.stratify)
     out = storage.canonical(cfg.output)
     vae_identity = spec.identity()
-    chunks = split_into_shards(items, cfg.shard_size)
+    held_out = held_out_count(cfg, len(items))
+    chunks = split_into_shards(items, cfg.shard_size, held_out)
+    held_out_shards = -(-held_out // cfg.shard_size)
     _claim_output(out, cfg, vae_identity, items)
 
     done = {i: s for i in range(len(chunks)) if (s := _completed_shard(out, i)) is not None}
@@ -245,7 +266,8 @@ def run_precompute(cfg: PrecomputeConfig, address: str | None = None, dashboard:
             done[index] = stats
             log.update(stats["seen"], extra=f"shards {len(done)}/{len(chunks)}", force=not (jobs or in_flight))
 
-    manifest = _write_manifest(out, cfg, fmt, spec, vae_identity, [done[i] for i in range(len(chunks))])
+    manifest = _write_manifest(out, cfg, fmt, spec, vae_identity, [done[i] for i in range(len(chunks))],
+                               held_out_shards)
     totals = manifest["totals"]
     log.log(f"done: {totals['encoded']} encoded, {totals['rejected']} rejected of {totals['seen']} inputs; "
             f"manifest {storage.join(out, sh.MANIFEST)}")
@@ -377,6 +399,8 @@ def _claim_output(out: str, cfg: PrecomputeConfig, vae_identity: dict, items: li
     config = {k: getattr(cfg, k) for k in _CONTENT_KEYS}
     if cfg.shuffle and cfg.stratify:  # likewise (below); an older shuffled folder resumes with stratify: false
         config["stratify"] = True
+    if cfg.holdout > 0:  # likewise; an older folder resumes with holdout: 0
+        config["holdout"] = [cfg.holdout, cfg.max_holdout_images]
     if cfg.label_fields:  # recorded only when used, so folders started before the setting existed still resume
         config["label_fields"] = list(cfg.label_fields)
     if cfg.max_decode_bytes != MAX_DECODE_BYTES:  # likewise
@@ -389,9 +413,10 @@ def _claim_output(out: str, cfg: PrecomputeConfig, vae_identity: dict, items: li
 
 
 def _write_manifest(out: str, cfg: PrecomputeConfig, fmt: str, spec: VaeSpec, vae_identity: dict,
-                    stats: list[dict]) -> dict:
+                    stats: list[dict], held_out_shards: int) -> dict:
     rejects = [r for s in stats for r in s["rejects"]]
     atomic_write_lines(storage.join(out, sh.REJECTS), rejects)
+    held = stats[len(stats) - held_out_shards:] if held_out_shards else []
     labels: dict[str, int] = {}
     by_field: dict[str, dict[str, int]] = {}
     for s in stats:
@@ -416,6 +441,9 @@ def _write_manifest(out: str, cfg: PrecomputeConfig, fmt: str, spec: VaeSpec, va
         # "shuffled": every shard is a seeded random sample of the inputs (train's holdout_shards relies on it)
         "order": "shuffled" if cfg.shuffle else "input",
         "stratified_by_label": cfg.shuffle and cfg.stratify,
+        # the split jobs.train and jobs.fit_evaluator keep (holdout_shards: auto): the last shards, never trained on
+        "held_out": {"share": cfg.holdout, "files": [s["file"] for s in held],
+                     "images": sum(s["count"] for s in held)},
         "input": {"path": str(cfg.input), "format": fmt},
         "config": {k: v for k, v in to_dict(cfg).items() if k not in ("input", "output", "vae")},
         "shards": [{"file": s["file"], "count": s["count"], "seen": s["seen"], "rejected": s["rejected"],

@@ -42,15 +42,16 @@ def run_training(cfg: TrainConfig, address: str | None = None, dashboard: bool =
     if missing:
         raise EbdError(f"{len(missing)} shard(s) listed in the manifest are missing, e.g. {missing[0]}")
     paths = [p for p in paths if counts.get(p, 0) > 0]
-    require(len(paths) > cfg.holdout_shards, f"holdout_shards={cfg.holdout_shards} leaves no shard to train on "
+    train_files, held_files = sh.split_held_out(manifest, cfg.holdout_shards)
+    require(bool(train_files), f"holdout_shards={cfg.holdout_shards} leaves no shard to train on "
             f"({len(paths)} non-empty shards)")
-    require(not cfg.holdout_shards or manifest.get("order") == "shuffled",
+    require(not held_files or manifest.get("order") == "shuffled",
             f"{cfg.latents} was written in input order (older precompute, or shuffle: false), so its last shards "
             "are not a random sample of the data: re-run precompute into a new folder, or set holdout_shards: 0")
     sha = {storage.join(latents, s["file"]): s["sha256"] for s in manifest["shards"]}
-    held_out = [{"file": storage.name(p), "sha256": sha[p], "count": counts[p]}
-                for p in paths[len(paths) - cfg.holdout_shards:]] if cfg.holdout_shards else []
-    paths = paths[: len(paths) - cfg.holdout_shards]
+    held_paths = [storage.join(latents, f) for f in held_files]
+    held_out = [{"file": storage.name(p), "sha256": sha[p], "count": counts[p]} for p in held_paths]
+    paths = [p for p in paths if p not in held_paths]
     require(len(paths) >= cfg.num_workers, f"{len(paths)} non-empty shards cannot feed {cfg.num_workers} workers: "
             "use fewer workers or re-run precompute with a smaller shard_size")
     output = storage.canonical(cfg.output)

@@ -47,7 +47,7 @@ class FitEvaluatorConfig(JobConfig):
     output: str | None = None                    # evaluator folder (config.json + model.safetensors)
     vae: str | None = None                       # default: the VAE the latents' manifest records
     kind: Literal["auto", "classifier", "contrastive"] = "auto"
-    holdout_shards: int = 1                      # as jobs.train: the last N shards are the held-out measurement
+    holdout_shards: int | Literal["auto"] = "auto"  # as jobs.train: the shards precompute set apart, or the last N
     max_images: int = 50_000                     # decoded training images kept in memory (uint8)
     resolution: int = 64                         # the network's input side; images are resized to it
     widths: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
@@ -77,7 +77,8 @@ class FitEvaluatorConfig(JobConfig):
             require(getattr(self, name) is not None, f"missing {name}: pass --{name} or set it in the config")
         require_at_least(self, 1, "projection_dim", "log_every")
         require_at_least(self, 0, "weight_decay", "warmup_steps", "seed", "threads")
-        require(self.holdout_shards >= 1, "holdout_shards must be >= 1: the evaluator's accuracy is measured there")
+        require(self.holdout_shards == "auto" or self.holdout_shards >= 1,
+                "holdout_shards must be auto or >= 1: the evaluator's accuracy is measured there")
         require(self.steps >= 1 and self.batch_size >= 2 and self.lr > 0 and self.max_images >= 2,
                 "steps >= 1, batch_size >= 2, lr > 0, max_images >= 2")
         require(len(self.widths) >= 1 and min(self.widths) >= 1 and self.feature_dim >= 1,
@@ -94,9 +95,9 @@ def decoded_split(cfg: FitEvaluatorConfig) -> dict:
     from ..vae.autoencoder import cached_vae, decode_images, pick_device, resolve_vae
 
     manifest = sh.read_manifest(cfg.latents)
-    files = [s["file"] for s in manifest["shards"] if s["count"] > 0]
-    require(len(files) > cfg.holdout_shards, f"{cfg.latents} has {len(files)} non-empty shards: holdout_shards="
-            f"{cfg.holdout_shards} leaves none to train on")
+    train_files, held = sh.split_held_out(manifest, cfg.holdout_shards)
+    require(bool(train_files) and bool(held), f"{cfg.latents} has {len(train_files) + len(held)} non-empty shards: "
+            f"holdout_shards={cfg.holdout_shards} leaves none to train on or none to measure on")
     require(manifest.get("order") == "shuffled", f"{cfg.latents} was written in input order (older precompute or "
             "shuffle: false): its last shards are not a random sample; re-run precompute into a new folder")
     recorded_vae = manifest.get("vae") or {}
@@ -109,8 +110,7 @@ def decoded_split(cfg: FitEvaluatorConfig) -> dict:
         raise EbdError(f"{vae_path} is not the VAE that encoded {cfg.latents} (weights sha256 "
                        f"{identity['weights_sha256'][:12]}... vs {recorded[:12]}...)")
     vae = cached_vae(spec, pick_device(True), "float32")
-    held = files[len(files) - cfg.holdout_shards:]
-    out = {"vae": identity, "held_out_files": held, "train_files": files[:len(files) - cfg.holdout_shards]}
+    out = {"vae": identity, "held_out_files": held, "train_files": train_files}
     for name, subset in (("train", out["train_files"]), ("held_out", held)):
         rows = list(sh.iter_latents([storage.join(cfg.latents, f) for f in subset]))
         if name == "train" and len(rows) > cfg.max_images:

@@ -134,6 +134,19 @@ def read_manifest(folder: str | Path) -> dict:
     return manifest
 
 
+def split_held_out(manifest: dict, holdout_shards: int | str) -> tuple[list[str], list[str]]:
+    """(training files, held-out files) among a latents folder's non-empty shards. `auto`: the held-out shards its
+    manifest lists (precompute's `holdout`), or the last shard of a folder written before precompute recorded a
+    split; a number N: the last N shards."""
+    files = [s["file"] for s in manifest["shards"] if s["count"] > 0]
+    if holdout_shards == "auto":
+        recorded = manifest.get("held_out")
+        held = [f for f in recorded["files"] if f in files] if recorded is not None else files[-1:]
+    else:
+        held = files[len(files) - holdout_shards:] if holdout_shards else []
+    return [f for f in files if f not in held], held
+
+
 def pick_rows(rows, index) -> list:
     """Streams `rows` and keeps those at the positions `index` (positions, a list or tensor) names, in `index`'s
     order (all rows if None): memory holds the picked rows only, however large the run or the shard folder."""

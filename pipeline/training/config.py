@@ -51,7 +51,9 @@ class TrainConfig(JobConfig):
     ema_length: float | None = None
     data_noise: float = 0.01                 # std of the noise added to positives
     # data
-    holdout_shards: int = 0                  # the last N shards are never trained on (evaluation's reference)
+    # Shards never trained on (evaluation's reference): auto, those precompute set apart (its manifest lists them;
+    # the last shard of an older folder); N, the last N shards
+    holdout_shards: int | Literal["auto"] = 0
     # Latents never trained on, by their labels: [{shape: ring, background: checker}] drops every ring on a checker
     # (a combination to generate later by composing the two conditions). Any objective.
     exclude_labels: list[dict[str, str]] = field(default_factory=list)
@@ -83,7 +85,7 @@ class TrainConfig(JobConfig):
         require(self.lr > 0 and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "lr must be > 0, betas in [0, 1)")
         require(0 <= self.ema_decay < 1 and self.data_noise >= 0, "ema_decay must be in [0, 1), data_noise >= 0")
         require(self.ema_length is None or 0 < self.ema_length < 0.28, "ema_length (sigma_rel) must be in (0, 0.28)")
-        require(self.holdout_shards >= 0, "holdout_shards must be >= 0")
+        require(self.holdout_shards == "auto" or self.holdout_shards >= 0, "holdout_shards must be auto or >= 0")
         require(self.log_every >= 1 and self.checkpoint_every >= 1 and self.keep_checkpoints >= 1,
                 "log_every, checkpoint_every and keep_checkpoints must be >= 1")
         require(self.max_rollbacks >= 0 and 0 < self.rollback_lr_factor < 1,
