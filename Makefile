@@ -154,7 +154,8 @@ data-emoji: install-run
 	$(BIN)/python bench/emoji_data.py --output $(EMOJI_DIR)/images
 
 # The emoji set made ready for recipe work, with the default configs: a VAE fitted with the demo VAE's recipe (about
-# 35 minutes on 2 CPUs, as the demo's), latents (a random 10%, stratified by category, in a held-out shard) and an evaluator.
+# 35 minutes on 2 CPUs, as the demo's), latents (a random 10%, stratified by category, in a held-out shard; a
+# latents folder from before that split is refused: precompute into a new one) and an evaluator.
 emoji-dev: data-emoji
 	$(BIN)/python -m jobs.fit_vae --config configs/fit-vae-demo.yaml --input $(EMOJI_DIR)/images --output $(EMOJI_DIR)/vae
 	$(BIN)/python -m jobs.precompute --config configs/precompute.yaml --input $(EMOJI_DIR)/images \

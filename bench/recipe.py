@@ -56,7 +56,7 @@ def run(cmd: list[str], log: Path) -> None:
 def train_and_score(args, name: str, work: Path) -> dict:
     """Trains recipe `name`, generates 1,000 images and evaluates them; returns the table row."""
     out, log = work / name, work / f"{name}.log"
-    sets = [f"cpus_per_worker={args.threads}", *RECIPES[name], *(args.set or [])]
+    sets = [f"cpus_per_worker={args.threads}", "holdout_shards=auto", *RECIPES[name], *(args.set or [])]
     model = out / "train" / "model"
     trained = json.loads((model / "config.json").read_text())["training"] if (model / "config.json").exists() else {}
     train_wall = None

@@ -108,6 +108,7 @@ def latents(ray_cluster, bucket, sd_checkpoint, tmp_path_factory) -> str:
 def test_precompute_reads_tars_from_a_bucket_and_writes_every_shard_once_despite_a_killed_worker(latents):
     manifest = read_json(storage.join(latents, "manifest.json"))
     assert manifest["totals"] == {"seen": IMAGES, "encoded": IMAGES, "rejected": 0, "shards": IMAGES // SHARD}
+    assert not manifest["stratified_by_label"]  # a tar's labels are read after planning: the plain seeded order
     keys = [r["key"] for r in iter_latents(shard_paths(latents))]
     assert len(keys) == IMAGES == len(set(keys))
     for shard in manifest["shards"]:  # every shard committed: tar, then its done marker, recorded hashes agree

@@ -257,6 +257,8 @@ def test_a_folder_sorted_by_label_gives_held_out_shards_with_the_whole_sets_labe
     assert Counter(held) == dict.fromkeys(labels, 4)
     assert sh.split_held_out(split, "auto") == ([f"latents-00000{i}.tar" for i in range(4)], ["latents-000004.tar"])
     assert sh.split_held_out(split, 2)[1] == ["latents-000003.tar", "latents-000004.tar"]
+    with pytest.raises(EbdError, match="holdout_shards=5 leaves no shard to train on"):
+        sh.split_held_out(split, 5)  # not the last 5 - 5 = 0 shards, nor any count from the front
     assert sh.split_held_out(manifest, "auto")[1] == []  # holdout: 0 recorded: nothing held out
     older = {k: v for k, v in manifest.items() if k != "held_out"}  # a folder from before the split was recorded
     assert sh.split_held_out(older, "auto")[1] == ["latents-000003.tar"]

@@ -53,8 +53,8 @@ class PrecomputeConfig(JobConfig):
     store_moments: bool = False                  # also store posterior mean and log-variance (scaled units)
     shuffle: bool = True                         # shards hold a seeded random sample of the inputs, so any
                                                  # shard (the held-out ones) is representative of the whole set
-    stratify: bool = True                        # with shuffle: every shard holds the same share of each label
-                                                 # known at planning (folder, parquet column), +-1 image
+    stratify: bool = True                        # with shuffle: every shard holds each label known at planning
+                                                 # (folder, parquet column) in its share of the set
     holdout: float = 0.1                         # share of the inputs in held-out shards of their own, written
                                                  # last and listed in the manifest: training and the evaluator
                                                  # never read them (evaluation's reference); 0: none
@@ -167,10 +167,11 @@ def shard_order(items: list[Item], seed: int, stratify: bool = True) -> list[Ite
     folder tree sorted by label, has no say in which shard an input lands in.
 
     Stratified (systematic sampling within each label): a label's n items, in their random order, sit at positions
-    (i + u) / n on [0, 1), u a seeded offset per label, and all items are sorted by position. Any run of consecutive
-    items, and so any shard (the held-out one), then holds each label in its share of the whole set to within one
-    item: a random 10% stratified by label, where a plain random order leaves a rare label's held-out count to
-    chance. Items without a label at planning (tars: their .cls is read later) form one stratum, in plain order."""
+    (i + u) / n on [0, 1), u a seeded offset per label, and all items are sorted by position. Any span of positions
+    then holds each label's share of it to within one item, so a shard (the held-out one) holds every label in about
+    its share of the set (off by a few items at most where many labels share a shard): a random 10% stratified by
+    label, where a plain random order leaves a rare label's held-out count to chance. Items without a label at
+    planning (tars: their .cls is read later) form one stratum, in plain order."""
     def rank(item: Item) -> str:
         return hashlib.sha256(f"{seed}\t{item.source}\t{item.key}".encode()).hexdigest()
     if not stratify:
@@ -218,14 +219,15 @@ def run_precompute(cfg: PrecomputeConfig, address: str | None = None, dashboard:
     import ray
 
     spec, fmt, items = prepare(cfg)
+    stratified = cfg.shuffle and cfg.stratify and any(item.label is not None for item in items)
     if cfg.shuffle:
-        items = shard_order(items, cfg.seed, cfg.stratify)
+        items = shard_order(items, cfg.seed, stratified)
     out = storage.canonical(cfg.output)
     vae_identity = spec.identity()
     held_out = held_out_count(cfg, len(items))
     chunks = split_into_shards(items, cfg.shard_size, held_out)
     held_out_shards = -(-held_out // cfg.shard_size)
-    _claim_output(out, cfg, vae_identity, items)
+    _claim_output(out, cfg, vae_identity, items, stratified)
 
     done = {i: s for i in range(len(chunks)) if (s := _completed_shard(out, i)) is not None}
     todo = [i for i in range(len(chunks)) if i not in done]
@@ -267,7 +269,7 @@ def run_precompute(cfg: PrecomputeConfig, address: str | None = None, dashboard:
             log.update(stats["seen"], extra=f"shards {len(done)}/{len(chunks)}", force=not (jobs or in_flight))
 
     manifest = _write_manifest(out, cfg, fmt, spec, vae_identity, [done[i] for i in range(len(chunks))],
-                               held_out_shards)
+                               held_out_shards, stratified)
     totals = manifest["totals"]
     log.log(f"done: {totals['encoded']} encoded, {totals['rejected']} rejected of {totals['seen']} inputs; "
             f"manifest {storage.join(out, sh.MANIFEST)}")
@@ -393,13 +395,13 @@ def _completed_shard(out: str, index: int) -> dict | None:
     return stats
 
 
-def _claim_output(out: str, cfg: PrecomputeConfig, vae_identity: dict, items: list[Item]) -> None:
+def _claim_output(out: str, cfg: PrecomputeConfig, vae_identity: dict, items: list[Item], stratified: bool) -> None:
     """Records what this folder is being filled with; refuses to resume a folder started differently."""
     listing = hashlib.sha256("\n".join(f"{it.source}\t{it.key}" for it in items).encode()).hexdigest()
     config = {k: getattr(cfg, k) for k in _CONTENT_KEYS}
-    if cfg.shuffle and cfg.stratify:  # likewise (below); an older shuffled folder resumes with stratify: false
+    if stratified:  # likewise (below); an older shuffled folder of labelled inputs resumes with stratify: false
         config["stratify"] = True
-    if cfg.holdout > 0:  # likewise; an older folder resumes with holdout: 0
+    if cfg.holdout > 0:  # likewise; an older folder resumes with holdout: 0 (and stratify: false)
         config["holdout"] = [cfg.holdout, cfg.max_holdout_images]
     if cfg.label_fields:  # recorded only when used, so folders started before the setting existed still resume
         config["label_fields"] = list(cfg.label_fields)
@@ -413,7 +415,7 @@ def _claim_output(out: str, cfg: PrecomputeConfig, vae_identity: dict, items: li
 
 
 def _write_manifest(out: str, cfg: PrecomputeConfig, fmt: str, spec: VaeSpec, vae_identity: dict,
-                    stats: list[dict], held_out_shards: int) -> dict:
+                    stats: list[dict], held_out_shards: int, stratified: bool) -> dict:
     rejects = [r for s in stats for r in s["rejects"]]
     atomic_write_lines(storage.join(out, sh.REJECTS), rejects)
     held = stats[len(stats) - held_out_shards:] if held_out_shards else []
@@ -440,7 +442,7 @@ def _write_manifest(out: str, cfg: PrecomputeConfig, fmt: str, spec: VaeSpec, va
         "seed": cfg.seed,
         # "shuffled": every shard is a seeded random sample of the inputs (train's holdout_shards relies on it)
         "order": "shuffled" if cfg.shuffle else "input",
-        "stratified_by_label": cfg.shuffle and cfg.stratify,
+        "stratified_by_label": stratified,
         # the split jobs.train and jobs.fit_evaluator keep (holdout_shards: auto): the last shards, never trained on
         "held_out": {"share": cfg.holdout, "files": [s["file"] for s in held],
                      "images": sum(s["count"] for s in held)},

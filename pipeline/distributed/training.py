@@ -2,7 +2,8 @@
 
     python -m jobs.train --config configs/train-demo.yaml --latents build/demo/latents-... --output build/demo/ebm
 
-The driver checks the latents and the config, splits the shards (the last `holdout_shards` are never trained on),
+The driver checks the latents and the config, splits the shards (`holdout_shards`: those precompute set apart, or
+the last N, are never trained on),
 lets the objective prepare what it needs from the data (cd's chain-start mixture, dsm's noise range), records the
 run beside its checkpoints (a run name resumes only the run it names) and starts a TorchTrainer. Re-running the same
 command with the same run name and storage path resumes from the last checkpoint.
@@ -18,6 +19,7 @@ import torch
 
 from ..common import migrations
 from ..common.config import EbdError, from_dict, require
+from ..common.logs import log_line
 from ..common.plugins import import_plugins
 from ..io import latent_shards as sh
 from ..io import storage
@@ -48,6 +50,9 @@ def run_training(cfg: TrainConfig, address: str | None = None, dashboard: bool =
     require(not held_files or manifest.get("order") == "shuffled",
             f"{cfg.latents} was written in input order (older precompute, or shuffle: false), so its last shards "
             "are not a random sample of the data: re-run precompute into a new folder, or set holdout_shards: 0")
+    if cfg.holdout_shards == "auto" and not held_files:
+        log_line("train", f"{cfg.latents} has no held-out shards (precompute ran with holdout: 0): training reads "
+                          "every shard, so jobs.evaluate needs reference latents this model never saw")
     sha = {storage.join(latents, s["file"]): s["sha256"] for s in manifest["shards"]}
     held_paths = [storage.join(latents, f) for f in held_files]
     held_out = [{"file": storage.name(p), "sha256": sha[p], "count": counts[p]} for p in held_paths]

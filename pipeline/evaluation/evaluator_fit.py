@@ -96,8 +96,8 @@ def decoded_split(cfg: FitEvaluatorConfig) -> dict:
 
     manifest = sh.read_manifest(cfg.latents)
     train_files, held = sh.split_held_out(manifest, cfg.holdout_shards)
-    require(bool(train_files) and bool(held), f"{cfg.latents} has {len(train_files) + len(held)} non-empty shards: "
-            f"holdout_shards={cfg.holdout_shards} leaves none to train on or none to measure on")
+    require(bool(held), f"{cfg.latents} has no held-out shards (precompute ran with holdout: 0): the evaluator's "
+            "accuracy is measured there; set holdout_shards: N, or precompute with holdout > 0")
     require(manifest.get("order") == "shuffled", f"{cfg.latents} was written in input order (older precompute or "
             "shuffle: false): its last shards are not a random sample; re-run precompute into a new folder")
     recorded_vae = manifest.get("vae") or {}

@@ -143,6 +143,9 @@ def split_held_out(manifest: dict, holdout_shards: int | str) -> tuple[list[str]
         recorded = manifest.get("held_out")
         held = [f for f in recorded["files"] if f in files] if recorded is not None else files[-1:]
     else:
+        if holdout_shards >= len(files):
+            raise EbdError(f"holdout_shards={holdout_shards} leaves no shard to train on ({len(files)} non-empty "
+                           "shards)")
         held = files[len(files) - holdout_shards:] if holdout_shards else []
     return [f for f in files if f not in held], held
 

@@ -203,7 +203,10 @@ class WorkerRun:
                                                            "excluded_per_epoch": self.data.excluded})
         if self.rank == 0:
             export = type(self.model)(self.model.config, dict(self.model.metadata))
-            pos, labels = next(self.batches)  # a real batch: its share of a step's FLOPs, counted (training.cost)
+            loop_seconds = round(time.monotonic() - self.started, 1)  # before the count below, which is no training
+            # a real batch's share of a step's FLOPs, counted (training.cost), x the steps kept (rolled-back ones
+            # are not counted)
+            pos, labels = next(self.batches)
             per_sample = training_flops_per_sample(self.objective, self.model, pos[:2].to(self.device),
                                                    None if labels is None else labels[:2].to(self.device))
             flops = per_sample * cfg.batch_size * self.world * state["step"]
@@ -211,7 +214,7 @@ class WorkerRun:
                                            "flops": float(f"{flops:.4g}"),
                                            "rollbacks": state["rollbacks"], "final_lr": state["lr"],
                                            "num_workers": self.world, "run_name": cfg.run_name,
-                                           "loop_seconds_this_run": round(time.monotonic() - self.started, 1)}
+                                           "loop_seconds_this_run": loop_seconds}
             export.save_pretrained(storage.join(cfg.output, "model"), state_dict=self.ema)
 
     # ------------------------------------------------------------------- snapshots and checkpoints
