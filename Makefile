@@ -59,7 +59,7 @@ $(VENV)/.installed-run: pyproject.toml constraints.txt $(VENV)/.torch
 # noise-conditional energy (from plain noise) and 1000 from the short-run CD model it replaced -> one evaluation in
 # the shipped evaluator's feature space against the latent shard neither model trained on.
 # `make demo-train` first retrains the energy with the recipe the shipped one came from (configs/train-demo.yaml,
-# about 78 minutes on 2 CPUs; DEMO_TRAIN_ARGS="--max-steps 3000" for a 25-minute version) and generates from that.
+# about 83 minutes on 2 CPUs; DEMO_TRAIN_ARGS="--max-steps 3000" for a 25-minute version) and generates from that.
 # `make demo-models` refits every shipped model (VAE, evaluator, the energies, the diffusion baseline, the
 # conditional energy): about 5 hours.
 demo: install-run

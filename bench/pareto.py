@@ -98,6 +98,7 @@ def main() -> None:
     p.add_argument("--report-only", action="store_true",
                    help="write pareto.md/.png from the rows file's points (and this run's cost measurements) alone")
     p.add_argument("--solvers", default=",".join(SOLVERS), help="comma-separated solvers (ddim: the UNet only)")
+    p.add_argument("--note", default=None, help="a paragraph for the top of pareto.md (e.g. which points are older)")
     p.add_argument("--rows", default=str(REPO / "build" / "bench" / "pareto-rows.jsonl"),
                    help="one JSON line per finished point; a rerun skips the points already there (resume)")
     args = p.parse_args()
@@ -182,7 +183,7 @@ def main() -> None:
     real = {"fd": 0.0, "recognisable": quality.recognisable_share(evaluator.classify(ref_features),
                                                                     evaluator.confidence)}
     result = {"benchmark": "pareto", "num_samples": args.num_samples, "threads": args.threads, "costs": costs,
-              "reference_recognisable": real["recognisable"], "rows": rows,
+              "reference_recognisable": real["recognisable"], "rows": rows, "note": args.note,
               "models": {name: str(Path("models/demo") / folder) for name, folder in models.items()}}
     write_result(REPO / "bench" / "out" / "pareto.json", result)
     (REPO / "bench" / "pareto.md").write_text(markdown(result))
@@ -205,6 +206,8 @@ def markdown(result: dict) -> str:
                      f"{c['evaluation_over_forward_flops']:.2f} | {c['evaluation_over_forward_seconds']:.2f} |")
     lines += ["", "| model | solver | evaluations | GFLOP/image | sampler images/s | FD | recognisable | class TV | "
               "density | coverage |", "|---|---|---|---|---|---|---|---|---|---|"]
+    if result.get("note"):
+        lines[2:2] = [result["note"], ""]
     reference = next((r for r in rows if r["model"] == "energy" and r["solver"] == "heun"
                       and r["evaluations"] == 49 and not r.get("variant")), None)
     if reference is not None:
