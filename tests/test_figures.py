@@ -67,8 +67,8 @@ QUOTES = [
     ("README.md", r"Heun with 49\s+gradients \([\d.]+ GFLOP\): FD (\d+\.\d\d)", rounded(HEUN["FD"], 2)),
     ("README.md", r"density check, (\d\.\d\d) against 0.7", rounded(IPNDM["density"], 2)),
     ("models/demo/ebm/README.md", r"iPNDM-12: FD (\d+\.\d\d)", rounded(IPNDM["FD"], 2)),
-    ("models/demo/ebm/README.md", r"iPNDM-12: FD [\d.]+,\s+recognisable [\d.]+,\s+class TV [\d.]+,\s+density\s+(\d\.\d+)",
-     IPNDM["density"]),
+    ("models/demo/ebm/README.md",
+     r"iPNDM-12: FD [\d.]+,\s+recognisable [\d.]+,\s+class TV [\d.]+,\s+density\s+(\d\.\d+)", IPNDM["density"]),
     ("docs/generation.md", r"faster at FD (\d\.\d\d) against", rounded(BF16["FD"], 2)),
     ("docs/generation.md", r"faster at FD [\d.]+ against (\d\.\d\d)", rounded(IPNDM["FD"], 2)),
 ]
