@@ -94,7 +94,8 @@ def table(rows: list[dict]) -> list[str]:
     for r in rows:
         ratio = r["recognisable"] / r["recognisable_real"] if r.get("recognisable") and r.get("recognisable_real") \
             else None
-        lines.append(f"| {r['recipe']} | {', '.join(f'`{c}`' for c in r['changes']) or 'today'} | {r['steps']} | "
+        changes = ", ".join(f"`{c}`" for c in r["changes"]) or "the recipe before: epsilon, lr 3e-4"
+        lines.append(f"| {r['recipe']} | {changes} | {r['steps']} | "
                      f"{r['train_loop_s']:.0f} | {f(r['fd'], '{:.2f}')} | {f(r['fd_blurred'], '{:.2f}')} | "
                      f"{f(r['recognisable'])} / {f(r['recognisable_real'])} = {f(ratio, '{:.2f}')} | "
                      f"{f(r['class_tv'])} | {f(r['density'])} | {f(r['coverage'])} | {f(r['copy_share'])} | "
