@@ -12,7 +12,7 @@ image (Heun: the largest level count within the budget, 2 levels - 1 evaluations
 For each: the samples of images 0..N-1 of seed 0 through the one sampling core (the code generation's sampler
 actors run), timed in this process on every core; decoded by the demo VAE; scored against the held-out shard in the
 demo evaluator's feature space (FD, recognisable, class TV, density, coverage: the same metrics jobs.evaluate
-reports). GFLOP per image = FLOPs of one evaluation (counted with FlopCounterMode: an energy's gradient is its
+reports). GFLOP per image = FLOPs of one evaluation (counted with common.flops.FlopCount: an energy's gradient is its
 forward and backward, measured, not assumed) x evaluations. The cost of a gradient against a forward on the same
 network is measured in the same run (time and FLOPs).
 
@@ -52,8 +52,8 @@ def evaluation_cost(model, batch: int = 256, repeats: int = 5) -> dict:
     """FLOPs and seconds of one evaluation as the samplers run it (grad E for an energy: forward + backward), and of
     the network's forward alone, on the same batch."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
+    from pipeline.common.flops import FlopCount
     from pipeline.sampling import cost as sampling_cost
 
     z = torch.randn(batch, *model.config.latent_shape)
@@ -72,9 +72,9 @@ def evaluation_cost(model, batch: int = 256, repeats: int = 5) -> dict:
 
     with torch.no_grad():
         forward_s = timed(lambda: forward(z))
-        with FlopCounterMode(display=False) as counter:
+        with FlopCount() as count:
             forward(z)
-        forward_flops = counter.get_total_flops() / batch
+        forward_flops = count.flops / batch
     evaluation_s = timed(lambda: evaluate(z, sigma))
     evaluation_flops = sampling_cost.evaluation_flops(model)  # an energy's: forward + backward, counted
     return {"forward_gflop": forward_flops / 1e9, "evaluation_gflop": evaluation_flops / 1e9,

@@ -195,15 +195,11 @@ def held_out_count(cfg: PrecomputeConfig, inputs: int) -> int:
     return min(max(1, round(cfg.holdout * inputs)), cfg.max_holdout_images, inputs - 1)
 
 
-def split_into_shards(items: list[Item], shard_size: int, held_out: int = 0) -> list[tuple[Item, ...]]:
-    """Consecutive runs of `shard_size` items, the training items first and the last `held_out` items in shards of
-    their own after them; within a shard, parquet rows in file and row order, so a worker reads each row group once,
-    front to back (a shuffled shard's rows would otherwise re-read their row group almost every time). Which items a
-    shard holds is the shuffle's; only the order inside it changes."""
-    def runs(part: list[Item]) -> list[tuple[Item, ...]]:
-        return [tuple(sorted(part[i:i + shard_size], key=reading_order)) for i in range(0, len(part), shard_size)]
-    cut = len(items) - held_out
-    return runs(items[:cut]) + runs(items[cut:])
+def split_into_shards(items: list[Item], shard_size: int) -> list[tuple[Item, ...]]:
+    """Consecutive runs of `shard_size` items; within a shard, parquet rows in file and row order, so a worker reads
+    each row group once, front to back (a shuffled shard's rows would otherwise re-read their row group almost every
+    time). Which items a shard holds is the shuffle's; only the order inside it changes."""
+    return [tuple(sorted(items[i:i + shard_size], key=reading_order)) for i in range(0, len(items), shard_size)]
 
 
 def shard_job(cfg: PrecomputeConfig, spec: VaeSpec, index: int, items: tuple[Item, ...], use_gpu: bool,
@@ -224,9 +220,10 @@ def run_precompute(cfg: PrecomputeConfig, address: str | None = None, dashboard:
         items = shard_order(items, cfg.seed, stratified)
     out = storage.canonical(cfg.output)
     vae_identity = spec.identity()
-    held_out = held_out_count(cfg, len(items))
-    chunks = split_into_shards(items, cfg.shard_size, held_out)
-    held_out_shards = -(-held_out // cfg.shard_size)
+    cut = len(items) - held_out_count(cfg, len(items))  # the training items first, the held-out ones in shards after
+    held_out_chunks = split_into_shards(items[cut:], cfg.shard_size)
+    chunks = split_into_shards(items[:cut], cfg.shard_size) + held_out_chunks
+    held_out_shards = len(held_out_chunks)
     _claim_output(out, cfg, vae_identity, items, stratified)
 
     done = {i: s for i in range(len(chunks)) if (s := _completed_shard(out, i)) is not None}

@@ -43,10 +43,9 @@ def run_training(cfg: TrainConfig, address: str | None = None, dashboard: bool =
     missing = [p for p in paths if not storage.is_file(p)]
     if missing:
         raise EbdError(f"{len(missing)} shard(s) listed in the manifest are missing, e.g. {missing[0]}")
-    paths = [p for p in paths if counts.get(p, 0) > 0]
-    train_files, held_files = sh.split_held_out(manifest, cfg.holdout_shards)
+    train_files, held_files = sh.split_held_out(manifest, cfg.holdout_shards)  # non-empty shards only
     require(bool(train_files), f"holdout_shards={cfg.holdout_shards} leaves no shard to train on "
-            f"({len(paths)} non-empty shards)")
+            f"({len(train_files) + len(held_files)} non-empty shards)")
     require(not held_files or manifest.get("order") == "shuffled",
             f"{cfg.latents} was written in input order (older precompute, or shuffle: false), so its last shards "
             "are not a random sample of the data: re-run precompute into a new folder, or set holdout_shards: 0")
@@ -54,9 +53,12 @@ def run_training(cfg: TrainConfig, address: str | None = None, dashboard: bool =
         log_line("train", f"{cfg.latents} has no held-out shards (precompute ran with holdout: 0): training reads "
                           "every shard, so jobs.evaluate needs reference latents this model never saw")
     sha = {storage.join(latents, s["file"]): s["sha256"] for s in manifest["shards"]}
-    held_paths = [storage.join(latents, f) for f in held_files]
-    held_out = [{"file": storage.name(p), "sha256": sha[p], "count": counts[p]} for p in held_paths]
-    paths = [p for p in paths if p not in held_paths]
+
+    def shard_record(path: str) -> dict:  # what the model records of a shard it trained on or held out
+        return {"file": storage.name(path), "sha256": sha[path], "count": counts[path]}
+
+    held_out = [shard_record(storage.join(latents, f)) for f in held_files]
+    paths = [storage.join(latents, f) for f in train_files]
     require(len(paths) >= cfg.num_workers, f"{len(paths)} non-empty shards cannot feed {cfg.num_workers} workers: "
             "use fewer workers or re-run precompute with a smaller shard_size")
     output = storage.canonical(cfg.output)
@@ -78,8 +80,7 @@ def run_training(cfg: TrainConfig, address: str | None = None, dashboard: bool =
                             "shift_factor": manifest["shift_factor"], "vae": manifest["vae"],
                             "manifest_sha256": manifest_sha, "resolution": manifest["resolution"],
                             # what evaluation may use as never-seen reference data, by file and content
-                            "trained_on": [{"file": storage.name(p), "sha256": sha[p], "count": counts[p]}
-                                           for p in paths],
+                            "trained_on": [shard_record(p) for p in paths],
                             "held_out": held_out,
                             "excluded_labels": cfg.exclude_labels}}
     worker_cfg = copy.copy(cfg)  # validated once, here: workers take it as it is (no re-parsing, no re-checks)
