@@ -96,7 +96,7 @@ def main() -> None:
 
     from pipeline.common.config import from_dict
     from pipeline.demo import write_demo_images, write_sd_style_vae
-    from pipeline.distributed.precompute import (
+    from pipeline.vae.precompute import (
         PrecomputeConfig,
         encode_shard,
         prepare,

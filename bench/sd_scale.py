@@ -50,13 +50,13 @@ def main() -> None:
 
     from pipeline.common.config import from_dict, load_config
     from pipeline.demo import render_shape_image
-    from pipeline.distributed.precompute import PrecomputeConfig, run_precompute
-    from pipeline.distributed.training import run_training
     from pipeline.generation import GenerateConfig, run_generation
     from pipeline.models import load_model
     from pipeline.training.config import TrainConfig
+    from pipeline.training.job import run_training
     from pipeline.training.objectives.dsm import denoising_score_matching
     from pipeline.vae.autoencoder import save_sd_checkpoint
+    from pipeline.vae.precompute import PrecomputeConfig, run_precompute
 
     torch.set_num_threads(args.cpus)
     work = Path(tempfile.mkdtemp(prefix="ebd-bench-sd-"))

@@ -30,9 +30,9 @@ def main() -> None:
     import ray
 
     from pipeline.common.config import from_dict
-    from pipeline.distributed.training import run_training
     from pipeline.io.latent_shards import write_latent_dataset
     from pipeline.training.config import TrainConfig
+    from pipeline.training.job import run_training
 
     shape = tuple(int(x) for x in args.latent.split(","))
     work = Path(tempfile.mkdtemp(prefix="ebd-bench-train-"))

@@ -4,11 +4,11 @@
     ray job submit --working-dir . -- python -m jobs.precompute --config configs/precompute.yaml ...
 
 IMAGES is a folder tree (first subfolder = label), webdataset/img2dataset tars, or parquet files. Re-running
-the same command resumes: complete shards are skipped. See pipeline/distributed/precompute.py for the output contract.
+the same command resumes: complete shards are skipped. See pipeline/vae/precompute.py for the output contract.
 """
 
 from pipeline.common.config import job_parser, load_job_config, run_cli
-from pipeline.distributed.precompute import PrecomputeConfig, run_precompute
+from pipeline.vae.precompute import PrecomputeConfig, run_precompute
 
 
 def main() -> int:

@@ -9,8 +9,8 @@ weights, config with sampler settings) lands in DIR/model/.
 """
 
 from pipeline.common.config import job_parser, load_job_config, run_cli
-from pipeline.distributed.training import run_training
 from pipeline.training.config import TrainConfig
+from pipeline.training.job import run_training
 
 
 def main() -> int:

@@ -6,12 +6,14 @@
 Subpackages, each a layer that imports only the layers below it (checked in CI by import-linter, pyproject.toml):
 
     api.py, demo.py  the Python front door (EBDPipeline, generated_dataset); the demo's procedural images
-    distributed/     jobs on Ray, driver side: precompute (tasks), generation (a Ray Data DAG), training (Ray Train)
+    generation/      the generation job: config, driver, placement, batch probes, the Ray Data DAG, stages, manifest
     evaluation/      sample quality (report, metrics, feature networks) and the x-ray page of a model
-    training/        the training config, data, the loop each worker runs, and one module per objective
+    training/        the training job (its Ray Train driver), config, data, the worker loop, one module per objective
     models/          one module per model kind and the registry that loads a model folder
     sampling/        the one sampling core, samplers, their settings, conditions, schedules, seeds
-    vae/             the pretrained VAE (load, encode, decode, tiny decoders) and fitting a small one
+    vae/             the pretrained VAE (load, encode, decode, tiny decoders), the latent precompute job (Ray
+                     tasks) and fitting a small VAE
+    distributed/     what every Ray job shares: connecting to a cluster, local-instance settings, quiet workers
     io/              storage, atomic files, tars, latent and image shards, input sources, weights, checkpoints
     common/          configs and one-line errors, logging and progress, memory probes, metrics, the optimiser
 """

@@ -274,8 +274,8 @@ def trained_energy(ray_cluster, mixture_latents, tmp_path_factory) -> Path:
     conditioned on its mode label, on two workers that stream their disjoint shares (cache_bytes 0) and average
     their gradients; the last two shards held out. Returns the run's output folder (the model is in model/)."""
     from pipeline.common.config import from_dict
-    from pipeline.distributed.training import run_training
     from pipeline.training.config import TrainConfig
+    from pipeline.training.job import run_training
 
     out = tmp_path_factory.mktemp("energy") / "run"
     run_training(from_dict(TrainConfig, dict(latents=str(mixture_latents), output=str(out), num_workers=2,
@@ -291,8 +291,8 @@ BASELINE_RECIPE = dict(objective="ddpm", channels=[8], norm_groups=8, batch_size
 def trained_baseline(ray_cluster, mixture_latents, tmp_path_factory) -> Path:
     """The diffusion baseline: 4 steps, then the same run asked to go to 8 (a resume from its checkpoint)."""
     from pipeline.common.config import from_dict
-    from pipeline.distributed.training import run_training
     from pipeline.training.config import TrainConfig
+    from pipeline.training.job import run_training
 
     out = tmp_path_factory.mktemp("baseline") / "run"
     for steps in (4, 8):

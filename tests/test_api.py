@@ -112,8 +112,8 @@ def test_configs_built_in_python_validate_on_construction():
 def test_importing_the_package_leaves_the_environment_unchanged():
     code = ("import os; before = dict(os.environ); "
             "import pipeline, pipeline.api, pipeline.vae.autoencoder, pipeline.generation, "
-            "pipeline.distributed.training, pipeline.evaluation.report, pipeline.evaluation.inspection, "
-            "pipeline.distributed.precompute; from pipeline import EBDPipeline; "
+            "pipeline.training.job, pipeline.evaluation.report, pipeline.evaluation.inspection, "
+            "pipeline.vae.precompute; from pipeline import EBDPipeline; "
             "changed = sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)); "
             "print(changed); assert not changed")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)

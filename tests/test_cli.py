@@ -146,11 +146,11 @@ def test_every_shipped_config_validates_for_its_job():
     """configs/NAME*.yaml loads into its job's config with the paths the command line gives; a key renamed in code
     but not in a shipped config would fail here, not in a user's run."""
     from pipeline.common.config import load_config
-    from pipeline.distributed.precompute import PrecomputeConfig
     from pipeline.evaluation.evaluator_fit import FitEvaluatorConfig
     from pipeline.generation import GenerateConfig
     from pipeline.training.config import TrainConfig
     from pipeline.vae.fit import FitVaeConfig
+    from pipeline.vae.precompute import PrecomputeConfig
 
     jobs = {"train": (TrainConfig, dict(latents="l", output="o")),
             "generate": (GenerateConfig, dict(model="m", vae="v", output="o")),

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from pipeline.common.config import ConfigError, EbdError, from_dict
-from pipeline.distributed.training import run_training
 from pipeline.evaluation.baselines import moment_matched_gaussian
 from pipeline.evaluation.evaluator_fit import FitEvaluatorConfig, fit_evaluator
 from pipeline.evaluation.features import ImageEvaluator
@@ -20,6 +19,7 @@ from pipeline.evaluation.report import EvaluateConfig, run_evaluation
 from pipeline.generation import GenerateConfig, run_generation
 from pipeline.io.latent_shards import write_latent_dataset
 from pipeline.training.config import TrainConfig
+from pipeline.training.job import run_training
 from tests.conftest import REPO, mixture
 
 
@@ -100,6 +100,11 @@ def test_report_scores_the_model_against_held_out_shards_with_baselines(pipeline
     assert saved["spaces"] == report["spaces"] and saved["features"] == report["features"]
     text = (root / "report" / "report.md").read_text()
     assert text.index("## Feature space") < text.index("## Pooled latents")  # what a person sees comes first
+    verdict = report["checks"]["features (evaluator)"]  # the first line says how many pass and which failed
+    failed = [name for name, ok in verdict.items() if not ok]
+    assert text.splitlines()[2].startswith(f"**{'PASSED' if report['passed'] else 'FAILED'}**: "
+                                           f"{len(verdict) - len(failed)} of {len(verdict)} checks pass"
+                                           + (f" (failed: {'; '.join(failed)})" if failed else "") + ", verdict on ")
     assert "moment-matched Gaussian" in text and "samples-vs-real.png" in text and "per-class.png" in text
     assert text.count("| gen-heun (heun) |") == 3  # a row in the feature table and in both pooled tables
     assert f"density {gain['density']:+.3f}" in text  # the energy's share, spelled out

@@ -498,9 +498,9 @@ def test_a_noise_conditional_energy_at_4x32x32_trains_and_generates_through_the_
     # Stable Diffusion's latent layout at a small side: train a tiny dsm model, conditioned on two label fields with
     # one combination left out, for a few steps through the Ray Train job; then generate from plain noise through
     # the same DAG from a conditions file, in both formats, with a sampler override.
-    from pipeline.distributed.training import run_training
     from pipeline.io.latent_shards import write_latent_dataset
     from pipeline.training.config import TrainConfig
+    from pipeline.training.job import run_training
 
     latents = np.random.default_rng(0).normal(size=(64, 4, 32, 32)).astype(np.float32)
     labels = [{"shape": "ab"[i % 2], "colour": ["red", "blue", "green"][i % 3]} for i in range(64)]

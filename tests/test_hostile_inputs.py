@@ -454,7 +454,7 @@ def test_configs_that_validate_but_would_misbehave_are_refused_in_one_line(tmp_p
     """Sense, not only type: a resolution that reserves gigabytes per image, a CPU share Ray cannot count, a pixel
     bound past what decoding can hold; and a max_pixels above Pillow's own bomb limit really applies."""
     from pipeline.common.config import ConfigError, from_dict
-    from pipeline.distributed.precompute import PrecomputeConfig
+    from pipeline.vae.precompute import PrecomputeConfig
 
     base = dict(input=str(tmp_path), vae=str(tmp_path), output=str(tmp_path / "o"))
     for bad, match in [({"resolution": 100_000}, "resolution must be in"),
@@ -485,9 +485,9 @@ def test_a_task_asking_more_gpus_than_the_cluster_has_is_refused_not_left_waitin
 def test_a_shuffled_shard_reads_each_parquet_row_group_once(tmp_path, monkeypatch):
     """8 row groups of 16 rows, shuffled into one shard: its rows are read in file order, one pass per row group
     (before, a shuffled shard re-read its row group for almost every row)."""
-    from pipeline.distributed.precompute import shard_order, split_into_shards
     from pipeline.io.reading import read_items
     from pipeline.io.sources import plan_items
+    from pipeline.vae.precompute import shard_order, split_into_shards
 
     pq.write_table(pa.table({"image": [good(i) for i in range(128)]}), tmp_path / "a.parquet", row_group_size=16)
     _, items = plan_items(tmp_path / "a.parquet")

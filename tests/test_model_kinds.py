@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from pipeline.common.config import ConfigError, from_dict
-from pipeline.distributed.training import run_training
 from pipeline.evaluation.report import EvaluateConfig, run_evaluation
 from pipeline.generation import GenerateConfig, run_generation
 from pipeline.io.image_shards import read_generated
 from pipeline.models import KINDS, load_model
 from pipeline.models.base import PretrainedModel
 from pipeline.training.config import TrainConfig
+from pipeline.training.job import run_training
 from pipeline.training.objectives import OBJECTIVES
 from tests.conftest import REPO, mixture
 

@@ -25,8 +25,6 @@ import pytest
 
 from pipeline.common.config import EbdError, from_dict
 from pipeline.demo import write_demo_images
-from pipeline.distributed.precompute import PrecomputeConfig, run_precompute
-from pipeline.distributed.training import run_training
 from pipeline.generation import GenerateConfig, run_generation
 from pipeline.io import storage
 from pipeline.io.files import read_json
@@ -34,6 +32,8 @@ from pipeline.io.latent_shards import iter_latents, shard_paths
 from pipeline.io.tars import read_tar_samples
 from pipeline.models import load_model
 from pipeline.training.config import TrainConfig
+from pipeline.training.job import run_training
+from pipeline.vae.precompute import PrecomputeConfig, run_precompute
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration  # the long end-to-end tier: `make test-integration`, CI

@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from pipeline.common.config import ConfigError, EbdError, from_dict
-from pipeline.distributed.precompute import PrecomputeConfig, run_precompute
 from pipeline.io import latent_shards as sh
 from pipeline.io.files import file_sha256
 from pipeline.io.images import decode_image, to_model_input
 from pipeline.io.latent_shards import iter_latents, read_manifest, shard_paths
 from pipeline.vae.autoencoder import image_seed, load_vae, resolve_vae
+from pipeline.vae.precompute import PrecomputeConfig, run_precompute
 from tests.conftest import encode_image, png_header_only, rgb_image
 
 RES = 16  # the tiny VAE downsamples by 2: latents are 4 x 8 x 8
@@ -278,8 +278,8 @@ def test_a_folder_sorted_by_label_gives_held_out_shards_with_the_whole_sets_labe
 
 
 def test_shard_order_depends_on_the_inputs_not_on_how_they_were_listed():
-    from pipeline.distributed.precompute import held_out_count, shard_order
     from pipeline.io.sources import Item
+    from pipeline.vae.precompute import held_out_count, shard_order
 
     items = [Item(f"img{i}.png", f"k{i}", None, ("file", f"img{i}.png")) for i in range(50)]
     assert shard_order(items, seed=0) == shard_order(items[::-1], seed=0)

@@ -77,7 +77,7 @@ def test_recipe_keys_are_validated_in_one_line(tmp_path):
 
 @pytest.mark.integration
 def test_a_dsm_run_with_every_recipe_key_trains_and_exports_them(ray_cluster, mixture_latents, tmp_path):
-    from pipeline.distributed.training import run_training
+    from pipeline.training.job import run_training
 
     cfg = from_dict(TrainConfig, dict(
         latents=str(mixture_latents), output=str(tmp_path), max_steps=12, batch_size=16, log_every=4,

@@ -17,7 +17,6 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_save
 
 from pipeline.common.config import EbdError, from_dict
-from pipeline.distributed.training import run_training
 from pipeline.io.files import file_sha256
 from pipeline.models import load_model
 from pipeline.models.short_run_energy import EnergyModel, EnergyModelConfig
@@ -26,6 +25,7 @@ from pipeline.sampling.settings import LangevinSettings
 from pipeline.training.config import TrainConfig
 from pipeline.training.cost import training_flops_per_sample
 from pipeline.training.data import split_shards
+from pipeline.training.job import run_training
 from pipeline.training.objectives import OBJECTIVES, ContrastiveDivergence
 from tests.conftest import (
     BASELINE_RECIPE,

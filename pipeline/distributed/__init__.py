@@ -1,2 +1,3 @@
-"""The jobs that run on a Ray cluster, driver side: precompute (Ray tasks), generation (a Ray Data DAG of sampler,
-decoder and writer stages) and training (Ray Train; the loop itself is `training/loop.py`)."""
+"""What every Ray job shares (`cluster`): connecting to a cluster or starting a local instance, and quieting Ray's
+per-report logs. Each job's driver lives with its domain: `generation/job.py`, `training/job.py`,
+`vae/precompute.py`."""

@@ -16,8 +16,11 @@ def extra_rows(sets: dict) -> list[str]:
 
 
 def render_markdown(report: dict) -> str:
+    checks = report["checks"][report["check_space"]]
+    failed = [name for name, ok in checks.items() if not ok]
     lines = [f"# Sample quality: {report['model']['id']}", "",
-             f"**{'PASSED' if report['passed'] else 'FAILED'}** (verdict on {report['check_space']}). "
+             f"**{'PASSED' if report['passed'] else 'FAILED'}**: {len(checks) - len(failed)} of {len(checks)} checks "
+             f"pass" + (f" (failed: {'; '.join(failed)})" if failed else "") + f", verdict on {report['check_space']}. "
              f"{report['samples']} samples per set, each compared with {report['samples']} held-out real latents "
              f"decoded by the same VAE ({len(report['held_out_shards'])} shard(s) the model never trained on). "
              "Sampler: " + ", ".join(f"{k}={v}" for k, v in report["sampler"].items()) + ".", ""]

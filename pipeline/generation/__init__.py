@@ -15,8 +15,8 @@ run reuses it. Re-running the same command skips complete shards and ends with e
 
 Modules, in the order a run meets them: `config` (GenerateConfig, every key), `job` (the driver: run_generation),
 `placement` (where the stages run), `probes` (batch sizes), `dag` (the Ray Data chain), `stages` (the actors and the
-writer task) and `manifest` (run.json, summary.json, manifest.json, preview.png). Ray plumbing that training shares
-(connecting to a cluster) stays in `distributed/`.
+writer task) and `manifest` (run.json, summary.json, manifest.json, preview.png). Ray plumbing that every job shares
+(connecting to a cluster) is in `distributed/`.
 """
 
 from .config import GenerateConfig

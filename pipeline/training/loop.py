@@ -9,7 +9,7 @@ Safety nets: an unhealthy step on any worker (a non-finite loss, or energies or 
 bounds) rolls every worker back to the last good checkpoint with a lower learning rate, at most `max_rollbacks`
 times. Checkpoints (weights, EMA, optimizer, the objective's own state, step; `io.checkpoints`) go through
 `ray.train.report` every `checkpoint_every` steps; re-running with the same run name and storage path resumes from
-the last one. Rank 0 exports the EMA weights to OUTPUT/model/ at the end. The driver is `distributed/training.py`.
+the last one. Rank 0 exports the EMA weights to OUTPUT/model/ at the end. The driver is `job.py`.
 """
 
 from __future__ import annotations

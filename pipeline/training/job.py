@@ -21,14 +21,14 @@ from ..common import migrations
 from ..common.config import EbdError, from_dict, require
 from ..common.logs import log_line
 from ..common.plugins import import_plugins
+from ..distributed.cluster import connect
 from ..io import latent_shards as sh
 from ..io import storage
 from ..io.files import atomic_write, file_sha256, read_json
-from ..training.config import TrainConfig, flat_record
-from ..training.data import excluded
-from ..training.loop import train_loop_per_worker
-from ..training.objectives import OBJECTIVES
-from .cluster import connect
+from .config import TrainConfig, flat_record
+from .data import excluded
+from .loop import train_loop_per_worker
+from .objectives import OBJECTIVES
 
 
 def run_training(cfg: TrainConfig, address: str | None = None, dashboard: bool = False) -> dict:

@@ -25,6 +25,7 @@ import numpy as np
 from ..common.config import ConfigError, EbdError, JobConfig, require, to_dict
 from ..common.logs import Progress
 from ..common.metrics import record_precompute_shard
+from ..distributed.cluster import connect
 from ..io import latent_shards as sh
 from ..io import storage
 from ..io.files import atomic_write_json, atomic_write_lines, claim_run_folder, read_json
@@ -32,8 +33,7 @@ from ..io.images import DEFAULT_FORMATS, MAX_DECODE_BYTES, MAX_DECODE_SECONDS, R
 from ..io.reading import read_items, reading_order
 from ..io.sources import Item, count_by_field, count_by_label, plan_items, printable
 from ..io.tars import write_tar
-from ..vae.autoencoder import VaeSpec, resolve_vae
-from .cluster import connect
+from .autoencoder import VaeSpec, resolve_vae
 
 RUN_FILE = "run.json"  # what this folder was started with; a resumed run must match it
 
@@ -283,7 +283,7 @@ def encode_shard(job: ShardJob) -> dict:
     """Reads, preprocesses and encodes one shard's items; writes the tar, then its done marker. Returns stats."""
     import torch
 
-    from ..vae import autoencoder as vae_lib
+    from . import autoencoder as vae_lib
 
     start = time.monotonic()
     torch.set_num_threads(job.num_threads)
