@@ -95,3 +95,52 @@ def test_the_two_commands_and_the_saved_latents_dtypes_are_told_the_same_everywh
     comment = next(line for line in (REPO / "configs" / "generate.yaml").read_text().splitlines()
                    if line.startswith("save_latents:"))
     assert f"parquet: {dtypes['parquet']}" in comment and f"tar: {dtypes['webdataset']}" in comment
+
+
+def card_rows(path: str) -> dict[str, dict[str, float]]:
+    """A model card's evaluation table (`| set | FD | ...`): {row name: {column: figure}}, bold and notes dropped."""
+    lines = (REPO / path).read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| set | FD |"))
+    names = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.replace("*", "").strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = {name: float(m.group()) for name, cell in zip(names[1:], cells[1:])
+                          if (m := re.match(r"\d+(\.\d+)?", cell))}
+    return rows
+
+
+def failed_checks(path: str, real_recognisable: float) -> list[str]:
+    """The checks jobs.evaluate's verdict fails, recomputed with its own bars from the card's 'this model' row."""
+    from dataclasses import fields
+    from types import SimpleNamespace
+
+    from pipeline.evaluation.report import EvaluateConfig
+    from pipeline.evaluation.scoring import feature_checks
+
+    rows = card_rows(path)
+    model = next(figures for name, figures in rows.items() if name.startswith("this model"))
+    bars = SimpleNamespace(**{f.name: f.default for f in fields(EvaluateConfig)})
+    figures = {"fd": model["FD"], "density": model["density"], "coverage": model["coverage"],
+               "recognisable": model["recognisable"], "class_tv": model["class TV"], "copy_share": model["copy share"]}
+    checks = feature_checks(figures, {"fd": rows["moment-matched Gaussian"]["FD"]},
+                            {"recognisable": real_recognisable}, bars)
+    return [name for name, ok in checks.items() if not ok]
+
+
+def test_what_the_docs_say_of_the_demo_verdict_is_what_its_figures_give():
+    """The README, docs/demo.md and the energy's card each say which check `make demo`'s verdict fails; recomputed
+    from the card's own table with jobs.evaluate's bars, the verdict must fail exactly those."""
+    card = (REPO / "models/demo/ebm/README.md").read_text()
+    real = float(re.search(r"([\d.]+) recognised on those\s+held-out images", card).group(1))
+    failed = failed_checks("models/demo/ebm/README.md", real)
+    claims = {"models/demo/ebm/README.md": r"verdict still reads (?:FAILED|PASSED), on one check of six: "
+                                           r"feature-space (\w+)",
+              "docs/demo.md": r"verdict line reads FAILED on\s+the feature-space (\w+) check",
+              "README.md": r"the report fails its (\w+) check"}
+    for path, pattern in claims.items():
+        said = re.findall(pattern, (REPO / path).read_text())
+        assert said, f"{path} no longer says /{pattern}/: update the claim's pattern"
+        assert [name.split()[0] for name in failed] == said, f"{path} says {said} fails; the figures fail {failed}"
