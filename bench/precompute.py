@@ -96,14 +96,8 @@ def main() -> None:
 
     from pipeline.common.config import from_dict
     from pipeline.demo import write_demo_images, write_sd_style_vae
-    from pipeline.vae.precompute import (
-        PrecomputeConfig,
-        encode_shard,
-        prepare,
-        run_precompute,
-        shard_job,
-        split_into_shards,
-    )
+    from pipeline.io.shard_plan import split_into_shards
+    from pipeline.vae.precompute import PrecomputeConfig, encode_shard, prepare, run_precompute, shard_job
 
     work = Path(tempfile.mkdtemp(prefix="ebd-bench-"))
     try:

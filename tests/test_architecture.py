@@ -37,3 +37,10 @@ def test_no_module_outside_the_models_package_branches_on_a_model_kind():
                  if "models" not in path.relative_to(REPO / "pipeline").parts[:1]
                  for n, line in enumerate(path.read_text().splitlines(), 1) if branch.search(line)]
     assert not offenders, offenders
+
+
+def test_no_module_in_the_library_is_over_450_lines():
+    """A module that grows past this holds more than one concept: split it (docs/architecture.md)."""
+    long = {str(path.relative_to(REPO)): n for path in (REPO / "pipeline").rglob("*.py")
+            if (n := len(path.read_text().splitlines())) > 450}
+    assert not long, long

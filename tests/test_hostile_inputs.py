@@ -486,8 +486,8 @@ def test_a_shuffled_shard_reads_each_parquet_row_group_once(tmp_path, monkeypatc
     """8 row groups of 16 rows, shuffled into one shard: its rows are read in file order, one pass per row group
     (before, a shuffled shard re-read its row group for almost every row)."""
     from pipeline.io.reading import read_items
+    from pipeline.io.shard_plan import shard_order, split_into_shards
     from pipeline.io.sources import plan_items
-    from pipeline.vae.precompute import shard_order, split_into_shards
 
     pq.write_table(pa.table({"image": [good(i) for i in range(128)]}), tmp_path / "a.parquet", row_group_size=16)
     _, items = plan_items(tmp_path / "a.parquet")

@@ -278,16 +278,15 @@ def test_a_folder_sorted_by_label_gives_held_out_shards_with_the_whole_sets_labe
 
 
 def test_shard_order_depends_on_the_inputs_not_on_how_they_were_listed():
+    from pipeline.io.shard_plan import held_out_count, shard_order
     from pipeline.io.sources import Item
-    from pipeline.vae.precompute import held_out_count, shard_order
 
     items = [Item(f"img{i}.png", f"k{i}", None, ("file", f"img{i}.png")) for i in range(50)]
     assert shard_order(items, seed=0) == shard_order(items[::-1], seed=0)
     assert shard_order(items, seed=0) != shard_order(items, seed=1)
     assert shard_order(items, seed=0) == shard_order(items, seed=0, stratify=False)  # no labels: one stratum
-    split = from_dict(PrecomputeConfig, dict(input="x", vae="y", output="z", holdout=0.1, max_holdout_images=50))
-    assert [held_out_count(split, n) for n in (1, 2, 5, 1000, 10_000)] == [0, 1, 1, 50, 50]  # one at least, never all
-    assert held_out_count(from_dict(PrecomputeConfig, dict(input="x", vae="y", output="z", holdout=0)), 1000) == 0
+    assert [held_out_count(0.1, 50, n) for n in (1, 2, 5, 1000, 10_000)] == [0, 1, 1, 50, 50]  # one at least, never all
+    assert held_out_count(0, 50, 1000) == 0
 
     # a rare label: 7 of 207 items. Every run of 20 consecutive items holds each label's share to within one
     labelled = [Item(f"{label}/{i}.png", f"{label}{i}", label, ("file", "x"))

@@ -30,7 +30,8 @@ from ..io import latent_shards as sh
 from ..io import storage
 from ..io.files import atomic_write_json, atomic_write_lines, claim_run_folder, read_json
 from ..io.images import DEFAULT_FORMATS, MAX_DECODE_BYTES, MAX_DECODE_SECONDS, Rejected, decode_image, to_model_input
-from ..io.reading import read_items, reading_order
+from ..io.reading import read_items
+from ..io.shard_plan import held_out_count, plan_shards, shard_order
 from ..io.sources import Item, count_by_field, count_by_label, plan_items, printable
 from ..io.tars import write_tar
 from .autoencoder import VaeSpec, resolve_vae
@@ -162,46 +163,6 @@ def prepare(cfg: PrecomputeConfig) -> tuple[VaeSpec, str, list[Item]]:
     return spec, fmt, items
 
 
-def shard_order(items: list[Item], seed: int, stratify: bool = True) -> list[Item]:
-    """The inputs in a seeded random order that depends only on (seed, source, key): listing order, and so a
-    folder tree sorted by label, has no say in which shard an input lands in.
-
-    Stratified (systematic sampling within each label): a label's n items, in their random order, sit at positions
-    (i + u) / n on [0, 1), u a seeded offset per label, and all items are sorted by position. Any span of positions
-    then holds each label's share of it to within one item, so a shard (the held-out one) holds every label in about
-    its share of the set (off by a few items at most where many labels share a shard): a random 10% stratified by
-    label, where a plain random order leaves a rare label's held-out count to chance. Items without a label at
-    planning (tars: their .cls is read later) form one stratum, in plain order."""
-    def rank(item: Item) -> str:
-        return hashlib.sha256(f"{seed}\t{item.source}\t{item.key}".encode()).hexdigest()
-    if not stratify:
-        return sorted(items, key=rank)
-    strata: dict[str | None, list[Item]] = {}
-    for item in items:
-        strata.setdefault(item.label, []).append(item)
-    placed = []
-    for label, group in strata.items():
-        group.sort(key=rank)
-        offset = int(hashlib.sha256(f"{seed}\tstratum\t{label}".encode()).hexdigest()[:12], 16) / 16 ** 12
-        placed += [((i + offset) / len(group), rank(item), item) for i, item in enumerate(group)]
-    return [item for _, _, item in sorted(placed, key=lambda p: p[:2])]
-
-
-def held_out_count(cfg: PrecomputeConfig, inputs: int) -> int:
-    """How many of `inputs` go to the held-out shards: `holdout` of them (at least one when holdout > 0, at most
-    `max_holdout_images`), and never all of them."""
-    if cfg.holdout <= 0 or inputs < 2:
-        return 0
-    return min(max(1, round(cfg.holdout * inputs)), cfg.max_holdout_images, inputs - 1)
-
-
-def split_into_shards(items: list[Item], shard_size: int) -> list[tuple[Item, ...]]:
-    """Consecutive runs of `shard_size` items; within a shard, parquet rows in file and row order, so a worker reads
-    each row group once, front to back (a shuffled shard's rows would otherwise re-read their row group almost every
-    time). Which items a shard holds is the shuffle's; only the order inside it changes."""
-    return [tuple(sorted(items[i:i + shard_size], key=reading_order)) for i in range(0, len(items), shard_size)]
-
-
 def shard_job(cfg: PrecomputeConfig, spec: VaeSpec, index: int, items: tuple[Item, ...], use_gpu: bool,
               num_threads: int) -> ShardJob:
     return ShardJob(index, items, storage.canonical(cfg.output), spec, cfg.resolution, cfg.batch_size, cfg.dtype,
@@ -220,10 +181,8 @@ def run_precompute(cfg: PrecomputeConfig, address: str | None = None, dashboard:
         items = shard_order(items, cfg.seed, stratified)
     out = storage.canonical(cfg.output)
     vae_identity = spec.identity()
-    cut = len(items) - held_out_count(cfg, len(items))  # the training items first, the held-out ones in shards after
-    held_out_chunks = split_into_shards(items[cut:], cfg.shard_size)
-    chunks = split_into_shards(items[:cut], cfg.shard_size) + held_out_chunks
-    held_out_shards = len(held_out_chunks)
+    chunks, held_out_shards = plan_shards(items, held_out_count(cfg.holdout, cfg.max_holdout_images, len(items)),
+                                          cfg.shard_size)
     _claim_output(out, cfg, vae_identity, items, stratified)
 
     done = {i: s for i in range(len(chunks)) if (s := _completed_shard(out, i)) is not None}

@@ -1,0 +1,58 @@
+"""Which shard each input of a precompute run lands in: a seeded order that depends only on the inputs (stratified by
+label where labels are known), how many go to the held-out shards, and consecutive runs of `shard_size` items, the
+held-out ones in shards of their own, written last."""
+
+from __future__ import annotations
+
+import hashlib
+
+from .reading import reading_order
+from .sources import Item
+
+
+def shard_order(items: list[Item], seed: int, stratify: bool = True) -> list[Item]:
+    """The inputs in a seeded random order that depends only on (seed, source, key): listing order, and so a
+    folder tree sorted by label, has no say in which shard an input lands in.
+
+    Stratified (systematic sampling within each label): a label's n items, in their random order, sit at positions
+    (i + u) / n on [0, 1), u a seeded offset per label, and all items are sorted by position. Any span of positions
+    then holds each label's share of it to within one item, so a shard (the held-out one) holds every label in about
+    its share of the set (off by a few items at most where many labels share a shard): a random 10% stratified by
+    label, where a plain random order leaves a rare label's held-out count to chance. Items without a label at
+    planning (tars: their .cls is read later) form one stratum, in plain order."""
+    def rank(item: Item) -> str:
+        return hashlib.sha256(f"{seed}\t{item.source}\t{item.key}".encode()).hexdigest()
+    if not stratify:
+        return sorted(items, key=rank)
+    strata: dict[str | None, list[Item]] = {}
+    for item in items:
+        strata.setdefault(item.label, []).append(item)
+    placed = []
+    for label, group in strata.items():
+        group.sort(key=rank)
+        offset = int(hashlib.sha256(f"{seed}\tstratum\t{label}".encode()).hexdigest()[:12], 16) / 16 ** 12
+        placed += [((i + offset) / len(group), rank(item), item) for i, item in enumerate(group)]
+    return [item for _, _, item in sorted(placed, key=lambda p: p[:2])]
+
+
+def held_out_count(holdout: float, max_images: int, inputs: int) -> int:
+    """How many of `inputs` go to the held-out shards: `holdout` of them (at least one when holdout > 0, at most
+    `max_images`), and never all of them."""
+    if holdout <= 0 or inputs < 2:
+        return 0
+    return min(max(1, round(holdout * inputs)), max_images, inputs - 1)
+
+
+def split_into_shards(items: list[Item], shard_size: int) -> list[tuple[Item, ...]]:
+    """Consecutive runs of `shard_size` items; within a shard, parquet rows in file and row order, so a worker reads
+    each row group once, front to back (a shuffled shard's rows would otherwise re-read their row group almost every
+    time). Which items a shard holds is the shuffle's; only the order inside it changes."""
+    return [tuple(sorted(items[i:i + shard_size], key=reading_order)) for i in range(0, len(items), shard_size)]
+
+
+def plan_shards(items: list[Item], held_out: int, shard_size: int) -> tuple[list[tuple[Item, ...]], int]:
+    """The shards of `items` in order, the last `held_out` items cut into shards of their own after the training
+    ones (so no shard mixes the two), and how many shards at the end are held out."""
+    cut = len(items) - held_out
+    held_out_chunks = split_into_shards(items[cut:], shard_size)
+    return split_into_shards(items[:cut], shard_size) + held_out_chunks, len(held_out_chunks)
