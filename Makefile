@@ -21,6 +21,13 @@ VAE_ID := $(shell sha256sum $(DEMO_VAE)/vae/diffusion_pytorch_model.safetensors 
 EBM_ID := $(shell cat $(DEMO_EBM)/config.json $(DEMO_EBM)/model.safetensors 2>/dev/null | sha256sum | cut -c1-12)
 EBM_CD_ID := $(shell sha256sum $(DEMO_EBM_CD)/model.safetensors 2>/dev/null | cut -c1-12)
 EBM_COMPOSE_ID := $(shell sha256sum $(DEMO_EBM_COMPOSE)/model.safetensors 2>/dev/null | cut -c1-12)
+# The emoji model (models/emoji): its energy, and the latents it trained on and held out (shipped compressed, unpacked
+# into build/demo on first use).
+EMOJI_MODEL ?= models/emoji
+EMOJI_EBM_ID := $(shell cat $(EMOJI_MODEL)/ebm/config.json $(EMOJI_MODEL)/ebm/model.safetensors 2>/dev/null | sha256sum | cut -c1-12)
+EMOJI_LATENTS_ID := $(shell sha256sum $(EMOJI_MODEL)/latents.tar.xz 2>/dev/null | cut -c1-12)
+EMOJI_LATENTS ?= $(DEMO_DIR)/emoji-latents-$(EMOJI_LATENTS_ID)
+EMOJI_GENERATED ?= $(DEMO_DIR)/emoji-$(EMOJI_EBM_ID)
 # ... and the precompute config: a folder made under another config is refused on resume, never mixed.
 PRECOMPUTE_ID := $(shell sha256sum configs/precompute-demo.yaml | cut -c1-8)
 LATENTS ?= $(DEMO_DIR)/latents-$(VAE_ID)-$(PRECOMPUTE_ID)
@@ -28,7 +35,7 @@ GENERATED ?= $(DEMO_DIR)/generated-$(EBM_ID)
 GENERATED_CD ?= $(DEMO_DIR)/generated-cd-$(EBM_CD_ID)
 GENERATED_COMPOSE ?= $(DEMO_DIR)/conditional-$(EBM_COMPOSE_ID)
 
-.PHONY: install install-run data-emoji emoji-dev recipe hostile pareto demo demo-conditional demo-train demo-generate demo-models demo-refit-dependants test test-integration test-all lint bench capacity compare clean cluster-up cluster-down
+.PHONY: install install-run data-emoji emoji-dev emoji-models recipe hostile pareto demo demo-emoji demo-conditional demo-train demo-generate demo-models demo-refit-dependants test test-integration test-all lint bench capacity compare clean cluster-up cluster-down
 
 # `install`: the library, the jobs and what the tests use (make test, make lint). `install-run`: the library and the
 # jobs alone (cluster, inspect extras), all the demo and the benchmarks need.
@@ -57,7 +64,8 @@ $(VENV)/.installed-run: pyproject.toml constraints.txt $(VENV)/.torch
 
 # The demo: 10k procedural images -> latents with the shipped demo VAE -> 1000 images from the shipped
 # noise-conditional energy (from plain noise) and 1000 from the short-run CD model it replaced -> one evaluation in
-# the shipped evaluator's feature space against the latent shard neither model trained on.
+# the shipped evaluator's feature space against the latent shard neither model trained on. Then the emoji model
+# (real images: demo-emoji) and both verdict lines, one under the other.
 # `make demo-train` first retrains the energy with the recipe the shipped one came from (configs/train-demo.yaml,
 # about 83 minutes on 2 CPUs; DEMO_TRAIN_ARGS="--max-steps 3000" for a 25-minute version) and generates from that.
 # `make demo-models` refits every shipped model (VAE, evaluator, the energies, the diffusion baseline, the
@@ -74,6 +82,22 @@ demo: install-run
 		--output $(GENERATED)-xray
 	@echo "x-ray of the model and its chains: $(GENERATED)-xray/index.html"
 	$(MAKE) --no-print-directory demo-conditional LATENTS=$(LATENTS)
+	$(MAKE) --no-print-directory demo-emoji
+	@echo
+	@echo "shapes: $$(sed -n 's/^\*\*\([A-Z]*\)\*\*: \(.*\), verdict on .*/\1: \2/p' $(GENERATED)-report/report.md)"
+	@echo "emoji:  $$(sed -n 's/^\*\*\([A-Z]*\)\*\*: \(.*\), verdict on .*/\1: \2/p' $(EMOJI_GENERATED)-report/report.md)"
+
+# Real images: 1000 emoji from the shipped emoji energy (models/emoji, trained by the default configs), scored against
+# the held-out 10% of the emoji set that ships with it.
+demo-emoji: install-run
+	test -f $(EMOJI_LATENTS)/manifest.json || { rm -rf $(EMOJI_LATENTS).part $(EMOJI_LATENTS) && \
+		$(BIN)/python -W ignore::DeprecationWarning -m tarfile -e $(EMOJI_MODEL)/latents.tar.xz \
+		$(EMOJI_LATENTS).part && mv $(EMOJI_LATENTS).part $(EMOJI_LATENTS); }
+	$(BIN)/python -m jobs.generate --config configs/generate.yaml --model $(EMOJI_MODEL)/ebm \
+		--vae $(EMOJI_MODEL) --num-images 1000 --output $(EMOJI_GENERATED)
+	$(BIN)/python -m jobs.evaluate --generated $(EMOJI_GENERATED) --reference $(EMOJI_LATENTS) \
+		--evaluator $(EMOJI_MODEL)/evaluator --output $(EMOJI_GENERATED)-report
+	@echo "emoji run: $(EMOJI_GENERATED)-report/report.md (samples-vs-real.png: samples beside held-out real emoji)"
 
 # The conditional energy (trained without any ring on a checker): each shape, each background, and the left-out
 # combination by composition (configs/conditions-demo.yaml), scored per condition by the evaluator.
@@ -162,6 +186,25 @@ emoji-dev: data-emoji
 		--vae $(EMOJI_DIR)/vae --output $(EMOJI_DIR)/latents --set resolution=64 --set min_side=32
 	$(BIN)/python -m jobs.fit_evaluator --config configs/fit-evaluator.yaml --latents $(EMOJI_DIR)/latents \
 		--output $(EMOJI_DIR)/evaluator
+
+# Refits models/emoji's energy with the default training config (configs/train.yaml; EMOJI_TRAIN_ARGS="--set
+# max_steps=N" sets the length: models/emoji/README.md gives the shipped one's) on the latents and evaluator that
+# emoji-dev makes (or those EMOJI_LATENTS_DIR and EMOJI_EVALUATOR_DIR name), copies the VAE, the evaluator and the
+# energy into models/emoji and packs the latents it trained on and held out into models/emoji/latents.tar.xz.
+EMOJI_LATENTS_DIR ?= $(EMOJI_DIR)/latents
+EMOJI_EVALUATOR_DIR ?= $(EMOJI_DIR)/evaluator
+emoji-models: install-run
+	test -f $(EMOJI_EVALUATOR_DIR)/config.json || $(MAKE) --no-print-directory emoji-dev
+	$(BIN)/python -m jobs.train --config configs/train.yaml $(EMOJI_TRAIN_ARGS) --latents $(EMOJI_LATENTS_DIR) \
+		--output $(EMOJI_DIR)/ebm --run-name emoji
+	mkdir -p $(EMOJI_MODEL)/ebm && rm -rf $(EMOJI_MODEL)/vae $(EMOJI_MODEL)/evaluator
+	cp -r $(EMOJI_DIR)/vae/vae $(EMOJI_DIR)/vae/fit_vae.json $(EMOJI_DIR)/vae/reconstructions.png \
+		$(DEMO_VAE)/model_index.json $(DEMO_VAE)/ebd_pipeline.py $(EMOJI_MODEL)/
+	cp -r $(EMOJI_EVALUATOR_DIR) $(EMOJI_MODEL)/evaluator
+	cp $(EMOJI_DIR)/ebm/model/config.json $(EMOJI_DIR)/ebm/model/model.safetensors $(DEMO_EBM)/ebd_model.py \
+		$(EMOJI_MODEL)/ebm/
+	tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -C $(EMOJI_LATENTS_DIR) \
+		-cJf $(EMOJI_MODEL)/latents.tar.xz manifest.json $$(cd $(EMOJI_LATENTS_DIR) && ls latents-*.tar)
 
 # Training recipes at equal training time (bench/recipe.md): each recipe change against today's on the shapes and,
 # after `make emoji-dev`, on the emoji set. RECIPE_ARGS narrows it, e.g. RECIPE_ARGS="--recipes baseline,edm".

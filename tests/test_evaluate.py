@@ -221,3 +221,26 @@ def test_only_the_chosen_rows_are_read_in_the_chosen_order(pipeline_run):
     assert some["keys"] == [full["keys"][i] for i in index.tolist()]
     with pytest.raises(EbdError, match="fewer rows than its manifest"):
         read_latents(pipeline_run.latents, files, torch.tensor([600]))
+
+
+@pytest.mark.parametrize("checks", [{"density >= 0.7": False, "class TV <= 0.1": False, "FD <= 0.5 x real": True},
+                                    {"density >= 0.7": True}])
+def test_make_demo_prints_each_reports_verdict_line(checks, tmp_path):
+    """`make demo` ends by printing each run's verdict, read from report.md by a sed expression in the Makefile:
+    it finds the line render_markdown writes, with the count and the failed checks."""
+    import re
+
+    from pipeline.evaluation.markdown import verdict_line
+
+    report = {"checks": {"features (evaluator)": checks}, "check_space": "features (evaluator)",
+              "passed": all(checks.values())}
+    (tmp_path / "report.md").write_text(f"# Sample quality: model-x\n\n{verdict_line(report)} 1000 samples.\n")
+    expressions = re.findall(r"sed -n '([^']+)' \$\((\w+)\)-report/report.md", (REPO / "Makefile").read_text())
+    assert {name for _, name in expressions} == {"GENERATED", "EMOJI_GENERATED"}
+    failed = [name for name, ok in checks.items() if not ok]
+    expected = (f"{'PASSED' if not failed else 'FAILED'}: {len(checks) - len(failed)} of {len(checks)} checks pass"
+                + (f" (failed: {'; '.join(failed)})" if failed else ""))
+    for expression, _ in expressions:
+        printed = subprocess.run(["sed", "-n", expression.replace("$$", "$"), str(tmp_path / "report.md")],
+                                 capture_output=True, text=True, check=True).stdout.strip()
+        assert printed == expected

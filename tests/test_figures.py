@@ -41,6 +41,7 @@ def rounded(text: str, places: int) -> str:
 VAE = json.loads((DEMO / "fit_vae.json").read_text())
 IPNDM, HEUN = pareto_row("ipndm", 12), pareto_row("heun", 49)
 BF16 = pareto_row("ipndm (precision=bfloat16)", 12)
+SCORE_IPNDM, SCORE_BEST = pareto_row("ipndm", 12, "score"), pareto_row("dpmpp_2m", 50, "score")
 
 # (file, pattern whose group is the quoted figure, the figure its source gives)
 QUOTES = [
@@ -69,6 +70,13 @@ QUOTES = [
     ("models/demo/ebm/README.md", r"iPNDM-12: FD (\d+\.\d\d)", rounded(IPNDM["FD"], 2)),
     ("models/demo/ebm/README.md",
      r"iPNDM-12: FD [\d.]+,\s+recognisable [\d.]+,\s+class TV [\d.]+,\s+density\s+(\d\.\d+)", IPNDM["density"]),
+    ("README.md", r"FD (\d\.\d\d) at iPNDM-12 \(", rounded(SCORE_IPNDM["FD"], 2)),
+    ("README.md", r"better density \((\d\.\d\d) at iPNDM-12\)", rounded(SCORE_IPNDM["density"], 2)),
+    ("README.md", r"at best (\d\.\d+) \(DPM-Solver\+\+, 50", SCORE_BEST["FD"]),
+    ("models/demo/score/README.md", r"\| iPNDM \(12\) \| [\d.]+ \| (\d\.\d\d) \|", rounded(SCORE_IPNDM["FD"], 2)),
+    ("models/demo/score/README.md", r"\| DPM-Solver\+\+\(2M\) \(50\) \| [\d.]+ \| (\d\.\d+) \|", SCORE_BEST["FD"]),
+    # the score network's training time: its config.json
+    ("models/demo/score/README.md", r"in a loop of ([\d,]+) s", f"{training_seconds('score'):,.0f}"),
     ("docs/generation.md", r"faster at FD (\d\.\d\d) against", rounded(BF16["FD"], 2)),
     ("docs/generation.md", r"faster at FD [\d.]+ against (\d\.\d\d)", rounded(IPNDM["FD"], 2)),
 ]
@@ -144,3 +152,21 @@ def test_what_the_docs_say_of_the_demo_verdict_is_what_its_figures_give():
         said = re.findall(pattern, (REPO / path).read_text())
         assert said, f"{path} no longer says /{pattern}/: update the claim's pattern"
         assert [name.split()[0] for name in failed] == said, f"{path} says {said} fails; the figures fail {failed}"
+
+
+def test_what_the_readme_and_the_emoji_card_say_of_the_emoji_model_is_what_its_table_gives():
+    """The emoji card's verdict sentence and the README's first screen against the card's evaluation table (the
+    figures `make demo-emoji` printed), recomputed with jobs.evaluate's bars."""
+    path = "models/emoji/README.md"
+    rows = card_rows(path)
+    model = next(figures for name, figures in rows.items() if name.startswith("this model"))
+    real = next(figures for name, figures in rows.items() if name.startswith("held-out real, decoded"))
+    failed = [re.split(r" [<>]=", name)[0] for name in failed_checks(path, real["recognisable"])]
+    card, readme = (REPO / path).read_text(), (REPO / "README.md").read_text()
+    said = re.search(r"verdict reads (FAILED|PASSED), (\d) checks of 6: ([\w ]+) fail", card)
+    assert said and said.group(1) == ("FAILED" if failed else "PASSED") and int(said.group(2)) == 6 - len(failed)
+    assert said.group(3).split(" and ") == failed
+    assert re.search(r"its recognisable share is ([\d.]+) of held-out\s+real's", readme).group(1) == \
+        f"{model['recognisable'] / real['recognisable']:.2f}"
+    assert re.search(r"class TV ([\d.]+)\)", readme).group(1) == f"{model['class TV']:.3f}"
+    assert re.search(r"though its FD \(([\d.]+)\)", readme).group(1) == f"{model['FD']:.2f}"

@@ -15,12 +15,17 @@ def extra_rows(sets: dict) -> list[str]:
     return [k for k in sets if k not in ("generated", *BASELINES)]
 
 
-def render_markdown(report: dict) -> str:
+def verdict_line(report: dict) -> str:
+    """The report's first line: PASSED or FAILED, how many checks pass and which failed (`make demo` prints it)."""
     checks = report["checks"][report["check_space"]]
     failed = [name for name, ok in checks.items() if not ok]
+    return (f"**{'PASSED' if report['passed'] else 'FAILED'}**: {len(checks) - len(failed)} of {len(checks)} checks "
+            f"pass" + (f" (failed: {'; '.join(failed)})" if failed else "") + f", verdict on {report['check_space']}.")
+
+
+def render_markdown(report: dict) -> str:
     lines = [f"# Sample quality: {report['model']['id']}", "",
-             f"**{'PASSED' if report['passed'] else 'FAILED'}**: {len(checks) - len(failed)} of {len(checks)} checks "
-             f"pass" + (f" (failed: {'; '.join(failed)})" if failed else "") + f", verdict on {report['check_space']}. "
+             verdict_line(report) + " "
              f"{report['samples']} samples per set, each compared with {report['samples']} held-out real latents "
              f"decoded by the same VAE ({len(report['held_out_shards'])} shard(s) the model never trained on). "
              "Sampler: " + ", ".join(f"{k}={v}" for k, v in report["sampler"].items()) + ".", ""]
