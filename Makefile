@@ -28,6 +28,8 @@ EMOJI_EBM_ID := $(shell cat $(EMOJI_MODEL)/ebm/config.json $(EMOJI_MODEL)/ebm/mo
 EMOJI_LATENTS_ID := $(shell sha256sum $(EMOJI_MODEL)/latents.tar.xz 2>/dev/null | cut -c1-12)
 EMOJI_LATENTS ?= $(DEMO_DIR)/emoji-latents-$(EMOJI_LATENTS_ID)
 EMOJI_GENERATED ?= $(DEMO_DIR)/emoji-$(EMOJI_EBM_ID)
+# A report's verdict, read from its first line (evaluation/markdown.py's verdict_line): "FAILED: 5 of 6 checks pass ..."
+VERDICT_LINE := sed -n 's/^\*\*\([A-Z]*\)\*\*: \(.*\), verdict on .*/\1: \2/p'
 # ... and the precompute config: a folder made under another config is refused on resume, never mixed.
 PRECOMPUTE_ID := $(shell sha256sum configs/precompute-demo.yaml | cut -c1-8)
 LATENTS ?= $(DEMO_DIR)/latents-$(VAE_ID)-$(PRECOMPUTE_ID)
@@ -84,8 +86,8 @@ demo: install-run
 	$(MAKE) --no-print-directory demo-conditional LATENTS=$(LATENTS)
 	$(MAKE) --no-print-directory demo-emoji
 	@echo
-	@echo "shapes: $$(sed -n 's/^\*\*\([A-Z]*\)\*\*: \(.*\), verdict on .*/\1: \2/p' $(GENERATED)-report/report.md)"
-	@echo "emoji:  $$(sed -n 's/^\*\*\([A-Z]*\)\*\*: \(.*\), verdict on .*/\1: \2/p' $(EMOJI_GENERATED)-report/report.md)"
+	@echo "shapes: $$($(VERDICT_LINE) $(GENERATED)-report/report.md)"
+	@echo "emoji:  $$($(VERDICT_LINE) $(EMOJI_GENERATED)-report/report.md)"
 
 # Real images: 1000 emoji from the shipped emoji energy (models/emoji, trained by the default configs), scored against
 # the held-out 10% of the emoji set that ships with it.
