@@ -96,3 +96,26 @@ def test_other_errors_and_a_failing_single_item_are_not_swallowed():
         run_in_chunks(4, 2, lambda a, b: (_ for _ in ()).throw(ValueError("bug")))
     with pytest.raises(SimulatedOutOfMemory):
         run_in_chunks(4, 2, lambda a, b: (_ for _ in ()).throw(SimulatedOutOfMemory(b - a, 0)))
+
+
+def test_an_image_network_runs_a_cpu_batch_in_cache_sized_chunks_and_a_gpu_batch_whole():
+    from pipeline.common.memory import cache_sized_chunk
+
+    assert cache_sized_chunk("cpu", 256, 64 * 64) == 32          # 32 images of 64 px at a time
+    assert cache_sized_chunk("cpu", 10, 64 * 64) == 10           # never more than the batch
+    assert cache_sized_chunk("cpu", 256, 512 * 512) == 1         # one large image at a time
+    assert cache_sized_chunk("cuda", 256, 512 * 512) == 256      # an accelerator takes the whole batch
+
+
+def test_decoding_in_chunks_gives_each_image_what_decoding_it_alone_gives(vae_only_dir):
+    """decode() cuts a CPU batch into chunks (this tiny VAE's 16 x 16 latents: 8 images at a time, the last chunk
+    6): 70 images decode as each does on its own, to within float rounding, and as many come out as went in."""
+    from pipeline.vae.autoencoder import decode, load_vae, resolve_vae
+
+    vae = load_vae(resolve_vae(str(vae_only_dir)), torch.device("cpu"), torch.float32)
+    side = vae.config.sample_size // 2 ** (len(vae.config.block_out_channels) - 1)
+    latents = torch.randn(70, vae.config.latent_channels, side, side, generator=torch.Generator().manual_seed(0))
+    batch = decode(vae, latents)
+    alone = torch.cat([decode(vae, z[None]) for z in latents])
+    assert batch.shape[0] == 70
+    assert torch.allclose(batch, alone, atol=1e-5)

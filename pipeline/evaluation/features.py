@@ -36,6 +36,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..common.config import EbdError
+from ..common.memory import cache_sized_chunk
 from ..io.weights import load_weights_folder, save_weights_folder
 
 EVALUATOR_FORMAT = "ebd.evaluator/1"
@@ -114,7 +115,9 @@ class ImageEvaluator(nn.Module):
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         self.eval()
-        return _batched(lambda b: self.embedding(to_network_input(b, self.config["resolution"])), images)
+        side = self.config["resolution"]
+        batch = cache_sized_chunk(next(self.parameters()).device, 256, side * side)
+        return _batched(lambda b: self.embedding(to_network_input(b, side)), images, batch)
 
     def classify(self, features: torch.Tensor) -> torch.Tensor | None:
         """Class probabilities from `features` (the head alone: a caller with features runs the trunk once)."""

@@ -278,10 +278,13 @@ def decode(vae, latents: torch.Tensor) -> torch.Tensor:
     """Scaled latents (B, C, h, w) -> images (B, 3, H, W) in [-1, 1]: `vae.decode(z / scaling_factor + shift)`.
     A tiny decoder (AutoencoderTiny, scaling_factor 1) reads the scaled latents as they are, as diffusers' pipelines
     feed it."""
+    from ..common.memory import cache_sized_chunk
+
     param = next(vae.parameters())
     shift = vae.config.get("shift_factor") or 0.0
     z = latents.to(param.device, param.dtype) / vae.config.scaling_factor + shift
-    return vae.decode(z).sample.clamp(-1, 1)
+    chunk = cache_sized_chunk(param.device, len(z), z.shape[-2] * z.shape[-1] * 64)  # an 8x VAE's pixels per image
+    return torch.cat([vae.decode(part).sample.clamp(-1, 1) for part in z.split(chunk)])
 
 
 def decode_flops(vae, latent_shape) -> float:
