@@ -28,6 +28,8 @@ EMOJI_EBM_ID := $(shell cat $(EMOJI_MODEL)/ebm/config.json $(EMOJI_MODEL)/ebm/mo
 EMOJI_LATENTS_ID := $(shell sha256sum $(EMOJI_MODEL)/latents.tar.xz 2>/dev/null | cut -c1-12)
 EMOJI_LATENTS ?= $(DEMO_DIR)/emoji-latents-$(EMOJI_LATENTS_ID)
 EMOJI_GENERATED ?= $(DEMO_DIR)/emoji-$(EMOJI_EBM_ID)
+# the held-out tenth's size: an evaluation scores as many samples as it has held-out images
+EMOJI_IMAGES ?= 375
 # A report's verdict, read from its first line (evaluation/markdown.py's verdict_line): "FAILED: 5 of 6 checks pass ..."
 VERDICT_LINE := sed -n 's/^\*\*\([A-Z]*\)\*\*: \(.*\), verdict on .*/\1: \2/p'
 # ... and the precompute config: a folder made under another config is refused on resume, never mixed.
@@ -69,7 +71,8 @@ $(VENV)/.installed-run: pyproject.toml constraints.txt $(VENV)/.torch
 # the shipped evaluator's feature space against the latent shard neither model trained on. Then the emoji model
 # (real images: demo-emoji) and both verdict lines, one under the other.
 # `make demo-train` first retrains the energy with the recipe the shipped one came from (configs/train-demo.yaml,
-# about 83 minutes on 2 CPUs; DEMO_TRAIN_ARGS="--max-steps 3000" for a 25-minute version) and generates from that.
+# 9,000 steps, about 83 minutes on 2 CPUs; the shipped weights trained on to 13,000: DEMO_TRAIN_ARGS="--max-steps
+# 13000"; "--max-steps 3000" for a 25-minute version) and generates from that.
 # `make demo-models` refits every shipped model (VAE, evaluator, the energies, the diffusion baseline, the
 # conditional energy): about 5 hours.
 demo: install-run
@@ -96,7 +99,7 @@ demo-emoji: install-run
 		$(BIN)/python -W ignore::DeprecationWarning -m tarfile -e $(EMOJI_MODEL)/latents.tar.xz \
 		$(EMOJI_LATENTS).part && mv $(EMOJI_LATENTS).part $(EMOJI_LATENTS); }
 	$(BIN)/python -m jobs.generate --config configs/generate.yaml --model $(EMOJI_MODEL)/ebm \
-		--vae $(EMOJI_MODEL) --num-images 1000 --output $(EMOJI_GENERATED)
+		--vae $(EMOJI_MODEL) --num-images $(EMOJI_IMAGES) --output $(EMOJI_GENERATED)
 	$(BIN)/python -m jobs.evaluate --generated $(EMOJI_GENERATED) --reference $(EMOJI_LATENTS) \
 		--evaluator $(EMOJI_MODEL)/evaluator --output $(EMOJI_GENERATED)-report
 	@echo "emoji run: $(EMOJI_GENERATED)-report/report.md (samples-vs-real.png: samples beside held-out real emoji)"
