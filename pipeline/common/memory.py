@@ -81,7 +81,7 @@ def run_in_chunks(items: int, batch_size: int, work: Callable[[int, int], T],
 
 
 # On a CPU an image network is fastest on a few images at a time: the activations of 32 images of 64 x 64 stay in
-# the caches, while in chunks of 256 the demo's decoder runs 3x slower and its evaluator 1.7x (bench/cpu_batch.md).
+# the caches, while in chunks of 256 the demo's decoder runs 2.9x slower and its evaluator 2.1x (bench/cpu_batch.md).
 # A GPU wants the whole batch.
 CPU_CHUNK_PIXELS = 32 * 64 * 64
 
