@@ -92,8 +92,8 @@ demo: install-run
 	@echo "shapes: $$($(VERDICT_LINE) $(GENERATED)-report/report.md)"
 	@echo "emoji:  $$($(VERDICT_LINE) $(EMOJI_GENERATED)-report/report.md)"
 
-# Real images: 1000 emoji from the shipped emoji energy (models/emoji, trained by the default configs), scored against
-# the held-out 10% of the emoji set that ships with it.
+# Real images: EMOJI_IMAGES (375) emoji from the shipped emoji energy (models/emoji, trained by the default
+# configs), scored against the held-out 10% of the emoji set that ships with it.
 demo-emoji: install-run
 	test -f $(EMOJI_LATENTS)/manifest.json || { rm -rf $(EMOJI_LATENTS).part $(EMOJI_LATENTS) && \
 		$(BIN)/python -W ignore::DeprecationWarning -m tarfile -e $(EMOJI_MODEL)/latents.tar.xz \

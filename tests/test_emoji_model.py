@@ -5,6 +5,7 @@ and the latents they came from, whose held-out tenth is a stratified sample the 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -84,3 +85,12 @@ def test_the_emoji_energy_samples_deterministically_at_its_default_cost(energy):
     first = sample(energy, 4, energy.sampler, [torch.Generator().manual_seed(i) for i in range(4)])
     again = sample(energy, 2, energy.sampler, [torch.Generator().manual_seed(i) for i in (2, 3)])
     assert torch.isfinite(first).all() and torch.allclose(first[2:], again, atol=1e-4)
+
+
+def test_make_demo_emoji_generates_as_many_emoji_as_the_held_out_tenth_it_is_scored_against(energy):
+    """The evaluation scores min(generated, held-out) samples: the Makefile's EMOJI_IMAGES is the held-out count, so
+    no generated image goes unscored and none is missing."""
+    makefile = (REPO / "Makefile").read_text()
+    images = int(re.search(r"^EMOJI_IMAGES \?= (\d+)$", makefile, flags=re.M).group(1))
+    assert images == sum(s["count"] for s in energy.metadata["latents"]["held_out"])
+    assert "--num-images $(EMOJI_IMAGES)" in makefile

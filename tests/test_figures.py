@@ -125,11 +125,22 @@ def card_rows(path: str, after: str = "") -> dict[str, dict[str, float]]:
     return rows
 
 
+def card_row(rows: dict, name: str) -> dict[str, float]:
+    """The row of a card's table whose name starts with `name`."""
+    return next(figures for row_name, figures in rows.items() if row_name.startswith(name))
+
+
+def demo_real_recognisable() -> float:
+    """The share of decoded held-out latents the demo evaluator recognises, as the energy's card quotes it."""
+    card = (REPO / "models/demo/ebm/README.md").read_text()
+    return float(re.search(r"([\d.]+) recognised on those\s+held-out images", card).group(1))
+
+
 def row_checks(rows: dict, name: str, real_recognisable: float, conditional: bool = False) -> dict[str, bool]:
     """jobs.evaluate's feature checks, with its own default bars, on one row of a card's table."""
     from pipeline.evaluation.scoring import feature_checks
 
-    row = next(figures for row_name, figures in rows.items() if row_name.startswith(name))
+    row = card_row(rows, name)
     figures = {"fd": row["FD"], "density": row["density"], "coverage": row["coverage"],
                "recognisable": row["recognisable"], "class_tv": row["class TV"], "copy_share": row["copy share"]}
     return feature_checks(figures, {"fd": rows["moment-matched Gaussian"]["FD"]},
@@ -152,9 +163,7 @@ def failed_checks(path: str, real_recognisable: float, row: str = "this model") 
 def test_what_the_docs_say_of_the_demo_verdict_is_what_its_figures_give():
     """The README, docs/demo.md and the energy's card each say what `make demo`'s verdict reads and how many of its
     six checks pass; recomputed from the card's own table with jobs.evaluate's bars, the verdict must read that."""
-    card = (REPO / "models/demo/ebm/README.md").read_text()
-    real = float(re.search(r"([\d.]+) recognised on those\s+held-out images", card).group(1))
-    failed = failed_checks("models/demo/ebm/README.md", real)
+    failed = failed_checks("models/demo/ebm/README.md", demo_real_recognisable())
     verdict = ("FAILED" if failed else "PASSED", 6 - len(failed))
     words = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6}
     for path in ("models/demo/ebm/README.md", "docs/demo.md", "README.md"):
@@ -169,8 +178,7 @@ def test_what_the_readme_and_the_emoji_card_say_of_the_emoji_model_is_what_its_t
     figures `make demo-emoji` printed), recomputed with jobs.evaluate's bars."""
     path = "models/emoji/README.md"
     rows = card_rows(path)
-    model = next(figures for name, figures in rows.items() if name.startswith("this model"))
-    real = next(figures for name, figures in rows.items() if name.startswith("held-out real, decoded"))
+    model, real = card_row(rows, "this model"), card_row(rows, "held-out real, decoded")
     failed = [re.split(r" [<>]=", name)[0] for name in failed_checks(path, real["recognisable"])]
     card, readme = (REPO / path).read_text(), (REPO / "README.md").read_text()
     said = re.search(r"verdict reads (FAILED|PASSED), (\d) checks of 6: ([\w ]+) fail", card)
@@ -187,7 +195,7 @@ def test_what_docs_evaluation_says_of_the_baseline_rows_is_what_the_demo_figures
     table (the same report's figures), and its note on the held-out row at 240 samples from the conditional card."""
     doc = " ".join((REPO / "docs/evaluation.md").read_text().split())
     card = "models/demo/ebm/README.md"
-    real = float(re.search(r"([\d.]+) recognised on those\s+held-out images", (REPO / card).read_text()).group(1))
+    real = demo_real_recognisable()
     assert "shows the raw held-out images passing all six" in doc
     assert failed_checks(card, real, "held-out real, raw") == []
     assert "training real failing only the copy check" in doc
@@ -226,6 +234,6 @@ def test_what_docs_demo_says_of_the_conditional_verdict_is_what_its_figures_give
 
 
 def test_the_readme_quotes_the_demo_energys_density_from_its_card():
-    model = next(f for name, f in card_rows("models/demo/ebm/README.md").items() if name.startswith("this model"))
+    model = card_row(card_rows("models/demo/ebm/README.md"), "this model")
     said = re.search(r"density, (\d\.\d+) against 0.7", (REPO / "README.md").read_text())
     assert said and float(said.group(1)) == model["density"]

@@ -284,7 +284,8 @@ def decode(vae, latents: torch.Tensor) -> torch.Tensor:
     shift = vae.config.get("shift_factor") or 0.0
     z = latents.to(param.device, param.dtype) / vae.config.scaling_factor + shift
     chunk = cache_sized_chunk(param.device, len(z), z.shape[-2] * z.shape[-1] * 64)  # an 8x VAE's pixels per image
-    return torch.cat([vae.decode(part).sample.clamp(-1, 1) for part in z.split(chunk)])
+    parts = [vae.decode(part).sample.clamp(-1, 1) for part in z.split(chunk)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)  # a GPU's whole batch is not copied again
 
 
 def decode_flops(vae, latent_shape) -> float:
