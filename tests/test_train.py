@@ -171,6 +171,8 @@ def test_the_diffusion_baseline_resumes_from_its_checkpoint_and_exports(trained_
     assert type(model).__name__ == "DiffusionUNet" and model.sampler.name == "ddim"
     assert model.metadata["training"] == model.metadata["training"] | {"steps": 8, "objective": "ddpm"}
     assert model.metadata["training"]["loop_seconds_this_run"] > 0
+    # the training time of both stretches, carried in the checkpoint (a resume alone would record only its own)
+    assert model.metadata["training"]["loop_seconds"] >= model.metadata["training"]["loop_seconds_this_run"]
     records = json.loads((trained_baseline / "workers" / "rank-0.json").read_text())
     assert records["resumed_from_step"] == 4 and records["step"] == 8
     # The run name resumes only the run it names: another learning rate is refused before anything starts...
@@ -181,6 +183,29 @@ def test_the_diffusion_baseline_resumes_from_its_checkpoint_and_exports(trained_
     with pytest.raises(EbdError, match="trained with objective ddpm, this run asks for dsm"):
         train(mixture_latents, trained_baseline, max_steps=12, **(TINY_DSM | {"run_name": "baseline",
                                                                              "allow_config_change": True}))
+
+
+def test_a_run_started_from_an_exported_model_takes_its_weights_and_adds_up_the_training(
+        trained_baseline, mixture_latents, tmp_path):
+    """init_from: a finished model trained on without its checkpoints. With no steps the export is the model it
+    started from, weight for weight; with steps, the record names where it started and the totals of both runs."""
+    start = trained_baseline / "model"
+    recipe = BASELINE_RECIPE | {"run_name": "continued", "init_from": str(start)}
+    train(mixture_latents, tmp_path / "same", max_steps=0, **recipe)
+    same, saved = load_file(tmp_path / "same" / "model" / "model.safetensors"), load_file(start / "model.safetensors")
+    assert same.keys() == saved.keys() and all(torch.equal(same[k], saved[k]) for k in saved)
+    train(mixture_latents, tmp_path / "on", max_steps=4, **recipe)
+    training = load_model(tmp_path / "on" / "model").metadata["training"]
+    started = json.loads((start / "config.json").read_text())
+    assert training["init_from"]["weights_sha256"] == started["weights_sha256"]
+    assert training["steps"] == 4 and training["total"]["steps"] == 12
+    assert training["total"]["flops"] == pytest.approx(3 * training["flops"], rel=0.01)  # 12 steps of the same net
+    moved = load_file(tmp_path / "on" / "model" / "model.safetensors")
+    assert any(not torch.equal(moved[k], saved[k]) for k in saved)
+    # another architecture is refused in one line before anything starts
+    with pytest.raises(EbdError, match=r"init_from .* another architecture .*\(channels: \[8\] there, \[16\] here\)"):
+        train(mixture_latents, tmp_path / "wide", max_steps=2, **(recipe | {"channels": [16], "run_name": "wide"}))
+    assert not (tmp_path / "wide" / "model").exists()
 
 
 def _registered_steps(snapshot: Path) -> list[int]:

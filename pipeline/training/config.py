@@ -31,6 +31,10 @@ class TrainConfig(JobConfig):
     objective: Any = "dsm"                   # a name, or {name: ..., its keys}: becomes the objective's Settings
     sampler: dict[str, Any] = field(default_factory=dict)  # keys of the objective's default sampler to change
     plugins: list[str] = field(default_factory=list)       # modules to import first: they register model kinds
+    # An exported model folder (a run's OUTPUT/model) whose weights this run starts from, with a fresh optimiser:
+    # train a finished model on when its checkpoints are gone, or fine-tune it on other latents. The architecture
+    # must be the one this config builds; a checkpoint of this run name, when there is one, wins.
+    init_from: str | None = None
     # scale
     num_workers: int = 1
     use_gpu: bool = False                    # nccl on GPUs, gloo on CPUs

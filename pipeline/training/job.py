@@ -25,6 +25,7 @@ from ..distributed.cluster import connect
 from ..io import latent_shards as sh
 from ..io import storage
 from ..io.files import atomic_write, file_sha256, read_json
+from ..io.weights import WEIGHTS_SHA256, read_weights_config
 from .config import TrainConfig, flat_record
 from .data import excluded
 from .loop import train_loop_per_worker
@@ -74,7 +75,9 @@ def run_training(cfg: TrainConfig, address: str | None = None, dashboard: bool =
     condition_on = getattr(cfg.objective, "condition_on", None)  # an objective that learns conditional models
     if condition_on:
         prepared["labels"] = sh.label_vocabulary(manifest, condition_on, cfg.latents)
-    objective.model_config(cfg.objective, manifest["latent"]["shape"], prepared).validate()
+    model_config = objective.model_config(cfg.objective, manifest["latent"]["shape"], prepared)
+    model_config.validate()
+    start_from = _start_from(cfg.init_from, asdict(model_config)) if cfg.init_from else None
     metadata = {"sampler": asdict(objective.sampler_settings(cfg.objective, cfg.sampler, prepared)),
                 "latents": {"shape": manifest["latent"]["shape"], "scaling_factor": manifest["scaling_factor"],
                             "shift_factor": manifest["shift_factor"], "vae": manifest["vae"],
@@ -92,7 +95,7 @@ def run_training(cfg: TrainConfig, address: str | None = None, dashboard: bool =
         train_loop_per_worker,
         train_loop_config={"cfg": worker_cfg, "shards": paths, "shard_counts": {p: counts[p] for p in paths},
                            "latent_shape": manifest["latent"]["shape"], "metadata": metadata,
-                           "prepared": prepared},
+                           "prepared": prepared, "init_from": start_from},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(name=cfg.run_name, storage_path=checkpoints_at,
@@ -152,6 +155,21 @@ def _comparable(config: dict) -> dict:
     values = {k: v for k, v in migrations.train_config(dict(config)).items() if k in known and k not in RESUMABLE_KEYS}
     return {k: v for k, v in flat_record(from_dict(TrainConfig, values | {"output": "-"})).items()
             if k not in RESUMABLE_KEYS}
+
+
+def _start_from(folder: str, architecture: dict) -> dict:
+    """What the workers need of `init_from` (its path, weights digest and training facts), after checking it holds
+    the architecture this run builds (one line naming the first key that differs if not)."""
+    folder = storage.canonical(folder)
+    config = read_weights_config(folder, hint=": init_from names an exported model, e.g. a run's OUTPUT/model")
+    saved = config.get("model", {})
+    differ = sorted(k for k in set(saved) | set(architecture)
+                    if json.dumps(saved.get(k)) != json.dumps(architecture.get(k)))
+    if differ:
+        k = differ[0]
+        raise EbdError(f"init_from {folder} holds another architecture than this config builds ({k}: "
+                       f"{saved.get(k)!r} there, {architecture.get(k)!r} here): use the config it was trained with")
+    return {"path": folder, "weights_sha256": config.get(WEIGHTS_SHA256), "training": config.get("training", {})}
 
 
 def _prepare(cfg: TrainConfig, objective, paths: list[str], output: str) -> dict:

@@ -32,6 +32,7 @@ from ..common.plugins import import_plugins
 from ..io import storage
 from ..io.checkpoints import load_training_state, save_training_state
 from ..io.files import atomic_write_json
+from ..io.weights import load_weights_folder
 from .config import TrainConfig
 from .cost import training_flops_per_sample
 from .data import LatentBatches, split_shards
@@ -45,7 +46,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     configure_logging()  # a Ray worker process: progress lines to its stderr (ray job logs)
     import_plugins(loop_config["cfg"].plugins)  # what its model kinds and objectives register, in this process
     run = WorkerRun(loop_config)
-    run.resume()
+    if not run.resume() and loop_config.get("init_from"):
+        run.start_from(loop_config["init_from"])
     run.start()
     while run.state["step"] < run.cfg.max_steps:
         run.step()
@@ -82,17 +84,29 @@ class WorkerRun:
 
     # ------------------------------------------------------------------------------------------ set up
 
-    def resume(self) -> None:
-        """Loads the last checkpoint Ray Train reports for this run, if any."""
+    def resume(self) -> bool:
+        """Loads the last checkpoint Ray Train reports for this run, if any (True if it did)."""
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
-            return
+            return False
         with checkpoint.as_directory() as folder:
             self._load(Path(folder))
         if self.rank == 0:
             log_line("train", f"resumed from checkpoint at step {self.state['step']}")
+        return True
+
+    def start_from(self, init: dict) -> None:
+        """Weights and EMA from an exported model (`init_from`, its architecture checked by the driver); the
+        optimiser, step count and warm-up start afresh."""
+        _, tensors = load_weights_folder(init["path"], hint=": init_from names an exported model")
+        self.model.load_state_dict(self.model.upgrade_state_dict(tensors))
+        for k, v in self.model.state_dict().items():
+            self.ema[k].copy_(v)
+        if self.rank == 0:
+            log_line("train", f"starting from the weights of {init['path']} "
+                              f"({init['training'].get('steps', '?')} steps there)")
 
     def start(self) -> None:
         """Data share, worker record, seeds, the first good snapshot, logging."""
@@ -119,6 +133,7 @@ class WorkerRun:
                             done=self.state["step"]) if rank == 0 else None
         self.gauges = TrainingGauges(self.shown + ("step", "lr", "rollbacks")) if rank == 0 else None
         self.started = time.monotonic()
+        self.seconds_before = self.state.get("loop_seconds", 0.0)  # the training time of the runs this one resumes
 
     # ------------------------------------------------------------------------------------------- a step
 
@@ -210,11 +225,18 @@ class WorkerRun:
             per_sample = training_flops_per_sample(self.objective, self.model, pos[:2].to(self.device),
                                                    None if labels is None else labels[:2].to(self.device))
             flops = per_sample * cfg.batch_size * self.world * state["step"]
-            export.metadata["training"] = {"objective": cfg.objective.name, "steps": state["step"],
-                                           "flops": float(f"{flops:.4g}"),
-                                           "rollbacks": state["rollbacks"], "final_lr": state["lr"],
-                                           "num_workers": self.world, "run_name": cfg.run_name,
-                                           "loop_seconds_this_run": loop_seconds}
+            training = {"objective": cfg.objective.name, "steps": state["step"], "flops": float(f"{flops:.4g}"),
+                        "rollbacks": state["rollbacks"], "final_lr": state["lr"], "num_workers": self.world,
+                        "run_name": cfg.run_name, "loop_seconds": round(self.seconds_before + loop_seconds, 1),
+                        "loop_seconds_this_run": loop_seconds}
+            init = self.loop_config.get("init_from")
+            if init:  # where its weights started, and the totals over both runs
+                before = init["training"]
+                training["init_from"] = {"path": init["path"], "weights_sha256": init["weights_sha256"],
+                                         "training": before}
+                training["total"] = {key: float(f"{before[key] + training[key]:.4g}")  # what both recorded
+                                     for key in ("steps", "flops", "loop_seconds") if key in before}
+            export.metadata["training"] = training
             export.save_pretrained(storage.join(cfg.output, "model"), state_dict=self.ema)
 
     # ------------------------------------------------------------------- snapshots and checkpoints
@@ -237,6 +259,7 @@ class WorkerRun:
         self.state.update(history)
 
     def _save(self, folder: Path) -> None:
+        self.state["loop_seconds"] = round(self.seconds_before + time.monotonic() - self.started, 1)
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         tensors |= {f"ema.{k}": v for k, v in self.ema.items()}
         tensors |= {f"objective.{k}": v for k, v in self.objective.state_tensors().items()}
