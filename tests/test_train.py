@@ -175,6 +175,8 @@ def test_the_diffusion_baseline_resumes_from_its_checkpoint_and_exports(trained_
     assert model.metadata["training"]["loop_seconds"] >= model.metadata["training"]["loop_seconds_this_run"]
     records = json.loads((trained_baseline / "workers" / "rank-0.json").read_text())
     assert records["resumed_from_step"] == 4 and records["step"] == 8
+    last = json.loads((trained_baseline / "checkpoints" / "baseline" / "step-00000008" / "state.json").read_text())
+    assert last["tensors_file"] == "state-00000008.safetensors" and last["meta"]["state"]["step"] == 8
     # The run name resumes only the run it names: another learning rate is refused before anything starts...
     with pytest.raises(EbdError, match=r"run 'baseline' .* another config or data \(lr: 0.0001 -> 0.002\)"):
         train(mixture_latents, trained_baseline, max_steps=12, **(BASELINE_RECIPE | {"lr": 2e-3}))

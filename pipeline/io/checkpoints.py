@@ -30,7 +30,8 @@ def save_training_state(folder: str | Path, tensors: dict[str, torch.Tensor], me
     """Writes `tensors` (and the optimizer's state) and then `meta` as FOLDER's current checkpoint."""
     folder = Path(folder)
     tensors = dict(tensors) | (optimizer_tensors(optimizer) if optimizer is not None else {})
-    name = f"state-{int(meta.get('step', 0)):08d}.safetensors"
+    step = meta["state"]["step"] if "state" in meta else meta.get("step", 0)  # the training loop's, the VAE fit's
+    name = f"state-{int(step):08d}.safetensors"
     data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
     atomic_write(folder / name, lambda f: f.write(data))
     groups = [{k: v for k, v in g.items()} for g in optimizer.state_dict()["param_groups"]] if optimizer else None
