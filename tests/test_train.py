@@ -171,8 +171,12 @@ def test_the_diffusion_baseline_resumes_from_its_checkpoint_and_exports(trained_
     assert type(model).__name__ == "DiffusionUNet" and model.sampler.name == "ddim"
     assert model.metadata["training"] == model.metadata["training"] | {"steps": 8, "objective": "ddpm"}
     assert model.metadata["training"]["loop_seconds_this_run"] > 0
-    # the training time of both stretches, carried in the checkpoint (a resume alone would record only its own)
-    assert model.metadata["training"]["loop_seconds"] >= model.metadata["training"]["loop_seconds_this_run"]
+    # the training time of both stretches: the first's carried in its checkpoint (a resume recorded only its own)
+    first = json.loads((trained_baseline / "checkpoints" / "baseline" / "step-00000004" / "state.json").read_text())
+    seconds = model.metadata["training"]
+    assert first["meta"]["state"]["loop_seconds"] > 0
+    assert seconds["loop_seconds"] == pytest.approx(first["meta"]["state"]["loop_seconds"] +
+                                                    seconds["loop_seconds_this_run"], abs=0.11)
     records = json.loads((trained_baseline / "workers" / "rank-0.json").read_text())
     assert records["resumed_from_step"] == 4 and records["step"] == 8
     last = json.loads((trained_baseline / "checkpoints" / "baseline" / "step-00000008" / "state.json").read_text())
@@ -200,7 +204,7 @@ def test_a_run_started_from_an_exported_model_takes_its_weights_and_adds_up_the_
     training = load_model(tmp_path / "on" / "model").metadata["training"]
     started = json.loads((start / "config.json").read_text())
     assert training["init_from"]["weights_sha256"] == started["weights_sha256"]
-    assert training["steps"] == 4 and training["total"]["steps"] == 12
+    assert training["steps"] == 4 and training["total"]["steps"] == 12 and isinstance(training["total"]["steps"], int)
     assert training["total"]["flops"] == pytest.approx(3 * training["flops"], rel=0.01)  # 12 steps of the same net
     moved = load_file(tmp_path / "on" / "model" / "model.safetensors")
     assert any(not torch.equal(moved[k], saved[k]) for k in saved)
@@ -208,6 +212,13 @@ def test_a_run_started_from_an_exported_model_takes_its_weights_and_adds_up_the_
     with pytest.raises(EbdError, match=r"init_from .* another architecture .*\(channels: \[8\] there, \[16\] here\)"):
         train(mixture_latents, tmp_path / "wide", max_steps=2, **(recipe | {"channels": [16], "run_name": "wide"}))
     assert not (tmp_path / "wide" / "model").exists()
+    # ... as is another kind of model (a diffusion UNet's weights under an energy's objective) ...
+    with pytest.raises(EbdError, match=r"init_from .* holds DiffusionUNet .* config trains a NoiseConditionalEnergy"):
+        train(mixture_latents, tmp_path / "kind", max_steps=2, **(TINY_DSM | {"init_from": str(start),
+                                                                              "run_name": "k"}))
+    # ... and a start that trained on a shard this run holds out as evaluation's reference (the baseline read all 8)
+    with pytest.raises(EbdError, match=r"init_from .* trained on latents-\d+\.tar, which this run holds out"):
+        train(mixture_latents, tmp_path / "seen", max_steps=2, **(recipe | {"holdout_shards": 2, "run_name": "s"}))
 
 
 def _registered_steps(snapshot: Path) -> list[int]:

@@ -25,7 +25,7 @@ from ..distributed.cluster import connect
 from ..io import latent_shards as sh
 from ..io import storage
 from ..io.files import atomic_write, file_sha256, read_json
-from ..io.weights import WEIGHTS_SHA256, read_weights_config
+from ..io.weights import WEIGHTS_SHA256, load_weights_folder, read_weights_config
 from .config import TrainConfig, flat_record
 from .data import excluded
 from .loop import train_loop_per_worker
@@ -75,9 +75,9 @@ def run_training(cfg: TrainConfig, address: str | None = None, dashboard: bool =
     condition_on = getattr(cfg.objective, "condition_on", None)  # an objective that learns conditional models
     if condition_on:
         prepared["labels"] = sh.label_vocabulary(manifest, condition_on, cfg.latents)
-    model_config = objective.model_config(cfg.objective, manifest["latent"]["shape"], prepared)
-    model_config.validate()
-    start_from = _start_from(cfg.init_from, asdict(model_config)) if cfg.init_from else None
+    objective.model_config(cfg.objective, manifest["latent"]["shape"], prepared).validate()
+    start_from = _start_from(cfg.init_from, objective.build_model(cfg.objective, manifest["latent"]["shape"],
+                                                                  prepared, {}), held_out) if cfg.init_from else None
     metadata = {"sampler": asdict(objective.sampler_settings(cfg.objective, cfg.sampler, prepared)),
                 "latents": {"shape": manifest["latent"]["shape"], "scaling_factor": manifest["scaling_factor"],
                             "shift_factor": manifest["shift_factor"], "vae": manifest["vae"],
@@ -157,19 +157,33 @@ def _comparable(config: dict) -> dict:
             if k not in RESUMABLE_KEYS}
 
 
-def _start_from(folder: str, architecture: dict) -> dict:
-    """What the workers need of `init_from` (its path, weights digest and training facts), after checking it holds
-    the architecture this run builds (one line naming the first key that differs if not)."""
+def _start_from(folder: str, model, held_out: list[dict]) -> dict:
+    """What the workers need of `init_from` (its path, weights digest and training facts), after checking, in one
+    line each, that it is a complete folder of the kind and architecture this run builds (`model`, built here from
+    the config) and that it never trained on a shard this run holds out (evaluation would score it on seen data)."""
     folder = storage.canonical(folder)
-    config = read_weights_config(folder, hint=": init_from names an exported model, e.g. a run's OUTPUT/model")
-    saved = config.get("model", {})
-    differ = sorted(k for k in set(saved) | set(architecture)
-                    if json.dumps(saved.get(k)) != json.dumps(architecture.get(k)))
+    hint = ": init_from names an exported model, e.g. a run's OUTPUT/model"
+    recorded = read_weights_config(folder, hint=hint).get(WEIGHTS_SHA256)
+    config, tensors = load_weights_folder(folder, hint=hint)  # checks the weights against that record
+    kind = f"a {type(model).__name__} ({model.FORMAT})"
+    if config.get("format") != model.FORMAT:
+        raise EbdError(f"init_from {folder} holds {config.get('_class_name', 'no ebd model')} "
+                       f"({config.get('format')}), this config trains {kind}: use a folder this objective exported")
+    saved = asdict(from_dict(type(model.config), type(model).upgrade_config(config.get("model", {}))))
+    built = asdict(model.config)
+    differ = sorted(k for k in set(saved) | set(built) if json.dumps(saved.get(k)) != json.dumps(built.get(k)))
     if differ:
         k = differ[0]
-        raise EbdError(f"init_from {folder} holds another architecture than this config builds ({k}: "
-                       f"{saved.get(k)!r} there, {architecture.get(k)!r} here): use the config it was trained with")
-    return {"path": folder, "weights_sha256": config.get(WEIGHTS_SHA256), "training": config.get("training", {})}
+        raise EbdError(f"init_from {folder} holds another architecture than this config builds ({k}: {saved.get(k)!r} "
+                       f"there, {built.get(k)!r} here): use the config it was trained with (what the data decides, "
+                       "such as dsm's sigma_data and sigma_max, can be set to the values there)")
+    model.load_state_dict(type(model).upgrade_state_dict(model, tensors))  # every name and shape, before Ray starts
+    seen = {s["sha256"]: s["file"] for s in config.get("latents", {}).get("trained_on", [])}
+    overlap = [s["file"] for s in held_out if s["sha256"] in seen]
+    if overlap:
+        raise EbdError(f"init_from {folder} trained on {overlap[0]}, which this run holds out as evaluation's "
+                       "reference: start from a model trained on this split, or hold out other shards")
+    return {"path": folder, "weights_sha256": recorded, "training": config.get("training", {})}
 
 
 def _prepare(cfg: TrainConfig, objective, paths: list[str], output: str) -> dict:

@@ -32,7 +32,7 @@ from ..common.plugins import import_plugins
 from ..io import storage
 from ..io.checkpoints import load_training_state, save_training_state
 from ..io.files import atomic_write_json
-from ..io.weights import load_weights_folder
+from ..io.weights import WEIGHTS_SHA256, load_weights_folder, read_weights_config
 from .config import TrainConfig
 from .cost import training_flops_per_sample
 from .data import LatentBatches, split_shards
@@ -98,12 +98,18 @@ class WorkerRun:
         return True
 
     def start_from(self, init: dict) -> None:
-        """Weights and EMA from an exported model (`init_from`, its architecture checked by the driver); the
-        optimiser, step count and warm-up start afresh."""
-        _, tensors = load_weights_folder(init["path"], hint=": init_from names an exported model")
+        """The model and its EMA both start from an exported model's (EMA) weights (`init_from`, checked by the
+        driver); the optimiser, the step count, the learning-rate warm-up and the EMA's warm-up start afresh. What
+        the objective prepared from this run's data (cd's chain-start mixture) is kept: a fine-tune on other latents
+        starts its chains there."""
+        if read_weights_config(init["path"]).get(WEIGHTS_SHA256) != init["weights_sha256"]:
+            raise EbdError(f"init_from {init['path']} changed after the run started: start it again")
+        _, tensors = load_weights_folder(init["path"])  # checks the weights against that record
         self.model.load_state_dict(self.model.upgrade_state_dict(tensors))
+        self.model.load_state_dict(_load_prepared(self.loop_config["prepared"])["tensors"], strict=False)
         for k, v in self.model.state_dict().items():
             self.ema[k].copy_(v)
+        self.state["init_from"] = init  # travels in the checkpoints: a resume records what this run started from
         if self.rank == 0:
             log_line("train", f"starting from the weights of {init['path']} "
                               f"({init['training'].get('steps', '?')} steps there)")
@@ -229,13 +235,16 @@ class WorkerRun:
                         "rollbacks": state["rollbacks"], "final_lr": state["lr"], "num_workers": self.world,
                         "run_name": cfg.run_name, "loop_seconds": round(self.seconds_before + loop_seconds, 1),
                         "loop_seconds_this_run": loop_seconds}
-            init = self.loop_config.get("init_from")
-            if init:  # where its weights started, and the totals over both runs
-                before = init["training"]
-                training["init_from"] = {"path": init["path"], "weights_sha256": init["weights_sha256"],
-                                         "training": before}
-                training["total"] = {key: float(f"{before[key] + training[key]:.4g}")  # what both recorded
-                                     for key in ("steps", "flops", "loop_seconds") if key in before}
+            init = state.get("init_from")
+            if init:  # where its weights started, and the totals over it and the runs it started from
+                before = init["training"].get("total", init["training"])
+                training["init_from"] = init
+                total = {key: before[key] + training[key] for key in ("steps", "loop_seconds", "flops")
+                         if key in before}  # those the start recorded
+                for key, rounded in (("loop_seconds", lambda v: round(v, 1)), ("flops", lambda v: float(f"{v:.4g}"))):
+                    if key in total:
+                        total[key] = rounded(total[key])
+                training["total"] = total
             export.metadata["training"] = training
             export.save_pretrained(storage.join(cfg.output, "model"), state_dict=self.ema)
 
