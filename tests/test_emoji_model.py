@@ -94,3 +94,13 @@ def test_make_demo_emoji_generates_as_many_emoji_as_the_held_out_tenth_it_is_sco
     images = int(re.search(r"^EMOJI_IMAGES \?= (\d+)$", makefile, flags=re.M).group(1))
     assert images == sum(s["count"] for s in energy.metadata["latents"]["held_out"])
     assert "--num-images $(EMOJI_IMAGES)" in makefile
+
+
+def test_the_emoji_card_gives_the_energys_training_length_as_its_config_records_it(energy):
+    """The card's step count and FLOPs are the export's totals (the first run and the run started from its weights)."""
+    card = " ".join((EMOJI / "README.md").read_text().split())
+    total = energy.metadata["training"].get("total", energy.metadata["training"])
+    steps = re.search(r"([\d,]+) steps of 64 in all", card)
+    flops = re.search(r"([\d.]+e\d+) training FLOPs", card)
+    assert steps and int(steps.group(1).replace(",", "")) == total["steps"]
+    assert flops and float(flops.group(1)) == pytest.approx(total["flops"], rel=0.01)
