@@ -25,12 +25,11 @@ LEGACY_TENSORS = "state.safetensors"   # the single tensor file of checkpoints w
 OPTIMIZER = "optimizer."
 
 
-def save_training_state(folder: str | Path, tensors: dict[str, torch.Tensor], meta: dict,
+def save_training_state(folder: str | Path, step: int, tensors: dict[str, torch.Tensor], meta: dict,
                         optimizer: torch.optim.Optimizer | None = None) -> None:
-    """Writes `tensors` (and the optimizer's state) and then `meta` as FOLDER's current checkpoint."""
+    """Writes `tensors` (and the optimizer's state) and then `meta` as FOLDER's current checkpoint at `step`."""
     folder = Path(folder)
     tensors = dict(tensors) | (optimizer_tensors(optimizer) if optimizer is not None else {})
-    step = meta["state"]["step"] if "state" in meta else meta.get("step", 0)  # the training loop's, the VAE fit's
     name = f"state-{int(step):08d}.safetensors"
     data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
     atomic_write(folder / name, lambda f: f.write(data))

@@ -241,9 +241,10 @@ class WorkerRun:
                 training["init_from"] = init
                 total = {key: before[key] + training[key] for key in ("steps", "loop_seconds", "flops")
                          if key in before}  # those the start recorded
-                for key, rounded in (("loop_seconds", lambda v: round(v, 1)), ("flops", lambda v: float(f"{v:.4g}"))):
-                    if key in total:
-                        total[key] = rounded(total[key])
+                if "loop_seconds" in total:
+                    total["loop_seconds"] = round(total["loop_seconds"], 1)
+                if "flops" in total:
+                    total["flops"] = float(f"{total['flops']:.4g}")
                 training["total"] = total
             export.metadata["training"] = training
             export.save_pretrained(storage.join(cfg.output, "model"), state_dict=self.ema)
@@ -272,7 +273,8 @@ class WorkerRun:
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         tensors |= {f"ema.{k}": v for k, v in self.ema.items()}
         tensors |= {f"objective.{k}": v for k, v in self.objective.state_tensors().items()}
-        save_training_state(folder, tensors, {"state": self.state, "config": asdict(self.cfg)}, self.optimizer)
+        save_training_state(folder, self.state["step"], tensors, {"state": self.state, "config": asdict(self.cfg)},
+                            self.optimizer)
 
     def _load(self, folder: Path) -> None:
         tensors, meta = load_training_state(folder, self.optimizer, self.device)

@@ -266,7 +266,8 @@ def _reconstruction_grid(originals: torch.Tensor, reconstructions: torch.Tensor)
 # ------------------------------------------------------------------------------- checkpoints (no pickle)
 
 def _save_checkpoint(folder: Path, vae, optimizer, state: dict) -> None:
-    save_training_state(folder, {f"model.{k}": v for k, v in vae.state_dict().items()}, state, optimizer)
+    save_training_state(folder, state["step"], {f"model.{k}": v for k, v in vae.state_dict().items()}, state,
+                        optimizer)
 
 
 def _load_checkpoint(folder: Path, vae, optimizer, state: dict, data_digest: str, cfg: FitVaeConfig) -> None:
