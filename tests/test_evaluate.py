@@ -91,6 +91,8 @@ def test_report_scores_the_model_against_held_out_shards_with_baselines(pipeline
     assert f["train"]["class_tv"] < 0.1 and features["reference"]["class_histogram"][1] > 0.5, features["reference"]
     assert all(0 <= m["recognisable"] <= 1 and abs(sum(m["class_histogram"]) - 1) < 1e-3 for m in f.values())
     assert f["generated"]["copy_share"] < 0.5 and features["reference"]["copy_share"] == pytest.approx(0.05, abs=0.01)
+    noise = features["reference"]["class_tv_noise"]  # what 256 against 256 of real's own mix reads: a fair yardstick
+    assert 0 < noise["mean"] < noise["p95"] < 0.15, noise
     assert all(v["fd"] >= 0 and v["kid_std"] >= 0 for v in f.values()), f
     assert any("raw held-out images could not be read" in note for note in report["notes"])
     assert set(report["checks"]) == {"features (evaluator)", "latents", "images"}
@@ -105,6 +107,7 @@ def test_report_scores_the_model_against_held_out_shards_with_baselines(pipeline
     assert text.splitlines()[2].startswith(f"**{'PASSED' if report['passed'] else 'FAILED'}**: "
                                            f"{len(verdict) - len(failed)} of {len(verdict)} checks pass"
                                            + (f" (failed: {'; '.join(failed)})" if failed else "") + ", verdict on ")
+    assert f"a generator with exactly real's class mix reads {noise['mean']:.3f} on average at 256 against 256" in text
     assert "moment-matched Gaussian" in text and "samples-vs-real.png" in text and "per-class.png" in text
     assert text.count("| gen-heun (heun) |") == 3  # a row in the feature table and in both pooled tables
     assert f"density {gain['density']:+.3f}" in text  # the energy's share, spelled out

@@ -40,6 +40,13 @@ def test_label_metrics_and_copy_share():
     assert quality.recognisable_share(probs, 0.9) == 0.75
     assert quality.class_histogram(probs).tolist() == [0.75, 0.25]
     assert quality.total_variation(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])) == 1.0
+    # Sampling noise alone: two fair coins tossed 100 times each differ by |X - Y| / 100 heads, E = sqrt(2 x 25 x 2
+    # / pi) / 100 = 0.0564; one class leaves nothing to differ; more samples, less noise.
+    coins = quality.total_variation_noise(torch.tensor([0.5, 0.5]), 100, 100)
+    assert coins["mean"] == pytest.approx((100 / math.pi) ** 0.5 / 100, abs=0.003) and coins["p95"] > coins["mean"]
+    assert quality.total_variation_noise(torch.tensor([1.0, 0.0]), 375, 375) == {"mean": 0.0, "p95": 0.0}
+    mix = torch.tensor([0.6, 0.2, 0.1, 0.1])
+    assert quality.total_variation_noise(mix, 1500, 375)["mean"] < quality.total_variation_noise(mix, 375, 375)["mean"]
     g = torch.Generator().manual_seed(2)
     train, held_out = torch.randn(500, 4, generator=g), torch.randn(400, 4, generator=g)
     held_to_train, _ = quality.nearest_distances(held_out, train)

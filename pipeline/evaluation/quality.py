@@ -104,6 +104,31 @@ def total_variation(p: torch.Tensor, q: torch.Tensor) -> float:
     return 0.5 * (p.double() - q.double()).abs().sum().item()
 
 
+def total_variation_noise(histogram: torch.Tensor, n: int, m: int, draws: int = 4000, seed: int = 0) -> dict:
+    """What class TV sampling alone gives: the TV between the histograms of n and m draws from one class mix
+    (`histogram`), over `draws` seeded pairs: its mean and 95th percentile. A generator with exactly real's class mix,
+    scored as a run is (n generated against m reference), reads this much; class TV near it is noise."""
+    gen = torch.Generator().manual_seed(seed)
+    tv = 0.5 * (_multinomial_shares(histogram, n, draws, gen) - _multinomial_shares(histogram, m, draws, gen)).abs()
+    tv = tv.sum(dim=1)
+    return {"mean": tv.mean().item(), "p95": tv.quantile(0.95).item()}
+
+
+def _multinomial_shares(histogram: torch.Tensor, n: int, draws: int, generator: torch.Generator) -> torch.Tensor:
+    """`draws` class histograms of n samples each from `histogram`, as a chain of binomials (memory draws x classes,
+    whatever n)."""
+    p = histogram.double().clamp(min=0)
+    p = p / p.sum()
+    remaining = torch.full((draws,), float(n), dtype=torch.float64)
+    mass_left, counts = 1.0, []
+    for share in p.tolist():
+        prob = torch.full((draws,), min(1.0, share / mass_left) if mass_left > 0 else 0.0, dtype=torch.float64)
+        count = torch.binomial(remaining, prob, generator=generator)
+        counts.append(count)
+        remaining, mass_left = remaining - count, mass_left - share
+    return torch.stack(counts, dim=1) / n
+
+
 def nearest_distances(queries: torch.Tensor, pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For each query, the distance to its nearest neighbour in `pool` and that neighbour's index."""
     d = _distances(queries.flatten(1), pool.flatten(1))

@@ -39,7 +39,9 @@ def score_feature_space(extractor, name: str, reference: torch.Tensor, reference
     reference_row = {"copy_share": round(quality.copy_share(ref_to_train, ref_to_train), 4)}
     if classes:
         reference_row |= {"recognisable": round(quality.recognisable_share(ref_probs, extractor.confidence), 5),
-                          "class_histogram": [round(v, 4) for v in ref_histogram.tolist()]}
+                          "class_histogram": [round(v, 4) for v in ref_histogram.tolist()],
+                          "class_tv_noise": {k: round(v, 4) for k, v in quality.total_variation_noise(
+                              ref_histogram, len(reference), len(reference)).items()}}
         truth = [classes.index(label) if label in classes else -1 for label in reference_labels]
         known = [i for i, t in enumerate(truth) if t >= 0]
         if known:
