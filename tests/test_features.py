@@ -43,7 +43,10 @@ def test_label_metrics_and_copy_share():
     # Sampling noise alone: two fair coins tossed 100 times each differ by |X - Y| / 100 heads, E = sqrt(2 x 25 x 2
     # / pi) / 100 = 0.0564; one class leaves nothing to differ; more samples, less noise.
     coins = quality.total_variation_noise(torch.tensor([0.5, 0.5]), 100, 100)
-    assert coins["mean"] == pytest.approx((100 / math.pi) ** 0.5 / 100, abs=0.003) and coins["p95"] > coins["mean"]
+    assert coins["mean"] == pytest.approx((100 / math.pi) ** 0.5 / 100, abs=0.003)
+    # heads and tails move together (one toss is one or the other): |X - Y| / 100 with X - Y ~ N(0, 50) has its 95th
+    # percentile at 1.96 x sqrt(50) / 100 = 0.139; per-class counts drawn on their own would read 0.115
+    assert coins["p95"] == pytest.approx(0.14, abs=0.006)
     assert quality.total_variation_noise(torch.tensor([1.0, 0.0]), 375, 375) == {"mean": 0.0, "p95": 0.0}
     mix = torch.tensor([0.6, 0.2, 0.1, 0.1])
     assert quality.total_variation_noise(mix, 1500, 375)["mean"] < quality.total_variation_noise(mix, 375, 375)["mean"]

@@ -38,9 +38,10 @@ def render_markdown(report: dict) -> str:
                       + (f", evaluator accuracy {ref['accuracy']:.3f}" if "accuracy" in ref else "")
                       + " (the yardstick can read the decoder's images only as well as this).", ""]
             noise, n = ref["class_tv_noise"], report["samples"]
-            lines += [f"Class TV from sampling alone: a generator with exactly real's class mix reads "
-                      f"{noise['mean']:.3f} on average at {n} against {n} (95th percentile {noise['p95']:.3f}); "
-                      "a class TV that close is noise, not a wrong class mix.", ""]
+            lines += [f"Class TV from sampling alone: a generator whose images the evaluator sorts into real's "
+                      f"proportions reads {noise['mean']:.3f} on average at {n} against {n} (95th percentile "
+                      f"{noise['p95']:.3f}). Below that percentile class TV cannot tell the class mix from real's; "
+                      "above it the mix is wrong (at the 5% level).", ""]
         header = ["set", "FD", "KID x 1e3", "precision", "recall", "density", "coverage"]
         header += ["recognisable", "class TV"] if labelled else []
         header += ["copy share", "checks"]
