@@ -269,7 +269,8 @@ class WorkerRun:
         self.state.update(history)
 
     def _save(self, folder: Path) -> None:
-        self.state["loop_seconds"] = round(self.seconds_before + time.monotonic() - self.started, 1)
+        # to the millisecond: a few quick steps before a checkpoint take less than the 0.1 s the export rounds to
+        self.state["loop_seconds"] = round(self.seconds_before + time.monotonic() - self.started, 3)
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         tensors |= {f"ema.{k}": v for k, v in self.ema.items()}
         tensors |= {f"objective.{k}": v for k, v in self.objective.state_tensors().items()}
