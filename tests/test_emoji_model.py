@@ -97,7 +97,8 @@ def test_make_demo_emoji_generates_as_many_emoji_as_the_held_out_tenth_it_is_sco
 
 
 def test_the_emoji_card_gives_the_energys_training_length_as_its_config_records_it(energy):
-    """The card's step count and FLOPs are the export's totals (the first run and the run started from its weights)."""
+    """The card's step count and FLOPs are the export's totals (summed over the runs each started from the last's
+    weights)."""
     card = " ".join((EMOJI / "README.md").read_text().split())
     total = energy.metadata["training"].get("total", energy.metadata["training"])
     steps = re.search(r"([\d,]+) steps of 64 in all", card)

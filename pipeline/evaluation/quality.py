@@ -106,8 +106,9 @@ def total_variation(p: torch.Tensor, q: torch.Tensor) -> float:
 
 def total_variation_noise(histogram: torch.Tensor, n: int, m: int, draws: int = 4000, seed: int = 0) -> dict:
     """What class TV sampling alone gives: the TV between the histograms of n and m draws from one class mix
-    (`histogram`), over `draws` seeded pairs: its mean and 95th percentile. A generator with exactly real's class mix,
-    scored as a run is (n generated against m reference), reads this much; class TV near it is noise."""
+    (`histogram`), over `draws` seeded pairs: its mean and 95th percentile. A generator whose images the evaluator
+    sorts into real's proportions, scored as a run is (n generated against m reference), reads this much: below the
+    95th percentile class TV cannot tell a class mix from real's."""
     gen = torch.Generator().manual_seed(seed)
     tv = 0.5 * (_multinomial_shares(histogram, n, draws, gen) - _multinomial_shares(histogram, m, draws, gen)).abs()
     tv = tv.sum(dim=1)
