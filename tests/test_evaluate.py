@@ -64,6 +64,7 @@ def test_report_scores_the_model_against_held_out_shards_with_baselines(pipeline
     compared = ("gen-heun (heun)", "gen-heun (heun): starts")
     assert report["held_out_shards"] == ["latents-000006.tar", "latents-000007.tar"]  # the last two, never trained
     assert report["train_shards"] == 6 and report["samples"] == 256
+    assert report["label_samples"] == 300  # the class metrics read every generated image, not the 256 scored
     for space in ("latents", "images"):
         m = report["spaces"][space]["metrics"]
         assert set(m) == {"generated", "train", "gaussian", "untrained", "starts", *compared}
@@ -91,7 +92,14 @@ def test_report_scores_the_model_against_held_out_shards_with_baselines(pipeline
     assert f["train"]["class_tv"] < 0.1 and features["reference"]["class_histogram"][1] > 0.5, features["reference"]
     assert all(0 <= m["recognisable"] <= 1 and abs(sum(m["class_histogram"]) - 1) < 1e-3 for m in f.values())
     assert f["generated"]["copy_share"] < 0.5 and features["reference"]["copy_share"] == pytest.approx(0.05, abs=0.01)
-    noise = features["reference"]["class_tv_noise"]  # what 256 against 256 of real's own mix reads: a fair yardstick
+    from pipeline.io.image_shards import read_generated
+    evaluator = ImageEvaluator.from_pretrained(root / "evaluator")  # the generated row's label metrics: all 300
+    probs = evaluator.probabilities(read_generated(root / "gen")[1])
+    histogram = torch.bincount(probs.argmax(1), minlength=2).double() / 300
+    recognised = (probs.max(1).values >= evaluator.confidence).double().mean().item()
+    assert f["generated"]["class_histogram"] == pytest.approx(histogram.tolist(), abs=1e-4)
+    assert f["generated"]["recognisable"] == pytest.approx(recognised, abs=1e-4)
+    noise = features["reference"]["class_tv_noise"]  # what 300 against 256 of real's own mix reads: a fair yardstick
     assert 0 < noise["mean"] < noise["p95"] < 0.15, noise
     assert all(v["fd"] >= 0 and v["kid_std"] >= 0 for v in f.values()), f
     assert any("raw held-out images could not be read" in note for note in report["notes"])
@@ -107,7 +115,8 @@ def test_report_scores_the_model_against_held_out_shards_with_baselines(pipeline
     assert text.splitlines()[2].startswith(f"**{'PASSED' if report['passed'] else 'FAILED'}**: "
                                            f"{len(verdict) - len(failed)} of {len(verdict)} checks pass"
                                            + (f" (failed: {'; '.join(failed)})" if failed else "") + ", verdict on ")
-    assert f"into real's proportions reads {noise['mean']:.3f} on average at 256 against 256" in " ".join(text.split())
+    assert f"into real's proportions reads {noise['mean']:.3f} on average at 300 against 256" in " ".join(text.split())
+    assert "recognisable share and class TV read 300 of its images" in " ".join(text.split())
     assert "moment-matched Gaussian" in text and "samples-vs-real.png" in text and "per-class.png" in text
     assert text.count("| gen-heun (heun) |") == 3  # a row in the feature table and in both pooled tables
     assert f"density {gain['density']:+.3f}" in text  # the energy's share, spelled out
@@ -211,7 +220,7 @@ def test_only_the_chosen_rows_are_read_in_the_chosen_order(pipeline_run):
     """Evaluation reads the rows it samples, shard by shard, not the whole run: a picked subset equals the full
     read indexed the same way, for generated runs and latent shards alike."""
     from pipeline.evaluation.references import read_latents
-    from pipeline.io.image_shards import read_generated
+    from pipeline.io.image_shards import iter_generated_images, read_generated
 
     index = torch.tensor([250, 3, 101, 99, 0])
     all_latents, all_images = read_generated(pipeline_run.root / "gen")
@@ -224,6 +233,12 @@ def test_only_the_chosen_rows_are_read_in_the_chosen_order(pipeline_run):
     assert some["keys"] == [full["keys"][i] for i in index.tolist()]
     with pytest.raises(EbdError, match="fewer rows than its manifest"):
         read_latents(pipeline_run.latents, files, torch.tensor([600]))
+    # The class metrics' stream: the named rows in row order, in batches, one pass; a row past the end is refused.
+    batches = list(iter_generated_images(pipeline_run.root / "gen", index, batch_size=2))
+    assert [len(b) for b in batches] == [2, 2, 1]
+    assert torch.equal(torch.cat(batches), all_images[index.sort().values])
+    with pytest.raises(EbdError, match="fewer rows than its manifest"):
+        list(iter_generated_images(pipeline_run.root / "gen", torch.tensor([5, 300])))
 
 
 @pytest.mark.parametrize("checks", [{"density >= 0.7": False, "class TV <= 0.1": False, "FD <= 0.5 x real": True},

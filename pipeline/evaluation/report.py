@@ -7,7 +7,8 @@ Sets (n samples each, n = min(num_samples, what is available)):
     reference  real latents the model never trained on (the shards its training run held out, model metadata
                `latents.held_out`, or every shard of LATENTS_DIR when it held none out), decoded by the VAE: the VAE's
                blur is then on both sides of every comparison
-    generated  the run's own decoded images (and, for the pooled-latent tables, its saved latents)
+    generated  the run's own decoded images (and, for the pooled-latent tables, its saved latents); recognisable and
+               class TV read more of them, up to label_samples (a class share needs no partner set: less noise)
 Rows scored against the reference in the same run (REFERENCE sections 3 and 8):
     raw        the same held-out images as they were before the VAE: what the VAE itself loses
     train      training latents, decoded: the floor, what a perfect model scores; also the copier (they are in the
@@ -51,6 +52,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -59,7 +61,7 @@ import torch
 from ..common.config import EbdError, JobConfig, require
 from ..io import storage
 from ..io.files import atomic_write, atomic_write_json
-from ..io.image_shards import generated_manifest, read_conditions, read_generated
+from ..io.image_shards import generated_manifest, iter_generated_images, read_conditions, read_generated
 from ..io.pictures import labelled_rows, save_png, side_by_side
 from ..vae.autoencoder import cached_vae, decode_images, pick_device, resolve_vae
 from . import quality
@@ -83,6 +85,8 @@ class EvaluateConfig(JobConfig):
     model: str | None = None                     # the model folder, if it moved since generation
     compare: list[str] = field(default_factory=list)  # other generation runs (same VAE) scored as extra rows
     num_samples: int = 1000                      # samples per set
+    label_samples: int = 10_000                  # generated images read for recognisable and class TV (at least
+                                                 # num_samples: class shares need no partner set, so more is less noise)
     memorisation_pool: int = 5000                # training latents decoded for the nearest-neighbour search
     raw_images: bool = True                      # also score the raw held-out images (read from the inputs)
     pool: int = 4                                # latents are pooled to C x pool x pool
@@ -104,6 +108,7 @@ class EvaluateConfig(JobConfig):
         for name in ("generated", "reference", "output"):
             require(getattr(self, name) is not None, f"missing {name}: pass --{name} or set it in the config")
         require(self.num_samples >= 10, "num_samples must be >= 10 (k-NN metrics need neighbours)")
+        require(self.label_samples >= 1, "label_samples must be >= 1")
         require(self.pool >= 1 and self.image_side >= 1 and self.max_train_latents >= 2,
                 "pool, image_side must be >= 1, max_train_latents >= 2")
         require(self.memorisation_pool >= self.num_samples,
@@ -125,8 +130,9 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
     images = decode_sets(cfg, run, rows)
     scored = {k: images[k] for k in ("generated", *BASELINES, *extra_rows(rows["sets"])) if k in images}
     conditional = bool(run["manifest"].get("conditions"))
+    more_generated = partial(iter_generated_images, run["dir"], rows["label_index"])
     feature_spaces = {name: score_feature_space(extractor, name, images["reference"], rows["held_labels"], scored,
-                                                images["pool"], cfg, conditional)
+                                                images["pool"], cfg, conditional, more_generated)
                       for name, extractor in run["extractors"].items()}
     if "evaluator" in run["extractors"]:
         evaluator_held = set(run["extractors"]["evaluator"].config.get("held_out", {}).get("files", []))
@@ -179,7 +185,9 @@ def read_rows(cfg: EvaluateConfig, run: dict) -> dict:
     def subset(count: int, size: int) -> torch.Tensor:
         return torch.randperm(count, generator=generator)[:size]
 
-    gen_index, held_index = subset(manifest["images"], n), subset(refs["held_out_count"], n)
+    order = torch.randperm(manifest["images"], generator=generator)  # its first n are the scored set
+    gen_index, label_index = order[:n], order[n:max(n, min(cfg.label_samples, manifest["images"]))]
+    held_index = subset(refs["held_out_count"], n)
     pool_index = subset(refs["train_count"], cfg.memorisation_pool)
     gauss_index = subset(refs["train_count"], cfg.max_train_latents)
     gen_latents, gen_images = read_generated(run["dir"], gen_index)
@@ -196,9 +204,9 @@ def read_rows(cfg: EvaluateConfig, run: dict) -> dict:
     compared = compared_runs(cfg.compare, manifest["vae"], n, subset)
     for name, other in compared.items():
         sets |= {name: other["latents"], f"{name}: starts": other["starts"]}
-    return {"n": n, "gen_index": gen_index, "gen_images": gen_images, "held_out": held["latents"],
-            "held_keys": held["keys"], "held_labels": held["labels"], "pool_latents": pool_latents, "sets": sets,
-            "compared": compared}
+    return {"n": n, "gen_index": gen_index, "gen_images": gen_images, "label_index": label_index,
+            "held_out": held["latents"], "held_keys": held["keys"], "held_labels": held["labels"],
+            "pool_latents": pool_latents, "sets": sets, "compared": compared}
 
 
 def decode_sets(cfg: EvaluateConfig, run: dict, rows: dict) -> dict:
@@ -276,7 +284,8 @@ def assemble_report(cfg: EvaluateConfig, run: dict, rows: dict, feature_spaces: 
     verdict_key = f"features ({main_space['extractor']})" if cfg.check_space == "features" else cfg.check_space
     if conditions is not None:  # judged per condition too: what was asked for, in the verdict's space
         checks[verdict_key] = checks[verdict_key] | condition_checks(conditions["scores"], cfg)
-    return {"format": REPORT_FORMAT, "samples": rows["n"], "generated": run["dir"],
+    return {"format": REPORT_FORMAT, "samples": rows["n"], "label_samples": rows["n"] + len(rows["label_index"]),
+            "generated": run["dir"],
             "reference": storage.canonical(cfg.reference), "model": manifest["model"],
             "sampler": manifest["sampler"], "held_out_shards": refs["held_out_files"],
             "train_shards": len(refs["train_files"]), "notes": refs["notes"],

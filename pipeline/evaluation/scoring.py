@@ -12,15 +12,17 @@ from . import quality
 
 
 def score_feature_space(extractor, name: str, reference: torch.Tensor, reference_labels: list, sets: dict,
-                        pool: torch.Tensor, cfg, conditional: bool = False) -> dict:
+                        pool: torch.Tensor, cfg, conditional: bool = False, more_generated=None) -> dict:
     """Every set's metrics against the reference in one extractor's feature space, with label metrics when the
-    extractor is a classifier, memorisation against `pool` (decoded training images), and the per-set checks."""
+    extractor is a classifier, memorisation against `pool` (decoded training images), and the per-set checks.
+    `more_generated()` yields batches of further generated images for the generated row's label metrics."""
     ref_features = extractor.features(reference)
     pool_features = extractor.features(pool)
     ref_to_train, _ = quality.nearest_distances(ref_features, pool_features)
     classes = list(extractor.classes)
     ref_probs = extractor.classify(ref_features) if classes else None
     ref_histogram = quality.class_histogram(ref_probs) if classes else None
+    label_samples = len(sets["generated"])
     metrics, nearest, predicted = {}, {}, {}
     for key, images in sets.items():
         features = extractor.features(images)
@@ -29,11 +31,14 @@ def score_feature_space(extractor, name: str, reference: torch.Tensor, reference
         m["copy_share"] = quality.copy_share(distances, ref_to_train)
         if classes:
             probs = extractor.classify(features)
+            predicted[key] = probs.argmax(1)
+            if key == "generated" and more_generated is not None:
+                probs = torch.cat([probs, *(extractor.classify(extractor.features(b)) for b in more_generated())])
+                label_samples = len(probs)
             histogram = quality.class_histogram(probs)
             m["recognisable"] = quality.recognisable_share(probs, extractor.confidence)
             m["class_tv"] = quality.total_variation(histogram, ref_histogram)
             m["class_histogram"] = [round(v, 4) for v in histogram.tolist()]
-            predicted[key] = probs.argmax(1)
         metrics[key] = {k: (float(f"{v:.5g}") if isinstance(v, float) else v) for k, v in m.items()}
         nearest[key] = (distances, index)
     reference_row = {"copy_share": round(quality.copy_share(ref_to_train, ref_to_train), 4)}
@@ -41,7 +46,7 @@ def score_feature_space(extractor, name: str, reference: torch.Tensor, reference
         reference_row |= {"recognisable": round(quality.recognisable_share(ref_probs, extractor.confidence), 5),
                           "class_histogram": [round(v, 4) for v in ref_histogram.tolist()],
                           "class_tv_noise": {k: round(v, 4) for k, v in quality.total_variation_noise(
-                              ref_histogram, len(reference), len(reference)).items()}}
+                              ref_histogram, label_samples, len(reference)).items()}}
         truth = [classes.index(label) if label in classes else -1 for label in reference_labels]
         known = [i for i, t in enumerate(truth) if t >= 0]
         if known:

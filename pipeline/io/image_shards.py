@@ -305,6 +305,22 @@ def read_generated(folder: str, index: torch.Tensor | None = None) -> tuple[torc
             torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous())
 
 
+def iter_generated_images(folder: str, index: torch.Tensor, batch_size: int = 256) -> Iterator[torch.Tensor]:
+    """The images (uint8 (n, 3, H, W)) of the rows `index` names, in batches of `batch_size`, in row order (not
+    `index`'s): one pass over the run, memory one batch and one shard's image column, however many rows are named."""
+    wanted, batch, position = set(index.tolist()), [], -1
+    last = max(wanted, default=-1)
+    rows = _generated_rows(folder, generated_manifest(folder), ["image"], lambda s: (s["png"],))
+    for position, (png,) in zip(range(last + 1), rows):  # stops after the last wanted row: no shard read past it
+        if position in wanted:
+            batch.append(np.asarray(Image.open(io.BytesIO(png_of(png))).convert("RGB")))
+        if len(batch) == batch_size or (batch and position == last):
+            yield torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).contiguous()
+            batch = []
+    if position < last:
+        raise EbdError("a shard holds fewer rows than its manifest counts: the folder changed after it was written")
+
+
 def read_conditions(folder: str, index: torch.Tensor | None = None) -> list[str | None]:
     """What each of the rows `index` names asked for (None for an unconditional run's rows), in that order."""
     rows = _generated_rows(folder, generated_manifest(folder), ["condition"],
