@@ -64,7 +64,6 @@ def test_report_scores_the_model_against_held_out_shards_with_baselines(pipeline
     compared = ("gen-heun (heun)", "gen-heun (heun): starts")
     assert report["held_out_shards"] == ["latents-000006.tar", "latents-000007.tar"]  # the last two, never trained
     assert report["train_shards"] == 6 and report["samples"] == 256
-    assert report["label_samples"] == 300  # the class metrics read every generated image, not the 256 scored
     for space in ("latents", "images"):
         m = report["spaces"][space]["metrics"]
         assert set(m) == {"generated", "train", "gaussian", "untrained", "starts", *compared}
@@ -93,13 +92,17 @@ def test_report_scores_the_model_against_held_out_shards_with_baselines(pipeline
     assert all(0 <= m["recognisable"] <= 1 and abs(sum(m["class_histogram"]) - 1) < 1e-3 for m in f.values())
     assert f["generated"]["copy_share"] < 0.5 and features["reference"]["copy_share"] == pytest.approx(0.05, abs=0.01)
     from pipeline.io.image_shards import read_generated
-    evaluator = ImageEvaluator.from_pretrained(root / "evaluator")  # the generated row's label metrics: all 300
+    # Beside the table (256 against 256), the class mix of every one of the run's 300 images, with its own noise.
+    evaluator = ImageEvaluator.from_pretrained(root / "evaluator")
     probs = evaluator.probabilities(read_generated(root / "gen")[1])
-    histogram = torch.bincount(probs.argmax(1), minlength=2).double() / 300
+    every = features["generated_all"]
+    assert every["images"] == 300
+    assert every["class_histogram"] == pytest.approx((torch.bincount(probs.argmax(1), minlength=2) / 300).tolist(),
+                                                     abs=1e-4)
     recognised = (probs.max(1).values >= evaluator.confidence).double().mean().item()
-    assert f["generated"]["class_histogram"] == pytest.approx(histogram.tolist(), abs=1e-4)
-    assert f["generated"]["recognisable"] == pytest.approx(recognised, abs=1e-4)
-    noise = features["reference"]["class_tv_noise"]  # what 300 against 256 of real's own mix reads: a fair yardstick
+    assert every["recognisable"] == pytest.approx(recognised, abs=1e-4)
+    assert every["class_tv_noise"]["mean"] < features["reference"]["class_tv_noise"]["mean"]  # more images, less
+    noise = features["reference"]["class_tv_noise"]  # what 256 against 256 of real's own mix reads: a fair yardstick
     assert 0 < noise["mean"] < noise["p95"] < 0.15, noise
     assert all(v["fd"] >= 0 and v["kid_std"] >= 0 for v in f.values()), f
     assert any("raw held-out images could not be read" in note for note in report["notes"])
@@ -115,8 +118,8 @@ def test_report_scores_the_model_against_held_out_shards_with_baselines(pipeline
     assert text.splitlines()[2].startswith(f"**{'PASSED' if report['passed'] else 'FAILED'}**: "
                                            f"{len(verdict) - len(failed)} of {len(verdict)} checks pass"
                                            + (f" (failed: {'; '.join(failed)})" if failed else "") + ", verdict on ")
-    assert f"into real's proportions reads {noise['mean']:.3f} on average at 300 against 256" in " ".join(text.split())
-    assert "recognisable share and class TV read 300 of its images" in " ".join(text.split())
+    assert f"into real's proportions reads {noise['mean']:.3f} on average at 256 against 256" in " ".join(text.split())
+    assert f"Over all 300 generated images (`label_samples`): recognisable {every['recognisable']:.3f}" in text
     assert "moment-matched Gaussian" in text and "samples-vs-real.png" in text and "per-class.png" in text
     assert text.count("| gen-heun (heun) |") == 3  # a row in the feature table and in both pooled tables
     assert f"density {gain['density']:+.3f}" in text  # the energy's share, spelled out
@@ -149,6 +152,7 @@ def test_a_conditional_run_is_scored_per_condition_by_the_evaluators_attribute_c
     # the asked-for 40/40 mix is not the data's 70/30: class proportions are not judged, each condition is
     verdict = report["checks"][report["check_space"]]
     assert not any(name.startswith("class TV") for name in verdict)
+    assert report["features"]["evaluator"]["generated_all"] is None and "Over all" not in text  # all 80 scored
     assert verdict["label=lower: meets every term in >= 0.5 of its images"] is True
     from pipeline.evaluation.report import plain_summary
     words = plain_summary(report, "R")
@@ -239,6 +243,22 @@ def test_only_the_chosen_rows_are_read_in_the_chosen_order(pipeline_run):
     assert torch.equal(torch.cat(batches), all_images[index.sort().values])
     with pytest.raises(EbdError, match="fewer rows than its manifest"):
         list(iter_generated_images(pipeline_run.root / "gen", torch.tensor([5, 300])))
+
+
+@pytest.mark.integration
+def test_the_class_metrics_read_up_to_label_samples_more_rows_and_the_scored_rows_stay_the_seeds(pipeline_run):
+    from pipeline.evaluation.report import load_inputs, read_rows
+
+    def rows(**extra):
+        cfg = from_dict(EvaluateConfig, dict(generated=str(pipeline_run.root / "gen"), reference=str(
+            pipeline_run.latents), output="unused", check_space="latents", num_samples=100, memorisation_pool=200)
+            | extra)
+        return read_rows(cfg, load_inputs(cfg))
+
+    some, none = rows(label_samples=280), rows(label_samples=50)
+    seeded = torch.randperm(300, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(some["gen_index"], seeded[:100]) and torch.equal(none["gen_index"], seeded[:100])
+    assert torch.equal(some["label_index"], seeded[100:280]) and len(none["label_index"]) == 0
 
 
 @pytest.mark.parametrize("checks", [{"density >= 0.7": False, "class TV <= 0.1": False, "FD <= 0.5 x real": True},

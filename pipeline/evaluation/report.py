@@ -7,8 +7,9 @@ Sets (n samples each, n = min(num_samples, what is available)):
     reference  real latents the model never trained on (the shards its training run held out, model metadata
                `latents.held_out`, or every shard of LATENTS_DIR when it held none out), decoded by the VAE: the VAE's
                blur is then on both sides of every comparison
-    generated  the run's own decoded images (and, for the pooled-latent tables, its saved latents); recognisable and
-               class TV read more of them, up to label_samples (a class share needs no partner set: less noise)
+    generated  the run's own decoded images (and, for the pooled-latent tables, its saved latents); a classifier
+               also reads recognisable and class TV over up to label_samples of them, beside the table (a class
+               share needs no partner set: more images, less noise)
 Rows scored against the reference in the same run (REFERENCE sections 3 and 8):
     raw        the same held-out images as they were before the VAE: what the VAE itself loses
     train      training latents, decoded: the floor, what a perfect model scores; also the copier (they are in the
@@ -85,8 +86,8 @@ class EvaluateConfig(JobConfig):
     model: str | None = None                     # the model folder, if it moved since generation
     compare: list[str] = field(default_factory=list)  # other generation runs (same VAE) scored as extra rows
     num_samples: int = 1000                      # samples per set
-    label_samples: int = 10_000                  # generated images read for recognisable and class TV (at least
-                                                 # num_samples: class shares need no partner set, so more is less noise)
+    label_samples: int = 10_000                  # a classifier's recognisable and class TV also over up to this many
+                                                 # generated images (a line beside the table; none when <= num_samples)
     memorisation_pool: int = 5000                # training latents decoded for the nearest-neighbour search
     raw_images: bool = True                      # also score the raw held-out images (read from the inputs)
     pool: int = 4                                # latents are pooled to C x pool x pool
@@ -284,8 +285,7 @@ def assemble_report(cfg: EvaluateConfig, run: dict, rows: dict, feature_spaces: 
     verdict_key = f"features ({main_space['extractor']})" if cfg.check_space == "features" else cfg.check_space
     if conditions is not None:  # judged per condition too: what was asked for, in the verdict's space
         checks[verdict_key] = checks[verdict_key] | condition_checks(conditions["scores"], cfg)
-    return {"format": REPORT_FORMAT, "samples": rows["n"], "label_samples": rows["n"] + len(rows["label_index"]),
-            "generated": run["dir"],
+    return {"format": REPORT_FORMAT, "samples": rows["n"], "generated": run["dir"],
             "reference": storage.canonical(cfg.reference), "model": manifest["model"],
             "sampler": manifest["sampler"], "held_out_shards": refs["held_out_files"],
             "train_shards": len(refs["train_files"]), "notes": refs["notes"],

@@ -15,30 +15,27 @@ def score_feature_space(extractor, name: str, reference: torch.Tensor, reference
                         pool: torch.Tensor, cfg, conditional: bool = False, more_generated=None) -> dict:
     """Every set's metrics against the reference in one extractor's feature space, with label metrics when the
     extractor is a classifier, memorisation against `pool` (decoded training images), and the per-set checks.
-    `more_generated()` yields batches of further generated images for the generated row's label metrics."""
+    `more_generated()` yields batches of further generated images: a classifier's space then also reads the label
+    metrics of all of them (`generated_all`), beside the table's rows, which stay n against n and comparable."""
     ref_features = extractor.features(reference)
     pool_features = extractor.features(pool)
     ref_to_train, _ = quality.nearest_distances(ref_features, pool_features)
     classes = list(extractor.classes)
     ref_probs = extractor.classify(ref_features) if classes else None
     ref_histogram = quality.class_histogram(ref_probs) if classes else None
-    label_samples = len(sets["generated"])
-    metrics, nearest, predicted = {}, {}, {}
+    metrics, nearest, predicted, probabilities = {}, {}, {}, {}
     for key, images in sets.items():
         features = extractor.features(images)
         m = quality.feature_metrics(ref_features, features)
         distances, index = quality.nearest_distances(features, pool_features)
         m["copy_share"] = quality.copy_share(distances, ref_to_train)
         if classes:
-            probs = extractor.classify(features)
-            predicted[key] = probs.argmax(1)
-            if key == "generated" and more_generated is not None:
-                probs = torch.cat([probs, *(extractor.classify(extractor.features(b)) for b in more_generated())])
-                label_samples = len(probs)
+            probs = probabilities[key] = extractor.classify(features)
             histogram = quality.class_histogram(probs)
             m["recognisable"] = quality.recognisable_share(probs, extractor.confidence)
             m["class_tv"] = quality.total_variation(histogram, ref_histogram)
             m["class_histogram"] = [round(v, 4) for v in histogram.tolist()]
+            predicted[key] = probs.argmax(1)
         metrics[key] = {k: (float(f"{v:.5g}") if isinstance(v, float) else v) for k, v in m.items()}
         nearest[key] = (distances, index)
     reference_row = {"copy_share": round(quality.copy_share(ref_to_train, ref_to_train), 4)}
@@ -46,7 +43,7 @@ def score_feature_space(extractor, name: str, reference: torch.Tensor, reference
         reference_row |= {"recognisable": round(quality.recognisable_share(ref_probs, extractor.confidence), 5),
                           "class_histogram": [round(v, 4) for v in ref_histogram.tolist()],
                           "class_tv_noise": {k: round(v, 4) for k, v in quality.total_variation_noise(
-                              ref_histogram, label_samples, len(reference)).items()}}
+                              ref_histogram, len(reference), len(reference)).items()}}
         truth = [classes.index(label) if label in classes else -1 for label in reference_labels]
         known = [i for i, t in enumerate(truth) if t >= 0]
         if known:
@@ -54,10 +51,32 @@ def score_feature_space(extractor, name: str, reference: torch.Tensor, reference
                                               .double().mean().item(), 5)
     checks = {key: feature_checks(m, metrics.get("gaussian"), reference_row, cfg, conditional and key == "generated")
               for key, m in metrics.items()}
+    every = None
+    if classes and more_generated is not None and "generated" in probabilities:
+        every = label_metrics_of_every_image(extractor, probabilities["generated"], more_generated(), ref_histogram,
+                                             len(reference))
     return {"extractor": name, "description": describe_extractor(extractor, name), "classes": classes,
-            "reference": reference_row, "metrics": metrics, "checks": checks, "_nearest": nearest,
+            "reference": reference_row, "metrics": metrics, "checks": checks, "generated_all": every,
+            "_nearest": nearest,
             "_predicted": predicted | ({"reference": _labels_or_predictions(reference_labels, classes, ref_probs)}
                                        if classes else {})}
+
+
+def label_metrics_of_every_image(extractor, scored: torch.Tensor, more, ref_histogram: torch.Tensor,
+                                 n_reference: int) -> dict | None:
+    """The generated run's recognisable share and class TV over the scored rows' class probabilities (`scored`)
+    and those of every batch `more` yields, with what sampling alone gives at that count against the reference's
+    (class shares need no partner set, so more images mean less noise); None when `more` yields nothing."""
+    extra = [extractor.classify(extractor.features(batch)) for batch in more]
+    if not extra:
+        return None
+    probs = torch.cat([scored, *extra])
+    histogram = quality.class_histogram(probs)
+    noise = quality.total_variation_noise(ref_histogram, len(probs), n_reference)
+    return {"images": len(probs), "recognisable": round(quality.recognisable_share(probs, extractor.confidence), 5),
+            "class_tv": round(quality.total_variation(histogram, ref_histogram), 5),
+            "class_histogram": [round(v, 4) for v in histogram.tolist()],
+            "class_tv_noise": {k: round(v, 4) for k, v in noise.items()}}
 
 
 def _labels_or_predictions(labels: list, classes: list[str], probs: torch.Tensor) -> torch.Tensor:
