@@ -31,10 +31,7 @@ def score_feature_space(extractor, name: str, reference: torch.Tensor, reference
         m["copy_share"] = quality.copy_share(distances, ref_to_train)
         if classes:
             probs = probabilities[key] = extractor.classify(features)
-            histogram = quality.class_histogram(probs)
-            m["recognisable"] = quality.recognisable_share(probs, extractor.confidence)
-            m["class_tv"] = quality.total_variation(histogram, ref_histogram)
-            m["class_histogram"] = [round(v, 4) for v in histogram.tolist()]
+            m |= label_metrics(probs, ref_histogram, extractor.confidence)
             predicted[key] = probs.argmax(1)
         metrics[key] = {k: (float(f"{v:.5g}") if isinstance(v, float) else v) for k, v in m.items()}
         nearest[key] = (distances, index)
@@ -71,12 +68,19 @@ def label_metrics_of_every_image(extractor, scored: torch.Tensor, more, ref_hist
     if not extra:
         return None
     probs = torch.cat([scored, *extra])
-    histogram = quality.class_histogram(probs)
     noise = quality.total_variation_noise(ref_histogram, len(probs), n_reference)
-    return {"images": len(probs), "recognisable": round(quality.recognisable_share(probs, extractor.confidence), 5),
-            "class_tv": round(quality.total_variation(histogram, ref_histogram), 5),
-            "class_histogram": [round(v, 4) for v in histogram.tolist()],
-            "class_tv_noise": {k: round(v, 4) for k, v in noise.items()}}
+    every = {k: round(v, 5) if isinstance(v, float) else v
+             for k, v in label_metrics(probs, ref_histogram, extractor.confidence).items()}
+    return {"images": len(probs)} | every | {"class_tv_noise": {k: round(v, 4) for k, v in noise.items()}}
+
+
+def label_metrics(probs: torch.Tensor, ref_histogram: torch.Tensor, confidence: float) -> dict:
+    """A set's label metrics from its class probabilities: recognisable share, class TV to the reference's
+    histogram, and its own histogram."""
+    histogram = quality.class_histogram(probs)
+    return {"recognisable": quality.recognisable_share(probs, confidence),
+            "class_tv": quality.total_variation(histogram, ref_histogram),
+            "class_histogram": [round(v, 4) for v in histogram.tolist()]}
 
 
 def _labels_or_predictions(labels: list, classes: list[str], probs: torch.Tensor) -> torch.Tensor:

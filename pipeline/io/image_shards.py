@@ -300,9 +300,13 @@ def read_generated(folder: str, index: torch.Tensor | None = None) -> tuple[torc
     rows = _generated_rows(folder, manifest, ["image", "latent"], lambda s: (s["png"], s["latent.npy"]))
     picked = pick_rows(rows, index)
     latents = [latent_of(value, manifest["latents"]["shape"]) for _, value in picked]
-    images = [np.asarray(Image.open(io.BytesIO(png_of(png))).convert("RGB")) for png, _ in picked]
-    return (torch.from_numpy(np.stack(latents)),
-            torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous())
+    return torch.from_numpy(np.stack(latents)), _decoded([png for png, _ in picked])
+
+
+def _decoded(pngs: list) -> torch.Tensor:
+    """uint8 (N, 3, H, W) images from stored PNG values."""
+    images = [np.asarray(Image.open(io.BytesIO(png_of(png))).convert("RGB")) for png in pngs]
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
 
 
 def iter_generated_images(folder: str, index: torch.Tensor, batch_size: int = 256) -> Iterator[torch.Tensor]:
@@ -313,9 +317,9 @@ def iter_generated_images(folder: str, index: torch.Tensor, batch_size: int = 25
     rows = _generated_rows(folder, generated_manifest(folder), ["image"], lambda s: (s["png"],))
     for position, (png,) in zip(range(last + 1), rows):  # stops after the last wanted row: no shard read past it
         if position in wanted:
-            batch.append(np.asarray(Image.open(io.BytesIO(png_of(png))).convert("RGB")))
+            batch.append(png)
         if len(batch) == batch_size or (batch and position == last):
-            yield torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).contiguous()
+            yield _decoded(batch)
             batch = []
     if position < last:
         raise EbdError("a shard holds fewer rows than its manifest counts: the folder changed after it was written")
