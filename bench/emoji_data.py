@@ -7,6 +7,9 @@
 `emoji.json`, which gives each image its `category` and its `skin_variations`. Every image with a Google PNG is
 written to OUT/<category>/<image>.png (skin-tone variants included, about 3,700 images in 10 categories), with the
 category as a folder-safe name ("Smileys & Emotion" -> smileys-emotion): precompute reads the folder as the label.
+A skin-tone variant is named DESIGN~VARIANT.png after its design's image (`1f385~1f385-1f3fb.png` beside
+`1f385.png`): precompute's name rule puts a design's variants in one group, so they land on one side of the held-out
+split (io/twins.py).
 
 The package is read as untrusted input: only members under img/google/64/ named like an emoji image and the one
 emoji.json are read, each at most a few MB, and nothing is extracted by the tar's own names. The folder is written
@@ -36,14 +39,17 @@ def category_folder(category: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", category.lower()).strip("-") or "other"
 
 
-def image_categories(emoji: list[dict]) -> dict[str, str]:
-    """Image file name -> category, for every emoji and every skin-tone variant that has a Google image."""
+def image_categories(emoji: list[dict]) -> dict[str, tuple[str, str]]:
+    """Image file name -> (category, the name it is written under), for every emoji and every skin-tone variant that
+    has a Google image; a variant's name starts with its design's (DESIGN~VARIANT.png)."""
     out = {}
     for entry in emoji:
         category = category_folder(str(entry.get("category", "")))
+        design = str(entry.get("image", "")).removesuffix(".png")
         for item in [entry, *(entry.get("skin_variations") or {}).values()]:
             if item.get("has_img_google") and isinstance(item.get("image"), str):
-                out[item["image"]] = category
+                name = item["image"] if item is entry or not design else f"{design}~{item['image']}"
+                out[item["image"]] = (category, name)
     return out
 
 
@@ -66,10 +72,11 @@ def build(package: Path, output: Path) -> dict[str, int]:
             file = name[len(IMAGE_DIR):] if name.startswith(IMAGE_DIR) else None
             if file is None or not IMAGE_NAME.fullmatch(file) or file not in categories:
                 continue
-            folder = staging / categories[file]
+            category, name = categories[file]
+            folder = staging / category
             folder.mkdir(exist_ok=True)
-            (folder / file).write_bytes(read_member(archive, member))
-            counts[categories[file]] = counts.get(categories[file], 0) + 1
+            (folder / name).write_bytes(read_member(archive, member))
+            counts[category] = counts.get(category, 0) + 1
     if not counts:
         shutil.rmtree(staging)
         raise SystemExit(f"error: {package} holds no images under {IMAGE_DIR}")

@@ -1,6 +1,7 @@
 """Which shard each input of a precompute run lands in: a seeded order that depends only on the inputs (stratified by
 label where labels are known), how many go to the held-out shards, and consecutive runs of `shard_size` items, the
-held-out ones in shards of their own, written last."""
+held-out ones in shards of their own, written last. Twins (io/twins.py: one group) stay next to each other in the
+order and the held-out cut falls between groups, so no held-out image has a twin in training."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from .reading import reading_order
 from .sources import Item
 
 
-def shard_order(items: list[Item], seed: int, stratify: bool = True) -> list[Item]:
+def shard_order(items: list[Item], seed: int, stratify: bool = True, group_of: dict[str, str] | None = None
+                ) -> list[Item]:
     """The inputs in a seeded random order that depends only on (seed, source, key): listing order, and so a
     folder tree sorted by label, has no say in which shard an input lands in.
 
@@ -19,20 +21,25 @@ def shard_order(items: list[Item], seed: int, stratify: bool = True) -> list[Ite
     then holds each label's share of it to within one item, so a shard (the held-out one) holds every label in about
     its share of the set (off by a few items at most where many labels share a shard): a random 10% stratified by
     label, where a plain random order leaves a rare label's held-out count to chance. Items without a label at
-    planning (tars: their .cls is read later) form one stratum, in plain order."""
+    planning (tars: their .cls is read later) form one stratum, in plain order.
+
+    `group_of` (key -> group) places each group of twins as one unit, at its first member's place (and in its first
+    member's stratum); without it every item is a group of its own."""
     def rank(item: Item) -> str:
         return hashlib.sha256(f"{seed}\t{item.source}\t{item.key}".encode()).hexdigest()
+    units: dict[str, list[Item]] = {}
+    for item in sorted(items, key=rank):
+        units.setdefault(group_of.get(item.key, item.key) if group_of else item.key, []).append(item)
     if not stratify:
-        return sorted(items, key=rank)
-    strata: dict[str | None, list[Item]] = {}
-    for item in items:
-        strata.setdefault(item.label, []).append(item)
+        return [item for unit in units.values() for item in unit]
+    strata: dict[str | None, list[list[Item]]] = {}
+    for unit in units.values():
+        strata.setdefault(unit[0].label, []).append(unit)
     placed = []
-    for label, group in strata.items():
-        group.sort(key=rank)
+    for label, stratum in strata.items():
         offset = int(hashlib.sha256(f"{seed}\tstratum\t{label}".encode()).hexdigest()[:12], 16) / 16 ** 12
-        placed += [((i + offset) / len(group), rank(item), item) for i, item in enumerate(group)]
-    return [item for _, _, item in sorted(placed, key=lambda p: p[:2])]
+        placed += [((i + offset) / len(stratum), rank(unit[0]), unit) for i, unit in enumerate(stratum)]
+    return [item for _, _, unit in sorted(placed, key=lambda p: p[:2]) for item in unit]
 
 
 def held_out_count(holdout: float, max_images: int, inputs: int) -> int:
@@ -50,9 +57,21 @@ def split_into_shards(items: list[Item], shard_size: int) -> list[tuple[Item, ..
     return [tuple(sorted(items[i:i + shard_size], key=reading_order)) for i in range(0, len(items), shard_size)]
 
 
-def plan_shards(items: list[Item], held_out: int, shard_size: int) -> tuple[list[tuple[Item, ...]], int]:
-    """The shards of `items` in order, the last `held_out` items cut into shards of their own after the training
-    ones (so no shard mixes the two), and how many shards at the end are held out."""
-    cut = len(items) - held_out
+def plan_shards(items: list[Item], held_out: int, shard_size: int, group_of: dict[str, str] | None = None
+                ) -> tuple[list[tuple[Item, ...]], int]:
+    """The shards of `items` in order, the last `held_out` items (moved to the nearest place between two groups of
+    `group_of`) cut into shards of their own after the training ones (so no shard mixes the two), and how many shards
+    at the end are held out."""
+    cut = group_boundary(items, len(items) - held_out, group_of) if held_out else len(items)
     held_out_chunks = split_into_shards(items[cut:], shard_size)
     return split_into_shards(items[:cut], shard_size) + held_out_chunks, len(held_out_chunks)
+
+
+def group_boundary(items: list[Item], cut: int, group_of: dict[str, str] | None) -> int:
+    """The place nearest `cut` (ties: the later one, which holds out fewer) where the items before and after it are
+    in different groups, inside (0, len); `cut` itself without groups or where no such place exists."""
+    if not group_of:
+        return cut
+    group = [group_of.get(item.key, item.key) for item in items]
+    places = [i for i in range(1, len(items)) if group[i - 1] != group[i]]
+    return min(places, key=lambda i: (abs(i - cut), -i)) if places else cut

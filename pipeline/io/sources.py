@@ -38,6 +38,7 @@ from webdataset.tariterators import base_plus_ext
 
 from ..common.config import ConfigError
 from . import storage
+from .twins import GROUP_SEPARATOR, name_group
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "tga", "jp2", "ico")
 LABEL_MAX_CHARS = 200
@@ -59,6 +60,7 @@ class Item:
     reject: str | None = None    # a reason known at planning time (e.g. an unsupported file type)
     fields: tuple[tuple[str, str], ...] = ()  # named labels known at planning (folder levels, parquet columns)
     detail: str | None = None    # what the planning reject saw
+    group: str | None = None     # its twins' group (io/twins.py): GROUP~... names, a group column; never a path
 
 
 @dataclass
@@ -91,14 +93,16 @@ def detect_format(path: str) -> str:
 
 def plan_items(path: str | Path, fmt: str = "auto", image_column: str | None = None,
                key_column: str | None = None, label_column: str | None = None,
-               label_fields: list[str] | tuple[str, ...] = ()) -> tuple[str, list[Item]]:
+               label_fields: list[str] | tuple[str, ...] = (),
+               group_column: str | None = None) -> tuple[str, list[Item]]:
     """Lists every sample under `path` (a local path or an object-store URI) in a deterministic order.
     Returns (format, items).
 
     `label_fields` names the labels each sample carries, for data labelled along several factors (shape and
     background, say): a folder tree's first levels (`ring/checker/1.png`), a webdataset sidecar's `KEY.json`
     keys, or parquet columns. Every field found is kept; the single `label` (.cls, the first folder, the label
-    column) stays for tools that read one."""
+    column) stays for tools that read one. `group_column` (default `group` when a parquet file has it) names the
+    parquet column of each row's twins' group (io/twins.py; folders and tars use the name rule)."""
     label_fields = tuple(label_fields or ())
     root = storage.canonical(path)
     if not storage.exists(root):
@@ -108,14 +112,14 @@ def plan_items(path: str | Path, fmt: str = "auto", image_column: str | None = N
     if fmt == "folder":
         if not storage.is_dir(root):
             raise ConfigError(f"input format 'folder' needs a directory, got {root}")
-        return fmt, list(_plan_folder(root, keys, label_fields))
+        return fmt, _join_name_groups(list(_plan_folder(root, keys, label_fields)))
     files, rejects = _data_files(root, ".tar" if fmt == "webdataset" else ".parquet", keys)
     root = root if storage.is_remote(root) else os.path.realpath(root)  # the real paths _data_files returns
     if fmt == "webdataset":
-        return fmt, [it for f in files for it in _plan_tar(f, root, keys, label_fields)] + rejects
+        return fmt, _join_name_groups([it for f in files for it in _plan_tar(f, root, keys, label_fields)] + rejects)
     if fmt == "parquet":
         items = [it for f in files for it in _plan_parquet(f, root, keys, image_column, key_column, label_column,
-                                                           label_fields)] + rejects
+                                                           label_fields, group_column)] + rejects
         columns = [it for it in items if it.reject == "missing_column"]
         if columns and len(columns) == len(items):  # a column the config names is in none of the files
             raise ConfigError(columns[0].detail)
@@ -211,7 +215,23 @@ def _folder_item(rel: str, path: str, keys: "_KeyMaker", label_fields: tuple[str
     fields = tuple((name, value) for name, value in zip(label_fields, map(_clean_label, folders)) if value)
     source = printable(rel)
     return Item(source=source, key=keys.make(parts.with_suffix("").as_posix(), source), label=_clean_label(label),
-                locator=("file", path), reject=reject, fields=fields)
+                locator=("file", path), reject=reject, fields=fields, group=_name_group(parts.stem))
+
+
+def _name_group(stem: str) -> str | None:
+    """GROUP for a file or member named GROUP~ANYTHING (io/twins.py's name rule), else None."""
+    return _clean_label(name_group(stem)) if GROUP_SEPARATOR in stem else None
+
+
+def _join_name_groups(items: list[Item]) -> list[Item]:
+    """A file named GROUP.ext joins group GROUP when some GROUP~... file names it: `1f385.png` beside
+    `1f385~1f3fb.png`."""
+    named = {item.group for item in items if item.group is not None}
+    if not named:
+        return items
+    stem = lambda item: PurePosixPath(item.source.rsplit("::", 1)[-1]).stem  # noqa: E731
+    return [_replace(item, group=stem(item)) if item.group is None and stem(item) in named else item
+            for item in items]
 
 
 def _walk_reject(problem: str) -> tuple[str, str]:
@@ -275,7 +295,8 @@ def _plan_tar(path: str, root: str, keys: "_KeyMaker", label_fields: tuple[str, 
         source = printable(f"{rel}::{base}")
         yield Item(source=source, key=keys.make(base, source), label=None,
                    locator=("tar", str(path), tuple((e, *members[e]) for e in wanted)),
-                   reject=None if image_ext else "no_image_member")  # its named labels: in KEY.json, read with it
+                   reject=None if image_ext else "no_image_member",  # its named labels: in KEY.json, read with it
+                   group=_name_group(PurePosixPath(base).name))
     yield from rejects
     if problem is not None:
         yield _container_reject(path, root, keys, problem[0], f"{rel}: {problem[1]}")
@@ -300,19 +321,20 @@ def _member_problem(member: tarfile.TarInfo, samples: dict) -> tuple[str, str] |
 
 def _plan_parquet(path: str, root: str, keys: "_KeyMaker", image_column: str | None,
                   key_column: str | None, label_column: str | None,
-                  label_fields: tuple[str, ...]) -> Iterator[Item]:
+                  label_fields: tuple[str, ...], group_column: str | None = None) -> Iterator[Item]:
     try:
         f = _open(path)
     except OSError as e:
         yield _container_reject(path, root, keys, "read_error", f"{type(e).__name__}: {e}")
         return
     with f:  # closed once its rows are planned
-        yield from _plan_parquet_file(f, path, root, keys, image_column, key_column, label_column, label_fields)
+        yield from _plan_parquet_file(f, path, root, keys, image_column, key_column, label_column, label_fields,
+                                      group_column)
 
 
 def _plan_parquet_file(f, path: str, root: str, keys: "_KeyMaker", image_column: str | None,
                        key_column: str | None, label_column: str | None,
-                       label_fields: tuple[str, ...]) -> Iterator[Item]:
+                       label_fields: tuple[str, ...], group_column: str | None = None) -> Iterator[Item]:
     rel = _relative(path, root)
     try:
         pf = pq.ParquetFile(f)
@@ -330,7 +352,7 @@ def _plan_parquet_file(f, path: str, root: str, keys: "_KeyMaker", image_column:
         return
     column = image_column or _auto_image_column(schema)
     named = [("image_column", column), ("key_column", key_column), ("label_column", label_column),
-             *(("label field", n) for n in label_fields)]
+             ("group_column", group_column), *(("label field", n) for n in label_fields)]
     absent = [(what, name) for what, name in named if name is not None and name not in schema.names]
     if column is None or absent:
         what, name = absent[0] if absent else ("image_column", None)
@@ -344,7 +366,8 @@ def _plan_parquet_file(f, path: str, root: str, keys: "_KeyMaker", image_column:
                                 "(binary or struct<bytes, path>)")
         return
     label_column = label_column or ("label" if "label" in schema.names else None)
-    side = list(dict.fromkeys(c for c in (key_column, label_column, *label_fields) if c))
+    group_column = group_column or ("group" if "group" in schema.names else None)
+    side = list(dict.fromkeys(c for c in (key_column, label_column, group_column, *label_fields) if c))
     stem = _sanitize(PurePosixPath(rel).with_suffix("").as_posix())
     row_index = 0
     try:
@@ -358,7 +381,8 @@ def _plan_parquet_file(f, path: str, root: str, keys: "_KeyMaker", image_column:
                 label = values.get(label_column) if label_column else None
                 named = ((name, _clean_label(values[name])) for name in label_fields)
                 yield Item(source=source, key=keys.make(hint, source), label=_clean_label(label),
-                           locator=("parquet", path, rg, row, column), fields=tuple((n, v) for n, v in named if v))
+                           locator=("parquet", path, rg, row, column), fields=tuple((n, v) for n, v in named if v),
+                           group=_clean_label(values[group_column]) if group_column else None)
                 row_index += 1
     except Exception as e:  # noqa: BLE001 - a row group that cannot be read: the rest of the file is lost
         yield _container_reject(path, root, keys, "truncated_container",

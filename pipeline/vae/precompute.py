@@ -16,7 +16,7 @@ import hashlib
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -34,7 +34,9 @@ from ..io.reading import read_items
 from ..io.shard_plan import held_out_count, plan_shards, shard_order
 from ..io.sources import Item, count_by_field, count_by_label, plan_items, printable
 from ..io.tars import write_tar
+from ..io.twins import TWIN_THRESHOLD
 from .autoencoder import VaeSpec, resolve_vae
+from .grouping import TWINS_FILE, decode_budgets, find_groups, held_out_with_a_training_twin
 
 RUN_FILE = "run.json"  # what this folder was started with; a resumed run must match it
 
@@ -77,6 +79,11 @@ class PrecomputeConfig(JobConfig):
     label_column: str | None = None              # parquet: column with labels ("label" if present)
     label_fields: list[str] = field(default_factory=list)  # named labels, each kept: folder levels, KEY.json
                                                  # keys or parquet columns, e.g. [shape, background]
+    # Twins (near-copies, variants of one design) land on one side of the held-out split (vae/grouping.py):
+    # auto: the inputs' group keys (GROUP~... names, the group column) and near-twins found in the pixels
+    twins: Literal["auto", "names", "images", "off"] = "auto"
+    twin_threshold: float = TWIN_THRESHOLD       # edge-map Jaccard distance under which two images are twins
+    group_column: str | None = None              # parquet: column with each row's group ("group" if present)
     progress_interval_s: float = 10.0
 
     def validate(self) -> None:
@@ -106,6 +113,7 @@ class PrecomputeConfig(JobConfig):
                 "image_formats: EPS is never decoded (Pillow hands PostScript to Ghostscript)")
         require(bool(self.image_formats) and not unknown, f"image_formats: unknown format {unknown[0]!r} (Pillow "
                 f"knows {', '.join(sorted(Image.OPEN))})" if unknown else "image_formats must name a format")
+        require(0 <= self.twin_threshold < 1, f"twin_threshold must be in [0, 1), got {self.twin_threshold}")
         require(all(isinstance(f, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,64}", f) for f in self.label_fields)
                 and len(set(self.label_fields)) == len(self.label_fields),
                 f"label_fields must be distinct names of [A-Za-z0-9_-], got {self.label_fields!r}")
@@ -152,7 +160,7 @@ def prepare(cfg: PrecomputeConfig) -> tuple[VaeSpec, str, list[Item]]:
     require(cfg.resolution % spec.downscale_factor == 0,
             f"resolution {cfg.resolution} is not a multiple of the VAE's downscale factor {spec.downscale_factor}")
     fmt, items = plan_items(cfg.input, cfg.input_format, cfg.image_column, cfg.key_column, cfg.label_column,
-                            cfg.label_fields)
+                            cfg.label_fields, cfg.group_column)
     inside = _output_inside_input(cfg)
     if inside is not None:  # the job's own shards and markers are never its inputs (a resume plans what it planned)
         items = [it for it in items if it.source != inside and not it.source.startswith((f"{inside}/", f"{inside}::",
@@ -177,13 +185,24 @@ def run_precompute(cfg: PrecomputeConfig, address: str | None = None, dashboard:
 
     spec, fmt, items = prepare(cfg)
     stratified = cfg.shuffle and cfg.stratify and any(item.label is not None for item in items)
-    if cfg.shuffle:
-        items = shard_order(items, cfg.seed, stratified)
     out = storage.canonical(cfg.output)
+    group_of, twins, twins_record = {}, None, None
+    if cfg.twins != "off" and cfg.holdout > 0:
+        if cfg.twins != "names":
+            connect(address, dashboard=dashboard, log_to_driver=True)
+        group_of, twins, twins_record = find_groups(items, cfg.twins, cfg.twin_threshold, decode_budgets(cfg), out,
+                                                    cfg.num_cpus_per_task)
+        items = [replace(item, group=group_of.get(item.key)) for item in items]  # recorded with each latent
+    if cfg.shuffle:
+        items = shard_order(items, cfg.seed, stratified, group_of)
     vae_identity = spec.identity()
     chunks, held_out_shards = plan_shards(items, held_out_count(cfg.holdout, cfg.max_holdout_images, len(items)),
-                                          cfg.shard_size)
+                                          cfg.shard_size, group_of)
     _claim_output(out, cfg, vae_identity, items, stratified)
+    if twins_record is not None:
+        atomic_write_json(storage.join(out, TWINS_FILE), twins_record)
+    if twins is not None:
+        twins["held_out_with_a_training_twin"] = held_out_with_a_training_twin(chunks, held_out_shards)
 
     done = {i: s for i in range(len(chunks)) if (s := _completed_shard(out, i)) is not None}
     todo = [i for i in range(len(chunks)) if i not in done]
@@ -225,7 +244,7 @@ def run_precompute(cfg: PrecomputeConfig, address: str | None = None, dashboard:
             log.update(stats["seen"], extra=f"shards {len(done)}/{len(chunks)}", force=not (jobs or in_flight))
 
     manifest = _write_manifest(out, cfg, fmt, spec, vae_identity, [done[i] for i in range(len(chunks))],
-                               held_out_shards, stratified)
+                               held_out_shards, stratified, twins)
     totals = manifest["totals"]
     log.log(f"done: {totals['encoded']} encoded, {totals['rejected']} rejected of {totals['seen']} inputs; "
             f"manifest {storage.join(out, sh.MANIFEST)}")
@@ -273,6 +292,8 @@ def encode_shard(job: ShardJob) -> dict:
                             "shard": job.index} | ({"exception": r.exception} if r.exception else {}))
             continue
         meta = {"source": item.source, "original_size": list(size), "seed": vae_lib.image_seed(job.seed, item.key)}
+        if item.group is not None:
+            meta["group"] = item.group  # its twins' group: they are all on this side of the split
         label = loaded.label if loaded.label is not None else next(iter(loaded.fields.values()), None)
         if label is not None:
             meta["label"] = label  # the one label tools that read one see (.cls, first folder, or first field)
@@ -359,6 +380,8 @@ def _claim_output(out: str, cfg: PrecomputeConfig, vae_identity: dict, items: li
         config["stratify"] = True
     if cfg.holdout > 0:  # likewise; an older folder resumes with holdout: 0 (and stratify: false)
         config["holdout"] = [cfg.holdout, cfg.max_holdout_images]
+    if cfg.twins != "off" and cfg.holdout > 0:  # likewise: an older folder resumes with twins: off
+        config["twins"] = [cfg.twins, cfg.twin_threshold, cfg.group_column]
     if cfg.label_fields:  # recorded only when used, so folders started before the setting existed still resume
         config["label_fields"] = list(cfg.label_fields)
     if cfg.max_decode_bytes != MAX_DECODE_BYTES:  # likewise
@@ -371,7 +394,7 @@ def _claim_output(out: str, cfg: PrecomputeConfig, vae_identity: dict, items: li
 
 
 def _write_manifest(out: str, cfg: PrecomputeConfig, fmt: str, spec: VaeSpec, vae_identity: dict,
-                    stats: list[dict], held_out_shards: int, stratified: bool) -> dict:
+                    stats: list[dict], held_out_shards: int, stratified: bool, twins: dict | None = None) -> dict:
     rejects = [r for s in stats for r in s["rejects"]]
     atomic_write_lines(storage.join(out, sh.REJECTS), rejects)
     held = stats[len(stats) - held_out_shards:] if held_out_shards else []
@@ -411,6 +434,8 @@ def _write_manifest(out: str, cfg: PrecomputeConfig, fmt: str, spec: VaeSpec, va
         "rejects_by_reason": dict(sorted(by_reason.items())),
         "labels": dict(sorted(labels.items())),
     }
+    if twins is not None:  # how the split kept twins together (vae/grouping.py)
+        manifest["twins"] = twins
     if by_field:  # {"shape": {"ring": 1650, ...}, "background": {...}}: every named label, counted
         manifest["label_fields"] = {name: dict(sorted(c.items())) for name, c in sorted(by_field.items())}
     atomic_write_json(storage.join(out, sh.MANIFEST), manifest)  # last: its presence means the folder is complete
