@@ -6,7 +6,7 @@ does to the held-out split, on a folder whose file names carry the true groups (
 
 For each edge-map threshold: the share of true twin pairs the pixels alone put in one group (recall), the share of
 the pairs they put together that are true twins, and the share of images put with an image of another true group.
-For each setting of `twins` (off, names, images, auto): the split precompute plans (same seed, holdout 0.1, stratified
+For each setting of `twins` (none, names, images, auto): the split precompute plans (same seed, holdout 0.1, stratified
 by folder) and the share of held-out images whose true group has an image in training. Decoding is precompute's own
 (`decode_image` at 64 px); no Ray, no VAE.
 """
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     by_pixels = {items[i].key: items[int(r)].key for i, r in enumerate(group_labels(len(items),
                                                                                     pairs_at[TWIN_THRESHOLD]))}
     both = group_labels(len(items), [*pairs_at[TWIN_THRESHOLD].tolist(), *name_pairs([it.group for it in items])])
-    settings = {"off": {}, "names": by_name, "images": by_pixels,
+    settings = {"none": {}, "names": by_name, "images": by_pixels,
                 "auto": {items[i].key: items[int(r)].key for i, r in enumerate(both)}}
     splits = {name: held_out_leak(items, group_of, truth_of) for name, group_of in settings.items()}
     result = {"images": len(items), "true_groups": len(set(truth.tolist())),

@@ -148,6 +148,6 @@ def test_precompute_holds_out_whole_groups_it_found_in_the_pixels(ray_cluster, s
     again = _precompute(folder, sd_checkpoint, tmp_path / "grouped")  # a resume plans the same split
     assert again["shards"] == manifest["shards"]
 
-    off = _precompute(folder, sd_checkpoint, tmp_path / "by-image", twins="off")  # the split of old: twins leak
+    off = _precompute(folder, sd_checkpoint, tmp_path / "by-image", twins="none")  # the split of old: twins leak
     train, held = _sides(tmp_path / "by-image", off)
     assert {design(m) for m in train} & {design(m) for m in held} and "twins" not in off

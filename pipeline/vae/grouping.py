@@ -6,7 +6,7 @@ shards never share a group with training.
              pixels: the default, for any folder of images
     names    the inputs' group keys alone
     images   near-twins found in the pixels alone
-    off      every image its own group (the split of earlier versions)
+    none     every image its own group (the split of earlier versions)
 
 The pixel pass is one Ray task per `TASK_ITEMS` inputs: each reads and decodes its inputs under the job's byte and
 time budgets (a reject has no signature and stays alone) and returns 512 bytes an image; the driver compares them all

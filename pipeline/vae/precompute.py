@@ -81,7 +81,7 @@ class PrecomputeConfig(JobConfig):
                                                  # keys or parquet columns, e.g. [shape, background]
     # Twins (near-copies, variants of one design) land on one side of the held-out split (vae/grouping.py):
     # auto: the inputs' group keys (GROUP~... names, the group column) and near-twins found in the pixels
-    twins: Literal["auto", "names", "images", "off"] = "auto"
+    twins: Literal["auto", "names", "images", "none"] = "auto"
     twin_threshold: float = TWIN_THRESHOLD       # edge-map Jaccard distance under which two images are twins
     group_column: str | None = None              # parquet: column with each row's group ("group" if present)
     progress_interval_s: float = 10.0
@@ -187,7 +187,7 @@ def run_precompute(cfg: PrecomputeConfig, address: str | None = None, dashboard:
     stratified = cfg.shuffle and cfg.stratify and any(item.label is not None for item in items)
     out = storage.canonical(cfg.output)
     group_of, twins, twins_record = {}, None, None
-    if cfg.twins != "off" and cfg.holdout > 0:
+    if cfg.twins != "none" and cfg.holdout > 0:
         if cfg.twins != "names":
             connect(address, dashboard=dashboard, log_to_driver=True)
         group_of, twins, twins_record = find_groups(items, cfg.twins, cfg.twin_threshold, decode_budgets(cfg), out,
@@ -380,7 +380,7 @@ def _claim_output(out: str, cfg: PrecomputeConfig, vae_identity: dict, items: li
         config["stratify"] = True
     if cfg.holdout > 0:  # likewise; an older folder resumes with holdout: 0 (and stratify: false)
         config["holdout"] = [cfg.holdout, cfg.max_holdout_images]
-    if cfg.twins != "off" and cfg.holdout > 0:  # likewise: an older folder resumes with twins: off
+    if cfg.twins != "none" and cfg.holdout > 0:  # likewise: an older folder resumes with twins: none
         config["twins"] = [cfg.twins, cfg.twin_threshold, cfg.group_column]
     if cfg.label_fields:  # recorded only when used, so folders started before the setting existed still resume
         config["label_fields"] = list(cfg.label_fields)
