@@ -38,7 +38,7 @@ from webdataset.tariterators import base_plus_ext
 
 from ..common.config import ConfigError
 from . import storage
-from .twins import GROUP_SEPARATOR, name_group
+from .twins import files_joining_groups, name_group
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "tga", "jp2", "ico")
 LABEL_MAX_CHARS = 200
@@ -101,8 +101,7 @@ def plan_items(path: str | Path, fmt: str = "auto", image_column: str | None = N
     `label_fields` names the labels each sample carries, for data labelled along several factors (shape and
     background, say): a folder tree's first levels (`ring/checker/1.png`), a webdataset sidecar's `KEY.json`
     keys, or parquet columns. Every field found is kept; the single `label` (.cls, the first folder, the label
-    column) stays for tools that read one. `group_column` (default `group` when a parquet file has it) names the
-    parquet column of each row's twins' group (io/twins.py; folders and tars use the name rule)."""
+    column) stays for tools that read one. `group_column` (parquet; default `group`): each row's twins' group."""
     label_fields = tuple(label_fields or ())
     root = storage.canonical(path)
     if not storage.exists(root):
@@ -215,23 +214,13 @@ def _folder_item(rel: str, path: str, keys: "_KeyMaker", label_fields: tuple[str
     fields = tuple((name, value) for name, value in zip(label_fields, map(_clean_label, folders)) if value)
     source = printable(rel)
     return Item(source=source, key=keys.make(parts.with_suffix("").as_posix(), source), label=_clean_label(label),
-                locator=("file", path), reject=reject, fields=fields, group=_name_group(parts.stem))
-
-
-def _name_group(stem: str) -> str | None:
-    """GROUP for a file or member named GROUP~ANYTHING (io/twins.py's name rule), else None."""
-    return _clean_label(name_group(stem)) if GROUP_SEPARATOR in stem else None
+                locator=("file", path), reject=reject, fields=fields, group=_clean_label(name_group(parts.stem)))
 
 
 def _join_name_groups(items: list[Item]) -> list[Item]:
-    """A file named GROUP.ext joins group GROUP when some GROUP~... file names it: `1f385.png` beside
-    `1f385~1f3fb.png`."""
-    named = {item.group for item in items if item.group is not None}
-    if not named:
-        return items
-    stem = lambda item: PurePosixPath(item.source.rsplit("::", 1)[-1]).stem  # noqa: E731
-    return [_replace(item, group=stem(item)) if item.group is None and stem(item) in named else item
-            for item in items]
+    stems = [PurePosixPath(item.source.rsplit("::", 1)[-1]).stem for item in items]
+    joined = files_joining_groups(stems, [item.group for item in items])
+    return [item if group == item.group else _replace(item, group=group) for item, group in zip(items, joined)]
 
 
 def _walk_reject(problem: str) -> tuple[str, str]:
@@ -296,7 +285,7 @@ def _plan_tar(path: str, root: str, keys: "_KeyMaker", label_fields: tuple[str, 
         yield Item(source=source, key=keys.make(base, source), label=None,
                    locator=("tar", str(path), tuple((e, *members[e]) for e in wanted)),
                    reject=None if image_ext else "no_image_member",  # its named labels: in KEY.json, read with it
-                   group=_name_group(PurePosixPath(base).name))
+                   group=_clean_label(name_group(PurePosixPath(base).name)))
     yield from rejects
     if problem is not None:
         yield _container_reject(path, root, keys, problem[0], f"{rel}: {problem[1]}")

@@ -31,9 +31,16 @@ GROUP_SEPARATOR = "~"        # GROUP~ANYTHING.ext
 _BLOCK = 2048                # images compared at once: a block is BLOCK x N distances
 
 
-def name_group(stem: str) -> str:
-    """The group a file or tar member named `stem` (no extension, no folder) belongs to by the name rule."""
-    return stem.split(GROUP_SEPARATOR, 1)[0]
+def name_group(stem: str) -> str | None:
+    """GROUP for a file or tar member named GROUP~ANYTHING (`stem`: no extension, no folder), else None."""
+    return stem.split(GROUP_SEPARATOR, 1)[0] if GROUP_SEPARATOR in stem else None
+
+
+def files_joining_groups(stems: list[str], groups: list[str | None]) -> list[str | None]:
+    """The name rule's second half: a file named GROUP.ext (its stem GROUP) joins group GROUP when some GROUP~... file
+    names it (`1f385.png` beside `1f385~1f3fb.png`); `groups` are the GROUP~ names' groups (None elsewhere)."""
+    named = {group for group in groups if group is not None}
+    return [stem if group is None and stem in named else group for stem, group in zip(stems, groups)]
 
 
 def edge_map(x: np.ndarray) -> np.ndarray:
