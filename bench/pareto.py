@@ -131,7 +131,7 @@ def main() -> None:
         features = evaluator.features(decode_images(vae, latents))
         m = quality.feature_metrics(ref_features, features)
         probs = evaluator.classify(features)
-        return {"fd": m["fd"], "recognisable": quality.recognisable_share(probs, evaluator.confidence),
+        return {"fd": m["fd"], "recognisable": evaluator.recognisable_share(probs),
                 "class_tv": quality.total_variation(quality.class_histogram(probs), ref_histogram),
                 "density": m["density"], "coverage": m["coverage"]}
 
@@ -180,8 +180,7 @@ def main() -> None:
     # points of an earlier run of these models with other solvers or counts (the rows file) stay in the front
     rows += [row for key, row in done.items() if key[0] in models and row not in rows]
     rows.sort(key=lambda r: (list(models).index(r["model"]), r["solver"], r.get("variant") or "", r["evaluations"]))
-    real = {"fd": 0.0, "recognisable": quality.recognisable_share(evaluator.classify(ref_features),
-                                                                    evaluator.confidence)}
+    real = {"fd": 0.0, "recognisable": evaluator.recognisable_share(evaluator.classify(ref_features))}
     result = {"benchmark": "pareto", "num_samples": args.num_samples, "threads": args.threads, "costs": costs,
               "reference_recognisable": real["recognisable"], "rows": rows, "note": args.note,
               "models": {name: str(Path("models/demo") / folder) for name, folder in models.items()}}

@@ -59,7 +59,7 @@ def test_report_scores_the_model_against_held_out_shards_with_baselines(pipeline
                                                            reference=str(run.latents),
                                                            evaluator=str(root / "evaluator"),
                                                            output=str(root / "report"), num_samples=256,
-                                                           memorisation_pool=512, image_side=8,
+                                                           memorisation_pool=512, image_side=8, realism_steps=100,
                                                            compare=[str(root / "gen-heun")])))
     compared = ("gen-heun (heun)", "gen-heun (heun): starts")
     assert report["held_out_shards"] == ["latents-000006.tar", "latents-000007.tar"]  # the last two, never trained
@@ -84,10 +84,10 @@ def test_report_scores_the_model_against_held_out_shards_with_baselines(pipeline
     # The evaluator's feature space: distribution, label and memorisation metrics for every row; the raw images are
     # not there (these latents were never images), and the report says so.
     features = report["features"]["evaluator"]
-    assert features["classes"] == ["lower", "upper"] and set(features["metrics"]) == {
-        "generated", "train", "blurred", "gaussian", "untrained", "starts", *compared}
+    assert features["classes"] == ["lower", "upper", "(none of these)"] and set(features["metrics"]) == {
+        "generated", "train", "blurred", "gaussian", "untrained", "starts", "near_copies", *compared}
     f = features["metrics"]
-    assert f["train"]["copy_share"] == 1.0  # the copier is caught
+    assert f["train"]["copy_share"] == 1.0  # the copier is caught (the near-copier, at 64 px: test_yardstick.py)
     assert f["train"]["class_tv"] < 0.1 and features["reference"]["class_histogram"][1] > 0.5, features["reference"]
     assert all(0 <= m["recognisable"] <= 1 and abs(sum(m["class_histogram"]) - 1) < 1e-3 for m in f.values())
     assert f["generated"]["copy_share"] < 0.5 and features["reference"]["copy_share"] == pytest.approx(0.05, abs=0.01)
@@ -97,15 +97,21 @@ def test_report_scores_the_model_against_held_out_shards_with_baselines(pipeline
     probs = evaluator.probabilities(read_generated(root / "gen")[1])
     every = features["generated_all"]
     assert every["images"] == 300
-    assert every["class_histogram"] == pytest.approx((torch.bincount(probs.argmax(1), minlength=2) / 300).tolist(),
+    assert every["class_histogram"] == pytest.approx((torch.bincount(probs.argmax(1), minlength=3) / 300).tolist(),
                                                      abs=1e-4)
-    recognised = (probs.max(1).values >= evaluator.confidence).double().mean().item()
+    recognised = (probs[:, :2].max(1).values >= evaluator.confidence).double().mean().item()  # never "none"
     assert every["recognisable"] == pytest.approx(recognised, abs=1e-4)
     assert every["class_tv_noise"]["mean"] < features["reference"]["class_tv_noise"]["mean"]  # more images, less
     noise = features["reference"]["class_tv_noise"]  # what 256 against 256 of real's own mix reads: a fair yardstick
     assert 0 < noise["mean"] < noise["p95"] < 0.15, noise
     assert all(v["fd"] >= 0 and v["kid_std"] >= 0 for v in f.values()), f
     assert any("raw held-out images could not be read" in note for note in report["notes"])
+    # The realism test: every row against the reference on pixels, the control (training real) among them
+    realism = report["realism"]["rows"]
+    assert set(realism) == set(features["metrics"]) and report["realism"]["control"] == "train"
+    assert all(r["images"] == 256 and 0 <= r["accuracy"] <= 1 for r in realism.values())
+    assert realism["blurred"]["accuracy"] > realism["train"]["accuracy"]
+    assert any(name.startswith("realism") for name in report["checks"]["features (evaluator)"])
     assert set(report["checks"]) == {"features (evaluator)", "latents", "images"}
     assert report["check_space"] == "features (evaluator)"
     assert report["passed"] == all(report["checks"]["features (evaluator)"].values())
@@ -121,12 +127,13 @@ def test_report_scores_the_model_against_held_out_shards_with_baselines(pipeline
     assert f"into real's proportions reads {noise['mean']:.3f} on average at 256 against 256" in " ".join(text.split())
     assert f"Over all 300 generated images (`label_samples`): recognisable {every['recognisable']:.3f}" in text
     assert "moment-matched Gaussian" in text and "samples-vs-real.png" in text and "per-class.png" in text
-    assert text.count("| gen-heun (heun) |") == 3  # a row in the feature table and in both pooled tables
+    assert text.count("| gen-heun (heun) |") == 4  # a row in the feature, realism and both pooled tables
     assert f"density {gain['density']:+.3f}" in text  # the energy's share, spelled out
     from PIL import Image
     grid = Image.open(root / "report" / "samples-vs-real.png")
     assert grid.width > 2 * 8 * 8 and grid.height == 8 * 8  # two 8 x 8 grids of 8 px images side by side
     assert Image.open(root / "report" / "memorisation.png").height > 2 * 8
+    assert Image.open(root / "report" / "realism.png").height > 4 * 8  # most and least often taken for real
     assert Image.open(root / "report" / "per-class.png").height >= 4 * 8  # a real and a generated row per class
 
 
@@ -137,7 +144,7 @@ def test_a_conditional_run_is_scored_per_condition_by_the_evaluators_attribute_c
                                                            reference=str(run.latents),
                                                            evaluator=str(root / "evaluator"),
                                                            output=str(root / "report-cond"), num_samples=80,
-                                                           memorisation_pool=512, image_side=8)))
+                                                           memorisation_pool=512, image_side=8, realism_steps=50)))
     conditions = report["conditions"]["scores"]
     assert report["conditions"]["attribute_accuracy"]["label"] >= 0.95  # the yardstick reads the mode
     assert list(conditions) == ["label=upper", "label=lower"]
@@ -196,7 +203,7 @@ def test_check_flag_fails_the_job_in_one_line_when_a_threshold_is_missed(pipelin
     result = subprocess.run(
         [sys.executable, "-m", "jobs.evaluate", "--generated", str(root / "gen"), "--reference",
          str(run.latents), "--output", str(tmp_path / "r"), "--num-samples", "100", "--check",
-         "--set", "min_density=50", "--set", "check_space=latents"],
+         "--set", "min_density=50", "--set", "check_space=latents", "--set", "realism_folds=0"],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1] == "error: quality check failed: density >= 50.0"

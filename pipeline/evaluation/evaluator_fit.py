@@ -39,6 +39,7 @@ from ..common.optim import adam, learning_rate, set_learning_rate
 from ..io import latent_shards as sh
 from ..io import storage
 from .features import ImageEvaluator, to_network_input
+from .non_images import NONE_CLASS, latent_non_images, pixel_non_images
 
 
 @dataclass
@@ -62,6 +63,12 @@ class FitEvaluatorConfig(JobConfig):
     flip: bool = True                            # random horizontal flips
     temperature: float = 0.2                     # NT-Xent
     confidence: float = 0.9                      # "recognised": softmax >= confidence
+    # A classifier's extra class, "(none of these)", learnt from synthetic non-images (evaluation/non_images.py:
+    # decoded noise, latent and pixel mixes, blurs, shuffled patches) in `none_share` of every batch, so that
+    # recognisable counts only what the evaluator can name; false: the classes alone, as before
+    none_class: bool = True
+    none_share: float = 0.25
+    none_bank: int = 2000                        # decoded non-images (noise, latent mixes) drawn from in training
     # classifiers of named label fields (attributes), each its own small network
     attribute_fields: list[str] = field(default_factory=list)
     attribute_widths: list[int] = field(default_factory=lambda: [16, 32, 64])
@@ -88,6 +95,7 @@ class FitEvaluatorConfig(JobConfig):
         require(self.attribute_resolution >= 8 and self.attribute_steps >= 1 and len(self.attribute_widths) >= 1,
                 "attribute_resolution >= 8, attribute_steps >= 1, attribute_widths non-empty")
         require(not self.attributes_only or self.attribute_fields, "attributes_only needs attribute_fields")
+        require(0 < self.none_share < 1 and self.none_bank >= 2, "none_share must be in (0, 1), none_bank >= 2")
 
 
 def decoded_split(cfg: FitEvaluatorConfig) -> dict:
@@ -111,6 +119,7 @@ def decoded_split(cfg: FitEvaluatorConfig) -> dict:
                        f"{identity['weights_sha256'][:12]}... vs {recorded[:12]}...)")
     vae = cached_vae(spec, pick_device(True), "float32")
     out = {"vae": identity, "held_out_files": held, "train_files": train_files}
+    generator = torch.Generator().manual_seed(cfg.seed)
     for name, subset in (("train", out["train_files"]), ("held_out", held)):
         rows = list(sh.iter_latents([storage.join(cfg.latents, f) for f in subset]))
         if name == "train" and len(rows) > cfg.max_images:
@@ -118,6 +127,9 @@ def decoded_split(cfg: FitEvaluatorConfig) -> dict:
             rows = [rows[i] for i in sorted(keep.tolist())]
         latents = torch.from_numpy(np.stack([r["latent"] for r in rows]))
         out[name] = decode_images(vae, latents)
+        if cfg.none_class:  # the decoded kinds of non-image, from this side's own latents
+            count = cfg.none_bank if name == "train" else max(2, min(cfg.none_bank, len(latents)))
+            out[f"{name}_non_images"] = decode_images(vae, latent_non_images(latents, count, generator))
         out[f"{name}_labels"] = [r["meta"].get("label") for r in rows]
         out[f"{name}_fields"] = [sh.labels_of(r["meta"]) for r in rows]
     return out
@@ -179,23 +191,29 @@ def fit_feature_network(cfg: FitEvaluatorConfig, data: dict, tick: float) -> Ima
     if kind == "classifier":
         require(len(labelled) >= 2, f"kind: classifier needs at least two labels in {cfg.latents}, found "
                 f"{len(labelled)}: use kind: contrastive")
+        require(NONE_CLASS not in labelled, f"a label is named {NONE_CLASS!r}, the evaluator's own class for "
+                "non-images: rename it, or set none_class: false")
         keep = [i for i, label in enumerate(data["train_labels"]) if label is not None]
         train = data["train"][keep]
         targets = torch.tensor([labelled.index(data["train_labels"][i]) for i in keep])
     else:
         train, targets = data["train"], None
+    none = kind == "classifier" and cfg.none_class
+    classes = labelled + [NONE_CLASS] if none else labelled
 
     torch.manual_seed(cfg.seed)
-    config = {"kind": kind, "classes": labelled if kind == "classifier" else [], "resolution": cfg.resolution,
+    config = {"kind": kind, "classes": classes if kind == "classifier" else [], "resolution": cfg.resolution,
               "widths": list(cfg.widths), "feature_dim": cfg.feature_dim, "projection_dim": cfg.projection_dim,
-              "vae": data["vae"], "confidence": cfg.confidence}
+              "vae": data["vae"], "confidence": cfg.confidence, "none_class": none}
     model = ImageEvaluator(config)
     log = Progress("fit_evaluator", total=cfg.steps, unit="steps", interval_s=30)
     log.log(f"{kind}: {len(train)} decoded training images, {len(data['held_out'])} held out "
             f"({len(data['held_out_files'])} shard(s)); {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
             f"parameters; {cfg.steps} steps of {cfg.batch_size}")
-    _optimise(model, cfg, train, targets, cfg.steps, cfg.resolution, log)
-    measured = held_out_measurements(model, data["held_out"], data["held_out_labels"], labelled) \
+    _optimise(model, cfg, train, targets, cfg.steps, cfg.resolution, log, data.get("train_non_images") if none
+              else None)
+    measured = held_out_measurements(model, data["held_out"], data["held_out_labels"], labelled,
+                                     data.get("held_out_non_images") if none else None) \
         if kind == "classifier" else {}
     model.config |= {"held_out": {"files": data["held_out_files"], "images": len(data["held_out"]), **measured},
                      "training": {"images": len(train), "files": len(data["train_files"]), "steps": cfg.steps,
@@ -231,17 +249,25 @@ def fit_attribute(cfg: FitEvaluatorConfig, data: dict, name: str) -> ImageEvalua
 
 
 def _optimise(model: ImageEvaluator, cfg: FitEvaluatorConfig, train: torch.Tensor, targets: torch.Tensor | None,
-              steps: int, resolution: int, log: Progress) -> None:
-    """AdamW with warm-up and cosine decay: cross-entropy on augmented images, or NT-Xent without targets."""
+              steps: int, resolution: int, log: Progress, non_images: torch.Tensor | None = None) -> None:
+    """AdamW with warm-up and cosine decay: cross-entropy on augmented images, or NT-Xent without targets. With
+    `non_images` (the none class's decoded bank), the last `none_share` of every batch are non-images, half from
+    the bank and half made from the batch's own images, all labelled as the last class."""
     optimizer = adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
+    none = 0 if non_images is None else max(2, round(cfg.none_share * cfg.batch_size))
     model.train()
     for step in range(steps):
         index = torch.randint(len(train), (cfg.batch_size,), generator=generator)
-        x = to_network_input(train[index], resolution)
+        images, y = train[index], None if targets is None else targets[index]
+        if none:
+            banked = non_images[torch.randint(len(non_images), (none - none // 2,), generator=generator)]
+            made = pixel_non_images(images[:none // 2 + 2], generator)[:none // 2]
+            images = torch.cat([images[:len(images) - none], banked, made])
+            y = torch.cat([y[:len(y) - none], torch.full((none,), len(model.classes) - 1)])
+        x = to_network_input(images, resolution)
         if targets is not None:
-            loss = F.cross_entropy(model(augment(x, cfg.shift * resolution // cfg.resolution, cfg.flip, generator)),
-                                   targets[index])
+            loss = F.cross_entropy(model(augment(x, cfg.shift * resolution // cfg.resolution, cfg.flip, generator)), y)
         else:
             views = [model(augment(x, cfg.shift, cfg.flip, generator, colour=True)) for _ in range(2)]
             loss = nt_xent(*views, cfg.temperature)
@@ -256,17 +282,25 @@ def _optimise(model: ImageEvaluator, cfg: FitEvaluatorConfig, train: torch.Tenso
     model.eval()
 
 
-def held_out_measurements(model: ImageEvaluator, images: torch.Tensor, labels: list, classes: list[str]) -> dict:
-    """Accuracy, recognised share and confusion matrix on decoded held-out latents (labelled ones only)."""
-    from .quality import recognisable_share
-
+def held_out_measurements(model: ImageEvaluator, images: torch.Tensor, labels: list, classes: list[str],
+                          non_images: torch.Tensor | None = None) -> dict:
+    """Accuracy, recognised share and confusion matrix on decoded held-out latents (labelled ones only); with the
+    none class, the share of them it calls none and the share of held-out non-images (`non_images`, decoded from
+    held-out latents, and as many made from held-out images) it calls none and recognises."""
     keep = [i for i, label in enumerate(labels) if label in classes]
     require(len(keep) > 0, "no held-out latent carries a label the evaluator knows: cannot measure its accuracy")
     probs = model.probabilities(images[keep])
     truth = torch.tensor([classes.index(labels[i]) for i in keep])
     predicted = probs.argmax(1)
-    confusion = torch.zeros(len(classes), len(classes), dtype=torch.long)
+    confusion = torch.zeros(len(model.classes), len(model.classes), dtype=torch.long)
     confusion.index_put_((truth, predicted), torch.ones_like(truth), accumulate=True)
-    return {"accuracy": round((predicted == truth).double().mean().item(), 4),
-            "recognised": round(recognisable_share(probs, model.config["confidence"]), 4),
-            "labelled": len(keep), "confusion": confusion.tolist()}
+    out = {"accuracy": round((predicted == truth).double().mean().item(), 4),
+           "recognised": round(model.recognisable_share(probs), 4),
+           "labelled": len(keep), "confusion": confusion.tolist()}
+    if non_images is not None:
+        made = pixel_non_images(images, torch.Generator().manual_seed(1))[:len(non_images)]
+        fake = model.probabilities(torch.cat([non_images, made]))
+        out |= {"none_on_real": round(model.none_share(probs), 4),
+                "non_images": len(fake), "none_on_non_images": round(model.none_share(fake), 4),
+                "recognised_non_images": round(model.recognisable_share(fake), 4)}
+    return out

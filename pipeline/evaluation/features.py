@@ -106,6 +106,25 @@ class ImageEvaluator(nn.Module):
         """The softmax a sample needs to count as recognised."""
         return float(self.config.get("confidence", 0.9))
 
+    @property
+    def none_index(self) -> int | None:
+        """The column of the "(none of these)" class (the last), or None for an evaluator without one."""
+        return len(self.classes) - 1 if self.config.get("none_class") and self.classes else None
+
+    def recognisable_share(self, probabilities: torch.Tensor) -> float:
+        """The share of images assigned to one of the real classes (never the none class) with softmax >=
+        confidence."""
+        from .quality import recognisable_share
+
+        real = probabilities if self.none_index is None else probabilities[:, :self.none_index]
+        return recognisable_share(real, self.confidence) if len(real) else 0.0
+
+    def none_share(self, probabilities: torch.Tensor) -> float:
+        """The share of images whose most likely class is "(none of these)" (0 without that class)."""
+        if self.none_index is None or not len(probabilities):
+            return 0.0
+        return (probabilities.argmax(1) == self.none_index).double().mean().item()
+
     def embedding(self, x: torch.Tensor) -> torch.Tensor:
         return self.embed(self.trunk(x).mean(dim=(2, 3)))
 

@@ -12,11 +12,12 @@ from ..io import storage
 
 
 def read_latents(folder: str, files: list[str], index: torch.Tensor | None = None) -> dict:
-    """{"latents": (N, C, h, w), "keys": [...], "labels": [...]} of the rows `index` names (all if None), in that
-    order, of the given shards read in order."""
+    """{"latents": (N, C, h, w), "keys": [...], "labels": [...], "groups": [...]} of the rows `index` names (all if
+    None), in that order, of the given shards read in order (a group: the latent's twins' group, None for none)."""
     rows = sh.pick_rows(sh.iter_latents([storage.join(folder, f) for f in files]), index)
     return {"latents": torch.from_numpy(np.stack([np.asarray(r["latent"], dtype=np.float32) for r in rows])),
-            "keys": [r["key"] for r in rows], "labels": [r["meta"].get("label") for r in rows]}
+            "keys": [r["key"] for r in rows], "labels": [r["meta"].get("label") for r in rows],
+            "groups": [r["meta"].get("group") for r in rows]}
 
 
 def shard_counts(folder: str) -> dict[str, int]:

@@ -32,10 +32,11 @@ Spaces:
     images     decoded images average-pooled to image_side px
 
 The verdict (`check_space`, default the feature space) needs, for the generated set: FD <= max_fd_ratio x the
-Gaussian's, recognisable >= min_recognisable_ratio x the reference's, class TV <= max_class_tv, copy share <=
-max_copy_share, density and coverage >= min_density / min_coverage. Every row gets the same checks, so the report
-shows that held-out real images pass and the Gaussian and blurred rows fail. `--check` turns a failed verdict into
-exit code 1.
+Gaussian's, recognisable >= min_recognisable_ratio x the reference's, class TV <= max_class_tv (by default the 95th
+percentile of what sampling alone gives), copy share <= max_copy_share, density and coverage >= min_density /
+min_coverage, and taken for real by the realism test (realism.py, on pixels) >= min_realism_ratio x real's. Every
+row gets the same checks, so the report shows that held-out real images pass and the Gaussian and blurred rows
+fail. `--check` turns a failed verdict into exit code 1.
 
 A conditional run (`--condition` / `--conditions` in jobs.generate) is also scored per condition: for each term
 ("shape=ring", "NOT background=stripes") the share of its samples the evaluator's attribute classifier for that
@@ -67,8 +68,10 @@ from ..io.pictures import labelled_rows, save_png, side_by_side
 from ..vae.autoencoder import cached_vae, decode_images, pick_device, resolve_vae
 from . import quality
 from .baselines import blurred, chain_starts, compared_runs, moment_matched_gaussian, untrained_samples
+from .copies import COPY_SIDE, copy_ratios, near_copies
 from .features import ImageEvaluator, InceptionFeatures
 from .markdown import BASELINES, POOLED_METRICS, extra_rows, render_markdown
+from .realism import realism_test
 from .references import read_latents, read_raw_images, reference_sets
 from .scoring import condition_checks, condition_scores, pooled_checks, score_feature_space
 
@@ -97,9 +100,15 @@ class EvaluateConfig(JobConfig):
     # the verdict in the feature space, chosen so held-out real images pass with margin and the Gaussian fails
     max_fd_ratio: float = 0.5                    # FD at most this share of the moment-matched Gaussian's
     min_recognisable_ratio: float = 0.8          # recognisable share at least this share of the reference's
-    max_class_tv: float = 0.1                    # class histogram total-variation distance to the reference's
+    # class histogram total-variation distance to the reference's; "noise": the 95th percentile of what sampling
+    # alone gives at n against n (a mix the check fails is wrong at the 5% level)
+    max_class_tv: float | Literal["noise"] = "noise"
     min_condition_match: float = 0.5             # a conditional run: share of each condition's images meeting it
     max_copy_share: float = 0.1                  # held-out real images score 0.05 by construction
+    # the realism test (evaluation/realism.py): a CNN told to separate each set from the reference, on pixels
+    realism_folds: int = 3                       # 0: no realism test
+    realism_steps: int = 400                     # training steps per fold
+    min_realism_ratio: float = 0.8               # generated taken for real at least this share of real's
     min_density: float = 0.7                     # density and coverage thresholds (feature and pooled spaces)
     min_coverage: float = 0.7
     check_space: Literal["features", "latents", "images"] = "features"
@@ -117,7 +126,10 @@ class EvaluateConfig(JobConfig):
         require(self.check_space != "features" or self.evaluator or self.inception_weights,
                 "the verdict is in the feature space: pass --evaluator DIR (python -m jobs.fit_evaluator makes one) "
                 "or --inception-weights FILE, or set check_space: latents")
-        require(self.max_fd_ratio > 0 and 0 <= self.max_class_tv <= 1 and 0 <= self.max_copy_share <= 1
+        require(self.realism_folds == 0 or (2 <= self.realism_folds <= 10 and self.realism_steps >= 1),
+                "realism_folds must be 0 (off) or in [2, 10], realism_steps >= 1")
+        require(self.max_fd_ratio > 0 and (self.max_class_tv == "noise" or 0 <= self.max_class_tv <= 1)
+                and 0 <= self.max_copy_share <= 1
                 and self.min_recognisable_ratio >= 0, "max_fd_ratio > 0; max_class_tv, max_copy_share in [0, 1]")
 
 
@@ -132,8 +144,9 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
     scored = {k: images[k] for k in ("generated", *BASELINES, *extra_rows(rows["sets"])) if k in images}
     conditional = bool(run["manifest"].get("conditions"))
     more_generated = partial(iter_generated_images, run["dir"], rows["label_index"])
+    copies = score_copies(images, scored)
     feature_spaces = {name: score_feature_space(extractor, name, images["reference"], rows["held_labels"], scored,
-                                                images["pool"], cfg, conditional, more_generated)
+                                                copies, cfg, conditional, more_generated)
                       for name, extractor in run["extractors"].items()}
     if "evaluator" in run["extractors"]:
         evaluator_held = set(run["extractors"]["evaluator"].config.get("held_out", {}).get("files", []))
@@ -142,8 +155,12 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
                                         "seen the reference data")
     pooled_spaces = score_pooled_spaces(cfg, rows, images)
     conditions = score_run_conditions(run, rows, images)
-    report = assemble_report(cfg, run, rows, feature_spaces, pooled_spaces, conditions, time.monotonic() - tick)
-    write_report(Path(cfg.output), report, feature_spaces, rows, images)
+    realism = score_realism(cfg, images, scored, rows)
+    report = assemble_report(cfg, run, rows, feature_spaces, pooled_spaces, conditions, realism,
+                             time.monotonic() - tick)
+    report["copies"] = {"description": copies["description"], "reference_copy_share":
+                        copies["reference_copy_share"], "rows": copies["rows"]}
+    write_report(Path(cfg.output), report, feature_spaces, rows, images, realism, copies)
     return report
 
 
@@ -194,9 +211,11 @@ def read_rows(cfg: EvaluateConfig, run: dict) -> dict:
     gen_latents, gen_images = read_generated(run["dir"], gen_index)
     held = read_latents(storage.canonical(cfg.reference), refs["held_out_files"], held_index)
     train_rows = torch.cat([pool_index, gauss_index]).unique()
-    train = read_latents(refs["train_folder"], refs["train_files"], train_rows)["latents"]
+    train = read_latents(refs["train_folder"], refs["train_files"], train_rows)
     slot = {int(r): i for i, r in enumerate(train_rows.tolist())}
-    pool_latents = train[[slot[int(r)] for r in pool_index]]
+    pool_latents = train["latents"][[slot[int(r)] for r in pool_index]]
+    pool_groups = [train["groups"][slot[int(r)]] for r in pool_index]
+    train = train["latents"]
     chains = gen_index.tolist()  # the very chains whose samples are scored: their starts, and untrained
     sets = {"generated": gen_latents, "train": pool_latents[:n],
             "gaussian": moment_matched_gaussian(train[[slot[int(r)] for r in gauss_index]], n, generator),
@@ -207,7 +226,8 @@ def read_rows(cfg: EvaluateConfig, run: dict) -> dict:
         sets |= {name: other["latents"], f"{name}: starts": other["starts"]}
     return {"n": n, "gen_index": gen_index, "gen_images": gen_images, "label_index": label_index,
             "held_out": held["latents"], "held_keys": held["keys"], "held_labels": held["labels"],
-            "pool_latents": pool_latents, "sets": sets, "compared": compared}
+            "held_groups": held["groups"], "pool_latents": pool_latents, "pool_groups": pool_groups, "sets": sets,
+            "compared": compared}
 
 
 def decode_sets(cfg: EvaluateConfig, run: dict, rows: dict) -> dict:
@@ -221,6 +241,9 @@ def decode_sets(cfg: EvaluateConfig, run: dict, rows: dict) -> dict:
     images |= {name: other["images"] for name, other in rows["compared"].items()}
     images |= {name: decode_images(vae, z) for name, z in sets.items() if name not in images}
     images["blurred"] = blurred(pool[:n])
+    # the near-copier: training images the train row does not hold (when the pool has them), shifted, jittered, JPEG
+    images["near_copies"] = near_copies(pool[n:2 * n] if len(pool) >= 2 * n else pool[:n],
+                                        torch.Generator().manual_seed(cfg.seed))
     raw = read_raw_images(run["refs"]["manifest"], rows["held_keys"]) if cfg.raw_images else None
     if raw is not None:
         images["raw"] = raw
@@ -256,6 +279,39 @@ def score_pooled_spaces(cfg: EvaluateConfig, rows: dict, images: dict) -> dict:
     return spaces
 
 
+def score_copies(images: dict, scored: dict) -> dict:
+    """Each set's copy share on the images (copies.py): the share of it closer to a training image of the pool,
+    relative to its next neighbours, than 95% of held-out real images are. The training row is the pool's first
+    rows: the exact copier, read 1."""
+    ref_ratios, _ = copy_ratios(images["reference"], images["pool"])
+    rows, nearest = {}, {}
+    for key, set_images in scored.items():
+        ratios, index = copy_ratios(set_images, images["pool"])
+        rows[key] = {"copy_share": round(quality.copy_share(ratios, ref_ratios), 4),
+                     "median_copy_ratio": round(float(ratios.median()), 4)}
+        nearest[key] = (ratios, index)
+    return {"description": f"images at {COPY_SIDE} px against {len(images['pool'])} training images: a copy is closer "
+                           "to its nearest, relative to the next ones, than 95% of held-out real images are",
+            "reference_copy_share": round(quality.copy_share(ref_ratios, ref_ratios), 4), "rows": rows,
+            "_nearest": nearest}
+
+
+def score_realism(cfg: EvaluateConfig, images: dict, scored: dict, rows: dict) -> dict | None:
+    """The realism test of every scored set (and of decoded training real, the control) against the reference, each
+    against the same real images in the same folds, twins kept in one fold (None with realism_folds: 0)."""
+    if not cfg.realism_folds:
+        return None
+    groups = {"train": rows["pool_groups"][:rows["n"]], "near_copies": rows["pool_groups"][rows["n"]:2 * rows["n"]]}
+    return realism_test(images["reference"], scored, cfg.realism_folds, cfg.realism_steps, seed=cfg.seed,
+                        real_groups=rows["held_groups"], groups=groups)
+
+
+def realism_checks(realism: dict, cfg: EvaluateConfig) -> dict[str, dict[str, bool]]:
+    """Per set: taken for real at least min_realism_ratio x as often as real images are."""
+    return {key: {f"realism: taken for real >= {cfg.min_realism_ratio} x real's": row["realism_ratio"] >=
+                  cfg.min_realism_ratio} for key, row in realism.items()}
+
+
 def score_run_conditions(run: dict, rows: dict, images: dict) -> dict | None:
     """A conditional run's per-condition attribute scores (None for an unconditional run, or without attribute
     classifiers, which a note then says)."""
@@ -276,7 +332,7 @@ def score_run_conditions(run: dict, rows: dict, images: dict) -> dict | None:
 
 
 def assemble_report(cfg: EvaluateConfig, run: dict, rows: dict, feature_spaces: dict, pooled_spaces: dict,
-                    conditions: dict | None, seconds: float) -> dict:
+                    conditions: dict | None, realism: dict | None, seconds: float) -> dict:
     """report.json: every figure, every check, and the verdict on `check_space`."""
     manifest, refs = run["manifest"], run["refs"]
     main_space = next(iter(feature_spaces.values()), None)
@@ -285,6 +341,8 @@ def assemble_report(cfg: EvaluateConfig, run: dict, rows: dict, feature_spaces: 
     verdict_key = f"features ({main_space['extractor']})" if cfg.check_space == "features" else cfg.check_space
     if conditions is not None:  # judged per condition too: what was asked for, in the verdict's space
         checks[verdict_key] = checks[verdict_key] | condition_checks(conditions["scores"], cfg)
+    if realism is not None:  # on pixels, whatever the verdict's space
+        checks[verdict_key] = checks[verdict_key] | realism_checks(realism, cfg)["generated"]
     return {"format": REPORT_FORMAT, "samples": rows["n"], "generated": run["dir"],
             "reference": storage.canonical(cfg.reference), "model": manifest["model"],
             "sampler": manifest["sampler"], "held_out_shards": refs["held_out_files"],
@@ -292,21 +350,30 @@ def assemble_report(cfg: EvaluateConfig, run: dict, rows: dict, feature_spaces: 
             "features": {name: {k: v for k, v in space.items() if not k.startswith("_")}
                          for name, space in feature_spaces.items()},
             "spaces": pooled_spaces, "conditions": conditions, "checks": checks, "check_space": verdict_key,
+            "realism": None if realism is None else
+            {"rows": {k: {m: v for m, v in row.items() if not m.startswith("_")} for k, row in realism.items()},
+             "checks": realism_checks(realism, cfg), "control": "train"},
             "passed": all(checks[verdict_key].values()), "config": asdict(cfg), "seconds": round(seconds, 1)}
 
 
-def write_report(out: Path, report: dict, feature_spaces: dict, rows: dict, images: dict) -> None:
+def write_report(out: Path, report: dict, feature_spaces: dict, rows: dict, images: dict,
+                 realism: dict | None, copies: dict) -> None:
     """report.json, report.md and the pictures, each written atomically (the report is written locally)."""
     out.mkdir(parents=True, exist_ok=True)
+    if realism is not None:  # the generated images the realism test most and least often took for real
+        order = realism["generated"]["_scores"].argsort(descending=True)
+        save_png(out / "realism.png", labelled_rows(
+            [("most often taken for real", images["generated"][order[:8]]), ("", images["generated"][order[8:16]]),
+             ("least often taken for real", images["generated"][order.flip(0)[:8]]),
+             ("", images["generated"][order.flip(0)[8:16]])]))
     save_png(out / "samples-vs-real.png", side_by_side(images["generated"][:64], images["reference"][:64]))
     main_space = next(iter(feature_spaces.values()), None)
-    if main_space is not None:
-        if main_space["classes"]:
-            save_png(out / "per-class.png", per_class_grid(main_space, images["reference"], images["generated"]))
-        distances, index = main_space["_nearest"]["generated"]
-        closest = distances.argsort()[:8]
-        save_png(out / "memorisation.png", labelled_rows(
-            [("generated", images["generated"][closest]), ("nearest training", images["pool"][index[closest]])]))
+    if main_space is not None and main_space["classes"]:
+        save_png(out / "per-class.png", per_class_grid(main_space, images["reference"], images["generated"]))
+    ratios, index = copies["_nearest"]["generated"]  # the 8 generated images most like a training image, beside it
+    closest = ratios.argsort()[:8]
+    save_png(out / "memorisation.png", labelled_rows(
+        [("generated", images["generated"][closest]), ("nearest training", images["pool"][index[closest]])]))
     if "conditions" in rows:
         picture = []  # 16 samples per condition, in two rows of 8
         for text in rows["condition_order"]:
@@ -341,6 +408,7 @@ _MEANING = {
     "recognisable": "fewer samples are confidently recognised as a class than real images are",
     "class TV": "the classes come in other proportions than in the real data",
     "copy share": "too many samples are near-copies of training images",
+    "realism": "a small network tells the samples from real images more often than it can tell real from real",
 }
 
 
