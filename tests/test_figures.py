@@ -108,142 +108,43 @@ def test_the_two_commands_and_the_saved_latents_dtypes_are_told_the_same_everywh
     assert f"parquet: {dtypes['parquet']}" in comment and f"tar: {dtypes['webdataset']}" in comment
 
 
-def card_rows(path: str, after: str = "") -> dict[str, dict[str, float]]:
-    """A model card's evaluation table (`| set | FD | ...`, the first one after the text `after`): {row name: {column:
-    figure}}, bold and notes dropped."""
-    text = (REPO / path).read_text()
-    lines = text[text.index(after):].splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("| set | FD |"))
-    names = [c.strip() for c in lines[start].strip("|").split("|")]
-    rows = {}
-    for line in lines[start + 2:]:
-        if not line.startswith("|"):
-            break
-        cells = [c.replace("*", "").strip() for c in line.strip("|").split("|")]
-        rows[cells[0]] = {name: float(m.group()) for name, cell in zip(names[1:], cells[1:])
-                          if (m := re.match(r"\d+(\.\d+)?", cell))}
-    return rows
+REPORTS = {"shapes": "models/demo/ebm/report.json", "conditional": "models/demo/ebm-compose/report.json",
+           "emoji": "models/emoji/ebm/report.json"}
+CLAIMING = ("README.md", "docs/demo.md", "docs/evaluation.md", "models/demo/ebm/README.md",
+            "models/demo/ebm-compose/README.md", "models/emoji/README.md")
 
 
-def card_row(rows: dict, name: str) -> dict[str, float]:
-    """The row of a card's table whose name starts with `name`."""
-    return next(figures for row_name, figures in rows.items() if row_name.startswith(name))
+def committed_report(name: str) -> dict:
+    """The report `make demo` wrote for the shapes, the conditional run or the emoji, committed beside its card."""
+    return json.loads((REPO / REPORTS[name]).read_text())
 
 
-def demo_real_recognisable() -> float:
-    """The share of decoded held-out latents the demo evaluator recognises, as the energy's card quotes it."""
-    card = (REPO / "models/demo/ebm/README.md").read_text()
-    return float(re.search(r"([\d.]+) recognised on those\s+held-out images", card).group(1))
+def test_what_the_docs_say_of_each_verdict_is_what_its_committed_report_reads():
+    """Every "the <set> report reads PASSED|FAILED, N of M checks" in the README, docs and cards is the verdict of the
+    report.json committed beside that model's card; each report's verdict is told somewhere."""
+    told = set()
+    for path in CLAIMING:
+        text = " ".join((REPO / path).read_text().split())
+        for name, word, passing, total in re.findall(r"[Tt]he (shapes|conditional|emoji) report reads (PASSED|FAILED), "
+                                                     r"(\d+) of (\d+) checks", text):
+            report = committed_report(name)
+            checks = report["checks"][report["check_space"]]
+            assert (word, int(passing), int(total)) == ("PASSED" if report["passed"] else "FAILED",
+                                                        sum(checks.values()), len(checks)), (path, name)
+            told.add(name)
+    assert told == set(REPORTS)
 
 
-def row_checks(rows: dict, name: str, real_recognisable: float, conditional: bool = False) -> dict[str, bool]:
-    """jobs.evaluate's feature checks, with its own default bars, on one row of a card's table."""
-    from pipeline.evaluation.scoring import feature_checks
-
-    row = card_row(rows, name)
-    figures = {"fd": row["FD"], "density": row["density"], "coverage": row["coverage"],
-               "recognisable": row["recognisable"], "class_tv": row["class TV"], "copy_share": row["copy share"]}
-    return feature_checks(figures, {"fd": rows["moment-matched Gaussian"]["FD"]},
-                          {"recognisable": real_recognisable}, default_bars(), conditional)
-
-
-def default_bars():
-    from dataclasses import fields
-    from types import SimpleNamespace
-
-    from pipeline.evaluation.report import EvaluateConfig
-    return SimpleNamespace(**{f.name: f.default for f in fields(EvaluateConfig)})
-
-
-def failed_checks(path: str, real_recognisable: float, row: str = "this model") -> list[str]:
-    """The checks jobs.evaluate's verdict fails, recomputed with its own bars from a row of the card's table."""
-    return [name for name, ok in row_checks(card_rows(path), row, real_recognisable).items() if not ok]
-
-
-def test_what_the_docs_say_of_the_demo_verdict_is_what_its_figures_give():
-    """The README, docs/demo.md and the energy's card each say what `make demo`'s verdict reads and how many of its
-    six checks pass; recomputed from the card's own table with jobs.evaluate's bars, the verdict must read that."""
-    failed = failed_checks("models/demo/ebm/README.md", demo_real_recognisable())
-    verdict = ("FAILED" if failed else "PASSED", 6 - len(failed))
-    words = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6}
-    for path in ("models/demo/ebm/README.md", "docs/demo.md", "README.md"):
-        said = re.findall(r"reads (FAILED|PASSED), (\w+) checks? of six", " ".join((REPO / path).read_text().split()))
-        assert said, f"{path} no longer says what the demo's verdict reads: update the claim's pattern"
-        assert [(word, words[count]) for word, count in said] == [verdict], f"{path} says {said}; the figures give " \
-            f"{verdict} (failed: {failed})"
-
-
-def test_what_the_readme_and_the_emoji_card_say_of_the_emoji_model_is_what_its_table_gives():
-    """The emoji card's verdict sentence and the README's first screen against the card's evaluation table (the
-    figures `make demo-emoji` printed), recomputed with jobs.evaluate's bars."""
-    path = "models/emoji/README.md"
-    rows = card_rows(path)
-    model, real = card_row(rows, "this model"), card_row(rows, "held-out real, decoded")
-    failed = [re.split(r" [<>]=", name)[0] for name in failed_checks(path, real["recognisable"])]
-    card, readme = (REPO / path).read_text(), " ".join((REPO / "README.md").read_text().split())
-    said = re.search(r"verdict reads (FAILED|PASSED), (\d) checks of 6(?:: ([\w ]+) fails?)?", card)
-    assert said and said.group(1) == ("FAILED" if failed else "PASSED") and int(said.group(2)) == 6 - len(failed)
-    assert (said.group(3).split(" and ") if said.group(3) else []) == failed
-    demo = " ".join((REPO / "docs/demo.md").read_text().split())
-    assert ("the emoji verdict passes all six checks, with class TV at " + f"{model['class TV']:.3f}" in demo) == \
-        (not failed), "docs/demo.md's emoji verdict is not the card's"
-    assert re.search(r"its recognisable share is ([\d.]+) of held-out real's", readme).group(1) == \
-        f"{model['recognisable'] / real['recognisable']:.2f}"
-    assert re.search(r"`make demo`'s reads ([\d.]+)\)", readme).group(1) == f"{model['class TV']:.3f}"
-    assert re.search(r"its FD \(([\d.]+)\)", readme).group(1) == f"{model['FD']:.2f}"
-    # the class TV over four generation seeds: the README's figure is the card's seed table's, whose seeds include
-    # make demo's (seed 0) and whose pooled figure lies within the seeds' range
-    seeds = next(line for line in card.splitlines() if line.startswith("| ") and "steps (this model) |" in line)
-    cells = [c.strip() for c in seeds.strip("|").split("|")]
-    each, pooled = [float(v) for v in cells[4].split(", ")], float(cells[5])
-    assert model["class TV"] == each[0] and min(each) <= pooled <= max(each)
-    assert re.search(r"class TV ([\d.]+) over four generation seeds", readme).group(1) == f"{pooled:.3f}"
-
-
-def test_what_docs_evaluation_says_of_the_baseline_rows_is_what_the_demo_figures_give():
-    """docs/evaluation.md tells which checks the demo report's baseline rows pass; recomputed from the energy card's
-    table (the same report's figures), and its note on the held-out row at 240 samples from the conditional card."""
-    doc = " ".join((REPO / "docs/evaluation.md").read_text().split())
-    card = "models/demo/ebm/README.md"
-    real = demo_real_recognisable()
-    assert "shows the raw held-out images passing all six" in doc
-    assert failed_checks(card, real, "held-out real, raw") == []
-    assert "training real failing only the copy check" in doc
-    assert failed_checks(card, real, "training real, decoded") == ["copy share <= 0.1"]
-    assert "and the Gaussian failing" in doc
-    assert failed_checks(card, real, "moment-matched Gaussian")
-    said = re.search(r"at 240 \(the conditional demo\) it is ([\d.]+) and that row fails the copy check", doc)
-    rows = card_rows("models/demo/ebm-compose/README.md", after="What `make demo` shows")
-    assert said and float(said.group(1)) == rows["held-out real, raw"]["copy share"] > default_bars().max_copy_share
-
-
-def test_what_docs_demo_says_of_the_conditional_verdict_is_what_its_figures_give():
-    """docs/demo.md says make demo's conditional run is judged per condition, not on its class mix, and so reads
-    PASSED; the conditional card holds that report's figures: recomputed with jobs.evaluate's checks, they must give
-    the verdict both say (class TV, 0.154 there, would fail it if it were checked)."""
-    from pipeline.evaluation.scoring import condition_checks
-
-    path = "models/demo/ebm-compose/README.md"
-    card = (REPO / path).read_text()
-    section = card[card.index("What `make demo` shows"):]
-    rows = card_rows(path, after="What `make demo` shows")
-    checks = row_checks(rows, "this model", rows["held-out real, decoded"]["recognisable"], conditional=True)
-    lines = [line for line in section.splitlines() if line.startswith("| condition |") or
-             line.startswith("| meets every term |")][:2]
-    conditions = [c.strip() for c in lines[0].strip("|").split("|")[1:]]
-    shares = [float(c) for c in lines[1].strip("|").split("|")[1:]]
-    assert len(conditions) == len(shares) == 11
-    checks |= condition_checks({c: {"all_terms": s} for c, s in zip(conditions, shares)}, default_bars())
-    verdict = "PASSED" if all(checks.values()) else "FAILED"
-    assert not any("class TV" in name for name in checks)
-    said = re.search(r"\*\*(PASSED|FAILED), (\d+) of (\d+)\*\*", section)
-    assert said and said.groups() == (verdict, str(sum(checks.values())), str(len(checks)))
-    doc = " ".join((REPO / "docs/demo.md").read_text().split())
-    claim = re.search(r"not on the class proportions it chose, so its verdict line reads (PASSED|FAILED)", doc)
-    assert claim and claim.group(1) == verdict
-
-
-def test_the_readme_quotes_the_demo_energys_density_from_its_card():
-    model = card_row(card_rows("models/demo/ebm/README.md"), "this model")
-    said = re.search(r"density, (\d\.\d+) against 0.7", (REPO / "README.md").read_text())
-    assert said and float(said.group(1)) == model["density"]
+def test_the_readmes_emoji_figures_are_its_committed_reports():
+    """The README's first screen quotes the emoji report: recognisable against real's, the share called none of
+    these, class TV and the realism test's ratio."""
+    report = committed_report("emoji")
+    space = report["features"]["evaluator"]
+    gen, ref = space["metrics"]["generated"], space["reference"]
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert re.search(r"recognisable (\d\.\d\d) of held-out real's", readme).group(1) == \
+        f"{gen['recognisable'] / ref['recognisable']:.2f}"
+    assert re.search(r"(\d\.\d\d\d) of them \"none of these\"", readme).group(1) == f"{gen['none_share']:.3f}"
+    assert re.search(r"class TV (\d\.\d\d\d)", readme).group(1) == f"{gen['class_tv']:.3f}"
+    assert re.search(r"taken for real (\d\.\d\d) times as often as real", readme).group(1) == \
+        f"{report['realism']['rows']['generated']['realism_ratio']:.2f}"
