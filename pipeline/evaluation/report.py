@@ -242,8 +242,8 @@ def decode_sets(cfg: EvaluateConfig, run: dict, rows: dict) -> dict:
     images |= {name: decode_images(vae, z) for name, z in sets.items() if name not in images}
     images["blurred"] = blurred(pool[:n])
     # the near-copier: training images the train row does not hold (when the pool has them), shifted, jittered, JPEG
-    images["near_copies"] = near_copies(pool[n:2 * n] if len(pool) >= 2 * n else pool[:n],
-                                        torch.Generator().manual_seed(cfg.seed))
+    rows["near_copy_source"] = slice(n, 2 * n) if len(pool) >= 2 * n else slice(0, n)
+    images["near_copies"] = near_copies(pool[rows["near_copy_source"]], torch.Generator().manual_seed(cfg.seed))
     raw = read_raw_images(run["refs"]["manifest"], rows["held_keys"]) if cfg.raw_images else None
     if raw is not None:
         images["raw"] = raw
@@ -301,7 +301,7 @@ def score_realism(cfg: EvaluateConfig, images: dict, scored: dict, rows: dict) -
     against the same real images in the same folds, twins kept in one fold (None with realism_folds: 0)."""
     if not cfg.realism_folds:
         return None
-    groups = {"train": rows["pool_groups"][:rows["n"]], "near_copies": rows["pool_groups"][rows["n"]:2 * rows["n"]]}
+    groups = {"train": rows["pool_groups"][:rows["n"]], "near_copies": rows["pool_groups"][rows["near_copy_source"]]}
     return realism_test(images["reference"], scored, cfg.realism_folds, cfg.realism_steps, seed=cfg.seed,
                         real_groups=rows["held_groups"], groups=groups)
 
@@ -341,8 +341,9 @@ def assemble_report(cfg: EvaluateConfig, run: dict, rows: dict, feature_spaces: 
     verdict_key = f"features ({main_space['extractor']})" if cfg.check_space == "features" else cfg.check_space
     if conditions is not None:  # judged per condition too: what was asked for, in the verdict's space
         checks[verdict_key] = checks[verdict_key] | condition_checks(conditions["scores"], cfg)
-    if realism is not None:  # on pixels, whatever the verdict's space
-        checks[verdict_key] = checks[verdict_key] | realism_checks(realism, cfg)["generated"]
+    per_row = None if realism is None else realism_checks(realism, cfg)
+    if per_row is not None:  # on pixels, whatever the verdict's space
+        checks[verdict_key] = checks[verdict_key] | per_row["generated"]
     return {"format": REPORT_FORMAT, "samples": rows["n"], "generated": run["dir"],
             "reference": storage.canonical(cfg.reference), "model": manifest["model"],
             "sampler": manifest["sampler"], "held_out_shards": refs["held_out_files"],
@@ -352,7 +353,7 @@ def assemble_report(cfg: EvaluateConfig, run: dict, rows: dict, feature_spaces: 
             "spaces": pooled_spaces, "conditions": conditions, "checks": checks, "check_space": verdict_key,
             "realism": None if realism is None else
             {"rows": {k: {m: v for m, v in row.items() if not m.startswith("_")} for k, row in realism.items()},
-             "checks": realism_checks(realism, cfg), "control": "train"},
+             "checks": per_row, "control": "train"},
             "passed": all(checks[verdict_key].values()), "config": asdict(cfg), "seconds": round(seconds, 1)}
 
 
