@@ -20,10 +20,33 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+MAX_CONFIG_BYTES = 1 << 20  # a config file (the shipped ones are under 4 KiB)
+MAX_SET_BYTES = 64 << 10  # one --set value
+MAX_CONFIG_DEPTH = 32  # nesting of mappings and lists (the shipped configs nest 3 deep)
+QUOTE_CHARS = 200  # the most of a value an error message quotes
+
+
+class _Refused(yaml.YAMLError):
+    """A YAML document ebd refuses to compose (an alias, too deep): configs are untrusted input."""
+
 
 class _Yaml12Loader(yaml.SafeLoader):
-    """PyYAML's safe loader with YAML 1.2's floats: `1e-4` is a number, not the string PyYAML 1.1 makes of it (a
-    mantissa without a dot)."""
+    """PyYAML's safe loader with YAML 1.2's floats (`1e-4` is a number, not the string PyYAML 1.1 makes of a
+    mantissa without a dot), no aliases (a 256-byte "billion laughs" expands to gigabytes) and at most
+    MAX_CONFIG_DEPTH levels of nesting (the composer recurses once a level). Custom tags (`!!python/object`) are
+    the safe loader's ConstructorError."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise _Refused(f"YAML aliases (*{self.peek_event().anchor[:40]}) are not accepted in a config: write the "
+                           "value out")
+        self.depth = getattr(self, "depth", 0) + 1
+        try:
+            if self.depth > MAX_CONFIG_DEPTH:
+                raise _Refused(f"nested more than {MAX_CONFIG_DEPTH} levels deep")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
 
 _Yaml12Loader.add_implicit_resolver(
@@ -36,9 +59,51 @@ _Yaml12Loader.add_implicit_resolver(
     list("-+0123456789."))
 
 
-def parse_yaml(text: str):
-    """A YAML document (or one `--set` value) with YAML 1.2's numbers, through the safe loader."""
-    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+def parse_yaml(text: str | bytes, what: str = "a --set value", max_bytes: int = MAX_SET_BYTES):
+    """A YAML document (a config file, a --set value, a conditions file) with YAML 1.2's numbers, through the safe
+    loader, refused in one line (ConfigError) when it is too large, not UTF-8, not YAML, uses an alias or a custom
+    tag, or nests too deep."""
+    if len(text) > max_bytes:
+        raise ConfigError(f"{what} is {len(text):,} bytes, more than the {max_bytes:,} a config may have")
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{what} is not UTF-8 text (byte {e.start} is {text[e.start]:#04x})") from None
+    try:
+        return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{what} is not valid YAML{where}: {quote_text(str(problem))}") from None
+    except RecursionError:
+        raise ConfigError(f"{what} nests too deep to parse") from None
+    except ValueError as e:  # a number Python will not convert (an integer of more than 4,300 digits)
+        raise ConfigError(f"{what} holds a value Python cannot read: {quote_text(str(e))}") from None
+
+
+def quote(value: Any, limit: int = QUOTE_CHARS) -> str:
+    """`repr(value)` for an error message, cut to `limit` characters: a value from a config or an input may be
+    megabytes long."""
+    if isinstance(value, (list, tuple, dict)) and not _small(value):
+        return f"<a {type(value).__name__} of {len(value):,} items>"
+    try:
+        return quote_text(repr(value), limit)
+    except ValueError:  # an integer too long for repr
+        return f"<an integer of {value.bit_length():,} bits>" if isinstance(value, int) else "<an unprintable value>"
+
+
+def quote_text(text: str, limit: int = QUOTE_CHARS) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
+def _small(value: list | tuple | dict, items: int = 64, depth: int = 4) -> bool:
+    """Whether `value` is a short, shallow container whose repr is cheap to build."""
+    if len(value) > items or depth == 0:
+        return False
+    children = value.values() if isinstance(value, dict) else value
+    return all(_small(c, items, depth - 1) for c in children if isinstance(c, (list, tuple, dict)))
 
 
 class EbdError(Exception):
@@ -78,9 +143,9 @@ def load_config(cls: type[C], path: str | Path | None = None, sets: list[str] | 
     for item in sets or []:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"--set expects key=value, got {item!r}")
+            raise ConfigError(f"--set expects key=value, got {quote(item)}")
         section, dot, name = key.strip().partition(".")
-        value = parse_yaml(raw) if raw.strip() else None
+        value = parse_yaml(raw, f"--set {quote_text(key.strip(), 60)}") if raw.strip() else None
         if dot:  # section.key: one key of a mapping-valued key (`--set objective.sigma_max=30`)
             current = values.get(section)
             if isinstance(current, str):  # a section given by its name alone, e.g. objective: dsm
@@ -149,7 +214,7 @@ def from_dict(cls: type[C], values: dict[str, Any]) -> C:
     unknown = sorted(set(values) - set(fields))
     if unknown:
         close = difflib.get_close_matches(unknown[0], fields, n=1)
-        raise ConfigError(f"unknown config key {unknown[0]!r} for {cls.__name__}"
+        raise ConfigError(f"unknown config key {quote(unknown[0], 80)} for {cls.__name__}"
                           + (f": did you mean {close[0]!r}?" if close else "")
                           + " (--show-config lists every key)")
     hints = typing.get_type_hints(cls)
@@ -159,7 +224,7 @@ def from_dict(cls: type[C], values: dict[str, Any]) -> C:
     except TypeError as e:  # a required field is missing
         missing = [n for n, f in fields.items() if n not in checked and f.default is dataclasses.MISSING
                    and f.default_factory is dataclasses.MISSING]
-        raise ConfigError(f"missing required config key {missing[0]!r}" if missing else str(e)) from None
+        raise ConfigError(f"missing required config key {quote(missing[0], 80)}" if missing else str(e)) from None
     if hasattr(cfg, "validate") and not isinstance(cfg, JobConfig):  # a JobConfig validated itself
         cfg.validate()
     return cfg
@@ -201,12 +266,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     path = find_config(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    try:
-        data = parse_yaml(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"config file {path} is not valid YAML{where}") from None
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} is {path.stat().st_size:,} bytes, more than the {MAX_CONFIG_BYTES:,} a "
+                          "config may have")
+    data = parse_yaml(path.read_bytes(), f"config file {path}", MAX_CONFIG_BYTES)
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -224,7 +287,7 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
                 return _coerce(name, value, option)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(f"config key {name!r}: {value!r} is not one of the accepted types "
+        raise ConfigError(f"config key {name!r}: {quote(value)} is not one of the accepted types "
                           f"({_describe(hint)})")
     if hint is type(None):
         if value is None:
@@ -234,15 +297,15 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         choices = typing.get_args(hint)
         if value in choices:
             return value
-        raise ConfigError(f"config key {name!r} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        raise ConfigError(f"config key {name!r} must be one of {', '.join(map(repr, choices))}, got {quote(value)}")
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key {name!r} must be a list, got {value!r}")
+            raise ConfigError(f"config key {name!r} must be a list, got {quote(value)}")
         (item_hint, *_) = typing.get_args(hint) or (Any,)
         return [_coerce(name, v, item_hint) for v in value]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"config key {name!r} must be a mapping, got {value!r}")
+            raise ConfigError(f"config key {name!r} must be a mapping, got {quote(value)}")
         return dict(value)
     if hint is Any:
         return value
@@ -255,12 +318,12 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(value):
-                raise ConfigError(f"config key {name!r} must be a finite number, got {value!r}")
+                raise ConfigError(f"config key {name!r} must be a finite number, got {quote(value)}")
             return float(value)
     elif hint is str:
         if isinstance(value, str):
             return value
-    raise ConfigError(f"config key {name!r} must be {_describe(hint)}, got {value!r}")
+    raise ConfigError(f"config key {name!r} must be {_describe(hint)}, got {quote(value)}")
 
 
 def _describe(hint: Any) -> str:
@@ -333,8 +396,8 @@ def run_cli(main) -> None:
     configure_logging()
     try:
         code = main()
-    except EbdError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except EbdError as e:  # capped: a message may quote an input, and stderr stays readable whatever it was
+        print(f"error: {quote_text(str(e), 2000)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted: re-run the same command to resume", file=sys.stderr)

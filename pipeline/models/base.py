@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..common.config import EbdError, from_dict, require
-from ..io.weights import load_weights_folder, read_weights_config, save_weights_folder
+from ..common.config import EbdError, from_dict, quote, require
+from ..io.weights import check_tensors_fit, load_weights_folder, read_weights_config, save_weights_folder
 from ..sampling.denoisers import EnergyGradient
 from ..sampling.settings import SamplerSettings, sampler_settings, with_overrides
 
@@ -60,12 +60,36 @@ class PretrainedModel(nn.Module):
                         **_loader_options) -> "PretrainedModel":
         """`_loader_options`: what diffusers' pipeline loader passes every torch module (torch_dtype, ...); a model
         loads in float32, the precision its samplers need."""
-        data, tensors = load_weights_folder(folder)
-        if data.get("format") != cls.FORMAT:
-            raise EbdError(f"{Path(folder) / 'config.json'} has format {data.get('format')!r}, expected {cls.FORMAT!r}")
-        metadata = {k: v for k, v in data.items() if k not in ("_class_name", "format", "model")}
-        model = cls(from_dict(cls.CONFIG, cls.upgrade_config(data["model"])), metadata)
+        built = {}
+
+        def build_and_check(data: dict, shapes: dict[str, tuple[int, ...]]) -> None:
+            if data.get("format") != cls.FORMAT:
+                raise EbdError(f"{Path(folder) / 'config.json'} has format {quote(data.get('format'))}, expected "
+                               f"{cls.FORMAT!r}")
+            if not isinstance(data.get("model"), dict):
+                raise EbdError(f"{Path(folder) / 'config.json'}: 'model' must be a mapping of the architecture's "
+                               f"settings, not {quote(data.get('model'))}")
+            metadata = {k: v for k, v in data.items() if k not in ("_class_name", "format", "model")}
+            config = from_dict(cls.CONFIG, cls.upgrade_config(data["model"]))
+            try:
+                with torch.device("meta"):  # names and shapes only: a config of huge widths allocates nothing here
+                    meta = cls(config, metadata)
+                    found = meta.upgrade_state_dict({n: torch.empty(s) for n, s in shapes.items()})
+            except EbdError:
+                raise
+            except Exception as e:  # noqa: BLE001 - an untrusted config whose values no network can be built from
+                raise EbdError(f"{Path(folder) / 'config.json'}: no {cls.__name__} builds from its 'model' "
+                               f"({type(e).__name__}: {str(e)[:200]})") from None
+            check_tensors_fit(Path(folder) / "model.safetensors", {n: tuple(t.shape) for n, t in found.items()},
+                              {n: tuple(t.shape) for n, t in meta.state_dict().items()})
+            built.update(config=config, metadata=metadata)
+
+        _, tensors = load_weights_folder(folder, check=build_and_check)
+        model = cls(built["config"], built["metadata"])
         model.load_state_dict(model.upgrade_state_dict(tensors))
+        if not isinstance(model.metadata.get("sampler", {}), dict):
+            raise EbdError(f"{Path(folder) / 'config.json'}: 'sampler' must be a mapping ({{name: heun, levels: 25}}), "
+                           f"not {quote(model.metadata.get('sampler'))}")
         return model.to(device).eval()
 
     def upgrade_state_dict(self, tensors: dict) -> dict:
@@ -86,7 +110,7 @@ class PretrainedModel(nn.Module):
 
     def resolve_sampler(self, overrides: dict | None = None) -> SamplerSettings:
         """This model's own sampler settings with `overrides` applied, validated (one line if not)."""
-        settings = with_overrides(self.sampler, overrides)
+        settings = with_overrides(self.sampler, overrides, owner=f"a {type(self).__name__}")
         self.check_sampler(asdict(settings))
         return settings
 

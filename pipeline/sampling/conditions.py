@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ..common.config import ConfigError, EbdError
+from ..common.config import MAX_CONFIG_BYTES, ConfigError, EbdError, parse_yaml, quote
 
 _AND = re.compile(r"\s+AND(?:\s+|$)", re.IGNORECASE)
 _NOT = re.compile(r"^NOT\s+", re.IGNORECASE)
@@ -52,7 +52,8 @@ def parse_condition(text: str) -> tuple[Term, ...]:
         negated = bool(_NOT.match(part))
         field, sep, value = _NOT.sub("", part).partition("=")
         if not sep or not field.strip() or not value.strip():
-            raise ConfigError(f"condition {text!r}: {part!r} is not field=value (terms join with AND, AND NOT)")
+            raise ConfigError(f"condition {quote(text)}: {quote(part)} is not field=value (terms join with AND, "
+                              "AND NOT)")
         terms.append(Term(field.strip(), value.strip(), negated))
     return tuple(terms)  # NOT terms alone are allowed: the unconditional energy pushed away from each
 
@@ -94,23 +95,20 @@ def load_plan(condition: str | None, conditions: dict | str | None) -> list[list
     plan: dict[str, int] = {}
     for text, count in conditions.items():
         if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-            raise ConfigError(f"conditions: the count of {text!r} must be an integer >= 1, got {count!r}")
+            raise ConfigError(f"conditions: the count of {quote(text)} must be an integer >= 1, got {quote(count)}")
         key = canonical(str(text))
         if key in plan:
-            raise ConfigError(f"conditions: {key!r} is listed twice")
+            raise ConfigError(f"conditions: {quote(key)} is listed twice")
         plan[key] = count
     return [[text, count] for text, count in plan.items()]
 
 
 def _read_mapping(path: Path) -> dict:
-    import yaml
-
     if not path.is_file():
         raise ConfigError(f"conditions file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())  # JSON is YAML
-    except yaml.YAMLError:
-        raise ConfigError(f"conditions file {path} is not valid YAML or JSON") from None
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"conditions file {path} is {path.stat().st_size:,} bytes, more than {MAX_CONFIG_BYTES:,}")
+    data = parse_yaml(path.read_bytes(), f"conditions file {path}", MAX_CONFIG_BYTES)  # JSON is YAML
     if not isinstance(data, dict):
         raise ConfigError(f"conditions file {path} must map condition -> count")
     return data

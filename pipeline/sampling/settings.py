@@ -15,13 +15,17 @@ from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 from ..common import migrations
-from ..common.config import ConfigError, EbdError, from_dict, require
+from ..common.config import ConfigError, EbdError, from_dict, quote, require
 
 # The one list of the noise-level samplers' names (each a function in samplers.SAMPLERS).
 NOISE_LEVEL_SAMPLERS = ("heun", "euler", "ancestral", "ddim", "dpmpp_2m", "ipndm")
 # Network evaluations per chain at n levels: Heun takes two per level but the last (its final step is a
 # denoising Euler step), every other noise-level sampler one.
 _TWO_PER_LEVEL = {"heun"}
+# Upper limits on a chain's length: a model folder or a --set is untrusted, and a chain of 10^12 levels would build
+# its schedule (and hang) before any progress line. ebd's samplers take 12-49 levels; DDPM's own chain 1,000.
+MAX_LEVELS = 10_000
+MAX_LANGEVIN_STEPS = 100_000
 
 
 @dataclass(frozen=True)
@@ -36,7 +40,8 @@ class LangevinSettings:
     start: Literal["model", "noise"] = "model"   # noise: N(0, init_std^2 I) even where the model fitted starts
 
     def validate(self) -> None:
-        require(self.steps >= 1, f"sampler steps must be >= 1, got {self.steps}")
+        require(1 <= self.steps <= MAX_LANGEVIN_STEPS, f"sampler steps must be in [1, {MAX_LANGEVIN_STEPS:,}], got "
+                f"{self.steps} (set the sampler section's steps, e.g. --set sampler.steps=40)")
         require(self.step_size > 0 and self.noise_scale >= 0 and self.init_std > 0,
                 "sampler step_size and init_std must be > 0, noise_scale >= 0")
         require(self.grad_clip is None or self.grad_clip > 0, "sampler grad_clip must be > 0 or null")
@@ -71,12 +76,13 @@ class NoiseLevelSettings:
     guidance: float = 1.0
 
     def validate(self) -> None:
-        require(self.levels >= 2, f"sampler levels must be >= 2, got {self.levels}")
+        require(2 <= self.levels <= MAX_LEVELS, f"sampler levels must be in [2, {MAX_LEVELS:,}], got {self.levels} "
+                "(set the sampler section's levels, e.g. --set sampler.levels=12)")
         require(self.guidance >= 0, f"sampler guidance must be >= 0, got {self.guidance}")
         require(0 < self.sigma_min < self.sigma_max, "sampler needs 0 < sigma_min < sigma_max")
         require(self.rho > 0 and self.mala_step_scale > 0, "sampler rho and mala_step_scale must be > 0")
         require(0 <= self.eta <= 1, "sampler eta must be in [0, 1]")
-        require(0 <= self.mala_levels < self.levels and self.mala_steps >= 1,
+        require(0 <= self.mala_levels < self.levels and 1 <= self.mala_steps <= MAX_LANGEVIN_STEPS,
                 "sampler mala_levels must be in [0, levels - 1] (no corrector at the top level), mala_steps >= 1")
 
     def gradient_evaluations(self) -> int:
@@ -95,10 +101,12 @@ SamplerSettings = LangevinSettings | NoiseLevelSettings
 def sampler_settings(values: dict) -> SamplerSettings:
     """The settings dataclass a saved `sampler` dict names (no name: short-run Langevin, the original). A DDIM dict
     saved before DDIM joined the noise-level family ({name: ddim, steps, eta}) means the model's own timesteps."""
+    if not isinstance(values, dict):
+        raise EbdError(f"a sampler is a mapping of its settings ({{name: heun, levels: 25}}), not {quote(values)}")
     values = dict(values)
     name = values.get("name", "langevin")
-    if name not in SETTINGS:
-        raise EbdError(f"unknown sampler {name!r} (known: {', '.join(SETTINGS)})")
+    if not isinstance(name, str) or name not in SETTINGS:
+        raise EbdError(f"unknown sampler {quote(name)} (known: {', '.join(SETTINGS)})")
     return from_dict(SETTINGS[name], migrations.sampler_record(values) | {"name": name})
 
 
@@ -109,6 +117,8 @@ def with_overrides(settings: SamplerSettings, overrides: dict | None, owner: str
     name = overrides.get("name", settings.name)
     if owner is not None and SETTINGS.get(name) is not type(settings):
         family = [n for n, cls in SETTINGS.items() if cls is type(settings)]
-        raise ConfigError(f"{owner} samples with {' or '.join(family)}, not {name!r}: set the sampler section's name "
-                          "to one of those, or leave it out")
-    return sampler_settings(asdict(settings) | migrations.sampler_overrides(overrides, name))
+        raise ConfigError(f"{owner} samples with {' or '.join(family)}, not {quote(name)}: set the sampler section's "
+                          "name to one of those, or leave it out")
+    # another family starts from its own defaults: the model's keys of the old one (eta, levels) mean nothing there
+    base = asdict(settings) if SETTINGS.get(name) is type(settings) else {}
+    return sampler_settings(base | migrations.sampler_overrides(overrides, name))
