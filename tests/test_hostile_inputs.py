@@ -114,6 +114,26 @@ def test_decoding_a_large_image_holds_a_few_bytes_per_pixel(tmp_path, mode, byte
     assert side * side < peak < bytes_per_pixel * side * side  # measured (at least a byte a pixel), and bounded
 
 
+def test_exif_is_read_as_its_orientation_tag_alone(tmp_path):
+    """A PNG whose eXIf block holds 40 arrays of a million values each pointing at the same 4 MB: its orientation is
+    applied (the stored 96 x 64 image is shown 64 x 96, its left half on top), the rest of the block is never
+    expanded (Pillow's exif_transpose held about 50 bytes per byte of such a block)."""
+    from tests.hostile_corpus import expanding_exif
+
+    stored = np.zeros((64, 96, 3), np.uint8)
+    stored[:, :48] = 255
+    Image.fromarray(stored).save(tmp_path / "exif.png", exif=expanding_exif(4_000_000))
+    Image.new("RGB", (20, 20)).save(tmp_path / "small.png")
+    result = subprocess.run([sys.executable, "-c", DECODE_MEMORY_PROBE, str(tmp_path / "exif.png"),
+                             str(tmp_path / "small.png"), "PNG"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    peak, width, height = map(int, result.stdout.split())
+    assert (width, height) == (64, 96)
+    assert peak < 12 * 2**20  # the file's bytes and a few small images; expanded, it is hundreds of MB
+    pixels, _ = decode_image((tmp_path / "exif.png").read_bytes(), 32, 10**8, 8)
+    assert pixels[0].mean() > 250 and pixels[-1].mean() < 5  # rotated: white (the left half) on top
+
+
 FUZZ_FORMATS = {"PNG": {}, "JPEG": {"quality": 90}, "WEBP": {}, "BMP": {}, "GIF": {}, "TIFF": {}, "PPM": {},
                 "TGA": {"compression": "tga_rle"}, "ICO": {}, "JPEG2000": {}, "DDS": {}, "PCX": {}, "SGI": {},
                 "QOI": {}}

@@ -15,7 +15,8 @@ Every input is untrusted. In order:
    more than `MAX_JPEG_SCANS` scans is refused outright (a real encoder writes about 10). Every other decoder pulls
    its input in blocks of 64 KiB through a reader that checks the clock before each block, so a slow item stops
    within one block of its limit (`decode_too_slow`);
-5. EXIF orientation is applied before the crop; transparency is composited on white.
+5. EXIF orientation is applied before the crop, read as one tag (`exif_orientation`: the first IFD's entries, at most
+   MAX_IFD_ENTRIES, nothing else of the block expanded, whatever its size); transparency is composited on white.
 Whatever a decoder raises on one file (Pillow raises many types on hostile bytes) is that file's rejection, with the
 exception's type in its detail; nothing escapes to fail the shard.
 """
@@ -23,6 +24,7 @@ exception's type in its detail; nothing escapes to fail the shard.
 from __future__ import annotations
 
 import io
+import struct
 import sys
 import time
 import warnings
@@ -41,6 +43,11 @@ MAX_DECODE_SECONDS = 30.0  # the time one image's decoding may take (precompute'
 # (bench/hostile.py writes the table to bench/hostile.md), rounded up: Pillow's WebP decoder holds several RGBA
 # copies; palettes with transparency and RGBA are composited on white; JPEGs decode at a draft scale, often far less.
 DECODE_BYTES_PER_PIXEL = {"WEBP": 17.0, "transparent": 11.0, "alpha": 10.0, "wide": 8.0, "rgb": 5.0, "grey": 2.0}
+ORIENTATION_TAG, MAX_IFD_ENTRIES = 0x0112, 1024  # a camera writes a few dozen entries in the first IFD
+# EXIF orientation -> the transpose that displays the image as meant (the TIFF/EXIF 2.3 table; ImageOps.exif_transpose's)
+ORIENTATIONS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+                5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                8: Image.Transpose.ROTATE_90}
 
 
 class Rejected(Exception):
@@ -164,14 +171,45 @@ def _decode(source: _DeadlineReader, resolution: int, max_pixels: int, min_side:
         if img.format in ("JPEG", "MPO"):
             img.draft("RGB", (resolution, resolution))  # decode at 1/2, 1/4 or 1/8 scale when that still covers it
         img.load()
-        try:
-            ImageOps.exif_transpose(img, in_place=True)  # in place: without an orientation tag it would copy
-        except Exception:  # a broken EXIF block costs the orientation, not the image  # noqa: BLE001
-            pass
+        if (method := ORIENTATIONS.get(image_orientation(img))) is not None:
+            img = img.transpose(method)
     shown = _displayed_size(img, (width, height))
     img = to_8bit(img)  # the full-size image at 8 bits (L, RGB): the high-bit-depth original can go
     fitted = ImageOps.fit(img, (resolution, resolution), method=Image.Resampling.BICUBIC, centering=(0.5, 0.5))
     return np.asarray(fitted.convert("RGB"), dtype=np.uint8), shown
+
+
+def image_orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1-8) of an opened image, 1 when it has none: a TIFF's from the tags Pillow parsed at
+    open, every other format's (JPEG's APP1, PNG's eXIf, WebP's EXIF chunk) from the raw block by `exif_orientation`.
+    Pillow's getexif() would expand every tag of the block, which a small hostile file makes gigabytes."""
+    tags = getattr(img, "tag_v2", None)
+    if tags is not None:
+        value = tags.get(ORIENTATION_TAG, 1)
+        return value if isinstance(value, int) and 1 <= value <= 8 else 1
+    raw = img.info.get("exif")
+    return exif_orientation(raw) if isinstance(raw, bytes) else 1
+
+
+def exif_orientation(raw: bytes) -> int:
+    """The orientation tag of an EXIF block (a TIFF header and its first IFD, optionally after "Exif\\0\\0"), read
+    as one tag: at most MAX_IFD_ENTRIES 12-byte entries are looked at, no value is expanded; 1 when it is absent,
+    out of range or the block is broken (a broken block costs the orientation, not the image)."""
+    if raw.startswith(b"Exif\x00\x00"):
+        raw = raw[6:]
+    order = {b"II": "<", b"MM": ">"}.get(raw[:2])
+    if order is None or len(raw) < 8 or struct.unpack(order + "H", raw[2:4])[0] != 42:
+        return 1
+    ifd = struct.unpack(order + "I", raw[4:8])[0]
+    if ifd + 2 > len(raw):
+        return 1
+    entries = min(struct.unpack(order + "H", raw[ifd:ifd + 2])[0], MAX_IFD_ENTRIES)
+    for at in range(ifd + 2, min(ifd + 2 + 12 * entries, len(raw) - 11), 12):
+        tag, kind, count = struct.unpack(order + "HHI", raw[at:at + 8])
+        if tag == ORIENTATION_TAG:
+            value = struct.unpack(order + "H", raw[at + 8:at + 10])[0] if kind == 3 and count >= 1 else 1
+            return value if 1 <= value <= 8 else 1
+    return 1
 
 
 def _displayed_size(img: Image.Image, header: tuple[int, int]) -> tuple[int, int]:
