@@ -44,7 +44,7 @@ MAX_DECODE_SECONDS = 30.0  # the time one image's decoding may take (precompute'
 # copies; palettes with transparency and RGBA are composited on white; JPEGs decode at a draft scale, often far less.
 DECODE_BYTES_PER_PIXEL = {"WEBP": 17.0, "transparent": 11.0, "alpha": 10.0, "wide": 8.0, "rgb": 5.0, "grey": 2.0}
 ORIENTATION_TAG, MAX_IFD_ENTRIES = 0x0112, 1024  # a camera writes a few dozen entries in the first IFD
-# EXIF orientation -> the transpose that displays the image as meant (the TIFF/EXIF 2.3 table; ImageOps.exif_transpose's)
+# EXIF orientation -> the transpose that displays the image as meant (the EXIF 2.3 table, as ImageOps.exif_transpose)
 ORIENTATIONS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
                 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
                 8: Image.Transpose.ROTATE_90}
