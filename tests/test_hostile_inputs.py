@@ -295,7 +295,8 @@ def hostile_parquet(root: Path, outside: Path) -> tuple[int, Counter]:
                              "label": ["cat", "dog", "cat", None, "dog"]}), root / "part-0.parquet")
     ints = pa.array([{"bytes": 5, "path": "a.png"}, {"bytes": 7, "path": "b.png"}],
                     type=pa.struct([("bytes", pa.int64()), ("path", pa.string())]))
-    pq.write_table(pa.table({"key": ["i1", "i2"], "image": ints}), root / "part-1.parquet")
+    pq.write_table(pa.table({"key": ["i1", "i2"], "image": ints}), root / "part-1.parquet")  # missing_column:
+    # a column that is not image bytes is refused from the schema, one line for the file
     strings = pa.array([{"bytes": "not bytes", "path": "a.png"}],
                        type=pa.struct([("bytes", pa.string()), ("path", pa.string())]))
     pq.write_table(pa.table({"key": ["s1"], "image": strings}), root / "part-2.parquet")
@@ -308,8 +309,8 @@ def hostile_parquet(root: Path, outside: Path) -> tuple[int, Counter]:
     zeros = bytes(3_000_000)  # compresses to a few KB: only its decoded size shows what it costs
     pq.write_table(pa.table({"key": ["z1", "z2", "z3"], "image": [zeros, good(6), zeros],
                              "label": ["ok", "x" * 3_000_000, "ok"]}), root / "part-8.parquet",
-                   compression="zstd")                                  # 2 x file_too_large; z2 kept, label cut
-    reasons = Counter(missing_bytes=1, not_an_image=1, format_not_allowed=1, wrong_type=3, not_parquet=1,
+                   compression="zstd", row_group_size=1)  # 2 x file_too_large from the footer; z2 kept, label cut
+    reasons = Counter(missing_bytes=1, not_an_image=1, format_not_allowed=1, missing_column=2, not_parquet=1,
                       outside_input=1, implausible_row_count=2, file_too_large=2)
     return 4, reasons
 
@@ -504,7 +505,7 @@ def test_a_task_asking_more_gpus_than_the_cluster_has_is_refused_not_left_waitin
 
 def test_a_shuffled_shard_reads_each_parquet_row_group_once(tmp_path, monkeypatch):
     """8 row groups of 16 rows, shuffled into one shard: its rows are read in file order, one pass per row group
-    (before, a shuffled shard re-read its row group for almost every row)."""
+    (before, a shuffled shard re-read its row group for almost every row), and the footer is parsed once."""
     from pipeline.io.reading import read_items
     from pipeline.io.shard_plan import shard_order, split_into_shards
     from pipeline.io.sources import plan_items
@@ -520,8 +521,15 @@ def test_a_shuffled_shard_reads_each_parquet_row_group_once(tmp_path, monkeypatc
         passes.append(kwargs.get("row_groups"))
         return real(self, *args, **kwargs)
     monkeypatch.setattr(pq.ParquetFile, "iter_batches", counted)
+    footers, opened = [], pq.ParquetFile.__init__
+
+    def counted_footer(self, *args, **kwargs):  # a spy: counts the footers parsed
+        footers.append(1)
+        return opened(self, *args, **kwargs)
+    monkeypatch.setattr(pq.ParquetFile, "__init__", counted_footer)
     loaded = list(read_items(list(shard), 1 << 20))
     assert len(passes) == 8 and sorted(p[0] for p in passes) == list(range(8))
+    assert len(footers) == 1  # one footer parse for the file, not one per row group
     assert [x.data for x in loaded] == [good(it.locator[3] + 16 * it.locator[2]) for it in shard]
 
 
@@ -553,7 +561,7 @@ def test_every_case_of_the_hostile_corpus_is_its_rejects_within_its_time(tmp_pat
     outside.mkdir()
     expected = CASES[case](root, outside)
     started = time.monotonic()
-    _, items = plan_items(root)
+    _, items = plan_items(root, max_cell_bytes=SETTINGS["max_file_bytes"])
     seen = Counter()
     for loaded in read_items(items, SETTINGS["max_file_bytes"]):
         tick = time.monotonic()
@@ -584,3 +592,12 @@ def test_text_from_inputs_cannot_forge_a_line_of_an_error_or_a_reject(tmp_path):
         add_member(tar, "k" * 100_000 + ".png", good(1))
     _, items = plan_items(tmp_path / "b.tar")
     assert len(items) == 1 and len(items[0].source) <= 300 and len(items[0].key) <= 80
+
+
+def test_a_null_key_costs_its_row_not_its_file(tmp_path):
+    from pipeline.io.sources import plan_items
+
+    pq.write_table(pa.table({"id": ["a", None, "c"], "image": [good(1), good(2), good(3)]}), tmp_path / "a.parquet")
+    _, items = plan_items(tmp_path / "a.parquet", key_column="id")
+    assert [(it.key, it.reject) for it in items] == [("a", None), ("a_000000001", "missing_key"), ("c", None)]
+    assert "null" in items[1].detail

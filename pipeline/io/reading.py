@@ -1,7 +1,8 @@
 """Reading planned inputs (`sources.plan_items`' Items) in the workers: each item's bytes, or its reject, under the
 per-item budgets (`max_file_bytes` for a file, a tar member and a parquet cell, checked from metadata and again while
 reading; sidecars of bounded size and depth). Tars are read by the byte ranges planning found, the last few kept
-open; parquet rows in file order, each row group once, 64 rows decoded at a time.
+open; parquet rows in file order, each file's footer parsed once and each row group read once, in batches sized by
+bytes (io/parquet_inputs.py).
 """
 
 from __future__ import annotations
@@ -10,14 +11,11 @@ import json
 import os
 import stat
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Iterator
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from . import storage
-from .sources import LABEL_MAX_CHARS, PARQUET_BATCH_ROWS, Item, Loaded, _clean_label, _open
+from .items import LABEL_MAX_CHARS, Item, Loaded, clean_label, open_input_file
+from .parquet_inputs import CellRefused, ParquetCells, ParquetFiles
 
 SIDECAR_MAX_BYTES = 64 * 1024    # a KEY.json sidecar: larger, or nested deeper, is a reject
 SIDECAR_MAX_DEPTH = 32
@@ -34,18 +32,20 @@ def read_items(items: list[Item], max_file_bytes: int, label_fields: tuple[str, 
     """Yields the raw bytes (or a rejection) of each item, in order, reading each parquet row group once and
     keeping the last few tars open (a shuffled shard draws from many; on S3 each open costs a request).
     `label_fields`: the named labels to take from a tar sample's KEY.json (others were found while planning)."""
-    row_groups: dict[tuple[str, int, str], _ParquetCells] = {}
+    row_groups: dict[tuple[str, int, str], ParquetCells] = {}
     tars: OrderedDict[str, object] = OrderedDict()
+    parquet = ParquetFiles()
     try:
         for item in items:
-            yield _read_item(item, max_file_bytes, label_fields, row_groups, tars)
+            yield _read_item(item, max_file_bytes, label_fields, row_groups, tars, parquet)
     finally:
-        for f in [*tars.values(), *(cells.file for cells in row_groups.values())]:
+        for f in tars.values():
             f.close()
+        parquet.close()
 
 
 def _read_item(item: Item, max_file_bytes: int, label_fields: tuple[str, ...], row_groups: dict,
-               tars: OrderedDict) -> Loaded:
+               tars: OrderedDict, parquet: ParquetFiles) -> Loaded:
     if item.reject:
         return _reject(item, item.reject, item.detail or f"{item.source}: {item.reject.replace('_', ' ')}")
     try:
@@ -57,16 +57,14 @@ def _read_item(item: Item, max_file_bytes: int, label_fields: tuple[str, ...], r
             if path not in tars:
                 if len(tars) >= OPEN_TARS:
                     tars.popitem(last=False)[1].close()
-                tars[path] = _open(path)
+                tars[path] = open_input_file(path)
             tars.move_to_end(path)
             return _read_tar_sample(item, max_file_bytes, tars[path], label_fields)
         _, path, rg, row, column = item.locator
         cells = row_groups.get((path, rg, column))
         if cells is None or (row < cells.next_row and row not in cells.cached):  # rows come in order: one pass
-            for old in row_groups.values():
-                old.file.close()
             row_groups.clear()
-            cells = row_groups[(path, rg, column)] = _ParquetCells(path, rg, column, max_file_bytes)
+            cells = row_groups[(path, rg, column)] = ParquetCells(parquet.get(path), rg, column, max_file_bytes)
         return _parquet_value(item, cells.value(row), max_file_bytes)
     except Exception as e:  # noqa: BLE001 - whatever reading one item raises is that item's rejection
         return _reject(item, "read_error", f"{type(e).__name__}: {str(e)[:200]}", type(e).__name__)
@@ -118,12 +116,12 @@ def _read_tar_sample(item: Item, limit: int, f, label_fields: tuple[str, ...]) -
         if problem is not None:
             return _reject(item, "bad_sidecar", f"{item.source}.json: {problem}")
         if isinstance(meta, dict):
-            fields = {name: v for name in label_fields if (v := _clean_label(meta.get(name))) is not None}
+            fields = {name: v for name in label_fields if (v := clean_label(meta.get(name))) is not None}
             label = meta.get("label")
     if "cls" in parts:
         label = parts["cls"][:LABEL_MAX_CHARS * 4].decode("utf-8", "replace")
     image_ext = members[0][0]
-    return Loaded(item, parts[image_ext], _clean_label(label), fields=fields)
+    return Loaded(item, parts[image_ext], clean_label(label), fields=fields)
 
 
 def _sidecar(data: bytes) -> tuple[object, str | None]:
@@ -150,48 +148,9 @@ def _sidecar(data: bytes) -> tuple[object, str | None]:
         return None, f"not JSON ({e})"
 
 
-class _ParquetCells:
-    """One row group's image column, read forward a few rows at a time: a cell over `limit` bytes is dropped as soon
-    as its batch is decoded (its row becomes a file_too_large reject), so memory holds one batch, not the group."""
-
-    def __init__(self, path: str, rg: int, column: str, limit: int):
-        self.file = _open(path)
-        self.batches = pq.ParquetFile(self.file).iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[rg],
-                                                              columns=[column])
-        self.column, self.limit, self.next_row, self.cached = column, limit, 0, {}
-
-    def value(self, row: int):
-        while row not in self.cached:
-            batch = next(self.batches, None)
-            if batch is None:
-                self.file.close()
-                raise EOFError(f"row {row} is not in its row group: the file holds fewer rows than it claims")
-            self.cached = {self.next_row + i: v for i, v in enumerate(_bounded_cells(batch.column(0), self.limit))}
-            self.next_row += batch.num_rows
-        return self.cached.pop(row)
-
-
-def _bounded_cells(cells: pa.Array, limit: int) -> list:
-    """The cells as Python values, each larger than `limit` bytes replaced by its size (never copied out)."""
-    if pa.types.is_struct(cells.type):
-        cells = cells.field("bytes") if cells.type.get_field_index("bytes") >= 0 else cells
-    if pa.types.is_binary(cells.type) or pa.types.is_large_binary(cells.type) or pa.types.is_string(cells.type):
-        import pyarrow.compute as pc
-        sizes = pc.binary_length(cells).to_pylist()
-        return [_TooBig(n) if n is not None and n > limit else cells[i].as_py() for i, n in enumerate(sizes)]
-    return cells.to_pylist()
-
-
-@dataclass(frozen=True)
-class _TooBig:
-    size: int
-
-
 def _parquet_value(item: Item, value, limit: int) -> Loaded:
-    if isinstance(value, _TooBig):
-        return _reject(item, "file_too_large", f"{value.size} bytes > max_file_bytes={limit}")
-    if isinstance(value, dict):
-        value = value.get("bytes")
+    if isinstance(value, CellRefused):
+        return _reject(item, value.reason, value.detail)
     if value is None:
         return _reject(item, "missing_bytes", "image cell holds no bytes")
     if not isinstance(value, (bytes, bytearray, memoryview)):

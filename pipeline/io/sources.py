@@ -16,60 +16,40 @@ tar or is cut short, a file that is not parquet): one reject line for it, and th
                    and checked again, so it cannot be swapped for one between planning and reading)
     tars           regular members only (links, directories and devices are rejects), no absolute or `..` names,
                    one member per KEY.EXT (a later duplicate is a reject), sidecars of bounded size and depth
-    parquet        per row: image cells of the wrong type are rejects; per file: no image column, or not parquet
+    parquet        measured from the footer before a cell is read (io/parquet_inputs.py): per row, cells over budget,
+                   of the wrong type or with a null key are rejects; per file: no image column, or not parquet
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import posixpath
-import re
 import stat
 import tarfile
 from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 from webdataset.tariterators import base_plus_ext
 
 from ..common.config import ConfigError
 from . import storage
+from .items import (  # noqa: F401
+    LABEL_MAX_CHARS,
+    Item,
+    KeyMaker,
+    Loaded,
+    clean_label,
+    container_reject,
+    open_input_file,
+    printable,
+    relative_source,
+    sanitize_key,
+)
+from .parquet_inputs import plan_parquet
 from .twins import files_joining_groups, name_group
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "tga", "jp2", "ico")
-LABEL_MAX_CHARS = 200
-KEY_MAX_CHARS = 80
-SOURCE_MAX_CHARS = 300  # a file, member or column name as logs and reject lines show it
-ROWS_PER_BYTE = 8  # a parquet footer may claim at most this many rows per byte of its file (one bit per row)
-PARQUET_BATCH_ROWS = 64  # rows decoded at once while reading a parquet row group (bounds memory to a few cells)
-AUTO_IMAGE_COLUMNS = ("image", "jpg", "png", "webp", "img", "image_bytes", "bytes")
-
-
-@dataclass(frozen=True)
-class Item:
-    """One input sample as planned: where its bytes are and what it will be called."""
-    source: str                  # human-readable origin: "cats/1.jpg", "shard.tar::000123", "a.parquet#17"
-    key: str                     # output key, safe and unique within the run
-    label: str | None            # known at planning for folders and parquet, read from .cls/.json for tars
-    # ("file", path) | ("tar", path, ((ext, offset, size), ...)) | ("parquet", path, row_group, row, column)
-    locator: tuple
-    reject: str | None = None    # a reason known at planning time (e.g. an unsupported file type)
-    fields: tuple[tuple[str, str], ...] = ()  # named labels known at planning (folder levels, parquet columns)
-    detail: str | None = None    # what the planning reject saw
-    group: str | None = None     # its twins' group (io/twins.py): GROUP~... names, a group column; never a path
-
-
-@dataclass
-class Loaded:
-    item: Item
-    data: bytes | None
-    label: str | None
-    reject: tuple[str, str, str | None] | None = None  # (reason, detail, the exception's type if one was raised)
-    fields: dict[str, str] = field(default_factory=dict)  # every named label: {"shape": "ring", "background": ...}
 
 
 # ----------------------------------------------------------------------------------------------- planning
@@ -94,20 +74,22 @@ def detect_format(path: str) -> str:
 def plan_items(path: str | Path, fmt: str = "auto", image_column: str | None = None,
                key_column: str | None = None, label_column: str | None = None,
                label_fields: list[str] | tuple[str, ...] = (),
-               group_column: str | None = None) -> tuple[str, list[Item]]:
+               group_column: str | None = None, max_cell_bytes: int | None = None) -> tuple[str, list[Item]]:
     """Lists every sample under `path` (a local path or an object-store URI) in a deterministic order.
     Returns (format, items).
 
     `label_fields` names the labels each sample carries, for data labelled along several factors (shape and
     background, say): a folder tree's first levels (`ring/checker/1.png`), a webdataset sidecar's `KEY.json`
     keys, or parquet columns. Every field found is kept; the single `label` (.cls, the first folder, the label
-    column) stays for tools that read one. `group_column` (parquet; default `group`): each row's twins' group."""
+    column) stays for tools that read one. `group_column` (parquet; default `group`): each row's twins' group.
+    `max_cell_bytes` (precompute's max_file_bytes): parquet row groups whose cells cannot be read within it are
+    rejected from their footer (io/parquet_inputs.py)."""
     label_fields = tuple(label_fields or ())
     root = storage.canonical(path)
     if not storage.exists(root):
         raise ConfigError(f"input not found: {root}")
     fmt = detect_format(root) if fmt == "auto" else fmt
-    keys = _KeyMaker()
+    keys = KeyMaker()
     if fmt == "folder":
         if not storage.is_dir(root):
             raise ConfigError(f"input format 'folder' needs a directory, got {root}")
@@ -117,8 +99,8 @@ def plan_items(path: str | Path, fmt: str = "auto", image_column: str | None = N
     if fmt == "webdataset":
         return fmt, _join_name_groups([it for f in files for it in _plan_tar(f, root, keys, label_fields)] + rejects)
     if fmt == "parquet":
-        items = [it for f in files for it in _plan_parquet(f, root, keys, image_column, key_column, label_column,
-                                                           label_fields, group_column)] + rejects
+        items = [it for f in files for it in plan_parquet(f, root, keys, image_column, key_column, label_column,
+                                                          label_fields, group_column, max_cell_bytes)] + rejects
         columns = [it for it in items if it.reject == "missing_column"]
         if columns and len(columns) == len(items):  # a column the config names is in none of the files
             raise ConfigError(columns[0].detail)
@@ -126,7 +108,7 @@ def plan_items(path: str | Path, fmt: str = "auto", image_column: str | None = N
     raise ConfigError(f"unknown input format {fmt!r}")
 
 
-def _data_files(root: str, suffix: str, keys: "_KeyMaker") -> tuple[list[str], list[Item]]:
+def _data_files(root: str, suffix: str, keys: "KeyMaker") -> tuple[list[str], list[Item]]:
     """The container files to read (sorted, hidden names skipped) and a reject for each one that must not be read: a
     link out of the input folder, something not a regular file, a folder too deep to walk."""
     if storage.is_remote(root):
@@ -138,55 +120,21 @@ def _data_files(root: str, suffix: str, keys: "_KeyMaker") -> tuple[list[str], l
         for path, walk_problem in storage.walk_local(root):
             if walk_problem is not None:
                 reason, detail = _walk_reject(walk_problem)
-                rejects.append(_container_reject(path, root, keys, reason, f"{_relative(path, root)}: {detail}"))
+                rejects.append(container_reject(path, root, keys, reason, f"{relative_source(path, root)}: {detail}"))
             elif path.endswith(suffix):
                 target, problem = _regular_file(Path(path), real_root)
                 if problem is None:
                     files.append(target)
                 else:
-                    rejects.append(_container_reject(path, root, keys, problem[0],
-                                                     f"{_relative(path, root)}: {problem[1]}"))
+                    rejects.append(container_reject(path, root, keys, problem[0],
+                                                     f"{relative_source(path, root)}: {problem[1]}"))
         files.sort(key=lambda path: Path(path).relative_to(real_root).parts)
     if not files and not rejects:
         raise ConfigError(f"no {suffix} files under {root}")
     return files, rejects
 
 
-def _container_reject(path: str, root: str, keys: "_KeyMaker", reason: str, detail: str) -> Item:
-    """One reject line for a whole input file that cannot be read (the job goes on with the others)."""
-    source = _relative(path, root)
-    return Item(source=source, key=keys.make(f"container_{source}", source), label=None, locator=("none",),
-                reject=reason, detail=printable(detail))
-
-
-def _open(path: str):
-    """A seekable binary file for a local path or an object-store URI. A local one is opened without following a
-    link and without blocking, and must be a regular file when open: a container swapped for a link, a FIFO or a
-    device after planning is refused, never followed or waited on."""
-    if storage.is_remote(path):
-        return storage.open_input(path)
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise OSError(f"{printable(path)} is not a regular file")
-    return os.fdopen(fd, "rb")
-
-
-def _relative(path: str, root: str) -> str:
-    return printable(storage.name(path) if path == root else posixpath.relpath(path, root))
-
-
-def printable(text: str, limit: int = SOURCE_MAX_CHARS) -> str:
-    """Text taken from an input (a file, member or column name) as logs and reject lines may show it: bytes that are
-    not UTF-8 (file systems and tars carry any) and control characters escaped (\\xff, \\n), at most `limit`
-    characters, so it can neither break a line nor fail to encode."""
-    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    if not text.isprintable():
-        text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def _plan_folder(root: str, keys: "_KeyMaker", label_fields: tuple[str, ...]) -> Iterator[Item]:
+def _plan_folder(root: str, keys: "KeyMaker", label_fields: tuple[str, ...]) -> Iterator[Item]:
     if storage.is_remote(root):  # an object store has no directories to walk: its listing is already sorted
         for path in storage.list_files(root):
             yield _folder_item(posixpath.relpath(path, root), path, keys, label_fields)
@@ -203,7 +151,7 @@ def _plan_folder(root: str, keys: "_KeyMaker", label_fields: tuple[str, ...]) ->
         yield item if problem is None else _replace(item, reject=problem[0], detail=f"{item.source}: {problem[1]}")
 
 
-def _folder_item(rel: str, path: str, keys: "_KeyMaker", label_fields: tuple[str, ...]) -> Item:
+def _folder_item(rel: str, path: str, keys: "KeyMaker", label_fields: tuple[str, ...]) -> Item:
     """One file of a folder tree; its first folder under the root is its label, its first folders in order are
     the values of `label_fields`."""
     parts = PurePosixPath(rel)
@@ -211,10 +159,10 @@ def _folder_item(rel: str, path: str, keys: "_KeyMaker", label_fields: tuple[str
     label = folders[0] if folders else None
     ext = parts.suffix.lower().lstrip(".")
     reject = None if ext in IMAGE_EXTENSIONS else "unsupported_extension"
-    fields = tuple((name, value) for name, value in zip(label_fields, map(_clean_label, folders)) if value)
+    fields = tuple((name, value) for name, value in zip(label_fields, map(clean_label, folders)) if value)
     source = printable(rel)
-    return Item(source=source, key=keys.make(parts.with_suffix("").as_posix(), source), label=_clean_label(label),
-                locator=("file", path), reject=reject, fields=fields, group=_clean_label(name_group(parts.stem)))
+    return Item(source=source, key=keys.make(parts.with_suffix("").as_posix(), source), label=clean_label(label),
+                locator=("file", path), reject=reject, fields=fields, group=clean_label(name_group(parts.stem)))
 
 
 def _join_name_groups(items: list[Item]) -> list[Item]:
@@ -252,19 +200,19 @@ def _replace(item: Item, **changes) -> Item:
     return replace(item, **changes)
 
 
-def _plan_tar(path: str, root: str, keys: "_KeyMaker", label_fields: tuple[str, ...]) -> Iterator[Item]:
+def _plan_tar(path: str, root: str, keys: "KeyMaker", label_fields: tuple[str, ...]) -> Iterator[Item]:
     """Groups tar members into webdataset samples (`KEY.EXT`, split on the first dot of the basename); members that
     cannot be samples are rejects, and a tar that is not one, or is cut short, is one reject line (the samples read
     before the cut are kept)."""
-    rel = _relative(path, root)
+    rel = relative_source(path, root)
     samples: dict[str, dict[str, tuple[int, int]]] = {}
     rejects: list[Item] = []
     problem = None
     if path.endswith((".tar.gz", ".tgz")):
-        yield _container_reject(path, root, keys, "not_a_tar", "a compressed tar (only uncompressed tars are read)")
+        yield container_reject(path, root, keys, "not_a_tar", "a compressed tar (only uncompressed tars are read)")
         return
     try:
-        with _open(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+        with open_input_file(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
             for member in tar:
                 reason = _member_problem(member, samples)
                 if reason is not None:
@@ -285,10 +233,10 @@ def _plan_tar(path: str, root: str, keys: "_KeyMaker", label_fields: tuple[str, 
         yield Item(source=source, key=keys.make(base, source), label=None,
                    locator=("tar", str(path), tuple((e, *members[e]) for e in wanted)),
                    reject=None if image_ext else "no_image_member",  # its named labels: in KEY.json, read with it
-                   group=_clean_label(name_group(PurePosixPath(base).name)))
+                   group=clean_label(name_group(PurePosixPath(base).name)))
     yield from rejects
     if problem is not None:
-        yield _container_reject(path, root, keys, problem[0], f"{rel}: {problem[1]}")
+        yield container_reject(path, root, keys, problem[0], f"{rel}: {problem[1]}")
 
 
 def _member_problem(member: tarfile.TarInfo, samples: dict) -> tuple[str, str] | None:
@@ -306,128 +254,6 @@ def _member_problem(member: tarfile.TarInfo, samples: dict) -> tuple[str, str] |
     if ext.lower() in samples.get(base, {}):
         return "duplicate_member", f"a second {ext.lower()} for key {base!r} (the first is kept)"
     return None
-
-
-def _plan_parquet(path: str, root: str, keys: "_KeyMaker", image_column: str | None,
-                  key_column: str | None, label_column: str | None,
-                  label_fields: tuple[str, ...], group_column: str | None = None) -> Iterator[Item]:
-    try:
-        f = _open(path)
-    except OSError as e:
-        yield _container_reject(path, root, keys, "read_error", f"{type(e).__name__}: {e}")
-        return
-    with f:  # closed once its rows are planned
-        yield from _plan_parquet_file(f, path, root, keys, image_column, key_column, label_column, label_fields,
-                                      group_column)
-
-
-def _plan_parquet_file(f, path: str, root: str, keys: "_KeyMaker", image_column: str | None,
-                       key_column: str | None, label_column: str | None,
-                       label_fields: tuple[str, ...], group_column: str | None = None) -> Iterator[Item]:
-    rel = _relative(path, root)
-    try:
-        pf = pq.ParquetFile(f)
-    except Exception as e:  # noqa: BLE001 - whatever pyarrow says about a file that is not parquet
-        yield _container_reject(path, root, keys, "not_parquet", f"{rel}: {type(e).__name__}: {e}")
-        return
-    schema = pf.schema_arrow
-    f.seek(0, os.SEEK_END)
-    file_bytes = f.tell()
-    claimed = [pf.metadata.row_group(rg).num_rows for rg in range(pf.num_row_groups)]
-    if sum(claimed) != pf.metadata.num_rows or sum(claimed) > ROWS_PER_BYTE * file_bytes or min(claimed, default=0) < 0:
-        yield _container_reject(path, root, keys, "implausible_row_count",
-                                f"{rel}: its footer claims {pf.metadata.num_rows} rows ({sum(claimed)} in its row "
-                                f"groups) in {file_bytes} bytes: not read")
-        return
-    column = image_column or _auto_image_column(schema)
-    named = [("image_column", column), ("key_column", key_column), ("label_column", label_column),
-             ("group_column", group_column), *(("label field", n) for n in label_fields)]
-    absent = [(what, name) for what, name in named if name is not None and name not in schema.names]
-    if column is None or absent:
-        what, name = absent[0] if absent else ("image_column", None)
-        detail = (f"{what} {name!r} is not a column of {path} (columns: {', '.join(schema.names)})" if name else
-                  f"no image-bytes column in {path}: set image_column (columns: {', '.join(schema.names)})")
-        yield _container_reject(path, root, keys, "missing_column", detail)
-        return
-    if not _is_image_column(schema.field(column).type):
-        yield _container_reject(path, root, keys, "missing_column",
-                                f"column {column!r} of {path} holds {schema.field(column).type}, not image bytes "
-                                "(binary or struct<bytes, path>)")
-        return
-    label_column = label_column or ("label" if "label" in schema.names else None)
-    group_column = group_column or ("group" if "group" in schema.names else None)
-    side = list(dict.fromkeys(c for c in (key_column, label_column, group_column, *label_fields) if c))
-    stem = _sanitize(PurePosixPath(rel).with_suffix("").as_posix())
-    row_index = 0
-    try:
-        for rg in range(pf.num_row_groups):
-            # Side columns (keys, labels) are streamed a few rows at a time, each value cut as it is read: a huge
-            # compressed label cell costs one batch, never a whole row group on the driver.
-            rows = _side_rows(pf, rg, side) if side else ({} for _ in range(claimed[rg]))
-            for row, values in enumerate(rows):
-                source = f"{rel}#{row_index}"
-                hint = values[key_column] if key_column else f"{stem}_{row_index:09d}"
-                label = values.get(label_column) if label_column else None
-                named = ((name, _clean_label(values[name])) for name in label_fields)
-                yield Item(source=source, key=keys.make(hint, source), label=_clean_label(label),
-                           locator=("parquet", path, rg, row, column), fields=tuple((n, v) for n, v in named if v),
-                           group=_clean_label(values[group_column]) if group_column else None)
-                row_index += 1
-    except Exception as e:  # noqa: BLE001 - a row group that cannot be read: the rest of the file is lost
-        yield _container_reject(path, root, keys, "truncated_container",
-                                f"{rel}: after {row_index} rows, {type(e).__name__}: {e}")
-
-
-def _side_rows(pf: pq.ParquetFile, rg: int, columns: list[str]) -> Iterator[dict]:
-    """{column: its value as text, cut to LABEL_MAX_CHARS} for each row of row group `rg`, a batch at a time."""
-    for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[rg], columns=columns):
-        texts = {c: [None if v is None else str(v)[:LABEL_MAX_CHARS * 4] for v in batch.column(c).to_pylist()]
-                 for c in columns}
-        for i in range(batch.num_rows):
-            yield {c: texts[c][i] for c in columns}
-
-
-def _auto_image_column(schema: pa.Schema) -> str | None:
-    for name in AUTO_IMAGE_COLUMNS:
-        if name in schema.names and _is_image_column(schema.field(name).type):
-            return name
-    for column in schema:
-        if _is_image_column(column.type):
-            return column.name
-    return None
-
-
-def _is_image_column(t: pa.DataType) -> bool:
-    if pa.types.is_binary(t) or pa.types.is_large_binary(t):
-        return True
-    return pa.types.is_struct(t) and "bytes" in [t.field(i).name for i in range(t.num_fields)]
-
-
-class _KeyMaker:
-    """Safe, unique, deterministic keys: the sanitised name, plus a short hash of the source on a clash."""
-
-    def __init__(self):
-        self.used: set[str] = set()
-
-    def make(self, hint: str, source: str) -> str:
-        key = _sanitize(hint)
-        if key in self.used:
-            key = f"{key[:KEY_MAX_CHARS - 9]}-{hashlib.sha256(source.encode()).hexdigest()[:8]}"
-        while key in self.used:  # astronomically rare: a hash clash on top of a name clash
-            key = f"{key}-{hashlib.sha256(key.encode()).hexdigest()[:4]}"
-        self.used.add(key)
-        return key
-
-
-def _sanitize(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_")[:KEY_MAX_CHARS] or "item"
-
-
-def _clean_label(label) -> str | None:
-    if label is None:
-        return None
-    text = printable(str(label).strip(), LABEL_MAX_CHARS)
-    return text if text else None
 
 
 def count_by_field(fields: list[dict[str, str]]) -> dict[str, dict[str, int]]:

@@ -160,7 +160,7 @@ def prepare(cfg: PrecomputeConfig) -> tuple[VaeSpec, str, list[Item]]:
     require(cfg.resolution % spec.downscale_factor == 0,
             f"resolution {cfg.resolution} is not a multiple of the VAE's downscale factor {spec.downscale_factor}")
     fmt, items = plan_items(cfg.input, cfg.input_format, cfg.image_column, cfg.key_column, cfg.label_column,
-                            cfg.label_fields, cfg.group_column)
+                            cfg.label_fields, cfg.group_column, cfg.max_file_bytes)
     inside = _output_inside_input(cfg)
     if inside is not None:  # the job's own shards and markers are never its inputs (a resume plans what it planned)
         items = [it for it in items if it.source != inside and not it.source.startswith((f"{inside}/", f"{inside}::",
