@@ -601,3 +601,32 @@ def test_a_null_key_costs_its_row_not_its_file(tmp_path):
     _, items = plan_items(tmp_path / "a.parquet", key_column="id")
     assert [(it.key, it.reject) for it in items] == [("a", None), ("a_000000001", "missing_key"), ("c", None)]
     assert "null" in items[1].detail
+
+
+def test_an_input_edited_in_place_is_encoded_again_on_resume_and_a_mistyped_marker_is_redone(
+        ray_cluster, vae_only_dir, tmp_path):
+    """Resume compares the inputs' sizes and modification times, not only their names: the shard holding an image
+    rewritten under the same name is encoded again (and matches a clean run), the other is kept; a done marker whose
+    label_fields is of the wrong type is a shard to redo, not an error on every re-run."""
+    from tests.test_precompute import precompute, tar_digests
+
+    images = tmp_path / "in"
+    images.mkdir()
+    for i in range(6):
+        (images / f"{i}.png").write_bytes(good(i))
+    out = tmp_path / "out"
+    precompute(images, vae_only_dir, out, shuffle=False)
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("latents-*.tar")}
+    (images / "0.png").write_bytes(good(100))  # same name, other pixels (and size)
+    precompute(images, vae_only_dir, out, shuffle=False)
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("latents-*.tar")}
+    assert after["latents-000000.tar"] != before["latents-000000.tar"]  # holds 0.png: encoded again
+    assert after["latents-000001.tar"] == before["latents-000001.tar"]  # its inputs unchanged: kept
+    precompute(images, vae_only_dir, tmp_path / "clean", shuffle=False)
+    assert tar_digests(out) == tar_digests(tmp_path / "clean")
+
+    marker = out / "stats" / "latents-000001.json"
+    marker.write_text(json.dumps(json.loads(marker.read_text()) | {"label_fields": ["not", "a", "mapping"]}))
+    assert precompute(images, vae_only_dir, out, shuffle=False)["totals"]["encoded"] == 6
+    assert (out / "latents-000001.tar").stat().st_mtime_ns != after["latents-000001.tar"]
+    assert isinstance(json.loads(marker.read_text())["label_fields"], dict)

@@ -100,3 +100,28 @@ def printable(text: str, limit: int = SOURCE_MAX_CHARS) -> str:
     if not text.isprintable():
         text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def inputs_fingerprint(items) -> str:
+    """sha256 of what `items` are now: each one's source, key and place with its file's size and modification time
+    (a container's, for tar members and parquet rows). An input edited in place under the same name changes it, so
+    the shard holding it is encoded again on resume (names alone would pass it as done)."""
+    states: dict[str, str] = {}
+    digest = hashlib.sha256()
+    for item in items:
+        path = item.locator[1] if item.locator[0] in ("file", "tar", "parquet") else None
+        if path is not None and path not in states:
+            states[path] = _file_state(path)
+        digest.update(f"{item.source}\t{item.key}\t{item.locator[2:]}\t{states.get(path, '')}\n".encode(
+            "utf-8", "surrogateescape"))
+    return digest.hexdigest()
+
+
+def _file_state(path: str) -> str:
+    if storage.is_remote(path):
+        return str(storage.size(path))
+    try:
+        info = os.stat(path)
+    except OSError:
+        return "missing"
+    return f"{info.st_size}:{info.st_mtime_ns}"

@@ -1,14 +1,12 @@
 """Latent precompute: images -> VAE encoder -> sampled, scaled latents -> webdataset shards, as Ray tasks.
 
-The driver plans every input item, puts them in a seeded random order (`shuffle`, on by default: sources list
-folder trees sorted by label, so without it the last shards, which training holds out, would hold only the last
-labels; stratified by label where labels are known), sets the last `holdout` of it apart, cuts the training part
-and then the held-out part into shards of `shard_size` items (the manifest lists the held-out ones) and runs one Ray
-task per missing shard. Each task reads its own inputs, rejects bad ones (recorded, never fatal),
+The driver plans every input item, puts them in a seeded random order (`shuffle`, on by default; stratified by label
+where labels are known, so the held-out last shards hold every label), sets the last `holdout` of it apart, cuts the
+training part and then the held-out part into shards of `shard_size` items (the manifest lists the held-out ones)
+and runs one Ray task per missing shard. Each task reads its own inputs, rejects bad ones (recorded, never fatal),
 encodes in batches with the VAE it loaded once per worker process, and writes its tar then its done marker
-atomically. The manifest is written last, once every shard is done. Re-running the same command skips complete
-shards; a different config or input into the same folder is refused.
-"""
+atomically. The manifest is written last. Re-running the same command skips complete shards whose inputs are
+unchanged; a different config or input list into the same folder is refused."""
 
 from __future__ import annotations
 
@@ -32,6 +30,7 @@ from ..io.files import atomic_write_json, atomic_write_lines, claim_run_folder, 
 from ..io.images import DEFAULT_FORMATS, MAX_DECODE_BYTES, MAX_DECODE_SECONDS, Rejected, decode_image, to_model_input
 from ..io.reading import read_items
 from ..io.shard_plan import held_out_count, plan_shards, shard_order
+from ..io.items import inputs_fingerprint
 from ..io.sources import Item, count_by_field, count_by_label, plan_items, printable
 from ..io.tars import write_tar
 from ..io.twins import TWIN_THRESHOLD
@@ -152,6 +151,7 @@ class ShardJob:
     image_formats: tuple[str, ...] = DEFAULT_FORMATS
     max_decode_bytes: int = MAX_DECODE_BYTES
     max_decode_seconds: float = MAX_DECODE_SECONDS
+    inputs_sha256: str = ""  # the items' inputs as planned (io/items.inputs_fingerprint): a resume compares it
 
 
 def prepare(cfg: PrecomputeConfig) -> tuple[VaeSpec, str, list[Item]]:
@@ -176,7 +176,7 @@ def shard_job(cfg: PrecomputeConfig, spec: VaeSpec, index: int, items: tuple[Ite
     return ShardJob(index, items, storage.canonical(cfg.output), spec, cfg.resolution, cfg.batch_size, cfg.dtype,
                     cfg.seed, cfg.store_moments, cfg.max_pixels, cfg.min_side, cfg.max_file_bytes, use_gpu,
                     max(1, num_threads), tuple(cfg.label_fields), tuple(f.upper() for f in cfg.image_formats),
-                    cfg.max_decode_bytes, cfg.max_decode_seconds)
+                    cfg.max_decode_bytes, cfg.max_decode_seconds, inputs_fingerprint(items))
 
 
 def run_precompute(cfg: PrecomputeConfig, address: str | None = None, dashboard: bool = False) -> dict:
@@ -204,7 +204,7 @@ def run_precompute(cfg: PrecomputeConfig, address: str | None = None, dashboard:
     if twins is not None:
         twins["held_out_with_a_training_twin"] = held_out_with_a_training_twin(chunks, held_out_shards)
 
-    done = {i: s for i in range(len(chunks)) if (s := _completed_shard(out, i)) is not None}
+    done = {i: s for i in range(len(chunks)) if (s := _completed_shard(out, i, chunks[i])) is not None}
     todo = [i for i in range(len(chunks)) if i not in done]
     log = Progress("precompute", total=sum(len(chunks[i]) for i in todo), unit="images",
                    interval_s=cfg.progress_interval_s)
@@ -310,7 +310,7 @@ def encode_shard(job: ShardJob) -> dict:
     name = sh.SHARD_NAME.format(job.index)
     written = write_tar(storage.join(job.output, name), samples)
     stats = {"shard": job.index, "file": name, "count": len(samples), "seen": len(job.items),
-             "rejected": len(rejects), **written,
+             "rejected": len(rejects), **written, "inputs_sha256": job.inputs_sha256,
              "labels": count_by_label(labels), "label_fields": count_by_field(fields), "rejects": rejects,
              "seconds": round(time.monotonic() - start, 3),
              "worker": {"pid": os.getpid(), "device": device.type,
@@ -334,7 +334,7 @@ def _output_inside_input(cfg: PrecomputeConfig) -> str | None:
 
 # A done marker as encode_shard writes it: anything else is a shard to encode again, never trusted.
 _MARKER_TYPES = {"file": str, "count": int, "seen": int, "rejected": int, "bytes": int, "sha256": str,
-                 "rejects": list, "labels": dict}
+                 "rejects": list, "labels": dict, "label_fields": dict, "inputs_sha256": str}
 
 
 def _valid_marker(stats) -> bool:
@@ -345,17 +345,18 @@ def _valid_marker(stats) -> bool:
         stats["seen"] == stats["count"] + stats["rejected"] == stats["count"] + len(stats["rejects"])
     return counts_ok and all(isinstance(r, dict) and isinstance(r.get("reason"), str) for r in stats["rejects"]) \
         and all(isinstance(k, str) and isinstance(v, int) and v >= 0 for k, v in stats["labels"].items()) \
-        and sum(stats["labels"].values()) <= stats["count"]
+        and sum(stats["labels"].values()) <= stats["count"] and all(isinstance(c, dict) and all(
+            isinstance(k, str) and isinstance(v, int) for k, v in c.items()) for c in stats["label_fields"].values())
 
 
 def _stats_path(out: str, index: int) -> str:
     return storage.join(out, sh.STATS_DIR, Path(sh.SHARD_NAME.format(index)).stem + ".json")
 
 
-def _completed_shard(out: str, index: int) -> dict | None:
-    """A shard is complete when its done marker exists and its tar has the size and sha256 the marker records;
-    anything else (a tar without a marker, from a run killed between the two; a tar cut short or changed after its
-    marker) is encoded again, never trusted."""
+def _completed_shard(out: str, index: int, items: tuple[Item, ...]) -> dict | None:
+    """A shard is complete when its done marker exists, was written from `items` as they are now (names, sizes,
+    modification times), and its tar has the size and sha256 the marker records; anything else (a tar without a
+    marker; a tar cut short or changed after its marker; an input edited in place) is encoded again."""
     stats_path, tar_path = _stats_path(out, index), storage.join(out, sh.SHARD_NAME.format(index))
     if not storage.is_file(stats_path) or not storage.is_file(tar_path):
         return None
@@ -363,8 +364,8 @@ def _completed_shard(out: str, index: int) -> dict | None:
         stats = read_json(stats_path)
     except ValueError:
         return None
-    if not _valid_marker(stats):  # of the wrong shape, or counts that do not add up: encoded again
-        return None
+    if not _valid_marker(stats) or stats["inputs_sha256"] != inputs_fingerprint(items):  # wrong shape, or inputs
+        return None  # changed since: encoded again
     if stats["bytes"] != storage.size(tar_path) or stats["sha256"] != storage.file_sha256(tar_path):
         return None
     if stats["count"] != sh.count_samples(tar_path):  # the count is the shard's own, not the marker's word
