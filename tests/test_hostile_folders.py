@@ -173,3 +173,111 @@ def test_generate_refuses_hostile_model_folders_and_samplers_with_exit_2(tmp_pat
         assert done.returncode == 2 and says in done.stderr, done.stderr[-2000:]
         assert "Traceback" not in done.stderr and len(done.stderr) < 1000
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------- run folders
+
+@pytest.fixture(scope="module")
+def small_run(ray_cluster, tmp_path_factory) -> Path:
+    """8 images of the shipped demo energy in two parquet shards."""
+    from pipeline.common.config import from_dict
+    from pipeline.generation import GenerateConfig, run_generation
+
+    out = tmp_path_factory.mktemp("run") / "gen"
+    run_generation(from_dict(GenerateConfig, dict(model=str(SHIPPED), vae=str(REPO / "models" / "demo"),
+                                                  output=str(out), num_images=8, images_per_shard=4,
+                                                  format="parquet", progress_interval_s=0.0)))
+    return out
+
+
+def tampered(small_run: Path, tmp_path: Path, change) -> Path:
+    folder = tmp_path / "gen"
+    shutil.copytree(small_run, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    replaced = change(folder, manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest if replaced is None else replaced))
+    return folder
+
+
+def claims_millions(folder, m):
+    m["images"], m["shards"][0]["count"] = 300_000_000, 299_999_996
+
+
+def points_elsewhere(folder, m):
+    files = m["shards"][0]["files"]
+    name = next(iter(files))
+    files[f"../../{Path(folder).name}-other/{name}"] = files.pop(name)
+
+
+def shard_missing(folder, m):
+    (folder / next(iter(m["shards"][1]["files"]))).unlink()
+
+
+def shard_replaced(folder, m):
+    first, second = (next(iter(s["files"])) for s in m["shards"])
+    shutil.copy(folder / second, folder / first)  # another run's (here: the other shard's) parquet, same name
+
+
+def shard_truncated(folder, m):
+    name, _ = next(iter(m["shards"][0]["files"].items()))
+    data = (folder / name).read_bytes()[:-100]
+    (folder / name).write_bytes(data)
+    m["shards"][0]["files"][name] = __import__("hashlib").sha256(data).hexdigest()  # a consistent lie
+
+
+def claims_more(folder, m):
+    m["images"], m["shards"][0]["count"] = 1_000_004, 1_000_000  # within the caps, and adding up: the file tells
+
+
+def wrong_latent_shape(folder, m):
+    m["latents"]["shape"] = [4, 9, 9]
+
+
+def huge_latent_shape(folder, m):
+    m["latents"]["shape"] = [4, 100_000, 100_000]
+
+
+def a_list(folder, m):
+    return [m]
+
+
+@pytest.mark.parametrize("change, says", [
+    (claims_millions, "shards must be a list"), (claims_more, "holds 4 rows, its manifest 1000000"),
+    (points_elsewhere, "not a plain file name"),
+    (shard_missing, "is missing"), (shard_replaced, "sha256 differs"), (shard_truncated, "does not read"),
+    (wrong_latent_shape, "not of the manifest's shape"), (huge_latent_shape, "latents.shape must be"),
+    (a_list, "not a generation manifest")])
+def test_hostile_run_folders_are_one_line_before_anything_large_is_read(small_run, tmp_path, change, says):
+    from pipeline.io.image_shards import read_generated
+
+    latents, images = read_generated(str(small_run))
+    assert latents.shape == (8, 4, 8, 8) and images.shape[0] == 8  # the run as written reads
+    folder = tampered(small_run, tmp_path, change)
+    with pytest.raises(EbdError, match=says) as err:
+        read_generated(str(folder))
+    assert "\n" not in str(err.value) and len(str(err.value)) < 600
+
+
+def test_a_tiff_or_oversized_image_cell_is_refused_by_evaluation(small_run, tmp_path):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from pipeline.io.image_shards import read_generated
+
+    def tiff_cell(folder, m):
+        name = next(iter(m["shards"][0]["files"]))
+        table = pq.read_table(folder / name)
+        buffer = io.BytesIO()
+        Image.new("RGB", (64, 64)).save(buffer, "TIFF")
+        cells = table.column("image").to_pylist()
+        cells[0] = {**cells[0], "bytes": buffer.getvalue()} if isinstance(cells[0], dict) else buffer.getvalue()
+        table = table.set_column(table.schema.get_field_index("image"), "image",
+                                 pa.array(cells, table.schema.field("image").type))
+        pq.write_table(table, folder / name)
+        m["shards"][0]["files"][name] = __import__("hashlib").sha256((folder / name).read_bytes()).hexdigest()
+
+    with pytest.raises(EbdError, match="not a PNG ebd can read"):
+        read_generated(str(tampered(small_run, tmp_path, tiff_cell)))

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import re
 import time
 from dataclasses import dataclass
 from typing import Iterator
@@ -261,35 +263,101 @@ def recorded_chunks(out: str, shard: int) -> dict[str, list[int]] | None:
 
 # ------------------------------------------------------------------------------------------------ reading
 
+# A generation run's folder is read as untrusted input (it may come from anywhere): its manifest is size-capped and
+# checked field by field, its shard files must be plain names inside the folder with the size of rows and the sha256
+# the manifest records, and its PNG cells are decoded only as PNG and only up to MAX_IMAGE_PIXELS.
+MAX_MANIFEST_BYTES = 64 << 20
+MAX_LATENT_ELEMENTS = 1 << 20  # C x h x w of one latent (Stable Diffusion at 1024 px: 4 x 128 x 128 = 65,536)
+MAX_SHARD_ROWS = 1 << 24
+MAX_IMAGE_PIXELS = 4096 * 4096
+_FILE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+
+
 def generated_manifest(folder: str) -> dict:
-    """The manifest of a finished generation run (a folder or a bucket's URI) that saved its latents (one line if
-    not)."""
+    """The manifest of a finished generation run (a folder or a bucket's URI) that saved its latents, checked before
+    use (one line if it is not one, or does not hold together)."""
     path = storage.join(folder, "manifest.json")
     if not storage.is_file(path):
         raise EbdError(f"{folder} has no manifest.json: not a finished generation run (re-run jobs.generate)")
-    manifest = read_json(path)
-    if manifest.get("format") != "ebd.images/1":
-        raise EbdError(f"{path} is not a generation manifest (format {manifest.get('format')!r})")
-    if not manifest.get("latents", {}).get("saved"):
+    if storage.size(path) > MAX_MANIFEST_BYTES:
+        raise EbdError(f"{path} is {storage.size(path):,} bytes, more than a generation manifest may have")
+    try:
+        manifest = read_json(path)
+    except (ValueError, RecursionError):
+        raise EbdError(f"{path} is not valid JSON") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != "ebd.images/1":
+        raise EbdError(f"{path} is not a generation manifest (format "
+                       f"{manifest.get('format') if isinstance(manifest, dict) else type(manifest).__name__!r})")
+    latents = manifest.get("latents")
+    if not isinstance(latents, dict) or not latents.get("saved"):
         raise EbdError(f"{folder} was generated without its latents: re-run jobs.generate with save_latents: true")
+    shape = latents.get("shape")
+    if not (isinstance(shape, list) and len(shape) == 3 and all(type(d) is int and d >= 1 for d in shape)
+            and shape[0] * shape[1] * shape[2] <= MAX_LATENT_ELEMENTS):
+        raise EbdError(f"{path}: latents.shape must be [C, h, w] of at most {MAX_LATENT_ELEMENTS:,} values, got "
+                       f"{str(shape)[:80]}")
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not all(
+            isinstance(sh, dict) and type(sh.get("count")) is int and 0 <= sh["count"] <= MAX_SHARD_ROWS
+            and isinstance(sh.get("files"), dict) and sh["files"] for sh in shards):
+        raise EbdError(f"{path}: shards must be a list of {{count, files}} records")
+    if type(manifest.get("images", 0)) is not int or manifest.get("images", sum(sh["count"] for sh in shards)) != sum(
+            sh["count"] for sh in shards):
+        raise EbdError(f"{path} counts {str(manifest.get('images'))[:40]} images but its shards hold "
+                       f"{sum(sh['count'] for sh in shards)}")
+    for shard in shards:
+        for name, sha in shard["files"].items():
+            _check_shard_file(folder, name, sha)
     return manifest
+
+
+def _check_shard_file(folder: str, name, sha) -> None:
+    """A shard file the manifest names: a relative path of plain names, inside the folder, present, with a sha256."""
+    parts = name.split("/") if isinstance(name, str) else []
+    if not (1 <= len(parts) <= 3 and all(_FILE_NAME.fullmatch(p) for p in parts) and isinstance(sha, str)
+            and re.fullmatch(r"[0-9a-f]{64}", sha)):
+        raise EbdError(f"{folder}/manifest.json names a shard file {str(name)[:100]!r}: not a plain file name inside "
+                       "the run (with its sha256)")
+    path = storage.join(folder, name)
+    if not storage.is_file(path):
+        raise EbdError(f"{path} is missing: the run folder is incomplete (re-run jobs.generate to finish it)")
+    if not storage.is_remote(folder):
+        real, root = os.path.realpath(path), os.path.realpath(folder)
+        if os.path.commonpath([real, root]) != root:
+            raise EbdError(f"{path} leads outside its run folder: not read")
 
 
 def _generated_rows(folder: str, manifest: dict, columns: list[str], from_tar) -> Iterator[tuple]:
     """Every row of a finished generation run, in order: the named parquet `columns` (None for one a shard lacks),
-    or `from_tar(sample)` per sample of a run that wrote tars only."""
-    import pyarrow.parquet as pq
-
+    or `from_tar(sample)` per sample of a run that wrote tars only. Each file is checked against the sha256 the
+    manifest records, and its rows against the shard's count, before a row is yielded."""
     for shard in manifest["shards"]:
         parquet = next((f for f in shard["files"] if f.endswith(".parquet")), None)
+        name = parquet or next((f for f in shard["files"] if f.endswith(".tar")), None)
+        if name is None:
+            raise EbdError(f"{folder}: shard {shard.get('shard')} has neither a parquet nor a tar file")
+        path = storage.join(folder, name)
+        if storage.file_sha256(path) != shard["files"][name]:
+            raise EbdError(f"{path} is not the file its manifest records (sha256 differs): the run changed after it "
+                           "was written")
+        try:
+            if parquet is None:
+                samples = list(map(from_tar, read_tar_samples(path)))
+                rows = len(samples)
+            else:
+                with storage.open_input(path) as f:
+                    data = pq.ParquetFile(f)
+                    rows = data.metadata.num_rows
+                    present = [c for c in columns if c in data.schema_arrow.names]
+                    table = data.read(columns=present) if rows == shard["count"] else None
+        except (OSError, ValueError, KeyError, pa.ArrowException) as e:
+            raise EbdError(f"{path} does not read: {type(e).__name__}: {str(e)[:200]}") from None
+        if rows != shard["count"]:
+            raise EbdError(f"{path} holds {rows} rows, its manifest {shard['count']}: the run changed after it was "
+                           "written")
         if parquet is None:
-            tar = next(f for f in shard["files"] if f.endswith(".tar"))
-            yield from map(from_tar, read_tar_samples(storage.join(folder, tar)))
+            yield from samples
             continue
-        with storage.open_input(storage.join(folder, parquet)) as f:
-            data = pq.ParquetFile(f)
-            present = [c for c in columns if c in data.schema_arrow.names]
-            table = data.read(columns=present)
         yield from zip(*(table.column(c).to_pylist() if c in present else [None] * table.num_rows for c in columns))
 
 
@@ -299,13 +367,30 @@ def read_generated(folder: str, index: torch.Tensor | None = None) -> tuple[torc
     manifest = generated_manifest(folder)
     rows = _generated_rows(folder, manifest, ["image", "latent"], lambda s: (s["png"], s["latent.npy"]))
     picked = pick_rows(rows, index)
-    latents = [latent_of(value, manifest["latents"]["shape"]) for _, value in picked]
+    try:
+        latents = [latent_of(value, manifest["latents"]["shape"]) for _, value in picked]
+    except (ValueError, TypeError) as e:
+        raise EbdError(f"{folder}: a latent is not of the manifest's shape {manifest['latents']['shape']} "
+                       f"({str(e)[:120]})") from None
     return torch.from_numpy(np.stack(latents)), _decoded([png for png, _ in picked])
 
 
 def _decoded(pngs: list) -> torch.Tensor:
-    """uint8 (N, 3, H, W) images from stored PNG values."""
-    images = [np.asarray(Image.open(io.BytesIO(png_of(png))).convert("RGB")) for png in pngs]
+    """uint8 (N, 3, H, W) images from stored PNG values: PNG only, at most MAX_IMAGE_PIXELS each, all one size."""
+    images = []
+    for png in pngs:
+        try:
+            img = Image.open(io.BytesIO(png_of(png)), formats=["PNG"])
+            if img.size[0] * img.size[1] > MAX_IMAGE_PIXELS:
+                raise EbdError(f"a generated image of {img.size[0]}x{img.size[1]} pixels: more than a run writes")
+            images.append(np.asarray(img.convert("RGB")))
+        except EbdError:
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever Pillow raises on a cell that is not a sound PNG
+            raise EbdError(f"a generated image is not a PNG ebd can read ({type(e).__name__}: {str(e)[:120]})") \
+                from None
+    if len({im.shape for im in images}) > 1:
+        raise EbdError(f"the generated images are not all one size ({sorted({im.shape for im in images})[:2]})")
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
 
 

@@ -28,9 +28,9 @@ from ..io import latent_shards as sh
 from ..io import storage
 from ..io.files import atomic_write_json, atomic_write_lines, claim_run_folder, read_json
 from ..io.images import DEFAULT_FORMATS, MAX_DECODE_BYTES, MAX_DECODE_SECONDS, Rejected, decode_image, to_model_input
+from ..io.items import inputs_fingerprint
 from ..io.reading import read_items
 from ..io.shard_plan import held_out_count, plan_shards, shard_order
-from ..io.items import inputs_fingerprint
 from ..io.sources import Item, count_by_field, count_by_label, plan_items, printable
 from ..io.tars import write_tar
 from ..io.twins import TWIN_THRESHOLD
