@@ -7,7 +7,10 @@
    beside 20 good images; and the same job on the 20 good images alone. Reported: exit code, reject reasons against
    the case's expected ones, wall time, and the peak memory of the job's whole process tree (driver, Ray's daemons
    and workers; psutil, sampled every 50 ms) above the good-images job's peak.
-2. Bytes per pixel: each decoder's peak memory on a 3000 x 3000 image, in a fresh process (VmHWM), against the
+2. Configs, model folders and run folders: each hostile one through the job that reads it (`jobs.train`,
+   `jobs.generate`, `jobs.evaluate`): exit code, wall time, peak memory of the process tree, stderr bytes and whether a
+   traceback was printed; beside the same generate job on the shipped model (the run the evaluate cases tamper with).
+3. Bytes per pixel: each decoder's peak memory on a 3000 x 3000 image, in a fresh process (VmHWM), against the
    `DECODE_BYTES_PER_PIXEL` table `max_decode_bytes` is checked with (pipeline/io/images.py).
 Writes bench/hostile.md and bench/out/hostile.json.
 """
@@ -71,6 +74,102 @@ def run_job(folder: Path, out: Path) -> dict:
             "error": proc.stderr.read().strip().splitlines()[-1:] if proc.returncode else []}
 
 
+def run_command(args: list[str]) -> dict:
+    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stderr = []
+    reader = threading.Thread(target=lambda: stderr.append(proc.stderr.read()), daemon=True)
+    reader.start()
+    peak, seconds = peak_tree_rss(proc)
+    reader.join()
+    err = stderr[0] if stderr else b""
+    return {"exit": proc.returncode, "seconds": round(seconds, 1), "peak_mib": round(peak / 2**20),
+            "stderr_bytes": len(err), "traceback": b"Traceback" in err,
+            "line": err.decode("utf-8", "replace").strip().splitlines()[-1][:160] if err.strip() else ""}
+
+
+def folder_cases(work: Path) -> dict:
+    """Each hostile config, model folder and run folder through the job that reads it (issue: hostile inputs 3)."""
+    import shutil
+
+    model, vae = REPO / "models" / "demo" / "ebm", REPO / "models" / "demo"
+    generate = ["jobs.generate", "--config", "configs/generate.yaml", "--vae", str(vae), "--num-images", "8",
+                "--set", "images_per_shard=4", "--set", "format=parquet"]
+    rows = {"generate, shipped model (normal)": run_command([*generate, "--model", str(model), "--output",
+                                                              str(work / "run")])}
+
+    def model_copy(name, change_config=None, change_header=None):
+        folder = work / name
+        shutil.copytree(model, folder)
+        config = json.loads((folder / "config.json").read_text())
+        config.pop("weights_sha256")
+        if change_config:
+            change_config(config)
+        (folder / "config.json").write_text(json.dumps(config))
+        if change_header:
+            data = (folder / "model.safetensors").read_bytes()
+            n = int.from_bytes(data[:8], "little")
+            header = json.loads(data[8:8 + n])
+            change_header(header[sorted(k for k in header if k != "__metadata__")[0]])
+            raw = json.dumps(header).encode()
+            (folder / "model.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
+        return str(folder)
+
+    models = {"model: channels [1536, 1536], no sha256": model_copy("wide", lambda c: c["model"].update(
+                  channels=[1536, 1536])),
+              "model: tensor offsets past the end": model_copy("offsets", change_header=lambda t: t.update(
+                  data_offsets=[t["data_offsets"][0], t["data_offsets"][1] + 10**9])),
+              "model: shape 2^62 x 2^62": model_copy("shape", change_header=lambda t: t.update(shape=[2**62, 2**62])),
+              "model: `model` is a string": model_copy("string", lambda c: c.update(model="big"))}
+    for name, folder in models.items():
+        rows[name] = run_command([*generate, "--model", folder, "--output", str(work / "never")])
+    for name, extra in {"generate: sampler levels 10^12": "sampler={levels: 1000000000000}",
+                        "generate: langevin on a noise-level energy": "sampler={name: langevin}"}.items():
+        rows[name] = run_command([*generate, "--model", str(model), "--set", extra, "--output", str(work / "never")])
+
+    bad = work / "bad-config"
+    bad.mkdir()
+    (bad / "tag.yaml").write_text("batch_size: !!python/object/apply:os.system ['echo pwned']\n")
+    (bad / "latin1.yaml").write_bytes(b"run_name: caf\xe9\n")
+    train = ["jobs.train", "--latents", str(bad), "--output", str(work / "never")]
+    laughs = ("x={a: &a [1,1,1,1,1,1,1,1,1], b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a], c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b],"
+              " d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c], e: [*d,*d,*d,*d,*d,*d,*d,*d,*d]}")
+    for name, extra in {"config: billion laughs --set": ["--config", "configs/train.yaml", "--set", laughs],
+                        "config: !!python/object tag": ["--config", str(bad / "tag.yaml")],
+                        "config: not UTF-8": ["--config", str(bad / "latin1.yaml")],
+                        "config: 3,000-deep --set": ["--config", "configs/train.yaml", "--set",
+                                                     "x=" + "[" * 3000 + "]" * 3000],
+                        "config: a 50,000-digit integer": ["--config", "configs/train.yaml", "--set",
+                                                           "lr=" + "9" * 50_000]}.items():
+        rows[name] = run_command([*train, *extra])
+
+    def tampered(name, change):
+        folder = work / name
+        shutil.copytree(work / "run", folder)
+        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest = change(folder, manifest) or manifest
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        return str(folder)
+
+    def claims(folder, m):
+        m["images"], m["shards"][0]["count"] = 300_000_000, 300_000_000 - 4
+
+    def elsewhere(folder, m):
+        files = m["shards"][0]["files"]
+        files["../../run/" + next(iter(files))] = files.pop(next(iter(files)))
+
+    # A shard replaced, a truncated parquet, a latent of another shape: read only after the reference is checked
+    # against the model's own held-out latents, which this bench does not build; tests/test_hostile_folders.py
+    # holds them, through the same reader.
+    runs = {"run: manifest is a list": lambda f, m: [m], "run: claims 300 million images": claims,
+            "run: shard path outside the run": elsewhere,
+            "run: latent shape 4 x 10^5 x 10^5": lambda f, m: m["latents"].update(shape=[4, 100_000, 100_000])}
+    for name, change in runs.items():
+        rows[name] = run_command(["jobs.evaluate", "--generated", tampered(name.replace(" ", "_")[:40], change),
+                                  "--reference", str(work / "run"), "--output", str(work / "never-report"),
+                                  "--model", str(model), "--evaluator", str(REPO / "models" / "demo" / "evaluator")])
+    return rows
+
+
 def add_good_images(root: Path) -> None:
     """20 good images in the case's own input kind: a tar or a parquet file beside its containers, else PNGs."""
     import pyarrow as pa
@@ -130,6 +229,19 @@ def markdown(result: dict) -> str:
         expected = ", ".join(f"{k} {v}" for k, v in sorted(r["expected"].items())) or "none"
         lines.append(f"| {name} | {r['exit']} | {reasons} ({expected}) | {r['encoded']} | {r['seconds']} | "
                      f"{r['peak_mib']} | {r['peak_mib'] - result['good']['peak_mib']:+d} |")
+    if result.get("folders"):
+        lines += ["", "## Configs, model folders and run folders", "",
+                  "Each through the job that reads it (`jobs.train`, `jobs.generate`, `jobs.evaluate`); the first row "
+                  "is the normal generate job (8 images of the shipped demo energy) the run-folder cases tamper with. "
+                  "Peak memory is the job's process tree. A shard replaced by another run's, a truncated parquet and "
+                  "a latent of another shape are read only after the reference is checked against the model's own "
+                  "held-out latents, which this bench does not build: tests/test_hostile_folders.py holds them "
+                  "(one line each, no traceback).", "",
+                  "| case | exit | wall s | peak MiB | stderr bytes | traceback | last line |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {name} | {r['exit']} | {r['seconds']} | {r['peak_mib']} | {r['stderr_bytes']} | "
+                  f"{'yes' if r['traceback'] else 'no'} | {r['line'].replace('|', '/')} |"
+                  for name, r in result["folders"].items()]
     lines += ["", "## Decoding memory per pixel", "",
               "Peak memory decoding a 3000 x 3000 image to 8-bit RGB at 256 px, in a fresh process, against the table "
               "`max_decode_bytes` is checked with before any pixel is decoded (pipeline/io/images.py).", "",
@@ -143,6 +255,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--scale", type=int, default=4)
     p.add_argument("--cases", default=",".join(CASES))
+    p.add_argument("--no-folders", action="store_true", help="skip the config, model and run folder cases")
     args = p.parse_args()
     result = {"benchmark": "hostile", "scale": args.scale, "settings": SETTINGS, "cases": {}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -162,6 +275,10 @@ def main() -> None:
             result["cases"][name] = row | {"expected": dict(expected),
                                            "as_expected": Counter(row["reasons"]) == expected}
             print(f"[hostile] {name}: {result['cases'][name]}", flush=True)
+        if not args.no_folders:
+            result["folders"] = folder_cases(work)
+            for name, row in result["folders"].items():
+                print(f"[hostile] {name}: {row}", flush=True)
         result["bytes_per_pixel"] = bytes_per_pixel(work)
     write_result(REPO / "bench" / "out" / "hostile.json", result)
     (REPO / "bench" / "hostile.md").write_text(markdown(result))

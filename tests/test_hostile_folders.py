@@ -241,12 +241,16 @@ def a_list(folder, m):
     return [m]
 
 
+def no_model(folder, m):
+    del m["model"]
+
+
 @pytest.mark.parametrize("change, says", [
     (claims_millions, "shards must be a list"), (claims_more, "holds 4 rows, its manifest 1000000"),
     (points_elsewhere, "not a plain file name"),
     (shard_missing, "is missing"), (shard_replaced, "sha256 differs"), (shard_truncated, "does not read"),
     (wrong_latent_shape, "not of the manifest's shape"), (huge_latent_shape, "latents.shape must be"),
-    (a_list, "not a generation manifest")])
+    (a_list, "not a generation manifest"), (no_model, "model and vae must each be")])
 def test_hostile_run_folders_are_one_line_before_anything_large_is_read(small_run, tmp_path, change, says):
     from pipeline.io.image_shards import read_generated
 

@@ -288,6 +288,9 @@ def generated_manifest(folder: str) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != "ebd.images/1":
         raise EbdError(f"{path} is not a generation manifest (format "
                        f"{manifest.get('format') if isinstance(manifest, dict) else type(manifest).__name__!r})")
+    if not all(isinstance(manifest.get(k), dict) and isinstance(manifest[k].get("path"), str)
+               for k in ("model", "vae")):
+        raise EbdError(f"{path}: model and vae must each be a record with its path")
     latents = manifest.get("latents")
     if not isinstance(latents, dict) or not latents.get("saved"):
         raise EbdError(f"{folder} was generated without its latents: re-run jobs.generate with save_latents: true")
