@@ -630,3 +630,52 @@ def test_an_input_edited_in_place_is_encoded_again_on_resume_and_a_mistyped_mark
     assert precompute(images, vae_only_dir, out, shuffle=False)["totals"]["encoded"] == 6
     assert (out / "latents-000001.tar").stat().st_mtime_ns != after["latents-000001.tar"]
     assert isinstance(json.loads(marker.read_text())["label_fields"], dict)
+
+
+def _descendants(root: int) -> dict[int, str]:
+    """{pid: command} of every live descendant of `root`, from /proc."""
+    parents, names = {}, {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if fields[0] != "Z":
+                    parents[int(entry.name)] = int(fields[1])
+                    names[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:80]
+            except OSError:
+                continue
+    found, todo = {}, [root]
+    while todo:
+        pid = todo.pop()
+        for child in (p for p, parent in parents.items() if parent == pid):
+            found[child] = names[child]
+            todo.append(child)
+    return found
+
+
+def test_a_killed_driver_leaves_no_ray_process_behind(tmp_path):
+    """kill -9 of a job's driver: Ray fate-shares its daemons, and the watchdog a local start leaves takes the agents
+    the raylet started (about 200 MB that outlived the driver before)."""
+    images = tmp_path / "in"
+    images.mkdir()
+    for i in range(40):
+        (images / f"{i}.png").write_bytes(good(i))
+    driver = subprocess.Popen([sys.executable, "-m", "jobs.precompute", "--config", "configs/precompute-demo.yaml",
+                               "--input", str(images), "--vae", "models/demo", "--output", str(tmp_path / "out"),
+                               "--set", "label_fields=[]", "--set", "min_side=8"], cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, family = time.monotonic() + 120, {}
+    while time.monotonic() < deadline and not (any("RuntimeEnvAgent" in c for c in family.values())
+                                               and any("import os, sys, time" in c for c in family.values())):
+        family = _descendants(driver.pid)  # the agents, and the watchdog ray.init's return started
+        time.sleep(0.2)
+    assert any("RuntimeEnvAgent" in c for c in family.values()), family
+    time.sleep(2)  # the watchdog notes the instance's processes once a second
+    driver.kill()
+    driver.wait()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in family):
+        time.sleep(0.5)
+    alive = {pid: c for pid, c in family.items() if Path(f"/proc/{pid}/stat").exists()
+             and (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z")}
+    assert not alive

@@ -8,14 +8,18 @@ A local instance listens on 127.0.0.1 only (GCS, raylets, workers, agents), keep
 and starts no dashboard unless asked (`--dashboard`, then on 127.0.0.1 too). Ray binds its gRPC servers to
 loopback only when its node address is loopback, and on Linux it replaces 127.0.0.1 with the machine's external
 address unless told this is a single-machine instance (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, the mode Ray uses on
-laptops), so that is what a local start sets.
+laptops), so that is what a local start sets. Ray fate-shares its daemons with the driver but not the agents the
+raylet starts (about 200 MB): a local start also starts a small watchdog that kills what is left of the instance
+when the driver dies without shutting it down (`kill -9`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 from ..common.logs import log_line
 
@@ -54,6 +58,7 @@ def connect(address: str | None = None, *, dashboard: bool = False, **init_kwarg
         runtime_env.setdefault("worker_process_setup_hook", "pipeline.distributed.cluster.quiet_workers")
         init_kwargs["runtime_env"] = runtime_env
     context = ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1", **init_kwargs)
+    _watch_for_driver_death()
     loopback = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
     auth = "off" if os.environ.get("RAY_AUTH_MODE") == "disabled" else "on"
     if new_token and token.exists():
@@ -86,3 +91,51 @@ def _token_path():
             or os.environ.get("RAY_AUTH_TOKEN_PATH"):
         return None
     return Path.home() / ".ray" / "auth_token"
+
+
+# Run detached from the driver: while the driver lives, it notes every descendant of the driver once a second (the
+# raylet starts its agents after ray.init returns); once the driver is gone (or a zombie), it waits for Ray's own
+# teardown, then kills each noted process still alive and still the same process (its start time unchanged).
+_WATCHDOG = """
+import os, sys, time
+def stats():
+    out = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                out[int(name)] = (fields[0], int(fields[1]), fields[19])
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+driver, noted = int(sys.argv[1]), {}
+while True:
+    now = stats()
+    if driver not in now or now[driver][0] == "Z":
+        break
+    todo = [driver]
+    while todo:
+        parent = todo.pop()
+        for pid, (_, ppid, started) in now.items():
+            if ppid == parent and pid != os.getpid() and pid not in noted:
+                noted[pid] = started
+                todo.append(pid)
+    time.sleep(1)
+time.sleep(5)
+now = stats()
+for pid, started in noted.items():
+    if pid in now and now[pid][2] == started and now[pid][0] != "Z":
+        try:
+            os.kill(pid, 9)
+        except OSError:
+            pass
+"""
+
+
+def _watch_for_driver_death() -> None:
+    """Starts the watchdog over this driver's local instance (Linux: it reads /proc; elsewhere nothing to do)."""
+    if Path("/proc/self/stat").exists():
+        subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid())], start_new_session=True,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         close_fds=True)
