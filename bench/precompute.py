@@ -7,9 +7,10 @@ process with every core as a torch thread; the Ray job runs it as tasks of one C
 same cores. Prints and writes bench/out/precompute.json: images/s of each and their ratio (Ray / bare).
 Absolute times drift on shared machines; the ratio, measured in one run, is the figure to compare.
 
-`--input-path-against REV` also times the input path alone (plan, read and decode every good image: PNGs in tars
-and JPEG photos in a folder) with this tree's `pipeline/` and with REV's, alternating in fresh processes, and adds
-their images/s and ratio: what the untrusted-input checks cost on good inputs.
+`--input-path-against REV` also times the input path alone (plan, read and decode every good image: PNGs in tars,
+JPEG photos in a folder and the same photos as rows of a parquet file in row groups of 64) with this tree's
+`pipeline/` and with REV's, alternating in fresh processes, and adds their images/s and ratio: what the
+untrusted-input checks cost on good inputs.
 """
 
 from __future__ import annotations
@@ -79,6 +80,16 @@ def write_photos(folder: Path, count: int, size: int) -> None:
         Image.fromarray(pixels).save(folder / f"photo-{i:05d}.jpg", quality=90)
 
 
+def write_parquet(photos: Path, folder: Path) -> None:
+    """The photos' bytes as rows of one parquet file, 64 rows a row group (how img2dataset-style sets arrive)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True)
+    cells = [p.read_bytes() for p in sorted(photos.iterdir())]
+    pq.write_table(pa.table({"image": cells}), folder / "rows.parquet", row_group_size=64)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=480)
@@ -132,7 +143,9 @@ def main() -> None:
                   "ray_images_per_s": round(args.images / ray_s, 2), "ray_over_bare": round(bare_s / ray_s, 3)}
         if args.input_path_against:
             write_photos(work / "photos", args.images // 2, 2 * args.resolution)
-            result |= input_path_speed([work / "images", work / "photos"], args.input_path_against, work)
+            write_parquet(work / "photos", work / "rows")
+            result |= input_path_speed([work / "images", work / "photos", work / "rows"], args.input_path_against,
+                                       work)
         write_result(args.output, result)
     finally:
         shutil.rmtree(work, ignore_errors=True)
