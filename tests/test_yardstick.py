@@ -76,6 +76,26 @@ def test_near_copies_are_caught_on_the_images_and_new_images_are_not():
     assert copy_share(fresh, reference) < 0.2
 
 
+def test_the_aligned_distance_is_the_smallest_over_every_shift_computed_directly():
+    """The frequency-domain search against the plain one: each shift of the edge-padded candidate, subtracted."""
+    from torch.nn import functional as F
+
+    from pipeline.evaluation.copies import COPY_SIDE, MAX_SHIFT, _aligned_distances, _normalised, copy_pool
+
+    pool_images = drawings(range(12))
+    queries = _normalised(torch.roll(pool_images[:4], (2, -3), dims=(2, 3)))
+    pool = copy_pool(pool_images)
+    candidates = torch.tensor([[0, 5, 7], [1, 2, 3], [2, 0, 11], [3, 9, 4]])
+    fast = _aligned_distances(queries, pool, candidates)
+    padded = F.pad(_normalised(pool_images), (MAX_SHIFT,) * 4, mode="replicate")
+    direct = torch.stack([torch.stack([min(
+        (queries[i] - padded[j, :, dy:dy + COPY_SIDE, dx:dx + COPY_SIDE]).norm()
+        for dy in range(2 * MAX_SHIFT + 1) for dx in range(2 * MAX_SHIFT + 1)) for j in row])
+        for i, row in enumerate(candidates.tolist())])
+    assert torch.allclose(fast, direct, atol=1e-4), (fast, direct)
+    assert (fast[:, 0] < 0.5 * fast[:, 1:].min(1).values).all()  # each shifted copy finds its original
+
+
 def test_non_images_are_of_every_kind_and_keep_shapes():
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(10, 4, 8, 8)

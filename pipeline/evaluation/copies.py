@@ -16,6 +16,7 @@ held-out images have twins in training (a split by image), their own ratios are 
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -36,30 +37,51 @@ def _normalised(images: torch.Tensor) -> torch.Tensor:
     return x / x.flatten(2).norm(dim=2).clamp(min=1e-3)[..., None, None]
 
 
-def _aligned_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per pair (a[i], b[i]): the smallest distance over shifts of b by up to MAX_SHIFT px (edge-padded)."""
-    s = MAX_SHIFT
-    padded = F.pad(b, (s, s, s, s), mode="replicate")
-    best = None
-    for dy in range(2 * s + 1):
-        for dx in range(2 * s + 1):
-            d = (a - padded[..., dy:dy + COPY_SIDE, dx:dx + COPY_SIDE]).flatten(1).norm(dim=1)
-            best = d if best is None else torch.minimum(best, d)
-    return best
+@dataclass(frozen=True)
+class CopyPool:
+    """The training images prepared once for every set's search: normalised and flattened (the candidate search),
+    and for the aligned distance the spectrum of each edge-padded image with the energy of each of its shifted
+    windows. Every set a report scores is searched against the same pool."""
+    flat: torch.Tensor           # N x (3 * COPY_SIDE^2)
+    spectrum: torch.Tensor       # N x 3 x S x (S // 2 + 1), complex, S = COPY_SIDE + 2 * MAX_SHIFT
+    window_energy: torch.Tensor  # N x (2 * MAX_SHIFT + 1) x (2 * MAX_SHIFT + 1)
+
+    def __len__(self) -> int:
+        return len(self.flat)
 
 
-def copy_ratios(images: torch.Tensor, pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each image's copy ratio against the training images `pool` (uint8 N x 3 x H x W) and the index of its nearest
-    one."""
-    q, p = _normalised(images), _normalised(pool)
+def copy_pool(pool: torch.Tensor) -> CopyPool:
+    """`pool` (uint8 N x 3 x H x W) prepared for `copy_ratios`."""
+    p, s = _normalised(pool), MAX_SHIFT
+    padded = F.pad(p, (s, s, s, s), mode="replicate")
+    energy = F.avg_pool2d(padded.pow(2).sum(1, keepdim=True), COPY_SIDE, stride=1).squeeze(1) * COPY_SIDE ** 2
+    return CopyPool(p.flatten(1), torch.fft.rfft2(padded), energy)
+
+
+def _aligned_distances(block: torch.Tensor, pool: CopyPool, candidates: torch.Tensor) -> torch.Tensor:
+    """(B x k) distances of each image of `block` to its k candidates, each at its best shift by up to MAX_SHIFT px
+    (the candidate edge-padded): |a - w|^2 = |a|^2 + |w|^2 - 2 a.w, with a.w for all shifts at once as one
+    cross-correlation, summed over the channels in the frequency domain."""
+    size = COPY_SIDE + 2 * MAX_SHIFT
+    spectrum = torch.fft.rfft2(block, s=(size, size))                       # zero-padded: no shift wraps around
+    product = (spectrum.conj()[:, None] * pool.spectrum[candidates]).sum(2)  # B x k x S x (S // 2 + 1)
+    shifts = 2 * MAX_SHIFT + 1
+    correlation = torch.fft.irfft2(product, s=(size, size))[..., :shifts, :shifts]
+    squared = block.pow(2).flatten(1).sum(1)[:, None, None, None] + pool.window_energy[candidates] - 2 * correlation
+    return squared.clamp(min=0).flatten(2).min(2).values.sqrt()
+
+
+def copy_ratios(images: torch.Tensor, pool: torch.Tensor | CopyPool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image's copy ratio against the training images `pool` (uint8 N x 3 x H x W, or prepared by `copy_pool`)
+    and the index of its nearest one."""
+    pool = pool if isinstance(pool, CopyPool) else copy_pool(pool)
+    q = _normalised(images)
     k = min(CANDIDATES, len(pool))
     ratios, nearest = [], []
-    for start in range(0, len(q), 256):
-        block = q[start:start + 256]
-        d = torch.cdist(block.flatten(1), p.flatten(1))
-        candidates = d.topk(k, largest=False).indices
-        aligned = _aligned_distance(block.repeat_interleave(k, 0), p[candidates.flatten()]).view(len(block), k)
-        aligned, order = aligned.sort(dim=1)
+    for start in range(0, len(q), 128):
+        block = q[start:start + 128]
+        candidates = torch.cdist(block.flatten(1), pool.flat).topk(k, largest=False).indices
+        aligned, order = _aligned_distances(block, pool, candidates).sort(dim=1)
         others = aligned[:, 1:1 + RATIO_NEIGHBOURS].mean(1).clamp(min=1e-6)
         ratios.append(aligned[:, 0] / others)
         nearest.append(candidates.gather(1, order[:, :1]).squeeze(1))

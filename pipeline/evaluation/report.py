@@ -68,7 +68,7 @@ from ..io.pictures import labelled_rows, save_png, side_by_side
 from ..vae.autoencoder import cached_vae, decode_images, pick_device, resolve_vae
 from . import quality
 from .baselines import blurred, chain_starts, compared_runs, moment_matched_gaussian, untrained_samples
-from .copies import COPY_SIDE, copy_ratios, near_copies
+from .copies import COPY_SIDE, copy_pool, copy_ratios, near_copies
 from .features import ImageEvaluator, InceptionFeatures
 from .markdown import BASELINES, POOLED_METRICS, extra_rows, render_markdown
 from .realism import realism_test
@@ -283,10 +283,11 @@ def score_copies(images: dict, scored: dict) -> dict:
     """Each set's copy share on the images (copies.py): the share of it closer to a training image of the pool,
     relative to its next neighbours, than 95% of held-out real images are. The training row is the pool's first
     rows: the exact copier, read 1."""
-    ref_ratios, _ = copy_ratios(images["reference"], images["pool"])
+    pool = copy_pool(images["pool"])  # prepared once for every set
+    ref_ratios, _ = copy_ratios(images["reference"], pool)
     rows, nearest = {}, {}
     for key, set_images in scored.items():
-        ratios, index = copy_ratios(set_images, images["pool"])
+        ratios, index = copy_ratios(set_images, pool)
         rows[key] = {"copy_share": round(quality.copy_share(ratios, ref_ratios), 4),
                      "median_copy_ratio": round(float(ratios.median()), 4)}
         nearest[key] = (ratios, index)
