@@ -148,3 +148,11 @@ def test_the_readmes_emoji_figures_are_its_committed_reports():
     assert re.search(r"class TV (\d\.\d\d\d)", readme).group(1) == f"{gen['class_tv']:.3f}"
     assert re.search(r"taken for real (\d\.\d\d) times as often as real", readme).group(1) == \
         f"{report['realism']['rows']['generated']['realism_ratio']:.2f}"
+
+
+def test_the_readmes_make_demo_time_is_the_measured_one():
+    """README's "(N minutes on 2 CPUs)" beside `make demo` is bench/demo-time.json's wall time, rounded."""
+    line = next(x for x in (REPO / "README.md").read_text().splitlines() if x.startswith("make demo "))
+    minutes = int(re.search(r"\((\d+) minutes on 2 CPUs\)", line).group(1))
+    measured = json.loads((REPO / "bench" / "demo-time.json").read_text())
+    assert minutes == round(measured["wall_s"] / 60) and measured["cpus"] == 2
