@@ -8,7 +8,7 @@ Sets (n = the held-out count, at most --num-samples): decoded training real, the
 their side and back, with Gaussian pixel noise (std 25 of 255), blended half and half with another image, with their
 4 x 4 patches shuffled, and each --run's first n images. Figures, all against the decoded held-out real images and
 as jobs.evaluate computes them: recognisable share over held-out real's, the share called "none of these", class TV,
-FD in the evaluator's features, and the realism test (one network per fold for every set at once; accuracy and the
+FD in the evaluator's features, and the realism test (networks of its own for every set, per fold; accuracy and the
 share taken for real over real's). Writes OUT.json, OUT.md and OUT/<set>.png (64 images each, for the count).
 `--counts FILE` (JSON {set: nameable of 64}) adds a person's counts and the rank agreement of each figure with them.
 """

@@ -1,7 +1,7 @@
 """Score a generation run against held-out real latents, with baselines (see pipeline/evaluation/report.py).
 
     python -m jobs.evaluate --generated GEN_DIR --reference LATENTS_DIR --evaluator EVALUATOR_DIR --output DIR \
-        [--compare OTHER_GEN_DIR] [--check]
+        [--compare OTHER_GEN_DIR] [--seeds N] [--check]
 
 Writes DIR/report.json, DIR/report.md and its pictures. The verdict is in the evaluator's feature space (fitted to
 this VAE by jobs.fit_evaluator), or FID Inception's with --inception-weights FILE. With --check, exits 1 when the
@@ -11,13 +11,14 @@ model fails it.
 import sys
 
 from pipeline.common.config import job_parser, load_job_config, run_cli
+from pipeline.evaluation.markdown import spread_line
 from pipeline.evaluation.report import EvaluateConfig, plain_summary, run_evaluation
 
 
 def main() -> int:
     p = job_parser("jobs.evaluate", __doc__, address=False, config=EvaluateConfig,
                    flags=("generated", "reference", "output", "evaluator", "inception_weights", "train_latents",
-                          "model", "num_samples"), required=("generated", "reference", "output"))
+                          "model", "num_samples", "seeds"), required=("generated", "reference", "output"))
     p.add_argument("--compare", action="append", metavar="GEN_DIR",
                    help="another generation run of the same VAE to score as an extra row (repeatable)")
     p.add_argument("--check", action="store_true", help="exit 1 unless every check of the verdict passes")
@@ -31,6 +32,8 @@ def main() -> int:
             text += (f", recognisable {gen['recognisable']:.3f} (held-out real {ref['recognisable']:.3f}, evaluator "
                      f"accuracy {ref.get('accuracy', float('nan')):.3f}), class TV {gen['class_tv']:.3f}")
         print(text + f", copy share {gen['copy_share']:.3f}")
+    if report.get("seeds"):
+        print(f"[evaluate] {spread_line(report['seeds'])}")
     for space, checks in report["checks"].items():
         print(f"[evaluate] {space}: {sum(checks.values())}/{len(checks)} checks pass")
     for line in plain_summary(report, cfg.output):

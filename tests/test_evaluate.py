@@ -59,7 +59,7 @@ def test_report_scores_the_model_against_held_out_shards_with_baselines(pipeline
                                                            reference=str(run.latents),
                                                            evaluator=str(root / "evaluator"),
                                                            output=str(root / "report"), num_samples=256,
-                                                           memorisation_pool=512, image_side=8, realism_steps=100,
+                                                           memorisation_pool=512, image_side=8, realism_epochs=2,
                                                            compare=[str(root / "gen-heun")])))
     compared = ("gen-heun (heun)", "gen-heun (heun): starts")
     assert report["held_out_shards"] == ["latents-000006.tar", "latents-000007.tar"]  # the last two, never trained
@@ -144,7 +144,7 @@ def test_a_conditional_run_is_scored_per_condition_by_the_evaluators_attribute_c
                                                            reference=str(run.latents),
                                                            evaluator=str(root / "evaluator"),
                                                            output=str(root / "report-cond"), num_samples=80,
-                                                           memorisation_pool=512, image_side=8, realism_steps=50)))
+                                                           memorisation_pool=512, image_side=8, realism_epochs=2)))
     conditions = report["conditions"]["scores"]
     assert report["conditions"]["attribute_accuracy"]["label"] >= 0.95  # the yardstick reads the mode
     assert list(conditions) == ["label=upper", "label=lower"]
@@ -202,12 +202,34 @@ def test_check_flag_fails_the_job_in_one_line_when_a_threshold_is_missed(pipelin
     run, root = pipeline_run, pipeline_run.root
     result = subprocess.run(
         [sys.executable, "-m", "jobs.evaluate", "--generated", str(root / "gen"), "--reference",
-         str(run.latents), "--output", str(tmp_path / "r"), "--num-samples", "100", "--check",
+         str(run.latents), "--output", str(tmp_path / "r"), "--num-samples", "100", "--check", "--seeds", "3",
          "--set", "min_density=50", "--set", "check_space=latents", "--set", "realism_folds=0"],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1] == "error: quality check failed: density >= 50.0"
-    assert json.loads((tmp_path / "r" / "report.json").read_text())["passed"] is False
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["passed"] is False
+    # --seeds 3: three draws of 100 of the run's 300 images, each a row; the spread is over those rows
+    seeds, rows = report["seeds"], report["spaces"]["latents"]["metrics"]
+    assert seeds["rows"] == ["generated", "generated #2", "generated #3"] and seeds["images"] == 100
+    density = [rows[name]["density"] for name in seeds["rows"]]
+    assert seeds["figures"]["density"]["mean"] == pytest.approx(sum(density) / 3, abs=1e-4)
+    assert seeds["figures"]["density"]["min"] == min(density) and seeds["passed"] == [False] * 3
+    assert "Over 3 draws of 100 generated images" in (tmp_path / "r" / "report.md").read_text()
+    assert "[evaluate] Over 3 draws" in result.stdout
+
+
+@pytest.mark.integration
+def test_the_draws_of_seeds_are_disjoint_sets_of_the_run(pipeline_run, tmp_path):
+    from pipeline.evaluation.report import load_inputs, read_rows
+    cfg = from_dict(EvaluateConfig, dict(generated=str(pipeline_run.root / "gen"), reference=str(pipeline_run.latents),
+                                         output=str(tmp_path / "r"), check_space="latents", num_samples=100, seeds=4))
+    rows = read_rows(cfg, load_inputs(cfg))
+    assert rows["n"] == 75  # 300 images, four draws: the set size shrinks to what the run holds
+    draws = [rows["sets"]["generated"], *(rows["sets"][f"generated #{k}"] for k in (2, 3, 4))]
+    everything = torch.cat(draws).flatten(1)
+    assert everything.shape[0] == 300 and torch.unique(everything, dim=0).shape[0] == 300  # no chain twice
+    assert rows["draw_images"]["generated #2"].shape[0] == 75
 
 
 @pytest.mark.integration

@@ -48,7 +48,7 @@ def test_a_kind_from_a_plugin_trains_generates_and_evaluates(ray_cluster, mixtur
     report = run_evaluation(from_dict(EvaluateConfig, dict(generated=str(tmp_path / "gen"),
                                                            reference=str(mixture_latents), output=str(tmp_path / "r"),
                                                            check_space="latents", num_samples=40,
-                                                           memorisation_pool=64, image_side=8, realism_steps=100)))
+                                                           memorisation_pool=64, image_side=8, realism_epochs=2)))
     assert report["samples"] == 40 and report["model"]["id"].startswith("model-")
     assert set(report["spaces"]["latents"]["metrics"]) >= {"generated", "untrained", "starts", "gaussian"}
 

@@ -238,7 +238,7 @@ def test_evaluation_reads_the_run_the_reference_and_the_raw_inputs_from_the_buck
 
     report = run_evaluation(from_dict(EvaluateConfig, dict(
         generated=clean_run, reference=latents, output=str(tmp_path / "report"), check_space="latents",
-        num_samples=12, memorisation_pool=36, image_side=8, realism_steps=100)))
+        num_samples=12, memorisation_pool=36, image_side=8, realism_epochs=2)))
     assert report["generated"] == clean_run and report["reference"] == latents
     assert report["samples"] == 12 and report["held_out_shards"] == ["latents-000003.tar"]
     # the held-out images, read back from the input tars in the bucket (one of them named 'shapes 1 #%41.tar')

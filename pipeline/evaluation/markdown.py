@@ -29,12 +29,24 @@ def verdict_line(report: dict) -> str:
             f"pass" + (f" (failed: {'; '.join(failed)})" if failed else "") + f", verdict on {report['check_space']}.")
 
 
+def spread_line(spread: dict) -> str:
+    """report.md's paragraph on the draws."""
+    figures = ", ".join(f"{name.replace('_', ' ')} {f['mean']:.3f} +/- {f['std']:.3f}"
+                        for name, f in spread["figures"].items())
+    return (f"Over {spread['draws']} draws of {spread['images']} generated images (`--seeds "
+            f"{spread['draws']}`, rows {', '.join(spread['rows'][1:])} beside generated): {figures} (mean +/- "
+            f"standard deviation); the checks of the verdict's space pass on {sum(spread['passed'])} of "
+            f"{spread['draws']} draws.")
+
+
 def render_markdown(report: dict) -> str:
     lines = [f"# Sample quality: {report['model']['id']}", "",
              verdict_line(report) + " "
              f"{report['samples']} samples per set, each compared with {report['samples']} held-out real latents "
              f"decoded by the same VAE ({len(report['held_out_shards'])} shard(s) the model never trained on). "
              "Sampler: " + ", ".join(f"{k}={v}" for k, v in report["sampler"].items()) + ".", ""]
+    if report.get("seeds"):  # --seeds N: the headline figures' spread over N draws of the generated set
+        lines += [spread_line(report["seeds"]), ""]
     for name, space in report["features"].items():
         ref = space["reference"]
         labelled = bool(space["classes"])

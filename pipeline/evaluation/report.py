@@ -74,6 +74,7 @@ from .markdown import BASELINES, POOLED_METRICS, extra_rows, render_markdown
 from .realism import realism_test
 from .references import read_latents, read_raw_images, reference_sets
 from .scoring import condition_checks, condition_scores, pooled_checks, score_feature_space
+from .seeds import draw_names, spread_over_draws
 
 REPORT_FORMAT = "ebd.report/2"
 
@@ -89,6 +90,8 @@ class EvaluateConfig(JobConfig):
     model: str | None = None                     # the model folder, if it moved since generation
     compare: list[str] = field(default_factory=list)  # other generation runs (same VAE) scored as extra rows
     num_samples: int = 1000                      # samples per set
+    seeds: int = 1                               # draws of num_samples generated images (disjoint, from the run)
+                                                 # scored: each headline figure's mean and spread (seeds.py)
     label_samples: int = 10_000                  # a classifier's recognisable and class TV also over up to this many
                                                  # generated images (a line beside the table; none when <= num_samples)
     memorisation_pool: int = 5000                # training latents decoded for the nearest-neighbour search
@@ -107,7 +110,8 @@ class EvaluateConfig(JobConfig):
     max_copy_share: float = 0.1                  # held-out real images score 0.05 by construction
     # the realism test (evaluation/realism.py): a CNN told to separate each set from the reference, on pixels
     realism_folds: int = 3                       # 0: no realism test
-    realism_steps: int = 400                     # training steps per fold
+    realism_epochs: int = 30                     # training epochs of each set's network, per fold
+    realism_images: int = 500                    # images a side at most (its cost grows with sets x images)
     min_realism_ratio: float = 0.8               # generated taken for real at least this share of real's
     min_density: float = 0.7                     # density and coverage thresholds (feature and pooled spaces)
     min_coverage: float = 0.7
@@ -118,6 +122,7 @@ class EvaluateConfig(JobConfig):
         for name in ("generated", "reference", "output"):
             require(getattr(self, name) is not None, f"missing {name}: pass --{name} or set it in the config")
         require(self.num_samples >= 10, "num_samples must be >= 10 (k-NN metrics need neighbours)")
+        require(1 <= self.seeds <= 100, "seeds must be in [1, 100]")
         require(self.label_samples >= 1, "label_samples must be >= 1")
         require(self.pool >= 1 and self.image_side >= 1 and self.max_train_latents >= 2,
                 "pool, image_side must be >= 1, max_train_latents >= 2")
@@ -126,8 +131,10 @@ class EvaluateConfig(JobConfig):
         require(self.check_space != "features" or self.evaluator or self.inception_weights,
                 "the verdict is in the feature space: pass --evaluator DIR (python -m jobs.fit_evaluator makes one) "
                 "or --inception-weights FILE, or set check_space: latents")
-        require(self.realism_folds == 0 or (2 <= self.realism_folds <= 10 and self.realism_steps >= 1),
-                "realism_folds must be 0 (off) or in [2, 10], realism_steps >= 1")
+        require(self.realism_folds == 0 or (2 <= self.realism_folds <= 10 and 1 <= self.realism_epochs <= 1000
+                                            and self.realism_images >= 2 * self.realism_folds),
+                "realism_folds must be 0 (off) or in [2, 10], realism_epochs in [1, 1000], realism_images at least "
+                "twice realism_folds")
         require(self.max_fd_ratio > 0 and (self.max_class_tv == "noise" or 0 <= self.max_class_tv <= 1)
                 and 0 <= self.max_copy_share <= 1
                 and self.min_recognisable_ratio >= 0, "max_fd_ratio > 0; max_class_tv, max_copy_share in [0, 1]")
@@ -146,7 +153,8 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
     more_generated = partial(iter_generated_images, run["dir"], rows["label_index"])
     copies = score_copies(images, scored)
     feature_spaces = {name: score_feature_space(extractor, name, images["reference"], rows["held_labels"], scored,
-                                                copies, cfg, conditional, more_generated)
+                                                copies, cfg, conditional=conditional,
+                                                more_generated=more_generated)
                       for name, extractor in run["extractors"].items()}
     if "evaluator" in run["extractors"]:
         evaluator_held = set(run["extractors"]["evaluator"].config.get("held_out", {}).get("files", []))
@@ -196,8 +204,9 @@ def read_rows(cfg: EvaluateConfig, run: dict) -> dict:
     are chosen from the manifests' counts first, then only those rows are read (shard by shard): memory holds n
     generated images and latents, n held-out latents and the training pools, however large the sets."""
     manifest, refs = run["manifest"], run["refs"]
-    n = min(cfg.num_samples, manifest["images"], refs["held_out_count"], refs["train_count"])
-    require(n >= 10, f"only {n} samples to compare: generate more images or hold out more shards")
+    n = min(cfg.num_samples, manifest["images"] // cfg.seeds, refs["held_out_count"], refs["train_count"])
+    require(n >= 10, f"only {n} samples to compare: generate more images (seeds x 10 at least) or hold out more "
+                     "shards")
     generator = torch.Generator().manual_seed(cfg.seed)
 
     def subset(count: int, size: int) -> torch.Tensor:
@@ -209,6 +218,8 @@ def read_rows(cfg: EvaluateConfig, run: dict) -> dict:
     pool_index = subset(refs["train_count"], cfg.memorisation_pool)
     gauss_index = subset(refs["train_count"], cfg.max_train_latents)
     gen_latents, gen_images = read_generated(run["dir"], gen_index)
+    draws = {name: read_generated(run["dir"], order[k * n:(k + 1) * n])  # --seeds: disjoint draws of n chains
+             for k, name in enumerate(draw_names(cfg.seeds)) if k}
     held = read_latents(storage.canonical(cfg.reference), refs["held_out_files"], held_index)
     train_rows = torch.cat([pool_index, gauss_index]).unique()
     train = read_latents(refs["train_folder"], refs["train_files"], train_rows)
@@ -221,13 +232,14 @@ def read_rows(cfg: EvaluateConfig, run: dict) -> dict:
             "gaussian": moment_matched_gaussian(train[[slot[int(r)] for r in gauss_index]], n, generator),
             "untrained": untrained_samples(run["model"], manifest["sampler"], chains, manifest["seed"]),
             "starts": chain_starts(run["model"], manifest["sampler"], chains, manifest["seed"])}
+    sets |= {name: latents for name, (latents, _) in draws.items()}
     compared = compared_runs(cfg.compare, manifest["vae"], n, subset)
     for name, other in compared.items():
         sets |= {name: other["latents"], f"{name}: starts": other["starts"]}
     return {"n": n, "gen_index": gen_index, "gen_images": gen_images, "label_index": label_index,
             "held_out": held["latents"], "held_keys": held["keys"], "held_labels": held["labels"],
             "held_groups": held["groups"], "pool_latents": pool_latents, "pool_groups": pool_groups, "sets": sets,
-            "compared": compared}
+            "compared": compared, "draw_images": {name: images for name, (_, images) in draws.items()}}
 
 
 def decode_sets(cfg: EvaluateConfig, run: dict, rows: dict) -> dict:
@@ -238,7 +250,7 @@ def decode_sets(cfg: EvaluateConfig, run: dict, rows: dict) -> dict:
     pool = decode_images(vae, rows["pool_latents"])
     images = {"reference": decode_images(vae, rows["held_out"]), "pool": pool, "generated": rows["gen_images"],
               "train": pool[:n]}
-    images |= {name: other["images"] for name, other in rows["compared"].items()}
+    images |= {name: other["images"] for name, other in rows["compared"].items()} | rows["draw_images"]
     images |= {name: decode_images(vae, z) for name, z in sets.items() if name not in images}
     images["blurred"] = blurred(pool[:n])
     # the near-copier: training images the train row does not hold (when the pool has them), shifted, jittered, JPEG
@@ -303,8 +315,9 @@ def score_realism(cfg: EvaluateConfig, images: dict, scored: dict, rows: dict) -
     if not cfg.realism_folds:
         return None
     groups = {"train": rows["pool_groups"][:rows["n"]], "near_copies": rows["pool_groups"][rows["near_copy_source"]]}
-    return realism_test(images["reference"], scored, cfg.realism_folds, cfg.realism_steps, seed=cfg.seed,
-                        real_groups=rows["held_groups"], groups=groups)
+    return realism_test(images["reference"], scored, folds=cfg.realism_folds, epochs=cfg.realism_epochs,
+                        max_images=cfg.realism_images, seed=cfg.seed, real_groups=rows["held_groups"], groups=groups,
+                        paired=("raw",))
 
 
 def realism_checks(realism: dict, cfg: EvaluateConfig) -> dict[str, dict[str, bool]]:
@@ -345,17 +358,20 @@ def assemble_report(cfg: EvaluateConfig, run: dict, rows: dict, feature_spaces: 
     per_row = None if realism is None else realism_checks(realism, cfg)
     if per_row is not None:  # on pixels, whatever the verdict's space
         checks[verdict_key] = checks[verdict_key] | per_row["generated"]
-    return {"format": REPORT_FORMAT, "samples": rows["n"], "generated": run["dir"],
-            "reference": storage.canonical(cfg.reference), "model": manifest["model"],
-            "sampler": manifest["sampler"], "held_out_shards": refs["held_out_files"],
-            "train_shards": len(refs["train_files"]), "notes": refs["notes"],
-            "features": {name: {k: v for k, v in space.items() if not k.startswith("_")}
-                         for name, space in feature_spaces.items()},
-            "spaces": pooled_spaces, "conditions": conditions, "checks": checks, "check_space": verdict_key,
-            "realism": None if realism is None else
-            {"rows": {k: {m: v for m, v in row.items() if not m.startswith("_")} for k, row in realism.items()},
-             "checks": per_row, "control": "train"},
-            "passed": all(checks[verdict_key].values()), "config": asdict(cfg), "seconds": round(seconds, 1)}
+    report = {"format": REPORT_FORMAT, "samples": rows["n"], "generated": run["dir"],
+              "reference": storage.canonical(cfg.reference), "model": manifest["model"],
+              "sampler": manifest["sampler"], "held_out_shards": refs["held_out_files"],
+              "train_shards": len(refs["train_files"]), "notes": refs["notes"],
+              "features": {name: {k: v for k, v in space.items() if not k.startswith("_")}
+                           for name, space in feature_spaces.items()},
+              "spaces": pooled_spaces, "conditions": conditions, "checks": checks, "check_space": verdict_key,
+              "realism": None if realism is None else
+              {"rows": {k: {m: v for m, v in row.items() if not m.startswith("_")} for k, row in realism.items()},
+               "checks": per_row, "control": "train"},
+              "passed": all(checks[verdict_key].values()), "config": asdict(cfg), "seconds": round(seconds, 1)}
+    if cfg.seeds > 1:
+        report["seeds"] = spread_over_draws(report, cfg)
+    return report
 
 
 def write_report(out: Path, report: dict, feature_spaces: dict, rows: dict, images: dict,

@@ -12,7 +12,7 @@ from . import quality
 
 
 def score_feature_space(extractor, name: str, reference: torch.Tensor, reference_labels: list, sets: dict,
-                        copies: dict, cfg, conditional: bool = False, more_generated=None) -> dict:
+                        copies: dict, cfg, *, conditional: bool = False, more_generated=None) -> dict:
     """Every set's metrics against the reference in one extractor's feature space, with label metrics when the
     extractor is a classifier, each set's copy share (`copies`, measured on the images: copies.py), and the per-set
     checks.
@@ -131,8 +131,8 @@ def describe_extractor(extractor, name: str) -> str:
     return text
 
 
-def pooled_checks(metrics: dict, cfg) -> dict[str, bool]:
-    gen, gauss = metrics["generated"], metrics["gaussian"]
+def pooled_checks(metrics: dict, cfg, row: str = "generated") -> dict[str, bool]:
+    gen, gauss = metrics[row], metrics["gaussian"]
     return {f"density >= {cfg.min_density}": gen["density"] >= cfg.min_density,
             f"coverage >= {cfg.min_coverage}": gen["coverage"] >= cfg.min_coverage,
             "density above the Gaussian baseline": gen["density"] > gauss["density"],
