@@ -40,10 +40,12 @@ def place_stages(cfg: GenerateConfig, model, sampler: SamplerSettings, decoder, 
 
 
 def decoded_shards(cfg: GenerateConfig, shards: list[int], sampler: SamplerSettings, decoder, placement,
-                   batch_sizes: dict, plan: list | None = None, progress=None, shard_chunks: dict | None = None):
+                   batch_sizes: dict, plan: list | None = None, progress=None, shard_chunks: dict | None = None, *,
+                   precision: str):
     """The DAG's first two stages as a Ray Dataset: one row per shard {shard, latents, images, info}. `decoder`: the
     VaeSpec to decode with (the VAE, or a tiny decoder paired with it); `placement`: where they run (placement.py);
-    `plan`: a conditional run's conditions."""
+    `precision`: what the samplers run in, resolved for that placement (probes.sampler_precision); `plan`: a
+    conditional run's conditions."""
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -57,7 +59,7 @@ def decoded_shards(cfg: GenerateConfig, shards: list[int], sampler: SamplerSetti
                     images_per_shard=cfg.images_per_shard, num_images=cfg.num_images,
                     batch_size=batch_sizes["sampler"], threads=stage_threads(cfg.sampler_cpus), plan=plan,
                     plugins=cfg.plugins, use_gpu=on_gpu, progress=progress, gpu_share=placement.sampler_gpus,
-                    precision=batch_sizes.get("sampler_precision", cfg.sampler_precision),
+                    precision=precision,
                     gpu_fraction=cfg.gpu_memory_fraction, shard_chunks=shard_chunks)
     decoding = dict(decoder=absolute_spec(decoder), dtype=cfg.vae_dtype, batch_size=batch_sizes["decode"],
                     simulate_oom_above=cfg.simulate_oom_above, progress=progress, gpu_fraction=cfg.gpu_memory_fraction,
@@ -81,9 +83,9 @@ def decoded_shards(cfg: GenerateConfig, shards: list[int], sampler: SamplerSetti
 
 
 def build_dag(cfg: GenerateConfig, pending: list[int], sampler: SamplerSettings, decoder, placement, batch_sizes: dict,
-               model_id: str, plan: list | None, progress=None, shard_chunks: dict | None = None):
+               model_id: str, plan: list | None, progress=None, shard_chunks: dict | None = None, *, precision: str):
     return decoded_shards(cfg, pending, sampler, decoder, placement, batch_sizes, plan, progress,
-                          shard_chunks).map_batches(
+                          shard_chunks, precision=precision).map_batches(
         write_shard, batch_size=1, num_cpus=cfg.writer_cpus,
         fn_kwargs=dict(output=storage.canonical(cfg.output), formats=tuple(cfg.formats), seed=cfg.seed,
                        images_per_shard=cfg.images_per_shard, model_id=model_id, save_latents=cfg.save_latents))

@@ -44,7 +44,7 @@ def claim_output(out: str, cfg: GenerateConfig, settings: SamplerSettings, model
 
 def finish(out: str, cfg: GenerateConfig, done: dict, num_shards: int, settings: SamplerSettings, model_id: str,
            vae_identity: dict, batch_sizes: dict, placement, seconds: float, made: int,
-           latent_shape: list[int], decoder, plan: list | None = None) -> dict:
+           latent_shape: list[int], decoder, plan: list | None = None, *, precision: str) -> dict:
     sampler = asdict(settings)
     shards = [done[j] for j in range(num_shards)]
     images = sum(s["count"] for s in shards)
@@ -62,7 +62,8 @@ def finish(out: str, cfg: GenerateConfig, done: dict, num_shards: int, settings:
                "mala_acceptance": sum(s.get("mala_accepted", 0) for s in shards) / proposed if proposed else None,
                "images_per_second": made / seconds if seconds > 0 else 0.0, "stage_busy_seconds": busy,
                "batch_sizes": {k: v for k, v in batch_sizes.items() if k != "probes"},
-               "batch_probes": batch_sizes.get("probes", {}), "decoder": decoder.class_name,
+               "batch_probes": batch_sizes.get("probes", {}), "sampler_precision": precision,
+               "decoder": decoder.class_name,
                "sampler_actors": placement.sampler_actors,
                "decoder_gpus_per_actor": placement.sampler_gpus if placement.fused else placement.decoder_gpus,
                "placement": placement.to_dict(),

@@ -115,8 +115,11 @@ def gpu_rate(cfg, precision: str) -> tuple[float, bool]:
 def _auto(cfg, cpus: float, gpus: float, costs: Callable[[], dict] | None) -> tuple[str, str]:
     if gpus <= 0:
         return "cpu", "auto: the cluster has no GPUs"
+    from ..common.precision import resolve_precision
+
     c = costs()
-    precision = "bfloat16" if cfg.sampler_precision == "auto" else cfg.sampler_precision  # CUDA GPUs with bf16
+    # The precision the assumed GPU (ASSUMED_GPU_TFLOPS: H100-class, bfloat16 native) would sample in.
+    precision = resolve_precision("cuda", cfg.sampler_precision, native_bf16=True)
     tflops, assumed = gpu_rate(cfg, precision)
     cpu_gflops = cfg.cpu_gflops or c["cpu_gflops"]
     batch = min(cfg.max_batch_size, cfg.images_per_shard)

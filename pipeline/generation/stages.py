@@ -40,7 +40,6 @@ class SamplerStage:
 
         from ..common.memory import limit_gpu_memory
         from ..common.metrics import StageMetrics
-        from ..common.precision import resolve_precision
         from ..models import load_model
         from ..vae.autoencoder import pick_device
 
@@ -52,7 +51,7 @@ class SamplerStage:
         if use_gpu and self.device.type == "cpu":
             log_line("generate", f"sampler actor on GPU {','.join(self.gpu_ids) or '?'}: torch sees no CUDA here, "
                                  "so it samples on CPU tensors")
-        self.precision = resolve_precision(self.device, precision)  # what the shard's stats record
+        self.precision = precision  # resolved once per placement (probes.sampler_precision); the stats record it
         self.shard_chunks = shard_chunks or {}  # shard -> the chunk sizes it was made with (a remade shard's)
         self.model = load_model(model_dir, self.device)
         self.progress = progress  # the run's ProgressCounter actor (None outside jobs.generate)
