@@ -100,7 +100,7 @@ class EBDPipeline(DiffusionPipeline):
         return self
 
     @torch.no_grad()
-    def __call__(self, num_images: int = 1, generator: torch.Generator | list[torch.Generator] | None = None,
+    def __call__(self, num_images: int = 1, generator: torch.Generator | list[torch.Generator] | None = None, *,
                  seed: int | None = None, start: int = 0, sampler: dict[str, Any] | None = None,
                  batch_size: int = 64, output_type: str = "pil", return_dict: bool = True, callback=None,
                  condition: str | None = None) -> EBDOutput | tuple:
@@ -178,8 +178,8 @@ def generated_dataset(model: str, vae: str, num_images: int, seed: int = 0, **se
     shards = list(range((num_images + cfg.images_per_shard - 1) // cfg.images_per_shard))
     decoder = resolve_decoder(cfg.decoder, spec)
     placement = place_stages(cfg, loaded, sampler, decoder, len(shards))
-    decoded = decoded_shards(cfg, shards, sampler, decoder, placement, batch_sizes, run_plan(cfg, loaded),
-                             precision=sampler_precision(cfg, placement))
+    decoded = decoded_shards(cfg, shards, sampler, decoder, placement, batch_sizes,
+                             precision=sampler_precision(cfg, placement), plan=run_plan(cfg, loaded))
     return decoded.flat_map(lambda row: _image_rows(row, cfg.seed, cfg.images_per_shard))
 
 

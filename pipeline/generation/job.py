@@ -54,7 +54,7 @@ def run_generation(cfg: GenerateConfig, address: str | None = None, dashboard: b
     placement = place_stages(cfg, model, sampler, decoder, max(1, len(pending)), run.get("sampler_device"))
     precision = sampler_precision(cfg, placement, migrations.sampler_precision(run))  # a resume keeps its recorded one
     batch_sizes = recorded_batch_sizes(run) or choose_batch_sizes(cfg, sampler, decoder, latent_shape, placement,
-                                                                  plan, precision)
+                                                                  plan, precision=precision)
     if "batch_sizes" not in run:
         atomic_write_json(storage.join(out, RUN_FILE),
                           run | {"batch_sizes": batch_sizes, "sampler_device": placement.sampler_device,
@@ -83,8 +83,8 @@ def run_generation(cfg: GenerateConfig, address: str | None = None, dashboard: b
             counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
             watcher = _ProgressWatcher(counter, metrics, log, lambda: f"shards {len(done)}/{num_shards}",
                                        cfg.num_images - sum(s["count"] for s in done.values()))
-            dataset = build_dag(cfg, pending, sampler, decoder, placement, batch_sizes, model_id, plan, counter,
-                                 shard_chunks, precision=precision)
+            dataset = build_dag(cfg, pending, sampler, decoder, placement, batch_sizes, model_id, precision=precision,
+                                plan=plan, progress=counter, shard_chunks=shard_chunks)
             _record_written(dataset, len(pending), done, metrics)
             watcher.finish(made=sum(done[j]["count"] for j in pending))
         seconds = time.monotonic() - start
@@ -92,9 +92,10 @@ def run_generation(cfg: GenerateConfig, address: str | None = None, dashboard: b
         if not pending and storage.is_file(finished) and storage.is_file(storage.join(out, "manifest.json")):
             log.log("every shard is complete: nothing to do (summary.json keeps the run that made them)")
             return read_json(finished) | {"images_this_run": 0}
-        summary = finish(out, cfg, done, num_shards, sampler, model_id, vae_identity, batch_sizes, placement,
-                         seconds, made=sum(done[j]["count"] for j in pending), latent_shape=latent_shape,
-                         decoder=decoder, plan=plan, precision=precision)
+        summary = finish(out, cfg, done, num_shards, settings=sampler, model_id=model_id, vae_identity=vae_identity,
+                         decoder=decoder, latent_shape=latent_shape, plan=plan, placement=placement,
+                         batch_sizes=batch_sizes, precision=precision, seconds=seconds,
+                         made=sum(done[j]["count"] for j in pending))
         log.log(f"done: {summary['images']} images in {len(done)} shards; {summary['images_per_second']:.2f} images/s "
                 f"this run; preview {storage.join(out, 'preview.png')}")
         if cfg.pushgateway:

@@ -42,9 +42,13 @@ def claim_output(out: str, cfg: GenerateConfig, settings: SamplerSettings, model
     return claim_run_folder(out, run, RUN_FILE)
 
 
-def finish(out: str, cfg: GenerateConfig, done: dict, num_shards: int, settings: SamplerSettings, model_id: str,
-           vae_identity: dict, batch_sizes: dict, placement, seconds: float, made: int,
-           latent_shape: list[int], decoder, plan: list | None = None, *, precision: str) -> dict:
+def finish(out: str, cfg: GenerateConfig, done: dict, num_shards: int, *, settings: SamplerSettings, model_id: str,
+           vae_identity: dict, decoder, latent_shape: list[int], plan: list | None = None, placement,
+           batch_sizes: dict, precision: str, seconds: float, made: int) -> dict:
+    """Checks that the `done` shards hold every image, then writes preview.png, summary.json (this run: `made`
+    images in `seconds`) and, last, manifest.json; returns the summary. The keywords say what the images were made
+    with (`settings`, `model_id`, `vae_identity`, `decoder`, `latent_shape`, `plan`) and how (`placement`,
+    `batch_sizes`, `precision`)."""
     sampler = asdict(settings)
     shards = [done[j] for j in range(num_shards)]
     images = sum(s["count"] for s in shards)

@@ -64,7 +64,7 @@ class SamplerStats:
 
 def sample_latents(model, indices: Sequence[int], seed: int | Sequence[int], settings,
                    conditions: Sequence[str] | None = None,
-                   batch_size: int | None = None, callback: Callable[[dict], None] | None = None,
+                   batch_size: int | None = None, callback: Callable[[dict], None] | None = None, *,
                    device: torch.device | str = "cpu",
                    on_chunk: Callable[[int, float], None] | None = None, precision: str = "float32",
                    chunks: list[int] | None = None, on_oom: Callable[[int], None] | None = None) -> Samples:
