@@ -142,9 +142,11 @@ def stage_costs(model_dir: Path, vae_dir: str, decoder_dir: str | None = None, b
     decode_s = (time.perf_counter() - tick) / batch
     keys, latents = [image_key(0, i) for i in range(batch)], z.numpy().astype(np.float32)
     with tempfile.TemporaryDirectory() as work:
-        sinks.write_image_shard(Path(work), 0, "both", keys, pixels, seeds, energy, "bench", {}, latents=latents)
+        sinks.write_image_shard(Path(work), 0, "both", keys, pixels, seeds, energy, "bench", extra_stats={},
+                                latents=latents)
         tick = time.perf_counter()  # warm: the first shard of a process pays imports and set-up
-        sinks.write_image_shard(Path(work), 1, "both", keys, pixels, seeds, energy, "bench", {}, latents=latents)
+        sinks.write_image_shard(Path(work), 1, "both", keys, pixels, seeds, energy, "bench", extra_stats={},
+                                latents=latents)
         write_s = (time.perf_counter() - tick) / batch
     return {"sampler_s": round(sampler_s, 5), "decode_cpu_s": round(decode_s, 5), "write_s": round(write_s, 5),
             "sampler": settings.name, "latent_shape": list(model.config.latent_shape)}

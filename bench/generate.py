@@ -86,7 +86,7 @@ def bench_model(model_dir: Path, args, work: Path, peak: float) -> dict:
             pixels.append(((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
         sinks.write_image_shard(work / "bare", shard, "parquet",
                                 [image_key(0, i) for i in range(first, first + per_shard)], np.concatenate(pixels),
-                                seeds, torch.cat(energies).numpy(), "bench", {})
+                                seeds, torch.cat(energies).numpy(), "bench", extra_stats={})
     bare_s = time.perf_counter() - start
 
     # The Ray DAG on a local cluster of the same cores; steady state from the shards' finish times.

@@ -51,10 +51,12 @@ class Check:
         self.samples = 4 if dry else 1000
 
     def sample(self, model, n: int, precision: str, device=None, batch: int | None = None):
+        from pipeline.common.precision import resolve_precision
         from pipeline.sampling.core import sample_latents
 
-        return sample_latents(model, range(n), 0, model.sampler, device=device or self.device, precision=precision,
-                              batch_size=batch or n)
+        device = device or self.device
+        return sample_latents(model, range(n), 0, model.sampler, device=device,
+                              precision=resolve_precision(device, precision), batch_size=batch or n)
 
 
 def environment(check: Check) -> dict:
@@ -218,7 +220,7 @@ def gpu_tests(check: Check) -> dict:
 def rates(check: Check) -> dict:
     import torch
 
-    from pipeline.common.precision import precision_context
+    from pipeline.common.precision import precision_context, resolve_precision
     from pipeline.models import load_model
     from pipeline.sampling.cost import evaluation_flops
 
@@ -230,7 +232,7 @@ def rates(check: Check) -> dict:
         row = {}
         for batch in ((1, 4) if check.dry else (1, 1024)):
             z = torch.randn(batch, *model.config.latent_shape, device=check.device)
-            with precision_context(check.device, name):
+            with precision_context(check.device, resolve_precision(check.device, name)):
                 evaluate(z, 1.0)
                 if check.device.type == "cuda":
                     torch.cuda.synchronize()

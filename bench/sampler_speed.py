@@ -44,7 +44,8 @@ def main() -> None:
     settings = {"shipped": (model.sampler, "float32")}
     if not args.no_bfloat16:  # the network under bfloat16 autocast on this CPU (sampler_precision: bfloat16)
         settings["shipped, bfloat16 autocast"] = (model.sampler, "bfloat16")
-    settings[f"shipped, auto ({resolve_precision('cpu', 'auto')} here)"] = (model.sampler, "auto")
+    auto = resolve_precision("cpu", "auto")  # what sampler_precision: auto runs on this CPU
+    settings[f"shipped, auto ({auto} here)"] = (model.sampler, auto)
     for text in args.against or ['{"name": "heun", "levels": 25}']:
         settings[text] = (model.resolve_sampler(json.loads(text)), "float32")
     best, latents = {name: float("inf") for name in settings}, {}

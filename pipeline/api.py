@@ -100,7 +100,7 @@ class EBDPipeline(DiffusionPipeline):
         return self
 
     @torch.no_grad()
-    def __call__(self, num_images: int = 1, generator: torch.Generator | list[torch.Generator] | None = None,
+    def __call__(self, num_images: int = 1, generator: torch.Generator | list[torch.Generator] | None = None, *,
                  seed: int | None = None, start: int = 0, sampler: dict[str, Any] | None = None,
                  batch_size: int = 64, output_type: str = "pil", return_dict: bool = True, callback=None,
                  condition: str | None = None) -> EBDOutput | tuple:
@@ -164,6 +164,7 @@ def generated_dataset(model: str, vae: str, num_images: int, seed: int = 0, **se
     from .generation import GenerateConfig
     from .generation.dag import decoded_shards, place_stages
     from .generation.job import run_plan
+    from .generation.probes import sampler_precision
     from .models import load_model
     from .vae.autoencoder import resolve_decoder, resolve_vae
 
@@ -176,8 +177,9 @@ def generated_dataset(model: str, vae: str, num_images: int, seed: int = 0, **se
     batch_sizes = {"sampler": cfg.sampler_batch_size or size, "decode": cfg.decode_batch_size or size}
     shards = list(range((num_images + cfg.images_per_shard - 1) // cfg.images_per_shard))
     decoder = resolve_decoder(cfg.decoder, spec)
-    decoded = decoded_shards(cfg, shards, sampler, decoder, place_stages(cfg, loaded, sampler, decoder, len(shards)),
-                             batch_sizes, run_plan(cfg, loaded))
+    placement = place_stages(cfg, loaded, sampler, decoder, len(shards))
+    decoded = decoded_shards(cfg, shards, sampler, decoder, placement, batch_sizes,
+                             precision=sampler_precision(cfg, placement), plan=run_plan(cfg, loaded))
     return decoded.flat_map(lambda row: _image_rows(row, cfg.seed, cfg.images_per_shard))
 
 

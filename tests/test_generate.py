@@ -334,7 +334,7 @@ def test_non_finite_latents_fail_the_run_in_one_line_and_never_reach_a_png(ebm_d
         next(model.parameters()).fill_(float("nan"))
     poisoned = model.save_pretrained(tmp_path / "poisoned")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    for precision in ("float32", "auto"):  # in the sampler actors; with auto, already in the probe that resolves it
+    for precision in ("float32", "auto"):  # in the sampler actors, whatever the precision resolved to
         out = tmp_path / precision
         done = subprocess.run([sys.executable, "-m", "jobs.generate", "--model", str(poisoned), "--vae",
                                str(sd_checkpoint), "--num-images", "8", "--output", str(out), "--set",

@@ -37,6 +37,15 @@ def test_a_run_folders_langevin_batch_size_reads_as_the_sampler_stages():
     assert migrations.batch_sizes(None) is None
 
 
+def test_a_run_folders_sampler_precision_kept_among_its_batch_sizes_reads_as_its_own_key():
+    older = {"batch_sizes": {"sampler": 8, "decode": 8, "sampler_precision": "bfloat16"}}
+    assert migrations.sampler_precision(older) == "bfloat16"
+    assert migrations.batch_sizes(older["batch_sizes"]) == {"sampler": 8, "decode": 8}
+    assert migrations.sampler_precision({"batch_sizes": {"sampler": 8}, "sampler_precision": "float32"}) == "float32"
+    assert migrations.sampler_precision({"batch_sizes": {"sampler": 8, "decode": 8}}) is None  # before the setting
+    assert migrations.sampler_precision({}) is None
+
+
 def test_formats_are_a_list_an_older_one_word_format_still_loads_and_run_json_keeps_its_word():
     from pipeline.io.image_shards import WRITERS, format_label, output_formats
 

@@ -227,7 +227,7 @@ def test_bfloat16_autocast_runs_on_a_cpu_and_float16_there_runs_as_float32():
     model = load_model(REPO / "models" / "demo" / "ebm")
     settings = model.resolve_sampler({"levels": 6})
     exact = sample_latents(model, range(8), 0, settings).latents
-    half = sample_latents(model, range(8), 0, settings, precision="float16").latents
+    half = sample_latents(model, range(8), 0, settings, precision=resolve_precision("cpu", "float16")).latents
     brain = sample_latents(model, range(8), 0, settings, precision="bfloat16")
     assert torch.equal(half, exact) and not torch.equal(brain.latents, exact)
     assert (brain.latents - exact).pow(2).mean().sqrt() < 0.05 * exact.std()  # rounding, not another sample
@@ -239,6 +239,31 @@ def test_bfloat16_autocast_runs_on_a_cpu_and_float16_there_runs_as_float32():
     native = "avx512_bf16" in flags or "amx_bf16" in flags
     assert native_bfloat16("cpu") == native
     assert resolve_precision("cpu", "auto") == ("bfloat16" if native else "float32")
+
+
+def test_one_rule_resolves_sampler_precision_and_everything_downstream_takes_its_answer(monkeypatch):
+    """sampler_precision's one rule (common.precision.resolve_precision): auto is bfloat16 only where the device
+    computes it natively, float16 and tf32 are float32 off CUDA, an explicit value otherwise passes through; the
+    placement's capacity model asks the same rule for its assumed bf16 GPU, and the sampling core refuses "auto"."""
+    from pipeline.common import precision
+    from pipeline.common.precision import precision_context, resolve_precision
+
+    for flags, auto in ((frozenset({"avx2"}), "float32"), (frozenset({"avx2", "avx512_bf16"}), "bfloat16"),
+                        (frozenset({"amx_bf16"}), "bfloat16")):
+        monkeypatch.setattr(precision, "_cpu_flags", lambda flags=flags: flags)
+        assert resolve_precision("cpu", "auto") == auto
+        assert [resolve_precision("cpu", p) for p in ("float32", "tf32", "bfloat16", "float16")] == \
+            ["float32", "float32", "bfloat16", "float32"]
+    assert [resolve_precision("cuda", p) for p in ("float32", "tf32", "bfloat16", "float16")] == \
+        ["float32", "tf32", "bfloat16", "float16"]
+    assert resolve_precision("cuda", "auto", native_bf16=True) == "bfloat16"
+    assert resolve_precision("cuda", "auto", native_bf16=False) == "float32"
+    assert resolve_precision("cpu", "auto", native_bf16=False) == "float32"
+    with pytest.raises(ValueError, match="resolved precision"):
+        precision_context("cpu", "auto")
+    model = load_model(REPO / "models" / "demo" / "ebm")
+    with pytest.raises(ValueError, match="resolved precision"):
+        sample_latents(model, range(2), 0, model.resolve_sampler({"levels": 2}), precision="auto")
 
 
 def test_a_metropolis_test_under_bfloat16_weighs_float32_energies():

@@ -8,6 +8,7 @@ sees an old key.
     sampler_record     a model's saved sampler: a DDIM record of {name: ddim, steps, eta}
     sampler_overrides  a job's sampler overrides: DDIM's `steps` for its levels
     batch_sizes        a generation folder's run.json: the sampler stage's size recorded as `langevin`
+    sampler_precision  a generation folder's run.json: the sampler's resolved precision kept among its batch sizes
 """
 
 from __future__ import annotations
@@ -40,10 +41,16 @@ def generate_config(values: dict) -> dict:
 
 def batch_sizes(sizes: dict | None) -> dict | None:
     """The batch sizes a folder's run.json records (folders written before the sampler stage had its name call its
-    size langevin)."""
+    size langevin; older folders also kept the sampler's precision among them: `sampler_precision`)."""
     if sizes and "langevin" in sizes:
         sizes = {("sampler" if k == "langevin" else k): v for k, v in sizes.items()}
-    return sizes
+    return {k: v for k, v in sizes.items() if k != "sampler_precision"} if sizes else sizes
+
+
+def sampler_precision(run: dict) -> str | None:
+    """The precision a generation folder's sampler resolved to: run.json's own key, or the batch sizes' one in
+    folders written before it had a key (None in folders from before sampler_precision)."""
+    return run.get("sampler_precision") or (run.get("batch_sizes") or {}).get("sampler_precision")
 
 
 # ------------------------------------------------------------------------------------------------ train

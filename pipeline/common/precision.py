@@ -7,6 +7,10 @@ Precisions: float32 (exact: CUDA's TF32 shortcut off), tf32 (CUDA matmuls and co
 elsewhere), bfloat16 and float16 (autocast; float16 runs as float32 on a CPU, whose float16 kernels are slow), and
 auto: bfloat16 where the hardware has it natively (CUDA with bf16 support, a CPU with AVX512-BF16 or AMX), else
 float32. The chains themselves stay float32 in every case.
+
+`resolve_precision` is the one rule that turns a setting into what runs; generation applies it once per placement,
+where its samplers run (`generation.probes.sampler_precision`), and everything downstream (`precision_context`,
+`sampling.core.sample_latents`, the stages) takes the resolved value.
 """
 
 from __future__ import annotations
@@ -39,11 +43,13 @@ def native_bfloat16(device: torch.device | str) -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
 
 
-def resolve_precision(device: torch.device | str, precision: str) -> str:
-    """The precision chains on `device` really run in (see the module's docstring)."""
+def resolve_precision(device: torch.device | str, precision: str, native_bf16: bool | None = None) -> str:
+    """The precision chains on `device` really run in (see the module's docstring). `native_bf16` answers for a
+    device this process cannot ask (the capacity model's assumed GPU); by default the device is asked."""
     device = torch.device(device)
     if precision == "auto":
-        return "bfloat16" if native_bfloat16(device) else "float32"
+        native = native_bfloat16(device) if native_bf16 is None else native_bf16
+        return "bfloat16" if native else "float32"
     if device.type != "cuda" and precision in ("float16", "tf32"):
         return "float32"
     return precision
@@ -65,10 +71,12 @@ def exact_float32(device: torch.device | str, precision: str):
 
 
 def precision_context(device: torch.device | str, precision: str):
-    """Autocast to the resolved precision (bfloat16, float16), or exact float32 / TF32 on CUDA."""
-    resolved = resolve_precision(device, precision)
+    """Autocast to `precision` (bfloat16, float16), or exact float32 / TF32 on CUDA. `precision` is resolved for
+    `device` already (`resolve_precision`): "auto" means nothing here."""
+    if precision == "auto":
+        raise ValueError("precision_context takes a resolved precision: resolve_precision(device, 'auto') first")
     stack = contextlib.ExitStack()
-    stack.enter_context(exact_float32(device, resolved))
-    if resolved in ("bfloat16", "float16"):
-        stack.enter_context(torch.autocast(torch.device(device).type, dtype=getattr(torch, resolved)))
+    stack.enter_context(exact_float32(device, precision))
+    if precision in ("bfloat16", "float16"):
+        stack.enter_context(torch.autocast(torch.device(device).type, dtype=getattr(torch, precision)))
     return stack

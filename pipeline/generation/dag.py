@@ -9,7 +9,7 @@ import math
 from ..io import storage
 from ..sampling.settings import SamplerSettings
 from .config import GenerateConfig
-from .stages import DecodeStage, SampleDecodeStage, SamplerStage, absolute_spec, stage_threads, write_shard
+from .stages import DecodeStage, SampleDecodeStage, SamplerSpec, SamplerStage, absolute_spec, stage_threads, write_shard
 
 
 def place_stages(cfg: GenerateConfig, model, sampler: SamplerSettings, decoder, shards: int,
@@ -40,10 +40,12 @@ def place_stages(cfg: GenerateConfig, model, sampler: SamplerSettings, decoder, 
 
 
 def decoded_shards(cfg: GenerateConfig, shards: list[int], sampler: SamplerSettings, decoder, placement,
-                   batch_sizes: dict, plan: list | None = None, progress=None, shard_chunks: dict | None = None):
+                   batch_sizes: dict, *, precision: str, plan: list | None = None, progress=None,
+                   shard_chunks: dict | None = None):
     """The DAG's first two stages as a Ray Dataset: one row per shard {shard, latents, images, info}. `decoder`: the
     VaeSpec to decode with (the VAE, or a tiny decoder paired with it); `placement`: where they run (placement.py);
-    `plan`: a conditional run's conditions."""
+    `precision`: what the samplers run in, resolved for that placement (probes.sampler_precision); `plan`: a
+    conditional run's conditions."""
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -53,12 +55,12 @@ def decoded_shards(cfg: GenerateConfig, shards: list[int], sampler: SamplerSetti
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # ... so Ray's "bars disabled" is noise
     items = ray.data.from_items([{"shard": j} for j in shards], override_num_blocks=len(shards))
     on_gpu = placement.sampler_device == "gpu"
-    sampling = dict(model_dir=storage.canonical(cfg.model), sampler=sampler, seed=cfg.seed,
-                    images_per_shard=cfg.images_per_shard, num_images=cfg.num_images,
-                    batch_size=batch_sizes["sampler"], threads=stage_threads(cfg.sampler_cpus), plan=plan,
-                    plugins=cfg.plugins, use_gpu=on_gpu, progress=progress, gpu_share=placement.sampler_gpus,
-                    precision=batch_sizes.get("sampler_precision", cfg.sampler_precision),
-                    gpu_fraction=cfg.gpu_memory_fraction, shard_chunks=shard_chunks)
+    spec = SamplerSpec(model_dir=storage.canonical(cfg.model), sampler=sampler, seed=cfg.seed,
+                       images_per_shard=cfg.images_per_shard, num_images=cfg.num_images,
+                       batch_size=batch_sizes["sampler"], threads=stage_threads(cfg.sampler_cpus), precision=precision,
+                       plan=plan, plugins=cfg.plugins, use_gpu=on_gpu, gpu_share=placement.sampler_gpus,
+                       gpu_fraction=cfg.gpu_memory_fraction)
+    sampling = dict(spec=spec, progress=progress, shard_chunks=shard_chunks)
     decoding = dict(decoder=absolute_spec(decoder), dtype=cfg.vae_dtype, batch_size=batch_sizes["decode"],
                     simulate_oom_above=cfg.simulate_oom_above, progress=progress, gpu_fraction=cfg.gpu_memory_fraction,
                     shard_chunks=shard_chunks)
@@ -81,9 +83,9 @@ def decoded_shards(cfg: GenerateConfig, shards: list[int], sampler: SamplerSetti
 
 
 def build_dag(cfg: GenerateConfig, pending: list[int], sampler: SamplerSettings, decoder, placement, batch_sizes: dict,
-               model_id: str, plan: list | None, progress=None, shard_chunks: dict | None = None):
-    return decoded_shards(cfg, pending, sampler, decoder, placement, batch_sizes, plan, progress,
-                          shard_chunks).map_batches(
+               model_id: str, *, precision: str, plan: list | None, progress=None, shard_chunks: dict | None = None):
+    return decoded_shards(cfg, pending, sampler, decoder, placement, batch_sizes, precision=precision, plan=plan,
+                          progress=progress, shard_chunks=shard_chunks).map_batches(
         write_shard, batch_size=1, num_cpus=cfg.writer_cpus,
         fn_kwargs=dict(output=storage.canonical(cfg.output), formats=tuple(cfg.formats), seed=cfg.seed,
                        images_per_shard=cfg.images_per_shard, model_id=model_id, save_latents=cfg.save_latents))

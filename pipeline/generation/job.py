@@ -8,6 +8,7 @@ import json
 import math
 import time
 
+from ..common import migrations
 from ..common.logs import Progress, log_line
 from ..common.plugins import import_plugins
 from ..distributed.cluster import connect
@@ -17,7 +18,7 @@ from ..sampling.conditions import check_condition, load_plan, parse_condition
 from .config import GenerateConfig
 from .dag import build_dag, place_stages
 from .manifest import RUN_FILE, claim_output, finish
-from .probes import choose_batch_sizes, recorded_batch_sizes
+from .probes import choose_batch_sizes, recorded_batch_sizes, sampler_precision
 from .stages import ProgressCounter, stage_error
 
 
@@ -51,11 +52,13 @@ def run_generation(cfg: GenerateConfig, address: str | None = None, dashboard: b
     done = {j: s for j in range(num_shards) if (s := image_shards.completed_shard(out, j, formats)) is not None}
     pending = [j for j in range(num_shards) if j not in done]
     placement = place_stages(cfg, model, sampler, decoder, max(1, len(pending)), run.get("sampler_device"))
+    precision = sampler_precision(cfg, placement, migrations.sampler_precision(run))  # a resume keeps its recorded one
     batch_sizes = recorded_batch_sizes(run) or choose_batch_sizes(cfg, sampler, decoder, latent_shape, placement,
-                                                                  plan)
+                                                                  plan, precision=precision)
     if "batch_sizes" not in run:
-        atomic_write_json(storage.join(out, RUN_FILE), run | {"batch_sizes": batch_sizes,
-                                                             "sampler_device": placement.sampler_device})
+        atomic_write_json(storage.join(out, RUN_FILE),
+                          run | {"batch_sizes": batch_sizes, "sampler_device": placement.sampler_device,
+                                 "sampler_precision": precision})
     # A shard remade (cut short or changed after its marker) is cut into the chunks it was first made with.
     shard_chunks = {str(j): c for j in pending if (c := image_shards.recorded_chunks(out, j)) is not None}
     asked = cfg.batch_size or cfg.sampler_batch_size or cfg.decode_batch_size
@@ -80,8 +83,8 @@ def run_generation(cfg: GenerateConfig, address: str | None = None, dashboard: b
             counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
             watcher = _ProgressWatcher(counter, metrics, log, lambda: f"shards {len(done)}/{num_shards}",
                                        cfg.num_images - sum(s["count"] for s in done.values()))
-            dataset = build_dag(cfg, pending, sampler, decoder, placement, batch_sizes, model_id, plan, counter,
-                                 shard_chunks)
+            dataset = build_dag(cfg, pending, sampler, decoder, placement, batch_sizes, model_id, precision=precision,
+                                plan=plan, progress=counter, shard_chunks=shard_chunks)
             _record_written(dataset, len(pending), done, metrics)
             watcher.finish(made=sum(done[j]["count"] for j in pending))
         seconds = time.monotonic() - start
@@ -89,9 +92,10 @@ def run_generation(cfg: GenerateConfig, address: str | None = None, dashboard: b
         if not pending and storage.is_file(finished) and storage.is_file(storage.join(out, "manifest.json")):
             log.log("every shard is complete: nothing to do (summary.json keeps the run that made them)")
             return read_json(finished) | {"images_this_run": 0}
-        summary = finish(out, cfg, done, num_shards, sampler, model_id, vae_identity, batch_sizes, placement,
-                         seconds, made=sum(done[j]["count"] for j in pending), latent_shape=latent_shape,
-                         decoder=decoder, plan=plan)
+        summary = finish(out, cfg, done, num_shards, settings=sampler, model_id=model_id, vae_identity=vae_identity,
+                         decoder=decoder, latent_shape=latent_shape, plan=plan, placement=placement,
+                         batch_sizes=batch_sizes, precision=precision, seconds=seconds,
+                         made=sum(done[j]["count"] for j in pending))
         log.log(f"done: {summary['images']} images in {len(done)} shards; {summary['images_per_second']:.2f} images/s "
                 f"this run; preview {storage.join(out, 'preview.png')}")
         if cfg.pushgateway:

@@ -42,9 +42,13 @@ def claim_output(out: str, cfg: GenerateConfig, settings: SamplerSettings, model
     return claim_run_folder(out, run, RUN_FILE)
 
 
-def finish(out: str, cfg: GenerateConfig, done: dict, num_shards: int, settings: SamplerSettings, model_id: str,
-           vae_identity: dict, batch_sizes: dict, placement, seconds: float, made: int,
-           latent_shape: list[int], decoder, plan: list | None = None) -> dict:
+def finish(out: str, cfg: GenerateConfig, done: dict, num_shards: int, *, settings: SamplerSettings, model_id: str,
+           vae_identity: dict, decoder, latent_shape: list[int], plan: list | None = None, placement,
+           batch_sizes: dict, precision: str, seconds: float, made: int) -> dict:
+    """Checks that the `done` shards hold every image, then writes preview.png, summary.json (this run: `made`
+    images in `seconds`) and, last, manifest.json; returns the summary. The keywords say what the images were made
+    with (`settings`, `model_id`, `vae_identity`, `decoder`, `latent_shape`, `plan`) and how (`placement`,
+    `batch_sizes`, `precision`)."""
     sampler = asdict(settings)
     shards = [done[j] for j in range(num_shards)]
     images = sum(s["count"] for s in shards)
@@ -62,7 +66,8 @@ def finish(out: str, cfg: GenerateConfig, done: dict, num_shards: int, settings:
                "mala_acceptance": sum(s.get("mala_accepted", 0) for s in shards) / proposed if proposed else None,
                "images_per_second": made / seconds if seconds > 0 else 0.0, "stage_busy_seconds": busy,
                "batch_sizes": {k: v for k, v in batch_sizes.items() if k != "probes"},
-               "batch_probes": batch_sizes.get("probes", {}), "decoder": decoder.class_name,
+               "batch_probes": batch_sizes.get("probes", {}), "sampler_precision": precision,
+               "decoder": decoder.class_name,
                "sampler_actors": placement.sampler_actors,
                "decoder_gpus_per_actor": placement.sampler_gpus if placement.fused else placement.decoder_gpus,
                "placement": placement.to_dict(),

@@ -91,7 +91,7 @@ WRITE_CPU_S_PER_PIXEL = 5e-7   # PNG + parquet + tar per output pixel on one CPU
 
 
 def predicted_images_per_s(device: str, cpus: float, gpus: float, sampler_gflop: float, decoder_gflop: float,
-                           cpu_gflops: float, gpu_tflops: float, evaluations: int = 1, gpu_latency_s: float = 0.0,
+                           cpu_gflops: float, gpu_tflops: float, *, evaluations: int = 1, gpu_latency_s: float = 0.0,
                            gpu_batch: int = 1, write_cpu_s: float = 0.0) -> float:
     """The capacity model's images/s for a shape: CPU samplers capped by the GPU decoders (or the CPUs decoding
     too, without GPUs), or GPUs that sample and decode, each no faster than `evaluations` x `gpu_latency_s` per batch
@@ -115,14 +115,18 @@ def gpu_rate(cfg, precision: str) -> tuple[float, bool]:
 def _auto(cfg, cpus: float, gpus: float, costs: Callable[[], dict] | None) -> tuple[str, str]:
     if gpus <= 0:
         return "cpu", "auto: the cluster has no GPUs"
+    from ..common.precision import resolve_precision
+
     c = costs()
-    precision = "bfloat16" if cfg.sampler_precision == "auto" else cfg.sampler_precision  # CUDA GPUs with bf16
+    # The precision the assumed GPU (ASSUMED_GPU_TFLOPS: H100-class, bfloat16 native) would sample in.
+    precision = resolve_precision("cuda", cfg.sampler_precision, native_bf16=True)
     tflops, assumed = gpu_rate(cfg, precision)
     cpu_gflops = cfg.cpu_gflops or c["cpu_gflops"]
     batch = min(cfg.max_batch_size, cfg.images_per_shard)
     rates = {device: predicted_images_per_s(device, cpus, gpus, c["sampler_gflop"], c["decoder_gflop"], cpu_gflops,
-                                            tflops, c["evaluations"], cfg.gpu_latency_ms / 1e3, batch,
-                                            c["write_cpu_s"]) for device in ("cpu", "gpu")}
+                                            tflops, evaluations=c["evaluations"],
+                                            gpu_latency_s=cfg.gpu_latency_ms / 1e3, gpu_batch=batch,
+                                            write_cpu_s=c["write_cpu_s"]) for device in ("cpu", "gpu")}
     device = "gpu" if rates["gpu"] > rates["cpu"] else "cpu"
     return device, (f"auto: predicted {rates['gpu']:.4g} images/s with the sampler on {gpus:g} GPUs against "
                     f"{rates['cpu']:.4g} on {cpus:g} CPUs ({c['sampler_gflop']:.4g} GFLOP per image to sample in "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -27,38 +28,52 @@ def absolute_spec(spec):
     return replace(spec, path=storage.canonical(spec.path))
 
 
+@dataclass(frozen=True)
+class SamplerSpec:
+    """What a run's sampler actors make and how: built once on the driver (dag.decoded_shards), the same for every
+    actor."""
+    model_dir: str                    # absolute, or a URI: actors may run in another working directory
+    sampler: SamplerSettings          # resolved once on the driver
+    seed: int
+    images_per_shard: int
+    num_images: int
+    batch_size: int                   # chains per chunk; an actor shrinks its own after an out-of-memory
+    threads: int
+    precision: str                    # resolved once per placement (probes.sampler_precision); the stats record it
+    plan: list | None = None          # [[condition, count], ...] of a conditional run, else None
+    plugins: list[str] | None = None
+    use_gpu: bool = False
+    gpu_share: float = 0.0            # of one GPU, and the fraction of that share's memory the actor may use
+    gpu_fraction: float = 0.8
+
+
 class SamplerStage:
     """Sampler actor: one shard's latents through the one sampling core (`sampling.core.sample_latents`), on CUDA
     when the actor got a GPU share and CUDA exists, else on CPU tensors (one log line says so)."""
 
-    def __init__(self, model_dir: str, sampler: SamplerSettings, seed: int, images_per_shard: int, num_images: int,
-                 batch_size: int, threads: int, plan: list | None = None, plugins: list[str] | None = None,
-                 use_gpu: bool = False, precision: str = "float32", progress=None, gpu_share: float = 0.0,
-                 gpu_fraction: float = 0.8, shard_chunks: dict | None = None):
+    def __init__(self, spec: SamplerSpec, progress=None, shard_chunks: dict | None = None):
         import ray
         import torch
 
         from ..common.memory import limit_gpu_memory
         from ..common.metrics import StageMetrics
-        from ..common.precision import resolve_precision
         from ..models import load_model
         from ..vae.autoencoder import pick_device
 
-        torch.set_num_threads(threads)
-        import_plugins(plugins or [])
-        self.device = pick_device(use_gpu)
-        limit_gpu_memory(self.device, gpu_share, gpu_fraction)  # Ray's GPU shares do not limit memory: this does
+        torch.set_num_threads(spec.threads)
+        import_plugins(spec.plugins or [])
+        self.device = pick_device(spec.use_gpu)
+        limit_gpu_memory(self.device, spec.gpu_share, spec.gpu_fraction)  # Ray's GPU shares do not limit memory
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
-        if use_gpu and self.device.type == "cpu":
+        if spec.use_gpu and self.device.type == "cpu":
             log_line("generate", f"sampler actor on GPU {','.join(self.gpu_ids) or '?'}: torch sees no CUDA here, "
                                  "so it samples on CPU tensors")
-        self.precision = resolve_precision(self.device, precision)  # what the shard's stats record
         self.shard_chunks = shard_chunks or {}  # shard -> the chunk sizes it was made with (a remade shard's)
-        self.model = load_model(model_dir, self.device)
+        self.model = load_model(spec.model_dir, self.device)
         self.progress = progress  # the run's ProgressCounter actor (None outside jobs.generate)
-        self.sampler = sampler  # resolved once on the driver
-        self.seed, self.per_shard, self.num_images, self.batch_size = seed, images_per_shard, num_images, batch_size
-        self.plan = plan  # [[condition, count], ...] of a conditional run, else None
+        self.sampler, self.precision, self.plan = spec.sampler, spec.precision, spec.plan
+        self.seed, self.per_shard, self.num_images = spec.seed, spec.images_per_shard, spec.num_images
+        self.batch_size = spec.batch_size
         self.metrics = StageMetrics("sampler")
 
     def __call__(self, batch: dict) -> dict:
@@ -105,7 +120,7 @@ class DecodeStage:
     `decoder` is the VAE's spec, or a tiny decoder's (resolve_decoder checked it on the driver)."""
 
     def __init__(self, decoder, dtype: str, use_gpu: bool, batch_size: int, threads: int,
-                 simulate_oom_above: int | None, progress=None, gpu_share: float = 0.0, gpu_fraction: float = 0.8,
+                 simulate_oom_above: int | None, *, progress=None, gpu_share: float = 0.0, gpu_fraction: float = 0.8,
                  shard_chunks: dict | None = None):
         import ray
         import torch
@@ -187,7 +202,7 @@ class SampleDecodeStage:
     """GPU actor (`gpu_stage: fused`): samples a shard and decodes it on the same GPU, so its latents never leave
     the process."""
 
-    def __init__(self, sampler: dict, decoder: dict):
+    def __init__(self, sampler: dict, decoder: dict):  # each stage's constructor keywords
         self.sample, self.decode = SamplerStage(**sampler), DecodeStage(**decoder)
 
     def __call__(self, batch: dict) -> dict:
@@ -208,8 +223,8 @@ def write_shard(batch: dict, output: str, formats: tuple[str, ...], seed: int, i
         extra = {k: v for k, v in info.items()
                  if k not in ("seeds", "energy", "latent_shape", "image_shape", "conditions")}
         result = image_shards.write_image_shard(output, int(shard), formats, keys, pixels, info["seeds"],
-                                         np.asarray(info["energy"]), model_id, extra, latents=z,
-                                         conditions=info.get("conditions"))
+                                                np.asarray(info["energy"]), model_id, extra_stats=extra, latents=z,
+                                                conditions=info.get("conditions"))
         stats.append(json.dumps(result))
     return {"stats": np.array(stats, dtype=object)}
 

@@ -181,7 +181,7 @@ def format_label(formats: tuple[str, ...]) -> str:
 
 
 def write_image_shard(out: str, shard: int, formats: str | tuple[str, ...], keys: list[str], images: np.ndarray,
-                      seeds: list[int], energies: np.ndarray, model_id: str, extra_stats: dict,
+                      seeds: list[int], energies: np.ndarray, model_id: str, *, extra_stats: dict,
                       latents: np.ndarray | None = None, conditions: list[str] | None = None) -> dict:
     """Encodes PNGs, writes the shard's files (one per format) atomically, then its done marker. Returns the
     marker's content."""

@@ -86,7 +86,7 @@ def label_vocabulary(manifest: dict, fields: list[str], folder: str = "the laten
 
 # --------------------------------------------------------------------------------------------- manifest
 
-def write_latent_dataset(folder: str | Path, latents: np.ndarray, shard_size: int = 1000,
+def write_latent_dataset(folder: str | Path, latents: np.ndarray, *, shard_size: int = 1000,
                          labels: list[str | None] | None = None, scaling_factor: float = 1.0,
                          vae: dict | None = None, resolution: int | None = None, shuffled: bool = False,
                          label_fields: list[dict[str, str]] | None = None) -> dict:

@@ -50,7 +50,7 @@ AUTO_IMAGE_COLUMNS = ("image", "jpg", "png", "webp", "img", "image_bytes", "byte
 OPEN_FILES = 4  # parquet files a reader keeps open (with their parsed footers)
 
 
-def plan_parquet(path: str, root: str, keys: KeyMaker, image_column: str | None, key_column: str | None,
+def plan_parquet(path: str, root: str, keys: KeyMaker, *, image_column: str | None, key_column: str | None,
                  label_column: str | None, label_fields: tuple[str, ...], group_column: str | None = None,
                  max_cell_bytes: int | None = None) -> Iterator[Item]:
     """Every row of the parquet file `path` as an Item (or a reject), in file order; one reject for the whole file
@@ -62,8 +62,9 @@ def plan_parquet(path: str, root: str, keys: KeyMaker, image_column: str | None,
         yield container_reject(path, root, keys, "read_error", f"{type(e).__name__}: {e}")
         return
     with f:  # closed once its rows are planned
-        yield from _plan_file(f, path, root, keys, image_column, key_column, label_column, label_fields,
-                              group_column, max_cell_bytes)
+        yield from _plan_file(f, path, root, keys, image_column=image_column, key_column=key_column,
+                              label_column=label_column, label_fields=label_fields, group_column=group_column,
+                              max_cell_bytes=max_cell_bytes)
 
 
 def open_footer(f) -> tuple[pq.ParquetFile | None, tuple[str, str] | None]:
@@ -94,7 +95,7 @@ def open_footer(f) -> tuple[pq.ParquetFile | None, tuple[str, str] | None]:
     return pf, None
 
 
-def _plan_file(f, path: str, root: str, keys: KeyMaker, image_column: str | None, key_column: str | None,
+def _plan_file(f, path: str, root: str, keys: KeyMaker, *, image_column: str | None, key_column: str | None,
                label_column: str | None, label_fields: tuple[str, ...], group_column: str | None,
                max_cell_bytes: int | None) -> Iterator[Item]:
     rel = relative_source(path, root)

@@ -99,8 +99,10 @@ def plan_items(path: str | Path, fmt: str = "auto", image_column: str | None = N
     if fmt == "webdataset":
         return fmt, _join_name_groups([it for f in files for it in _plan_tar(f, root, keys, label_fields)] + rejects)
     if fmt == "parquet":
-        items = [it for f in files for it in plan_parquet(f, root, keys, image_column, key_column, label_column,
-                                                          label_fields, group_column, max_cell_bytes)] + rejects
+        items = [it for f in files
+                 for it in plan_parquet(f, root, keys, image_column=image_column, key_column=key_column,
+                                        label_column=label_column, label_fields=label_fields,
+                                        group_column=group_column, max_cell_bytes=max_cell_bytes)] + rejects
         columns = [it for it in items if it.reject == "missing_column"]
         if columns and len(columns) == len(items):  # a column the config names is in none of the files
             raise ConfigError(columns[0].detail)

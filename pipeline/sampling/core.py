@@ -20,7 +20,7 @@ import torch
 
 from ..common.config import EbdError
 from ..common.memory import run_in_chunks
-from ..common.precision import exact_float32, precision_context, resolve_precision
+from ..common.precision import exact_float32, precision_context
 from .noise import chain_generators, chain_seed
 from .samplers import SAMPLERS
 
@@ -64,18 +64,19 @@ class SamplerStats:
 
 def sample_latents(model, indices: Sequence[int], seed: int | Sequence[int], settings,
                    conditions: Sequence[str] | None = None,
-                   batch_size: int | None = None, callback: Callable[[dict], None] | None = None,
+                   batch_size: int | None = None, callback: Callable[[dict], None] | None = None, *,
                    device: torch.device | str = "cpu",
                    on_chunk: Callable[[int, float], None] | None = None, precision: str = "float32",
                    chunks: list[int] | None = None, on_oom: Callable[[int], None] | None = None) -> Samples:
     """The latents of images `indices` of run `seed`: the model's own chain starts, then the sampler `settings`
     names, on the model's energy or, with `conditions` (one per image), on the energy it composes for them.
     `callback` sees every evaluation; `on_chunk(size, seconds)` every finished chunk; `on_oom(size)` every halving
-    after an out-of-memory. `seed` may also be one run seed per image. `precision` (`common.precision`): "bfloat16" /
-    "float16" run the network under autocast (the chains stay float32, and the recorded energies are computed in
-    float32 afterwards); "float32" is exact on CUDA too (no TF32). Chains on one device type, precision and cut into
-    chunks (`batch_size`, or exactly the sizes `chunks` lists) are reproducible; across them they differ by
-    floating-point rounding. Chains that end non-finite raise EbdError: they never reach a decoder."""
+    after an out-of-memory. `seed` may also be one run seed per image. `precision`, already resolved for `device`
+    (`common.precision.resolve_precision`; "auto" is refused): "bfloat16" / "float16" run the network under
+    autocast (the chains stay float32, and the recorded energies are computed in float32 afterwards); "float32" is
+    exact on CUDA too (no TF32). Chains on one device type, precision and cut into chunks (`batch_size`, or exactly
+    the sizes `chunks` lists) are reproducible; across them they differ by floating-point rounding. Chains that end
+    non-finite raise EbdError: they never reach a decoder."""
     indices = list(indices)
     run_seeds = [seed] * len(indices) if isinstance(seed, int) else list(seed)
     if len(run_seeds) != len(indices):
@@ -94,7 +95,7 @@ def sample_latents(model, indices: Sequence[int], seed: int | Sequence[int], set
         bad = int((~torch.isfinite(z.flatten(1)).all(1)).sum())
         if bad:
             raise EbdError(f"{bad} of {b - a} chains (images {indices[a]}..{indices[b - 1]}) ended non-finite under "
-                           f"{resolve_precision(device, precision)} on {torch.device(device).type}: nothing of them "
+                           f"{precision} on {torch.device(device).type}: nothing of them "
                            "is decoded; sample in float32 (sampler_precision), with more levels, or check the model")
         with torch.no_grad(), exact_float32(device, "float32"):  # the recorded energy: float32, whatever sampled
             energy = model.energy(z.float())

@@ -26,7 +26,7 @@ class LatentBatches:
     shards. labels: B x fields, each the value's index in `vocabulary` + 1 (0: the latent lacks it), or None when no
     field is asked for. Latents matching `exclude` are skipped (`excluded` counts them over one epoch)."""
 
-    def __init__(self, paths: list[str], batch_size: int, seed: int, use_moments: bool, data_noise: float,
+    def __init__(self, paths: list[str], batch_size: int, seed: int, *, use_moments: bool, data_noise: float,
                  in_memory: bool, shuffle_buffer: int, vocabulary: dict[str, list[str]] | None = None,
                  exclude: list[dict[str, str]] | None = None):
         self.paths, self.batch_size, self.use_moments, self.data_noise = paths, batch_size, use_moments, data_noise

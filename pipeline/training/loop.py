@@ -128,8 +128,9 @@ class WorkerRun:
         atomic_write_json(self.record_path, self.record)
         in_memory = my_count * math.prod(self.latent_shape) * 4 * 3 <= cfg.cache_bytes
         self.data = LatentBatches(my_shards, cfg.batch_size, cfg.seed * 1000 + rank + self.state["step"],
-                                  cfg.use_moments, cfg.data_noise, in_memory, cfg.shuffle_buffer,
-                                  self.model.label_vocabulary, cfg.exclude_labels)
+                                  use_moments=cfg.use_moments, data_noise=cfg.data_noise, in_memory=in_memory,
+                                  shuffle_buffer=cfg.shuffle_buffer, vocabulary=self.model.label_vocabulary,
+                                  exclude=cfg.exclude_labels)
         self.batches = iter(self.data)
         self.gen.manual_seed(cfg.seed * 7919 + rank * 104729 + self.state["step"])
         self.last_good = self._snapshot()

@@ -244,7 +244,7 @@ def run_precompute(cfg: PrecomputeConfig, address: str | None = None, dashboard:
             log.update(stats["seen"], extra=f"shards {len(done)}/{len(chunks)}", force=not (jobs or in_flight))
 
     manifest = _write_manifest(out, cfg, fmt, spec, vae_identity, [done[i] for i in range(len(chunks))],
-                               held_out_shards, stratified, twins)
+                               held_out_shards=held_out_shards, stratified=stratified, twins=twins)
     totals = manifest["totals"]
     log.log(f"done: {totals['encoded']} encoded, {totals['rejected']} rejected of {totals['seen']} inputs; "
             f"manifest {storage.join(out, sh.MANIFEST)}")
@@ -395,7 +395,7 @@ def _claim_output(out: str, cfg: PrecomputeConfig, vae_identity: dict, items: li
 
 
 def _write_manifest(out: str, cfg: PrecomputeConfig, fmt: str, spec: VaeSpec, vae_identity: dict,
-                    stats: list[dict], held_out_shards: int, stratified: bool, twins: dict | None = None) -> dict:
+                    stats: list[dict], *, held_out_shards: int, stratified: bool, twins: dict | None = None) -> dict:
     rejects = [r for s in stats for r in s["rejects"]]
     atomic_write_lines(storage.join(out, sh.REJECTS), rejects)
     held = stats[len(stats) - held_out_shards:] if held_out_shards else []
