@@ -47,10 +47,6 @@ def test_no_module_in_the_library_is_over_450_lines():
     assert not long, long
 
 
-# TEMPORARY: two evaluation functions another change is making keyword-only; delete this set when it lands.
-_BEING_FIXED = {"pipeline/evaluation/realism.py:realism_test", "pipeline/evaluation/scoring.py:score_feature_space"}
-
-
 def test_no_function_in_the_library_takes_more_than_8_positional_parameters():
     """Past eight, a call's meaning hangs on argument order: the rest are keyword-only (a bare `*`), or travel
     together in a small frozen spec (e.g. generation.stages.SamplerSpec). `self` / `cls` do not count."""
@@ -64,6 +60,6 @@ def test_no_function_in_the_library_takes_more_than_8_positional_parameters():
             names = [a.arg for a in node.args.posonlyargs + node.args.args]
             positional = len(names) - (names[:1] in (["self"], ["cls"]))
             where = f"{path.relative_to(REPO).as_posix()}:{node.name}"
-            if positional > 8 and where not in _BEING_FIXED:
+            if positional > 8:
                 offenders.append(f"{where} (line {node.lineno}: {positional} positional)")
     assert not offenders, offenders
