@@ -3,6 +3,12 @@ loading sees an old key."""
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
 from pipeline.common import migrations
 from pipeline.common.config import from_dict
 from pipeline.generation import GenerateConfig
@@ -55,3 +61,40 @@ def test_formats_are_a_list_an_older_one_word_format_still_loads_and_run_json_ke
     # run.json's one word, as every earlier version wrote it, so their folders resume
     assert format_label(tuple(both.formats)) == "both" and format_label(tuple(tars.formats)) == "webdataset"
     assert output_formats(["webdataset", "parquet"]) == tuple(WRITERS)  # written and read in one order
+
+
+# ------------------------------------------------------------------------------------------ configs of old versions
+
+_LEGACY = sorted((Path(__file__).parent / "legacy").glob("*.yaml"))  # the shipped configs as older versions wrote them
+_MOVED = {"format": ("formats", {"both": ["parquet", "webdataset"]})}  # a key whose value changed form as it moved
+
+
+def _places(values: dict) -> list[tuple[str, object]]:
+    """Every (key, value) of a config, nested sections included."""
+    found = []
+    for key, value in values.items():
+        found.append((key, value))
+        if isinstance(value, dict):
+            found += _places(value)
+    return found
+
+
+@pytest.mark.parametrize("path", _LEGACY, ids=[p.name for p in _LEGACY])
+def test_a_config_of_an_older_version_loads_with_every_setting_in_its_new_place(path):
+    """Each flat key an older version wrote (`langevin_steps`, `sampler_levels`, `channels`, `ddim_steps`, `format`,
+    ...) is migrated once, on load, to where today's config keeps it, with its value; a key left unset (None) is
+    today's default. The files' comments cite the modules of their day."""
+    from pipeline.common.config import load_config, to_dict
+
+    cls, sets = (GenerateConfig, ["model=m", "vae=v", "output=o"]) if path.name.startswith("generate") else \
+        (TrainConfig, ["latents=l", "output=o"])
+    raw = yaml.safe_load(path.read_text())
+    legacy = {k: v for k, v in raw.items() if k not in {f.name for f in dataclasses.fields(cls)} and v is not None}
+    assert legacy, f"{path.name} holds no key of an older version"
+    found = _places(to_dict(load_config(cls, path, sets)))
+    for key, value in legacy.items():
+        stem = key.removeprefix("langevin_").removeprefix("sampler_").removeprefix("ddim_")
+        names, expected = {key, stem, f"sampler_{stem}"}, value
+        if key in _MOVED:
+            names, expected = {_MOVED[key][0]}, _MOVED[key][1].get(value, value)
+        assert any(k in names and v == expected for k, v in found), (path.name, key, value)
