@@ -16,9 +16,14 @@ def extra_rows(sets: dict) -> list[str]:
     return [k for k in sets if k not in ("generated", *BASELINES)]
 
 
+def realism_row_checks(report: dict, key: str) -> dict[str, bool]:
+    """The realism test's checks of one row (none when the test did not run)."""
+    return ((report.get("realism") or {}).get("checks") or {}).get(key, {})
+
+
 def row_checks(report: dict, space: dict, key: str) -> dict[str, bool]:
     """Every check one row of a feature space's table gets: the space's own and the realism test's."""
-    return space["checks"][key] | ((report.get("realism") or {}).get("checks") or {}).get(key, {})
+    return space["checks"][key] | realism_row_checks(report, key)
 
 
 def verdict_line(report: dict) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import statistics
 
-from .markdown import row_checks
+from .markdown import realism_row_checks, row_checks
 from .scoring import pooled_checks
 
 HEADLINE = ("fd", "recognisable", "none_share", "class_tv", "density", "coverage", "copy_share")
@@ -29,8 +29,7 @@ def draw_checks(report: dict, cfg, name: str) -> dict[str, bool]:
     space = verdict_space(report)
     if report["check_space"].startswith("features ("):
         return row_checks(report, space, name)
-    return pooled_checks(space["metrics"], cfg, name) | \
-        ((report.get("realism") or {}).get("checks") or {}).get(name, {})
+    return pooled_checks(space["metrics"], cfg, name) | realism_row_checks(report, name)
 
 
 def spread_over_draws(report: dict, cfg) -> dict:
