@@ -102,3 +102,16 @@ def test_sampling_from_python_needs_no_ray():
             "assert len(out.images) == 2")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_the_working_directory_a_job_submits_is_the_code_and_configs_and_small(tmp_path):
+    """`ray job submit --working-dir .` zips the repository the way Ray does it here; over 100 MiB Ray refuses it."""
+    from zipfile import ZipFile
+
+    from ray._private.runtime_env.packaging import create_package
+    package = tmp_path / "working_dir.zip"
+    create_package(str(REPO), package, include_gitignore=True)
+    names = ZipFile(package).namelist()
+    assert {"jobs/train.py", "jobs/generate.py", "pipeline/api.py", "configs/train.yaml"} <= set(names)
+    assert not [n for n in names if n.startswith(("models/", "bench/", ".git/", ".venv/", "build/"))], names[:20]
+    assert package.stat().st_size < 8 * 2**20, package.stat().st_size  # the code is ~1 MiB; Ray's cap is 100 MiB
