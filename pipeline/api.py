@@ -162,14 +162,15 @@ def generated_dataset(model: str, vae: str, num_images: int, seed: int = 0, **se
     batch sizes default to 64 rather than a memory probe. Runs on the connected Ray cluster (ray.init first)."""
     from .common.config import from_dict
     from .generation import GenerateConfig
+    from .generation.config import with_plan
     from .generation.dag import decoded_shards, place_stages
     from .generation.job import run_plan
     from .generation.probes import sampler_precision
     from .models import load_model
     from .vae.autoencoder import resolve_decoder, resolve_vae
 
-    cfg = from_dict(GenerateConfig, {"model": str(model), "vae": str(vae), "output": "unused",
-                                     "num_images": num_images, "seed": seed} | settings)
+    cfg = with_plan(from_dict(GenerateConfig, {"model": str(model), "vae": str(vae), "output": "unused",
+                                               "num_images": num_images, "seed": seed} | settings))
     spec, loaded = resolve_vae(cfg.vae), load_model(cfg.model)
     loaded.check_vae(spec, cfg.vae)
     sampler = loaded.resolve_sampler(cfg.sampler)

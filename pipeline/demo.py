@@ -88,7 +88,7 @@ def _has_labels(path: Path) -> bool:
         return any(name.endswith(".json") for name in tar.getnames())
 
 
-@dataclass
+@dataclass(frozen=True)
 class DemoAssetsConfig(JobConfig):
     output: str | None = None                    # folder for the images (OUTPUT/images) and their labels
     num_images: int = 10000                      # images to render

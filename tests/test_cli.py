@@ -148,6 +148,7 @@ def test_every_shipped_config_validates_for_its_job():
     from pipeline.common.config import load_config
     from pipeline.evaluation.evaluator_fit import FitEvaluatorConfig
     from pipeline.generation import GenerateConfig
+    from pipeline.generation.config import with_plan
     from pipeline.training.config import TrainConfig
     from pipeline.vae.fit import FitVaeConfig
     from pipeline.vae.precompute import PrecomputeConfig
@@ -161,11 +162,74 @@ def test_every_shipped_config_validates_for_its_job():
     assert len(configs) >= 9
     for path in configs:
         if path.stem.startswith("conditions"):  # a conditions file (jobs.generate --conditions), not a job config
-            assert load_config(GenerateConfig, None, conditions=str(path), **jobs["generate"][1]).num_images >= 1
+            cfg = with_plan(load_config(GenerateConfig, None, conditions=str(path), **jobs["generate"][1]))
+            assert cfg.num_images >= 1 and cfg.num_images == sum(cfg.conditions.values())
             continue
         job = next(name for name in sorted(jobs, key=len, reverse=True) if path.stem.startswith(name))
         cls, paths = jobs[job]
         load_config(cls, path, **paths)
+
+
+def test_job_configs_are_frozen_values_whose_validation_reads_and_imports_nothing(tmp_path):
+    """Every job's config, built from its shipped YAML as the job builds it, is a frozen value: a key cannot be
+    reassigned and validating again changes nothing. Validation is pure: a config naming a conditions file that is
+    not there, or a plugin that cannot be imported, builds; the driver's steps (`with_plan`, `load_config`) are where
+    those are read, in one line."""
+    import dataclasses
+
+    from pipeline.common.config import ConfigError, JobConfig, load_config
+    from pipeline.generation.config import GenerateConfig, with_plan
+    from pipeline.training.config import TrainConfig
+
+    classes = {cls.__name__: cls for cls in _subclasses(JobConfig)}
+    assert len(classes) >= 9, sorted(classes)
+    required = {"input": "i", "output": "o", "vae": "v", "model": "m", "latents": "l", "decoder": "d", "generated": "g",
+                "reference": "r", "evaluator": "e"}
+    for name, cls in classes.items():
+        assert cls.__dataclass_params__.frozen, f"{name} is not frozen"
+        fields = {f.name for f in dataclasses.fields(cls)}
+        cfg = load_config(cls, None, **{k: v for k, v in required.items() if k in fields})
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(cfg, next(iter(fields)), None)
+        before = dataclasses.asdict(cfg)
+        cfg.validate()
+        assert dataclasses.asdict(cfg) == before, name
+    train = TrainConfig(latents="l", output="o", objective={"name": "dsm", "sigma_max": 30.0}, sampler={"levels": 9})
+    assert train.objective.sigma_max == 30.0 and train.sampler == {"levels": 9}  # the section's typed form, once
+    assert TrainConfig(latents="l", output="o", plugins=["no_such_module_here"]).plugins == ["no_such_module_here"]
+    with pytest.raises(ConfigError, match="plugin 'no_such_module_here' cannot be imported"):
+        load_config(TrainConfig, None, latents="l", output="o", sets=["plugins=[no_such_module_here]"])
+    missing = tmp_path / "mix.yaml"
+    cfg = GenerateConfig(model="m", vae="v", output="o", conditions=str(missing))
+    with pytest.raises(ConfigError, match="conditions file not found"):
+        with_plan(cfg)
+    missing.write_text("'shape=ring': 3\n'shape=disk': 4\n")
+    assert with_plan(cfg).num_images == 7 and cfg.num_images is None and with_plan(cfg).conditions["shape=ring"] == 3
+
+
+def _subclasses(cls: type) -> list[type]:
+    import importlib
+    import pkgutil
+
+    import pipeline
+    for module in pkgutil.walk_packages(pipeline.__path__, "pipeline."):
+        importlib.import_module(module.name)
+    found, todo = [], list(cls.__subclasses__())
+    while todo:
+        found.append(todo.pop())
+        todo += found[-1].__subclasses__()
+    return found
+
+
+@pytest.mark.parametrize("job", ["generate", "train", "inspect"])
+def test_a_misspelt_sampler_key_is_one_line_with_did_you_mean_when_the_config_loads(job):
+    """`--set sampler.levles=10` fails as the config loads (before any model is read), for every job that takes a
+    sampler section."""
+    paths = {"generate": ["--model", "m", "--vae", "v", "--output", "o"], "train": ["--latents", "l", "--output", "o"],
+             "inspect": ["--output", "o", "--vae", "v"]}
+    result = run_job(f"jobs.{job}", *paths[job], "--set", "sampler.levles=10", timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-2000:]
+    assert "unknown sampler key 'levles': did you mean 'levels'?" in result.stderr
 
 
 def test_pair_decoder_checks_shapes_and_generates_decoder_flag_is_checked_before_any_work(sd_checkpoint, tmp_path):

@@ -20,6 +20,9 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from .errors import ConfigError, EbdError
+from .plugins import import_plugins
+
 MAX_CONFIG_BYTES = 1 << 20  # a config file (the shipped ones are under 4 KiB)
 MAX_SET_BYTES = 64 << 10  # one --set value
 MAX_CONFIG_DEPTH = 32  # nesting of mappings and lists (the shipped configs nest 3 deep)
@@ -106,19 +109,21 @@ def _small(value: list | tuple | dict, items: int = 64, depth: int = 4) -> bool:
     return all(_small(c, items, depth - 1) for c in children if isinstance(c, (list, tuple, dict)))
 
 
-class EbdError(Exception):
-    """An error the user can fix (bad config, missing file, bad input): printed as one line, exit code 2."""
-
-
-class ConfigError(EbdError):
-    pass
-
-
 class JobConfig:
-    """Base of the job configs (dataclasses): validated when constructed, so a config built in Python with a bad
-    value raises ConfigError at once, as one loaded from YAML does."""
+    """Base of the job configs: frozen dataclasses (values, never changed once built), validated when constructed,
+    so a config built in Python with a bad value raises ConfigError at once, as one loaded from YAML does.
+
+    `validate()` is pure: no I/O, no imports, no rewriting. A section that has a typed form (the training objective's
+    settings, the sampler's keys) names its parser in the field's metadata (`field(metadata={"parse": fn})`): `fn`
+    is pure and turns the value given into the value kept, once, as the config is built. What needs I/O (plugins, a
+    conditions file) is done by the driver: `load_config` imports plugins before building; a job reads its files
+    after."""
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            parse = f.metadata.get("parse")
+            if parse is not None:
+                object.__setattr__(self, f.name, parse(getattr(self, f.name)))  # a frozen value's construction
         self.validate()
 
     def validate(self) -> None:
@@ -157,6 +162,9 @@ def load_config(cls: type[C], path: str | Path | None = None, sets: list[str] | 
     if SHOW_CONFIG:
         print(describe_config(cls, values))
         raise SystemExit(0)
+    plugins = values.get("plugins")
+    if isinstance(plugins, list) and all(isinstance(m, str) for m in plugins):  # (from_dict refuses other values)
+        import_plugins(plugins)  # they register the objectives and model kinds the config may name
     return from_dict(cls, values)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib
 
-from .config import ConfigError
+from .errors import ConfigError
 
 
 def import_plugins(modules: list[str] | tuple[str, ...]) -> None:

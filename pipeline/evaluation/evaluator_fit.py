@@ -42,7 +42,7 @@ from .features import ImageEvaluator, to_network_input
 from .non_images import NONE_CLASS, latent_non_images, pixel_non_images
 
 
-@dataclass
+@dataclass(frozen=True)
 class FitEvaluatorConfig(JobConfig):
     latents: str | None = None                   # precompute output: latents and their labels
     output: str | None = None                    # evaluator folder (config.json + model.safetensors)

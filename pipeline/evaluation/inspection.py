@@ -26,7 +26,7 @@ import base64
 import html
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,19 +39,21 @@ from ..io.files import atomic_write, atomic_write_json
 from ..io.pictures import labelled_rows, save_png
 from ..sampling.conditions import canonical, check_condition, parse_condition
 from ..sampling.core import chain_starts, sample_latents
+from ..sampling.settings import sampler_overrides
 from ..vae.autoencoder import decode_images, load_vae, resolve_vae
 from .inspection_figures import channels_figure, curves_figure, energy_figure, interpolation_energy_figure
 
 PAGE = "index.html"
 
 
-@dataclass
+@dataclass(frozen=True)
 class InspectConfig(JobConfig):
     output: str = ""                  # folder for index.html, the PNGs and inspect.json
     vae: str = ""                     # the VAE folder (Stable Diffusion layout) that decodes the latents
     model: str | None = None          # a model folder; without it, an x-ray of --latents alone
     latents: str | None = None        # a latents folder (jobs.precompute output): the real data to compare with
-    sampler: dict[str, Any] = field(default_factory=dict)  # overrides of the model's sampler, as in jobs.generate
+    sampler: dict[str, Any] = field(default_factory=dict,  # overrides of the model's sampler, as in jobs.generate
+                                    metadata={"parse": sampler_overrides})
     condition: str | None = None      # a conditional model: what every chain asks for, e.g. "shape=ring"
     chains: int = 64                  # chains behind the curves, histograms and neighbours
     filmstrips: int = 4               # of those, chains decoded along the way
@@ -207,7 +209,7 @@ def run_inspection(cfg: InspectConfig) -> dict:
     settings = model.resolve_sampler(cfg.sampler) if model is not None else None
     if cfg.condition is not None:
         require(model is not None, "a condition needs --model")
-        cfg.condition = canonical(cfg.condition)
+        cfg = replace(cfg, condition=canonical(cfg.condition))
         check_condition(parse_condition(cfg.condition), model.label_vocabulary, cfg.model)
     real = read_real(Path(cfg.latents), model, spec, cfg.max_latents) if cfg.latents else None
     out = Path(cfg.output)

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from ..common import migrations
 from ..common.config import JobConfig, require
-from ..common.plugins import import_plugins
 from ..sampling.conditions import load_plan
+from ..sampling.settings import sampler_overrides
 
 
-@dataclass
+@dataclass(frozen=True)
 class GenerateConfig(JobConfig):
     model: str | None = None                     # trained EBM folder (config.json + model.safetensors), any kind
     vae: str | None = None                       # a Stable Diffusion checkpoint (with vae/) or AutoencoderKL folder
@@ -21,7 +21,7 @@ class GenerateConfig(JobConfig):
     output: str | None = None                    # folder for the shards, manifest, preview and summary
     num_images: int | None = None                # images to make (null: 1000, or the conditions' total)
     # Conditional models (conditions.py): one condition for every image ("shape=ring AND background=checker"), or a
-    # mix, condition -> count (a mapping, or the path of a YAML/JSON file of one; read once, when the config loads).
+    # mix, condition -> count (a mapping, or the path of a YAML/JSON file of one; the job reads it once, as it starts).
     condition: str | None = None
     conditions: dict[str, int] | str | None = None  # condition -> count, or a YAML/JSON file of it: a mix
     seed: int = 0                                # run seed: image i's key and noise derive from (seed, i)
@@ -31,7 +31,7 @@ class GenerateConfig(JobConfig):
     save_latents: bool = True                    # each latent too (parquet: float32 array, tar: float16 .npy)
     # Sampler: the model's saved settings, with these keys changed (e.g. {levels: 10} or {mala_levels: 3}; a
     # short-run (cd) model is only valid under its training settings, so change those knowingly).
-    sampler: dict[str, Any] = field(default_factory=dict)
+    sampler: dict[str, Any] = field(default_factory=dict, metadata={"parse": sampler_overrides})
     # Pipeline shape. Defaults fit a 2-CPU machine without deadlock: 1 + 0.5 + 0.25 CPUs. `sampler_actors: auto`
     # starts as many sampler actors as the cluster's CPUs hold beside the decoders and one writer (at most one per
     # shard); each runs int(sampler_cpus) torch threads, at least one.
@@ -88,16 +88,11 @@ class GenerateConfig(JobConfig):
     def validate(self) -> None:
         for name in ("model", "vae", "output"):
             require(getattr(self, name) is not None, f"missing {name}: pass --{name} or set it in the config")
-        import_plugins(self.plugins)  # they may register the model kind the model folder names
-        plan = load_plan(self.condition, self.conditions)
-        if plan is not None and self.condition is None:  # a mix: its counts are the images
-            self.conditions = dict(plan)
-            total = sum(n for _, n in plan)
-            require(self.num_images in (None, total), f"num_images ({self.num_images}) disagrees with the conditions' "
-                    f"total ({total}): drop num_images, or change the counts")
-            self.num_images = total
-        self.num_images = 1000 if self.num_images is None else self.num_images
-        require(self.num_images >= 1 and self.images_per_shard >= 1, "num_images and images_per_shard must be >= 1")
+        require(self.condition is None or self.conditions is None, "give condition or conditions, not both")
+        if isinstance(self.conditions, dict):  # a mix given inline: its counts are the images (a file: with_plan)
+            _check_total(self.num_images, load_plan(None, self.conditions))
+        require((self.num_images is None or self.num_images >= 1) and self.images_per_shard >= 1,
+                "num_images and images_per_shard must be >= 1")
         require(bool(self.formats) and len(set(self.formats)) == len(self.formats),
                 f"formats must name each output format at most once, and at least one: got {self.formats}")
         require((self.sampler_actors == "auto" or self.sampler_actors >= 1) and self.decoder_actors >= 1,
@@ -116,3 +111,22 @@ class GenerateConfig(JobConfig):
         require(self.simulate_gpu_memory_gb is None or self.simulate_gpu_memory_gb > 0,
                 "simulate_gpu_memory_gb must be > 0")
         require(self.metrics_port is None or 0 <= self.metrics_port < 65536, "metrics_port must be a port number")
+
+
+DEFAULT_NUM_IMAGES = 1000
+
+
+def with_plan(cfg: GenerateConfig) -> GenerateConfig:
+    """The config a run works from: a conditions file read (the driver's I/O, once, as the job starts), a mix's counts
+    as `conditions` and their total as `num_images`, else `num_images` or DEFAULT_NUM_IMAGES."""
+    plan = load_plan(cfg.condition, cfg.conditions)
+    if plan is not None and cfg.condition is None:
+        return replace(cfg, conditions=dict(plan), num_images=_check_total(cfg.num_images, plan))
+    return cfg if cfg.num_images is not None else replace(cfg, num_images=DEFAULT_NUM_IMAGES)
+
+
+def _check_total(num_images: int | None, plan: list[list]) -> int:
+    total = sum(n for _, n in plan)
+    require(num_images in (None, total), f"num_images ({num_images}) disagrees with the conditions' total ({total}): "
+            "drop num_images, or change the counts")
+    return total

@@ -15,7 +15,7 @@ from ..distributed.cluster import connect
 from ..io import image_shards, storage
 from ..io.files import atomic_write_json, file_sha256, read_json
 from ..sampling.conditions import check_condition, load_plan, parse_condition
-from .config import GenerateConfig
+from .config import GenerateConfig, with_plan
 from .dag import build_dag, place_stages
 from .manifest import RUN_FILE, claim_output, finish
 from .probes import choose_batch_sizes, recorded_batch_sizes, sampler_precision
@@ -29,7 +29,8 @@ def run_generation(cfg: GenerateConfig, address: str | None = None, dashboard: b
     from ..models import load_model
     from ..vae.autoencoder import resolve_decoder, resolve_vae
 
-    import_plugins(cfg.plugins)
+    import_plugins(cfg.plugins)  # (load_config did too; a config built in Python did not)
+    cfg = with_plan(cfg)  # a conditions file read once, here; num_images settled
 
     model = load_model(cfg.model)
     spec = resolve_vae(cfg.vae)

@@ -11,7 +11,8 @@ dataclass its `name` selects; an unknown name or key, or a value out of range, i
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
+from difflib import get_close_matches
 from typing import Literal
 
 from ..common import migrations
@@ -108,6 +109,24 @@ def sampler_settings(values: dict) -> SamplerSettings:
     if not isinstance(name, str) or name not in SETTINGS:
         raise EbdError(f"unknown sampler {quote(name)} (known: {', '.join(SETTINGS)})")
     return from_dict(SETTINGS[name], migrations.sampler_record(values) | {"name": name})
+
+
+def sampler_overrides(values: dict) -> dict:
+    """A job's `sampler` section (keys of the model's saved sampler to change), checked before any model is read: every
+    key must be one some sampler family has and a `name` must be known; a misspelt key is one line with did-you-mean.
+    Which family's keys apply, and their values, are checked once the model names its sampler (`with_overrides`)."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"the sampler section is a mapping of keys to change ({{levels: 10}}), not {quote(values)}")
+    known = {f.name for cls in set(SETTINGS.values()) for f in fields(cls)}  # DDIM's old `steps` is Langevin's key
+    for key in values:
+        if key not in known:
+            close = get_close_matches(str(key), sorted(known), n=1)
+            hint = f": did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown sampler key {quote(key, 80)}{hint} (sampler keys: {', '.join(sorted(known))})")
+    name = values.get("name")
+    if name is not None and (not isinstance(name, str) or name not in SETTINGS):
+        raise ConfigError(f"unknown sampler {quote(name)} (known: {', '.join(SETTINGS)})")
+    return dict(values)
 
 
 def with_overrides(settings: SamplerSettings, overrides: dict | None, owner: str | None = None) -> SamplerSettings:

@@ -16,11 +16,11 @@ from typing import Any, Literal
 
 from ..common import migrations
 from ..common.config import JobConfig, require, require_at_least
-from ..common.plugins import import_plugins
+from ..sampling.settings import sampler_overrides
 from .objectives import OBJECTIVES, objective_settings
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig(JobConfig):
     latents: str | None = None               # output folder of the precompute job
     output: str | None = None                # folder for the model export and worker records
@@ -28,8 +28,10 @@ class TrainConfig(JobConfig):
     storage_path: str | None = None          # Ray Train checkpoints; default OUTPUT/checkpoints (shared storage!)
     # What is trained, and how it will be sampled: training/objectives/ (dsm: a noise-conditional energy by denoising
     # score matching, the default; cd: short-run contrastive divergence; ddpm: the noise-prediction baseline).
-    objective: Any = "dsm"                   # a name, or {name: ..., its keys}: becomes the objective's Settings
-    sampler: dict[str, Any] = field(default_factory=dict)  # keys of the objective's default sampler to change
+    # A name, or {name: ..., its keys}: kept as that objective's Settings (objectives/<name>.py), typed and checked
+    objective: Any = field(default="dsm", metadata={"parse": objective_settings})
+    # keys of the objective's default sampler to change
+    sampler: dict[str, Any] = field(default_factory=dict, metadata={"parse": sampler_overrides})
     plugins: list[str] = field(default_factory=list)       # modules to import first: they register model kinds
     # An exported model folder (a run's OUTPUT/model) whose weights this run starts from, with a fresh optimiser:
     # train a finished model on when its checkpoints are gone, or fine-tune it on other latents. The architecture
@@ -82,8 +84,6 @@ class TrainConfig(JobConfig):
     def validate(self) -> None:
         for name in ("latents", "output"):
             require(getattr(self, name) is not None, f"missing {name}: pass --{name} or set it in the config")
-        import_plugins(self.plugins)  # they may register the objective this config names
-        self.objective = objective_settings(self.objective)
         require(self.num_workers >= 1 and self.batch_size >= 1 and self.max_steps >= 0,
                 "num_workers and batch_size must be >= 1, max_steps >= 0")
         require(self.lr > 0 and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "lr must be > 0, betas in [0, 1)")

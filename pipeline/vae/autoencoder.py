@@ -153,7 +153,7 @@ def resolve_decoder(path: str | Path | None, vae: VaeSpec) -> VaeSpec:
     return spec
 
 
-@dataclass
+@dataclass(frozen=True)
 class PairDecoderConfig(JobConfig):
     decoder: str | None = None                   # AutoencoderTiny folder (config.json + safetensors)
     vae: str | None = None                       # the VAE whose latents it decodes (SD checkpoint or VAE folder)

@@ -50,7 +50,7 @@ CHECKPOINT_DIR = "checkpoint"
 RECORD_FILE = "fit_vae.json"
 
 
-@dataclass
+@dataclass(frozen=True)
 class FitVaeConfig(JobConfig):
     input: str | None = None                     # any image source precompute reads (folder, tars, parquet)
     output: str | None = None                    # checkpoint folder (gets vae/ and model_index.json)

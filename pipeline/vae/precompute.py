@@ -40,7 +40,7 @@ from .grouping import TWINS_FILE, decode_budgets, find_groups, held_out_with_a_t
 RUN_FILE = "run.json"  # what this folder was started with; a resumed run must match it
 
 
-@dataclass
+@dataclass(frozen=True)
 class PrecomputeConfig(JobConfig):
     input: str | None = None                     # image folder, tar shard(s) or parquet file(s)
     vae: str | None = None                       # a Stable Diffusion checkpoint (with vae/) or AutoencoderKL folder
