@@ -374,6 +374,39 @@ def test_webdataset_only_and_changed_config_refused(ray_cluster, ebm_dir, sd_che
         generate(ebm_dir, sd_checkpoint, tmp_path, format="webdataset", num_images=12, batch_size=4)
 
 
+def test_an_output_format_added_as_one_class_flows_through_generate_resume_the_manifest_and_evaluation(
+        ray_cluster, ebm_dir, sd_checkpoint, both_formats, tmp_path):
+    """A third format (tests/third_format.py: one class, registered by a plugin module) is written by the Ray writer
+    tasks, named by the manifest, resumed shard by shard, and read back by evaluation's readers: the same images and
+    latents as the parquet run of the same command."""
+    import tests.third_format  # noqa: F401 - the driver knows the format as load_config would make it
+    from pipeline.io.image_shards import generated_manifest, iter_generated_images, read_conditions, read_generated
+
+    out = tmp_path / "run"
+    settings = dict(formats=["zipped"], plugins=["tests.third_format"], num_images=20, sampler_actors="auto",
+                    sampler_cpus=0.75, decoder_cpus=0.25)
+    assert generate(ebm_dir, sd_checkpoint, out, **settings)["images_this_run"] == 20
+    assert sorted(p.name for p in (out / "zipped").iterdir()) == ["images-000000.zip", "images-000001.zip"]
+    assert not (out / "parquet").exists() and not (out / "webdataset").exists()
+    manifest = generated_manifest(str(out))
+    assert manifest["formats"] == ["zipped"] and manifest["folders"]["zipped"] == "zipped"
+    assert manifest["folders"]["parquet"] is None and manifest["webdataset_urls"] is None
+    assert [sorted(s["files"]) for s in manifest["shards"]] == [["zipped/images-000000.zip"],
+                                                               ["zipped/images-000001.zip"]]
+    latents, images = read_generated(str(out))
+    parquet_latents, parquet_images = read_generated(str(both_formats[0]), torch.arange(20))
+    assert torch.equal(images, parquet_images) and torch.allclose(latents, parquet_latents, atol=1e-6)
+    assert torch.equal(torch.cat(list(iter_generated_images(str(out), torch.arange(20), batch_size=8))), images)
+    assert read_conditions(str(out)) == [None] * 20
+
+    lost = out / "zipped" / "images-000001.zip"
+    before = file_sha256(lost)
+    lost.unlink()
+    (out / "manifest.json").unlink()
+    assert generate(ebm_dir, sd_checkpoint, out, **settings)["images_this_run"] == 4  # only the lost shard
+    assert file_sha256(lost) == before
+
+
 @pytest.fixture(scope="module")
 def tiny_decoder(sd_checkpoint, tmp_path_factory) -> Path:
     """An AutoencoderTiny (TAESD's blocks, narrowed to the tiny VAE's 2x up-sampling) paired with the tiny VAE."""

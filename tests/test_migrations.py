@@ -53,14 +53,14 @@ def test_a_run_folders_sampler_precision_kept_among_its_batch_sizes_reads_as_its
 
 
 def test_formats_are_a_list_an_older_one_word_format_still_loads_and_run_json_keeps_its_word():
-    from pipeline.io.image_shards import WRITERS, format_label, output_formats
+    from pipeline.io.output_formats import FORMATS, format_label, output_formats
 
     both = from_dict(GenerateConfig, {"model": "m", "vae": "v", "output": "o", "format": "both"})
     tars = from_dict(GenerateConfig, {"model": "m", "vae": "v", "output": "o", "format": "webdataset"})
     assert both.formats == ["parquet", "webdataset"] and tars.formats == ["webdataset"]
     # run.json's one word, as every earlier version wrote it, so their folders resume
     assert format_label(tuple(both.formats)) == "both" and format_label(tuple(tars.formats)) == "webdataset"
-    assert output_formats(["webdataset", "parquet"]) == tuple(WRITERS)  # written and read in one order
+    assert output_formats(["webdataset", "parquet"]) == tuple(FORMATS)  # written and read in one order
 
 
 # ------------------------------------------------------------------------------------------ configs of old versions

@@ -79,7 +79,7 @@ from .seeds import draw_names, spread_over_draws
 REPORT_FORMAT = "ebd.report/2"
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvaluateConfig(JobConfig):
     generated: str | None = None                 # output folder of jobs.generate (needs save_latents: true)
     reference: str | None = None                 # latents folder (precompute output) with the held-out shards
@@ -89,6 +89,7 @@ class EvaluateConfig(JobConfig):
     train_latents: str | None = None             # where the training latents are, if not in `reference`
     model: str | None = None                     # the model folder, if it moved since generation
     compare: list[str] = field(default_factory=list)  # other generation runs (same VAE) scored as extra rows
+    plugins: list[str] = field(default_factory=list)  # modules to import first: model kinds, output formats
     num_samples: int = 1000                      # samples per set
     seeds: int = 1                               # draws of num_samples generated images (disjoint, from the run)
                                                  # scored: each headline figure's mean and spread (seeds.py)

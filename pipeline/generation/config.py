@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from ..common import migrations
 from ..common.config import JobConfig, require
+from ..io.output_formats import format_names
 from ..sampling.conditions import load_plan
 from ..sampling.settings import sampler_overrides
 
@@ -25,8 +26,8 @@ class GenerateConfig(JobConfig):
     condition: str | None = None
     conditions: dict[str, int] | str | None = None  # condition -> count, or a YAML/JSON file of it: a mix
     seed: int = 0                                # run seed: image i's key and noise derive from (seed, i)
-    # Shards to write, one data folder each (io/image_shards.WRITERS): parquet/, webdataset/ or both.
-    formats: list[Literal["parquet", "webdataset"]] = field(default_factory=lambda: ["parquet", "webdataset"])
+    # Shards to write, one data folder each (io/output_formats.FORMATS: parquet/, webdataset/, or one a plugin adds)
+    formats: list[str] = field(default_factory=lambda: ["parquet", "webdataset"], metadata={"parse": format_names})
     images_per_shard: int = 256
     save_latents: bool = True                    # each latent too (parquet: float32 array, tar: float16 .npy)
     # Sampler: the model's saved settings, with these keys changed (e.g. {levels: 10} or {mala_levels: 3}; a
@@ -93,8 +94,6 @@ class GenerateConfig(JobConfig):
             _check_total(self.num_images, load_plan(None, self.conditions))
         require((self.num_images is None or self.num_images >= 1) and self.images_per_shard >= 1,
                 "num_images and images_per_shard must be >= 1")
-        require(bool(self.formats) and len(set(self.formats)) == len(self.formats),
-                f"formats must name each output format at most once, and at least one: got {self.formats}")
         require((self.sampler_actors == "auto" or self.sampler_actors >= 1) and self.decoder_actors >= 1,
                 "actor counts must be >= 1 (sampler_actors may be auto)")
         require(self.sampler_cpus > 0 and self.decoder_cpus > 0 and self.writer_cpus > 0, "CPU shares must be > 0")

@@ -88,6 +88,7 @@ def build_dag(cfg: GenerateConfig, pending: list[int], sampler: SamplerSettings,
                           progress=progress, shard_chunks=shard_chunks).map_batches(
         write_shard, batch_size=1, num_cpus=cfg.writer_cpus,
         fn_kwargs=dict(output=storage.canonical(cfg.output), formats=tuple(cfg.formats), seed=cfg.seed,
-                       images_per_shard=cfg.images_per_shard, model_id=model_id, save_latents=cfg.save_latents))
+                       images_per_shard=cfg.images_per_shard, model_id=model_id, save_latents=cfg.save_latents,
+                       plugins=tuple(cfg.plugins)))
 
 

@@ -10,6 +10,7 @@ import numpy as np
 from ..common.config import EbdError
 from ..io import image_shards, storage
 from ..io.files import atomic_write, atomic_write_json, claim_run_folder, read_json
+from ..io.output_formats import FORMATS, format_label
 from ..io.pictures import preview_grid
 from ..sampling.settings import SamplerSettings
 from .config import GenerateConfig
@@ -29,7 +30,7 @@ def claim_output(out: str, cfg: GenerateConfig, settings: SamplerSettings, model
     tiny_decoder = decoder.weights_sha256() if decoder.class_name != "AutoencoderKL" else None
     if plan is None:  # guidance changes nothing without a condition (and folders from before it lack the key)
         sampler = {k: v for k, v in sampler.items() if k != "guidance"}
-    config = {k: getattr(cfg, k) for k in CONTENT_KEYS} | {"format": image_shards.format_label(tuple(cfg.formats))}
+    config = {k: getattr(cfg, k) for k in CONTENT_KEYS} | {"format": format_label(tuple(cfg.formats))}
     run = {"config": config, "sampler": sampler, "model": model_id,
            "vae_weights_sha256": vae_identity["weights_sha256"], "decoder_weights_sha256": tiny_decoder,
            "conditions": plan,  # None (absent in older folders) for an unconditional run
@@ -74,21 +75,19 @@ def finish(out: str, cfg: GenerateConfig, done: dict, num_shards: int, *, settin
                "sampler_devices": sorted({s.get("sampler_device", "cpu") for s in shards}),
                "oom_shrinks": sum(len(s.get("decode_oom_shrinks", [])) for s in shards)}
     atomic_write_json(storage.join(out, "summary.json"), summary)
-    folders = {"parquet": image_shards.PARQUET_DIR if "parquet" in cfg.formats else None,
-               "webdataset": image_shards.TAR_DIR if "webdataset" in cfg.formats else None}
+    written = set(cfg.formats)
     manifest = {"format": "ebd.images/1", "layout": image_shards.LAYOUT, "images": images, "num_shards": num_shards,
-                "output_format": image_shards.format_label(tuple(cfg.formats)), "formats": list(cfg.formats),
-                "folders": folders,
-                # webdataset.WebDataset(manifest["webdataset_urls"]) reads every tar, in order
-                "webdataset_urls": (storage.join(out, image_shards.TAR_NAME.replace("{:06d}", "{%06d..%06d}")
-                                                 % (0, num_shards - 1)) if folders["webdataset"] else None),
+                "output_format": format_label(tuple(cfg.formats)), "formats": list(cfg.formats),
+                "folders": {name: fmt.folder if name in written else None for name, fmt in FORMATS.items()},
                 "seed": cfg.seed, "model": {"id": model_id, "path": storage.canonical(cfg.model)},
                 "latents": {"saved": cfg.save_latents, "shape": latent_shape, "scaled": True,
-                            "dtype": {"parquet": "float32", "webdataset": "float16"}},
+                            "dtype": {name: fmt.latent_dtype for name, fmt in FORMATS.items()}},
                 "vae": vae_identity, "sampler": sampler, "images_per_shard": cfg.images_per_shard,
                 "decoder": {"class": decoder.class_name, "path": storage.canonical(decoder.path),
                             "weights_sha256": decoder.weights_sha256()},
                 "shards": [{"shard": s["shard"], "count": s["count"], "files": s["files"]} for s in shards]}
+    for name, fmt in FORMATS.items():  # e.g. webdataset_urls, the brace pattern webdataset.WebDataset takes
+        manifest |= fmt.manifest_fields(out, num_shards, name in written)
     if plan:  # which images asked for what, in order (each row and sidecar also carries its condition)
         manifest["conditions"] = [{"condition": text, "count": n} for text, n in plan]
     atomic_write_json(storage.join(out, "manifest.json"), manifest)  # last: its presence means the run is complete

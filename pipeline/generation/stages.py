@@ -210,8 +210,9 @@ class SampleDecodeStage:
 
 
 def write_shard(batch: dict, output: str, formats: tuple[str, ...], seed: int, images_per_shard: int, model_id: str,
-                save_latents: bool) -> dict:
+                save_latents: bool, plugins: tuple[str, ...] = ()) -> dict:
     """Writer task: PNG-encodes one shard's images and writes its files, then its done marker."""
+    import_plugins(plugins)  # an output format a plugin registers is written in this worker
     stats = []
     for shard, images, latents, info_text in zip(batch["shard"], batch["images"], batch["latents"], batch["info"]):
         info = json.loads(info_text)

@@ -21,73 +21,32 @@ into numpy without a decoder: `np.stack(df["latent"]).reshape(-1, C, H, W)`. KEY
 `condition` (a conditional run only) is what the image was asked for, e.g. "shape=ring AND background=checker".
 
 Shard j holds images [j * images_per_shard, ...) in order, so a shard is defined by its index alone. Each output
-format is one writer class in `WRITERS` (write a shard's rows to one file, read its PNGs back); a run's `formats`
-lists which of them it writes.
+format is one class registered in `output_formats.FORMATS` (write a shard's rows to one file, read them back); a
+run's `formats` lists which of them it writes.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import os
 import re
 import time
-from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
 from ..common.config import EbdError
 from . import storage
-from .files import atomic_write, atomic_write_json, npy_array, npy_bytes, read_json
+from .files import atomic_write_json, read_json
 from .latent_shards import STATS_DIR, pick_rows
-from .tars import read_tar_samples, write_tar
+from .output_formats import FORMATS, ShardRows, format_of_file, latent_of, output_formats, png_of
 
-PARQUET_DIR, TAR_DIR = "parquet", "webdataset"
-PARQUET_NAME, TAR_NAME = f"{PARQUET_DIR}/images-{{:06d}}.parquet", f"{TAR_DIR}/images-{{:06d}}.tar"
 IMG2DATASET_STATS = f"{STATS_DIR}/img2dataset/images-{{:06d}}_stats.json"
 LAYOUT = 2  # 1: shards beside run.json (before the sibling folders); run.json records it
 STAGES = ("sampler", "decode", "write")
-IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # Hugging Face datasets' Image
-COLUMNS = [("key", pa.string()), ("image", IMAGE_TYPE), ("width", pa.int32()), ("height", pa.int32()),
-           ("seed", pa.int64()), ("energy", pa.float32()), ("model", pa.string()), ("latent", None),
-           ("condition", pa.string())]
-HF_TYPES = {"key": "string", "width": "int32", "height": "int32", "seed": "int64", "energy": "float32",
-            "model": "string", "condition": "string"}
-
-
-def parquet_schema(latent_shape: list[int] | None, with_condition: bool = False) -> pa.Schema:
-    """The shard schema, with the `huggingface` metadata that makes `datasets` decode `image` as an Image and read
-    `latent` as a fixed-length float32 sequence."""
-    size = int(np.prod(latent_shape)) if latent_shape else 0
-    columns = [(name, pa.list_(pa.float32(), size) if name == "latent" else t) for name, t in COLUMNS
-               if (latent_shape or name != "latent") and (with_condition or name != "condition")]
-    features = {name: ({"_type": "Image"} if name == "image" else
-                       {"_type": "Sequence", "feature": {"dtype": "float32", "_type": "Value"}, "length": size}
-                       if name == "latent" else {"dtype": HF_TYPES[name], "_type": "Value"})
-                for name, _ in columns}
-    metadata = {"huggingface": json.dumps({"info": {"features": features}})}
-    if latent_shape:
-        metadata["ebd.latent_shape"] = json.dumps(list(latent_shape))
-    return pa.schema(columns, metadata=metadata)
-
-
-def latent_of(value, shape: list[int] | tuple[int, ...]) -> np.ndarray:
-    """A row's latent as float32 (C, H, W): a fixed-size array cell, or the .npy bytes runs before LAYOUT 2 wrote."""
-    if isinstance(value, (bytes, bytearray)):
-        return npy_array(value).astype(np.float32)
-    return np.asarray(value, dtype=np.float32).reshape(shape)
-
-
-def png_of(value) -> bytes:
-    """The PNG bytes of an `image` cell: the struct ebd writes, or plain bytes (runs written before it)."""
-    return value["bytes"] if isinstance(value, dict) else value
-
-
 def png_bytes(pixels: np.ndarray) -> bytes:
     """H x W x 3 uint8 -> PNG; fixed settings, so the same pixels always give the same bytes."""
     buf = io.BytesIO()
@@ -97,87 +56,6 @@ def png_bytes(pixels: np.ndarray) -> bytes:
 
 def stats_path(out: str, shard: int) -> str:
     return storage.join(out, STATS_DIR, f"images-{shard:06d}.json")
-
-
-@dataclass(frozen=True)
-class ShardRows:
-    """One shard's images as every writer takes them: PNG bytes and what each row records."""
-    keys: list[str]
-    pngs: list[bytes]
-    width: int
-    height: int
-    seeds: list[int]
-    energies: np.ndarray
-    model_id: str
-    latents: np.ndarray | None = None
-    conditions: list[str] | None = None
-
-
-class ParquetShards:
-    """OUT/parquet/images-NNNNNN.parquet: one row group, zstd; Hugging Face's Image struct for `image`."""
-    name, file = "parquet", PARQUET_NAME
-
-    def write(self, path: str, rows: ShardRows) -> dict:
-        n = len(rows.keys)
-        columns = {"key": rows.keys,
-                   "image": [{"bytes": png, "path": f"{k}.png"} for k, png in zip(rows.keys, rows.pngs)],
-                   "width": [rows.width] * n, "height": [rows.height] * n, "seed": rows.seeds,
-                   "energy": rows.energies.astype(np.float32), "model": [rows.model_id] * n}
-        schema = parquet_schema(None if rows.latents is None else list(rows.latents.shape[1:]),
-                                rows.conditions is not None)
-        if rows.latents is not None:
-            flat = np.ascontiguousarray(rows.latents, dtype=np.float32).reshape(n, -1)
-            columns["latent"] = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
-        if rows.conditions is not None:
-            columns["condition"] = rows.conditions
-        table = pa.table(columns, schema=schema)
-        return atomic_write(path, lambda f: pq.write_table(table, f, compression="zstd", row_group_size=n or 1))
-
-    def pngs(self, path: str) -> list[bytes]:
-        with storage.open_input(path) as f:
-            column = pq.read_table(f, columns=["image"]).column("image")
-        return [png_of(v.as_py()) for v in column]
-
-
-class WebDatasetShards:
-    """OUT/webdataset/images-NNNNNN.tar: KEY.png, KEY.json[, KEY.latent.npy (float16)]."""
-    name, file = "webdataset", TAR_NAME
-
-    def write(self, path: str, rows: ShardRows) -> dict:
-        asked = rows.conditions or [None] * len(rows.keys)
-        samples = [{"__key__": k, "png": png,
-                    "json": json.dumps({"key": k, "seed": s, "energy": float(e), "model": rows.model_id,
-                                        "width": rows.width, "height": rows.height}
-                                       | ({"condition": c} if c is not None else {}), sort_keys=True).encode()}
-                   for k, png, s, e, c in zip(rows.keys, rows.pngs, rows.seeds, rows.energies, asked)]
-        if rows.latents is not None:
-            for sample, z in zip(samples, rows.latents):
-                sample["latent.npy"] = npy_bytes(z.astype(np.float16))
-        return write_tar(path, samples)
-
-    def pngs(self, path: str) -> list[bytes]:
-        return [x["png"] for x in read_tar_samples(path)]
-
-
-# Output formats by name, in the order they are written and read back; a new format is one class here.
-WRITERS = {w.name: w for w in (ParquetShards(), WebDatasetShards())}
-
-
-def output_formats(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
-    """A run's formats in WRITERS' order, from a list or an older config's one value (`both`: every format)."""
-    names = [value] if isinstance(value, str) else list(value)
-    if "both" in names:
-        names = list(WRITERS)
-    unknown = [n for n in names if n not in WRITERS]
-    if unknown or not names:
-        raise EbdError(f"unknown output format {unknown[0]!r} (known: {', '.join(WRITERS)})" if unknown
-                       else "formats must name at least one output format")
-    return tuple(n for n in WRITERS if n in names)
-
-
-def format_label(formats: tuple[str, ...]) -> str:
-    """The one word run.json and manifest.json have always recorded: a format's name, or `both`."""
-    return "both" if set(formats) == {"parquet", "webdataset"} else "+".join(formats)
 
 
 def write_image_shard(out: str, shard: int, formats: str | tuple[str, ...], keys: list[str], images: np.ndarray,
@@ -191,7 +69,7 @@ def write_image_shard(out: str, shard: int, formats: str | tuple[str, ...], keys
                      conditions)
     files, file_bytes = {}, {}
     for name in output_formats(formats):
-        writer = WRITERS[name]
+        writer = FORMATS[name]
         file = writer.file.format(shard)
         written = writer.write(storage.join(out, file), rows)
         files[file], file_bytes[file] = written["sha256"], written["bytes"]
@@ -214,8 +92,8 @@ def stage_seconds(stats: dict, stage: str) -> list[float]:
 
 def shard_pngs(out: str, shard: int, formats: tuple[str, ...]) -> list[bytes]:
     """The PNG bytes of one written shard's images, in order (from its first format's file)."""
-    writer = WRITERS[output_formats(formats)[0]]
-    return writer.pngs(storage.join(out, writer.file.format(shard)))
+    fmt = FORMATS[output_formats(formats)[0]]
+    return [png for (png,) in fmt.read(storage.join(out, fmt.file.format(shard)), ("image",), None)]
 
 
 def completed_shard(out: str, shard: int, formats: tuple[str, ...]) -> dict | None:
@@ -229,7 +107,7 @@ def completed_shard(out: str, shard: int, formats: tuple[str, ...]) -> dict | No
         stats = read_json(marker)
     except ValueError:
         return None
-    if set(stats.get("files", {})) != {WRITERS[name].file.format(shard) for name in output_formats(formats)}:
+    if set(stats.get("files", {})) != {FORMATS[name].file.format(shard) for name in output_formats(formats)}:
         return None
     for name, sha256 in stats["files"].items():
         path = storage.join(out, name)
@@ -329,45 +207,34 @@ def _check_shard_file(folder: str, name, sha) -> None:
             raise EbdError(f"{path} leads outside its run folder: not read")
 
 
-def _generated_rows(folder: str, manifest: dict, columns: list[str], from_tar) -> Iterator[tuple]:
-    """Every row of a finished generation run, in order: the named parquet `columns` (None for one a shard lacks),
-    or `from_tar(sample)` per sample of a run that wrote tars only. Each file is checked against the sha256 the
+def _generated_rows(folder: str, manifest: dict, columns: tuple[str, ...]) -> Iterator[tuple]:
+    """Every row of a finished generation run, in order, as tuples of `columns` (output_formats.COLUMNS_READ), read
+    from each shard's file in the first format the registry knows. Each file is checked against the sha256 the
     manifest records, and its rows against the shard's count, before a row is yielded."""
     for shard in manifest["shards"]:
-        parquet = next((f for f in shard["files"] if f.endswith(".parquet")), None)
-        name = parquet or next((f for f in shard["files"] if f.endswith(".tar")), None)
-        if name is None:
-            raise EbdError(f"{folder}: shard {shard.get('shard')} has neither a parquet nor a tar file")
+        found = [(fmt, name) for fmt in FORMATS.values() for name in shard["files"] if format_of_file(name) is fmt]
+        if not found:
+            raise EbdError(f"{folder}: shard {shard.get('shard')} has no file in a known output format "
+                           f"({', '.join(FORMATS)})")
+        fmt, name = found[0]
         path = storage.join(folder, name)
         if storage.file_sha256(path) != shard["files"][name]:
             raise EbdError(f"{path} is not the file its manifest records (sha256 differs): the run changed after it "
                            "was written")
         try:
-            if parquet is None:
-                samples = list(map(from_tar, read_tar_samples(path)))
-                rows = len(samples)
-            else:
-                with storage.open_input(path) as f:
-                    data = pq.ParquetFile(f)
-                    rows = data.metadata.num_rows
-                    present = [c for c in columns if c in data.schema_arrow.names]
-                    table = data.read(columns=present) if rows == shard["count"] else None
+            rows = fmt.read(path, columns, shard["count"])
+        except EbdError:
+            raise
         except (OSError, ValueError, KeyError, pa.ArrowException) as e:
             raise EbdError(f"{path} does not read: {type(e).__name__}: {str(e)[:200]}") from None
-        if rows != shard["count"]:
-            raise EbdError(f"{path} holds {rows} rows, its manifest {shard['count']}: the run changed after it was "
-                           "written")
-        if parquet is None:
-            yield from samples
-            continue
-        yield from zip(*(table.column(c).to_pylist() if c in present else [None] * table.num_rows for c in columns))
+        yield from rows
 
 
 def read_generated(folder: str, index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(latents (N, C, h, w) float32, images (N, 3, H, W) uint8) of the rows `index` names (all if None), in that
     order, of a finished generation run (a folder or a bucket's URI)."""
     manifest = generated_manifest(folder)
-    rows = _generated_rows(folder, manifest, ["image", "latent"], lambda s: (s["png"], s["latent.npy"]))
+    rows = _generated_rows(folder, manifest, ("image", "latent"))
     picked = pick_rows(rows, index)
     try:
         latents = [latent_of(value, manifest["latents"]["shape"]) for _, value in picked]
@@ -401,7 +268,7 @@ def iter_generated_images(folder: str, index: torch.Tensor, batch_size: int = 25
     `index`'s): one pass over the run, memory one batch and one shard's image column, however many rows are named."""
     wanted, batch, position = set(index.tolist()), [], -1
     last = max(wanted, default=-1)
-    rows = _generated_rows(folder, generated_manifest(folder), ["image"], lambda s: (s["png"],))
+    rows = _generated_rows(folder, generated_manifest(folder), ("image",))
     for position, (png,) in zip(range(last + 1), rows):  # stops after the last wanted row: no shard read past it
         if position in wanted:
             batch.append(png)
@@ -414,6 +281,5 @@ def iter_generated_images(folder: str, index: torch.Tensor, batch_size: int = 25
 
 def read_conditions(folder: str, index: torch.Tensor | None = None) -> list[str | None]:
     """What each of the rows `index` names asked for (None for an unconditional run's rows), in that order."""
-    rows = _generated_rows(folder, generated_manifest(folder), ["condition"],
-                           lambda s: (json.loads(s["json"]).get("condition"),))
+    rows = _generated_rows(folder, generated_manifest(folder), ("condition",))
     return [condition for (condition,) in pick_rows(rows, index)]
