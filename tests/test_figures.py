@@ -101,8 +101,9 @@ def test_the_two_commands_and_the_saved_latents_dtypes_are_told_the_same_everywh
     makefile = (REPO / "Makefile").read_text().splitlines()[0]
     assert commands and re.findall(r"`(make \w+)`", makefile.split(";")[0]) == commands
 
-    manifest = (REPO / "pipeline" / "generation" / "manifest.py").read_text()
-    dtypes = dict(re.findall(r'"(parquet|webdataset)": "(float\d+)"', manifest))
+    from pipeline.io.output_formats import FORMATS  # what the manifest records of each format's latents
+
+    dtypes = {name: fmt.latent_dtype for name, fmt in FORMATS.items()}
     comment = next(line for line in (REPO / "configs" / "generate.yaml").read_text().splitlines()
                    if line.startswith("save_latents:"))
     assert f"parquet: {dtypes['parquet']}" in comment and f"tar: {dtypes['webdataset']}" in comment

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.common.config import ConfigError, from_dict
+from pipeline.common.config import ConfigError, from_dict, load_config
 from pipeline.evaluation.report import EvaluateConfig, run_evaluation
 from pipeline.generation import GenerateConfig, run_generation
 from pipeline.io.image_shards import read_generated
@@ -26,10 +26,11 @@ PLUGIN = "tests.toy_kind"
 
 
 def test_a_kind_from_a_plugin_trains_generates_and_evaluates(ray_cluster, mixture_latents, sd_checkpoint, tmp_path):
-    run_training(from_dict(TrainConfig, dict(latents=str(mixture_latents), output=str(tmp_path / "toy"),
-                                             plugins=[PLUGIN], objective={"name": "toy"}, batch_size=64, lr=0.05,
-                                             beta1=0.9, max_steps=150, log_every=50, checkpoint_every=150,
-                                             holdout_shards=2)))
+    # built as every job builds its config: load_config imports the plugins first (validation itself imports nothing)
+    run_training(load_config(TrainConfig, None, **dict(latents=str(mixture_latents), output=str(tmp_path / "toy"),
+                                                        plugins=[PLUGIN], objective={"name": "toy"}, batch_size=64,
+                                                        lr=0.05, beta1=0.9, max_steps=150, log_every=50,
+                                                        checkpoint_every=150, holdout_shards=2)))
     model = load_model(tmp_path / "toy" / "model")
     assert type(model).__name__ == "ToyGaussian" and "ToyGaussian" in KINDS and "toy" in OBJECTIVES
     data = torch.from_numpy(mixture(2048, seed=0))
@@ -57,7 +58,7 @@ def test_a_config_naming_a_kind_nobody_registered_is_one_line(mixture_latents):
     with pytest.raises(ConfigError, match="unknown objective 'nosuch'"):
         from_dict(TrainConfig, dict(latents=str(mixture_latents), output="o", objective="nosuch"))
     with pytest.raises(ConfigError, match="plugin 'tests.no_such_plugin' cannot be imported"):
-        from_dict(TrainConfig, dict(latents=str(mixture_latents), output="o", plugins=["tests.no_such_plugin"]))
+        load_config(TrainConfig, None, latents=str(mixture_latents), output="o", plugins=["tests.no_such_plugin"])
 
 
 def test_the_docs_paragraph_names_what_the_code_has():

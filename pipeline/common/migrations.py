@@ -8,6 +8,7 @@ sees an old key.
     sampler_record     a model's saved sampler: a DDIM record of {name: ddim, steps, eta}
     sampler_overrides  a job's sampler overrides: DDIM's `steps` for its levels
     batch_sizes        a generation folder's run.json: the sampler stage's size recorded as `langevin`
+    done_marker        a generated shard's done marker: the sampler stage's seconds recorded as `langevin_...`
     sampler_precision  a generation folder's run.json: the sampler's resolved precision kept among its batch sizes
 """
 
@@ -45,6 +46,14 @@ def batch_sizes(sizes: dict | None) -> dict | None:
     if sizes and "langevin" in sizes:
         sizes = {("sampler" if k == "langevin" else k): v for k, v in sizes.items()}
     return {k: v for k, v in sizes.items() if k != "sampler_precision"} if sizes else sizes
+
+
+def done_marker(stats: dict) -> dict:
+    """A generated shard's done marker (OUT/stats/images-NNNNNN.json): markers written before the sampler stage had
+    its name timed it as `langevin_batch_seconds`."""
+    if isinstance(stats, dict) and "langevin_batch_seconds" in stats and "sampler_batch_seconds" not in stats:
+        stats = {("sampler_batch_seconds" if k == "langevin_batch_seconds" else k): v for k, v in stats.items()}
+    return stats
 
 
 def sampler_precision(run: dict) -> str | None:

@@ -38,6 +38,7 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
+from ..common import migrations
 from ..common.config import EbdError
 from . import storage
 from .files import atomic_write_json, read_json
@@ -58,7 +59,7 @@ def stats_path(out: str, shard: int) -> str:
     return storage.join(out, STATS_DIR, f"images-{shard:06d}.json")
 
 
-def write_image_shard(out: str, shard: int, formats: str | tuple[str, ...], keys: list[str], images: np.ndarray,
+def write_image_shard(out: str, shard: int, formats: tuple[str, ...], keys: list[str], images: np.ndarray,
                       seeds: list[int], energies: np.ndarray, model_id: str, *, extra_stats: dict,
                       latents: np.ndarray | None = None, conditions: list[str] | None = None) -> dict:
     """Encodes PNGs, writes the shard's files (one per format) atomically, then its done marker. Returns the
@@ -85,9 +86,16 @@ def write_image_shard(out: str, shard: int, formats: str | tuple[str, ...], keys
 
 
 def stage_seconds(stats: dict, stage: str) -> list[float]:
-    """A done marker's per-batch seconds of one stage (markers written before the sampler stage had its name call it
-    langevin)."""
-    return stats.get(f"{stage}_batch_seconds", stats.get("langevin_batch_seconds", []) if stage == "sampler" else [])
+    """A done marker's per-batch seconds of one stage (a marker as `read_marker` gives it)."""
+    return stats.get(f"{stage}_batch_seconds", [])
+
+
+def read_marker(path: str) -> dict | None:
+    """A shard's done marker in today's keys (common/migrations.py), or None when it is not readable JSON."""
+    try:
+        return migrations.done_marker(read_json(path))
+    except ValueError:
+        return None
 
 
 def shard_pngs(out: str, shard: int, formats: tuple[str, ...]) -> list[bytes]:
@@ -101,11 +109,8 @@ def completed_shard(out: str, shard: int, formats: tuple[str, ...]) -> dict | No
     shard must be (re)generated): files without a marker (a run killed between the two) and files cut short or
     changed after their marker are written again, never trusted."""
     marker = stats_path(out, shard)
-    if not storage.is_file(marker):
-        return None
-    try:
-        stats = read_json(marker)
-    except ValueError:
+    stats = read_marker(marker) if storage.is_file(marker) else None
+    if not isinstance(stats, dict):
         return None
     if set(stats.get("files", {})) != {FORMATS[name].file.format(shard) for name in output_formats(formats)}:
         return None
@@ -126,10 +131,7 @@ def recorded_chunks(out: str, shard: int) -> dict[str, list[int]] | None:
     [...]}), even when its files no longer match: remade in the same chunks, it comes out byte-identical. None
     without a readable marker; a list of the wrong shape is left out (the stage's batch size then applies)."""
     marker = stats_path(out, shard)
-    try:
-        stats = read_json(marker) if storage.is_file(marker) else None
-    except ValueError:
-        return None
+    stats = read_marker(marker) if storage.is_file(marker) else None
     if not isinstance(stats, dict):
         return None
     chunks = {stage: sizes for stage in ("sampler", "decode")

@@ -157,7 +157,7 @@ class WebDatasetShards(ShardFormat):
         return write_tar(path, samples)
 
     def read(self, path: str, columns: tuple[str, ...], count: int | None) -> list[tuple]:
-        samples = read_tar_samples(path)
+        samples = list(read_tar_samples(path))
         _check_count(path, len(samples), count)
         cell = {"image": lambda s: s["png"], "latent": lambda s: s.get("latent.npy"),
                 "condition": lambda s: json.loads(s["json"]).get("condition") if "json" in s else None}
@@ -175,7 +175,7 @@ FORMATS: dict[str, ShardFormat] = {}
 def register_format(fmt: ShardFormat) -> ShardFormat:
     """Adds an output format (after those already known); its name, folder and suffix must be new."""
     clash = [f.name for f in FORMATS.values() if fmt.folder == f.folder or fmt.suffix == f.suffix]
-    if fmt.name in FORMATS or clash or fmt.name == "both":
+    if fmt.name in FORMATS or clash or fmt.name == "both":  # both: what run.json records for the first two
         raise ValueError(f"output format {fmt.name!r} clashes with {(clash or [fmt.name])[0]!r}")
     FORMATS[fmt.name] = fmt
     return fmt
@@ -199,13 +199,10 @@ def format_names(value: list) -> list:
     return list(value)
 
 
-def output_formats(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
-    """A run's formats in FORMATS' order, from a list or an older config's one value (`both`: parquet and
-    webdataset, the two there were)."""
-    names = [value] if isinstance(value, str) else list(value)
-    if "both" in names:
-        names = [n for n in names if n != "both"] + ["parquet", "webdataset"]
-    return tuple(n for n in FORMATS if n in format_names(list(dict.fromkeys(names))))
+def output_formats(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """A run's formats in FORMATS' order (an older config's one-word `format` is a list once it loads:
+    common/migrations.py)."""
+    return tuple(n for n in FORMATS if n in format_names(list(names)))
 
 
 def format_label(formats: tuple[str, ...]) -> str:

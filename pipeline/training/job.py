@@ -11,9 +11,8 @@ command with the same run name and storage path resumes from the last checkpoint
 
 from __future__ import annotations
 
-import copy
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 
@@ -86,8 +85,7 @@ def run_training(cfg: TrainConfig, address: str | None = None, dashboard: bool =
                             "trained_on": [shard_record(p) for p in paths],
                             "held_out": held_out,
                             "excluded_labels": cfg.exclude_labels}}
-    worker_cfg = copy.copy(cfg)  # validated once, here: workers take it as it is (no re-parsing, no re-checks)
-    worker_cfg.output = output
+    worker_cfg = replace(cfg, output=output)  # validated here: workers take it as it is
     claim_run(checkpoints_at, cfg, manifest_sha)
 
     connect(address, dashboard=dashboard)
