@@ -80,8 +80,8 @@ QUOTES = [
     ("models/demo/score/README.md", r"\| DPM-Solver\+\+\(2M\) \(50\) \| [\d.]+ \| (\d\.\d+) \|", SCORE_BEST["FD"]),
     # the score network's training time: its config.json
     ("models/demo/score/README.md", r"in a loop of ([\d,]+) s", f"{training_seconds('score'):,.0f}"),
-    ("docs/generation.md", r"faster at FD (\d\.\d\d) against", rounded(BF16["FD"], 2)),
-    ("docs/generation.md", r"faster at FD [\d.]+ against (\d\.\d\d)", rounded(IPNDM["FD"], 2)),
+    ("docs/generation.md", r"faster at FD (\d\.\d+) against", BF16["FD"]),
+    ("docs/generation.md", r"faster at FD [\d.]+ against (\d\.\d+)", IPNDM["FD"]),
 ]
 
 
@@ -157,3 +157,61 @@ def test_the_readmes_make_demo_time_is_the_measured_one():
     minutes = int(re.search(r"\((\d+) minutes on 2 CPUs\)", line).group(1))
     measured = json.loads((REPO / "bench" / "demo-time.json").read_text())
     assert minutes == round(measured["wall_s"] / 60) and measured["cpus"] == 2
+
+
+# ------------------------------------------------------------------------------------------------ every decimal
+# The README, docs/ and the model cards may quote a decimal figure only if a committed measurement file holds it at
+# the precision quoted: a JSON or YAML file (a report.json, a config.json's training record, bench/*.json, a config)
+# or a table a bench script wrote (bench/*.md). Seconds may be quoted in minutes or hours, bytes in MiB or GiB, shares
+# as percentages. A figure retold from a report that is gone has no source: it is removed or measured again.
+QUOTING = sorted([REPO / "README.md", *(REPO / "docs").glob("*.md"), *(REPO / "models").glob("**/README.md")])
+DECIMAL = re.compile(r"(?<![\w.])(\d+\.\d+)(?![\w.])")
+
+
+def _tracked(*patterns: str) -> list:
+    import subprocess
+
+    names = subprocess.run(["git", "ls-files", *patterns], cwd=REPO, capture_output=True, text=True).stdout.split()
+    return [REPO / name for name in names]
+
+
+def _numbers_in(value, found: set[float]) -> None:
+    if isinstance(value, bool) or value is None:
+        return
+    if isinstance(value, (int, float)):
+        x = float(value)
+        for scaled in (x, 100 * x, x / 60, x / 3600, x / 2**20, x / 2**30, x / 1e3, x / 1e6):
+            found.update(round(scaled, places) for places in range(6))
+        found.add(x)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _numbers_in(item, found)
+    elif isinstance(value, list):
+        for item in value:
+            _numbers_in(item, found)
+    elif isinstance(value, str):
+        for text in re.findall(r"\d+\.\d+|\d+", value):
+            _numbers_in(float(text), found)
+
+
+@pytest.fixture(scope="module")
+def measured() -> set[float]:
+    import yaml
+
+    found: set[float] = set()
+    for path in _tracked("*.json", "*.yaml", "*.yml"):
+        text = path.read_text()
+        _numbers_in(json.loads(text) if path.suffix == ".json" else yaml.safe_load(text), found)
+    for path in _tracked("bench/*.md"):
+        found.update(float(text) for text in DECIMAL.findall(path.read_text()))
+    return found
+
+
+@pytest.mark.parametrize("path", QUOTING, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_decimal_figure_a_doc_quotes_is_in_a_committed_measurement_file(path, measured):
+    unsourced = []
+    for number, line in ((m, n + 1) for n, text in enumerate(path.read_text().splitlines())
+                         for m in DECIMAL.findall(text)):
+        if round(float(number), len(number.split(".")[1])) not in measured:
+            unsourced.append(f"{number} (line {line})")
+    assert not unsourced, f"{path.relative_to(REPO)} quotes figures no committed measurement file holds: {unsourced}"
