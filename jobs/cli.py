@@ -3,7 +3,7 @@
     ebd precompute --config configs/precompute.yaml --input DIR --vae DIR --output DIR
     ebd train --config configs/train.yaml --latents DIR --output DIR
     ebd generate --config configs/generate.yaml --model DIR --vae DIR --num-images N --output DIR
-    ebd evaluate | inspect | fit-vae | fit-evaluator | demo-assets | pair-decoder ... (`ebd JOB --help`)
+    ebd evaluate | inspect | fit-vae | fit-evaluator | demo-assets | pair-decoder | tune-sampler ... (`ebd JOB --help`)
 
 `--config configs/NAME.yaml` finds the shipped configs from any working directory.
 """
@@ -18,7 +18,8 @@ JOBS = {"precompute": "precompute images into latent shards", "train": "fit a mo
         "generate": "generate images in bulk", "evaluate": "score a generation run against held-out latents",
         "inspect": "an x-ray page of a model and its chains", "fit-vae": "fit a small VAE to an image set",
         "fit-evaluator": "fit the evaluation's feature network", "demo-assets": "render the demo images",
-        "pair-decoder": "declare a tiny decoder (TAESD) for a VAE's latents"}
+        "pair-decoder": "declare a tiny decoder (TAESD) for a VAE's latents",
+        "tune-sampler": "fit the sampler's noise levels to a trained model"}
 
 
 def main() -> None:

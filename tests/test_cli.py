@@ -289,7 +289,7 @@ def test_numbers_parse_as_yaml_1_2_and_senseless_values_are_refused():
 JOBS = sorted(p.stem for p in (REPO / "jobs").glob("*.py") if p.stem not in ("__init__", "cli"))
 FLAG_OF = {"generate": "--formats", "precompute": "--input-format", "train": "--max-steps", "fit_vae": "--steps",
            "fit_evaluator": "--latents", "inspect": "--chains", "evaluate": "--num-samples",
-           "pair_decoder": "--decoder", "demo_assets": "--num-images"}
+           "pair_decoder": "--decoder", "demo_assets": "--num-images", "tune_sampler": "--levels"}
 
 
 @pytest.mark.parametrize("job", JOBS)

@@ -30,6 +30,8 @@ def claim_output(out: str, cfg: GenerateConfig, settings: SamplerSettings, model
     tiny_decoder = decoder.weights_sha256() if decoder.class_name != "AutoencoderKL" else None
     if plan is None:  # guidance changes nothing without a condition (and folders from before it lack the key)
         sampler = {k: v for k, v in sampler.items() if k != "guidance"}
+    if sampler.get("sigmas", 0) is None:  # no tuned levels (and folders from before them lack the key)
+        del sampler["sigmas"]
     config = {k: getattr(cfg, k) for k in CONTENT_KEYS} | {"format": format_label(tuple(cfg.formats))}
     run = {"config": config, "sampler": sampler, "model": model_id,
            "vae_weights_sha256": vae_identity["weights_sha256"], "decoder_weights_sha256": tiny_decoder,

@@ -17,7 +17,10 @@ def karras_sigmas(levels: int, sigma_min: float, sigma_max: float, rho: float = 
 
 def noise_levels(model, settings) -> list[float]:
     """The levels `settings` asks for on `model` (a model wrapped for sampling): the Karras schedule over
-    [sigma_min, sigma_max], or with `schedule: model` the network's own trained timesteps (`native_sigmas`)."""
+    [sigma_min, sigma_max], with `schedule: model` the network's own trained timesteps (`native_sigmas`), with
+    `schedule: tuned` the levels fitted to the model (`settings.sigmas`)."""
+    if settings.schedule == "tuned":
+        return list(settings.sigmas)
     if settings.schedule == "model":
         native = getattr(model, "native_sigmas", None)
         if native is None:

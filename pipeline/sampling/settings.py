@@ -5,7 +5,7 @@ changes keys of it (`--set sampler='{levels: 13}'`). `sampler_settings(values)` 
 dataclass its `name` selects; an unknown name or key, or a value out of range, is one line.
 
     LangevinSettings     langevin: short-run Langevin on a clean-data energy U(z) (the contrastive-divergence models)
-    NoiseLevelSettings   heun, euler, ancestral, ddim, dpmpp_2m, ipndm: from noise to data along noise levels, on
+    NoiseLevelSettings   heun, euler, ancestral, ddim, dpmpp_2m, dpmpp_3m, ipndm: from noise to data along levels, on
                          any noise-level model (an energy, a score network, a noise predictor)
 """
 
@@ -19,7 +19,7 @@ from ..common import migrations
 from ..common.config import ConfigError, EbdError, from_dict, quote, require
 
 # The one list of the noise-level samplers' names (each a function in samplers.SAMPLERS).
-NOISE_LEVEL_SAMPLERS = ("heun", "euler", "ancestral", "ddim", "dpmpp_2m", "ipndm")
+NOISE_LEVEL_SAMPLERS = ("heun", "euler", "ancestral", "ddim", "dpmpp_2m", "dpmpp_3m", "ipndm")
 # Network evaluations per chain at n levels: Heun takes two per level but the last (its final step is a
 # denoising Euler step), every other noise-level sampler one.
 _TWO_PER_LEVEL = {"heun"}
@@ -64,8 +64,10 @@ class NoiseLevelSettings:
     sigma_max: float = 80.0
     rho: float = 7.0                 # Karras et al. 2022: rho = 7 spends the levels where detail forms
     # karras: levels on the Karras schedule over [sigma_min, sigma_max]; model: the network's own trained timesteps
-    # (a DDPM noise predictor's, spaced as DDIM spaces them; sigma_min/sigma_max are then unused).
-    schedule: Literal["karras", "model"] = "karras"
+    # (a DDPM noise predictor's, spaced as DDIM spaces them; sigma_min/sigma_max are then unused); tuned: the levels
+    # in `sigmas`, top to bottom, as `ebd tune-sampler` fitted them to this model (sampling/tuning.py).
+    schedule: Literal["karras", "model", "tuned"] = "karras"
+    sigmas: list[float] | None = None
     eta: float = 0.0                 # ddim: 0 is deterministic DDIM, 1 DDPM-like ancestral noise
     # Metropolis-adjusted Langevin corrector (uses E itself for the accept/reject test, so energies only):
     # `mala_steps` steps at each of the last `mala_levels` levels, step size mala_step_scale * sigma^2.
@@ -83,6 +85,14 @@ class NoiseLevelSettings:
         require(0 < self.sigma_min < self.sigma_max, "sampler needs 0 < sigma_min < sigma_max")
         require(self.rho > 0 and self.mala_step_scale > 0, "sampler rho and mala_step_scale must be > 0")
         require(0 <= self.eta <= 1, "sampler eta must be in [0, 1]")
+        if self.schedule == "tuned":
+            levels = self.sigmas or []
+            require(len(levels) == self.levels and all(a > b > 0 for a, b in zip(levels, levels[1:]))
+                    and all(0 < x <= 1e6 for x in levels),
+                    f"a tuned schedule's sigmas must be {self.levels} decreasing positive levels (one per level), got "
+                    f"{quote(self.sigmas)}: for another count of levels set schedule: karras, or tune again")
+        else:
+            require(self.sigmas is None, "sampler sigmas are the levels of schedule: tuned only")
         require(0 <= self.mala_levels < self.levels and 1 <= self.mala_steps <= MAX_LANGEVIN_STEPS,
                 "sampler mala_levels must be in [0, levels - 1] (no corrector at the top level), mala_steps >= 1")
 
@@ -140,4 +150,6 @@ def with_overrides(settings: SamplerSettings, overrides: dict | None, owner: str
                           "name to one of those, or leave it out")
     # another family starts from its own defaults: the model's keys of the old one (eta, levels) mean nothing there
     base = asdict(settings) if SETTINGS.get(name) is type(settings) else {}
+    if overrides.get("schedule", "tuned") != "tuned":  # leaving a tuned schedule leaves its levels behind
+        base.pop("sigmas", None)
     return sampler_settings(base | migrations.sampler_overrides(overrides, name))
