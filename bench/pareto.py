@@ -83,6 +83,42 @@ def evaluation_cost(model, batch: int = 256, repeats: int = 5) -> dict:
             "forward_images_per_s": batch / forward_s, "evaluation_images_per_s": batch / evaluation_s}
 
 
+def demo_scorer(latents: str, num_samples: int, folder: Path = REPO / "models" / "demo", model: str = "ebm"):
+    """(score(latents) -> {fd, recognisable, class_tv, density, coverage} of generated latents, {recognisable} of the
+    held-out real images): against the first `num_samples` held-out latents of the latents folder, decoded by the
+    VAE of `folder` (models/demo, models/emoji), in its evaluator's feature space (the metrics jobs.evaluate
+    reports); `model` names the folder's model whose record says which shards are held out."""
+    import torch
+
+    from pipeline.common.config import from_dict
+    from pipeline.evaluation import quality
+    from pipeline.evaluation.features import ImageEvaluator
+    from pipeline.evaluation.references import read_latents, reference_sets
+    from pipeline.evaluation.report import EvaluateConfig
+    from pipeline.models import load_model
+    from pipeline.vae.autoencoder import cached_vae, decode_images, pick_device, resolve_vae
+
+    folder = Path(folder)
+    vae = cached_vae(resolve_vae(folder), pick_device(False), "float32")
+    evaluator = ImageEvaluator.from_pretrained(folder / "evaluator")
+    refs = reference_sets(from_dict(EvaluateConfig, dict(generated="-", reference=latents, output="-",
+                                                         evaluator=str(folder / "evaluator"))),
+                          load_model(folder / model).metadata, None)
+    held = read_latents(latents, refs["held_out_files"])
+    ref_features = evaluator.features(decode_images(vae, held["latents"][:num_samples]))
+    ref_histogram = quality.class_histogram(evaluator.classify(ref_features))
+
+    def score(generated: torch.Tensor) -> dict:
+        features = evaluator.features(decode_images(vae, generated))
+        m = quality.feature_metrics(ref_features, features)
+        probs = evaluator.classify(features)
+        return {"fd": m["fd"], "recognisable": evaluator.recognisable_share(probs),
+                "class_tv": quality.total_variation(quality.class_histogram(probs), ref_histogram),
+                "density": m["density"], "coverage": m["coverage"]}
+
+    return score, {"fd": 0.0, "recognisable": evaluator.recognisable_share(evaluator.classify(ref_features))}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--latents", required=True, help="the demo latents folder (make demo precomputes it)")
@@ -105,35 +141,14 @@ def main() -> None:
 
     import torch
 
-    from pipeline.common.config import from_dict, parse_yaml
-    from pipeline.evaluation import quality
-    from pipeline.evaluation.features import ImageEvaluator
-    from pipeline.evaluation.references import read_latents, reference_sets
-    from pipeline.evaluation.report import EvaluateConfig
+    from pipeline.common.config import parse_yaml
     from pipeline.models import load_model
     from pipeline.sampling.core import sample_latents
-    from pipeline.vae.autoencoder import cached_vae, decode_images, pick_device, resolve_vae
 
     torch.set_num_threads(args.threads)
     demo = REPO / "models" / "demo"
     budget = [int(e) for e in args.evaluations.split(",")]
-    vae = cached_vae(resolve_vae(demo), pick_device(False), "float32")
-    evaluator = ImageEvaluator.from_pretrained(demo / "evaluator")
-    energy = load_model(demo / "ebm")
-    refs = reference_sets(from_dict(EvaluateConfig, dict(generated="-", reference=args.latents, output="-",
-                                                         evaluator=str(demo / "evaluator"))), energy.metadata, None)
-    held = read_latents(args.latents, refs["held_out_files"])
-    reference = decode_images(vae, held["latents"][:args.num_samples])
-    ref_features = evaluator.features(reference)
-    ref_histogram = quality.class_histogram(evaluator.classify(ref_features))
-
-    def score(latents: torch.Tensor) -> dict:
-        features = evaluator.features(decode_images(vae, latents))
-        m = quality.feature_metrics(ref_features, features)
-        probs = evaluator.classify(features)
-        return {"fd": m["fd"], "recognisable": evaluator.recognisable_share(probs),
-                "class_tv": quality.total_variation(quality.class_histogram(probs), ref_histogram),
-                "density": m["density"], "coverage": m["coverage"]}
+    score, real = demo_scorer(args.latents, args.num_samples)
 
     variant = {k: parse_yaml(v) for k, v in (item.split("=", 1) for item in args.variant.split(","))} \
         if args.variant else {}
@@ -180,7 +195,6 @@ def main() -> None:
     # points of an earlier run of these models with other solvers or counts (the rows file) stay in the front
     rows += [row for key, row in done.items() if key[0] in models and row not in rows]
     rows.sort(key=lambda r: (list(models).index(r["model"]), r["solver"], r.get("variant") or "", r["evaluations"]))
-    real = {"fd": 0.0, "recognisable": evaluator.recognisable_share(evaluator.classify(ref_features))}
     result = {"benchmark": "pareto", "num_samples": args.num_samples, "threads": args.threads, "costs": costs,
               "reference_recognisable": real["recognisable"], "rows": rows, "note": args.note,
               "models": {name: str(Path("models/demo") / folder) for name, folder in models.items()}}
