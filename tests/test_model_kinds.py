@@ -37,19 +37,22 @@ def test_a_kind_from_a_plugin_trains_generates_and_evaluates(ray_cluster, mixtur
     assert model.mean.detach().mean().item() == pytest.approx(data.mean().item(), abs=0.05)  # it learned the data's
     assert model.log_scale.exp().item() == pytest.approx(data.std().item(), rel=0.2)          # mean and spread
 
-    summary = run_generation(from_dict(GenerateConfig, dict(model=str(tmp_path / "toy" / "model"),
-                                                            vae=str(sd_checkpoint), output=str(tmp_path / "gen"),
-                                                            plugins=[PLUGIN], num_images=40, images_per_shard=20,
-                                                            batch_size=20, format="parquet",
-                                                            progress_interval_s=0.0)))
+    # written in a third output format a second plugin registers (tests/third_format.py): the run, resume, the
+    # manifest and evaluation all go through the format registry
+    plugins = [PLUGIN, "tests.third_format"]
+    summary = run_generation(load_config(GenerateConfig, None, model=str(tmp_path / "toy" / "model"),
+                                         vae=str(sd_checkpoint), output=str(tmp_path / "gen"), plugins=plugins,
+                                         num_images=40, images_per_shard=20, batch_size=20, formats=["zipped"],
+                                         progress_interval_s=0.0))
     assert summary["images"] == 40 and summary["sampler"] == "euler" and summary["gradient_evaluations_per_image"] == 8
     latents, _ = read_generated(tmp_path / "gen")
     assert latents.shape == (40, 4, 4, 4) and abs(latents.mean().item() - data.mean().item()) < 0.15
 
-    report = run_evaluation(from_dict(EvaluateConfig, dict(generated=str(tmp_path / "gen"),
-                                                           reference=str(mixture_latents), output=str(tmp_path / "r"),
-                                                           check_space="latents", num_samples=40,
-                                                           memorisation_pool=64, image_side=8, realism_epochs=2)))
+    assert sorted(p.name for p in (tmp_path / "gen").iterdir() if p.is_dir()) == ["stats", "zipped"]
+    report = run_evaluation(load_config(EvaluateConfig, None, generated=str(tmp_path / "gen"),
+                                        reference=str(mixture_latents), output=str(tmp_path / "r"), plugins=plugins,
+                                        check_space="latents", num_samples=40, memorisation_pool=64, image_side=8,
+                                        realism_epochs=2))
     assert report["samples"] == 40 and report["model"]["id"].startswith("model-")
     assert set(report["spaces"]["latents"]["metrics"]) >= {"generated", "untrained", "starts", "gaussian"}
 
