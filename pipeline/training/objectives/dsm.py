@@ -100,7 +100,8 @@ class DenoisingScoreMatching:
     @staticmethod
     def sampler_settings(settings: DSMSettings, overrides: dict, prepared: dict) -> NoiseLevelSettings:
         """iPNDM on 12 Karras levels over the trained noise range (bench/pareto.md: on the demo energy its FD is 1.11x
-        that of 25-level Heun, 49 gradients, at a quarter of the gradients), with the config's `sampler` keys changed."""
+        that of 25-level Heun, 49 gradients, at a quarter of the gradients), with the config's `sampler` keys
+        changed."""
         base = NoiseLevelSettings("ipndm", 12, settings.sigma_min, prepared["sigma_max"])
         return with_overrides(base, overrides, "objective dsm")
 
