@@ -42,14 +42,18 @@ def agreement(found: np.ndarray, truth: np.ndarray) -> dict:
 
 
 def held_out_leak(items, group_of: dict, truth_of: dict, seed: int = 0, holdout: float = 0.1) -> dict:
-    """The split precompute plans with these groups, and how many held-out images have a true twin in training."""
+    """The split precompute plans with these groups: how many held-out images have a true twin in training, and how
+    far the held-out images' label mix is from the whole set's (total variation)."""
     ordered = shard_order(items, seed, True, group_of)
     chunks, held_shards = plan_shards(ordered, held_out_count(holdout, 10_000, len(ordered)), 1000, group_of)
     train = [it for c in chunks[:len(chunks) - held_shards] for it in c]
     held = [it for c in chunks[len(chunks) - held_shards:] for it in c]
     train_groups = {truth_of[it.key] for it in train}
     leaked = sum(truth_of[it.key] in train_groups for it in held)
-    return {"held_out": len(held), "with_a_training_twin": leaked, "share": round(leaked / max(len(held), 1), 4)}
+    mix, whole = Counter(it.label for it in held), Counter(it.label for it in items)
+    tv = sum(abs(mix[k] / max(len(held), 1) - whole[k] / len(items)) for k in whole) / 2
+    return {"held_out": len(held), "with_a_training_twin": leaked, "share": round(leaked / max(len(held), 1), 4),
+            "label_tv": round(tv, 4)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -147,9 +151,11 @@ def render(r: dict, images: str) -> str:
               "the gender sign and the man / woman / person base: drawings that differ in the hair), and by folder: "
               + ", ".join(f"{k} {v}" for k, v in f["by_folder"].items()) + "."]
     lines += ["", "## The held-out split under each setting (seed 0, holdout 0.1, stratified by folder)", "",
-              "| twins | held-out images | with a true twin in training | share |", "|---|---|---|---|"]
+              "| twins | held-out images | with a true twin in training | share | label mix: TV from the whole set's |",
+              "|---|---|---|---|---|"]
     for name, split in r["splits"].items():
-        lines.append(f"| {name} | {split['held_out']} | {split['with_a_training_twin']} | {split['share']:.3f} |")
+        lines.append(f"| {name} | {split['held_out']} | {split['with_a_training_twin']} | {split['share']:.3f} | "
+                     f"{split['label_tv']:.3f} |")
     if r.get("other_sets"):
         lines += ["", f"## Other sets, no true groups known (`twins: images`, threshold {r['default_threshold']})", "",
                   "| set | images | in a group of twins | share | groups | largest |", "|---|---|---|---|---|---|"]

@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--counts", help="JSON {set: nameable images of 64, counted by a person}")
     p.add_argument("--output", required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--note", default=None, help="a paragraph for the top of OUT.md (e.g. what the evaluator saw)")
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
@@ -141,6 +142,7 @@ def render(r: dict, args) -> str:
              f"`{' '.join(['.venv/bin/python bench/yardstick.py', *sys.argv[1:]])}` (numbers: "
              f"{Path(args.output).name}.json). {r['samples']} images a set, against as many decoded held-out real "
              f"images (recognisable {r['reference_recognisable']:.3f}).", "",
+             *([args.note, ""] if args.note else []),
              "| set | " + ("nameable of 64 (a person) | " if counted else "") + "recognisable x real's | none of these "
              "| class TV | FD | realism accuracy | taken for real x real's |",
              "|---|" + ("---|" if counted else "") + "---|---|---|---|---|---|"]

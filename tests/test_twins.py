@@ -103,6 +103,29 @@ def test_groups_stay_on_one_side_of_the_split_and_the_split_stays_stratified():
     assert before & {group_of[it.key] for c in plain[len(plain) - plain_held:] for it in c}
 
 
+def test_large_groups_are_held_out_as_often_as_small_ones_and_labels_keep_their_share_of_images():
+    """As Google's emoji by design: one label of large groups (skin-tone families of up to 26), the others mostly
+    single images. The held-out 10% holds each label's share of the images, and of the large groups' images as many as
+    they make of the set; ranked by their first member, large groups fell early and were never held out."""
+    rng = random.Random(3)
+    items, group_of = [], {}
+    for g in range(700):
+        label, size = ("people", rng.choice([1, 6, 26])) if g < 200 else (rng.choice(["flags", "food"]), 1)
+        for i in range(size):
+            items.append(Item(f"{label}/{g}-{i}.png", f"g{g}i{i}", label, ("file", "x")))
+            group_of[f"g{g}i{i}"] = f"g{g}"
+    sizes = Counter(group_of.values())
+    held = held_out_count(0.1, 10_000, len(items))
+    for seed in range(4):
+        chunks, held_shards = plan_shards(shard_order(items, seed, True, group_of), held, 100, group_of)
+        held_out = [it for c in chunks[len(chunks) - held_shards:] for it in c]
+        for label in ("people", "flags", "food"):
+            share = sum(it.label == label for it in held_out) / len(held_out)
+            assert abs(share - sum(it.label == label for it in items) / len(items)) < 0.08, (seed, label, share)
+        in_large = sum(sizes[group_of[it.key]] == 26 for it in held_out) / len(held_out)
+        assert abs(in_large - sum(sizes[group_of[it.key]] == 26 for it in items) / len(items)) < 0.2, (seed, in_large)
+
+
 @pytest.fixture(scope="module")
 def recoloured_folder(tmp_path_factory) -> tuple[Path, dict[str, int]]:
     """40 designs, each drawn in 1-4 colours, under names that say nothing: only the pixels tell twins apart."""

@@ -23,22 +23,36 @@ def shard_order(items: list[Item], seed: int, stratify: bool = True, group_of: d
     label, where a plain random order leaves a rare label's held-out count to chance. Items without a label at
     planning (tars: their .cls is read later) form one stratum, in plain order.
 
-    `group_of` (key -> group) places each group of twins as one unit, at its first member's place (and in its first
-    member's stratum); without it every item is a group of its own."""
+    `group_of` (key -> group) places each group of twins as one unit, in its first member's stratum. A unit's rank is
+    its own (seed, group) hash, not its first member's: the lowest of a group's member ranks falls early in the order
+    the larger the group, which put the large groups in the training shards and left the held-out ones to small
+    groups and the labels they are common in (bench/twins.md's split table measures the label mix this order gives).
+    And a unit sits at its stratum's share of images before it, (images before + u x its
+    size) / the stratum's images, so any span of positions holds each label's share of the images to within one
+    unit. Without groups every unit is one item at (i + u) / n, the order it always had."""
     def rank(item: Item) -> str:
         return hashlib.sha256(f"{seed}\t{item.source}\t{item.key}".encode()).hexdigest()
+
     units: dict[str, list[Item]] = {}
     for item in sorted(items, key=rank):
         units.setdefault(group_of.get(item.key, item.key) if group_of else item.key, []).append(item)
+
+    def unit_rank(key: str, unit: list[Item]) -> str:
+        return rank(unit[0]) if len(unit) == 1 else hashlib.sha256(f"{seed}\tgroup\t{key}".encode()).hexdigest()
+
+    ordered = [units[k] for k in sorted(units, key=lambda k: unit_rank(k, units[k]))]
     if not stratify:
-        return [item for unit in units.values() for item in unit]
+        return [item for unit in ordered for item in unit]
     strata: dict[str | None, list[list[Item]]] = {}
-    for unit in units.values():
+    for unit in ordered:
         strata.setdefault(unit[0].label, []).append(unit)
     placed = []
     for label, stratum in strata.items():
         offset = int(hashlib.sha256(f"{seed}\tstratum\t{label}".encode()).hexdigest()[:12], 16) / 16 ** 12
-        placed += [((i + offset) / len(stratum), rank(unit[0]), unit) for i, unit in enumerate(stratum)]
+        total, before = sum(len(unit) for unit in stratum), 0
+        for unit in stratum:
+            placed.append(((before + offset * len(unit)) / total, rank(unit[0]), unit))
+            before += len(unit)
     return [item for _, _, unit in sorted(placed, key=lambda p: p[:2]) for item in unit]
 
 
