@@ -381,10 +381,8 @@ def _claim_output(out: str, cfg: PrecomputeConfig, vae_identity: dict, items: li
         config["stratify"] = True
     if cfg.holdout > 0:  # likewise; an older folder resumes with holdout: 0 (and stratify: false)
         config["holdout"] = [cfg.holdout, cfg.max_holdout_images]
-    if cfg.twins != "none" and cfg.holdout > 0:  # likewise: an older folder resumes with twins: none
-        # ("units 2": groups ranked by their own hash and placed by their images (io/shard_plan.py); a folder planned
-        # with the order before it is refused, not resumed into another plan)
-        config["twins"] = [cfg.twins, cfg.twin_threshold, cfg.group_column, "units 2"]
+    if cfg.twins != "none" and cfg.holdout > 0:  # likewise: an older folder resumes with twins: none; "units 2":
+        config["twins"] = [cfg.twins, cfg.twin_threshold, cfg.group_column, "units 2"]  # shard_plan's order of groups
     if cfg.label_fields:  # recorded only when used, so folders started before the setting existed still resume
         config["label_fields"] = list(cfg.label_fields)
     if cfg.max_decode_bytes != MAX_DECODE_BYTES:  # likewise
