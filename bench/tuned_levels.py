@@ -77,7 +77,7 @@ def main() -> None:
     result = {"benchmark": "tuned-levels", "model": str(args.model), "num_samples": args.num_samples,
               "threads": args.threads, "reference_recognisable": real["recognisable"], "fits": fits, "rows": rows}
     write_result(f"{args.output}.json", result)
-    open(f"{args.output}.md", "w").write(markdown(result))
+    Path(f"{args.output}.md").write_text(markdown(result))
 
 
 def markdown(result: dict) -> str:

@@ -43,7 +43,7 @@ from ..common.config import EbdError
 from . import storage
 from .files import atomic_write_json, read_json
 from .latent_shards import STATS_DIR, pick_rows
-from .output_formats import FORMATS, ShardRows, format_of_file, latent_of, output_formats, png_of
+from .output_formats import FORMATS, ShardRows, format_of_file, latent_of, output_formats
 
 IMG2DATASET_STATS = f"{STATS_DIR}/img2dataset/images-{{:06d}}_stats.json"
 LAYOUT = 2  # 1: shards beside run.json (before the sibling folders); run.json records it
@@ -247,11 +247,11 @@ def read_generated(folder: str, index: torch.Tensor | None = None) -> tuple[torc
 
 
 def _decoded(pngs: list) -> torch.Tensor:
-    """uint8 (N, 3, H, W) images from stored PNG values: PNG only, at most MAX_IMAGE_PIXELS each, all one size."""
+    """uint8 (N, 3, H, W) images from PNG bytes (as every output format reads them back): PNG only, at most MAX_IMAGE_PIXELS each, all one size."""
     images = []
     for png in pngs:
         try:
-            img = Image.open(io.BytesIO(png_of(png)), formats=["PNG"])
+            img = Image.open(io.BytesIO(png), formats=["PNG"])  # each format's read gives PNG bytes
             if img.size[0] * img.size[1] > MAX_IMAGE_PIXELS:
                 raise EbdError(f"a generated image of {img.size[0]}x{img.size[1]} pixels: more than a run writes")
             images.append(np.asarray(img.convert("RGB")))
