@@ -247,7 +247,8 @@ def read_generated(folder: str, index: torch.Tensor | None = None) -> tuple[torc
 
 
 def _decoded(pngs: list) -> torch.Tensor:
-    """uint8 (N, 3, H, W) images from PNG bytes (as every output format reads them back): PNG only, at most MAX_IMAGE_PIXELS each, all one size."""
+    """uint8 (N, 3, H, W) images from PNG bytes (as every output format reads them back): PNG only, at most
+    MAX_IMAGE_PIXELS each, all one size."""
     images = []
     for png in pngs:
         try:
